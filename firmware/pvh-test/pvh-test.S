@@ -1,0 +1,131 @@
+/*
+ * A minimal PVH guest for testing pyvmm's PVH loader and platform.
+ *
+ * Entered in 32-bit protected mode, paging off, %ebx = hvm_start_info.
+ * Prints on COM1 whether the start_info magic is right, the command line
+ * and the number of memory map entries, then powers the machine off
+ * through ACPI PM1a_CNT (S5).  It runs a few thousand instructions at most.
+ *
+ * The constants must match pyvmm/layout.py (a unit test checks them).
+ */
+
+#define COM1_PORT           0x3f8
+#define COM1_LSR            (COM1_PORT + 5)
+#define LSR_THRE            0x20
+#define ACPI_PM1A_CNT_BLK   0x604
+#define ACPI_S5_SLP_TYP     5
+#define SLP_EN              (1 << 13)
+#define START_INFO_MAGIC    0x336ec578
+
+/* hvm_start_info field offsets */
+#define SI_VERSION          4
+#define SI_CMDLINE          24
+#define SI_MEMMAP_ENTRIES   48
+
+#define XEN_ELFNOTE_PHYS32_ENTRY 18
+
+        /* The note that makes this a PVH kernel: name "Xen", 32-bit entry. */
+        .section .note.Xen, "a", @note
+        .balign 4
+        .long   4                       /* namesz */
+        .long   4                       /* descsz */
+        .long   XEN_ELFNOTE_PHYS32_ENTRY
+        .asciz  "Xen"
+        .long   pvh_start
+
+        .section .note.GNU-stack, "", @progbits
+
+        .text
+        .code32
+        .globl  pvh_start
+pvh_start:
+        cld
+        movl    $stack_top, %esp
+
+        cmpl    $START_INFO_MAGIC, (%ebx)
+        jne     bad_magic
+
+        movl    $msg_magic_ok, %esi
+        call    puts
+
+        movl    $msg_cmdline, %esi
+        call    puts
+        movl    SI_CMDLINE(%ebx), %esi  /* below 4 GiB: the high half is 0 */
+        testl   %esi, %esi
+        jz      1f
+        call    puts
+1:      movb    $'\n', %al
+        call    putc
+
+        movl    $msg_memmap, %esi
+        call    puts
+        xorl    %eax, %eax
+        cmpl    $1, SI_VERSION(%ebx)    /* memmap fields exist from version 1 */
+        jb      2f
+        movl    SI_MEMMAP_ENTRIES(%ebx), %eax
+2:      call    putdec
+        movb    $'\n', %al
+        call    putc
+        jmp     poweroff
+
+bad_magic:
+        movl    $msg_magic_bad, %esi
+        call    puts
+
+poweroff:
+        movw    $ACPI_PM1A_CNT_BLK, %dx
+        movw    $((ACPI_S5_SLP_TYP << 10) | SLP_EN), %ax
+        outw    %ax, %dx
+3:      hlt
+        jmp     3b
+
+/* Send %al to COM1 once the transmitter holding register is empty. */
+putc:
+        pushl   %edx
+        pushl   %eax
+        movw    $COM1_LSR, %dx
+4:      inb     %dx, %al
+        testb   $LSR_THRE, %al
+        jz      4b
+        popl    %eax
+        movw    $COM1_PORT, %dx
+        outb    %al, %dx
+        popl    %edx
+        ret
+
+/* Print the NUL-terminated string at %esi. */
+puts:
+        lodsb
+        testb   %al, %al
+        jz      5f
+        call    putc
+        jmp     puts
+5:      ret
+
+/* Print %eax in decimal. */
+putdec:
+        movl    $10, %ecx
+        xorl    %edi, %edi              /* digits pushed */
+6:      xorl    %edx, %edx
+        divl    %ecx
+        addb    $'0', %dl
+        pushl   %edx
+        incl    %edi
+        testl   %eax, %eax
+        jnz     6b
+7:      popl    %eax
+        call    putc
+        decl    %edi
+        jnz     7b
+        ret
+
+        .section .rodata
+msg_magic_ok:   .asciz "pyvmm-pvh-test: magic ok\n"
+msg_magic_bad:  .asciz "pyvmm-pvh-test: magic bad\n"
+msg_cmdline:    .asciz "pyvmm-pvh-test: cmdline: "
+msg_memmap:     .asciz "pyvmm-pvh-test: memmap entries: "
+
+        .bss
+        .balign 16
+stack:  .skip   512
+stack_top:

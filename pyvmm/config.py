@@ -1,0 +1,71 @@
+"""What a VM is asked to be: parsed, validated command-line settings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+
+MIN_MEMORY = 32 * layout.MiB
+MAX_VCPUS = 64
+
+
+class ConfigError(Exception):
+    """A setting that cannot work, phrased for the person who gave it."""
+
+
+@dataclass(frozen=True)
+class SerialSpec:
+    kind: str  # "stdio" | "file" | "none"
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SerialSpec":
+        if text in ("stdio", "none"):
+            return cls(text)
+        if text.startswith("file:") and len(text) > 5:
+            return cls("file", Path(text[5:]))
+        raise ConfigError(f"--serial {text!r}: expected stdio, none or file:PATH")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    memory: int = 512 * layout.MiB
+    vcpus: int = 1
+    serial: SerialSpec = field(default_factory=lambda: SerialSpec("stdio"))
+    no_reboot: bool = False
+    timeout: float | None = None
+    expect: re.Pattern[bytes] | None = None
+    xen: bool = False
+
+    def validate(self) -> None:
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is None:
+                continue
+            if not path.is_file():
+                raise ConfigError(f"{what} {str(path)!r} is not a readable file")
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(f"--memory {self.memory // layout.MiB}M is too little; at least {MIN_MEMORY // layout.MiB}M")
+        if self.memory % (2 * layout.MiB):
+            raise ConfigError("--memory must be a multiple of 2M")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("--timeout must be positive")
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, default_unit: str = "M") -> int:
+    """'512M', '2G', '1024' (MiB by default) -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size like 512M or 2G")
+    number, unit = int(match.group(1)), (match.group(2) or default_unit).upper()
+    return number << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]

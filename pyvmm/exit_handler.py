@@ -1,0 +1,104 @@
+"""What a vCPU does with each KVM exit: a plain, KVM-free dispatcher.
+
+`ExitHandler.handle(exit)` returns None to keep running or a StopReason.
+It is fed typed exits (pyvmm.kvm.exits) and touches only the buses and the
+optional hypercall handler, so it is unit-tested with synthetic exits.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Callable
+
+from .bus import Bus
+from .kvm import exits as kx
+
+log = logging.getLogger(__name__)
+
+# KVM_SYSTEM_EVENT_* types
+SYSTEM_EVENT_SHUTDOWN = 1
+SYSTEM_EVENT_RESET = 2
+SYSTEM_EVENT_CRASH = 3
+
+
+class StopReason(enum.Enum):
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    CRASH = "crash"
+    EXPECT_MATCHED = "expect-matched"
+    TIMEOUT = "timeout"
+    QUIT = "quit"  # the operator asked (console escape, signal)
+    ERROR = "error"  # the VMM failed
+
+
+class ExitHandler:
+    def __init__(self, pio: Bus, mmio: Bus, hypercall: Callable[[kx.XenHypercallExit], None] | None = None):
+        self.pio = pio
+        self.mmio = mmio
+        self.hypercall = hypercall
+        self._dispatch = {
+            kx.IoExit: self._io,
+            kx.MmioExit: self._mmio,
+            kx.XenHypercallExit: self._xen,
+            kx.ShutdownExit: self._triple_fault,
+            kx.SystemEventExit: self._system_event,
+            kx.InternalErrorExit: self._internal_error,
+            kx.FailEntryExit: self._fail_entry,
+            kx.HltExit: self._hlt,
+            kx.InterruptedExit: lambda exit: None,
+        }
+
+    def handle(self, exit) -> StopReason | None:
+        handler = self._dispatch.get(type(exit))
+        if handler is None:
+            log.error("unhandled KVM exit %r", exit)
+            return StopReason.CRASH
+        return handler(exit)
+
+    def _io(self, exit: kx.IoExit) -> None:
+        size, port, data = exit.size, exit.port, exit.data
+        if exit.is_write:
+            for i in range(exit.count):
+                self.pio.write(port, size, int.from_bytes(data[i * size : (i + 1) * size], "little"))
+        else:
+            for i in range(exit.count):
+                data[i * size : (i + 1) * size] = self.pio.read(port, size).to_bytes(size, "little")
+
+    def _mmio(self, exit: kx.MmioExit) -> None:
+        length, data = exit.length, exit.data
+        if exit.is_write:
+            self.mmio.write(exit.address, length, int.from_bytes(data[:length], "little"))
+        else:
+            data[:length] = self.mmio.read(exit.address, length).to_bytes(length, "little")
+
+    def _xen(self, exit: kx.XenHypercallExit) -> None:
+        if self.hypercall is None:
+            exit.result = -38  # -ENOSYS: no Xen emulation in this VM
+            return
+        self.hypercall(exit)
+
+    def _triple_fault(self, exit) -> StopReason:
+        # A PC resets on a triple fault; Linux uses it as a last-resort reboot.
+        log.info("guest triple-faulted: treating it as a reset")
+        return StopReason.REBOOT
+
+    def _system_event(self, exit: kx.SystemEventExit) -> StopReason:
+        return {
+            SYSTEM_EVENT_SHUTDOWN: StopReason.POWEROFF,
+            SYSTEM_EVENT_RESET: StopReason.REBOOT,
+        }.get(exit.type, StopReason.CRASH)
+
+    def _internal_error(self, exit) -> StopReason:
+        log.error("KVM internal error: %r", exit)
+        return StopReason.CRASH
+
+    def _fail_entry(self, exit) -> StopReason:
+        log.error("KVM could not enter the guest: %r", exit)
+        return StopReason.CRASH
+
+    def _hlt(self, exit) -> StopReason | None:
+        # With the in-kernel LAPIC a HLT never exits; without it, a vCPU that
+        # halts with interrupts off is dead.
+        log.error("vCPU halted outside the in-kernel LAPIC")
+        return StopReason.CRASH

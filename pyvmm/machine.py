@@ -1,0 +1,160 @@
+"""Assembles a VM from its parts and runs it until something stops it.
+
+One Machine is one boot: a guest reboot builds a fresh Machine (see
+runner.py), so no device ever has to implement a reset path of its own.
+
+Threads: one per vCPU (each creates and runs its own KVM vCPU; the GIL is
+released inside KVM_RUN) and the main thread running the event loop for
+console input, device timers and stop requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+
+from . import layout
+from .boot.acpi import build_acpi
+from .boot.e820 import build_e820
+from .boot.loader import load_kernel
+from .bus import Bus
+from .config import VmConfig
+from .console import ConsoleOutput, EscapeFilter, RawTerminal
+from .eventloop import EventLoop
+from .exit_handler import ExitHandler, StopReason
+from .kvm import Kvm, map_guest_memory, pc_irqchip_routes
+from .memory import GuestMemory
+from .platform import Platform
+from .vcpu_setup import apply_boot_state, configure_vcpu
+
+log = logging.getLogger(__name__)
+
+
+class Machine:
+    def __init__(self, config: VmConfig, console: ConsoleOutput):
+        self.config = config
+        self.console = console
+        self.loop = EventLoop()
+        self._stop_lock = threading.Lock()
+        self.stop_reason: StopReason | None = None
+
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.create_irqchip()
+        # The PIT ticks on GSI 0, which a PC wires to IOAPIC pin 2 (the MADT
+        # says so with an interrupt source override); KVM's default routes don't.
+        self.vm.set_gsi_routing(pc_irqchip_routes())
+        self.vm.create_pit2()
+
+        self.memory = GuestMemory(layout.ram_ranges(config.memory))
+        map_guest_memory(self.vm.memslots, self.memory)
+
+        self.pio = Bus("port I/O", 1 << 16)
+        self.mmio = Bus("MMIO", 1 << 64)
+        self.platform = Platform(self, console)
+        self.exit_handler = ExitHandler(self.pio, self.mmio)
+
+        e820 = build_e820(config.memory)
+        rsdp = build_acpi(self.memory, config.vcpus)
+        self.boot_state = load_kernel(
+            self.memory, config.kernel, config.initrd, config.cmdline, rsdp_address=rsdp, e820=e820
+        )
+        self._threads: list[threading.Thread] = []
+        self._vcpus: list = [None] * config.vcpus
+        self._ready = threading.Barrier(config.vcpus + 1)
+        self._setup_errors: list[BaseException] = []
+
+    # --- stopping -----------------------------------------------------------
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop the VM for `reason`; the first reason wins. Any thread may call."""
+        with self._stop_lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+        for vcpu in self._vcpus:
+            if vcpu is not None:
+                vcpu.kick()
+        self.loop.stop()
+
+    # --- running ------------------------------------------------------------
+
+    def run(self, deadline: float | None) -> StopReason:
+        for index in range(self.config.vcpus):
+            thread = threading.Thread(target=self._vcpu_thread, args=(index,), name=f"vcpu{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        try:
+            self._ready.wait()
+            if self._setup_errors:
+                raise self._setup_errors[0]
+            if deadline is not None:
+                self.loop.call_later(max(0.0, deadline - time.monotonic()), lambda: self.request_stop(StopReason.TIMEOUT))
+            self.platform.start(self.loop)
+            with self._console_input():
+                self.loop.run()
+        finally:
+            # Whatever ended the loop, no vCPU may outlive it: close() unmaps
+            # the memory they run on.
+            self.request_stop(StopReason.ERROR)
+            self._join()
+        return self.stop_reason
+
+    def _vcpu_thread(self, index: int) -> None:
+        try:
+            vcpu = self.vm.create_vcpu(index)
+            configure_vcpu(self.kvm, vcpu, index, self.config.vcpus)
+            if index == 0:
+                apply_boot_state(vcpu, self.boot_state)
+            self._vcpus[index] = vcpu
+        except BaseException as error:  # reported by run() on the main thread
+            self._setup_errors.append(error)
+            self._ready.wait()
+            return
+        self._ready.wait()
+        handle = self.exit_handler.handle
+        try:
+            while self.stop_reason is None:
+                reason = handle(vcpu.run())
+                if reason is not None:
+                    self.request_stop(reason)
+        except Exception:
+            log.exception("vCPU %d failed", index)
+            self.request_stop(StopReason.ERROR)
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=5)
+            if thread.is_alive():
+                log.warning("%s did not stop", thread.name)
+
+    def _vcpus_stopped(self) -> bool:
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _console_input(self):
+        """Feed stdin to the serial port while the VM runs (stdio consoles only)."""
+        if self.config.serial.kind != "stdio":
+            return contextlib.nullcontext()
+        fd = sys.stdin.fileno()
+        escape = EscapeFilter(lambda: self.request_stop(StopReason.QUIT))
+        self.platform.attach_console_input(self.loop, fd, escape if sys.stdin.isatty() else None)
+        return RawTerminal(fd)
+
+    def close(self) -> None:
+        self.platform.close()
+        self.loop.close()
+        if not self._vcpus_stopped():
+            # Leak rather than pull memory and kvm_run from under a vCPU.
+            log.error("vCPU threads still running; not releasing the VM")
+            return
+        for vcpu in self._vcpus:
+            if vcpu is not None:
+                vcpu.close()
+        self.vm.close()
+        self.memory.close()
+        self.kvm.close()

@@ -1,0 +1,159 @@
+"""The PC platform every guest gets: where each device sits and what it is wired to.
+
+COM1, the CMOS RTC, the keyboard controller (for reset), the ACPI PM block
+(poweroff/reset), the 0xE9 debug port and the PCI host bridge. The ports and
+interrupt numbers come from pyvmm.layout, which the ACPI tables also use.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from . import layout
+from .console import ConsoleOutput, EscapeFilter
+from .devices import pci
+from .devices.acpi_pm import AcpiPm
+from .devices.debugcon import DebugCon
+from .devices.i8042 import I8042
+from .devices.rtc import CmosRtc
+from .devices.serial import REGISTER_COUNT as SERIAL_PORTS
+from .devices.serial import Serial16550
+from .eventloop import EventLoop
+from .exit_handler import StopReason
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+RTC_POLL_SECONDS = 1.0  # how soon a newly enabled RTC interrupt is noticed
+STDIN_CHUNK = 4096
+
+
+class GsiLine:
+    """An IrqLine driving one input of KVM's in-kernel PIC/IOAPIC."""
+
+    def __init__(self, vm, gsi: int):
+        self._vm = vm
+        self.gsi = gsi
+
+    def set_level(self, asserted: bool) -> None:
+        self._vm.irq_line(self.gsi, asserted)
+
+
+class Platform:
+    def __init__(self, machine: "Machine", console: ConsoleOutput):
+        self.machine = machine
+        vm, pio = machine.vm, machine.pio
+        stop = machine.request_stop
+        self._lines: dict[int, GsiLine] = {}
+
+        self.serial = Serial16550(self.gsi(layout.COM1_IRQ), console.write, input_wanted=self._input_wanted)
+        pio.register(layout.COM1_PORT, SERIAL_PORTS, self.serial, "COM1")
+        self.rtc = CmosRtc(self.gsi(layout.RTC_IRQ))
+        pio.register(layout.CMOS_PORT, 2, self.rtc, "CMOS/RTC")
+        self.i8042 = I8042(on_reset=lambda: stop(StopReason.REBOOT))
+        pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port(), "i8042 data")
+        pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port(), "i8042 command")
+        self.acpi_pm = AcpiPm(
+            self.gsi(layout.ACPI_SCI_IRQ),
+            on_poweroff=lambda: stop(StopReason.POWEROFF),
+            on_reset=lambda: stop(StopReason.REBOOT),
+        )
+        pio.register(layout.ACPI_PM_BASE, layout.ACPI_PM_BLOCK_SIZE, self.acpi_pm, "ACPI PM")
+        self.debugcon = DebugCon(console.write)
+        pio.register(layout.DEBUGCON_PORT, 1, self.debugcon, "debug console")
+        self.pci = pci.PciHost(pio, machine.mmio, self.gsi)
+        pio.register(layout.PCI_CONFIG_ADDRESS_PORT, pci.CONFIG_PORT_COUNT, self.pci, "PCI config")
+
+        self._loop: EventLoop | None = None
+        self._stdin_fd: int | None = None
+        self._escape: EscapeFilter | None = None
+        self._pending_input = b""
+        self._reading = False
+        self._polled = False
+
+    def gsi(self, number: int) -> GsiLine:
+        line = self._lines.get(number)
+        if line is None:
+            line = self._lines[number] = GsiLine(self.machine.vm, number)
+        return line
+
+    def start(self, loop: EventLoop) -> None:
+        self._loop = loop
+        self._rtc_tick()
+
+    def _rtc_tick(self) -> None:
+        self.rtc.tick()
+        deadline = self.rtc.next_deadline()
+        delay = RTC_POLL_SECONDS if deadline is None else min(RTC_POLL_SECONDS, max(0.0, deadline - time.time()))
+        self._loop.call_later(delay, self._rtc_tick)
+
+    # --- console input ----------------------------------------------------
+
+    def attach_console_input(self, loop: EventLoop, fd: int, escape: EscapeFilter | None) -> None:
+        """Feed `fd` (stdin) to COM1, holding input back while its FIFO is full."""
+        self._loop, self._stdin_fd, self._escape = loop, fd, escape
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        if self._reading or self._stdin_fd is None:
+            return
+        self._reading = True
+        try:
+            self._loop.add_reader(self._stdin_fd, self._read_stdin)
+            self._polled = True
+        except PermissionError:
+            # A regular file (or /dev/null) cannot be polled: it is always
+            # readable, so read it from the loop until it ends.
+            self._polled = False
+            self._loop.call_later(0, self._read_file_input)
+
+    def _read_file_input(self) -> None:
+        if self._reading and not self._polled:
+            self._read_stdin()
+            if self._reading:
+                self._loop.call_later(0, self._read_file_input)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            if self._polled:
+                self._loop.remove_reader(self._stdin_fd)
+            self._reading = False
+
+    def _read_stdin(self) -> None:
+        try:
+            data = os.read(self._stdin_fd, STDIN_CHUNK)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EINTR):
+                return
+            data = b""
+        if not data:  # end of input: the guest keeps running without it
+            self._stop_reading()
+            self._stdin_fd = None
+            return
+        if self._escape is not None:
+            data = self._escape.filter(data)
+        self._pending_input += data
+        self._deliver_input()
+
+    def _deliver_input(self) -> None:
+        if self._pending_input:
+            taken = self.serial.receive(self._pending_input)
+            self._pending_input = self._pending_input[taken:]
+        if self._pending_input:
+            self._stop_reading()  # resumed by _input_wanted once the guest reads
+        else:
+            self._start_reading()
+
+    def _input_wanted(self) -> None:
+        # Called on a vCPU thread when the guest drains the receive FIFO.
+        if self._loop is not None and self._pending_input:
+            self._loop.call_soon_threadsafe(self._deliver_input)
+
+    def close(self) -> None:
+        self._stop_reading()

@@ -1,0 +1,571 @@
+"""The xenstore wire protocol: message framing, op and error names, payloads.
+
+Every message in either direction is a 16-byte header {type, req_id, tx_id,
+len} (little-endian u32s) followed by `len` payload bytes, len <= 4096.
+Requests carry NUL-terminated strings; errors travel as the *name* of an
+errno ("EINVAL\\0"), never as a number.
+
+`Connection` turns a byte stream from one client into calls on a store
+`Client` and queues the encoded replies and watch events.  Everything the
+client sends is hostile: a frame that cannot be resynchronised (a length over
+the maximum) marks the connection broken instead of raising, and every other
+malformation is answered with an ERROR reply.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    from .store import Client
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<IIII")
+HEADER_SIZE = HEADER.size
+PAYLOAD_MAX = 4096
+ABS_PATH_MAX = 3072
+REL_PATH_MAX = 2048
+DOMID_FIRST_RESERVED = 0x7FF0
+
+
+class Op(enum.IntEnum):
+    CONTROL = 0  # formerly DEBUG
+    DIRECTORY = 1
+    READ = 2
+    GET_PERMS = 3
+    WATCH = 4
+    UNWATCH = 5
+    TRANSACTION_START = 6
+    TRANSACTION_END = 7
+    INTRODUCE = 8
+    RELEASE = 9
+    GET_DOMAIN_PATH = 10
+    WRITE = 11
+    MKDIR = 12
+    RM = 13
+    SET_PERMS = 14
+    WATCH_EVENT = 15
+    ERROR = 16
+    IS_DOMAIN_INTRODUCED = 17
+    RESUME = 18
+    SET_TARGET = 19
+    RESTRICT = 20  # removed from Xen; answered with ENOSYS
+    RESET_WATCHES = 21
+    DIRECTORY_PART = 22
+
+
+# Only these names can appear in an ERROR reply (xsd_errors in xs_wire.h).
+ERROR_NAMES = (
+    "EINVAL", "EACCES", "EEXIST", "EISDIR", "ENOENT", "ENOMEM", "ENOSPC", "EIO",
+    "ENOTEMPTY", "ENOSYS", "EROFS", "EBUSY", "EAGAIN", "EISCONN", "E2BIG",
+)
+
+# Values of the ring page's error field (see ring.py).
+RING_ERROR_NONE = 0
+RING_ERROR_COMM = 1
+RING_ERROR_RINGIDX = 2
+RING_ERROR_PROTO = 3
+
+
+class XenStoreError(Exception):
+    """A failed xenstore operation; `name` is the wire errno name, e.g. "ENOENT"."""
+
+    def __init__(self, name: str, detail: str = ""):
+        if name not in ERROR_NAMES:
+            raise ValueError(f"{name!r} is not a xenstore error name")
+        super().__init__(f"{name}: {detail}" if detail else name)
+        self.name = name
+        self.detail = detail
+
+
+class Access(enum.IntFlag):
+    NONE = 0
+    READ = 1
+    WRITE = 2
+    OWNER = 4  # never stored: granted to a node's owner and to privileged callers
+
+
+_LETTER_TO_ACCESS = {"n": Access.NONE, "r": Access.READ, "w": Access.WRITE,
+                     "b": Access.READ | Access.WRITE}
+_ACCESS_TO_LETTER = {access: letter for letter, access in _LETTER_TO_ACCESS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    """One entry of a node's permission list, written "<n|r|w|b><domid>".
+
+    The first entry names the owner and, through its access letter, the
+    access of every domain not listed after it.
+    """
+
+    domid: int
+    access: Access
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.domid <= 0xFFFF:
+            raise ValueError(f"domid {self.domid} out of range")
+        if self.access not in _ACCESS_TO_LETTER:
+            raise ValueError(f"access {self.access!r} cannot be stored in a node")
+
+    @classmethod
+    def parse(cls, text: str) -> "Permission":
+        access = _LETTER_TO_ACCESS.get(text[:1])
+        digits = text[1:]
+        if access is None or not digits.isascii() or not digits.isdigit() or len(digits) > 5:
+            raise XenStoreError("EINVAL", f"bad permission {text!r}")
+        domid = int(digits)
+        if domid > 0xFFFF:
+            raise XenStoreError("EINVAL", f"bad permission {text!r}")
+        return cls(domid, access)
+
+    def __str__(self) -> str:
+        return f"{_ACCESS_TO_LETTER[self.access]}{self.domid}"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    type: int
+    req_id: int
+    tx_id: int
+    length: int
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Header":
+        return cls(*HEADER.unpack(data))
+
+
+def encode_message(msg_type: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
+    if len(payload) > PAYLOAD_MAX:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {PAYLOAD_MAX}")
+    return HEADER.pack(msg_type, req_id, tx_id, len(payload)) + payload
+
+
+def encode_error(req_id: int, tx_id: int, name: str) -> bytes:
+    return encode_message(Op.ERROR, req_id, tx_id, name.encode("ascii") + b"\0")
+
+
+def encode_watch_event(path: str, token: str) -> bytes:
+    return encode_message(Op.WATCH_EVENT, 0, 0, _encode_strings((path, token)))
+
+
+class FrameError(Exception):
+    """The byte stream cannot be split into messages any more."""
+
+
+class FrameDecoder:
+    """Reassembles messages from arbitrary chunks of the byte stream."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def push(self, data: bytes) -> None:
+        self._buffer += data
+
+    def pop(self) -> tuple[Header, bytes] | None:
+        """The next complete message, or None; FrameError on an oversized length."""
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        header = Header.unpack(bytes(self._buffer[:HEADER_SIZE]))
+        if header.length > PAYLOAD_MAX:
+            raise FrameError(f"payload length {header.length} exceeds {PAYLOAD_MAX}")
+        end = HEADER_SIZE + header.length
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[HEADER_SIZE:end])
+        del self._buffer[:end]
+        return header, payload
+
+    def clear(self) -> None:
+        self._buffer.clear()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# --- payload parsing and encoding ---------------------------------------
+
+def _decode(raw: bytes) -> str:
+    # latin-1 maps every byte to one character, so nothing is lost before the
+    # path validator rejects non-ASCII characters, and tokens round-trip.
+    return raw.decode("latin-1")
+
+
+def _encode_strings(strings) -> bytes:
+    return b"".join(s.encode("latin-1") + b"\0" for s in strings)
+
+
+def terminated_strings(payload: bytes) -> list[str]:
+    """The NUL-terminated strings at the start of payload; bytes after the last NUL are ignored."""
+    parts = payload.split(b"\0")
+    return [_decode(p) for p in parts[:-1]]
+
+
+def one_arg(payload: bytes) -> str:
+    """The single string of a payload that must hold exactly one NUL, at its end."""
+    if not payload or payload.find(b"\0") != len(payload) - 1:
+        raise XenStoreError("EINVAL", "expected exactly one NUL-terminated argument")
+    return _decode(payload[:-1])
+
+
+def parse_domid(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 5 or int(text) > 0xFFFF:
+        raise XenStoreError("EINVAL", f"bad domid {text!r}")
+    return int(text)
+
+
+def directory_part_payload(generation: int, children: list[str], offset: int) -> bytes:
+    """A DIRECTORY_PART reply: "<gen>\\0" then whole child names from byte `offset`.
+
+    An extra empty string marks the end of the list, as xenstored does, so
+    the client knows when to stop asking.
+    """
+    gen = str(generation).encode("ascii") + b"\0"
+    blob = _encode_strings(children)
+    if offset >= len(blob):
+        return gen + b"\0"
+    room = PAYLOAD_MAX - len(gen) - 1
+    taken = 0
+    while True:
+        name_end = blob.find(b"\0", offset + taken)
+        name_len = name_end - (offset + taken)
+        if taken + name_len >= room:
+            break
+        taken += name_len + 1
+        if offset + taken == len(blob):
+            break
+    data = gen + blob[offset:offset + taken]
+    if offset + taken == len(blob):
+        data += b"\0"
+    return data
+
+
+# --- the connection -------------------------------------------------------
+
+_NO_TRANSACTION_OPS = frozenset({Op.WATCH, Op.UNWATCH})
+_PRIVILEGED_OPS = frozenset({Op.CONTROL, Op.INTRODUCE, Op.RELEASE, Op.IS_DOMAIN_INTRODUCED,
+                             Op.RESUME, Op.SET_TARGET})
+_OK = b"OK\0"
+
+# Stop reading requests while this much output waits: a guest that never
+# consumes replies must not make the VMM buffer without bound.
+INPUT_PAUSE_BYTES = 2 * (HEADER_SIZE + PAYLOAD_MAX)
+# Watch events beyond this backlog are dropped for unprivileged clients
+# (xenstored likewise drops events over a domain's memory quota).
+EVENT_BACKLOG_BYTES = 64 * 1024
+
+
+class Connection:
+    """One client's byte stream: requests in through feed(), replies and events out.
+
+    Replies are queued in request order; watch events are queued after the
+    reply of the request that caused them.  `output_listener`, if set, is
+    called (outside any store operation) when a watch event makes output
+    appear on its own, so the owner can schedule a flush; it should not feed
+    this connection synchronously.
+    """
+
+    def __init__(self, client: "Client", *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES):
+        self._client = client
+        self._decoder = FrameDecoder()
+        self._out: deque[tuple[bytes, bool]] = deque()  # (message, is_watch_event)
+        self._out_bytes = 0
+        self._head_sent = 0
+        self._unsent_events: Counter[bytes] = Counter()
+        self._event_backlog_bytes = event_backlog_bytes
+        self.broken = False
+        self.error = RING_ERROR_NONE
+        self.output_listener: Callable[[], None] | None = None
+        self._handlers = {
+            Op.CONTROL: self._control,
+            Op.DIRECTORY: self._directory,
+            Op.READ: self._read,
+            Op.GET_PERMS: self._get_perms,
+            Op.WATCH: self._watch,
+            Op.UNWATCH: self._unwatch,
+            Op.TRANSACTION_START: self._transaction_start,
+            Op.TRANSACTION_END: self._transaction_end,
+            Op.INTRODUCE: self._introduce,
+            Op.RELEASE: self._release,
+            Op.GET_DOMAIN_PATH: self._get_domain_path,
+            Op.WRITE: self._write,
+            Op.MKDIR: self._mkdir,
+            Op.RM: self._rm,
+            Op.SET_PERMS: self._set_perms,
+            Op.IS_DOMAIN_INTRODUCED: self._is_domain_introduced,
+            Op.RESUME: self._resume,
+            Op.SET_TARGET: self._set_target,
+            Op.RESET_WATCHES: self._reset_watches,
+            Op.DIRECTORY_PART: self._directory_part,
+        }
+
+    @property
+    def domid(self) -> int:
+        return self._client.domid
+
+    @property
+    def client(self) -> "Client":
+        return self._client
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    @property
+    def accepting_input(self) -> bool:
+        return not self.broken and not self.closed and self._out_bytes < INPUT_PAUSE_BYTES
+
+    # -- input -------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Accept any chunk of the request stream; complete requests are answered."""
+        if self.broken or self.closed:
+            return
+        self._decoder.push(data)
+        while not self.closed:
+            try:
+                message = self._decoder.pop()
+            except FrameError as exc:
+                log.warning("xenstore: domain %d: %s; connection broken", self.domid, exc)
+                self._break(RING_ERROR_PROTO)
+                return
+            if message is None:
+                return
+            header, payload = message
+            with self._client.deferred_events():
+                self._queue(self._answer(header, payload), is_event=False)
+
+    def _answer(self, header: Header, payload: bytes) -> bytes:
+        try:
+            reply = self._dispatch(header, payload)
+            if len(reply) > PAYLOAD_MAX:
+                raise XenStoreError("E2BIG", "reply too large")
+            return encode_message(header.type, header.req_id, header.tx_id, reply)
+        except XenStoreError as exc:
+            return encode_error(header.req_id, header.tx_id, exc.name)
+        except Exception:
+            # A bug here must not take the VMM down with the guest's request.
+            log.exception("xenstore: domain %d: request type %d failed", self.domid, header.type)
+            return encode_error(header.req_id, header.tx_id, "EIO")
+
+    def _dispatch(self, header: Header, payload: bytes) -> bytes:
+        try:
+            op = Op(header.type)
+            handler = self._handlers[op]
+        except (ValueError, KeyError):
+            raise XenStoreError("ENOSYS", f"unknown message type {header.type}") from None
+        if op in _PRIVILEGED_OPS and not self._client.privileged:
+            raise XenStoreError("EACCES", f"{op.name} needs a privileged connection")
+        tx = 0 if op in _NO_TRANSACTION_OPS else header.tx_id
+        if tx and not self._client.has_transaction(tx):
+            raise XenStoreError("ENOENT", f"no transaction {tx}")
+        return handler(tx, payload)
+
+    # -- handlers: (tx, payload) -> reply payload --------------------------
+
+    def _read(self, tx: int, payload: bytes) -> bytes:
+        return self._client.read(one_arg(payload), tx)
+
+    def _write(self, tx: int, payload: bytes) -> bytes:
+        nul = payload.find(b"\0")
+        if nul < 0:
+            raise XenStoreError("EINVAL", "WRITE without a path")
+        self._client.write(_decode(payload[:nul]), payload[nul + 1:], tx)
+        return _OK
+
+    def _mkdir(self, tx: int, payload: bytes) -> bytes:
+        self._client.mkdir(one_arg(payload), tx)
+        return _OK
+
+    def _rm(self, tx: int, payload: bytes) -> bytes:
+        self._client.rm(one_arg(payload), tx)
+        return _OK
+
+    def _directory(self, tx: int, payload: bytes) -> bytes:
+        return _encode_strings(self._client.directory(one_arg(payload), tx))
+
+    def _directory_part(self, tx: int, payload: bytes) -> bytes:
+        args = terminated_strings(payload)
+        if len(args) != 2:
+            raise XenStoreError("EINVAL", "DIRECTORY_PART needs a path and an offset")
+        path, offset_text = args
+        if not offset_text.isascii() or not offset_text.isdigit() or len(offset_text) > 10:
+            raise XenStoreError("EINVAL", f"bad offset {offset_text!r}")
+        generation, children = self._client.directory_with_generation(path, tx)
+        return directory_part_payload(generation, children, int(offset_text))
+
+    def _get_perms(self, tx: int, payload: bytes) -> bytes:
+        return _encode_strings(str(p) for p in self._client.get_perms(one_arg(payload), tx))
+
+    def _set_perms(self, tx: int, payload: bytes) -> bytes:
+        args = terminated_strings(payload)
+        if len(args) < 2:
+            raise XenStoreError("EINVAL", "SET_PERMS needs a path and at least one permission")
+        path, *texts = args
+        self._client.set_perms(path, [Permission.parse(t) for t in texts], tx)
+        return _OK
+
+    def _watch(self, tx: int, payload: bytes) -> bytes:
+        path, token = self._path_and_token(payload)
+        self._client.watch(path, token, self._queue_watch_event)
+        return _OK
+
+    def _unwatch(self, tx: int, payload: bytes) -> bytes:
+        path, token = self._path_and_token(payload)
+        self._client.unwatch(path, token)
+        return _OK
+
+    @staticmethod
+    def _path_and_token(payload: bytes) -> tuple[str, str]:
+        args = terminated_strings(payload)
+        if len(args) != 2:
+            raise XenStoreError("EINVAL", "expected a path and a token")
+        return args[0], args[1]
+
+    def _reset_watches(self, tx: int, payload: bytes) -> bytes:
+        self._client.reset_watches()
+        return _OK
+
+    def _transaction_start(self, tx: int, payload: bytes) -> bytes:
+        if tx:
+            raise XenStoreError("EBUSY", "transactions do not nest")
+        return str(self._client.transaction_start()).encode("ascii") + b"\0"
+
+    def _transaction_end(self, tx: int, payload: bytes) -> bytes:
+        verdict = one_arg(payload)
+        if verdict not in ("T", "F"):
+            raise XenStoreError("EINVAL", f"TRANSACTION_END needs T or F, not {verdict!r}")
+        if not tx:
+            raise XenStoreError("ENOENT", "TRANSACTION_END outside a transaction")
+        self._client.transaction_end(tx, commit=verdict == "T")
+        return _OK
+
+    def _get_domain_path(self, tx: int, payload: bytes) -> bytes:
+        return self._client.get_domain_path(parse_domid(one_arg(payload))).encode("ascii") + b"\0"
+
+    def _is_domain_introduced(self, tx: int, payload: bytes) -> bytes:
+        return b"T\0" if self._client.is_domain_introduced(parse_domid(one_arg(payload))) else b"F\0"
+
+    def _introduce(self, tx: int, payload: bytes) -> bytes:
+        args = terminated_strings(payload)
+        if len(args) < 3:
+            raise XenStoreError("EINVAL", "INTRODUCE needs domid, mfn and event channel")
+        self._client.introduce_domain(parse_domid(args[0]))
+        return _OK
+
+    def _release(self, tx: int, payload: bytes) -> bytes:
+        self._client.release_domain(parse_domid(one_arg(payload)))
+        return _OK
+
+    def _resume(self, tx: int, payload: bytes) -> bytes:
+        self._client.resume_domain(parse_domid(one_arg(payload)))
+        return _OK
+
+    def _set_target(self, tx: int, payload: bytes) -> bytes:
+        args = terminated_strings(payload)
+        if len(args) < 2:
+            raise XenStoreError("EINVAL", "SET_TARGET needs two domids")
+        self._client.set_target(parse_domid(args[0]), parse_domid(args[1]))
+        return _OK
+
+    def _control(self, tx: int, payload: bytes) -> bytes:
+        args = terminated_strings(payload)
+        if not args:
+            raise XenStoreError("EINVAL", "CONTROL without a command")
+        return self._client.control(args[0], args[1:]).encode("latin-1") + b"\0"
+
+    # -- output ------------------------------------------------------------
+
+    def _queue(self, message: bytes, *, is_event: bool) -> None:
+        self._out.append((message, is_event))
+        self._out_bytes += len(message)
+        if is_event:
+            self._unsent_events[message] += 1
+
+    def _queue_watch_event(self, path: str, token: str) -> None:
+        if self.broken or self.closed:
+            return
+        payload_len = len(path) + len(token) + 2
+        if payload_len > PAYLOAD_MAX:
+            log.warning("xenstore: domain %d: dropping over-long watch event", self.domid)
+            return
+        message = encode_watch_event(path, token)
+        # An identical event still waiting tells the client the same thing.
+        if not path.startswith("@") and self._unsent_events[message]:
+            return
+        if not self._client.privileged and self._out_bytes >= self._event_backlog_bytes:
+            log.warning("xenstore: domain %d: event backlog full, dropping %s", self.domid, path)
+            return
+        was_idle = self._out_bytes == 0
+        self._queue(message, is_event=True)
+        if was_idle and self.output_listener is not None:
+            self.output_listener()
+
+    def pending_output(self) -> int:
+        """Bytes of replies and events waiting to be taken."""
+        return self._out_bytes
+
+    def take_output(self, max_bytes: int) -> bytes:
+        """Up to max_bytes of the outbound stream; messages may be split across calls."""
+        chunks = []
+        room = max_bytes
+        while room > 0 and self._out:
+            message, is_event = self._out[0]
+            if self._head_sent == 0 and is_event:
+                self._unsent_events[message] -= 1
+                if not self._unsent_events[message]:
+                    del self._unsent_events[message]
+            piece = message[self._head_sent:self._head_sent + room]
+            chunks.append(piece)
+            room -= len(piece)
+            self._head_sent += len(piece)
+            if self._head_sent == len(message):
+                self._out.popleft()
+                self._head_sent = 0
+        data = b"".join(chunks)
+        self._out_bytes -= len(data)
+        return data
+
+    # -- lifetime ----------------------------------------------------------
+
+    def _break(self, error: int) -> None:
+        self.broken = True
+        self.error = error
+        self._drop_state()
+
+    def _drop_state(self) -> None:
+        self._decoder.clear()
+        self._out.clear()
+        self._out_bytes = 0
+        self._head_sent = 0
+        self._unsent_events.clear()
+        if not self.closed:
+            self._client.reset_watches()
+
+    def reset(self) -> None:
+        """Start afresh on a packet boundary (ring reconnection): drop buffered
+        input and output, watches and transactions, and forget a broken state."""
+        self._drop_state()
+        self.broken = False
+        self.error = RING_ERROR_NONE
+
+    def close(self) -> None:
+        """Drop this connection's watches and transactions; later input is ignored."""
+        self._drop_state()
+        self._client.close()
+
+
+def iter_messages(data: bytes) -> Iterator[tuple[Header, bytes]]:
+    """Split a complete byte stream into messages (for tests and tracing tools)."""
+    decoder = FrameDecoder()
+    decoder.push(data)
+    while (message := decoder.pop()) is not None:
+        yield message
+    if decoder.buffered:
+        raise FrameError(f"{decoder.buffered} trailing bytes")

@@ -1,0 +1,197 @@
+"""The xenstore ring page shared with a guest, and a server loop over it.
+
+Layout of `struct xenstore_domain_interface` (xs_wire.h, xenstore-ring.txt):
+
+    0     req[1024]        requests, guest -> server
+    1024  rsp[1024]        replies and watch events, server -> guest
+    2048  req_cons  2052 req_prod  2056 rsp_cons  2060 rsp_prod   (u32, free running)
+    2064  server_features  2068 connection  2072 error
+
+The guest owns req_prod and rsp_cons and may write anything into them at
+any time.  The server keeps its own indices (req_cons, rsp_prod) privately
+and only publishes them, so a guest scribbling over them cannot make the
+server re-read or overwrite data.  A producer/consumer distance above the
+ring size is a broken ring: the server sets the error field and stops, as
+xenstored does, until the guest asks for a reconnection.
+
+Ordering: the data is copied before the index that publishes it is
+written, and an index is read before the data it covers.  CPython performs
+these memoryview stores in program order and x86 does not reorder stores
+with stores or loads with loads, so no explicit barrier is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from .protocol import RING_ERROR_NONE, RING_ERROR_PROTO, RING_ERROR_RINGIDX, Connection
+
+log = logging.getLogger(__name__)
+
+RING_SIZE = 1024
+REQ_OFFSET = 0
+RSP_OFFSET = 1024
+REQ_CONS = 2048
+REQ_PROD = 2052
+RSP_CONS = 2056
+RSP_PROD = 2060
+SERVER_FEATURES = 2064
+CONNECTION = 2068
+ERROR = 2072
+INTERFACE_SIZE = 2076
+
+FEATURE_RECONNECTION = 1
+FEATURE_ERROR = 2
+CONNECTED = 0
+RECONNECT = 1
+
+DEFAULT_BUDGET = 8192  # request bytes consumed per process() call
+
+_U32 = struct.Struct("<I")
+_MASK32 = 0xFFFFFFFF
+
+
+class RingServer:
+    """Serves one guest's xenstore ring on behalf of a store `Connection`.
+
+    Call process() whenever the guest signals the event channel, and when the
+    connection's `output_listener` reports queued watch events.
+    """
+
+    def __init__(self, page: memoryview, connection: Connection, *, budget: int = DEFAULT_BUDGET):
+        page = memoryview(page).cast("B")
+        if page.readonly:
+            raise ValueError("the xenstore ring page must be writable")
+        if len(page) < INTERFACE_SIZE:
+            raise ValueError(f"xenstore ring page of {len(page)} bytes, need {INTERFACE_SIZE}")
+        if budget <= 0:
+            raise ValueError("budget must be positive")
+        self._page = page
+        self.connection = connection
+        self.budget = budget
+        self.work_pending = False  # stopped by the budget with requests still waiting
+        self._busy = False
+        # Advertise before touching any data; bits are never withdrawn.
+        self._store_u32(SERVER_FEATURES,
+                        self._load_u32(SERVER_FEATURES) | FEATURE_RECONNECTION | FEATURE_ERROR)
+        self._req_cons = self._load_u32(REQ_CONS)
+        self._rsp_prod = self._load_u32(RSP_PROD)
+        self.error = self._load_u32(ERROR)
+
+    # -- page access -------------------------------------------------------
+
+    def _load_u32(self, offset: int) -> int:
+        return _U32.unpack_from(self._page, offset)[0]
+
+    def _store_u32(self, offset: int, value: int) -> None:
+        _U32.pack_into(self._page, offset, value & _MASK32)
+
+    def _copy_out(self, base: int, index: int, length: int) -> bytes:
+        start = index & (RING_SIZE - 1)
+        first = min(length, RING_SIZE - start)
+        data = bytes(self._page[base + start:base + start + first])
+        if first < length:
+            data += bytes(self._page[base:base + length - first])
+        return data
+
+    def _copy_in(self, base: int, index: int, data: bytes) -> None:
+        start = index & (RING_SIZE - 1)
+        first = min(len(data), RING_SIZE - start)
+        self._page[base + start:base + start + first] = data[:first]
+        if first < len(data):
+            self._page[base:base + len(data) - first] = data[first:]
+
+    # -- the loop ----------------------------------------------------------
+
+    def process(self, budget: int | None = None) -> bool:
+        """Move requests in and replies out; True if the guest should be notified.
+
+        At most `budget` request bytes are consumed, so a guest that keeps the
+        ring full cannot hold the VMM here; `work_pending` then says to call
+        again soon.  Never raises for anything the guest wrote.
+        """
+        if self._busy:  # re-entered from a store callback: the outer call continues
+            return False
+        self._busy = True
+        try:
+            return self._process(self.budget if budget is None else budget)
+        finally:
+            self._busy = False
+
+    def _process(self, budget: int) -> bool:
+        self.work_pending = False
+        if self._load_u32(CONNECTION) == RECONNECT:
+            self._reconnect()
+            return True
+        if self.error != RING_ERROR_NONE:
+            return False
+        notify = False
+        while True:
+            written = self._write_replies()
+            if written is None:
+                return True
+            consumed = 0
+            if budget > 0 and self.connection.accepting_input:
+                consumed = self._read_requests(budget)
+                if consumed is None:
+                    return True
+                budget -= consumed
+            if self.connection.broken:
+                self._fail(self.connection.error or RING_ERROR_PROTO)
+                return True
+            notify = notify or bool(written or consumed)
+            if not (written or consumed):
+                break
+        self.work_pending = budget <= 0 and self._requests_waiting() and self.connection.accepting_input
+        return notify
+
+    def _requests_waiting(self) -> bool:
+        return (self._load_u32(REQ_PROD) - self._req_cons) & _MASK32 != 0
+
+    def _read_requests(self, budget: int) -> int | None:
+        available = (self._load_u32(REQ_PROD) - self._req_cons) & _MASK32
+        if available > RING_SIZE:
+            self._fail(RING_ERROR_RINGIDX, f"request producer is {available} bytes ahead")
+            return None
+        length = min(available, budget)
+        if not length:
+            return 0
+        data = self._copy_out(REQ_OFFSET, self._req_cons, length)
+        self._req_cons = (self._req_cons + length) & _MASK32
+        self._store_u32(REQ_CONS, self._req_cons)
+        self.connection.feed(data)
+        return length
+
+    def _write_replies(self) -> int | None:
+        in_flight = (self._rsp_prod - self._load_u32(RSP_CONS)) & _MASK32
+        if in_flight > RING_SIZE:
+            self._fail(RING_ERROR_RINGIDX, f"reply consumer is {in_flight} bytes behind")
+            return None
+        # Replies that do not fit stay queued in the connection until the
+        # guest makes room and signals again.
+        data = self.connection.take_output(RING_SIZE - in_flight)
+        if data:
+            self._copy_in(RSP_OFFSET, self._rsp_prod, data)
+            self._rsp_prod = (self._rsp_prod + len(data)) & _MASK32
+            self._store_u32(RSP_PROD, self._rsp_prod)
+        return len(data)
+
+    def _fail(self, error: int, why: str = "protocol violation") -> None:
+        log.warning("xenstore ring of domain %d broken: %s", self.connection.domid, why)
+        self.error = error
+        self._store_u32(ERROR, error)
+        # As xenstored: whatever was in flight, the watches and the
+        # transactions are gone; only a reconnection revives the ring.
+        self.connection.reset()
+
+    def _reconnect(self) -> None:
+        log.info("xenstore ring of domain %d: reconnection requested", self.connection.domid)
+        self.connection.reset()
+        self._req_cons = self._rsp_prod = 0
+        for offset in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):
+            self._store_u32(offset, 0)
+        self.error = RING_ERROR_NONE
+        self._store_u32(ERROR, RING_ERROR_NONE)
+        # Last: the guest ignores every other field until it sees this.
+        self._store_u32(CONNECTION, CONNECTED)

@@ -1,0 +1,857 @@
+"""The xenstore database: a tree of nodes with permissions, transactions,
+watches and per-domain quotas, following the semantics of Xen's xenstored.
+
+Clients
+    `XenStore.client(domid)` returns a `Client`, the Python API used by the
+    VMM's own dom0 code (backends, the toolstack side) and, wrapped in a
+    `protocol.Connection` by `XenStore.connect()`, by guests over the ring.
+    Every operation raises `XenStoreError` with the errno name xenstored
+    would answer.
+
+Permissions
+    A node's permission list starts with its owner, whose access letter is
+    also the access of every domain not listed.  Owners and privileged
+    clients may do anything.  A node created by an unprivileged client
+    inherits its parent's list with the owner replaced by the creator.  A
+    caller who may not read (or write) the nearest existing ancestor of a
+    missing node gets EACCES rather than ENOENT, so it cannot probe what
+    exists.
+
+Transactions
+    A transaction records, for every node it touches, the generation it
+    first saw (or "absent"); all reads and writes go to private copies.
+    Commit fails with EAGAIN if any touched node changed since, which is
+    conservative but never lets a transaction commit over a change it did
+    not see.  Watch events of a transaction fire only when it commits.
+
+Watches and callbacks
+    Watch events are computed when a change happens but delivered after the
+    operation (for a wire client: after its reply), so no callback ever runs
+    inside a half-done mutation.  A callback may call back into the store;
+    the events that causes are delivered after it returns.
+
+Threads
+    The store is not thread-safe: the VMM calls it from its single event
+    thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Callable, Iterator, Sequence
+
+from .protocol import (
+    ABS_PATH_MAX,
+    DOMID_FIRST_RESERVED,
+    EVENT_BACKLOG_BYTES,
+    REL_PATH_MAX,
+    Access,
+    Connection,
+    Permission,
+    XenStoreError,
+)
+
+log = logging.getLogger(__name__)
+
+WatchCallback = Callable[[str, str], None]
+"""Called as callback(path, token) for each watch event."""
+
+Observer = Callable[[int, str, "str | None", "bytes | None", int, str], None]
+"""Called as observer(domid, op, path, value, tx_id, result) after each operation;
+result is "OK" or the error name."""
+
+INTRODUCE_DOMAIN = "@introduceDomain"
+RELEASE_DOMAIN = "@releaseDomain"
+SPECIAL_PATHS = (INTRODUCE_DOMAIN, RELEASE_DOMAIN)
+
+_PATH_CHARS = frozenset(string.ascii_letters + string.digits + "-/_@")
+_ALL_ACCESS = Access.READ | Access.WRITE | Access.OWNER
+_DOM0_ONLY = (Permission(0, Access.NONE),)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Limits for unprivileged domains; privileged clients are never limited."""
+
+    watches: int = 128           # per domain            -> E2BIG
+    nodes: int = 1000            # owned, per domain     -> ENOSPC
+    value_size: int = 2048       # bytes per node value  -> ENOSPC
+    transactions: int = 10       # open, per domain      -> ENOSPC
+    perms: int = 5               # entries per node      -> ENOSPC
+    transaction_nodes: int = 1024  # nodes touched by one transaction -> ENOSPC
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    value: bytes
+    perms: tuple[Permission, ...]
+    children: tuple[str, ...] = ()
+    generation: int = 0
+
+    @property
+    def owner(self) -> int:
+        return self.perms[0].domid
+
+
+def domain_path(domid: int) -> str:
+    return f"/local/domain/{domid}"
+
+
+def parent_of(path: str) -> str:
+    """The parent of an absolute path; special paths hang off the root as in xenstored."""
+    slash = path.rfind("/")
+    return path[:slash] if slash > 0 else "/"
+
+
+def child_path(parent: str, name: str) -> str:
+    return f"/{name}" if parent == "/" else f"{parent}/{name}"
+
+
+def is_within(path: str, ancestor: str) -> bool:
+    """True if path is ancestor or below it ("/" contains everything)."""
+    if ancestor == "/":
+        return True
+    return path == ancestor or path.startswith(ancestor + "/")
+
+
+def _basename(path: str) -> str:
+    return path[path.rfind("/") + 1:]
+
+
+def _generation_of(node: Node | None) -> int | None:
+    return None if node is None else node.generation
+
+
+# --- node tables: the live tree and a transaction's view of it -------------
+
+class _Tree:
+    """The committed nodes, keyed by absolute path."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, Node] = {}
+        self._generation = 0
+        self._owned: Counter[int] = Counter()
+
+    def next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def get(self, path: str) -> Node | None:
+        return self._nodes.get(path)
+
+    def set(self, path: str, node: Node) -> None:
+        old = self._nodes.get(path)
+        if old is not None:
+            self._owned[old.owner] -= 1
+        self._owned[node.owner] += 1
+        self._nodes[path] = replace(node, generation=self.next_generation())
+
+    def delete(self, path: str) -> None:
+        old = self._nodes.pop(path, None)
+        if old is not None:
+            self._owned[old.owner] -= 1
+
+    def owned_by(self, domid: int) -> int:
+        return self._owned[domid]
+
+    def items(self):
+        return self._nodes.items()
+
+
+@dataclass
+class _Access:
+    seen_generation: int | None  # None: the node did not exist
+    original_perms: tuple[Permission, ...] | None
+    node: Node | None
+    modified: bool = False
+
+
+class _Transaction:
+    """Private copies of every node a transaction touched, plus what it first saw."""
+
+    def __init__(self, tree: _Tree, tx_id: int, access_limit: int | None):
+        self.id = tx_id
+        self._tree = tree
+        self._access_limit = access_limit
+        self._accessed: dict[str, _Access] = {}
+        self._owned_delta: Counter[int] = Counter()
+        self.events: dict[str, bool] = {}  # path -> exact, in order of first change
+
+    def _entry(self, path: str) -> _Access:
+        entry = self._accessed.get(path)
+        if entry is None:
+            if self._access_limit is not None and len(self._accessed) >= self._access_limit:
+                raise XenStoreError("ENOSPC", "transaction touches too many nodes")
+            node = self._tree.get(path)
+            entry = _Access(_generation_of(node), node and node.perms, node)
+            self._accessed[path] = entry
+        return entry
+
+    def get(self, path: str) -> Node | None:
+        return self._entry(path).node
+
+    def set(self, path: str, node: Node) -> None:
+        entry = self._entry(path)
+        if entry.node is not None:
+            self._owned_delta[entry.node.owner] -= 1
+        self._owned_delta[node.owner] += 1
+        entry.node = replace(node, generation=self._tree.next_generation())
+        entry.modified = True
+
+    def delete(self, path: str) -> None:
+        entry = self._entry(path)
+        if entry.node is not None:
+            self._owned_delta[entry.node.owner] -= 1
+        entry.node = None
+        entry.modified = True
+
+    def owned_by(self, domid: int) -> int:
+        return self._tree.owned_by(domid) + self._owned_delta[domid]
+
+    def owned_delta(self, domid: int) -> int:
+        return self._owned_delta[domid]
+
+    def note_event(self, path: str, exact: bool) -> None:
+        # A subtree event (exact=False) wins over an exact one for the same path.
+        self.events[path] = self.events.get(path, True) and exact
+
+    def original_perms(self, path: str) -> tuple[Permission, ...] | None:
+        entry = self._accessed.get(path)
+        return entry.original_perms if entry else None
+
+    def conflicts(self) -> bool:
+        return any(_generation_of(self._tree.get(path)) != entry.seen_generation
+                   for path, entry in self._accessed.items())
+
+    def apply(self) -> None:
+        for path, entry in self._accessed.items():
+            if not entry.modified:
+                continue
+            if entry.node is None:
+                self._tree.delete(path)
+            else:
+                self._tree.set(path, entry.node)
+
+
+_View = _Tree | _Transaction
+
+
+@dataclass(eq=False)
+class _Watch:
+    path: str        # absolute, or a special "@..." path
+    token: str
+    prefix_len: int  # stripped from event paths of a watch set with a relative path
+    deliver: WatchCallback
+    active: bool = True
+
+
+# --- the store ------------------------------------------------------------
+
+class XenStore:
+    """The tree, the known domains and every client's watches and transactions."""
+
+    def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None):
+        self.quotas = quotas or Quotas()
+        self.observer = observer
+        self._tree = _Tree()
+        for path, children in (("/", ("local",)), ("/local", ("domain",)),
+                               ("/local/domain", ())):
+            self._tree.set(path, Node(b"", _DOM0_ONLY, children))
+        for path in SPECIAL_PATHS:
+            self._tree.set(path, Node(b"", _DOM0_ONLY))
+        self._clients: list[Client] = []
+        self._introduced: set[int] = {0}
+        self._targets: dict[int, int] = {}
+        self._watch_counts: Counter[int] = Counter()
+        self._transaction_counts: Counter[int] = Counter()
+        self._deferred: deque[Callable[[], None]] = deque()
+        self._depth = 0
+        self._delivering = False
+
+    # -- clients -----------------------------------------------------------
+
+    def client(self, domid: int = 0, privileged: bool | None = None) -> "Client":
+        """A Python client; privileged defaults to True for domain 0 only."""
+        if not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise ValueError(f"domid {domid} is not a real domain")
+        client = Client(self, domid, domid == 0 if privileged is None else privileged)
+        self._clients.append(client)
+        return client
+
+    def connect(self, domid: int, privileged: bool = False,
+                event_backlog_bytes: int = EVENT_BACKLOG_BYTES) -> Connection:
+        """A wire connection for a client speaking the xenstore protocol (a guest ring).
+        Unlike client(), it is unprivileged unless asked, even for domain 0."""
+        return Connection(self.client(domid, privileged), event_backlog_bytes=event_backlog_bytes)
+
+    def _forget(self, client: "Client") -> None:
+        self._clients.remove(client)
+
+    # -- deferred delivery -------------------------------------------------
+
+    @contextmanager
+    def deferred_events(self) -> Iterator[None]:
+        """Hold watch deliveries until the outermost operation finishes."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._deliver_deferred()
+
+    def _deliver_deferred(self) -> None:
+        if self._delivering:
+            return  # a callback called back into the store; the outer loop delivers
+        self._delivering = True
+        try:
+            while self._deferred:
+                action = self._deferred.popleft()
+                try:
+                    action()
+                except Exception:
+                    log.exception("xenstore: watch callback failed")
+        finally:
+            self._delivering = False
+
+    @staticmethod
+    def _deliver_event(watch: _Watch, path: str) -> None:
+        if watch.active:
+            watch.deliver(path, watch.token)
+
+    # -- permissions and paths ---------------------------------------------
+
+    def access(self, client: "Client", perms: Sequence[Permission]) -> Access:
+        """What `client` may do to a node with these permissions."""
+        if client.privileged:
+            return _ALL_ACCESS
+        target = self._targets.get(client.domid)
+        owner = perms[0].domid
+        if owner == client.domid or owner == target:
+            return _ALL_ACCESS
+        for perm in perms[1:]:
+            if perm.domid == client.domid or perm.domid == target:
+                return perm.access
+        return perms[0].access
+
+    def canonical(self, client: "Client", path: str, allow_special: bool = False) -> tuple[str, int]:
+        """(absolute path, length of the prefix added to a relative path)."""
+        if not isinstance(path, str) or not _PATH_CHARS.issuperset(path):
+            raise XenStoreError("EINVAL", f"invalid characters in path {path!r:.80}")
+        if path.startswith("@"):
+            if not allow_special:
+                raise XenStoreError("EINVAL", f"special path {path!r:.80} not allowed here")
+            absolute, prefix = path, 0
+        elif path.startswith("/"):
+            if len(path) > ABS_PATH_MAX:
+                raise XenStoreError("EINVAL", "absolute path too long")
+            absolute, prefix = path, 0
+        else:
+            if len(path) > REL_PATH_MAX:
+                raise XenStoreError("EINVAL", "relative path too long")
+            base = domain_path(client.domid) + "/"
+            absolute, prefix = base + path, len(base)
+        if (absolute.endswith("/") and absolute != "/") or "//" in absolute:
+            raise XenStoreError("EINVAL", f"malformed path {path!r:.80}")
+        return absolute, prefix
+
+    def missing_error(self, client: "Client", view: _View, path: str, need: Access) -> str:
+        """ENOENT if `client` has `need` on the nearest existing ancestor, else EACCES."""
+        while path != "/":
+            path = parent_of(path)
+            node = view.get(path)
+            if node is not None:
+                return "ENOENT" if self.access(client, node.perms) & need else "EACCES"
+        return "EACCES"
+
+    def checked_node(self, client: "Client", view: _View, path: str, need: Access) -> Node:
+        node = view.get(path)
+        if node is None:
+            raise XenStoreError(self.missing_error(client, view, path, need), path)
+        if need & ~self.access(client, node.perms):
+            raise XenStoreError("EACCES", path)
+        return node
+
+    # -- watches -----------------------------------------------------------
+
+    def changed(self, view: _View, path: str, exact: bool,
+                perms_seen: Sequence[tuple[Permission, ...] | None]) -> None:
+        """Record a change: fire watches now, or at commit for a transaction.
+
+        A watcher hears of the change only if it may read the node under one
+        of `perms_seen` (new, old, or the parent's permissions), as xenstored.
+        """
+        if isinstance(view, _Transaction):
+            view.note_event(path, exact)
+            return
+        for client in self._clients:
+            if not client.watches:
+                continue
+            if not client.privileged and not any(
+                    perms and self.access(client, perms) & Access.READ for perms in perms_seen):
+                continue
+            for watch in client.watches.values():
+                if watch.path == path if exact else is_within(path, watch.path):
+                    self._deferred.append(
+                        partial(self._deliver_event, watch, path[watch.prefix_len:]))
+
+    def perms_in_tree(self, path: str) -> tuple[Permission, ...] | None:
+        """A committed node's permissions (never a transaction's view: reading
+        through one would count against its quota after the change was made)."""
+        node = self._tree.get(path)
+        return node.perms if node else None
+
+    def fire_committed(self, tx: _Transaction) -> None:
+        for path, exact in tx.events.items():
+            self.changed(self._tree, path, exact,
+                         (tx.original_perms(path), self.perms_in_tree(path),
+                          self.perms_in_tree(parent_of(path))))
+
+    def fire_special(self, path: str) -> None:
+        self.changed(self._tree, path, True, (self.perms_in_tree(path), self.perms_in_tree("/")))
+
+    # -- domains -----------------------------------------------------------
+
+    def is_introduced(self, domid: int) -> bool:
+        return domid in self._introduced
+
+    def introduce(self, domid: int) -> None:
+        if not 0 < domid < DOMID_FIRST_RESERVED:
+            raise XenStoreError("EINVAL", f"cannot introduce domain {domid}")
+        if domid not in self._introduced:
+            self._introduced.add(domid)
+            self.fire_special(INTRODUCE_DOMAIN)
+
+    def release(self, domid: int) -> None:
+        if not 0 < domid < DOMID_FIRST_RESERVED:
+            raise XenStoreError("EINVAL", f"cannot release domain {domid}")
+        if domid not in self._introduced:
+            raise XenStoreError("ENOENT", f"domain {domid} not introduced")
+        self._introduced.discard(domid)
+        self._targets.pop(domid, None)
+        for client in [c for c in self._clients if c.domid == domid and not c.privileged]:
+            client.close()
+        self.fire_special(RELEASE_DOMAIN)
+
+    def set_target(self, domid: int, target: int) -> None:
+        if domid not in self._introduced:
+            raise XenStoreError("ENOENT", f"domain {domid} not introduced")
+        self._targets[domid] = target
+
+    # -- self check --------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Inconsistencies in the tree (an empty list when healthy)."""
+        problems = []
+        owned: Counter[int] = Counter()
+        for path, node in self._tree.items():
+            owned[node.owner] += 1
+            if not node.perms:
+                problems.append(f"{path}: no permissions")
+            if path == "/" or path.startswith("@"):
+                continue
+            parent = self._tree.get(parent_of(path))
+            if parent is None or _basename(path) not in parent.children:
+                problems.append(f"{path}: not listed by its parent")
+        for path, node in self._tree.items():
+            for name in node.children:
+                if self._tree.get(child_path(path, name)) is None:
+                    problems.append(f"{path}: lists missing child {name}")
+            if len(set(node.children)) != len(node.children):
+                problems.append(f"{path}: duplicate children")
+        for domid, count in owned.items():
+            if self._tree.owned_by(domid) != count:
+                problems.append(f"domain {domid}: owns {count} nodes, counted {self._tree.owned_by(domid)}")
+        return problems
+
+
+# --- clients --------------------------------------------------------------
+
+class Client:
+    """One client of the store: a domain's connection, or the VMM's own code.
+
+    Paths may be absolute or relative to the client's /local/domain/<domid>.
+    `tx` selects a transaction from transaction_start(); 0 means none.
+    """
+
+    def __init__(self, store: XenStore, domid: int, privileged: bool):
+        self._store = store
+        self.domid = domid
+        self.privileged = privileged
+        self.watches: dict[tuple[str, str], _Watch] = {}
+        self._transactions: dict[int, _Transaction] = {}
+        self._next_tx = 1
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<xenstore client dom{self.domid}{' privileged' if self.privileged else ''}>"
+
+    # -- plumbing ----------------------------------------------------------
+
+    def deferred_events(self):
+        return self._store.deferred_events()
+
+    def has_transaction(self, tx: int) -> bool:
+        return tx in self._transactions
+
+    def _view(self, tx: int) -> _View:
+        if not tx:
+            return self._store._tree
+        try:
+            return self._transactions[tx]
+        except KeyError:
+            raise XenStoreError("ENOENT", f"no transaction {tx}") from None
+
+    def _run(self, op: str, path: str | None, value: bytes | None, tx: int, action: Callable):
+        store = self._store
+        if self.closed:
+            raise XenStoreError("EINVAL", f"{op} on a closed client")
+        with store.deferred_events():
+            try:
+                result = action()
+            except XenStoreError as exc:
+                if store.observer is not None:
+                    store.observer(self.domid, op, path, value, tx, exc.name)
+                raise
+            if store.observer is not None:
+                store.observer(self.domid, op, path, value, tx, "OK")
+            return result
+
+    def _require_privilege(self, op: str) -> None:
+        if not self.privileged:
+            raise XenStoreError("EACCES", f"{op} needs a privileged client")
+
+    # -- reading -----------------------------------------------------------
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        def action():
+            store = self._store
+            absolute, _ = store.canonical(self, path)
+            return store.checked_node(self, self._view(tx), absolute, Access.READ).value
+        return self._run("READ", path, None, tx, action)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        return self.directory_with_generation(path, tx)[1]
+
+    def directory_with_generation(self, path: str, tx: int = 0) -> tuple[int, list[str]]:
+        """The children of a node and its generation, which changes whenever the node does."""
+        def action():
+            store = self._store
+            absolute, _ = store.canonical(self, path)
+            node = store.checked_node(self, self._view(tx), absolute, Access.READ)
+            return node.generation, list(node.children)
+        return self._run("DIRECTORY", path, None, tx, action)
+
+    def get_perms(self, path: str, tx: int = 0) -> list[Permission]:
+        def action():
+            store = self._store
+            absolute, _ = store.canonical(self, path, allow_special=True)
+            return list(store.checked_node(self, self._view(tx), absolute, Access.READ).perms)
+        return self._run("GET_PERMS", path, None, tx, action)
+
+    def exists(self, path: str, tx: int = 0) -> bool:
+        """Whether a readable node exists (a convenience for the VMM's own code)."""
+        try:
+            self.read(path, tx)
+        except XenStoreError as exc:
+            if exc.name in ("ENOENT", "EACCES"):
+                return False
+            raise
+        return True
+
+    # -- writing -----------------------------------------------------------
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+
+        def action():
+            store, view = self._store, self._view(tx)
+            absolute, _ = store.canonical(self, path)
+            node = view.get(absolute)
+            if node is None:
+                error = store.missing_error(self, view, absolute, Access.WRITE)
+                if error != "ENOENT":
+                    raise XenStoreError(error, absolute)
+                self._check_value_size(data)
+                self._create(view, absolute, data)
+            else:
+                if not store.access(self, node.perms) & Access.WRITE:
+                    raise XenStoreError("EACCES", absolute)
+                self._check_value_size(data)
+                view.set(absolute, replace(node, value=data))
+            self._changed_with_parent(view, absolute)
+        self._run("WRITE", path, data, tx, action)
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        def action():
+            store, view = self._store, self._view(tx)
+            absolute, _ = store.canonical(self, path)
+            node = view.get(absolute)
+            if node is not None:
+                if not store.access(self, node.perms) & Access.WRITE:
+                    raise XenStoreError("EACCES", absolute)
+                return
+            error = store.missing_error(self, view, absolute, Access.WRITE)
+            if error != "ENOENT":
+                raise XenStoreError(error, absolute)
+            self._create(view, absolute, b"")
+            self._changed_with_parent(view, absolute)
+        self._run("MKDIR", path, None, tx, action)
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        """Remove a node and everything below it; removing a missing node whose
+        parent exists succeeds, as in xenstored."""
+        def action():
+            store, view = self._store, self._view(tx)
+            absolute, _ = store.canonical(self, path)
+            node = view.get(absolute)
+            if node is None:
+                error = store.missing_error(self, view, absolute, Access.WRITE)
+                if error == "ENOENT" and view.get(parent_of(absolute)) is not None:
+                    return
+                raise XenStoreError(error, absolute)
+            if not store.access(self, node.perms) & Access.WRITE:
+                raise XenStoreError("EACCES", absolute)
+            if absolute == "/":
+                raise XenStoreError("EINVAL", "cannot remove the root")
+            self._remove_subtree(view, absolute, node)
+        self._run("RM", path, None, tx, action)
+
+    def set_perms(self, path: str, perms: Sequence[Permission], tx: int = 0) -> None:
+        new_perms = tuple(perms)
+
+        def action():
+            store, view = self._store, self._view(tx)
+            if not new_perms:
+                raise XenStoreError("EINVAL", "empty permission list")
+            if not self.privileged and len(new_perms) > store.quotas.perms:
+                raise XenStoreError("ENOSPC", f"more than {store.quotas.perms} permissions")
+            absolute, _ = store.canonical(self, path, allow_special=True)
+            node = store.checked_node(self, view, absolute, Access.WRITE | Access.OWNER)
+            if not self.privileged and new_perms[0].domid != node.owner:
+                # xenstored refuses with EPERM, which goes on the wire as EINVAL.
+                raise XenStoreError("EINVAL", "only a privileged client may change the owner")
+            view.set(absolute, replace(node, perms=new_perms))
+            store.changed(view, absolute, False,
+                          (new_perms, node.perms, store.perms_in_tree(parent_of(absolute))))
+        self._run("SET_PERMS", path, " ".join(map(str, new_perms)).encode(), tx, action)
+
+    def _check_value_size(self, data: bytes) -> None:
+        limit = self._store.quotas.value_size
+        if not self.privileged and len(data) > limit:
+            raise XenStoreError("ENOSPC", f"value of {len(data)} bytes exceeds {limit}")
+
+    def _create(self, view: _View, path: str, value: bytes) -> None:
+        """Create path and any missing ancestors, each inheriting its parent's permissions."""
+        missing = [path]
+        parent_path = parent_of(path)
+        while (parent := view.get(parent_path)) is None:
+            missing.append(parent_path)
+            parent_path = parent_of(parent_path)
+        quota = self._store.quotas.nodes
+        if not self.privileged and view.owned_by(self.domid) + len(missing) > quota:
+            raise XenStoreError("ENOSPC", f"domain {self.domid} would own more than {quota} nodes")
+        for new_path in reversed(missing):
+            perms = parent.perms
+            if not self.privileged:
+                perms = (Permission(self.domid, perms[0].access),) + perms[1:]
+            view.set(parent_path, replace(parent, children=parent.children + (_basename(new_path),)))
+            parent = Node(value if new_path == path else b"", perms)
+            parent_path = new_path
+            view.set(new_path, parent)
+
+    def _remove_subtree(self, view: _View, path: str, node: Node) -> None:
+        parent_path = parent_of(path)
+        parent = view.get(parent_path)
+        # Walk first, mutate after: a transaction running out of its node
+        # quota half-way must not leave a half-removed subtree behind.
+        preorder = []
+        stack = [(path, node, parent.perms)]
+        while stack:
+            node_path, current, parent_perms = stack.pop()
+            preorder.append((node_path, current.perms, parent_perms))
+            for name in current.children:
+                below = child_path(node_path, name)
+                child = view.get(below)
+                if child is not None:
+                    stack.append((below, child, current.perms))
+        name = _basename(path)
+        view.set(parent_path, replace(parent, children=tuple(c for c in parent.children if c != name)))
+        for node_path, perms, parent_perms in reversed(preorder):
+            view.delete(node_path)
+            # Watches below the removed node hear of their own node only; those
+            # above hear of the removed node itself.
+            self._store.changed(view, node_path, node_path != path, (perms, parent_perms))
+
+    def _changed_with_parent(self, view: _View, path: str) -> None:
+        store = self._store
+        store.changed(view, path, False,
+                      (store.perms_in_tree(path), store.perms_in_tree(parent_of(path))))
+
+    # -- watches -----------------------------------------------------------
+
+    def watch(self, path: str, token: str, callback: WatchCallback) -> None:
+        """Call callback(path, token) for changes at or below path, once at once.
+
+        Events carry a relative path when `path` was relative.  Watching needs
+        no permission, but changes to nodes this client may not read are not
+        reported.
+        """
+        def action():
+            store = self._store
+            absolute, prefix = store.canonical(self, path, allow_special=True)
+            key = (absolute, token)
+            if key in self.watches:
+                raise XenStoreError("EEXIST", f"already watching {path} with that token")
+            if not self.privileged and store._watch_counts[self.domid] >= store.quotas.watches:
+                raise XenStoreError("E2BIG", f"domain {self.domid} has too many watches")
+            watch = _Watch(absolute, token, prefix, callback)
+            self.watches[key] = watch
+            store._watch_counts[self.domid] += 1
+            store._deferred.append(partial(store._deliver_event, watch, path))
+        self._run("WATCH", path, token.encode("latin-1", "replace"), 0, action)
+
+    def unwatch(self, path: str, token: str) -> None:
+        def action():
+            absolute, _ = self._store.canonical(self, path, allow_special=True)
+            watch = self.watches.pop((absolute, token), None)
+            if watch is None:
+                raise XenStoreError("ENOENT", f"no watch on {path} with that token")
+            self._drop_watch(watch)
+        self._run("UNWATCH", path, token.encode("latin-1", "replace"), 0, action)
+
+    def reset_watches(self) -> None:
+        """Drop all of this client's watches and transactions."""
+        self._run("RESET_WATCHES", None, None, 0, self._drop_all)
+
+    def _drop_watch(self, watch: _Watch) -> None:
+        watch.active = False
+        self._store._watch_counts[self.domid] -= 1
+
+    def _drop_all(self) -> None:
+        for watch in self.watches.values():
+            self._drop_watch(watch)
+        self.watches.clear()
+        self._store._transaction_counts[self.domid] -= len(self._transactions)
+        self._transactions.clear()
+
+    # -- transactions ------------------------------------------------------
+
+    def transaction_start(self) -> int:
+        def action():
+            store = self._store
+            if not self.privileged and store._transaction_counts[self.domid] >= store.quotas.transactions:
+                raise XenStoreError("ENOSPC", f"domain {self.domid} has too many transactions")
+            tx_id = self._next_tx
+            while tx_id == 0 or tx_id in self._transactions:
+                tx_id = (tx_id + 1) & 0xFFFFFFFF
+            self._next_tx = (tx_id + 1) & 0xFFFFFFFF
+            limit = None if self.privileged else store.quotas.transaction_nodes
+            self._transactions[tx_id] = _Transaction(store._tree, tx_id, limit)
+            store._transaction_counts[self.domid] += 1
+            return tx_id
+        return self._run("TRANSACTION_START", None, None, 0, action)
+
+    def transaction_end(self, tx: int, commit: bool = True) -> None:
+        """Commit (EAGAIN if a node it touched changed meanwhile) or abort.
+        Either way the transaction is over."""
+        def action():
+            store = self._store
+            transaction = self._transactions.pop(tx, None)
+            if transaction is None:
+                raise XenStoreError("ENOENT", f"no transaction {tx}")
+            store._transaction_counts[self.domid] -= 1
+            if not commit:
+                return
+            if transaction.conflicts():
+                raise XenStoreError("EAGAIN", f"transaction {tx} conflicts")
+            growth = transaction.owned_delta(self.domid)
+            if (not self.privileged and growth > 0
+                    and store._tree.owned_by(self.domid) + growth > store.quotas.nodes):
+                raise XenStoreError("ENOSPC", f"domain {self.domid} would own too many nodes")
+            transaction.apply()
+            store.fire_committed(transaction)
+        self._run("TRANSACTION_END", None, b"T" if commit else b"F", tx, action)
+
+    @contextmanager
+    def transaction(self) -> Iterator[int]:
+        """`with client.transaction() as tx:` commits on exit, aborts on an exception."""
+        tx = self.transaction_start()
+        try:
+            yield tx
+        except BaseException:
+            if tx in self._transactions:
+                self.transaction_end(tx, commit=False)
+            raise
+        self.transaction_end(tx, commit=True)
+
+    # -- domains -----------------------------------------------------------
+
+    def get_domain_path(self, domid: int) -> str:
+        return self._run("GET_DOMAIN_PATH", None, None, 0, lambda: domain_path(domid))
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        def action():
+            self._require_privilege("IS_DOMAIN_INTRODUCED")
+            return self._store.is_introduced(domid)
+        return self._run("IS_DOMAIN_INTRODUCED", None, None, 0, action)
+
+    def introduce_domain(self, domid: int) -> None:
+        """Mark a domain as connected and fire @introduceDomain."""
+        def action():
+            self._require_privilege("INTRODUCE")
+            self._store.introduce(domid)
+        self._run("INTRODUCE", None, None, 0, action)
+
+    def release_domain(self, domid: int) -> None:
+        """Disconnect a domain (its clients are closed) and fire @releaseDomain."""
+        def action():
+            self._require_privilege("RELEASE")
+            self._store.release(domid)
+        self._run("RELEASE", None, None, 0, action)
+
+    def resume_domain(self, domid: int) -> None:
+        def action():
+            self._require_privilege("RESUME")
+            if not self._store.is_introduced(domid):
+                raise XenStoreError("ENOENT", f"domain {domid} not introduced")
+        self._run("RESUME", None, None, 0, action)
+
+    def set_target(self, domid: int, target: int) -> None:
+        """Let `domid` act on `target`'s nodes as if it were `target` (a device-model domain)."""
+        def action():
+            self._require_privilege("SET_TARGET")
+            self._store.set_target(domid, target)
+        self._run("SET_TARGET", None, None, 0, action)
+
+    def control(self, command: str, args: Sequence[str] = ()) -> str:
+        """The few CONTROL commands that make sense in a VMM: check, print, help."""
+        def action():
+            self._require_privilege("CONTROL")
+            if command == "check":
+                problems = self._store.check()
+                for problem in problems:
+                    log.error("xenstore check: %s", problem)
+                return "OK" if not problems else "\n".join(problems)
+            if command == "print":
+                log.info("xenstore: %s", " ".join(args))
+                return "OK"
+            if command == "help":
+                return "check\nprint <text>\nhelp\n"
+            raise XenStoreError("EINVAL", f"unknown control command {command!r}")
+        return self._run("CONTROL", None, command.encode("latin-1", "replace"), 0, action)
+
+    # -- lifetime ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop this client's watches and transactions and leave the store."""
+        if self.closed:
+            return
+        self._drop_all()
+        self.closed = True
+        self._store._forget(self)

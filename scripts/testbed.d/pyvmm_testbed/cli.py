@@ -1,0 +1,158 @@
+"""Command line of scripts/testbed (see docs/TESTBED.md)."""
+
+import argparse
+import os
+import sys
+import time
+
+from pyvmm_testbed import host, provision
+
+EXIT_TIMEOUT = 124
+EXIT_TESTBED_FAILED = 125
+EXIT_USAGE = 2
+DEFAULT_BOOT_TIMEOUT = 300
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        usage="%(prog)s [options] -- CMD [ARGS...]\n       %(prog)s --prepare\n       %(prog)s --check",
+        description="Run CMD inside an L1 Linux whose KVM can run Xen HVM guests "
+                    "(QEMU TCG, emulated AMD SVM). The host's root is visible read-only; "
+                    "the git top-level of the current directory and --rw paths are writable.",
+        epilog="Exit status: CMD's; 124 on --timeout; 125 if the testbed itself failed.")
+    parser.add_argument("--memory", type=int, default=4096, metavar="MiB",
+                        help="L1 memory (default %(default)s)")
+    parser.add_argument("--cpus", type=int, default=2, metavar="N",
+                        help="L1 vCPUs (default %(default)s)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="stop CMD after this long (counted from its start, not L1's boot); exit 124")
+    parser.add_argument("--rw", action="append", default=[], metavar="PATH",
+                        help="also make this host directory writable inside L1 (repeatable)")
+    parser.add_argument("--modules", default="", metavar="m1,m2",
+                        help="extra L1 kernel modules to load (with their dependencies)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show progress, the QEMU command and the L1 console on stderr")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prepare", action="store_true",
+                      help="install, download and build everything (refreshing the kernel); boot nothing")
+    mode.add_argument("--check", action="store_true",
+                      help="boot L1 and report its KVM's Xen capabilities; exit 0 if usable")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.command[:1] == ["--"]:
+        options.command = options.command[1:]
+    if options.prepare or options.check:
+        if options.command:
+            parser.error("--prepare and --check take no command")
+    elif not options.command:
+        parser.error("no command given (put it after --)")
+    if options.memory < 256:
+        parser.error("--memory must be at least 256 MiB")
+    if not 1 <= options.cpus <= 64:
+        parser.error("--cpus must be between 1 and 64")
+    if options.timeout is not None and options.timeout <= 0:
+        parser.error("--timeout must be positive")
+    for path in options.rw:
+        if not os.path.isdir(path):
+            parser.error("--rw %s: not an existing directory" % path)
+    options.modules = [name for name in options.modules.split(",") if name.strip()]
+    return options
+
+
+def say(message):
+    sys.stderr.write("testbed: %s\n" % message)
+    sys.stderr.flush()
+
+
+def fail(message, console_log=b""):
+    say(message)
+    tail = host.console_tail(console_log)
+    if tail:
+        sys.stderr.write("testbed: last lines of the L1 console:\n")
+        sys.stderr.write("".join("  | %s\n" % line for line in tail))
+    return EXIT_TESTBED_FAILED
+
+
+def boot_timeout():
+    try:
+        return float(os.environ.get("PYVMM_TESTBED_BOOT_TIMEOUT", DEFAULT_BOOT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_BOOT_TIMEOUT
+
+
+def build_job(options, writable):
+    cwd = os.getcwd()
+    plan = host.terminal_plan(*(os.isatty(fd) for fd in (0, 1, 2)))
+    size = host.terminal_size(0) if plan["stdin"] else None
+    if size:
+        plan["rows"], plan["cols"] = size
+    return {
+        "kind": "run",
+        "argv": options.command,
+        "env": host.job_environment(dict(os.environ, PWD=cwd), writable),
+        "cwd": cwd,
+        "tty": plan,
+        "mounts": [["rw%d" % index, path] for index, path in enumerate(writable)],
+        "tmp_size": "%dm" % (options.memory // 2),
+    }
+
+
+def report_check(result):
+    print("L1 kernel:        %s" % result.get("release"))
+    if "error" in result:
+        print("/dev/kvm:         %s" % result["error"])
+        return 1
+    bits = result.get("xen_hvm", 0)
+    print("KVM API version:  %s" % result.get("api_version"))
+    print("nested paging:    %s" % {True: "enabled", False: "disabled"}.get(result.get("nested_paging"), "unknown"))
+    print("KVM_CREATE_VM:    %s" % result.get("create_vm"))
+    print("KVM_CAP_XEN_HVM:  %#x %s" % (bits, " ".join(host.xen_flag_names(bits)) or "(none)"))
+    usable = host.xen_usable(bits) and result.get("create_vm") == "ok"
+    print("Xen HVM guests:   %s" % ("supported" if usable else
+                                    "NOT supported (need %s)" % "|".join(host.XEN_REQUIRED)))
+    return 0 if usable else 1
+
+
+def main(argv=None):
+    options = parse_arguments(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    host.install_signal_handlers()
+    provisioner = provision.Provisioner(provision.cache_directory(os.environ), say)
+    run = None
+    try:
+        artifacts = provisioner.ensure(refresh=options.prepare)
+        if options.prepare:
+            say("ready: %s, kernel %s, %s" % (artifacts.qemu, artifacts.kernel["release"],
+                                             artifacts.initramfs))
+            return 0
+        if options.check:
+            writable, job = [], {"kind": "check"}
+        else:
+            writable = host.writable_paths(os.getcwd(), options.rw)
+            job = build_job(options, writable)
+        job["modules"] = artifacts.extra_modules(options.modules)
+        job.setdefault("tmp_size", "%dm" % (options.memory // 2))
+        job.setdefault("mounts", [])
+        run = host.Run(artifacts, job, options.memory, options.cpus, writable, options.timeout,
+                       boot_timeout(), say, options.verbose)
+        status = run.execute()
+        if options.verbose:
+            now = time.monotonic()
+            say("L1 booted in %.1fs; command ran %.1fs; total %.1fs" % (
+                run.booted_at - run.t0, now - run.started_at if run.started_at else 0.0,
+                now - started))
+        if options.check:
+            return report_check(run.check_result)
+        return status
+    except (provision.ProvisionError, host.TestbedError, provision.build.BuildError) as error:
+        return fail(str(error), bytes(run.console_log) if run else b"")
+    except OSError as error:
+        return fail("%s" % error, bytes(run.console_log) if run else b"")
+    except host.TimedOut:
+        run.flush_outputs()
+        say("timed out: the command ran longer than %g s" % options.timeout)
+        return EXIT_TIMEOUT
+    except host.Interrupted as interrupt:
+        say("interrupted by signal %d; L1 stopped" % interrupt.signum)
+        return 128 + interrupt.signum

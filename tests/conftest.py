@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Guest tests skip where no suitable KVM exists, except where the caller
+    # demands that they run (scripts/test in the testbed): there a skip would
+    # hide a broken setup, so it is reported as a failure.
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("PYVMM_REQUIRE_GUEST") == "1" and item.get_closest_marker("guest") and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"guest test skipped although PYVMM_REQUIRE_GUEST=1: {report.longrepr}"

@@ -1,0 +1,67 @@
+"""Debian's cloud kernel boots on pyvmm without Xen (the foundation's acceptance tests).
+
+Each test boots the real kernel with the project's initramfs and a /test.sh
+of its own, and checks what a CI system would: the console and the status.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from initrd import GuestAssetsUnavailable, guest_assets, make_test_initrd
+from vmm import require_linux_kvm, run_pyvmm
+
+pytestmark = pytest.mark.guest
+
+CMDLINE = "console=ttyS0 panic=-1"
+BOOT_TIMEOUT = 900  # generous: in the nested testbed a boot takes tens of seconds
+
+
+@pytest.fixture(scope="module")
+def assets():
+    require_linux_kvm()
+    try:
+        return guest_assets()
+    except GuestAssetsUnavailable as error:
+        pytest.skip(str(error))
+
+
+def boot(assets, tmp_path, script: str, *extra: str, timeout: float = BOOT_TIMEOUT):
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script)
+    return run_pyvmm(
+        "run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd), "--append", CMDLINE, *extra,
+        timeout=timeout,
+    )
+
+
+def test_two_vcpus_boot_to_userspace_and_power_off(assets, tmp_path):
+    script = 'echo "cpus=$(grep -c ^processor /proc/cpuinfo)"\necho "pyvmm-test-marker-7f3a"\npoweroff -f\n'
+    result = boot(assets, tmp_path, script, "--vcpus", "2", "--no-reboot")
+    assert result.status == 0, result
+    assert "pyvmm-guest: init started" in result.stdout, result
+    assert "cpus=2" in result.stdout, result
+    assert "pyvmm-test-marker-7f3a" in result.stdout, result
+
+
+def test_reboot_under_no_reboot_gives_status_2(assets, tmp_path):
+    result = boot(assets, tmp_path, "echo rebooting-now\nreboot -f\n", "--no-reboot")
+    assert result.status == 2, result
+    assert "rebooting-now" in result.stdout, result
+
+
+def test_timeout_gives_status_124(assets, tmp_path):
+    result = boot(assets, tmp_path, "echo waiting-forever\nwhile :; do sleep 1; done\n", "--timeout", "20")
+    assert result.status == 124, result
+
+
+def test_expect_match_stops_the_guest_with_status_0(assets, tmp_path):
+    script = "echo expect-me-$((40 + 2))\nwhile :; do sleep 1; done\n"
+    result = boot(assets, tmp_path, script, "--expect", r"expect-me-42", "--timeout", "600")
+    assert result.status == 0, result
+    assert "expect-me-42" in result.stdout
+
+
+def test_guest_ending_without_expect_gives_status_5(assets, tmp_path):
+    result = boot(assets, tmp_path, "echo something-else\npoweroff -f\n", "--expect", "never-printed", "--no-reboot")
+    assert result.status == 5, result
+    assert "something-else" in result.stdout

@@ -1,0 +1,357 @@
+"""Unit tests for the pure parts of scripts/testbed (scripts/testbed.d/pyvmm_testbed)."""
+
+import json
+import lzma
+import os
+import socket
+import struct
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "testbed.d"))
+
+from pyvmm_testbed import agent, build, cli, host, provision, wire  # noqa: E402
+
+
+# -- wire ---------------------------------------------------------------------
+
+def test_frames_survive_any_split():
+    frames = [(wire.STDOUT, b"out"), (wire.STDERR, b""), (wire.EXIT, wire.I32.pack(-3)),
+              (wire.STDIN, bytes(range(256)) * 300)]
+    stream = b"".join(wire.encode(kind, payload) for kind, payload in frames)
+    for piece in (1, 2, 5, 7, 4096, len(stream)):
+        decoder = wire.Decoder()
+        received = []
+        for start in range(0, len(stream), piece):
+            received += decoder.feed(stream[start:start + piece])
+        assert received == frames
+        assert decoder.pending == 0
+
+
+def test_decoder_rejects_oversized_frame_announcement():
+    decoder = wire.Decoder(max_payload=10)
+    with pytest.raises(wire.ProtocolError):
+        decoder.feed(wire.HEADER.pack(wire.STDOUT, 11))
+
+
+def test_encode_rejects_oversized_payload():
+    with pytest.raises(wire.ProtocolError):
+        wire.encode(wire.JOB, b"x" * (wire.MAX_PAYLOAD + 1))
+
+
+def test_exit_status_follows_the_shell():
+    assert wire.exit_status(7 << 8) == 7
+    assert wire.exit_status(9) == 128 + 9       # killed by SIGKILL
+
+
+# -- kernel modules -------------------------------------------------------------
+
+def make_module_elf(modinfo):
+    """A minimal ELF64 LE relocatable with a .modinfo section holding `modinfo`."""
+    names = b"\0.modinfo\0.shstrtab\0"
+    body = b"\0".join(entry.encode() for entry in modinfo) + b"\0"
+    header_size, section_size = 64, 64
+    modinfo_offset = header_size
+    names_offset = modinfo_offset + len(body)
+    table_offset = names_offset + len(names)
+    elf = bytearray(b"\x7fELF" + bytes([2, 1, 1]) + bytes(9))
+    elf += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, table_offset, 0,
+                       header_size, 0, 0, section_size, 3, 2)
+    elf += body + names
+    elf += bytes(section_size)                                                 # null section
+    elf += struct.pack("<IIQQQQIIQQ", 1, 1, 0, 0, modinfo_offset, len(body), 0, 0, 1, 0)
+    elf += struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, names_offset, len(names), 0, 0, 1, 0)
+    return bytes(elf)
+
+
+def test_modinfo_depends_reads_the_depends_entry():
+    elf = make_module_elf(["license=GPL", "depends=kvm,ccp", "name=kvm_amd"])
+    assert build.modinfo_depends(elf) == ["kvm", "ccp"]
+    assert build.modinfo_depends(make_module_elf(["depends=", "name=irqbypass"])) == []
+    assert build.modinfo_depends(make_module_elf(["depends=nf-conntrack"])) == ["nf_conntrack"]
+
+
+def test_modinfo_depends_rejects_garbage():
+    with pytest.raises(build.BuildError):
+        build.modinfo_depends(b"not an elf file at all" * 4)
+    truncated = make_module_elf(["depends=kvm"])[:80]
+    with pytest.raises(build.BuildError):
+        build.modinfo_depends(truncated)
+
+
+def test_module_name_normalizes_like_the_kernel():
+    assert build.module_name("/x/kvm-amd.ko.xz") == "kvm_amd"
+    assert build.module_name("9pnet_virtio.ko") == "9pnet_virtio"
+    assert build.module_name("kvm-amd") == "kvm_amd"
+
+
+def test_load_order_puts_dependencies_first_and_once():
+    graph = {"kvm_amd": ["kvm", "ccp"], "kvm": ["irqbypass"], "ccp": [], "irqbypass": [],
+             "bridge": ["stp", "llc"], "stp": ["llc"], "llc": []}
+    order = build.load_order(["kvm-amd", "bridge", "kvm"], graph.__getitem__)
+    assert order == ["irqbypass", "kvm", "ccp", "kvm_amd", "llc", "stp", "bridge"]
+
+
+def test_load_order_reports_cycles():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"]}
+    with pytest.raises(build.BuildError, match="a -> b -> c -> a"):
+        build.load_order(["a"], graph.__getitem__)
+
+
+def test_module_tree_resolves_packaged_modules(tmp_path):
+    root = tmp_path / "6.12.0-test"
+    modules = {"kernel/arch/x86/kvm/kvm-amd.ko.xz": "kvm,ccp",
+               "kernel/arch/x86/kvm/kvm.ko.xz": "irqbypass",
+               "kernel/virt/lib/irqbypass.ko.xz": "",
+               "kernel/drivers/crypto/ccp/ccp.ko.xz": "",
+               "kernel/net/bridge/bridge.ko": "stp"}
+    for path, depends in modules.items():
+        elf = make_module_elf(["depends=" + depends])
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(lzma.compress(elf) if path.endswith(".xz") else elf)
+    (root / "modules.builtin").write_text("kernel/net/802/stp.ko\n")
+    tree = build.ModuleTree(str(root))
+    assert tree.resolve(["kvm_amd", "bridge"]) == ["irqbypass", "kvm", "ccp", "kvm_amd", "bridge"]
+    written = tree.materialize(["kvm"], str(tmp_path / "out"))
+    assert open(written[0], "rb").read() == make_module_elf(["depends=irqbypass"])
+    with pytest.raises(build.BuildError, match="does not exist"):
+        tree.resolve(["no_such_module"])
+
+
+# -- cpio -----------------------------------------------------------------------
+
+def read_newc(data):
+    """An independent reader for the newc format, to check the writer against."""
+    entries, offset = [], 0
+    while True:
+        assert data[offset:offset + 6] == b"070701"
+        fields = [int(data[offset + 6 + 8 * i: offset + 14 + 8 * i], 16) for i in range(13)]
+        name_size, file_size = fields[11], fields[6]
+        name_start = offset + 110
+        name = data[name_start:name_start + name_size - 1].decode()
+        assert data[name_start + name_size - 1] == 0
+        body_start = (name_start + name_size + 3) & ~3
+        body = data[body_start:body_start + file_size]
+        offset = (body_start + file_size + 3) & ~3
+        if name == "TRAILER!!!":
+            assert offset == len(data)
+            return entries
+        entries.append((name, fields[1], body, (fields[9], fields[10])))
+
+
+def test_cpio_writer_round_trips():
+    archive = build.Cpio()
+    archive.directory("bin")
+    archive.file("bin/busybox", b"\x7fELF" + b"x" * 13, 0o755)
+    archive.symlink("bin/sh", "busybox")
+    archive.char_device("dev/console", 5, 1)
+    archive.file("empty", b"")
+    entries = read_newc(archive.finish())
+    assert entries == [
+        ("bin", 0o040755, b"", (0, 0)),
+        ("bin/busybox", 0o100755, b"\x7fELF" + b"x" * 13, (0, 0)),
+        ("bin/sh", 0o120777, b"busybox", (0, 0)),
+        ("dev/console", 0o020600, b"", (5, 1)),
+        ("empty", 0o100644, b"", (0, 0)),
+    ]
+
+
+def test_initramfs_has_init_agent_and_modules_in_order(tmp_path):
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"BB")
+    init = tmp_path / "init.sh"
+    init.write_bytes(b"#!/bin/busybox sh\n")
+    agent_file = tmp_path / "agent.py"
+    agent_file.write_bytes(b"pass\n")
+    image = build.build_initramfs(str(busybox), str(init), [str(agent_file)],
+                                  [("kvm", b"K"), ("kvm_amd", b"A")])
+    entries = {name: (mode, body) for name, mode, body, _ in read_newc(image)}
+    assert entries["init"] == (0o100755, b"#!/bin/busybox sh\n")
+    assert entries["testbed/pyvmm_testbed/agent.py"][1] == b"pass\n"
+    assert entries["lib/modules/kvm_amd.ko"][1] == b"A"
+    assert entries["etc/testbed-modules"][1] == b"kvm\nkvm_amd\n"
+
+
+def test_initramfs_key_changes_with_every_input(tmp_path):
+    script = tmp_path / "init.sh"
+    script.write_text("one")
+    base = build.initramfs_key("6.12.1-1", "1:1.35", ["kvm"], [str(script)])
+    assert base == build.initramfs_key("6.12.1-1", "1:1.35", ["kvm"], [str(script)])
+    assert base != build.initramfs_key("6.12.2-1", "1:1.35", ["kvm"], [str(script)])
+    assert base != build.initramfs_key("6.12.1-1", "1:1.36", ["kvm"], [str(script)])
+    assert base != build.initramfs_key("6.12.1-1", "1:1.35", ["kvm", "tun"], [str(script)])
+    script.write_text("two")
+    assert base != build.initramfs_key("6.12.1-1", "1:1.35", ["kvm"], [str(script)])
+
+
+# -- provisioning -----------------------------------------------------------------
+
+def test_cache_directory_precedence():
+    assert provision.cache_directory({"PYVMM_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == "/c/testbed"
+    assert provision.cache_directory({"XDG_CACHE_HOME": "/x", "HOME": "/h"}) == "/x/pyvmm/testbed"
+    assert provision.cache_directory({"HOME": "/h"}) == "/h/.cache/pyvmm/testbed"
+
+
+def test_debian_mirror_from_deb822_and_one_line_sources():
+    deb822 = ("Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+              "Components: main\n\nTypes: deb\n# a comment\nURIs: http://mirror.example/debian/\n"
+              "Suites: bookworm bookworm-updates\nComponents: main\n")
+    assert provision.debian_mirror([deb822]) == "http://mirror.example/debian"
+    disabled = "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n"
+    assert provision.debian_mirror([disabled]) == provision.DEFAULT_MIRROR
+    one_line = ("# deb http://commented.example/debian bookworm main\n"
+                "deb [arch=amd64 signed-by=/k.gpg] http://one.example/debian bookworm main\n")
+    assert provision.debian_mirror([one_line]) == "http://one.example/debian"
+    assert provision.debian_mirror([]) == provision.DEFAULT_MIRROR
+
+
+def test_package_metadata_parsing():
+    assert provision.parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2)") == (10, 0)
+    assert provision.parse_qemu_version("QEMU emulator version 7.2.19") == (7, 2)
+    assert provision.parse_qemu_version("nonsense") is None
+    assert provision.parse_depends("linux-image-6.12.1+deb13-amd64 (= 6.12.1-1), a | b, c:any") == [
+        "linux-image-6.12.1+deb13-amd64", "a", "c"]
+    fields = provision.control_fields("Package: x\nVersion: 1:2-3\nDescription: d\n more\n\nPackage: y\n")
+    assert fields == {"Package": "x", "Version": "1:2-3", "Description": "d"}
+    assert provision.deb_filename_prefix("busybox-static", "1:1.35.0-4") == "busybox-static_1%3a1.35.0-4_"
+
+
+# -- host side ----------------------------------------------------------------------
+
+def test_git_toplevel_and_writable_paths(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "sub" / "deeper").mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert host.git_toplevel(str(repo / "sub" / "deeper")) == str(repo)
+    assert host.git_toplevel(str(other)) is None
+    assert host.writable_paths(str(repo / "sub"), [str(other), str(repo)]) == [
+        os.path.realpath(repo), os.path.realpath(other)]
+    assert host.writable_paths(str(other), []) == [os.path.realpath(other)]
+    assert host.writable_paths("/", []) == []
+
+
+def test_job_environment_drops_session_variables():
+    env = host.job_environment({"PATH": "/bin", "DISPLAY": ":0", "SSH_AUTH_SOCK": "/run/x",
+                                "XDG_RUNTIME_DIR": "/run/user/0", "TERM": "xterm",
+                                "TMPDIR": "/tmp"}, ["/work"])
+    assert env == {"PATH": "/bin", "TERM": "xterm", "TMPDIR": "/tmp"}
+    assert "TMPDIR" not in host.job_environment({"TMPDIR": "/var/tmp/me"}, ["/work"])
+    assert host.job_environment({"TMPDIR": "/work/tmp"}, ["/work"]) == {"TMPDIR": "/work/tmp"}
+    assert "TMPDIR" not in host.job_environment({"TMPDIR": "/workshop"}, ["/work"])
+
+
+def test_terminal_plan_follows_stdin():
+    assert host.terminal_plan(False, True, True) == {"stdin": False, "stdout": False, "stderr": False}
+    assert host.terminal_plan(True, True, False) == {"stdin": True, "stdout": True, "stderr": False}
+
+
+def test_qemu_command_escapes_and_exports():
+    command = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6,
+                                ["/work/a,b", "/data"])
+    assert "local,id=rw0,path=/work/a,,b,security_model=none" in command
+    assert "virtio-9p-pci,fsdev=rw1,mount_tag=rw1" in command
+    assert command[command.index("-m") + 1] == "1024"
+    assert "socket,id=agent,fd=6" in command
+    assert command[command.index("-append") + 1].endswith("pyvmm.python=/usr/bin/python3")
+    with pytest.raises(host.TestbedError):
+        host.kernel_command_line("/opt/my python/bin/python3")
+
+
+def test_xen_capability_decoding():
+    assert host.xen_flag_names(0x1ff)[-1] == "SHARED_INFO_HVA"
+    assert host.xen_flag_names(0b110) == ["INTERCEPT_HCALL", "SHARED_INFO"]
+    assert host.xen_flag_names(1 << 12) == ["unknown 0x1000"]
+    assert host.xen_usable(0b110)
+    assert not host.xen_usable(0b010)
+    assert not host.xen_usable(0)
+
+
+def test_console_helpers():
+    log = b"[ 1.0] boot\r\nPYVMM-TESTBED-FATAL: /dev/kvm is missing\r\n[ 2.0] reboot: Power down\r\n"
+    assert host.fatal_reason(log) == "/dev/kvm is missing"
+    assert host.fatal_reason(b"all fine\n") is None
+    assert host.console_tail(log, 2) == ["PYVMM-TESTBED-FATAL: /dev/kvm is missing",
+                                         "[ 2.0] reboot: Power down"]
+
+
+# -- command line ---------------------------------------------------------------------
+
+def test_arguments(tmp_path):
+    options = cli.parse_arguments(["--memory", "2048", "--rw", str(tmp_path), "--modules",
+                                   "vhost_net,dummy", "--", "python3", "--version"])
+    assert options.command == ["python3", "--version"]
+    assert options.memory == 2048 and options.cpus == 2
+    assert options.modules == ["vhost_net", "dummy"]
+    assert cli.parse_arguments(["--check"]).check
+
+
+@pytest.mark.parametrize("argv", [[], ["--check", "--", "true"], ["--prepare", "--check"],
+                                  ["--rw", "/no/such/dir", "--", "true"], ["--cpus", "0", "--", "true"],
+                                  ["--timeout", "-1", "--", "true"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_arguments(argv)
+    assert exit_info.value.code == 2
+
+
+# -- the agent's relay, run on the host with a socketpair as the channel ----------------
+
+def run_agent_job(argv, stdin=b"", env=None):
+    ours, theirs = socket.socketpair()
+    job = {"argv": argv, "env": env or {"PATH": os.environ["PATH"]}, "cwd": "/",
+           "tty": host.terminal_plan(False, False, False)}
+    channel = agent.Channel(theirs.fileno())
+    command = agent.Command(job)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(status=agent.serve(channel, command)))
+    thread.start()
+    ours.sendall(wire.encode(wire.STDIN, stdin) + wire.encode(wire.STDIN_EOF))
+    thread.join(timeout=30)
+    theirs.close()
+    decoder = wire.Decoder()
+    frames = []
+    while True:
+        data = ours.recv(65536)
+        if not data:
+            break
+        frames += decoder.feed(data)
+    ours.close()
+    return result["status"], frames
+
+
+def joined(frames, kind):
+    return b"".join(payload for frame_kind, payload in frames if frame_kind == kind)
+
+
+def test_agent_relays_streams_separately_and_reports_status():
+    status, frames = run_agent_job(["sh", "-c", "cat; echo err >&2; exit 7"], stdin=b"in\n")
+    assert status == 7
+    assert joined(frames, wire.STDOUT) == b"in\n"
+    assert joined(frames, wire.STDERR) == b"err\n"
+    assert sum(wire.U32.unpack(p)[0] for k, p in frames if k == wire.STDIN_ACK) == 3
+
+
+def test_agent_passes_the_environment_and_signal_status():
+    status, frames = run_agent_job(["sh", "-c", 'printf %s "$GREETING"; kill -TERM $$'],
+                                   env={"PATH": os.environ["PATH"], "GREETING": "hi there"})
+    assert joined(frames, wire.STDOUT) == b"hi there"
+    assert status == 128 + 15
+
+
+def test_agent_reports_missing_programs_like_a_shell():
+    with pytest.raises(agent.SpawnError) as error:
+        agent.Command({"argv": ["/no/such/program"], "env": {}, "cwd": "/",
+                       "tty": host.terminal_plan(False, False, False)})
+    assert error.value.status == 127
+    assert "No such file" in error.value.message()
+
+
+def test_job_is_json_serializable(tmp_path):
+    options = cli.parse_arguments(["--", "echo", "\udcff"])
+    job = cli.build_job(options, [str(tmp_path)])
+    assert json.loads(json.dumps(job))["argv"] == ["echo", "\udcff"]

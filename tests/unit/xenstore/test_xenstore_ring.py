@@ -1,0 +1,309 @@
+"""The shared ring page: indices, wraparound, broken rings, back-pressure, reconnection."""
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyvmm.xen.xenstore import Op, RingServer, XenStore, create_domain_nodes
+from pyvmm.xen.xenstore.protocol import PAYLOAD_MAX, encode_message, iter_messages
+from pyvmm.xen.xenstore.ring import (
+    CONNECTION,
+    ERROR,
+    FEATURE_ERROR,
+    FEATURE_RECONNECTION,
+    RECONNECT,
+    REQ_CONS,
+    REQ_PROD,
+    RING_SIZE,
+    RSP_CONS,
+    RSP_OFFSET,
+    RSP_PROD,
+    SERVER_FEATURES,
+)
+
+
+class Guest:
+    """The guest's half of the ring, as a Linux xenbus driver would drive it."""
+
+    def __init__(self, page: memoryview):
+        self.page = page
+        self.received = b""
+
+    def u32(self, offset):
+        return struct.unpack_from("<I", self.page, offset)[0]
+
+    def set_u32(self, offset, value):
+        struct.pack_into("<I", self.page, offset, value & 0xFFFFFFFF)
+
+    def send(self, data: bytes) -> int:
+        """Write as much of data as fits; returns how much."""
+        prod, cons = self.u32(REQ_PROD), self.u32(REQ_CONS)
+        room = RING_SIZE - ((prod - cons) & 0xFFFFFFFF)
+        chunk = data[:room]
+        for i, byte in enumerate(chunk):
+            self.page[(prod + i) % RING_SIZE] = byte
+        self.set_u32(REQ_PROD, prod + len(chunk))
+        return len(chunk)
+
+    def receive(self) -> bytes:
+        cons, prod = self.u32(RSP_CONS), self.u32(RSP_PROD)
+        length = (prod - cons) & 0xFFFFFFFF
+        assert length <= RING_SIZE
+        data = bytes(self.page[RSP_OFFSET + (cons + i) % RING_SIZE] for i in range(length))
+        self.set_u32(RSP_CONS, cons + length)
+        self.received += data
+        return data
+
+    def messages(self):
+        return [(h.type, h.req_id, p) for h, p in iter_messages(self.received)]
+
+
+def make(start_index=0, **options):
+    store = XenStore()
+    create_domain_nodes(store, 1, "guest", 1, 0xFEFF9, 2, 0xFEFF8)
+    page = memoryview(bytearray(4096))
+    guest = Guest(page)
+    for offset in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):
+        guest.set_u32(offset, start_index)
+    connection = store.connect(1)
+    server = RingServer(page, connection, **options)
+    return store, guest, server
+
+
+def request(op, payload, req_id=1, tx_id=0):
+    return encode_message(op, req_id, tx_id, payload)
+
+
+def test_features_advertised_and_page_checked():
+    _, guest, _ = make()
+    assert guest.u32(SERVER_FEATURES) & (FEATURE_RECONNECTION | FEATURE_ERROR) == 3
+    store = XenStore()
+    with pytest.raises(ValueError):
+        RingServer(memoryview(bytes(4096)), store.connect(1))
+    with pytest.raises(ValueError):
+        RingServer(memoryview(bytearray(100)), store.connect(1))
+
+
+def test_request_and_reply_round_trip():
+    _, guest, server = make()
+    guest.send(request(Op.READ, b"name\0", req_id=42))
+    assert server.process() is True
+    guest.receive()
+    assert guest.messages() == [(Op.READ, 42, b"guest")]
+    assert server.process() is False  # nothing more to do
+
+
+def test_indices_wrap_around_2_to_the_32():
+    _, guest, server = make(start_index=0xFFFFFFFF - 20)
+    for i in range(40):
+        guest.send(request(Op.READ, b"domid\0", req_id=i))
+        server.process()
+        guest.receive()
+    assert [m[1] for m in guest.messages()] == list(range(40))
+    assert guest.u32(REQ_CONS) < 0x1000  # it really wrapped
+
+
+def test_messages_split_across_the_ring_edge():
+    _, guest, server = make(start_index=RING_SIZE - 7)
+    guest.send(request(Op.WRITE, b"data/k\0" + b"v" * 100))
+    server.process()
+    guest.receive()
+    guest.send(request(Op.READ, b"data/k\0", req_id=2))
+    server.process()
+    guest.receive()
+    assert guest.messages()[-1] == (Op.READ, 2, b"v" * 100)
+
+
+def test_partial_message_is_kept_until_complete():
+    _, guest, server = make()
+    whole = request(Op.READ, b"domid\0")
+    guest.send(whole[:10])
+    assert server.process() is True  # consumed bytes: the guest may send more
+    assert guest.receive() == b""
+    guest.send(whole[10:])
+    server.process()
+    guest.receive()
+    assert guest.messages() == [(Op.READ, 1, b"1")]
+
+
+def test_large_request_streams_through_the_small_ring():
+    _, guest, server = make()
+    value = bytes(range(256)) * 8  # the largest value a guest may store
+    stream = request(Op.WRITE, b"data/big\0" + value) + request(Op.READ, b"data/big\0", req_id=2)
+    while stream:
+        stream = stream[guest.send(stream):]
+        server.process()
+        guest.receive()
+    for _ in range(10):
+        server.process()
+        guest.receive()
+    assert guest.messages() == [(Op.WRITE, 1, b"OK\0"), (Op.READ, 2, value)]
+
+
+def test_replies_wait_for_room_back_pressure():
+    store, guest, server = make()
+    store.client(0).write("/local/domain/1/data/big", b"x" * 900)
+    for i in range(3):
+        guest.send(request(Op.READ, b"data/big\0", req_id=i))
+    server.process()
+    assert guest.u32(RSP_PROD) - guest.u32(RSP_CONS) == RING_SIZE  # ring full, rest kept back
+    assert server.connection.pending_output() == 3 * (16 + 900) - RING_SIZE
+    while server.connection.pending_output():
+        guest.receive()
+        server.process()
+    guest.receive()
+    assert [(m[1], len(m[2])) for m in guest.messages()] == [(0, 900), (1, 900), (2, 900)]
+
+
+def test_stops_reading_while_guest_does_not_consume():
+    _, guest, server = make()
+    stream = b"".join(request(Op.DIRECTORY, b"/local/domain/1\0", req_id=i) for i in range(200))
+    sent = 0
+    for _ in range(50):
+        sent += guest.send(stream[sent:])
+        server.process()
+    # The guest never read a reply: the server must stop consuming requests.
+    assert sent < len(stream)
+    assert server.connection.pending_output() < 3 * (16 + PAYLOAD_MAX)
+
+
+def test_budget_bounds_work_per_call():
+    _, guest, server = make(budget=64)
+    stream = b"".join(request(Op.READ, b"domid\0", req_id=i) for i in range(40))
+    assert guest.send(stream) == len(stream)
+    server.process()
+    assert guest.u32(REQ_CONS) == 64
+    assert server.work_pending
+    calls = 1
+    while server.work_pending:
+        server.process()
+        guest.receive()
+        calls += 1
+    guest.receive()
+    assert calls == -(-len(stream) // 64)
+    assert [m[1] for m in guest.messages()] == list(range(40))
+
+
+@pytest.mark.parametrize("offset,value", [(REQ_PROD, RING_SIZE + 1), (REQ_PROD, 0x80000000),
+                                          (RSP_CONS, 5)])
+def test_broken_indices_stop_the_ring(offset, value):
+    _, guest, server = make()
+    if offset == RSP_CONS:  # consumer ahead of the producer: distance wraps huge
+        guest.set_u32(RSP_PROD, 0)
+    guest.set_u32(offset, value)
+    assert server.process() is True
+    assert guest.u32(ERROR) == 2
+    # Stopped for good: fixing the index alone does not restart it.
+    guest.set_u32(REQ_PROD, guest.u32(REQ_CONS))
+    guest.set_u32(RSP_CONS, guest.u32(RSP_PROD))
+    guest.send(request(Op.READ, b"domid\0"))
+    assert server.process() is False
+    assert guest.receive() == b""
+
+
+def test_guest_scribbling_server_indices_is_ignored():
+    _, guest, server = make()
+    guest.send(request(Op.READ, b"domid\0"))
+    server.process()
+    guest.set_u32(REQ_CONS, 0)  # tries to make the server re-read the request
+    server.process()
+    guest.receive()
+    assert guest.messages() == [(Op.READ, 1, b"1")]
+
+
+def test_oversized_length_sets_protocol_error():
+    _, guest, server = make()
+    guest.send(struct.pack("<IIII", Op.READ, 1, 0, PAYLOAD_MAX + 1))
+    assert server.process() is True
+    assert guest.u32(ERROR) == 3
+
+
+def test_reconnect_resets_everything():
+    store, guest, server = make(start_index=500)
+    guest.send(request(Op.WATCH, b"data\0t\0"))
+    guest.send(request(Op.TRANSACTION_START, b"\0", req_id=2))
+    guest.send(request(Op.READ, b"domid\0")[:9])  # a partial packet
+    server.process()
+    assert server.connection.client.watches
+    guest.set_u32(REQ_PROD, 0xDEAD)  # garbage: the guest ignores indices now
+    guest.set_u32(ERROR, 0)
+    guest.set_u32(CONNECTION, RECONNECT)
+    assert server.process() is True
+    assert guest.u32(CONNECTION) == 0
+    assert [guest.u32(o) for o in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD)] == [0, 0, 0, 0]
+    assert not server.connection.client.watches
+    assert not server.connection.client.has_transaction(1)
+    guest.received = b""
+    guest.send(request(Op.READ, b"domid\0", req_id=9))
+    server.process()
+    guest.receive()
+    assert guest.messages() == [(Op.READ, 9, b"1")]
+
+
+def test_reconnect_recovers_a_broken_ring():
+    _, guest, server = make()
+    guest.set_u32(REQ_PROD, 5000)
+    server.process()
+    assert guest.u32(ERROR) == 2
+    guest.set_u32(CONNECTION, RECONNECT)
+    server.process()
+    assert guest.u32(ERROR) == 0
+    guest.send(request(Op.READ, b"domid\0"))
+    server.process()
+    guest.receive()
+    assert guest.messages() == [(Op.READ, 1, b"1")]
+
+
+def test_watch_events_from_dom0_reach_the_ring():
+    store, guest, server = make()
+    notified = []
+    server.connection.output_listener = lambda: notified.append(True)
+    guest.send(request(Op.WATCH, b"control/shutdown\0sd\0"))
+    server.process()
+    guest.receive()
+    store.client(0).write("/local/domain/1/control/shutdown", "poweroff")
+    assert notified
+    assert server.process() is True
+    guest.receive()
+    assert guest.messages()[-1] == (Op.WATCH_EVENT, 0, b"control/shutdown\0sd\0")
+
+
+def test_listener_reentering_process_is_harmless():
+    store, guest, server = make()
+    server.connection.output_listener = lambda: server.process()
+    guest.send(request(Op.WATCH, b"data\0t\0"))
+    server.process()
+    store.client(0).write("/local/domain/1/data/x", "1")
+    server.process()
+    guest.receive()
+    assert [m[0] for m in guest.messages()] == [Op.WATCH, Op.WATCH_EVENT, Op.WATCH_EVENT]
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=30),
+       st.lists(st.integers(1, 1024), min_size=1, max_size=30),
+       st.integers(0, 0xFFFFFFFF))
+@settings(max_examples=60, deadline=None)
+def test_any_interleaving_delivers_every_reply_in_order(send_sizes, receive_sizes, start):
+    _, guest, server = make(start_index=start)
+    requests = [request(Op.WRITE, b"data/k\0" + bytes([i]) * (i * 7 % 200), req_id=i)
+                for i in range(12)]
+    stream = b"".join(requests)
+    sent = 0
+    step = 0
+    while True:
+        size = send_sizes[step % len(send_sizes)]
+        sent += guest.send(stream[sent:sent + size])
+        server.process()
+        cons, prod = guest.u32(RSP_CONS), guest.u32(RSP_PROD)
+        take = min((prod - cons) & 0xFFFFFFFF, receive_sizes[step % len(receive_sizes)])
+        data = bytes(guest.page[RSP_OFFSET + (cons + i) % RING_SIZE] for i in range(take))
+        guest.set_u32(RSP_CONS, cons + take)
+        guest.received += data
+        step += 1
+        if sent == len(stream) and not server.connection.pending_output() and \
+                guest.u32(RSP_CONS) == guest.u32(RSP_PROD):
+            break
+        assert step < 10000
+    assert [(m[1], m[2]) for m in guest.messages()] == [(i, b"OK\0") for i in range(12)]
