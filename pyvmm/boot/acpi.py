@@ -111,7 +111,9 @@ def fadt(facs_address: int, dsdt_address: int) -> bytes:
     def put(offset: int, fmt: str, *values) -> None:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
-    put(36, "<II", facs_address, dsdt_address)
+    # The FACS only through X_FIRMWARE_CTRL: with both pointers set, Linux
+    # installs the same FACS twice. Both DSDT pointers agree, which is allowed.
+    put(36, "<II", 0, dsdt_address)
     put(46, "<H", layout.ACPI_SCI_IRQ)
     put(48, "<I", 0)  # SMI_CMD 0: ACPI is always enabled, no mode switch
     put(56, "<I", layout.ACPI_PM1A_EVT_BLK)

@@ -51,7 +51,7 @@ def test_pointers(tables):
     assert list(struct.unpack_from("<2Q", xsdt, 36)) == [tables[b"FACP"][0], tables[b"APIC"][0]]
     fadt = tables[b"FACP"][1]
     facs, dsdt = tables[b"FACS"][0], tables[b"DSDT"][0]
-    assert struct.unpack_from("<II", fadt, 36) == (facs, dsdt)
+    assert struct.unpack_from("<II", fadt, 36) == (0, dsdt)  # FIRMWARE_CTRL unused
     assert struct.unpack_from("<QQ", fadt, 132) == (facs, dsdt)
 
 
