@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, SerialSpec, VmConfig, parse_size
+from .config import ConfigError, SerialSpec, VmConfig, parse_size, parse_xen_version
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -84,8 +84,13 @@ def main() -> None:
 @click.option("--timeout", type=float, help="Stop the guest after SECONDS (status 124).")
 @click.option("--expect", type=_Regex(), help="Stop with status 0 once the console prints REGEX (5 if it never does).")
 @click.option("--xen/--no-xen", default=False, show_default=True, help="Emulate Xen for the guest.")
+@click.option("--xen-version", default="4.17", show_default=True, help="Xen version the guest sees.")
+@click.option("--xen-accel/--no-xen-accel", default=True, show_default=True,
+              help="Use KVM's in-kernel event-channel paths where the host has them.")
+@click.option("--name", default="pyvmm", show_default=True, help="The guest's name (in xenstore).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, verbose) -> None:
+def run(kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version, xen_accel,
+        name, verbose) -> None:
     """Boot a guest kernel."""
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
@@ -104,12 +109,11 @@ def run(kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expe
             timeout=timeout,
             expect=expect,
             xen=xen,
+            xen_version=parse_xen_version(xen_version),
+            xen_accel=xen_accel,
+            name=name,
         )
         config.validate()
-        if xen:
-            raise ConfigError(
-                "--xen: Xen HVM emulation is not part of this version yet; boot with --no-xen"
-            )
         from .runner import run_vm
 
         status = run_vm(config)

@@ -42,6 +42,9 @@ class VmConfig:
     timeout: float | None = None
     expect: re.Pattern[bytes] | None = None
     xen: bool = False
+    xen_version: int = (4 << 16) | 17
+    xen_accel: bool = True  # use KVM's in-kernel event-channel paths when present
+    name: str = "pyvmm"
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -57,6 +60,14 @@ class VmConfig:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+
+
+def parse_xen_version(text: str) -> int:
+    """'4.17' -> (4 << 16) | 17, as Xen's XENVER_version reports it."""
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
+    if not match or int(match.group(1)) > 0xFFFF or int(match.group(2)) > 0xFFFF:
+        raise ConfigError(f"--xen-version {text!r}: expected MAJOR.MINOR, e.g. 4.17")
+    return (int(match.group(1)) << 16) | int(match.group(2))
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)

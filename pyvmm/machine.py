@@ -10,6 +10,7 @@ console input, device timers and stop requests.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import sys
@@ -51,13 +52,22 @@ class Machine:
         self.vm.set_gsi_routing(pc_irqchip_routes())
         self.vm.create_pit2()
 
-        self.memory = GuestMemory(layout.ram_ranges(config.memory))
+        ranges = layout.ram_ranges(config.memory)
+        if config.xen:
+            # Xen's special pages (console and xenstore rings): memory the
+            # guest can map, reserved in its E820 map.
+            ranges.append((layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE))
+        self.memory = GuestMemory(ranges)
         map_guest_memory(self.vm.memslots, self.memory)
 
         self.pio = Bus("port I/O", 1 << 16)
         self.mmio = Bus("MMIO", 1 << 64)
         self.platform = Platform(self, console)
-        self.exit_handler = ExitHandler(self.pio, self.mmio)
+        self.xen = None
+        if config.xen:
+            from .xen.domain import XenDomain
+
+            self.xen = XenDomain(self)
 
         e820 = build_e820(config.memory)
         rsdp = build_acpi(self.memory, config.vcpus)
@@ -66,6 +76,10 @@ class Machine:
         )
         self._threads: list[threading.Thread] = []
         self._vcpus: list = [None] * config.vcpus
+        # Work that must run on a given vCPU's own thread (KVM serialises
+        # vCPU ioctls with KVM_RUN, so another thread would block on it).
+        self._vcpu_work: list[collections.deque] = [collections.deque() for _ in range(config.vcpus)]
+        self._vcpu_of_thread: dict[int, int] = {}
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
 
@@ -96,6 +110,8 @@ class Machine:
             if deadline is not None:
                 self.loop.call_later(max(0.0, deadline - time.monotonic()), lambda: self.request_stop(StopReason.TIMEOUT))
             self.platform.start(self.loop)
+            if self.xen is not None:
+                self.xen.start()
             with self._console_input():
                 self.loop.run()
         finally:
@@ -108,7 +124,13 @@ class Machine:
     def _vcpu_thread(self, index: int) -> None:
         try:
             vcpu = self.vm.create_vcpu(index)
-            configure_vcpu(self.kvm, vcpu, index, self.config.vcpus)
+            self._vcpu_of_thread[threading.get_ident()] = index
+            if self.xen is not None:
+                configure_vcpu(self.kvm, vcpu, index, self.config.vcpus,
+                               hypervisor_leaves=self.xen.cpuid_leaves(index), kvm_base=None)
+                self.xen.configure_vcpu(vcpu, index)
+            else:
+                configure_vcpu(self.kvm, vcpu, index, self.config.vcpus)
             if index == 0:
                 apply_boot_state(vcpu, self.boot_state)
             self._vcpus[index] = vcpu
@@ -117,15 +139,55 @@ class Machine:
             self._ready.wait()
             return
         self._ready.wait()
-        handle = self.exit_handler.handle
+        hypercall = None
+        if self.xen is not None:
+            xen = self.xen
+            hypercall = lambda exit: xen.hypercall(exit, index, vcpu)  # noqa: E731
+        handle = ExitHandler(self.pio, self.mmio, hypercall).handle
+        work = self._vcpu_work[index]
         try:
             while self.stop_reason is None:
+                while work:
+                    work.popleft()()
                 reason = handle(vcpu.run())
                 if reason is not None:
                     self.request_stop(reason)
         except Exception:
             log.exception("vCPU %d failed", index)
             self.request_stop(StopReason.ERROR)
+
+    def current_vcpu(self) -> int | None:
+        """The index of the vCPU whose thread is calling, if any."""
+        return self._vcpu_of_thread.get(threading.get_ident())
+
+    def run_on_vcpu(self, index: int, function, timeout: float = 10.0):
+        """Run `function(vcpu)` on vCPU `index`'s thread and return its result."""
+        vcpu = self._vcpus[index]
+        if self.current_vcpu() == index:
+            return function(vcpu)
+        done = threading.Event()
+        outcome: list = []
+
+        def job():
+            try:
+                outcome.append((True, function(vcpu)))
+            except BaseException as error:  # handed to the caller
+                outcome.append((False, error))
+            done.set()
+
+        self._vcpu_work[index].append(job)
+        vcpu.kick()
+        if not done.wait(timeout):
+            raise TimeoutError(f"vCPU {index} did not run queued work within {timeout}s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def kick_vcpu(self, index: int) -> None:
+        vcpu = self._vcpus[index]
+        if vcpu is not None:
+            vcpu.kick()
 
     def _join(self) -> None:
         for thread in self._threads:
@@ -146,6 +208,8 @@ class Machine:
         return RawTerminal(fd)
 
     def close(self) -> None:
+        if self.xen is not None:
+            self.xen.close()
         self.platform.close()
         self.loop.close()
         if not self._vcpus_stopped():

@@ -42,8 +42,16 @@ def run_vm(config: VmConfig) -> int:
 
     def on_signal(signum, frame):
         stop_signal.append(signum)
-        if machine_holder:
-            machine_holder[0].request_stop(StopReason.QUIT)
+        if not machine_holder:
+            return
+        machine = machine_holder[0]
+        if signum == signal.SIGTERM and machine.xen is not None and len(stop_signal) == 1:
+            # First SIGTERM: ask the guest to power off in order, as
+            # `xl shutdown` does; a second one (or --timeout) stops it hard.
+            log.info("SIGTERM: asking the guest to power off (again to stop it at once)")
+            machine.xen.request_guest_shutdown("poweroff")
+            return
+        machine.request_stop(StopReason.QUIT)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     if not (config.serial.kind == "stdio" and sys.stdin.isatty()):
@@ -66,7 +74,7 @@ def run_vm(config: VmConfig) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         console.close()
-    if stop_signal:
+    if stop_signal and not (len(stop_signal) == 1 and reason is StopReason.POWEROFF):
         return 128 + stop_signal[0]
     if reason is StopReason.QUIT:
         return EXIT_ESCAPE
@@ -86,6 +94,10 @@ def _open_serial_output(config: VmConfig):
 def describe_failure(error: BaseException) -> str | None:
     """A one-line message for failures a user can act on; None for bugs."""
     if isinstance(error, KvmUnavailable):
+        return str(error)
+    from .xen.kvm_xen import XenUnavailable
+
+    if isinstance(error, XenUnavailable):
         return str(error)
     if isinstance(error, BootError):
         return f"cannot boot the kernel: {error}"

@@ -71,3 +71,15 @@ def test_bad_command_lines_fail_with_one_clear_line(pvh_kernels, tmp_path, args,
     assert result.status == 1, result
     assert message in result.stderr, result
     assert "Traceback" not in result.stderr, result
+
+
+def test_xen_on_a_host_without_kvm_xen_names_what_is_missing(pvh_kernels):
+    from pyvmm.hostcheck import probe
+
+    if probe().can_run_xen:
+        pytest.skip("this host's KVM supports Xen")
+    result = run_pyvmm("run", "--xen", "--kernel", str(pvh_kernels["elf64"]), timeout=60)
+    assert result.status == 1, result
+    assert "KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL" in result.stderr, result
+    assert "scripts/testbed" in result.stderr, result
+    assert "Traceback" not in result.stderr, result

@@ -1,0 +1,567 @@
+"""The Xen HVM domain a guest sees: everything pyvmm emulates of Xen, wired together.
+
+One XenDomain per boot. It enables KVM's Xen support, owns the subsystems
+(event channels, grant table, xenstore, PV console, xen-platform device),
+and implements the operations the hypercall dispatcher calls. The guest is
+domain 1; the VMM plays domain 0 for every backend.
+
+Threads: hypercalls arrive on vCPU threads; backends, the xenstore and
+timers run on the event thread. KVM only accepts a vCPU's ioctls from the
+thread running it, so per-vCPU attributes go through Machine.run_on_vcpu.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import uuid
+from typing import TYPE_CHECKING
+
+from .. import layout
+from ..exit_handler import StopReason
+from ..kvm import CpuidEntry, uapi
+from ..kvm.cpuid import signature_leaf
+from ..devices.xen_platform import XenPlatformDevice
+from . import abi, kvm_xen
+from .console import PvConsole
+from .errors import EINVAL, EPERM, ETIMEDOUT, XenError
+from .evtchn import EventChannels
+from .gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTable
+from .guest_access import GuestAccess
+from .hypercalls import HypercallDispatcher
+from .kvm_xen import KernelEvtchn, XenFeatures
+from .xenstore import Access, Permission, RingServer, XenStore
+from .xenstore.domain import create_domain_nodes
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+log = logging.getLogger(__name__)
+
+GUEST_DOMID = 1
+XEN_CPUID_BASE = 0x40000000
+XEN_SIGNATURE = b"XenVMMXenVMM"
+# CPUID base+4 EAX: the vCPU id is in EBX; per-vCPU upcall vectors work.
+XEN_HVM_CPUID_VCPU_ID_PRESENT = 1 << 3
+XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
+VCPU_INFO_SIZE = 64
+LEGACY_VCPU_INFO_SLOTS = 32
+PAGE = 4096
+ETIME = 62
+MIN_PERIOD_NS = 1_000_000
+UPCALL_RECHECK_SECONDS = 0.1
+
+# Features Xen announces to HVM guests (XENVER_get_features submap 0).
+# supervisor_mode_kernel must stay clear: Linux would think it is PVH.
+HVM_FEATURES = (
+    (1 << abi.XENFEAT_writable_page_tables)
+    | (1 << abi.XENFEAT_writable_descriptor_tables)
+    | (1 << abi.XENFEAT_auto_translated_physmap)
+    | (1 << abi.XENFEAT_hvm_callback_vector)
+    | (1 << abi.XENFEAT_hvm_safe_pvclock)
+)
+
+
+class Callback(enum.Enum):
+    NONE = "none"
+    VECTOR = "vector"  # HVM-wide vector, injected by KVM
+    GSI = "gsi"  # a level-triggered interrupt line, driven by vCPU 0's upcall_pending
+
+
+class XenDomain:
+    def __init__(self, machine: "Machine"):
+        self.machine = machine
+        self.vm, self.memory, self.loop = machine.vm, machine.memory, machine.loop
+        config = machine.config
+        self.vcpu_count = config.vcpus
+        self.domid = GUEST_DOMID
+        self.version = config.xen_version
+        bits = machine.kvm.xen_capabilities()
+        kvm_xen.require_xen(bits)
+        self.kvm_features = XenFeatures(bits, accelerate=config.xen_accel)
+        kvm_xen.enable(self.vm, self.kvm_features)
+        if self.kvm_features.evtchn_send:
+            kvm_xen.set_xen_version(self.vm, self.version)  # XENVER_version answered in the kernel
+        log.info("Xen %d.%d on KVM capabilities %#x, in-kernel event channels %s",
+                 self.version >> 16, self.version & 0xFFFF, bits, "on" if self.kvm_features.evtchn_send else "off")
+
+        self._lock = threading.RLock()
+        self.long_mode: bool | None = None
+        self.shared_info_gfn: int | None = None
+        self._vcpu_info_gpa: list[int | None] = [None] * self.vcpu_count
+        self._per_vcpu_vector = [0] * self.vcpu_count
+        self._stale_upcalls = [False] * self.vcpu_count
+        self.callback = Callback.NONE
+        self._callback_fds: tuple[int, int] | None = None
+        self._timers: list[object | None] = [None] * self.vcpu_count  # userspace timer generations
+        self._timer_ports: list[int | None] = [None] * self.vcpu_count
+        self.params: dict[int, int] = {}
+
+        self.evtchn = EventChannels(
+            domid=self.domid,
+            vcpu_count=self.vcpu_count,
+            long_mode=lambda: self.long_mode is not False,
+            shared_info_address=self._shared_info_address,
+            vcpu_info_address=self._vcpu_info_address,
+            upcall=self._upcall,
+            kernel=_GsiAwareKernelEvtchn(self) if self.kvm_features.evtchn_send else None,
+            schedule=self.loop.call_soon_threadsafe,
+            add_reader=self.loop.add_reader,
+            remove_reader=self.loop.remove_reader,
+        )
+        self.gnttab = GrantTable(self.memory)
+
+        self.platform_device = XenPlatformDevice(on_unplug=self._unplug, on_log=self._platform_log)
+        slot = machine.platform.pci.add(self.platform_device)
+        self._platform_intx_gsi = layout.pci_intx_gsi(slot, 0)  # its INTA
+        machine.pio.register(layout.XEN_PLATFORM_IO_PORT, 4, self.platform_device.fixed_ports(), "xen-platform ports")
+
+        self._setup_special_pages(machine)
+        self.dispatcher = HypercallDispatcher(self, xen_time_ns=self._guest_time_ns)
+
+    # --- set-up -------------------------------------------------------------------
+
+    def _setup_special_pages(self, machine: "Machine") -> None:
+        console_pfn = layout.XEN_SPECIAL_PAGES >> 12
+        store_pfn = console_pfn + 1
+        self.memory.fill(layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE)
+        # The toolstack grants both rings to domain 0 at fixed references.
+        self.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, console_pfn)
+        self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)
+
+        self.console_channel = self.evtchn.connect_backend(self._console_notified)
+        self.store_channel = self.evtchn.connect_backend(self._xenstore_notified)
+        self.pv_console = PvConsole(self.memory.view(console_pfn << 12, PAGE), self.console_channel.notify, machine.console.write)
+
+        self.store = XenStore()
+        create_domain_nodes(
+            self.store, self.domid, machine.config.name,
+            store_port=self.store_channel.guest_port, store_ring_ref=store_pfn,
+            console_port=self.console_channel.guest_port, console_ring_ref=console_pfn,
+        )
+        self._publish_vm_node(machine.config.name)
+        self.store_connection = self.store.connect(self.domid)
+        self.store_connection.output_listener = lambda: self.loop.call_soon_threadsafe(self._xenstore_notified)
+        self.store_ring = RingServer(self.memory.view(store_pfn << 12, PAGE), self.store_connection)
+        self.params.update({
+            abi.HVM_PARAM_STORE_PFN: store_pfn,
+            abi.HVM_PARAM_STORE_EVTCHN: self.store_channel.guest_port,
+            abi.HVM_PARAM_CONSOLE_PFN: console_pfn,
+            abi.HVM_PARAM_CONSOLE_EVTCHN: self.console_channel.guest_port,
+        })
+
+    def _publish_vm_node(self, name: str) -> None:
+        """/vm/<uuid>, as the toolstack makes it; Linux reads it for /sys/hypervisor/uuid."""
+        self.uuid = str(uuid.uuid4())
+        self.handle = uuid.UUID(self.uuid).bytes
+        dom0 = self.store.client(0)
+        vm_path = f"/vm/{self.uuid}"
+        dom0.write(f"{vm_path}/uuid", self.uuid)
+        dom0.write(f"{vm_path}/name", name)
+        dom0.set_perms(vm_path, [Permission(0, Access.READ)])
+        dom0.set_perms(f"{vm_path}/uuid", [Permission(0, Access.READ)])
+        dom0.set_perms(f"{vm_path}/name", [Permission(0, Access.READ)])
+        dom0.write(f"/local/domain/{self.domid}/vm", vm_path)
+        log.info("guest uuid %s", self.uuid)
+
+    def cpuid_leaves(self, index: int) -> list[CpuidEntry]:
+        base = XEN_CPUID_BASE
+        return [
+            signature_leaf(base, XEN_SIGNATURE, base + 4),
+            CpuidEntry(base + 1, eax=self.version),
+            CpuidEntry(base + 2, eax=1, ebx=kvm_xen.HYPERCALL_MSR),
+            CpuidEntry(base + 3),
+            CpuidEntry(base + 4, eax=XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_UPCALL_VECTOR, ebx=index),
+        ]
+
+    def configure_vcpu(self, vcpu, index: int) -> None:
+        """Per-vCPU Xen state, on the vCPU's own thread before it first runs."""
+        if self.kvm_features.vcpu_attrs:
+            kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID, vcpu_id=index)
+
+    def start(self) -> None:
+        if not self.kvm_features.evtchn_send:
+            self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
+
+    def _recheck_upcalls(self) -> None:
+        """Userspace delivery's safety net: an upcall the guest could not take
+        when it was raised (interrupts not yet routable) is raised again."""
+        for index in range(self.vcpu_count):
+            if self._upcall_pending(index):
+                if self._stale_upcalls[index]:
+                    self._upcall(index)
+                self._stale_upcalls[index] = True
+            else:
+                self._stale_upcalls[index] = False
+        self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
+
+    def close(self) -> None:
+        if self._callback_fds is not None:
+            for fd in self._callback_fds:
+                self.loop.remove_reader(fd)
+                os.close(fd)
+            self._callback_fds = None
+
+    # --- hypercalls ------------------------------------------------------------------
+
+    def hypercall(self, exit, index: int, vcpu) -> None:
+        self.dispatcher.handle(exit, index, GuestAccess(vcpu.translate, self.memory))
+
+    def note_long_mode(self, long_mode: bool) -> None:
+        if long_mode != self.long_mode:
+            with self._lock:
+                if long_mode != self.long_mode:
+                    kvm_xen.set_long_mode(self.vm, long_mode)
+                    self.long_mode = long_mode
+
+    def features(self, submap: int) -> int:
+        return HVM_FEATURES if submap == 0 else 0
+
+    # --- shared_info and vcpu_info -------------------------------------------------
+
+    def map_shared_info(self, gpfn: int) -> None:
+        """Make guest page `gpfn` the shared_info page.
+
+        The page the guest names becomes shared_info in place: KVM writes the
+        RAM page itself (by host address where the kernel supports it), so no
+        memslot is split and the guest never sees the page unmapped.
+        """
+        gpa = gpfn << 12
+        if not self.memory.contains(gpa, PAGE) or gpa >= layout.PCI_HOLE_START and gpa < layout.HIGH_RAM_START:
+            raise XenError(EINVAL, f"shared_info at {gpa:#x} is not guest RAM")
+        with self._lock:
+            old = self.shared_info_gfn
+            if old == gpfn:
+                return
+            if old is None:
+                self.memory.fill(gpa, PAGE)
+            else:
+                self.memory.write(gpa, self.memory.read(old << 12, PAGE))
+            kvm_xen.set_shared_info(self.vm, self.kvm_features, gpfn, self.memory.host_address(gpa))
+            self.shared_info_gfn = gpfn
+        for index in range(min(self.vcpu_count, LEGACY_VCPU_INFO_SLOTS)):
+            if self._vcpu_info_gpa[index] is None:
+                self._set_vcpu_info_attr(index, gpa + index * VCPU_INFO_SIZE)
+
+    def _set_vcpu_info_attr(self, index: int, gpa: int) -> None:
+        self.machine.run_on_vcpu(
+            index, lambda vcpu: kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO, gpa=gpa)
+        )
+
+    def _shared_info_address(self) -> int | None:
+        gfn = self.shared_info_gfn
+        return None if gfn is None else self.memory.host_address(gfn << 12)
+
+    def _vcpu_info_gpa_of(self, index: int) -> int | None:
+        gpa = self._vcpu_info_gpa[index]
+        if gpa is None and self.shared_info_gfn is not None and index < LEGACY_VCPU_INFO_SLOTS:
+            gpa = (self.shared_info_gfn << 12) + index * VCPU_INFO_SIZE
+        return gpa
+
+    def _vcpu_info_address(self, index: int) -> int | None:
+        gpa = self._vcpu_info_gpa_of(index) if 0 <= index < self.vcpu_count else None
+        return None if gpa is None else self.memory.host_address(gpa)
+
+    def register_vcpu_info(self, vcpu: int, gpa: int) -> None:
+        self._check_vcpu(vcpu)
+        if not self.memory.contains(gpa, VCPU_INFO_SIZE) or (gpa & (PAGE - 1)) + VCPU_INFO_SIZE > PAGE:
+            raise XenError(EINVAL, f"vcpu_info at {gpa:#x} is not inside one RAM page")
+        old = self._vcpu_info_gpa_of(vcpu)
+        if old is not None:
+            self.memory.write(gpa, self.memory.read(old, VCPU_INFO_SIZE))
+        self._vcpu_info_gpa[vcpu] = gpa
+        self._set_vcpu_info_attr(vcpu, gpa)
+        # As Xen does: mark everything pending so no event is lost in the move.
+        self.memory.write(gpa, b"\x01")
+        self.memory.write(gpa + (8 if self.long_mode is not False else 4), b"\xff" * (8 if self.long_mode is not False else 4))
+        self._upcall(vcpu)
+
+    def register_vcpu_time_info(self, vcpu: int, gpa: int) -> None:
+        self._check_vcpu(vcpu)
+        if gpa != abi.INVALID_GPA and not self.memory.contains(gpa, 32):
+            raise XenError(EINVAL)
+        self.machine.run_on_vcpu(
+            vcpu, lambda v: kvm_xen.set_vcpu_attr(v, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_TIME_INFO, gpa=gpa)
+        )
+
+    def register_runstate_area(self, vcpu: int, gpa: int) -> None:
+        self._check_vcpu(vcpu)
+        if gpa != abi.INVALID_GPA and not self.memory.contains(gpa, 48):
+            raise XenError(EINVAL)
+        if not self.kvm_features.runstate:
+            log.info("KVM has no runstate support: the guest's runstate area stays empty")
+            return
+        self.machine.run_on_vcpu(
+            vcpu, lambda v: kvm_xen.set_vcpu_attr(v, uapi.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR, gpa=gpa)
+        )
+
+    def _check_vcpu(self, vcpu: int) -> None:
+        if not 0 <= vcpu < self.vcpu_count:
+            raise XenError(EINVAL, f"no vCPU {vcpu}")
+
+    # --- callbacks (how the guest learns of pending events) ------------------------
+
+    def hvm_get_param(self, index: int) -> int:
+        if not 0 <= index < abi.HVM_NR_PARAMS:
+            raise XenError(EINVAL)
+        return self.params.get(index, 0)
+
+    def hvm_set_param(self, index: int, value: int) -> None:
+        if not 0 <= index < abi.HVM_NR_PARAMS:
+            raise XenError(EINVAL)
+        if index != abi.HVM_PARAM_CALLBACK_IRQ:
+            raise XenError(EPERM, f"HVM param {index} is the toolstack's")
+        self._set_callback(value)
+        self.params[index] = value
+
+    def _set_callback(self, value: int) -> None:
+        kind, data = value >> 56, value & ((1 << 56) - 1)
+        self._stop_gsi_callback()
+        if value == 0:
+            self.callback = Callback.NONE
+            kvm_xen.set_hvm_upcall_vector(self.vm, 0)
+        elif kind == abi.HVM_PARAM_CALLBACK_TYPE_VECTOR:
+            vector = data & 0xFF
+            if vector < 0x10:
+                raise XenError(EINVAL, f"callback vector {vector:#x}")
+            kvm_xen.set_hvm_upcall_vector(self.vm, vector)
+            self.callback = Callback.VECTOR
+            for index in range(self.vcpu_count):
+                self._upcall_if_pending(index)
+        elif kind == abi.HVM_PARAM_CALLBACK_TYPE_GSI:
+            if not 0 < data < layout.IOAPIC_PINS:
+                raise XenError(EINVAL, f"callback GSI {data}")
+            self._start_gsi_callback(data)
+        elif kind == abi.HVM_PARAM_CALLBACK_TYPE_PCI_INTX:
+            # Only the xen-platform device raises the callback; its INTx pin
+            # is wired to a fixed GSI (the DSDT's _PRT says which).
+            self._start_gsi_callback(self._platform_intx_gsi)
+        else:
+            raise XenError(EINVAL, f"callback type {kind}")
+        log.info("event channel callback: %s (%#x)", self.callback.value, value)
+
+    def _start_gsi_callback(self, gsi: int) -> None:
+        # A level-triggered line held while vCPU 0's upcall_pending is set:
+        # irqfd asserts it, the guest's EOI deasserts it and signals the
+        # resample fd, where we re-assert if events are still pending.
+        trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.vm.irqfd(trigger, gsi, resample_fd=resample)
+        self._callback_fds = (trigger, resample)
+        self._callback_gsi = gsi
+        self.loop.add_reader(resample, self._callback_resampled)
+        self.callback = Callback.GSI
+        self._assert_callback_if_pending()
+
+    def _stop_gsi_callback(self) -> None:
+        if self._callback_fds is None:
+            return
+        trigger, resample = self._callback_fds
+        self._callback_fds = None
+        self.loop.remove_reader(resample)
+        try:
+            self.vm.irqfd_remove(trigger, self._callback_gsi)
+        finally:
+            os.close(trigger)
+            os.close(resample)
+
+    def _callback_resampled(self) -> None:
+        fds = self._callback_fds
+        if fds is None:
+            return
+        try:
+            os.eventfd_read(fds[1])
+        except BlockingIOError:
+            pass
+        self._assert_callback_if_pending()
+
+    def _assert_callback_if_pending(self) -> None:
+        if self._per_vcpu_vector[0]:
+            return  # per-vCPU vectors replace the GSI (Linux still names GSI 1 "to look enlightened")
+        fds = self._callback_fds
+        if fds is not None and self._upcall_pending(0):
+            os.eventfd_write(fds[0], 1)
+
+    def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None:
+        self._check_vcpu(vcpu)
+        if vector < 0x10 or vector > 0xFF:
+            raise XenError(EINVAL)
+        self._per_vcpu_vector[vcpu] = vector
+        if self.kvm_features.vcpu_attrs:
+            # Besides its own deliveries, KVM then re-injects a pending upcall
+            # when the guest software-enables its LAPIC; an MSI sent before
+            # that is dropped, and Linux picks its vector that early.
+            self.machine.run_on_vcpu(
+                vcpu, lambda v: kvm_xen.set_vcpu_attr(v, uapi.KVM_XEN_VCPU_ATTR_TYPE_UPCALL_VECTOR, vector=vector)
+            )
+        # As Xen does: events marked pending before the guest could take
+        # them (e.g. by register_vcpu_info) are delivered now.
+        self._upcall_if_pending(vcpu)
+
+    def _upcall_pending(self, vcpu: int) -> bool:
+        gpa = self._vcpu_info_gpa_of(vcpu)
+        return gpa is not None and self.memory.read(gpa, 1)[0] != 0
+
+    def _upcall_if_pending(self, vcpu: int) -> None:
+        if self._upcall_pending(vcpu):
+            self._upcall(vcpu)
+
+    def _upcall(self, vcpu: int) -> None:
+        """Userspace just set `vcpu`'s upcall_pending: make the guest take it."""
+        vector = self._per_vcpu_vector[vcpu]
+        if vector:
+            # A fixed-delivery MSI to that vCPU's APIC (APIC ID = index).
+            self.vm.signal_msi(layout.LAPIC_BASE | (vcpu << 12), vector)
+        elif self.callback is Callback.VECTOR:
+            self.machine.kick_vcpu(vcpu)  # KVM injects on the next entry
+        elif self.callback is Callback.GSI and vcpu == 0:
+            self._assert_callback_if_pending()
+
+    # --- timers ------------------------------------------------------------------
+
+    def _guest_time_ns(self) -> int:
+        return kvm_xen.clock_ns(self.vm)
+
+    def set_singleshot_timer(self, vcpu: int, timeout_abs_ns: int, future: bool) -> None:
+        self._check_vcpu(vcpu)
+        now = self._guest_time_ns()
+        if future and timeout_abs_ns < now:
+            raise XenError(ETIME)
+        self._arm_timer(vcpu, timeout_abs_ns, now)
+
+    def stop_singleshot_timer(self, vcpu: int) -> None:
+        self._check_vcpu(vcpu)
+        self._timers[vcpu] = None
+        if self._timer_ports[vcpu] is not None:
+            self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, vcpu, 0))
+
+    def set_timer_op(self, vcpu: int, timeout_abs_ns: int) -> None:
+        self._check_vcpu(vcpu)
+        if timeout_abs_ns == 0:
+            self.stop_singleshot_timer(vcpu)
+            return
+        # The dispatcher already applied Xen's range rule (far-off or
+        # negative timeouts become +100 ms).
+        self._arm_timer(vcpu, timeout_abs_ns, self._guest_time_ns())
+
+    def _arm_timer(self, vcpu: int, deadline_ns: int, now_ns: int) -> None:
+        port = self.evtchn.virq_port(abi.VIRQ_TIMER, vcpu) if self.kvm_features.evtchn_send else None
+        if port is not None:
+            # From now on KVM runs this vCPU's timer hypercalls itself.
+            self._timer_ports[vcpu] = port
+            self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, port, deadline_ns))
+            return
+        generation = object()
+        self._timers[vcpu] = generation
+        delay = max(0.0, (deadline_ns - now_ns) / 1e9)
+        self.loop.call_soon_threadsafe(lambda: self.loop.call_later(delay, lambda: self._timer_fired(vcpu, generation)))
+
+    def _kernel_timer(self, vcpu_object, port: int, deadline_ns: int) -> None:
+        kvm_xen.set_vcpu_attr(
+            vcpu_object, uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER,
+            timer={"port": port, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": deadline_ns},
+        )
+
+    def _timer_fired(self, vcpu: int, generation) -> None:
+        if self._timers[vcpu] is generation:
+            self._timers[vcpu] = None
+            self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
+
+    def set_periodic_timer(self, vcpu: int, period_ns: int) -> None:
+        self._check_vcpu(vcpu)
+        if period_ns < MIN_PERIOD_NS:
+            raise XenError(EINVAL)
+        generation = object()
+        self._timers[vcpu] = generation
+
+        def tick():
+            if self._timers[vcpu] is generation:
+                self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
+                self.loop.call_later(period_ns / 1e9, tick)
+
+        self.loop.call_soon_threadsafe(lambda: self.loop.call_later(period_ns / 1e9, tick))
+
+    def stop_periodic_timer(self, vcpu: int) -> None:
+        self._check_vcpu(vcpu)
+        self._timers[vcpu] = None
+
+    # --- scheduling and lifecycle ----------------------------------------------------
+
+    def sched_yield(self, vcpu: int) -> None:
+        os.sched_yield()
+
+    def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None:
+        # KVM handles SCHEDOP_poll itself when it can; what reaches us is
+        # answered like a yield, which Xen permits (spurious wake-ups).
+        os.sched_yield()
+
+    def shutdown(self, reason: int) -> None:
+        stop = {
+            abi.SHUTDOWN_poweroff: StopReason.POWEROFF,
+            abi.SHUTDOWN_reboot: StopReason.REBOOT,
+            abi.SHUTDOWN_soft_reset: StopReason.REBOOT,
+            abi.SHUTDOWN_crash: StopReason.CRASH,
+            abi.SHUTDOWN_watchdog: StopReason.CRASH,
+        }.get(reason)
+        if stop is None:
+            raise XenError(EINVAL, f"shutdown reason {reason} is not supported")
+        log.info("guest asked for shutdown: %s", stop.value)
+        self.machine.request_stop(stop)
+
+    def request_guest_shutdown(self, kind: str = "poweroff") -> None:
+        """Ask the guest to shut down in order, as xl shutdown does (any thread)."""
+
+        def write():
+            self.store.client(0).write(f"/local/domain/{self.domid}/control/shutdown", kind)
+
+        self.loop.call_soon_threadsafe(write)
+
+    def console_write(self, data: bytes) -> None:
+        self.machine.console.write(data)
+
+    # --- grant frames ---------------------------------------------------------------
+
+    def map_grant_frame(self, index: int, gpfn: int) -> None:
+        gpa = gpfn << 12
+        if self.memory.contains(gpa, PAGE):
+            raise XenError(EINVAL, "grant frames go in the xen-platform BAR, not over RAM")
+        self.gnttab.note_frame_mapped(index)
+        with self._lock:
+            table = self.vm.memslots
+            existing = table.lookup(gpa)
+            if existing is not None:
+                table.unmap(gpa, PAGE)
+            table.map(gpa, PAGE, self.gnttab.frame_host_address(index))
+
+    # --- backends' notifications ----------------------------------------------------
+
+    def _xenstore_notified(self) -> None:
+        if self.store_ring.process():
+            self.store_channel.notify()
+        if self.store_ring.work_pending:
+            self.loop.call_later(0, self._xenstore_notified)
+
+    def _console_notified(self) -> None:
+        self.pv_console.process()
+
+    def _unplug(self, mask: int) -> None:
+        log.info("guest unplugged emulated devices (mask %#x)", mask)
+
+    def _platform_log(self, line: str) -> None:
+        log.info("xen-platform: %s", line)
+
+
+class _GsiAwareKernelEvtchn(KernelEvtchn):
+    """KVM's delivery sets upcall_pending but only injects vector callbacks;
+    with a GSI callback we must raise the line ourselves afterwards."""
+
+    def __init__(self, domain: XenDomain):
+        super().__init__(domain.vm)
+        self._domain = domain
+
+    def send(self, port: int, vcpu: int) -> None:
+        super().send(port, vcpu)
+        if self._domain.callback is Callback.GSI:
+            self._domain._assert_callback_if_pending()

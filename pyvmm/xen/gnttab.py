@@ -1,0 +1,333 @@
+"""The guest's grant table (version 1), and grant mapping for the VMM's backends.
+
+The guest shares pages with its backends by writing grant entries into a
+table whose frames it maps into its own physical address space
+(XENMEM_add_to_physmap, XENMAPSPACE_grant_table). A version 1 entry is
+
+    0  u16 flags    GTF_* (type in bits 0-1, readonly, reading, writing, ...)
+    2  u16 domid    the domain allowed to use the grant
+    4  u32 frame    the guest frame number being shared
+
+The table lives in one anonymous mapping of `max_frames` pages that belongs
+to the VMM, so the domain can put frame i into the guest with a KVM memslot
+at whatever gfn the guest picks (`frame_host_address`).
+
+Backends (the VMM acting as domain 0) `map` a reference to get a view of
+the granted page. As Xen does, mapping marks the entry in use by setting
+GTF_reading (and GTF_writing for a writable mapping) with a compare-and-swap
+of flags and domid together that re-checks the entry each round: a guest
+revoking the grant at the same moment (Linux clears the flags with a
+compare-and-swap only when neither bit is set) either wins, and the map
+fails, or finds the grant busy. The bits are cleared when the last mapping
+of that kind is released.
+
+Only version 1 is implemented. set_version(2) fails with ENOSYS, which is
+what Xen answers when version 2 is disabled ("behave as before set_version
+was introduced"); guests then keep using version 1.
+
+Errors reported to backends carry Xen's GNTST_* status. Xen answers every
+bad entry with GNTST_general_error; the statuses here are more precise
+(permission_denied for a grant that does not allow the access, bad_page for
+a frame that is not guest RAM), which is all the backends ever look at.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import threading
+
+from ..memory import GuestMemory, GuestMemoryError
+from . import atomic
+from .errors import EACCES, EINVAL, ENOSYS, XenError
+
+PAGE_SIZE = 4096
+ENTRY_SIZE = 8
+ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
+DEFAULT_MAX_FRAMES = 64
+
+# Grant entry flags (grant_table.h).
+GTF_invalid = 0
+GTF_permit_access = 1
+GTF_accept_transfer = 2
+GTF_type_mask = 3
+GTF_readonly = 1 << 2
+GTF_reading = 1 << 3
+GTF_writing = 1 << 4
+GTF_IN_USE = GTF_reading | GTF_writing
+
+# References the toolstack fills in before the guest boots.
+GNTTAB_NR_RESERVED_ENTRIES = 8
+GNTTAB_RESERVED_CONSOLE = 0
+GNTTAB_RESERVED_XENSTORE = 1
+
+# Grant operation status codes (grant_table.h).
+GNTST_okay = 0
+GNTST_general_error = -1
+GNTST_bad_domain = -2
+GNTST_bad_gntref = -3
+GNTST_bad_handle = -4
+GNTST_bad_virt_addr = -5
+GNTST_bad_dev_addr = -6
+GNTST_no_device_space = -7
+GNTST_permission_denied = -8
+GNTST_bad_page = -9
+GNTST_bad_copy_arg = -10
+GNTST_address_too_big = -11
+GNTST_eagain = -12
+GNTST_no_space = -13
+
+_STATUS_ERRNO = {GNTST_permission_denied: EACCES}
+
+# Xen gives up after five compare-and-swap rounds: a guest that keeps
+# changing the entry is misbehaving and must not hold the backend.
+CMPXCHG_ATTEMPTS = 5
+
+_ENTRY = struct.Struct("<HHI")
+_MASK32 = 0xFFFF_FFFF
+
+
+class GrantError(XenError):
+    """A grant a backend may not use; `status` is Xen's GNTST_* code."""
+
+    def __init__(self, status: int, message: str = ""):
+        super().__init__(_STATUS_ERRNO.get(status, EINVAL), message)
+        self.status = status
+
+
+class GrantTable:
+    def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0):
+        if not 1 <= max_frames <= 1 << 16:
+            raise ValueError(f"max_frames {max_frames} is not in 1..65536")
+        if not 0 <= backend_domid <= 0xFFFF:
+            raise ValueError(f"domid {backend_domid} does not fit 16 bits")
+        self.memory = memory
+        self.max_frames = max_frames
+        self.backend_domid = backend_domid
+        self.frame_count = 0  # frames the guest has mapped: 1 + highest index
+        self._mapping = mmap.mmap(-1, max_frames * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mapping))
+        self._table = memoryview(self._mapping)
+        self._reserved: dict[int, int] = {}
+        # ref -> [mappings, writable mappings]; guarded by _lock. The
+        # generation tells mappings made before a reset() from later ones.
+        self._pins: dict[int, list[int]] = {}
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nr_entries(self) -> int:
+        return self.max_frames * ENTRIES_PER_FRAME
+
+    # --- for the domain and the hypercall layer -----------------------------
+
+    def frame_host_address(self, index: int) -> int:
+        """Host address of table frame `index`, for a KVM memslot."""
+        self._check_frame_index(index)
+        return self._base + index * PAGE_SIZE
+
+    def note_frame_mapped(self, index: int) -> None:
+        """The guest mapped frame `index` (add_to_physmap succeeded)."""
+        self._check_frame_index(index)
+        with self._lock:
+            self.frame_count = max(self.frame_count, index + 1)
+
+    def set_version(self, version: int) -> int:
+        """GNTTABOP_set_version; returns the version now in force.
+
+        Whatever the outcome, the caller writes get_version() back into the
+        guest's argument, as Xen does.
+        """
+        if version == 1:
+            return 1
+        if version == 2:
+            raise XenError(ENOSYS, "grant table version 2 is not supported")
+        raise XenError(EINVAL, f"no grant table version {version}")
+
+    def get_version(self) -> int:
+        return 1
+
+    def query_size(self) -> tuple[int, int]:
+        """GNTTABOP_query_size: (frames the guest has mapped, max_frames)."""
+        return self.frame_count, self.max_frames
+
+    def reset(self) -> None:
+        """Back to the boot state (guest reboot or soft reset).
+
+        Mappings still held stay valid as views, but releasing them no longer
+        touches the (new) entries.
+        """
+        with self._lock:
+            self._table[:] = bytes(len(self._table))
+            self.frame_count = 0
+            self._pins.clear()
+            self._generation += 1
+            for ref, gfn in self._reserved.items():
+                _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, GTF_permit_access, self.backend_domid, gfn)
+
+    # --- for the VMM's backends -----------------------------------------------
+
+    def reserve(self, ref: int, frame_gfn: int) -> None:
+        """Grant `frame_gfn` to the backend domain in reserved entry `ref`."""
+        if not 0 <= ref < GNTTAB_NR_RESERVED_ENTRIES:
+            raise ValueError(f"grant ref {ref} is not a reserved entry")
+        if not 0 <= frame_gfn <= _MASK32:
+            raise ValueError(f"gfn {frame_gfn:#x} does not fit a version 1 entry")
+        with self._lock:
+            self._reserved[ref] = frame_gfn
+            _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, GTF_permit_access, self.backend_domid, frame_gfn)
+
+    def map(self, ref: int, writable: bool) -> "GrantMapping":
+        """Map the page granted by `ref`; raises GrantError.
+
+        Release the mapping (or use it as a context manager) when done: the
+        guest cannot revoke the grant while it is held.
+        """
+        if not isinstance(ref, int) or not 0 <= ref < self.nr_entries:
+            raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
+        writable = bool(writable)
+        with self._lock:
+            self._pin(ref, writable)
+            gfn = self._load_frame(ref)
+            try:
+                view = self._page_view(gfn)
+            except GrantError:
+                self._unpin(ref, writable)
+                raise
+            generation = self._generation
+        if not writable:
+            view = view.toreadonly()
+        return GrantMapping(self, ref, gfn, writable, view, generation)
+
+    def copy(self, ref: int, offset: int, data_or_length: bytes | bytearray | memoryview | int, *,
+             to_guest: bool) -> bytes | None:
+        """Copy into (to_guest) or out of the granted page, like GNTTABOP_copy.
+
+        Reading takes a length and returns the bytes; writing takes the data.
+        """
+        length = data_or_length if isinstance(data_or_length, int) else len(memoryview(data_or_length).cast("B"))
+        if not isinstance(offset, int) or offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+            raise GrantError(GNTST_bad_copy_arg, f"copy of {length} bytes at {offset!r} leaves the page")
+        if to_guest and isinstance(data_or_length, int):
+            raise TypeError("copying to the guest needs data, not a length")
+        with self.map(ref, writable=to_guest) as mapping:
+            if to_guest:
+                mapping.view[offset : offset + length] = memoryview(data_or_length).cast("B")
+                return None
+            return bytes(mapping.view[offset : offset + length])
+
+    # --- internals --------------------------------------------------------------
+
+    def _check_frame_index(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < self.max_frames:
+            raise XenError(EINVAL, f"grant table frame {index!r} is not below {self.max_frames}")
+
+    def _entry_address(self, ref: int) -> int:
+        return self._base + ref * ENTRY_SIZE
+
+    def _load_combo(self, ref: int) -> int:
+        """flags | domid << 16 of entry `ref`, as one 32-bit word."""
+        flags, domid, _ = _ENTRY.unpack_from(self._table, ref * ENTRY_SIZE)
+        return flags | domid << 16
+
+    def _load_frame(self, ref: int) -> int:
+        return _ENTRY.unpack_from(self._table, ref * ENTRY_SIZE)[2]
+
+    def _pin(self, ref: int, writable: bool) -> None:
+        pins = self._pins.get(ref)
+        if pins is None or (writable and not pins[1]):
+            self._set_in_use(ref, writable)
+        if pins is None:
+            pins = self._pins[ref] = [0, 0]
+        pins[0] += 1
+        pins[1] += writable
+
+    def _set_in_use(self, ref: int, writable: bool) -> None:
+        # Flags and domid are swapped as one word, so the guest cannot slip a
+        # change of either between our check and our update.
+        address = self._entry_address(ref)
+        seen = self._load_combo(ref)
+        for _ in range(CMPXCHG_ATTEMPTS):
+            flags, domid = seen & 0xFFFF, seen >> 16
+            if flags & GTF_type_mask != GTF_permit_access:
+                raise GrantError(GNTST_permission_denied, f"grant ref {ref} does not permit access")
+            if domid != self.backend_domid:
+                raise GrantError(GNTST_permission_denied, f"grant ref {ref} is for domain {domid}")
+            if writable and flags & GTF_readonly:
+                raise GrantError(GNTST_permission_denied, f"grant ref {ref} is read-only")
+            wanted = flags | GTF_reading | (GTF_writing if writable else 0)
+            swapped, seen = atomic.compare_exchange(address, 4, seen, wanted | domid << 16)
+            if swapped:
+                return
+        raise GrantError(GNTST_general_error, f"grant ref {ref} keeps changing")
+
+    def _unpin(self, ref: int, writable: bool) -> None:
+        pins = self._pins[ref]
+        pins[0] -= 1
+        pins[1] -= writable
+        clear = 0
+        if not pins[1]:
+            clear |= GTF_writing
+        if not pins[0]:
+            clear |= GTF_reading
+            del self._pins[ref]
+        if clear:
+            atomic.fetch_and(self._entry_address(ref), 2, 0xFFFF & ~clear)
+
+    def _page_view(self, gfn: int) -> memoryview:
+        gpa = gfn * PAGE_SIZE
+        # Grant frames (in the platform BAR) and MMIO are not RAM: refused.
+        if not self.memory.contains(gpa, PAGE_SIZE):
+            raise GrantError(GNTST_bad_page, f"gfn {gfn:#x} is not guest RAM")
+        try:
+            return self.memory.view(gpa, PAGE_SIZE)
+        except GuestMemoryError as error:
+            raise GrantError(GNTST_bad_page, str(error)) from None
+
+    def _release(self, mapping: "GrantMapping") -> bool:
+        with self._lock:
+            if mapping.released:
+                return False
+            mapping.released = True
+            if mapping.generation == self._generation:
+                self._unpin(mapping.ref, mapping.writable)
+            return True
+
+
+class GrantMapping:
+    """One backend mapping of a granted page.
+
+    `view` is exactly the 4 KiB page, read-only unless mapped writable. It
+    stops working once the mapping is released.
+    """
+
+    def __init__(self, table: GrantTable, ref: int, gfn: int, writable: bool, view: memoryview, generation: int):
+        self.table = table
+        self.ref = ref
+        self.gfn = gfn
+        self.writable = writable
+        self.view = view
+        self.generation = generation
+        self.released = False
+
+    def release(self) -> None:
+        """Clear the in-use flags (when no other mapping needs them); idempotent."""
+        if not self.table._release(self):
+            return
+        try:
+            self.view.release()
+        except BufferError:
+            # Something still holds a buffer exported from the view; the
+            # grant is given back all the same.
+            pass
+
+    def __enter__(self) -> "GrantMapping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else ("rw" if self.writable else "ro")
+        return f"GrantMapping(ref={self.ref}, gfn={self.gfn:#x}, {state})"
