@@ -83,7 +83,8 @@ def main() -> None:
 @click.option("--no-reboot", is_flag=True, help="Exit with status 2 when the guest reboots.")
 @click.option("--timeout", type=float, help="Stop the guest after SECONDS (status 124).")
 @click.option("--expect", type=_Regex(), help="Stop with status 0 once the console prints REGEX (5 if it never does).")
-@click.option("--xen/--no-xen", default=False, show_default=True, help="Emulate Xen for the guest.")
+@click.option("--xen/--no-xen", default=True, show_default=True,
+              help="Emulate Xen for the guest (an HVM domain); --no-xen boots a plain PC guest.")
 @click.option("--xen-version", default="4.17", show_default=True, help="Xen version the guest sees.")
 @click.option("--xen-accel/--no-xen-accel", default=True, show_default=True,
               help="Use KVM's in-kernel event-channel paths where the host has them.")

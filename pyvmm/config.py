@@ -41,7 +41,7 @@ class VmConfig:
     no_reboot: bool = False
     timeout: float | None = None
     expect: re.Pattern[bytes] | None = None
-    xen: bool = False
+    xen: bool = True
     xen_version: int = (4 << 16) | 17
     xen_accel: bool = True  # use KVM's in-kernel event-channel paths when present
     name: str = "pyvmm"

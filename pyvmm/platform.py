@@ -70,6 +70,8 @@ class Platform:
         self.pci = pci.PciHost(pio, machine.mmio, self.gsi)
         pio.register(layout.PCI_CONFIG_ADDRESS_PORT, pci.CONFIG_PORT_COUNT, self.pci, "PCI config")
 
+        # Where typed input goes: COM1 unless a Xen PV console takes over.
+        self.input_sink = self.serial
         self._loop: EventLoop | None = None
         self._stdin_fd: int | None = None
         self._escape: EscapeFilter | None = None
@@ -143,7 +145,7 @@ class Platform:
 
     def _deliver_input(self) -> None:
         if self._pending_input:
-            taken = self.serial.receive(self._pending_input)
+            taken = self.input_sink.receive(self._pending_input)
             self._pending_input = self._pending_input[taken:]
         if self._pending_input:
             self._stop_reading()  # resumed by _input_wanted once the guest reads
@@ -151,9 +153,12 @@ class Platform:
             self._start_reading()
 
     def _input_wanted(self) -> None:
-        # Called on a vCPU thread when the guest drains the receive FIFO.
+        # Called (from any thread) when the console sink has room again.
         if self._loop is not None and self._pending_input:
             self._loop.call_soon_threadsafe(self._deliver_input)
+
+    def input_wanted(self) -> None:
+        self._input_wanted()
 
     def close(self) -> None:
         self._stop_reading()

@@ -134,6 +134,8 @@ class XenDomain:
         self.console_channel = self.evtchn.connect_backend(self._console_notified)
         self.store_channel = self.evtchn.connect_backend(self._xenstore_notified)
         self.pv_console = PvConsole(self.memory.view(console_pfn << 12, PAGE), self.console_channel.notify, machine.console.write)
+        if primary_console(machine.config.cmdline).startswith("hvc"):
+            machine.platform.input_sink = self.pv_console
 
         self.store = XenStore()
         create_domain_nodes(
@@ -545,12 +547,19 @@ class XenDomain:
 
     def _console_notified(self) -> None:
         self.pv_console.process()
+        self.machine.platform.input_wanted()  # the guest may have made room for input
 
     def _unplug(self, mask: int) -> None:
         log.info("guest unplugged emulated devices (mask %#x)", mask)
 
     def _platform_log(self, line: str) -> None:
         log.info("xen-platform: %s", line)
+
+
+def primary_console(cmdline: str) -> str:
+    """The console Linux makes /dev/console: the last console= on its command line."""
+    consoles = [word.split("=", 1)[1] for word in cmdline.split() if word.startswith("console=")]
+    return consoles[-1] if consoles else "tty0"
 
 
 class _GsiAwareKernelEvtchn(KernelEvtchn):

@@ -29,7 +29,7 @@ def assets():
 def boot(assets, tmp_path, script: str, *extra: str, timeout: float = BOOT_TIMEOUT):
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script)
     return run_pyvmm(
-        "run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd), "--append", CMDLINE, *extra,
+        "run", "--no-xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd), "--append", CMDLINE, *extra,
         timeout=timeout,
     )
 

@@ -24,7 +24,7 @@ def pvh_kernels(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["elf64", "elf32"])
 def test_pvh_kernel_boots_prints_and_powers_off(pvh_kernels, variant):
-    result = run_pyvmm("run", "--kernel", str(pvh_kernels[variant]), "--append", "console=ttyS0 marker=42", timeout=120)
+    result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels[variant]), "--append", "console=ttyS0 marker=42", timeout=120)
     assert result.status == 0, result
     assert "pyvmm-pvh-test: magic ok" in result.stdout, result
     assert "cmdline: console=ttyS0 marker=42" in result.stdout, result
@@ -33,19 +33,19 @@ def test_pvh_kernel_boots_prints_and_powers_off(pvh_kernels, variant):
 
 
 def test_expect_pattern_stops_the_guest_with_status_0(pvh_kernels):
-    result = run_pyvmm("run", "--kernel", str(pvh_kernels["elf64"]), "--expect", r"magic (ok|bad)", timeout=120)
+    result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels["elf64"]), "--expect", r"magic (ok|bad)", timeout=120)
     assert result.status == 0, result
     assert "magic ok" in result.stdout
 
 
 def test_guest_ending_without_expect_pattern_gives_5(pvh_kernels):
-    result = run_pyvmm("run", "--kernel", str(pvh_kernels["elf64"]), "--expect", "never printed", timeout=120)
+    result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels["elf64"]), "--expect", "never printed", timeout=120)
     assert result.status == 5, result
 
 
 def test_serial_to_file(pvh_kernels, tmp_path):
     log = tmp_path / "console.log"
-    result = run_pyvmm("run", "--kernel", str(pvh_kernels["elf32"]), "--serial", f"file:{log}", timeout=120)
+    result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels["elf32"]), "--serial", f"file:{log}", timeout=120)
     assert result.status == 0, result
     assert "magic ok" in log.read_text()
     assert "magic ok" not in result.stdout
@@ -67,7 +67,7 @@ def test_bad_command_lines_fail_with_one_clear_line(pvh_kernels, tmp_path, args,
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x7fELF not really" + bytes(600))
     args = [a.format(garbage=garbage, elf64=pvh_kernels["elf64"]) for a in args]
-    result = run_pyvmm("run", *args, timeout=60)
+    result = run_pyvmm("run", "--no-xen", *args, timeout=60)
     assert result.status == 1, result
     assert message in result.stderr, result
     assert "Traceback" not in result.stderr, result

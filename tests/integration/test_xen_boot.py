@@ -164,3 +164,15 @@ def test_sigterm_powers_the_guest_off_through_xenstore(assets, tmp_path):
     text = b"".join(output).decode(errors="replace")
     assert status == 0, (status, text[-3000:], proc.stderr.read().decode(errors="replace"))
     assert "Power down" in text, text[-3000:]
+
+
+def test_interactive_shell_on_hvc0_reads_stdin(assets):
+    """Without a test script the guest gives a shell on the PV console; what
+    the operator types (here: piped) reaches it through the console ring."""
+    result = run_pyvmm(
+        "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(assets["initramfs"]),
+        "--append", "console=hvc0 quiet", "--vcpus", "2", "--no-reboot", "--timeout", "600",
+        stdin=b"echo typed-$((6 * 7))\npoweroff -f\n", timeout=BOOT_TIMEOUT,
+    )
+    assert result.status == 0, result
+    assert "typed-42" in result.stdout, result

@@ -1,0 +1,942 @@
+"""Xen's xl domain configuration files (xl.cfg(5)), for the keys an HVM guest needs.
+
+`pyvmm run vm.cfg` reads the file people already have for `xl create`.
+Two layers:
+
+* `parse_xl(text, filename)`: the file's syntax, a small language of its own
+  (not Python): `KEY = VALUE` or `KEY += VALUE` statements separated by
+  newlines or `;`; a VALUE is a "string" or 'string' (backslash escapes as in
+  C), a number (decimal, 0octal or 0xhex) or a `[list, of, values]` that may
+  span lines and end with a comma; `#` starts a comment. A later assignment
+  of a key replaces an earlier one; `+=` appends to a string or list.
+  Nothing in the file is executed.
+
+* `load_xl_config(path)` / `xl_config_from_text(text, filename)`: the meaning
+  of the keys, as an `XlConfig`. Only what pyvmm can honour is accepted.
+  Every other key, and every value pyvmm would not honour, is an error that
+  names the file and line: pyvmm never silently runs a guest different from
+  the one the file describes. Where a setting has no effect on what the
+  guest sees but the person should know it is not acted on (a vif's
+  `bridge=`, a disk's `backendtype=`, ...), the load logs a warning and keeps
+  it in `XlConfig.warnings`.
+
+What maps to what is summarised in `XlConfig.to_run_options`, whose keys are
+the keyword names of `pyvmm run`'s options.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Union
+
+from . import layout
+from .config import MAX_VCPUS, MIN_MEMORY, ConfigError
+
+log = logging.getLogger(__name__)
+
+XlValue = Union[str, int, tuple]  # a tuple holds further XlValues
+
+
+class XlConfigError(ConfigError):
+    """A problem in an xl config file; the message starts with `FILE:LINE:`."""
+
+    def __init__(self, filename: str, line: int | None, message: str):
+        self.filename = filename
+        self.line = line
+        self.detail = message
+        where = f"{filename}:{line}" if line is not None else filename
+        super().__init__(f"{where}: {message}")
+
+
+# --------------------------------------------------------------------------
+# Syntax
+
+
+@dataclass(frozen=True)
+class XlSetting:
+    """One key's final value, with the line its value starts on.
+
+    `item_lines` gives, for a list value, the line of each element (for
+    messages about one disk or vif among several)."""
+
+    key: str
+    value: XlValue
+    line: int
+    item_lines: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # ident number string = += [ ] , ; newline eof
+    text: str
+    line: int
+    value: object = None
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_NUMBER_WORD = re.compile(r"[0-9][0-9A-Za-z_.]*")
+_SIMPLE_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                   "t": "\t", "v": "\v"}
+
+
+def _number(text: str) -> int | None:
+    """C's strtol(text, base 0), whole string: 42, 052, 0x2a. None if not a number."""
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
+        return int(text[2:], 16)
+    if re.fullmatch(r"0[0-7]+", text):
+        return int(text[1:], 8)
+    if re.fullmatch(r"0|[1-9][0-9]*", text):
+        return int(text)
+    return None
+
+
+class _Lexer:
+    def __init__(self, text: str, filename: str):
+        self.text = text
+        self.filename = filename
+        self.pos = 0
+        self.line = 1
+
+    def error(self, message: str, line: int | None = None) -> XlConfigError:
+        return XlConfigError(self.filename, self.line if line is None else line, message)
+
+    def tokens(self) -> list[_Token]:
+        out: list[_Token] = []
+        text = self.text
+        while True:
+            while self.pos < len(text) and text[self.pos] in " \t\r":
+                self.pos += 1
+            if self.pos >= len(text):
+                out.append(_Token("eof", "", self.line))
+                return out
+            c = text[self.pos]
+            if c == "#":
+                end = text.find("\n", self.pos)
+                self.pos = len(text) if end < 0 else end
+                continue
+            if c == "\n":
+                out.append(_Token("newline", "\n", self.line))
+                self.pos += 1
+                self.line += 1
+                continue
+            if c in "[],;=":
+                out.append(_Token(c, c, self.line))
+                self.pos += 1
+                continue
+            if text.startswith("+=", self.pos):
+                out.append(_Token("+=", "+=", self.line))
+                self.pos += 2
+                continue
+            if c in "\"'":
+                out.append(self._string(c))
+                continue
+            match = _NUMBER_WORD.match(text, self.pos)
+            if match:
+                word = match.group()
+                value = _number(word)
+                if value is None:
+                    raise self.error(f"{word!r} is not a number (xl.cfg numbers are decimal, 0octal or 0xhex, "
+                                     "with no unit: memory is a number of MiB)")
+                out.append(_Token("number", word, self.line, value))
+                self.pos = match.end()
+                continue
+            match = _IDENT.match(text, self.pos)
+            if match:
+                out.append(_Token("ident", match.group(), self.line))
+                self.pos = match.end()
+                continue
+            raise self.error(f"unexpected character {c!r}")
+
+    def _string(self, quote: str) -> _Token:
+        text, start_line = self.text, self.line
+        self.pos += 1
+        data = bytearray()
+        while True:
+            if self.pos >= len(text) or text[self.pos] == "\n":
+                raise self.error("unterminated string", start_line)
+            c = text[self.pos]
+            self.pos += 1
+            if c == quote:
+                break
+            if c != "\\":
+                data += c.encode("utf-8", "surrogateescape")
+                continue
+            if self.pos >= len(text) or text[self.pos] == "\n":
+                raise self.error("unterminated string", start_line)
+            e = text[self.pos]
+            self.pos += 1
+            if e in _SIMPLE_ESCAPES:
+                data += _SIMPLE_ESCAPES[e].encode()
+            elif e == "x":
+                digits = re.match(r"[0-9a-fA-F]{1,2}", text[self.pos:self.pos + 2])
+                if not digits:
+                    raise self.error("\\x in a string must be followed by hexadecimal digits")
+                data.append(int(digits.group(), 16))
+                self.pos += digits.end()
+            elif e in "01234567":
+                digits = re.match(r"[0-7]{1,3}", text[self.pos - 1:self.pos + 2])
+                value = int(digits.group(), 8)
+                if value > 0xFF:
+                    raise self.error(f"octal escape \\{digits.group()} is larger than a byte")
+                data.append(value)
+                self.pos += digits.end() - 1
+            else:
+                raise self.error(f"invalid escape \\{e} in a string")
+        value = bytes(data).decode("utf-8", "surrogateescape")
+        return _Token("string", value, start_line, value)
+
+
+def _describe(token: _Token) -> str:
+    return {"eof": "the end of the file", "newline": "the end of the line", "string": "a string",
+            "number": f"the number {token.text}"}.get(token.kind, repr(token.text))
+
+
+class _Parser:
+    def __init__(self, tokens: list[_Token], lexer: _Lexer):
+        self.tokens = tokens
+        self.index = 0
+        self.lexer = lexer
+
+    def peek(self) -> _Token:
+        return self.tokens[self.index]
+
+    def take(self) -> _Token:
+        token = self.tokens[self.index]
+        if token.kind != "eof":
+            self.index += 1
+        return token
+
+    def error(self, token: _Token, message: str) -> XlConfigError:
+        return XlConfigError(self.lexer.filename, token.line, message)
+
+    def statements(self) -> dict[str, XlSetting]:
+        settings: dict[str, XlSetting] = {}
+        while True:
+            token = self.take()
+            if token.kind == "eof":
+                return settings
+            if token.kind in ("newline", ";"):
+                continue
+            if token.kind != "ident":
+                raise self.error(token, f"expected KEY = VALUE, found {_describe(token)}")
+            op = self.take()
+            if op.kind not in ("=", "+="):
+                raise self.error(op, f"expected '=' after {token.text}, found {_describe(op)}")
+            value_token = self.peek()
+            value, item_lines = self.value(token.text)
+            end = self.take()
+            if end.kind not in ("newline", ";", "eof"):
+                raise self.error(end, f"expected the end of the line or ';' after the value of {token.text}, "
+                                      f"found {_describe(end)}")
+            previous = settings.pop(token.text, None)
+            if op.kind == "+=" and previous is not None:
+                value, item_lines = self.append(token, previous, value, item_lines)
+            settings[token.text] = XlSetting(token.text, value, value_token.line, item_lines)
+
+    def append(self, key: _Token, previous: XlSetting, value: XlValue, item_lines):
+        if isinstance(previous.value, int) or isinstance(value, int):
+            raise self.error(key, f"{key.text} += cannot be used with numbers")
+        if isinstance(previous.value, str) and isinstance(value, str):
+            return previous.value + value, ()
+        if isinstance(previous.value, tuple) and isinstance(value, tuple):
+            return previous.value + value, previous.item_lines + item_lines
+        raise self.error(key, f"{key.text} += cannot add a list to a string or a string to a list")
+
+    def value(self, key: str) -> tuple[XlValue, tuple[int, ...]]:
+        token = self.take()
+        if token.kind in ("string", "number"):
+            return token.value, ()
+        if token.kind == "[":
+            return self.list_rest(token, key)
+        hint = ""
+        if token.kind == "ident" and token.text in ("True", "False", "None", "true", "false", "yes", "no"):
+            hint = ": xl.cfg has no booleans of that kind; write 1 or 0"
+        elif token.kind == "ident":
+            hint = ": strings need quotes"
+        raise self.error(token, f"expected a value (a \"string\", a number or a [list]) for {key}, "
+                                f"found {_describe(token)}{hint}")
+
+    def skip_newlines(self) -> None:
+        while self.peek().kind == "newline":
+            self.take()
+
+    def list_rest(self, opening: _Token, key: str) -> tuple[tuple, tuple[int, ...]]:
+        items: list[XlValue] = []
+        lines: list[int] = []
+        self.skip_newlines()
+        while True:
+            token = self.peek()
+            if token.kind == "]":
+                self.take()
+                return tuple(items), tuple(lines)
+            if token.kind == "eof":
+                raise self.error(token, f"unterminated list (the [ of {key} on line {opening.line} is never closed)")
+            lines.append(token.line)
+            value, _ = self.value(key)
+            items.append(value)
+            self.skip_newlines()
+            token = self.take()
+            if token.kind == "]":
+                return tuple(items), tuple(lines)
+            if token.kind == "eof":
+                raise self.error(token, f"unterminated list (the [ of {key} on line {opening.line} is never closed)")
+            if token.kind != ",":
+                raise self.error(token, f"expected ',' or ']' in the list of {key}, found {_describe(token)}")
+            self.skip_newlines()
+
+
+def parse_xl(text: str, filename: str = "<config>") -> dict[str, XlSetting]:
+    """The settings of an xl config file, in the order of their last assignment."""
+    lexer = _Lexer(text, filename)
+    return _Parser(lexer.tokens(), lexer).statements()
+
+
+def format_xl_value(value: XlValue) -> str:
+    """The xl.cfg text of a value; `parse_xl` reads it back unchanged."""
+    if isinstance(value, bool):
+        raise TypeError("xl.cfg has no booleans; use 0 or 1")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("xl.cfg numbers cannot be negative")
+        return str(value)
+    if isinstance(value, str):
+        out = ['"']
+        for ch in value:
+            code = ord(ch)
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif ch == "\n":
+                out.append("\\n")
+            elif ch == "\t":
+                out.append("\\t")
+            elif code < 0x20 or code == 0x7F:
+                out.append(f"\\x{code:02x}")
+            elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+                out.append(f"\\x{code - 0xDC00:02x}")
+            elif 0xD800 <= code <= 0xDFFF:
+                raise ValueError("a lone surrogate cannot be written to a config file")
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(format_xl_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to an xl config file")
+
+
+def format_xl(settings: Mapping[str, XlValue]) -> str:
+    """An xl config file holding `settings` (key -> value)."""
+    lines = []
+    for key, value in settings.items():
+        if not _IDENT.fullmatch(key):
+            raise ValueError(f"{key!r} is not a valid xl.cfg key")
+        lines.append(f"{key} = {format_xl_value(value)}\n")
+    return "".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Disk and vif specifications
+
+
+class _SpecError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A block device for the guest: a raw image or device at `path`, seen as `vdev`."""
+
+    path: Path
+    vdev: str
+    readonly: bool = False
+
+    def to_xl(self) -> str:
+        """This disk in xl's disk syntax (target= last, so any path survives)."""
+        access = "ro" if self.readonly else "rw"
+        return f"format=raw, vdev={self.vdev}, access={access}, target={self.path}"
+
+
+@dataclass(frozen=True)
+class VifSpec:
+    """A network interface for the guest, backed by the host's existing tap device `tap`."""
+
+    tap: str
+    mac: str | None = None  # "00:16:3e:12:34:56"; None: pyvmm chooses one
+
+    def option_text(self) -> str:
+        """The network option of `pyvmm run`: tap=IFNAME[,mac=MAC]."""
+        return f"tap={self.tap}" + (f",mac={self.mac}" if self.mac else "")
+
+    def to_xl(self) -> str:
+        return f"vifname={self.tap}" + (f",mac={self.mac}" if self.mac else "")
+
+
+_VDEV = re.compile(r"(?:xvd|hd|sd)[a-z]+[0-9]*|d[0-9]+(?:p[0-9]+)?")
+_DISK_FLAGS = {"cdrom", "direct-io-safe", "discard", "no-discard", "colo", "no-colo", "trusted", "untrusted"}
+_DISK_KNOWN_KEYS = {"backend", "script", "specification", "colo-host", "colo-port", "colo-export", "active-disk",
+                    "hidden-disk", "grant_usage"}
+_IGNORED_PREFIXES = ("tapdisk", "tap2", "tap", "aio", "ioemu", "file", "phy")
+_FORMAT_PREFIXES = ("raw", "qcow2", "qcow", "vhd")
+_SCRIPT_PREFIXES = ("iscsi", "nbd", "enbd", "drbd")
+_KNOWN_PREFIX = re.compile("(" + "|".join(_IGNORED_PREFIXES + _FORMAT_PREFIXES + _SCRIPT_PREFIXES) + "):")
+_FORMATS = {"raw", "qcow", "qcow2", "vhd", "qed"}
+_CDROM_MESSAGE = "CD-ROM drives are not supported: pyvmm has no emulated disk controller or CD-ROM"
+
+
+def _set_format(disk: dict, text: str) -> None:
+    text = text.strip()
+    if text in ("", "raw"):
+        disk["format"] = "raw"
+    elif text in _FORMATS:
+        raise _SpecError(f"format {text} is not supported: pyvmm serves raw images and block devices only "
+                         f"(convert it: qemu-img convert -O raw IMAGE IMAGE.raw)")
+    else:
+        raise _SpecError(f"unknown disk format {text!r}")
+
+
+def _set_access(disk: dict, text: str) -> None:
+    text = text.strip()
+    if text in ("", "w", "rw"):
+        disk["readonly"] = False
+    elif text in ("r", "ro"):
+        disk["readonly"] = True
+    else:
+        raise _SpecError(f"access {text!r}: expected r, ro, w or rw")
+    disk["access_set"] = True
+
+
+def _set_vdev(disk: dict, text: str) -> None:
+    text = text.strip()
+    if "vdev" in disk:
+        raise _SpecError("vdev is given twice")
+    if ":" in text:
+        text, devtype = text.split(":", 1)
+        if devtype == "cdrom":
+            raise _SpecError(_CDROM_MESSAGE)
+        if devtype != "disk":
+            raise _SpecError(f"unknown device type {devtype!r} after the vdev")
+    disk["vdev"] = text
+
+
+def parse_disk_spec(spec: str) -> tuple[DiskSpec, list[str]]:
+    """One entry of `disk = [...]` -> (DiskSpec, warnings). Raises ConfigError."""
+    try:
+        return _parse_disk(spec)
+    except _SpecError as error:
+        raise ConfigError(f"disk {spec!r}: {error}") from None
+
+
+def _parse_disk(spec: str) -> tuple[DiskSpec, list[str]]:
+    disk: dict = {}
+    warnings: list[str] = []
+    had_prefix = False
+    rest = spec
+    while True:
+        rest = rest.lstrip(" \t\n")
+        if not rest:
+            break
+        if rest.startswith("target="):  # takes the rest of the spec, commas included
+            target = rest[len("target="):]
+            disk["target"] = target[:-1] if target.endswith(",") else target
+            break
+        # xend's prefixes: known ones whatever follows, any other word only before a non-alphanumeric
+        prefix = _KNOWN_PREFIX.match(rest) or re.match(r"([a-z][a-z0-9]*):(?![a-z0-9])", rest)
+        if prefix:
+            name = prefix.group(1)
+            rest = rest[prefix.end():]
+            if name in _IGNORED_PREFIXES:
+                had_prefix = True
+            elif name in _FORMAT_PREFIXES:
+                had_prefix = True
+                _set_format(disk, name)
+            elif name in _SCRIPT_PREFIXES:
+                raise _SpecError(f"{name}: disks (a block script) are not supported: give a path pyvmm can open")
+            else:
+                raise _SpecError(f"unknown disk prefix {name}:")
+            continue
+        param, comma, rest = rest.partition(",")
+        if "=" in param:
+            key, _, value = param.partition("=")
+            key = key.strip()
+            if key == "format":
+                if "format" in disk:
+                    raise _SpecError("format is given twice")
+                _set_format(disk, value)
+            elif key == "vdev":
+                _set_vdev(disk, value)
+            elif key == "access":
+                if disk.get("access_set"):
+                    raise _SpecError("access is given twice")
+                _set_access(disk, value)
+            elif key == "devtype":
+                if value.strip() == "cdrom":
+                    raise _SpecError(_CDROM_MESSAGE)
+                if value.strip() != "disk":
+                    raise _SpecError(f"unknown devtype {value.strip()!r}")
+            elif key == "backendtype":
+                if value.strip() not in ("phy", "tap", "qdisk"):
+                    raise _SpecError(f"unknown backendtype {value.strip()!r}")
+                warnings.append(f"backendtype={value.strip()} is ignored: pyvmm's own block backend serves "
+                                "every disk (the guest sees no difference)")
+            elif key == "mode":
+                raise _SpecError("mode= is not an xl disk parameter; use access=r or access=rw")
+            elif key in _DISK_KNOWN_KEYS:
+                raise _SpecError(f"{key}= is not supported by pyvmm")
+            else:
+                raise _SpecError(f"unknown disk parameter {key}=")
+            continue
+        if param.strip() in _DISK_FLAGS:
+            flag = param.strip()
+            raise _SpecError(_CDROM_MESSAGE if flag == "cdrom" else f"{flag} is not supported by pyvmm")
+        # a positional parameter: target, format, vdev, access in turn
+        if "target" not in disk:
+            disk["target"] = param
+        elif not had_prefix and "format" not in disk:
+            if not disk["target"].strip() and ":" in param:  # xend's ",hdc:cdrom,r": an empty drive
+                _set_vdev(disk, param)
+            else:
+                _set_format(disk, param)
+        elif "vdev" not in disk:
+            _set_vdev(disk, param)
+        elif not disk.get("access_set"):
+            _set_access(disk, param)
+        else:
+            raise _SpecError(f"too many positional parameters (at {param.strip()!r})")
+        if not comma:
+            break
+    target = disk.get("target", "")
+    if not target.strip():
+        raise _SpecError("no target (the image file or block device)")
+    vdev = disk.get("vdev", "")
+    if not vdev:
+        raise _SpecError("no vdev (the guest's name for the disk, e.g. xvda)")
+    if not _VDEV.fullmatch(vdev):
+        raise _SpecError(f"vdev {vdev!r} is not a disk name like xvda, hda, sdb or xvda1")
+    return DiskSpec(Path(target), vdev, disk.get("readonly", False)), warnings
+
+
+_MAC = re.compile(r"([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})[:-]"
+                  r"([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})")
+_VIF_UNSUPPORTED = {"script", "backend", "rate", "mtu", "gatewaydev", "netdev", "vlan", "devid", "accel",
+                    "forwarddev", "colo_sock_mirror_id", "colo_sock_mirror_ip", "colo_sock_mirror_port",
+                    "colo_sock_compare_pri_in_id", "colo_sock_compare_pri_in_ip", "colo_checkpoint_host",
+                    "colo_checkpoint_port"}
+
+
+def valid_ifname(name: str) -> bool:
+    """Linux's rule for a network interface name (IFNAMSIZ, no '/', ':' or whitespace)."""
+    return (0 < len(name.encode("utf-8", "surrogateescape")) < 16 and name not in (".", "..")
+            and not re.search(r"[/:\s,=]", name))
+
+
+def parse_mac(text: str) -> str:
+    """'00:16:3E:1:2:3' -> '00:16:3e:01:02:03'. Raises ConfigError."""
+    match = _MAC.fullmatch(text.strip())
+    if not match:
+        raise ConfigError(f"mac {text!r} is not a MAC address like 00:16:3e:12:34:56")
+    octets = [int(group, 16) for group in match.groups()]
+    if octets[0] & 1:
+        raise ConfigError(f"mac {text!r} is a multicast address; a network card needs a unicast one")
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
+def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
+    """One entry of `vif = [...]` -> (VifSpec, warnings). Raises ConfigError."""
+    try:
+        return _parse_vif(spec)
+    except _SpecError as error:
+        raise ConfigError(f"vif {spec!r}: {error}") from None
+
+
+def _parse_vif(spec: str) -> tuple[VifSpec, list[str]]:
+    tap = mac = None
+    bridge = None
+    warnings: list[str] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, equals, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals:
+            if key in ("trusted", "untrusted"):
+                raise _SpecError(f"{key} is not supported by pyvmm")
+            raise _SpecError(f"unknown vif parameter {key!r}")
+        if key == "mac":
+            try:
+                mac = parse_mac(value)
+            except ConfigError as error:
+                raise _SpecError(str(error)) from None
+        elif key == "vifname":
+            if not valid_ifname(value):
+                raise _SpecError(f"vifname {value!r} is not a valid network interface name (1 to 15 characters, "
+                                 "no '/', ':', ',', '=' or spaces)")
+            tap = value
+        elif key == "bridge":
+            bridge = value
+        elif key == "type":
+            if value not in ("vif", "ioemu"):
+                raise _SpecError(f"type {value!r}: expected vif or ioemu")
+        elif key == "model":
+            warnings.append(f"model={value} is ignored: pyvmm emulates no network card, the guest must use "
+                            "its Xen PV network driver (netfront)")
+        elif key == "ip":
+            warnings.append(f"ip={value} is ignored: pyvmm runs no hotplug scripts; configure addresses "
+                            "and filtering on the tap device yourself")
+        elif key in _VIF_UNSUPPORTED or key.startswith("colo_"):
+            raise _SpecError(f"{key}= is not supported by pyvmm")
+        else:
+            raise _SpecError(f"unknown vif parameter {key}=")
+    if tap is None:
+        raise _SpecError("no vifname=: pyvmm connects each vif to an existing tap device named by vifname= "
+                         "(create one with: ip tuntap add dev NAME mode tap)")
+    if bridge is not None:
+        warnings.append(f"bridge={bridge}: pyvmm does not add {tap} to a bridge; do it beforehand "
+                        f"(ip link set {tap} master {bridge})")
+    return VifSpec(tap, mac), warnings
+
+
+# --------------------------------------------------------------------------
+# Keys
+
+
+@dataclass(frozen=True)
+class XlConfig:
+    """The HVM guest an xl config file describes, in pyvmm's terms."""
+
+    name: str
+    source: str = "<config>"
+    kernel: Path | None = None
+    ramdisk: Path | None = None
+    cmdline: str | None = None  # None: the file gives none of cmdline, root, extra
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    disks: tuple[DiskSpec, ...] = ()
+    vifs: tuple[VifSpec, ...] = ()
+    serial: str | None = None  # pyvmm's --serial text: "stdio", "none" or "file:PATH"
+    on_reboot: str = "restart"  # "restart" or "destroy"
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_run_options(self) -> dict:
+        """Keyword values for `pyvmm run`, for the settings the file gives.
+
+        Keys: name, xen (always), kernel and initrd (Path), cmdline, memory
+        (bytes), vcpus, serial (text), no_reboot (from on_reboot),
+        disks (DiskSpecs) and vifs (VifSpecs, see VifSpec.option_text) when
+        the file has any. Options the person gives on the command line win
+        over these."""
+        options: dict = {"name": self.name, "xen": True}
+        if self.kernel is not None:
+            options["kernel"] = self.kernel
+        if self.ramdisk is not None:
+            options["initrd"] = self.ramdisk
+        if self.cmdline is not None:
+            options["cmdline"] = self.cmdline
+        if self.memory_mib is not None:
+            options["memory"] = self.memory_mib * layout.MiB
+        if self.vcpus is not None:
+            options["vcpus"] = self.vcpus
+        if self.serial is not None:
+            options["serial"] = self.serial
+        options["no_reboot"] = self.on_reboot == "destroy"
+        if self.disks:
+            options["disks"] = self.disks
+        if self.vifs:
+            options["vifs"] = self.vifs
+        return options
+
+
+# Keys that change nothing as long as their value is what pyvmm does anyway:
+# key -> (the value pyvmm matches, why another value cannot be honoured).
+_FIXED_BOOLEANS = {
+    "acpi": (True, "pyvmm always gives the guest ACPI tables"),
+    "apic": (True, "pyvmm always gives the guest local APICs and an IOAPIC"),
+    "pae": (True, "pyvmm's vCPUs always have PAE"),
+    "hap": (True, "KVM always uses the processor's nested paging when it has it"),
+    "nx": (True, "pyvmm passes the host's NX bit through"),
+    "xen_platform_pci": (True, "pyvmm always gives a Xen guest the platform PCI device "
+                               "(pyvmm run --no-xen boots a plain PC guest instead)"),
+    "viridian": (False, "pyvmm has no Hyper-V enlightenments"),
+    "hpet": (False, "pyvmm has no HPET"),
+    "localtime": (False, "pyvmm's RTC keeps UTC"),
+    "vnc": (False, "pyvmm has no graphical console"),
+    "sdl": (False, "pyvmm has no graphical console"),
+    "nographic": (True, "pyvmm has no graphical console"),
+    "usb": (False, "pyvmm has no USB controller"),
+    "nestedhvm": (False, "pyvmm does not offer nested virtualization"),
+}
+
+_KNOWN_KEYS = {"name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
+               "cmdline", "root", "extra", "disk", "vif", "on_poweroff", "on_reboot", "on_crash", "serial",
+               "boot", "vga"} | set(_FIXED_BOOLEANS)
+
+_ACTIONS = {"destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart",
+            "soft-reset"}
+
+
+class _Keys:
+    """Typed access to the settings, with errors at the right line."""
+
+    def __init__(self, settings: dict[str, XlSetting], filename: str):
+        self.settings = settings
+        self.filename = filename
+
+    def error(self, key: str, message: str, line: int | None = None) -> XlConfigError:
+        if line is None:
+            line = self.settings[key].line if key in self.settings else None
+        return XlConfigError(self.filename, line, message)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.settings
+
+    def string(self, key: str) -> str | None:
+        setting = self.settings.get(key)
+        if setting is None:
+            return None
+        if isinstance(setting.value, tuple):
+            raise self.error(key, f"{key} must be a single value, not a list")
+        return str(setting.value)
+
+    def integer(self, key: str) -> int | None:
+        setting = self.settings.get(key)
+        if setting is None:
+            return None
+        value = setting.value
+        if isinstance(value, str):
+            value = _number(value.strip())
+        if not isinstance(value, int):
+            raise self.error(key, f"{key} must be a number, not {format_xl_value(setting.value)}")
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.integer(key)
+        return None if value is None else value != 0
+
+    def strings(self, key: str) -> list[tuple[str, int]]:
+        """A list of strings (a single string counts as a list of one) with their lines."""
+        setting = self.settings.get(key)
+        if setting is None:
+            return []
+        if not isinstance(setting.value, tuple):
+            return [(str(setting.value), setting.line)]
+        out = []
+        for item, line in zip(setting.value, setting.item_lines or (setting.line,) * len(setting.value)):
+            if isinstance(item, tuple):
+                raise self.error(key, f"{key} must be a list of strings, not a list of lists", line)
+            out.append((str(item), line))
+        return out
+
+
+def load_xl_config(path: str | Path) -> XlConfig:
+    """Read and check an xl config file. Raises ConfigError (XlConfigError) naming file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+    return xl_config_from_text(data.decode("utf-8", "surrogateescape"), str(path))
+
+
+def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
+    """`load_xl_config` for text already in memory; `filename` is used in messages."""
+    settings = parse_xl(text, filename)
+    unknown = [setting for key, setting in settings.items() if key not in _KNOWN_KEYS]
+    if unknown:
+        listed = ", ".join(f"{s.key} (line {s.line})" for s in sorted(unknown, key=lambda s: s.line))
+        raise XlConfigError(filename, None, f"pyvmm does not support these xl.cfg keys: {listed}")
+    keys = _Keys(settings, filename)
+    warnings: list[str] = []
+
+    def warn(key: str, message: str, line: int | None = None) -> None:
+        warnings.append(f"{filename}:{line or settings[key].line}: {message}")
+
+    _check_type(keys)
+    name = keys.string("name")
+    if name is None:
+        raise XlConfigError(filename, None, "name= is missing (xl requires the domain's name)")
+    if not name or "/" in name:
+        raise keys.error("name", f"name {name!r}: expected a non-empty name without '/'")
+
+    memory = _matching_pair(keys, "memory", "maxmem", "MiB",
+                            "pyvmm gives the guest all its memory at boot and does no ballooning")
+    if memory is not None:
+        key = "memory" if "memory" in keys else "maxmem"
+        if memory * layout.MiB < MIN_MEMORY or memory % 2:
+            raise keys.error(key, f"{key}={memory}: pyvmm needs an even number of MiB, at least "
+                                  f"{MIN_MEMORY // layout.MiB}")
+    vcpus = _matching_pair(keys, "vcpus", "maxvcpus", "vCPUs", "pyvmm starts every vCPU at boot and does "
+                                                               "no vCPU hotplug", default_first=1)
+    if vcpus is not None and not 1 <= vcpus <= MAX_VCPUS:
+        key = "vcpus" if "vcpus" in keys else "maxvcpus"
+        raise keys.error(key, f"{key}={vcpus}: pyvmm runs 1 to {MAX_VCPUS} vCPUs")
+
+    kernel = keys.string("kernel")
+    ramdisk = keys.string("ramdisk")
+    for key, value in (("kernel", kernel), ("ramdisk", ramdisk)):
+        if value is not None and not value:
+            raise keys.error(key, f"{key} is empty")
+    cmdline = _cmdline(keys, warn)
+
+    for key in ("on_poweroff", "on_crash"):
+        _action(keys, key, {"destroy"})
+    on_reboot = _action(keys, "on_reboot", {"destroy", "restart"}) or "restart"
+    serial = _serial(keys)
+
+    for key, (wanted, why) in _FIXED_BOOLEANS.items():
+        if key not in keys:
+            continue
+        if key == "viridian" and isinstance(settings[key].value, tuple):
+            if settings[key].value:
+                raise keys.error(key, f"viridian: {why}")
+            continue
+        if keys.boolean(key) != wanted:
+            raise keys.error(key, f"{key}={int(not wanted)}: {why}; set {key}={int(wanted)} or remove it")
+    boot = keys.string("boot")
+    if boot is not None and not re.fullmatch(r"[acd]+", boot):
+        raise keys.error("boot", f"boot={boot!r}: pyvmm boots the kernel= file directly; network boot is not "
+                                 "supported (boot= may only list a, c and d, which make no difference)")
+    vga = keys.string("vga")
+    if vga is not None and vga != "none":
+        raise keys.error("vga", f"vga={vga!r}: pyvmm has no graphics card; set vga=\"none\" or remove it")
+
+    disks = _devices(keys, "disk", parse_disk_spec, warn)
+    seen: dict[str, int] = {}
+    for disk, line in disks:
+        if disk.vdev in seen:
+            raise keys.error("disk", f"vdev {disk.vdev} is used twice (also on line {seen[disk.vdev]})", line)
+        seen[disk.vdev] = line
+    vifs = _devices(keys, "vif", parse_vif_spec, warn)
+    seen = {}
+    for vif, line in vifs:
+        if vif.tap in seen:
+            raise keys.error("vif", f"vifname {vif.tap} is used twice (also on line {seen[vif.tap]})", line)
+        seen[vif.tap] = line
+
+    for message in warnings:
+        log.warning("%s", message)
+    return XlConfig(
+        name=name,
+        source=filename,
+        kernel=Path(kernel) if kernel else None,
+        ramdisk=Path(ramdisk) if ramdisk else None,
+        cmdline=cmdline,
+        memory_mib=memory,
+        vcpus=vcpus,
+        disks=tuple(disk for disk, _ in disks),
+        vifs=tuple(vif for vif, _ in vifs),
+        serial=serial,
+        on_reboot=on_reboot,
+        warnings=tuple(warnings),
+    )
+
+
+def _check_type(keys: _Keys) -> None:
+    kind = keys.string("type")
+    builder = keys.string("builder")
+    if kind is not None:
+        if kind == "pv":
+            raise keys.error("type", 'type="pv": pyvmm runs HVM guests only; a PV guest\'s kernel usually boots '
+                                     'as an HVM guest too: set type="hvm"')
+        if kind == "pvh":
+            raise keys.error("type", 'type="pvh": pyvmm runs HVM guests only (a PC with ACPI, an IOAPIC, '
+                                     'a serial port and the Xen platform device, which a PVH domain lacks); '
+                                     'a PVH-capable Linux kernel boots as an HVM guest: set type="hvm"')
+        if kind != "hvm":
+            raise keys.error("type", f"type={kind!r}: expected \"hvm\" (pyvmm runs HVM guests)")
+        if builder is not None and builder != "hvm":
+            raise keys.error("builder", f"builder={builder!r} contradicts type=\"hvm\"")
+        return
+    if builder is not None:
+        if builder == "hvm":
+            return
+        if builder == "generic":
+            raise keys.error("builder", 'builder="generic" makes a PV guest; pyvmm runs HVM guests only: '
+                                        'set type="hvm"')
+        raise keys.error("builder", f"builder={builder!r}: expected \"hvm\"")
+    raise XlConfigError(keys.filename, None, 'no type= (xl makes such a guest a PV guest); pyvmm runs HVM '
+                                             'guests only: add type = "hvm"')
+
+
+def _matching_pair(keys: _Keys, first: str, maximum: str, unit: str, why: str,
+                   default_first: int | None = None) -> int | None:
+    """memory/maxmem and vcpus/maxvcpus: the maximum must equal the initial value."""
+    value = keys.integer(first)
+    top = keys.integer(maximum)
+    for key, number in ((first, value), (maximum, top)):
+        if number is not None and number <= 0:
+            raise keys.error(key, f"{key} must be positive")
+    if top is None:
+        return value
+    start = value if value is not None else default_first
+    if start is None:  # xl starts the guest with maxmem when memory is absent
+        return top
+    if start != top:
+        given = f"{first}={start}" if value is not None else f"{first} (default {start})"
+        raise keys.error(maximum, f"{maximum}={top} differs from {given} {unit}: {why}; "
+                                  f"make them equal or remove {maximum}")
+    return top
+
+
+def _cmdline(keys: _Keys, warn) -> str | None:
+    cmdline, root, extra = keys.string("cmdline"), keys.string("root"), keys.string("extra")
+    if cmdline is not None:
+        if root is not None or extra is not None:
+            warn("cmdline", "root= and extra= are ignored in favour of cmdline= (as xl does)")
+        return cmdline
+    if root is not None:
+        return f"root={root} {extra}" if extra is not None else f"root={root}"
+    return extra
+
+
+def _action(keys: _Keys, key: str, supported: set[str]) -> str | None:
+    action = keys.string(key)
+    if action is None or action in supported:
+        return action
+    if action not in _ACTIONS:
+        raise keys.error(key, f"{key}={action!r} is not an xl action")
+    meaning = {
+        "on_poweroff": "pyvmm ends (status 0) when the guest powers off",
+        "on_crash": "pyvmm ends (status 3) when the guest crashes",
+        "on_reboot": "pyvmm restarts the guest, or ends with status 2 under on_reboot=\"destroy\"",
+    }[key]
+    choices = " or ".join(f'"{a}"' for a in sorted(supported))
+    raise keys.error(key, f"{key}={action!r} is not supported: {meaning}; use {choices}")
+
+
+def _serial(keys: _Keys) -> str | None:
+    if "serial" not in keys:
+        return None
+    ports = keys.strings("serial")
+    used = [(text, line) for text, line in ports if text not in ("none", "null")]
+    if len(used) > 1:
+        raise keys.error("serial", "pyvmm has one serial port (COM1); the list gives more", used[1][1])
+    if not used:
+        return "none"
+    text, line = used[0]
+    if text in ("pty", "stdio"):
+        return "stdio"
+    if text.startswith("file:") and len(text) > 5:
+        return text
+    raise keys.error("serial", f"serial={text!r}: pyvmm supports \"pty\" (its standard input and output), "
+                               "\"file:PATH\" and \"none\"", line)
+
+
+def _devices(keys: _Keys, key: str, parse, warn) -> list:
+    out = []
+    for text, line in keys.strings(key):
+        try:
+            device, notes = parse(text)
+        except ConfigError as error:
+            raise keys.error(key, str(error), line) from None
+        for note in notes:
+            warn(key, f"{key} {text!r}: {note}", line)
+        out.append((device, line))
+    return out
+
+
+def xl_keys() -> Iterable[str]:
+    """The keys `load_xl_config` understands."""
+    return sorted(_KNOWN_KEYS)
