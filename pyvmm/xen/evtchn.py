@@ -50,6 +50,29 @@ from typing import Callable, Iterable, Iterator, Protocol
 from . import atomic
 from .errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
 from .shared_info import LEGACY_VCPUS, SharedInfoLayout, layout
+from .abi import (
+    EVTCHNSTAT_closed,
+    EVTCHNSTAT_unbound,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_pirq,
+    EVTCHNSTAT_virq,
+    EVTCHNSTAT_ipi,
+    VIRQ_TIMER,
+    VIRQ_DEBUG,
+    VIRQ_CONSOLE,
+    VIRQ_DOM_EXC,
+    VIRQ_TBUF,
+    VIRQ_DEBUGGER,
+    VIRQ_XENOPROF,
+    VIRQ_CON_RING,
+    VIRQ_PCPU_STATE,
+    VIRQ_MEM_EVENT,
+    VIRQ_ARGO,
+    VIRQ_ENOMEM,
+    VIRQ_XENPMU,
+    VIRQ_ARCH_0,
+    NR_VIRQS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +80,6 @@ DOM0 = 0
 DOMID_SELF = 0x7FF0
 DOMID_FIRST_RESERVED = 0x7FF0
 
-# event_channel.h: EVTCHNOP_status results
-EVTCHNSTAT_closed = 0
-EVTCHNSTAT_unbound = 1
-EVTCHNSTAT_interdomain = 2
-EVTCHNSTAT_pirq = 3
-EVTCHNSTAT_virq = 4
-EVTCHNSTAT_ipi = 5
-
-# xen.h
-VIRQ_TIMER = 0
-VIRQ_DEBUG = 1
-VIRQ_CONSOLE = 2
-VIRQ_DOM_EXC = 3
-VIRQ_TBUF = 4
-VIRQ_DEBUGGER = 6
-VIRQ_XENOPROF = 7
-VIRQ_CON_RING = 8
-VIRQ_PCPU_STATE = 9
-VIRQ_MEM_EVENT = 10
-VIRQ_ARGO = 11
-VIRQ_ENOMEM = 12
-VIRQ_XENPMU = 13
-VIRQ_ARCH_0 = 16
-NR_VIRQS = 24
 # Bound once per vCPU and never moved; every other VIRQ is global (x86 has
 # no per-vCPU arch VIRQs): bound on vCPU 0 once, movable with bind_vcpu.
 PER_VCPU_VIRQS = frozenset({VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU})

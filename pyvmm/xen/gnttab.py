@@ -41,6 +41,22 @@ import threading
 from ..memory import GuestMemory, GuestMemoryError
 from . import atomic
 from .errors import EACCES, EINVAL, ENOSYS, XenError
+from .abi import (
+    GNTST_okay,
+    GNTST_general_error,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_virt_addr,
+    GNTST_bad_dev_addr,
+    GNTST_no_device_space,
+    GNTST_permission_denied,
+    GNTST_bad_page,
+    GNTST_bad_copy_arg,
+    GNTST_address_too_big,
+    GNTST_eagain,
+    GNTST_no_space,
+)
 
 PAGE_SIZE = 4096
 ENTRY_SIZE = 8
@@ -62,21 +78,6 @@ GNTTAB_NR_RESERVED_ENTRIES = 8
 GNTTAB_RESERVED_CONSOLE = 0
 GNTTAB_RESERVED_XENSTORE = 1
 
-# Grant operation status codes (grant_table.h).
-GNTST_okay = 0
-GNTST_general_error = -1
-GNTST_bad_domain = -2
-GNTST_bad_gntref = -3
-GNTST_bad_handle = -4
-GNTST_bad_virt_addr = -5
-GNTST_bad_dev_addr = -6
-GNTST_no_device_space = -7
-GNTST_permission_denied = -8
-GNTST_bad_page = -9
-GNTST_bad_copy_arg = -10
-GNTST_address_too_big = -11
-GNTST_eagain = -12
-GNTST_no_space = -13
 
 _STATUS_ERRNO = {GNTST_permission_denied: EACCES}
 
