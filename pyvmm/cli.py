@@ -12,14 +12,16 @@ Exit status of `pyvmm run`:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 import click
 
-from .config import ConfigError, SerialSpec, VmConfig, parse_size, parse_xen_version
+from .config import ConfigError, DiskOption, SerialSpec, VmConfig, parse_size, parse_xen_version
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -74,7 +76,8 @@ def main() -> None:
 
 
 @cli.command()
-@click.option("--kernel", type=click.Path(path_type=Path), required=True, help="bzImage or PVH ELF kernel.")
+@click.argument("config_file", required=False, type=click.Path(path_type=Path))
+@click.option("--kernel", type=click.Path(path_type=Path), help="bzImage or PVH ELF kernel.")
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
 @click.option("--append", "cmdline", default="", help="Kernel command line.")
 @click.option("--memory", "-m", type=_Size(), default="512M", show_default=True, help="Guest RAM (K/M/G suffix).")
@@ -88,31 +91,45 @@ def main() -> None:
 @click.option("--xen-version", default="4.17", show_default=True, help="Xen version the guest sees.")
 @click.option("--xen-accel/--no-xen-accel", default=True, show_default=True,
               help="Use KVM's in-kernel event-channel paths where the host has them.")
-@click.option("--name", default="pyvmm", show_default=True, help="The guest's name (in xenstore).")
+@click.option("--name", help="The VM's name: its control socket and xenstore name (default: from the config file, else pyvmm-PID).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,vdev=xvda][,readonly=on]",
+              help="A Xen PV disk backed by a raw image or block device (repeatable).")
+@click.option("--xenstore-socket", type=click.Path(path_type=Path),
+              help="Serve the VM's xenstore to dom0 tools here (default: in the runtime directory).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version, xen_accel,
-        name, verbose) -> None:
-    """Boot a guest kernel."""
+def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
+        xen_accel, name, disks, xenstore_socket, verbose) -> None:
+    """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
+
+    Options given on the command line override the file's values."""
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
         format="pyvmm: %(levelname)s: %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
+        values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
+                      no_reboot=no_reboot, xen=xen, name=name, disks=disks)
+        if config_file is not None:
+            values.update(_xl_config_values(config_file, click.get_current_context()))
+        if values["kernel"] is None:
+            raise ConfigError("no kernel: give --kernel, or kernel= in an xl.cfg file")
         config = VmConfig(
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=cmdline,
-            memory=memory,
-            vcpus=vcpus,
-            serial=SerialSpec.parse(serial),
-            no_reboot=no_reboot,
+            kernel=values["kernel"],
+            initrd=values["initrd"],
+            cmdline=values["cmdline"],
+            memory=values["memory"],
+            vcpus=values["vcpus"],
+            serial=SerialSpec.parse(values["serial"]),
+            no_reboot=values["no_reboot"],
             timeout=timeout,
             expect=expect,
-            xen=xen,
+            xen=values["xen"],
             xen_version=parse_xen_version(xen_version),
             xen_accel=xen_accel,
-            name=name,
+            name=values["name"] or f"pyvmm-{os.getpid()}",
+            xenstore_socket=xenstore_socket,
+            disks=tuple(DiskOption.parse(text, index) for index, text in enumerate(values["disks"])),
         )
         config.validate()
         from .runner import run_vm
@@ -158,6 +175,178 @@ def check(as_json, can_run_linux, can_run_xen) -> None:
     click.echo(f"Xen HVM guests: {'yes' if report.can_run_xen else 'no'}")
     if not report.can_run_xen:
         click.echo("Use scripts/testbed to run guests in a nested KVM that has what is missing here.")
+
+
+def _xl_config_values(path: Path, ctx: click.Context) -> dict:
+    """The xl.cfg file's settings, less those the command line gives."""
+    from click.core import ParameterSource
+
+    from .xlcfg import load_xl_config
+
+    options = load_xl_config(path).to_run_options()
+    if options.pop("vifs", ()):
+        raise ConfigError(f"{path}: vif= needs the PV network backend, which this version lacks")
+    options["disks"] = tuple(
+        f"{disk.path},vdev={disk.vdev}{',readonly=on' if disk.readonly else ''}" for disk in options.pop("disks", ())
+    )
+    return {
+        key: value
+        for key, value in options.items()
+        if ctx.get_parameter_source(key) is not ParameterSource.COMMANDLINE
+    }
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_vms_command(as_json) -> None:
+    """List the running VMs of this user."""
+    from .control import list_vms
+    from .runtime import runtime_dir
+
+    vms = list_vms(runtime_dir())
+    if as_json:
+        click.echo(json.dumps(vms, indent=2))
+        return
+    click.echo(f"{'NAME':<24} {'STATE':<14} {'VCPUS':>5} {'MEMORY':>8} {'PID':>8}  XEN")
+    for vm in vms:
+        click.echo(f"{vm['name']:<24} {vm['state']:<14} {vm['vcpus']:>5} {vm['memory'] >> 20:>7}M {vm['pid']:>8}  "
+                   f"{'yes' if vm['xen'] else 'no'}")
+
+
+@cli.group()
+@click.argument("name")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="How long shutdown/reboot wait for the guest.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.pass_context
+def ctl(ctx, name, timeout, as_json) -> None:
+    """Operate the running VM NAME (see docs/CONTROL.md)."""
+    ctx.obj = {"name": name, "timeout": timeout, "json": as_json}
+
+
+def _control_call(ctx, command: str, **arguments):
+    from .control import ControlClient, ControlConnectionError, ControlError
+    from .runtime import RuntimeDirError, control_socket_path
+
+    try:
+        client = ControlClient(control_socket_path(ctx.obj["name"]), timeout=10)
+    except (ControlConnectionError, ControlError, RuntimeDirError, OSError) as error:
+        raise click.ClickException(str(error))
+    try:
+        return client, client.execute(command, **arguments)
+    except ControlError as error:
+        client.close()
+        raise click.ClickException(str(error))
+
+
+def _print(ctx, result) -> None:
+    if ctx.obj["json"] or not isinstance(result, (str, dict)):
+        click.echo(json.dumps(result, indent=2))
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")
+    else:
+        click.echo(result)
+
+
+@ctl.command("status")
+@click.pass_context
+def ctl_status(ctx) -> None:
+    """Show the VM's state."""
+    client, result = _control_call(ctx, "status")
+    client.close()
+    _print(ctx, result)
+
+
+def _ctl_simple(command: str, wait_for: tuple[str, ...] = ()):
+    @click.pass_context
+    def run_command(ctx) -> None:
+        client, result = _control_call(ctx, command, timeout=ctx.obj["timeout"])
+        try:
+            if wait_for:
+                from .control import ControlError
+
+                try:
+                    event = client.wait_event(wait_for, timeout=ctx.obj["timeout"])
+                except (ControlError, TimeoutError, OSError) as error:
+                    raise click.ClickException(f"{command}: the guest did not finish in {ctx.obj['timeout']:g}s ({error})")
+                result = event.get("data", {})
+        finally:
+            client.close()
+        _print(ctx, result)
+
+    return run_command
+
+
+for _name, _help, _wait in (
+    ("shutdown", "Ask the guest to power off in order, and wait.", ("STOP",)),
+    ("reboot", "Ask the guest to reboot in order, and wait.", ("STOP",)),
+    ("destroy", "Stop the VM at once.", ()),
+    ("pause", "Stop the vCPUs (and the guest's clock).", ()),
+    ("resume", "Let a paused VM run again.", ()),
+):
+    ctl.command(_name, help=_help)(_ctl_simple(_name, _wait))
+
+
+@ctl.group("xenstore")
+def ctl_xenstore() -> None:
+    """Read and change the VM's xenstore as domain 0."""
+
+
+@ctl_xenstore.command("read")
+@click.argument("path")
+@click.pass_context
+def ctl_xenstore_read(ctx, path) -> None:
+    client, result = _control_call(ctx.parent, "xenstore-read", path=path)
+    client.close()
+    click.echo(result)
+
+
+@ctl_xenstore.command("write")
+@click.argument("path")
+@click.argument("value")
+@click.pass_context
+def ctl_xenstore_write(ctx, path, value) -> None:
+    client, _ = _control_call(ctx.parent, "xenstore-write", path=path, value=value)
+    client.close()
+
+
+@ctl_xenstore.command("rm")
+@click.argument("path")
+@click.pass_context
+def ctl_xenstore_rm(ctx, path) -> None:
+    client, _ = _control_call(ctx.parent, "xenstore-rm", path=path)
+    client.close()
+
+
+@ctl_xenstore.command("ls")
+@click.argument("path", default="/")
+@click.pass_context
+def ctl_xenstore_ls(ctx, path) -> None:
+    client, result = _control_call(ctx.parent, "xenstore-ls", path=path)
+    client.close()
+    if ctx.parent.obj["json"]:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for node, value in result.items():
+        click.echo(f'{node} = "{value}"')
+
+
+@ctl.group("evtchn")
+def ctl_evtchn() -> None:
+    """Inspect the VM's event channels."""
+
+
+@ctl_evtchn.command("list")
+@click.pass_context
+def ctl_evtchn_list(ctx) -> None:
+    client, result = _control_call(ctx.parent, "evtchn-list")
+    client.close()
+    if ctx.parent.obj["json"]:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for port in result:
+        click.echo("  ".join(f"{key}={value}" for key, value in port.items()))
 
 
 def _fail(message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,31 @@ class SerialSpec:
 
 
 @dataclass(frozen=True)
+class DiskOption:
+    """One --disk PATH[,vdev=xvda][,readonly=on]: a Xen virtual block device."""
+
+    path: Path
+    vdev: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, text: str, index: int) -> "DiskOption":
+        path, *options = text.split(",")
+        if not path:
+            raise ConfigError(f"--disk {text!r}: expected PATH[,vdev=xvdX][,readonly=on]")
+        vdev, readonly = f"xvd{chr(ord('a') + index)}", False
+        for option in options:
+            key, _, value = option.partition("=")
+            if key == "vdev" and re.fullmatch(r"xvd[a-z]{1,2}", value):
+                vdev = value
+            elif key in ("readonly", "ro") and value in ("on", "off", "yes", "no", "1", "0", "true", "false", ""):
+                readonly = value in ("on", "yes", "1", "true", "")
+            else:
+                raise ConfigError(f"--disk {text!r}: unknown or bad option {option!r} (vdev=xvdX, readonly=on|off)")
+        return cls(Path(path), vdev, readonly)
+
+
+@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     initrd: Path | None = None
@@ -45,6 +71,8 @@ class VmConfig:
     xen_version: int = (4 << 16) | 17
     xen_accel: bool = True  # use KVM's in-kernel event-channel paths when present
     name: str = "pyvmm"
+    xenstore_socket: Path | None = None  # default: in the runtime directory
+    disks: tuple[DiskOption, ...] = ()
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -60,6 +88,16 @@ class VmConfig:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+        vdevs = [disk.vdev for disk in self.disks]
+        if len(set(vdevs)) != len(vdevs):
+            raise ConfigError(f"two disks share a vdev: {', '.join(vdevs)}")
+        for disk in self.disks:
+            if not (disk.path.is_file() or disk.path.is_block_device()):
+                raise ConfigError(f"--disk {str(disk.path)!r} is not a file or block device")
+            if not os.access(disk.path, os.R_OK if disk.readonly else os.R_OK | os.W_OK):
+                raise ConfigError(f"--disk {str(disk.path)!r} is not {'readable' if disk.readonly else 'writable'}")
+        if self.disks and not self.xen:
+            raise ConfigError("--disk needs Xen mode (it is a Xen PV disk); drop --no-xen")
 
 
 def parse_xen_version(text: str) -> int:

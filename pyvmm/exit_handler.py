@@ -29,6 +29,7 @@ class StopReason(enum.Enum):
     EXPECT_MATCHED = "expect-matched"
     TIMEOUT = "timeout"
     QUIT = "quit"  # the operator asked (console escape, signal)
+    DESTROYED = "destroyed"  # `pyvmm ctl NAME destroy`
     ERROR = "error"  # the VMM failed
 
 

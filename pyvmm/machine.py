@@ -80,6 +80,16 @@ class Machine:
         # vCPU ioctls with KVM_RUN, so another thread would block on it).
         self._vcpu_work: list[collections.deque] = [collections.deque() for _ in range(config.vcpus)]
         self._vcpu_of_thread: dict[int, int] = {}
+        # Pausing parks every vCPU thread outside KVM_RUN; `_running` is set
+        # while the guest may run.
+        self._running = threading.Event()
+        self._running.set()
+        self._pause_lock = threading.Lock()
+        self._paused_clock = None
+        self.started_at = time.monotonic()
+        self.control = None  # the run's ControlServer (runner.py), kept across reboots
+        self._xenstore_server = None
+        self.xenstore_socket_path = None
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
 
@@ -91,6 +101,7 @@ class Machine:
             if self.stop_reason is not None:
                 return
             self.stop_reason = reason
+        self._running.set()  # a paused VM must be able to stop
         for vcpu in self._vcpus:
             if vcpu is not None:
                 vcpu.kick()
@@ -112,6 +123,7 @@ class Machine:
             self.platform.start(self.loop)
             if self.xen is not None:
                 self.xen.start()
+            self._start_sockets()
             with self._console_input():
                 self.loop.run()
         finally:
@@ -120,6 +132,24 @@ class Machine:
             self.request_stop(StopReason.ERROR)
             self._join()
         return self.stop_reason
+
+    # --- operator sockets ---------------------------------------------------------
+
+    def _start_sockets(self) -> None:
+        if self.xen is None:
+            return
+        from .runtime import xenstore_socket_path
+        from .xen.xenstore.socket_server import XenstoreSocketServer
+
+        config = self.config
+        self.xenstore_socket_path = config.xenstore_socket or xenstore_socket_path(config.name)
+        self._xenstore_server = XenstoreSocketServer(self.xenstore_socket_path, self.loop, self.xen.store)
+        self._xenstore_server.start()
+
+    def control_event(self, name: str, data: dict) -> None:
+        """Tell every control client that `name` happened (event thread or after the loop)."""
+        if self.control is not None:
+            self.control.broadcast(name, data)
 
     def _vcpu_thread(self, index: int) -> None:
         try:
@@ -149,6 +179,9 @@ class Machine:
             while self.stop_reason is None:
                 while work:
                     work.popleft()()
+                if not self._running.is_set():
+                    self._running.wait()
+                    continue
                 reason = handle(vcpu.run())
                 if reason is not None:
                     self.request_stop(reason)
@@ -184,6 +217,32 @@ class Machine:
             raise value
         return value
 
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def pause(self) -> None:
+        """Stop every vCPU (and the guest's clock) until resume(); any thread."""
+        with self._pause_lock:
+            if not self._running.is_set():
+                return
+            self._running.clear()
+            for vcpu in self._vcpus:
+                if vcpu is not None:
+                    vcpu.kick()
+            # Freeze kvmclock (and with it Xen's pvclock): on resume the guest
+            # sees time continue from where it stopped, as on QEMU's stop/cont.
+            self._paused_clock = self.vm.get_clock().clock
+
+    def resume(self) -> None:
+        with self._pause_lock:
+            if self._running.is_set():
+                return
+            if self._paused_clock is not None:
+                self.vm.set_clock(self._paused_clock)
+                self._paused_clock = None
+            self._running.set()
+
     def kick_vcpu(self, index: int) -> None:
         vcpu = self._vcpus[index]
         if vcpu is not None:
@@ -208,6 +267,8 @@ class Machine:
         return RawTerminal(fd)
 
     def close(self) -> None:
+        if self._xenstore_server is not None:
+            self._xenstore_server.close()
         if self.xen is not None:
             self.xen.close()
         self.platform.close()

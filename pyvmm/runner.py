@@ -23,6 +23,7 @@ STATUS_FOR_REASON = {
     StopReason.REBOOT: 2,
     StopReason.CRASH: 3,
     StopReason.TIMEOUT: 124,
+    StopReason.DESTROYED: 4,
     StopReason.ERROR: 1,
 }
 EXIT_NO_EXPECT = 5
@@ -56,24 +57,43 @@ def run_vm(config: VmConfig) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     if not (config.serial.kind == "stdio" and sys.stdin.isatty()):
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
+    control = None
+    machine = None
+    reason = StopReason.ERROR
     try:
         while True:
-            machine = Machine(config, console)
-            machine_holder[:] = [machine]
-            try:
-                reason = machine.run(deadline)
-            finally:
+            booting = Machine(config, console)
+            if control is None:
+                control = _start_control_server(config, booting, machine_holder)
+            else:
+                control.move_to(booting.loop)  # clients stay connected across a reboot
+            if machine is not None:
                 machine.close()
+            machine = booting
+            machine.control = control
+            machine_holder[:] = [machine]
+            reason = machine.run(deadline)
             log.info("guest stopped: %s", reason.value)
-            if reason is StopReason.REBOOT and not config.no_reboot:
-                if stop_signal:
-                    break
+            if reason is StopReason.REBOOT and not config.no_reboot and not stop_signal:
+                control.broadcast("RESET", {})
                 continue
+            if reason in (StopReason.POWEROFF, StopReason.CRASH):
+                control.broadcast("SHUTDOWN", {"reason": reason.value})
             break
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        status = _exit_status(config, reason, stop_signal)
+        if control is not None:
+            control.broadcast("STOP", {"reason": reason.value, "status": status})
+            control.close()
+        if machine is not None:
+            machine.close()
         console.close()
+    return status
+
+
+def _exit_status(config: VmConfig, reason: StopReason, stop_signal: list[int]) -> int:
     if stop_signal and not (len(stop_signal) == 1 and reason is StopReason.POWEROFF):
         return 128 + stop_signal[0]
     if reason is StopReason.QUIT:
@@ -81,6 +101,31 @@ def run_vm(config: VmConfig) -> int:
     if config.expect is not None and reason in (StopReason.POWEROFF, StopReason.REBOOT):
         return EXIT_NO_EXPECT
     return STATUS_FOR_REASON[reason]
+
+
+def _start_control_server(config: VmConfig, machine, machine_holder: list):
+    """The VM's control socket, for the whole run (reboots included)."""
+    from .control import ControlServer, make_greeting
+    from .operations import COMMAND_NAMES, machine_commands
+    from .runtime import SocketInUseError, control_socket_path
+
+    def command(name: str):
+        return lambda args: machine_commands(machine_holder[0])[name](args)
+
+    server = ControlServer(
+        control_socket_path(config.name), machine.loop, {name: command(name) for name in COMMAND_NAMES},
+        make_greeting(config.name),
+    )
+    try:
+        server.start()
+    except SocketInUseError:
+        machine.close()
+        raise RunError(f"a VM named {config.name!r} is already running (pyvmm list); choose another --name")
+    return server
+
+
+class RunError(Exception):
+    """A failure to start the VM that the user can act on."""
 
 
 def _open_serial_output(config: VmConfig):
@@ -93,7 +138,11 @@ def _open_serial_output(config: VmConfig):
 
 def describe_failure(error: BaseException) -> str | None:
     """A one-line message for failures a user can act on; None for bugs."""
-    if isinstance(error, KvmUnavailable):
+    if isinstance(error, (KvmUnavailable, RunError)):
+        return str(error)
+    from .runtime import RuntimeDirError
+
+    if isinstance(error, RuntimeDirError):
         return str(error)
     from .xen.kvm_xen import XenUnavailable
 

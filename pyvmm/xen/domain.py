@@ -32,6 +32,7 @@ from .gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTabl
 from .guest_access import GuestAccess
 from .hypercalls import HypercallDispatcher
 from .kvm_xen import KernelEvtchn, XenFeatures
+from .vbd import create_vbds
 from .xenstore import Access, Permission, RingServer, XenStore
 from .xenstore.domain import create_domain_nodes
 
@@ -119,6 +120,7 @@ class XenDomain:
         machine.pio.register(layout.XEN_PLATFORM_IO_PORT, 4, self.platform_device.fixed_ports(), "xen-platform ports")
 
         self._setup_special_pages(machine)
+        self.vbds = create_vbds(self, config.disks)  # one PV disk per --disk
         self.dispatcher = HypercallDispatcher(self, xen_time_ns=self._guest_time_ns)
 
     # --- set-up -------------------------------------------------------------------
@@ -200,6 +202,8 @@ class XenDomain:
         self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
 
     def close(self) -> None:
+        for vbd in self.vbds:
+            vbd.close()
         if self._callback_fds is not None:
             for fd in self._callback_fds:
                 self.loop.remove_reader(fd)

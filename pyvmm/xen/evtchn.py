@@ -383,6 +383,44 @@ class EventChannels:
         with self._lock:
             return self._virqs.get(self._virq_key(virq, vcpu))
 
+    _STATE_NAMES = {
+        EVTCHNSTAT_unbound: "unbound",
+        EVTCHNSTAT_interdomain: "interdomain",
+        EVTCHNSTAT_virq: "virq",
+        EVTCHNSTAT_ipi: "ipi",
+    }
+
+    def snapshot(self) -> list[dict]:
+        """Every port in use, in port order, as plain JSON-ready records (for
+        `evtchn-list` on the control socket); changes nothing. `pending` and
+        `masked` are None while the guest has not mapped shared_info."""
+        records = []
+        with self._lock:
+            mapped = self._mapped()
+            for port in sorted(self._ports):
+                record = self._ports[port]
+                entry = {
+                    "port": port,
+                    "state": self._STATE_NAMES.get(record.state, str(record.state)),
+                    "vcpu": record.vcpu,
+                    "in_kernel": record.in_kernel,
+                    "pending": None,
+                    "masked": None,
+                }
+                if record.state in (EVTCHNSTAT_unbound, EVTCHNSTAT_interdomain):
+                    entry["remote_dom"] = record.remote_dom
+                if record.state == EVTCHNSTAT_interdomain:
+                    entry["remote_port"] = record.remote_port
+                    entry["backend"] = record.remote_dom == DOM0
+                if record.state == EVTCHNSTAT_virq:
+                    entry["virq"] = record.virq
+                if mapped is not None and port < mapped[1].max_ports:
+                    shared_info, abi = mapped
+                    entry["pending"] = self._test_bit(shared_info + abi.evtchn_pending, port)
+                    entry["masked"] = self._test_bit(shared_info + abi.evtchn_mask, port)
+                records.append(entry)
+        return records
+
     # --- internals -------------------------------------------------------------
 
     @contextlib.contextmanager
