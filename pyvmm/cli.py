@@ -5,6 +5,7 @@ Exit status of `pyvmm run`:
   1   VMM or usage error (one line on stderr, no traceback)
   2   the guest rebooted under --no-reboot
   3   the guest crashed
+  4   the VM was destroyed (pyvmm ctl NAME destroy)
   5   the guest ended without printing the --expect pattern
   124 --timeout expired
   128+N  stopped by signal N (or 130 for the console escape Ctrl-A x)

@@ -1,5 +1,8 @@
 """The PV disk: Debian's xen-blkfront reads and writes an ext4 image through
-pyvmm's vbd backend (--disk), and a read-only disk stays unchanged.
+pyvmm's vbd backend (--disk), a read-only disk stays unchanged, discard gives
+space back to the image file, both blk-mq queues carry I/O, the guest's root
+file system can live on xvda, and what the guest has synced survives the VMM
+being killed.
 
 The images are made here with e2fsprogs (mkfs.ext4 -d) and checked after
 the guest is gone with debugfs, so the test trusts neither side's view.
@@ -7,16 +10,25 @@ the guest is gone with debugfs, so the test trusts neither side's view.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import os
 import random
 import re
+import secrets
 import shutil
+import signal
+import stat
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from initrd import GuestAssetsUnavailable, guest_assets, make_test_initrd
-from vmm import run_pyvmm
+from initrd import GuestAssetsUnavailable, guest_assets, make_test_initrd, newc_writer
+from vmm import REPO, run_pyvmm
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -42,9 +54,12 @@ def tool(name):
     return path
 
 
-def make_image(tmp_path, name, files):
-    source = tmp_path / f"{name}.d"
-    source.mkdir()
+def make_image(tmp_path, name, files, source=None):
+    """An ext4 image of 64 MiB holding `files` (name -> bytes), added to the
+    directory `source` if given."""
+    if source is None:
+        source = tmp_path / f"{name}.d"
+        source.mkdir()
     for file, data in files.items():
         (source / file).write_bytes(data)
     image = tmp_path / name
@@ -71,17 +86,97 @@ def assets():
         pytest.skip(str(error))
 
 
-def boot(assets, tmp_path, script, *disks):
-    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", WAIT_FOR + script)
-    args = []
+def pyvmm_args(assets, initrd, disks, append="console=hvc0 panic=-1 pyvmm.modules=xen-blkfront"):
+    args = ["run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd), "--append", append,
+            "--vcpus", "2", "--no-reboot", "--timeout", "600"]
     for disk in disks:
         args += ["--disk", disk]
-    return run_pyvmm(
-        "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
-        "--append", "console=hvc0 panic=-1 pyvmm.modules=xen-blkfront", "--vcpus", "2", "--no-reboot",
-        "--timeout", "600", *args,
-        timeout=BOOT_TIMEOUT,
-    )
+    return args
+
+
+def boot(assets, tmp_path, script, *disks, extra=()):
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", WAIT_FOR + script)
+    return run_pyvmm(*pyvmm_args(assets, initrd, disks), *extra, timeout=BOOT_TIMEOUT)
+
+
+class LiveGuest:
+    """`pyvmm run` in a process group of its own, its console watched as it
+    arrives, so that the test can act at a given moment of the guest's run
+    (write to the console, inspect the image, kill the VMM)."""
+
+    def __init__(self, args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyvmm", *args], cwd=REPO, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self._output = bytearray()
+        self._errors = bytearray()
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._pump, args=(stream, buffer), daemon=True)
+                         for stream, buffer in ((self.proc.stdout, self._output), (self.proc.stderr, self._errors))]
+        for reader in self._readers:
+            reader.start()
+
+    def _pump(self, stream, buffer):
+        while chunk := stream.read1(65536):
+            with self._changed:
+                buffer += chunk
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def stdout(self):
+        with self._changed:
+            return self._output.decode(errors="replace")
+
+    def __str__(self):
+        with self._changed:
+            return (f"status {self.proc.returncode}\n--- stdout\n{self._output[-4000:].decode(errors='replace')}"
+                    f"\n--- stderr\n{self._errors[-4000:].decode(errors='replace')}")
+
+    def wait_for(self, pattern, timeout=BOOT_TIMEOUT):
+        """The first match of `pattern` on the console; fails the test if the
+        guest ends or `timeout` passes first."""
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                match = regex.search(self._output)
+                if match:
+                    return match
+                if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
+                    pytest.fail(f"the guest ended before printing {pattern!r}:\n{self}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no {pattern!r} within {timeout} s:\n{self}")
+                self._changed.wait(1)
+
+    def send(self, data: bytes):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def finish(self, timeout=BOOT_TIMEOUT):
+        self.proc.stdin.close()
+        status = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(10)
+        return status
+
+    def kill(self):
+        """SIGKILL to the whole process group: nothing of pyvmm survives."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        status = self.proc.wait(60)
+        for reader in self._readers:
+            reader.join(10)
+        return status
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.kill()
 
 
 def test_guest_reads_and_writes_an_ext4_disk(assets, tmp_path):
@@ -149,3 +244,247 @@ true
     assert re.search(r"dd-status=[1-9]", out), result
     assert "rw: rw disk" in out, result
     assert hashlib.sha256(ro.read_bytes()).hexdigest() == ro_before
+
+
+def allocated(path):
+    """Bytes the file system really holds for `path` (holes excluded)."""
+    return os.stat(path).st_blocks * 512
+
+
+def test_discard_gives_space_back_to_the_image(assets, tmp_path):
+    """fstrim in the guest becomes BLKIF_OP_DISCARD, which punches holes in
+    the image: the file's allocated size, seen by the host while the guest
+    runs and after, grows by the 16 MiB the guest writes and shrinks by
+    (most of) them again once the guest deletes the file and trims."""
+    image = make_image(tmp_path, "disk.img", {})
+    empty = allocated(image)
+    script = r"""
+wait_for /dev/xvda
+echo "discard-max-bytes=$(cat /sys/block/xvda/queue/discard_max_bytes)"
+# noinit_itable: no background zeroing of inode tables to blur the numbers.
+mount -t ext4 -o noinit_itable /dev/xvda /mnt && echo mounted
+dd if=/dev/urandom of=/mnt/random.bin bs=1M count=16 2>/dev/null
+sync
+echo "written and synced: $(du -k /mnt/random.bin | cut -f1) KiB"
+read -t 300 -r reply
+echo "the host says: $reply"
+rm /mnt/random.bin
+sync  # the blocks are free once the deletion is committed
+fstrim -v /mnt
+umount /mnt && echo unmounted
+true
+"""
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", WAIT_FOR + script)
+    with LiveGuest(pyvmm_args(assets, initrd, [str(image)])) as guest:
+        guest.wait_for(r"written and synced: \d+ KiB")
+        full = allocated(image)
+        guest.send(b"go\n")
+        status = guest.finish()
+        trimmed = allocated(image)
+        out = guest.stdout
+        assert status == 0, guest
+    mib = 1 << 20
+    summary = f"image allocation: empty {empty / mib:.1f} MiB, full {full / mib:.1f} MiB, trimmed {trimmed / mib:.1f} MiB"
+    print(summary)
+    print("\n".join(line for line in out.splitlines() if "trimmed" in line))
+    assert re.search(r"discard-max-bytes=[1-9]", out), guest
+    assert "the host says: go" in out, guest
+    assert re.search(r"/mnt: .* trimmed", out), guest
+    assert "pyvmm-guest: test exit 0" in out, guest
+    assert full - empty >= 16 * mib, summary
+    assert full - trimmed >= 14 * mib, summary
+    check = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_two_vcpus_get_two_queues(assets, tmp_path):
+    """With 2 vCPUs, blkfront asks for 2 rings and blk-mq has a hardware
+    queue per CPU. I/O issued from each CPU (taskset) goes through that CPU's
+    queue, and each ring's event channel interrupt fires; what was written
+    from either CPU is in the image."""
+    image = make_image(tmp_path, "disk.img", {"known.bin": KNOWN})
+    script = r"""
+wait_for /dev/xvda
+echo "mq: $(ls /sys/block/xvda/mq | tr '\n' ' ')"
+for q in /sys/block/xvda/mq/*; do echo "queue ${q##*/} serves cpus $(cat $q/cpu_list)"; done
+for cpu in 0 1; do
+    taskset -c $cpu dd if=/dev/xvda of=/dev/null bs=64k count=256 iflag=direct 2>/dev/null \
+        && echo "direct read on cpu $cpu"
+done
+mount -t ext4 /dev/xvda /mnt && echo mounted
+for cpu in 0 1; do
+    taskset -c $cpu dd if=/mnt/known.bin of=/mnt/cpu$cpu.bin bs=64k conv=fsync 2>/dev/null
+    echo "cpu$cpu-sha=$(sha256sum /mnt/cpu$cpu.bin | cut -d' ' -f1)"
+done
+umount /mnt && echo unmounted
+grep -iE 'blkif|xvd' /proc/interrupts | sed 's/^/irq /'
+true
+"""
+    result = boot(assets, tmp_path, script, str(image), extra=("-v",))
+    assert result.status == 0, result
+    out = result.stdout
+    assert "mq: 0 1 " in out, result
+    assert "queue 0 serves cpus 0" in out and "queue 1 serves cpus 1" in out, result
+    assert "direct read on cpu 0" in out and "direct read on cpu 1" in out, result
+    assert f"cpu0-sha={KNOWN_SHA}" in out and f"cpu1-sha={KNOWN_SHA}" in out, result
+    assert "unmounted" in out and "pyvmm-guest: test exit 0" in out, result
+    # One interrupt line per ring, and both rang.
+    irqs = [line for line in out.splitlines() if line.startswith("irq ")]
+    print("\n".join(irqs))
+    assert len(irqs) == 2, result
+    for line in irqs:
+        counts = re.match(r"irq\s+\d+:\s+(\d+)\s+(\d+)", line)
+        assert counts and int(counts[1]) + int(counts[2]) > 0, line
+    # The backend's side: one connection, two rings.
+    assert re.search(r"xvda .*connected, 2 queue\(s\)", result.stderr), result
+    for cpu in (0, 1):
+        assert hashlib.sha256(debugfs_cat(image, f"/cpu{cpu}.bin")).hexdigest() == KNOWN_SHA
+
+
+def extract_newc(archive: bytes, dest):
+    """Unpack a (possibly concatenated) newc cpio archive into `dest`:
+    directories, regular files and symlinks; device nodes are left out (the
+    guest mounts devtmpfs on /dev)."""
+    position = 0
+    while position + 110 <= len(archive):
+        if archive[position] == 0:  # padding between concatenated archives
+            position += 1
+            continue
+        header = archive[position:position + 110]
+        if header[:6] != b"070701":
+            raise ValueError(f"not a newc header at offset {position}")
+        fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        mode, size, name_size = fields[1], fields[6], fields[11]
+        name_start = position + 110
+        name = archive[name_start:name_start + name_size - 1].decode()
+        data_start = name_start + name_size + (-(110 + name_size) % 4)
+        data = archive[data_start:data_start + size]
+        position = data_start + size + (-size % 4)
+        if name == "TRAILER!!!":
+            continue
+        path = os.path.join(dest, os.path.normpath(name).lstrip("/"))
+        if os.path.normpath(name).startswith(".."):
+            raise ValueError(f"{name!r} leaves the archive")
+        kind = stat.S_IFMT(mode)
+        if kind == stat.S_IFDIR:
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, stat.S_IMODE(mode))
+        elif kind == stat.S_IFREG:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as file:
+                file.write(data)
+            os.chmod(path, stat.S_IMODE(mode))
+        elif kind == stat.S_IFLNK:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.lexists(path):
+                os.unlink(path)
+            os.symlink(data.decode(), path)
+
+
+# PID 1 of the initramfs in test_root_file_system_on_xvda: what a distribution's
+# initramfs does, in short. Exiting makes the kernel panic, and with panic=-1
+# and --no-reboot pyvmm then exits with status 2.
+SWITCH_INIT = r"""#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+root=
+for word in $(cat /proc/cmdline); do
+    case "$word" in root=*) root="${word#root=}" ;; esac
+done
+echo "switch-init: root is $root"
+[ -n "$root" ] || exit 1
+modprobe xen-blkfront || exit 1
+i=0
+while [ ! -b "$root" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+mkdir -p /newroot
+mount -t ext4 "$root" /newroot || exit 1
+umount /dev /sys /proc
+echo "switch-init: switching to $root"
+exec switch_root /newroot /init
+"""
+
+
+def test_root_file_system_on_xvda(assets, tmp_path):
+    """The initramfs only loads xen-blkfront, mounts root=/dev/xvda and
+    switch_roots into it (as PID 1). Everything after that, including
+    /init and /test.sh, comes from the disk image: an ext4 file system made
+    from the base initramfs's contents plus a marker that only the disk
+    has. The guest reports the marker and its root mount, writes a file to
+    its root, and powers off cleanly."""
+    root = tmp_path / "root.d"
+    root.mkdir()
+    extract_newc(gzip.decompress(assets["initramfs"].read_bytes()), root)
+    assert (root / "init").is_file() and (root / "bin" / "busybox").is_file()
+    marker = f"root-marker-{secrets.token_hex(8)}"
+    disk_test = r"""
+echo "marker: $(cat /marker)"
+echo "root: $(awk '$2 == "/" {print $1, $3}' /proc/mounts)"
+[ -e /switch-init ] && echo "the initramfs is still the root" || echo "the initramfs is gone"
+echo "written to the root disk" > /written.txt
+sync
+true
+"""
+    (root / "test.sh").write_text(disk_test)
+    (root / "test.sh").chmod(0o755)
+    image = make_image(tmp_path, "root.img", {"marker": marker.encode() + b"\n"}, source=root)
+
+    initrd = tmp_path / "initrd"
+    overlay = io.BytesIO()
+    with gzip.GzipFile(fileobj=overlay, mode="wb", mtime=0) as compressed:
+        archive = newc_writer(compressed)
+        archive.add_file("switch-init", SWITCH_INIT.encode(), 0o755)
+        archive.close()
+    base = assets["initramfs"].read_bytes()
+    initrd.write_bytes(base + b"\0" * (-len(base) % 4) + overlay.getvalue())
+
+    append = "console=hvc0 panic=-1 rdinit=/switch-init root=/dev/xvda"
+    result = run_pyvmm(*pyvmm_args(assets, initrd, [str(image)], append=append), timeout=BOOT_TIMEOUT)
+    out = result.stdout
+    assert "switch-init: switching to /dev/xvda" in out, result
+    assert f"marker: {marker}" in out, result
+    assert "root: /dev/xvda ext4" in out, result
+    assert "the initramfs is gone" in out, result
+    assert "pyvmm-guest: test exit 0" in out, result
+    assert result.status == 0, result
+    assert debugfs_cat(image, "/written.txt") == b"written to the root disk\n"
+
+
+def test_synced_data_survives_sigkill_of_the_vmm(assets, tmp_path):
+    """The guest writes a file with a random payload, syncs it (fsync of
+    the file, then sync: ext4 commits its journal with cache flushes and
+    FUA writes, which blkfront sends as FLUSH_DISKCACHE) and only then
+    prints durable-<token>. The moment the host sees that line it SIGKILLs
+    pyvmm's whole process group: no orderly shutdown, no unmount. The
+    payload is in the image, after the journal replay any crashed ext4
+    gets.
+
+    This shows that blkback acknowledges a flush only once the data is in
+    the image file (nothing is held back in the VMM). It cannot show the
+    fdatasync under the acknowledgement reaching stable storage: that would
+    take a host crash, and here the image lives on tmpfs anyway."""
+    image = make_image(tmp_path, "disk.img", {})
+    token = secrets.token_hex(8)
+    payload = token.encode() + b"\n" + random.Random(token).randbytes(1024 * 1024 + 777)
+    script = r"""
+wait_for /dev/xvda
+mount -t ext4 /dev/xvda /mnt && echo mounted
+cp /payload.bin /mnt/durable.bin
+sync /mnt/durable.bin && sync && echo "durable-$(head -n 1 /mnt/durable.bin)"
+sleep 600
+"""
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", WAIT_FOR + script,
+                              {"/payload.bin": payload})
+    with LiveGuest(pyvmm_args(assets, initrd, [str(image)])) as guest:
+        guest.wait_for(rf"durable-{token}")
+        status = guest.kill()
+        assert status == -signal.SIGKILL, guest
+        assert "mounted" in guest.stdout, guest
+    # What mount would do after a crash: replay the journal (exit 1: the
+    # file system was changed by that), then a clean check.
+    replay = subprocess.run([tool("e2fsck"), "-fy", str(image)], capture_output=True, text=True)
+    assert replay.returncode in (0, 1), replay.stdout + replay.stderr
+    assert debugfs_cat(image, "/durable.bin") == payload
+    check = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
