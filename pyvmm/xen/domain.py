@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from .. import layout
 from ..exit_handler import StopReason
-from ..kvm import CpuidEntry, uapi
+from ..kvm import CpuidEntry, KvmError, MemslotError, uapi
 from ..kvm.cpuid import signature_leaf
 from ..devices.xen_platform import XenPlatformDevice
 from . import abi, kvm_xen
@@ -99,6 +99,8 @@ class XenDomain:
         self._timers: list[object | None] = [None] * self.vcpu_count  # userspace timer generations
         self._timer_ports: list[int | None] = [None] * self.vcpu_count
         self.params: dict[int, int] = {}
+        self._grant_frame_gpa: dict[int, int] = {}  # grant frame index -> where the guest mapped it
+        self._grant_frame_at: dict[int, int] = {}  # and back
 
         self.evtchn = EventChannels(
             domid=self.domid,
@@ -536,10 +538,22 @@ class XenDomain:
         self.gnttab.note_frame_mapped(index)
         with self._lock:
             table = self.vm.memslots
-            existing = table.lookup(gpa)
-            if existing is not None:
+            # A frame lives at one address: mapping it again moves it (as on
+            # Xen), so a guest cannot pile up memslots by remapping.
+            old = self._grant_frame_gpa.pop(index, None)
+            if old is not None:
+                table.unmap(old, PAGE)
+                self._grant_frame_at.pop(old, None)
+            displaced = self._grant_frame_at.pop(gpa, None)
+            if displaced is not None:
                 table.unmap(gpa, PAGE)
-            table.map(gpa, PAGE, self.gnttab.frame_host_address(index))
+                self._grant_frame_gpa.pop(displaced, None)
+            try:
+                table.map(gpa, PAGE, self.gnttab.frame_host_address(index))
+            except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
+                raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
+            self._grant_frame_gpa[index] = gpa
+            self._grant_frame_at[gpa] = index
 
     # --- backends' notifications ----------------------------------------------------
 
