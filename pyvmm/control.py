@@ -36,14 +36,13 @@ from typing import Any, Callable, Iterable
 from . import __version__
 from .runtime import (
     CONTROL_SUFFIX,
-    bind_unix_socket,
     control_socket_path,
     inode_of,
-    peer_allowed,
     runtime_dir,
     socket_is_live,
     unlink_if_same,
 )
+from .unix_server import Client, UnixStreamServer
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ LINE_MAX = 64 * 1024            # a request line longer than this is refused
 OUTPUT_LIMIT = 4 * 1024 * 1024  # a client with more unsent output is disconnected
 MAX_CLIENTS = 64
 _RECV_SIZE = 64 * 1024
-_RETRY_FIRST = 0.005            # seconds between attempts to flush a full socket
-_RETRY_MAX = 0.1
 
 # Error classes of the protocol itself; commands add their own (docs/CONTROL.md).
 PARSE_ERROR = "ParseError"
@@ -118,22 +115,14 @@ def _encode_json(message: dict) -> bytes:
 # --- the server -------------------------------------------------------------------
 
 @dataclass(eq=False)
-class _Client:
-    sock: socket.socket
+class _Client(Client):
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     discarding: bool = False     # skipping the rest of an oversized line
     eof: bool = False            # the client has finished sending; close once flushed
-    closed: bool = False
-    reading: bool = False        # registered with the loop
-    retry: object | None = None  # token of the armed flush timer
-    retry_delay: float = _RETRY_FIRST
-
-    def __post_init__(self) -> None:
-        self.fd = self.sock.fileno()
 
 
-class ControlServer:
+class ControlServer(UnixStreamServer):
     """Serves the control protocol on a unix socket at `path` (mode 0600).
 
     `commands` maps command names to callables taking the request's
@@ -144,40 +133,29 @@ class ControlServer:
 
     start(), close(), broadcast() and move_to() must be called on the loop
     thread (or while the loop is not running); broadcast_threadsafe() from
-    anywhere.
+    anywhere. start() replaces a stale socket at `path`; a live one (a
+    running VM of the same name) raises runtime.SocketInUseError.
     """
 
+    log_name = "control"
+    description = "control socket"
+    logger = log
+    max_clients = MAX_CLIENTS
+    output_limit = OUTPUT_LIMIT
+    read_size = _RECV_SIZE
+    stalled_message = "a client does not read its replies (%d bytes queued); disconnecting"
+    client_label = "client "
+
     def __init__(self, path: str | os.PathLike, loop, commands: dict[str, Command], greeting: dict):
-        self.path = Path(path)
-        self._loop = loop
+        super().__init__(path, loop)
         self._commands = dict(commands)
         self._greeting = dict(greeting)
-        self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
-        self._clients: dict[int, _Client] = {}
-        self._accept_paused = False
-
-    # -- lifetime --------------------------------------------------------------
-
-    def start(self) -> None:
-        """Bind and listen. A stale socket at `path` is replaced; a live one
-        (a running VM of the same name) raises runtime.SocketInUseError."""
-        if self._listener is not None:
-            raise RuntimeError("control server already started")
-        self._listener = bind_unix_socket(self.path, "control socket")
-        self._inode = inode_of(self.path)
-        self._loop.add_reader(self._listener.fileno(), self._on_accept)
-        log.debug("control socket listening at %s", self.path)
 
     def close(self, flush_timeout: float = 0.5) -> None:
         """Stop listening, unlink the socket, give clients up to
         `flush_timeout` seconds in all to receive what is queued for them
         (a last STOP event), then disconnect them."""
-        if self._listener is not None:
-            self._loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-            unlink_if_same(self.path, self._inode)
+        self._stop_listening()
         deadline = time.monotonic() + flush_timeout
         for client in list(self._clients.values()):
             if client.outbuf and not client.closed:
@@ -189,28 +167,6 @@ class ControlServer:
                     except OSError:
                         pass
             self._drop(client)
-
-    def move_to(self, loop) -> None:
-        """Continue on another event loop (the VMM builds a new one per boot);
-        clients stay connected."""
-        old = self._loop
-        if self._listener is not None:
-            old.remove_reader(self._listener.fileno())
-        for client in self._clients.values():
-            if client.reading:
-                old.remove_reader(client.fd)
-        self._loop = loop
-        if self._listener is not None and not self._accept_paused:
-            loop.add_reader(self._listener.fileno(), self._on_accept)
-        for client in list(self._clients.values()):
-            if client.reading:
-                loop.add_reader(client.fd, partial(self._on_readable, client))
-            client.retry = None  # a timer armed on the old loop is void
-            self._flush(client)
-
-    @property
-    def client_count(self) -> int:
-        return len(self._clients)
 
     # -- events ----------------------------------------------------------------
 
@@ -232,92 +188,30 @@ class ControlServer:
 
     # -- connections -----------------------------------------------------------
 
-    def _on_accept(self) -> None:
-        listener = self._listener
-        for _ in range(16):
-            if listener is None:
-                return
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                # Out of file descriptors, typically: pause rather than spin.
-                log.warning("control: accept failed: %s; pausing for a second", error)
-                self._loop.remove_reader(listener.fileno())
-                self._accept_paused = True
-                self._loop.call_later(1.0, self._resume_accept)
-                return
-            if len(self._clients) >= MAX_CLIENTS:
-                log.warning("control: %d clients connected already; refusing another", MAX_CLIENTS)
-                sock.close()
-                continue
-            if not peer_allowed(sock):
-                log.warning("control: refusing a connection from another user")
-                sock.close()
-                continue
-            sock.setblocking(False)
-            client = _Client(sock)
-            self._clients[client.fd] = client
-            self._loop.add_reader(client.fd, partial(self._on_readable, client))
-            client.reading = True
-            self._send(client, {"pyvmm": self._greeting})
-            self._flush(client)
+    def _new_client(self, sock: socket.socket) -> _Client:
+        return _Client(sock)
 
-    def _resume_accept(self) -> None:
-        self._accept_paused = False
-        if self._listener is not None:
-            self._loop.add_reader(self._listener.fileno(), self._on_accept)
+    def _connected(self, client: _Client) -> None:
+        self._send(client, {"pyvmm": self._greeting})
+        self._flush(client)
 
-    def _drop(self, client: _Client) -> None:
-        if client.closed:
-            return
-        client.closed = True
-        if client.reading:
-            self._loop.remove_reader(client.fd)
-            client.reading = False
-        self._clients.pop(client.fd, None)
-        client.retry = None
+    def _disconnected(self, client: _Client) -> None:
         client.inbuf.clear()
         client.outbuf.clear()
-        try:
-            client.sock.close()
-        except OSError:
-            pass
 
-    def _stop_reading(self, client: _Client) -> None:
-        if client.reading:
-            self._loop.remove_reader(client.fd)
-            client.reading = False
+    def _eof(self, client: _Client) -> None:
+        # Answer what was sent before the end; _flushed closes the connection after.
+        client.eof = True
+        self._stop_reading(client)
+        if client.inbuf and not client.discarding:
+            line = bytes(client.inbuf)  # a last request without its newline
+            client.inbuf.clear()
+            self._request(client, line)
+        self._flush(client)
 
-    def _on_readable(self, client: _Client) -> None:
-        if client.closed:
-            return
-        try:
-            try:
-                data = client.sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                log.debug("control: client read failed: %s", error)
-                self._drop(client)
-                return
-            if not data:
-                client.eof = True
-                self._stop_reading(client)
-                if client.inbuf and not client.discarding:
-                    line = bytes(client.inbuf)  # a last request without its newline
-                    client.inbuf.clear()
-                    self._request(client, line)
-                self._flush(client)
-                return
-            self._receive(client, data)
-            self._flush(client)
-        except Exception:
-            log.exception("control: dropping a client after an unexpected error")
-            self._drop(client)
+    # -- requests --------------------------------------------------------------
 
-    def _receive(self, client: _Client, data: bytes) -> None:
+    def _received(self, client: _Client, data: bytes) -> None:
         start = 0
         while not client.closed:
             newline = data.find(b"\n", start)
@@ -412,44 +306,17 @@ class ControlServer:
                                                  None, False))
         client.outbuf += line
 
-    def _flush(self, client: _Client) -> None:
-        while client.outbuf and not client.closed:
-            try:
-                sent = client.sock.send(client.outbuf, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as error:
-                log.debug("control: client write failed: %s", error)
-                self._drop(client)
-                return
-            del client.outbuf[:sent]
-            client.retry_delay = _RETRY_FIRST
-        if client.closed:
-            return
-        if not client.outbuf:
-            client.retry = None
-            if client.eof:
-                self._drop(client)
-            return
-        if len(client.outbuf) > OUTPUT_LIMIT:
-            log.warning("control: a client does not read its replies (%d bytes queued); disconnecting",
-                        len(client.outbuf))
-            self._drop(client)
-            return
-        if client.retry is None:
-            # The loop only watches for input, so a full socket is retried on a timer.
-            token = client.retry = object()
-            self._loop.call_later(client.retry_delay, partial(self._retry, client, token))
-            client.retry_delay = min(client.retry_delay * 2, _RETRY_MAX)
+    def _pending(self, client: _Client) -> bytearray:
+        return client.outbuf
 
-    def _retry(self, client: _Client, token: object) -> None:
-        if client.closed or client.retry is not token:
-            return
-        client.retry = None
-        try:
-            self._flush(client)
-        except Exception:
-            log.exception("control: dropping a client after an unexpected error")
+    def _sent(self, client: _Client, count: int) -> None:
+        del client.outbuf[:count]
+
+    def _backlog(self, client: _Client) -> int:
+        return len(client.outbuf)
+
+    def _flushed(self, client: _Client) -> None:
+        if client.eof and not client.outbuf:
             self._drop(client)
 
 
