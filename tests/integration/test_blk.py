@@ -27,8 +27,8 @@ import time
 
 import pytest
 
-from initrd import GuestAssetsUnavailable, guest_assets, make_test_initrd, newc_writer
-from vmm import REPO, run_pyvmm
+from initrd import make_test_initrd, newc_writer
+from vmm import REPO, run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -75,15 +75,7 @@ def debugfs_cat(image, path):
 
 @pytest.fixture(scope="module")
 def assets():
-    from pyvmm.hostcheck import probe
-
-    report = probe()
-    if not report.can_run_xen:
-        pytest.skip(f"this host's KVM cannot run Xen guests (missing {report.missing_xen or 'hardware virtualization'})")
-    try:
-        return guest_assets()
-    except GuestAssetsUnavailable as error:
-        pytest.skip(str(error))
+    return xen_guest_assets()
 
 
 def pyvmm_args(assets, initrd, disks, append="console=hvc0 panic=-1 pyvmm.modules=xen-blkfront"):

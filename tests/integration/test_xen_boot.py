@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from initrd import GuestAssetsUnavailable, guest_assets, make_test_initrd
-from vmm import run_pyvmm
+from initrd import make_test_initrd
+from vmm import run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -43,15 +43,7 @@ echo "console=$(tty)"
 
 @pytest.fixture(scope="module")
 def assets():
-    from pyvmm.hostcheck import probe
-
-    report = probe()
-    if not report.can_run_xen:
-        pytest.skip(f"this host's KVM cannot run Xen guests (missing {report.missing_xen or 'hardware virtualization'})")
-    try:
-        return guest_assets()
-    except GuestAssetsUnavailable as error:
-        pytest.skip(str(error))
+    return xen_guest_assets()
 
 
 def boot(assets, tmp_path, script, append="", *extra):

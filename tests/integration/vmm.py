@@ -48,3 +48,18 @@ def require_linux_kvm() -> None:
     ok, why = host_kvm_runs_linux()
     if not ok:
         pytest.skip(why)
+
+
+def xen_guest_assets() -> dict:
+    """The guest kernel and initramfs, or a skip where Xen guests cannot run here."""
+    from initrd import GuestAssetsUnavailable, guest_assets
+
+    from pyvmm.hostcheck import probe
+
+    report = probe()
+    if not report.can_run_xen:
+        pytest.skip(f"this host's KVM cannot run Xen guests (missing {report.missing_xen or 'hardware virtualization'})")
+    try:
+        return guest_assets()
+    except GuestAssetsUnavailable as error:
+        pytest.skip(str(error))
