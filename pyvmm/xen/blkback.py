@@ -483,21 +483,20 @@ def _remaining(buffers: list[memoryview], done: int) -> list[memoryview]:
     return []
 
 
-def _preadv_all(fd: int, buffers: list[memoryview], position: int) -> None:
+def _transfer_all(syscall, fd: int, buffers: list[memoryview], position: int, stalled: str) -> None:
+    """os.preadv/os.pwritev until every buffer is done; short transfers resume."""
     pending = buffers
     while pending:
-        count = os.preadv(fd, pending[:IOV_MAX], position)
+        count = syscall(fd, pending[:IOV_MAX], position)
         if count == 0:
-            raise OSError(errno.EIO, "the image ended before the disk did")
+            raise OSError(errno.EIO, stalled)
         position += count
         pending = _remaining(pending, count)
+
+
+def _preadv_all(fd: int, buffers: list[memoryview], position: int) -> None:
+    _transfer_all(os.preadv, fd, buffers, position, "the image ended before the disk did")
 
 
 def _pwritev_all(fd: int, buffers: list[memoryview], position: int) -> None:
-    pending = buffers
-    while pending:
-        count = os.pwritev(fd, pending[:IOV_MAX], position)
-        if count == 0:
-            raise OSError(errno.EIO, "the image accepted no data")
-        position += count
-        pending = _remaining(pending, count)
+    _transfer_all(os.pwritev, fd, buffers, position, "the image accepted no data")

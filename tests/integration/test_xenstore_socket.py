@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -23,6 +22,8 @@ from pyvmm.eventloop import EventLoop
 from pyvmm.runtime import SocketInUseError
 from pyvmm.xen.xenstore import Op, XenStore
 from pyvmm.xen.xenstore.socket_server import OUTPUT_LIMIT, XenstoreSocketServer
+
+from loop_thread import LoopThread
 
 TOOL_TIMEOUT = 20
 
@@ -32,7 +33,7 @@ needs_tools = pytest.mark.skipif(
 )
 
 
-class Harness:
+class Harness(LoopThread):
     """A store served on a socket by an event loop running in a thread."""
 
     def __init__(self, directory):
@@ -43,30 +44,11 @@ class Harness:
         self.dom0 = self.store.client(0)
         self.server = XenstoreSocketServer(self.path, self.loop, self.store)
         self.server.start()
-        self.thread = threading.Thread(target=self.loop.run, name="test-loop", daemon=True)
-        self.thread.start()
+        self.start_loop()
 
     def _observe(self, domid, op, path, value, tx, result):
         if op == "WATCH" and result == "OK":
             self.watches_set.release()
-
-    def on_loop(self, function, timeout: float = 10.0):
-        """Run function() on the loop thread and return its result."""
-        done = threading.Event()
-        outcome = {}
-
-        def job():
-            try:
-                outcome["value"] = function()
-            except BaseException as error:  # re-raised in the test's thread
-                outcome["error"] = error
-            done.set()
-
-        self.loop.call_soon_threadsafe(job)
-        assert done.wait(timeout), "the event loop did not run the call"
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome.get("value")
 
     def tool(self, *argv, check=True):
         env = dict(os.environ, XENSTORED_PATH=self.path)
@@ -74,19 +56,6 @@ class Harness:
         if check:
             assert result.returncode == 0, f"{argv}: status {result.returncode}, stderr {result.stderr!r}"
         return result
-
-    def wait_clients(self, count: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.on_loop(lambda: self.server.client_count) != count:
-            assert time.monotonic() < deadline, f"expected {count} clients"
-            time.sleep(0.01)
-
-    def close(self):
-        if self.thread.is_alive():
-            self.on_loop(self.server.close)
-            self.loop.stop()
-            self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -28,8 +28,10 @@ from pyvmm.control import (
 from pyvmm.eventloop import EventLoop
 from pyvmm.runtime import RuntimeDirError, SocketInUseError
 
+from loop_thread import LoopThread
 
-class Vmm:
+
+class Vmm(LoopThread):
     """A control server with a few commands, served from a loop thread."""
 
     def __init__(self, directory, name="vm1"):
@@ -49,8 +51,7 @@ class Vmm:
         }
         self.server = ControlServer(self.path, self.loop, commands, make_greeting(name))
         self.server.start()
-        self.thread = threading.Thread(target=self.loop.run, name="test-loop", daemon=True)
-        self.thread.start()
+        self.start_loop()
 
     def status(self, arguments):
         self.calls.append(arguments)
@@ -68,33 +69,6 @@ class Vmm:
     def emit(self, arguments):
         self.server.broadcast(arguments["name"], arguments.get("data"))
         return {}
-
-    def on_loop(self, function, timeout=10.0):
-        done = threading.Event()
-        result = {}
-
-        def job():
-            try:
-                result["value"] = function()
-            finally:
-                done.set()
-
-        self.loop.call_soon_threadsafe(job)
-        assert done.wait(timeout)
-        return result.get("value")
-
-    def wait_clients(self, count, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while self.on_loop(lambda: self.server.client_count) != count:
-            assert time.monotonic() < deadline, f"expected {count} clients"
-            time.sleep(0.01)
-
-    def close(self):
-        if self.thread.is_alive():
-            self.on_loop(self.server.close)
-            self.loop.stop()
-            self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
