@@ -47,8 +47,21 @@ process(), and the caller must disconnect the device. Requests are copied
 off the ring (and indirect segment pages out of their grants) before being
 looked at, so changing them under the backend's feet achieves nothing.
 
-Threads: everything here runs on the VMM's event thread; the I/O is
-synchronous, so a slow image stalls that thread for as long as it takes.
+Persistent grants (feature-persistent). Mapping a grant means a locked
+compare-exchange on the guest's grant entry, and undoing it another: per
+4 KiB segment that is most of the backend's work. A frontend that agrees
+(its own feature-persistent) keeps granting the same pages, so the first
+use of each gref maps it writable and the mapping is kept until the ring
+is detached; later uses cost a dictionary lookup. Up to
+`max_persistent_grants` per queue (Linux's blkback's default); beyond
+that, or for a grant that cannot be mapped writable, segments are mapped
+per request as without the feature.
+
+Threads: process(queue) may run on one thread per queue (vbd.py gives
+each queue a RingWorker); a queue's ring, grant cache and counters are
+only touched by the thread serving it. The grant table has its own lock.
+attach_ring and detach_ring must not race with process() on that queue.
+The I/O is synchronous: a slow image stalls only the queue's thread.
 """
 
 from __future__ import annotations
@@ -78,7 +91,7 @@ from .blkif import (
     BlkifAbi,
     BlkRequest,
 )
-from .gnttab import GrantError, GrantTable
+from .gnttab import GrantError, GrantMapping, GrantTable
 from .ring import BackRing, RingBroken
 
 log = logging.getLogger(__name__)
@@ -95,6 +108,7 @@ DEFAULT_MAX_INDIRECT_SEGMENTS = 256  # Linux's blkback offers the same
 DEFAULT_MAX_RING_PAGE_ORDER = 4  # 16 pages: 512 requests in flight
 DEFAULT_BATCH = 32  # requests between two pushes of responses
 DEFAULT_BUDGET = 1024  # requests per process() call
+DEFAULT_MAX_PERSISTENT_GRANTS = 1056  # per queue, as Linux's blkback (max_persistent_grants)
 MAX_RING_PAGE_ORDER = 9  # what Linux's frontend would ever ask (XENBUS_MAX_RING_GRANT_ORDER)
 
 try:
@@ -197,7 +211,7 @@ def _probe_punch_hole(image: DiskImage) -> bool:
 
 def xenbus_backend_keys(image: DiskImage, *, flush: bool = True, barrier: bool = True, discard: bool = False,
                         discard_granularity: int | None = None, max_indirect_segments: int = 0,
-                        max_ring_page_order: int = 0, max_queues: int = 1) -> dict[str, str]:
+                        max_ring_page_order: int = 0, max_queues: int = 1, persistent: bool = False) -> dict[str, str]:
     """The keys a block backend writes into its xenstore directory.
 
     Feature and transport keys (everything but sectors/info/sector-size/
@@ -216,6 +230,7 @@ def xenbus_backend_keys(image: DiskImage, *, flush: bool = True, barrier: bool =
         "feature-discard": "1" if discard and writable else "0",
         "max-ring-page-order": str(max_ring_page_order),
         "multi-queue-max-queues": str(max_queues),
+        "feature-persistent": "1" if persistent else "0",
     }
     if discard and writable:
         keys["discard-granularity"] = str(discard_granularity or max(image.sector_size, 4096))
@@ -232,7 +247,18 @@ class _Queue:
     ring: BackRing
     abi: BlkifAbi
     notify: Callable[[], None]
+    # Persistent grants (feature-persistent): gref -> writable mapping held
+    # until the ring is detached; None when the frontend does not reuse grants.
+    persistent: dict[int, GrantMapping] | None = None
     work_pending: bool = False
+    requests: int = 0
+    errors: int = 0
+
+    def release_persistent(self) -> None:
+        if self.persistent:
+            for mapping in self.persistent.values():
+                mapping.release()
+            self.persistent.clear()
 
 
 class BlockBackend:
@@ -247,7 +273,8 @@ class BlockBackend:
                  max_indirect_segments: int = DEFAULT_MAX_INDIRECT_SEGMENTS,
                  max_ring_page_order: int = DEFAULT_MAX_RING_PAGE_ORDER,
                  max_queues: int = 1, flush: bool = True, discard: bool | None = None,
-                 batch: int = DEFAULT_BATCH, budget: int = DEFAULT_BUDGET):
+                 batch: int = DEFAULT_BATCH, budget: int = DEFAULT_BUDGET,
+                 max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS):
         if not 0 <= max_indirect_segments <= MAX_INDIRECT_SEGMENTS:
             raise ValueError(f"max_indirect_segments {max_indirect_segments} is not in 0..{MAX_INDIRECT_SEGMENTS}")
         if 0 < max_indirect_segments <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST:
@@ -256,6 +283,8 @@ class BlockBackend:
             raise ValueError(f"max_ring_page_order {max_ring_page_order} is not in 0..{MAX_RING_PAGE_ORDER}")
         if max_queues < 1 or batch < 1 or budget < 1:
             raise ValueError("max_queues, batch and budget must be positive")
+        if max_persistent_grants < 0:
+            raise ValueError("max_persistent_grants must not be negative")
         self.image = image
         self.grants = grants
         self.notify = notify
@@ -264,6 +293,7 @@ class BlockBackend:
         self.max_queues = max_queues
         self.batch = batch
         self.budget = budget
+        self.max_persistent_grants = max_persistent_grants  # 0: feature-persistent not offered
         writable = not image.readonly
         self.feature_flush = flush and writable
         self.feature_barrier = flush and writable
@@ -274,9 +304,19 @@ class BlockBackend:
         self._discard_works = self.feature_discard
         self._queues: dict[int, _Queue] = {}
         self._block = image.sector_size >> SECTOR_SHIFT  # 512-byte sectors per logical block
-        # Counters, for tests and diagnostics.
-        self.requests = 0
-        self.errors = 0
+        # Counters of detached queues, for tests and diagnostics.
+        self._retired_requests = 0
+        self._retired_errors = 0
+
+    @property
+    def requests(self) -> int:
+        """Requests served so far, over every queue."""
+        return self._retired_requests + sum(q.requests for q in list(self._queues.values()))
+
+    @property
+    def errors(self) -> int:
+        """Requests answered with an error so far."""
+        return self._retired_errors + sum(q.errors for q in list(self._queues.values()))
 
     # --- wiring ---------------------------------------------------------------------
 
@@ -285,11 +325,14 @@ class BlockBackend:
         return xenbus_backend_keys(
             self.image, flush=self.feature_flush, barrier=self.feature_barrier, discard=self.feature_discard,
             discard_granularity=self.discard_granularity, max_indirect_segments=self.max_indirect_segments,
-            max_ring_page_order=self.max_ring_page_order, max_queues=self.max_queues)
+            max_ring_page_order=self.max_ring_page_order, max_queues=self.max_queues,
+            persistent=self.max_persistent_grants > 0)
 
     def attach_ring(self, pages: Sequence[memoryview] | memoryview, protocol: str | None, *, queue: int = 0,
-                    notify: Callable[[], None] | None = None) -> None:
-        """Serve the ring in `pages` (the mapped ring-ref0..N, in order).
+                    notify: Callable[[], None] | None = None, persistent: bool = False) -> None:
+        """Serve the ring in `pages` (the mapped ring-ref0..N, in order);
+        `persistent`: the frontend said feature-persistent (ignored unless
+        offered).
 
         Raises BlkifError for an unknown protocol, ValueError for a ring the
         backend did not offer, RingBroken for a ring already inconsistent.
@@ -302,14 +345,23 @@ class BlockBackend:
             raise ValueError(f"queue {queue} is not below {self.max_queues}")
         if queue in self._queues:
             raise ValueError(f"queue {queue} already has a ring")
-        self._queues[queue] = _Queue(BackRing(pages, abi.entry_size), abi, notify or self.notify)
+        cache = {} if persistent and self.max_persistent_grants else None
+        self._queues[queue] = _Queue(BackRing(pages, abi.entry_size), abi, notify or self.notify, cache)
 
     def detach_ring(self, queue: int | None = None) -> None:
-        """Forget one queue's ring (all when None); the caller unmaps the pages."""
-        if queue is None:
-            self._queues.clear()
-        else:
-            self._queues.pop(queue, None)
+        """Forget one queue's ring (all when None) and give back its
+        persistent grants; the caller unmaps the ring pages."""
+        for number in list(self._queues) if queue is None else [queue]:
+            q = self._queues.pop(number, None)
+            if q is not None:
+                q.release_persistent()
+                self._retired_requests += q.requests
+                self._retired_errors += q.errors
+
+    def persistent_grants(self, queue: int = 0) -> int:
+        """How many grants `queue` holds mapped for reuse."""
+        q = self._queues.get(queue)
+        return len(q.persistent) if q and q.persistent else 0
 
     @property
     def connected(self) -> bool:
@@ -352,7 +404,7 @@ class BlockBackend:
                     q.work_pending = False
                     break
                 for raw in batch:
-                    ring.put_response(self._serve(raw, q.abi))
+                    ring.put_response(self._serve(raw, q))
                 handled += len(batch)
                 notify |= ring.push_responses()
         finally:
@@ -362,13 +414,14 @@ class BlockBackend:
                 q.notify()
         return handled
 
-    def _serve(self, raw: bytes, abi: BlkifAbi) -> bytes:
-        self.requests += 1
+    def _serve(self, raw: bytes, q: _Queue) -> bytes:
+        q.requests += 1
+        abi = q.abi
         request = blkif.parse_request(raw, abi, max_indirect_segments=self.max_indirect_segments)
         status = request.status
         if status is None:
             try:
-                status = self._execute(request)
+                status = self._execute(request, q)
             except GrantError as error:
                 request.reason = f"grant: {error}"
                 status = BLKIF_RSP_ERROR
@@ -378,12 +431,12 @@ class BlockBackend:
                 request.reason = f"I/O: {error}"
                 status = BLKIF_RSP_ERROR
         if status != BLKIF_RSP_OKAY:
-            self.errors += 1
+            q.errors += 1
             log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
                       request.operation, status, request.reason)
         return blkif.pack_response(abi, request.id, request.operation, status)
 
-    def _execute(self, request: BlkRequest) -> int:
+    def _execute(self, request: BlkRequest, q: _Queue) -> int:
         op = request.operation
         if op == BLKIF_OP_DISCARD:
             return self._discard(request)
@@ -392,7 +445,7 @@ class BlockBackend:
             request.reason = f"{blkif.OP_NAMES[op]} is not offered"
             return BLKIF_RSP_EOPNOTSUPP
         if request.indirect:
-            self._read_indirect_segments(request)
+            self._read_indirect_segments(request, q)
             if request.status is not None:
                 return request.status
         writes = op != BLKIF_OP_READ and bool(request.segments)
@@ -406,7 +459,7 @@ class BlockBackend:
         if op == BLKIF_OP_WRITE_BARRIER:
             os.fdatasync(self.image.fd)
         if request.segments:
-            self._transfer(request, writes)
+            self._transfer(request, writes, q)
         if op in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
             os.fdatasync(self.image.fd)
         return BLKIF_RSP_OKAY
@@ -420,26 +473,49 @@ class BlockBackend:
             return False
         return True
 
-    def _read_indirect_segments(self, request: BlkRequest) -> None:
+    def _read_indirect_segments(self, request: BlkRequest, q: _Queue) -> None:
         needed = request.nr_segments * SEGMENT_SIZE
         pages = []
-        for gref in request.indirect_grefs:
-            size = min(needed, 4096)
-            with self.grants.map(gref, writable=False) as mapping:
-                pages.append(bytes(mapping.view[:size]))  # a private copy: parsed after release
-            needed -= size
+        transient: list[GrantMapping] = []
+        try:
+            for gref in request.indirect_grefs:
+                size = min(needed, 4096)
+                mapping = self._map(q, gref, False, transient)
+                pages.append(bytes(mapping.view[:size]))  # a private copy: the guest may change the page
+                needed -= size
+        finally:
+            for mapping in transient:
+                mapping.release()
         blkif.parse_indirect_segments(request, pages)
 
-    def _transfer(self, request: BlkRequest, writes: bool) -> None:
+    def _map(self, q: _Queue, gref: int, writable: bool, transient: list[GrantMapping]) -> GrantMapping:
+        """The mapping of `gref`: a persistent one when the queue keeps them
+        (made on first use while there is room), else a new one that the
+        caller releases (appended to `transient`)."""
+        cache = q.persistent
+        if cache is not None:
+            mapping = cache.get(gref)
+            if mapping is not None:
+                return mapping
+            if len(cache) < self.max_persistent_grants:
+                try:
+                    mapping = cache[gref] = self.grants.map(gref, writable=True)
+                    return mapping
+                except GrantError:
+                    pass  # e.g. a read-only grant: map it for this request only
+        mapping = self.grants.map(gref, writable=writable)
+        transient.append(mapping)
+        return mapping
+
+    def _transfer(self, request: BlkRequest, writes: bool, q: _Queue) -> None:
         """Move the data between the granted pages and the image."""
-        mappings = []
+        mappings: list[GrantMapping] = []
         buffers: list[memoryview] = []
         try:
-            for segment in request.segments:
+            for gref, first, last in request.segments:
                 # The disk writes guest memory for a read: map writable then.
-                mapping = self.grants.map(segment.gref, writable=not writes)
-                mappings.append(mapping)
-                buffers.append(mapping.view[segment.offset : segment.offset + segment.length])
+                mapping = self._map(q, gref, not writes, mappings)
+                buffers.append(mapping.view[first << SECTOR_SHIFT : (last + 1) << SECTOR_SHIFT])
             position = request.sector << SECTOR_SHIFT
             if writes:
                 _pwritev_all(self.image.fd, buffers, position)

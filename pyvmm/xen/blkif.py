@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Operations.
 BLKIF_OP_READ = 0
@@ -153,10 +154,10 @@ def abi_for_protocol(protocol: str | None) -> BlkifAbi:
         raise BlkifError(f"unsupported blkif protocol {protocol!r}") from None
 
 
-@dataclass(frozen=True)
-class BlkSegment:
+class BlkSegment(NamedTuple):
     """One page of a transfer: sectors first_sect..last_sect (inclusive) of
-    the page granted by `gref`."""
+    the page granted by `gref`. (A named tuple: thousands are made per
+    second of disk traffic.)"""
 
     gref: int
     first_sect: int
@@ -217,7 +218,7 @@ class BlkRequest:
     @property
     def data_sectors(self) -> int:
         """512-byte sectors moved by the segments (once known)."""
-        return sum(segment.nr_sectors for segment in self.segments)
+        return sum(last - first for _, first, last in self.segments) + len(self.segments)
 
     def fail(self, status: int, reason: str) -> "BlkRequest":
         self.status = status
@@ -226,14 +227,16 @@ class BlkRequest:
 
 
 def parse_segments(data: bytes | memoryview, count: int, offset: int = 0) -> tuple[BlkSegment, ...]:
-    return tuple(BlkSegment(*_SEGMENT.unpack_from(data, offset + i * SEGMENT_SIZE)) for i in range(count))
+    raw = memoryview(data)[offset : offset + count * SEGMENT_SIZE]
+    if len(raw) != count * SEGMENT_SIZE:
+        raise BlkifError(f"{count} segments need {count * SEGMENT_SIZE} bytes, got {len(raw)}")
+    return tuple(map(BlkSegment._make, _SEGMENT.iter_unpack(raw)))
 
 
 def _check_segments(request: BlkRequest) -> BlkRequest:
-    for index, segment in enumerate(request.segments):
-        problem = segment.check()
-        if problem:
-            return request.fail(BLKIF_RSP_ERROR, f"segment {index}: {problem}")
+    for index, (_, first, last) in enumerate(request.segments):
+        if first > last or last >= SECTORS_PER_PAGE:
+            return request.fail(BLKIF_RSP_ERROR, f"segment {index}: {request.segments[index].check()}")
     return request
 
 

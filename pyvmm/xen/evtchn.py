@@ -131,13 +131,22 @@ class _Port:
 class BackendChannel:
     """Domain 0's end of an interdomain channel with the guest."""
 
-    def __init__(self, owner: EventChannels, dom0_port: int, on_notify: Callable[[], None], eventfd: int | None):
+    def __init__(self, owner: EventChannels, dom0_port: int, on_notify: Callable[[], None], eventfd: int | None,
+                 loop_reads_eventfd: bool = True):
         self._owner = owner
         self.dom0_port = dom0_port
         self.on_notify = on_notify
         self._guest_port: int | None = None
         self._eventfd = eventfd
+        self._loop_reads_eventfd = loop_reads_eventfd
         self._closed = False
+
+    @property
+    def eventfd(self) -> int | None:
+        """The eventfd KVM signals when the guest sends on its end (None
+        without in-kernel delivery). Bound with own_eventfd=True, the owner
+        waits on it (and drains it) itself; close() closes it."""
+        return self._eventfd
 
     @property
     def guest_port(self) -> int | None:
@@ -359,9 +368,16 @@ class EventChannels:
 
         return self._attach_backend(on_notify, new_port)
 
-    def bind_backend(self, guest_port: int, on_notify: Callable[[], None]) -> BackendChannel:
+    def bind_backend(self, guest_port: int, on_notify: Callable[[], None], *,
+                     own_eventfd: bool = False) -> BackendChannel:
         """Dom0 binds to the guest's unbound port offered to domain 0 (a
-        frontend's published event-channel)."""
+        frontend's published event-channel).
+
+        `on_notify` runs on the event thread for every notification the VMM
+        sees in userspace. With own_eventfd the event loop does not watch
+        the in-kernel eventfd (channel.eventfd): a worker thread blocks on
+        it instead, so a notification reaches the backend without a detour
+        through the event thread."""
 
         def offered_port() -> int:
             record = self._ports.get(guest_port) if self._in_range(guest_port) else None
@@ -369,7 +385,7 @@ class EventChannels:
                 raise XenError(EINVAL, f"guest port {guest_port} is not offered to domain 0")
             return guest_port
 
-        return self._attach_backend(on_notify, offered_port)
+        return self._attach_backend(on_notify, offered_port, loop_reads_eventfd=not own_eventfd)
 
     def send_virq(self, virq: int, vcpu: int = 0) -> None:
         """Raise a VIRQ if the guest bound it (timers, console); for global
@@ -551,11 +567,12 @@ class EventChannels:
 
     # --- backend channel plumbing -----------------------------------------------------
 
-    def _attach_backend(self, on_notify: Callable[[], None], pick_port: Callable[[], int]) -> BackendChannel:
+    def _attach_backend(self, on_notify: Callable[[], None], pick_port: Callable[[], int], *,
+                        loop_reads_eventfd: bool = True) -> BackendChannel:
         # The eventfd comes first: the one step the host can fail, before
         # any table changes.
         eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if self._kernel is not None else None
-        channel = BackendChannel(self, 0, on_notify, eventfd)
+        channel = BackendChannel(self, 0, on_notify, eventfd, loop_reads_eventfd)
         try:
             with self._transaction() as after:
                 self._connect(channel, pick_port(), after)
@@ -572,7 +589,7 @@ class EventChannels:
         record.state, record.remote_port = EVTCHNSTAT_interdomain, channel.dom0_port
         channel._guest_port = guest_port
         self._route_to_eventfd(guest_port, channel)
-        if channel._eventfd is not None:
+        if channel._eventfd is not None and channel._loop_reads_eventfd:
             after.append(partial(self._add_reader, channel._eventfd, channel._eventfd_ready))
         # Like Xen's bind: the guest may have sent while the port was unbound.
         after.append(partial(self._schedule, channel.on_notify))
@@ -602,9 +619,10 @@ class EventChannels:
                     record.in_kernel = False
                 channel._guest_port = None
             if channel._eventfd is not None:
-                after.append(partial(self._release_eventfd, channel._eventfd))
+                after.append(partial(self._release_eventfd, channel._eventfd, channel._loop_reads_eventfd))
                 channel._eventfd = None
 
-    def _release_eventfd(self, fd: int) -> None:
-        self._remove_reader(fd)
+    def _release_eventfd(self, fd: int, loop_reads: bool = True) -> None:
+        if loop_reads:
+            self._remove_reader(fd)
         os.close(fd)

@@ -13,11 +13,15 @@ Linux's blkback does:
                                 `ring-ref`, else ring-ref0 .. ring-ref<2^order-1>
     event-channel               per queue
 
+    feature-persistent          optional: the frontend reuses its grants
+
 maps the ring pages through the grant table (held for the connection's
-life), binds each queue's event channel and attaches the rings. Every
-notification runs BlockBackend.process() for that queue, again (from the
-event loop) while it stops at its budget with work left. A RingBroken, or
-a bad key, fails this device only (xenbus_backend.fail).
+life), binds each queue's event channel and attaches the rings. Each
+queue is served by its own RingWorker thread, which KVM's in-kernel
+event-channel path wakes directly through the channel's eventfd; it runs
+BlockBackend.process() for that queue until the ring is empty. A
+RingBroken, or a bad key, fails this device only (xenbus_backend.fail,
+on the event thread).
 
 Device ids follow Xen's vdev numbering: xvdX with index < 16 is
 202 << 8 | index << 4 (xvda 51712, xvdb 51728); higher indexes use the
@@ -37,6 +41,7 @@ from .blkback import BlockBackend, DiskImage
 from .errors import XenError
 from .gnttab import GrantError, GrantMapping, GrantTable
 from .ring import RingBroken
+from .ring_worker import RingWorker
 from .xenbus_backend import FrontendError, XenbusBackendDevice
 from .xenstore import XenStore
 
@@ -89,6 +94,7 @@ class VbdDevice(XenbusBackendDevice):
         self.backend = BlockBackend(image, grants, _unattached_notify, **backend_options)
         self._channels: list["BackendChannel"] = []
         self._mappings: list[GrantMapping] = []
+        self._workers: list[RingWorker] = []
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self.queues = 0
         self.ring_pages = 0
@@ -131,6 +137,7 @@ class VbdDevice(XenbusBackendDevice):
         queues = self.read_frontend_uint("multi-queue-num-queues", 1)
         if not 1 <= queues <= backend.max_queues:
             raise FrontendError(f"multi-queue-num-queues = {queues}; offered 1..{backend.max_queues}")
+        persistent = self.read_frontend_uint("feature-persistent", 0, maximum=1) == 1
         single = self.read_frontend("ring-page-order") is None  # absent: one page in ring-ref
         order = 0 if single else self.read_frontend_uint("ring-page-order")
         if order > backend.max_ring_page_order:
@@ -154,22 +161,30 @@ class VbdDevice(XenbusBackendDevice):
                 self._mappings.append(mapping)
                 pages.append(mapping.view)
             try:
-                channel = self.evtchn.bind_backend(port, partial(self._notified, queue, generation))
+                channel = self.evtchn.bind_backend(port, partial(self._notified, queue, generation), own_eventfd=True)
             except XenError as error:
                 raise FrontendError(f"{prefix}event-channel {port}: {error}", error.errno) from None
             self._channels.append(channel)
             try:
-                backend.attach_ring(pages, protocol, queue=queue, notify=channel.notify)
+                backend.attach_ring(pages, protocol, queue=queue, notify=channel.notify, persistent=persistent)
             except (ValueError, RingBroken) as error:  # BlkifError is a ValueError
                 raise FrontendError(f"ring of queue {queue}: {error}") from None
+            self._workers.append(RingWorker(
+                f"{self.vdev}-q{queue}", partial(self._serve, queue),
+                partial(self._worker_failed, queue, generation), eventfd=channel.eventfd))
             ports.append(port)
+        for worker in self._workers:
+            worker.start()
         self.queues, self.ring_pages = queues, 1 if single else 1 << order
-        log.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s",
+        log.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
                  self.vdev, self.image.path, "ro" if self.image.readonly else "rw", queues, self.ring_pages,
-                 protocol or "native", ", ".join(map(str, ports)))
+                 protocol or "native", ", ".join(map(str, ports)), ", persistent grants" if persistent else "")
 
     def disconnect(self) -> None:
         self._generation += 1
+        workers, self._workers = self._workers, []
+        for worker in workers:  # first: nothing may touch a ring being taken away
+            worker.stop()
         self.backend.detach_ring()
         channels, self._channels = self._channels, []
         mappings, self._mappings = self._mappings, []
@@ -188,19 +203,29 @@ class VbdDevice(XenbusBackendDevice):
     # --- requests ---------------------------------------------------------------------
 
     def _notified(self, queue: int, generation: int) -> None:
+        """A notification that came through userspace (or the catch-up one
+        after binding): hand it to the queue's worker."""
+        if generation == self._generation and not self.closed and queue < len(self._workers):
+            self._workers[queue].wake()
+
+    def _serve(self, queue: int) -> bool:
+        """On the queue's worker: serve the ring; True while work is left."""
+        self.backend.process(queue)
+        return self.backend.work_pending(queue)
+
+    def _worker_failed(self, queue: int, generation: int, error: BaseException) -> None:
+        # On the worker thread: the device is failed on the event thread.
+        if not isinstance(error, RingBroken):
+            log.error("%s: serving queue %d failed", self.vdev, queue, exc_info=error)
+        self.call_soon(partial(self._fail_queue, queue, generation, error))
+
+    def _fail_queue(self, queue: int, generation: int, error: BaseException) -> None:
         if generation != self._generation or self.closed:
-            return  # a notification for a connection that is gone
-        try:
-            self.backend.process(queue)
-        except RingBroken as error:
+            return
+        if isinstance(error, RingBroken):
             self.fail(f"queue {queue}: {error}", errno.EPROTO)
-            return
-        except Exception as error:
-            log.exception("%s: serving queue %d failed", self.vdev, queue)
+        else:
             self.fail(f"internal error on queue {queue}: {error}")
-            return
-        if self.backend.work_pending(queue):
-            self.call_soon(partial(self._notified, queue, generation))
 
 
 def _unattached_notify() -> None:  # every ring gets its own channel's notify

@@ -36,7 +36,7 @@ class Guest:
     """A frontend: guest RAM, its grant table, a ring and a disk image."""
 
     def __init__(self, tmp_path, protocol="x86_64-abi", *, ring_pages=1, sectors=DISK_SECTORS, readonly=False,
-                 sector_size=512, image_bytes=None, queue=0, **backend_options):
+                 sector_size=512, image_bytes=None, queue=0, persistent=False, **backend_options):
         self.memory = GuestMemory([(0, RAM_PAGES * PAGE)])
         self.table = GrantTable(self.memory, max_frames=8)
         self.abi = blkif.abi_for_protocol(protocol)
@@ -56,7 +56,7 @@ class Guest:
         self.ring_refs = [self.grant(gfn) for gfn in ring_gfns]
         self.front = FrontRing([self.memory.view(gfn * PAGE, PAGE) for gfn in ring_gfns], self.abi.entry_size)
         self.ring_mappings = [self.table.map(ref, writable=True) for ref in self.ring_refs]
-        self.backend.attach_ring([m.view for m in self.ring_mappings], protocol, queue=queue)
+        self.backend.attach_ring([m.view for m in self.ring_mappings], protocol, queue=queue, persistent=persistent)
 
     def notify(self):
         self.notified += 1
@@ -667,17 +667,19 @@ def test_xenbus_backend_keys(tmp_path):
     path.write_bytes(bytes(1 << 20))
     with DiskImage(path, physical_sector_size=4096) as image:
         keys = xenbus_backend_keys(image, discard=True, max_indirect_segments=256, max_ring_page_order=4,
-                                   max_queues=2)
+                                   max_queues=2, persistent=True)
         assert keys == {
             "sectors": "2048", "info": "0", "sector-size": "512", "physical-sector-size": "4096",
             "feature-flush-cache": "1", "feature-barrier": "1", "feature-discard": "1",
             "discard-granularity": "4096", "discard-alignment": "0", "discard-secure": "0",
             "feature-max-indirect-segments": "256", "max-ring-page-order": "4", "multi-queue-max-queues": "2",
+            "feature-persistent": "1",
         }
         plain = xenbus_backend_keys(image, flush=False, barrier=False)
         assert plain["feature-flush-cache"] == plain["feature-barrier"] == plain["feature-discard"] == "0"
         assert "feature-max-indirect-segments" not in plain and "discard-granularity" not in plain
         assert plain["max-ring-page-order"] == "0" and plain["multi-queue-max-queues"] == "1"
+        assert plain["feature-persistent"] == "0"
 
 
 def test_advertised_features_are_what_is_served(tmp_path):
@@ -727,3 +729,70 @@ def test_two_queues_notify_separately(tmp_path):
     assert blkif.parse_response(front2.take_responses()[0], g.abi) == (1, BLKIF_OP_READ, 0)
     assert g.page_bytes(gfn) == g.disk(16, 8)
     assert g.backend.process(0) == 0 and g.backend.process(5) == 0
+
+
+# --- persistent grants ------------------------------------------------------------
+
+
+def test_persistent_grants_are_mapped_once_and_kept_until_detach(tmp_path):
+    g = Guest(tmp_path, persistent=True)
+    assert g.backend.xenbus_keys()["feature-persistent"] == "1"
+    write_ref, write_gfn = g.page(pattern(1, PAGE))
+    read_ref, read_gfn = g.page()
+    for round_ in range(3):  # the frontend reuses the same two grants
+        g.memory.write(write_gfn * PAGE, pattern(round_, PAGE))
+        responses = g.run(g.rw(BLKIF_OP_WRITE, 1, 8 * round_, [(write_ref, 0, 7)]),
+                          g.rw(BLKIF_OP_READ, 2, 8 * round_, [(read_ref, 0, 7)]))
+        assert responses == {1: (BLKIF_OP_WRITE, BLKIF_RSP_OKAY), 2: (BLKIF_OP_READ, BLKIF_RSP_OKAY)}
+        assert g.disk(8 * round_, 8) == pattern(round_, PAGE) == g.page_bytes(read_gfn)
+        # Held between requests: the guest sees its grants in use.
+        assert g.entry_flags(write_ref) & gnttab.GTF_IN_USE and g.entry_flags(read_ref) & gnttab.GTF_IN_USE
+    assert g.backend.persistent_grants() == 2
+    g.backend.detach_ring()
+    assert g.backend.persistent_grants() == 0
+    g.assert_grants_released()
+
+
+def test_persistent_grants_beyond_the_limit_are_mapped_per_request(tmp_path):
+    g = Guest(tmp_path, persistent=True, max_persistent_grants=2)
+    pages = [g.page(pattern(i, PAGE)) for i in range(4)]
+    segments = [(ref, 0, 7) for ref, _ in pages]
+    assert g.run(g.rw(BLKIF_OP_WRITE, 7, 0, segments)) == {7: (BLKIF_OP_WRITE, BLKIF_RSP_OKAY)}
+    assert g.disk(0, 32) == b"".join(pattern(i, PAGE) for i in range(4))
+    assert g.backend.persistent_grants() == 2
+    kept = [ref for ref, _ in pages if g.entry_flags(ref) & gnttab.GTF_IN_USE]
+    assert len(kept) == 2  # the other two were released with the response
+
+
+def test_a_read_only_grant_is_not_kept_but_still_serves_a_write(tmp_path):
+    g = Guest(tmp_path, persistent=True)
+    ref, _ = g.page(pattern(5, PAGE), readonly=True)
+    assert g.run(g.rw(BLKIF_OP_WRITE, 1, 16, [(ref, 0, 7)])) == {1: (BLKIF_OP_WRITE, BLKIF_RSP_OKAY)}
+    assert g.disk(16, 8) == pattern(5, PAGE)
+    assert g.backend.persistent_grants() == 0 and not g.entry_flags(ref) & gnttab.GTF_IN_USE
+    # ... and a read into it is refused, as without persistent grants.
+    assert g.run(g.rw(BLKIF_OP_READ, 2, 16, [(ref, 0, 7)])) == {2: (BLKIF_OP_READ, BLKIF_RSP_ERROR)}
+
+
+def test_persistent_indirect_pages_are_copied_before_parsing(tmp_path):
+    g = Guest(tmp_path, persistent=True)
+    data_pages = [g.page() for _ in range(16)]
+    segments = blkif.pack_segments([(ref, 0, 7) for ref, _ in data_pages])
+    indirect_ref, indirect_gfn = g.page(segments)
+    request = blkif.pack_indirect(g.abi, BLKIF_OP_READ, 3, 0, 16, [indirect_ref])
+    assert g.run(request) == {3: (BLKIF_OP_READ, BLKIF_RSP_OKAY)}
+    assert b"".join(g.page_bytes(gfn) for _, gfn in data_pages) == g.disk(0, 128)
+    assert g.backend.persistent_grants() == 17  # the indirect page is kept too
+    # The next request through the same (kept) indirect page sees its new content.
+    g.memory.write(indirect_gfn * PAGE, blkif.pack_segments([(data_pages[0][0], 0, 7)] * 16))
+    request = blkif.pack_indirect(g.abi, BLKIF_OP_READ, 4, 128, 16, [indirect_ref])
+    assert g.run(request) == {4: (BLKIF_OP_READ, BLKIF_RSP_OKAY)}
+    assert g.page_bytes(data_pages[0][1]) == g.disk(128 + 15 * 8, 8)
+
+
+def test_persistent_grants_are_not_offered_when_disabled(tmp_path):
+    g = Guest(tmp_path, persistent=True, max_persistent_grants=0)
+    assert g.backend.xenbus_keys()["feature-persistent"] == "0"
+    ref, _ = g.page()
+    assert g.run(g.rw(BLKIF_OP_READ, 1, 0, [(ref, 0, 7)])) == {1: (BLKIF_OP_READ, BLKIF_RSP_OKAY)}
+    g.assert_grants_released()

@@ -6,6 +6,7 @@ in guest memory, and an image file in tmp_path."""
 import ctypes
 import random
 import struct
+import time
 
 import pytest
 
@@ -90,13 +91,14 @@ class Domain:
 class Frontend:
     """Linux's blkfront, as far as xenstore and the rings go."""
 
-    def __init__(self, domain, device, *, queues=1, order=None, protocol="x86_64-abi"):
+    def __init__(self, domain, device, *, queues=1, order=None, protocol="x86_64-abi", persistent=True):
         self.domain = domain
         self.xs = domain.guest
         self.path = device.frontend_path
         self.backend_path = self.xs.read(f"{self.path}/backend").decode()
         self.abi = blkif.abi_for_protocol(protocol)
         self.protocol = protocol
+        self.persistent = persistent
         self.queues = queues
         self.order = order
         self.rings = []
@@ -141,26 +143,38 @@ class Frontend:
                     if key not in skip:
                         self.xs.write(f"{base}/{key}", value, tx)
             self.xs.write(f"{self.path}/protocol", self.protocol, tx)
-            self.xs.write(f"{self.path}/feature-persistent", "1", tx)
+            if self.persistent:
+                self.xs.write(f"{self.path}/feature-persistent", "1", tx)
         self.set_state(state)
         self.domain.loop.run()
 
-    def request(self, queue, *requests):
+    def request(self, queue, *requests, expect=None):
+        """Submit, notify, and collect responses until `expect` of them
+        (default: one per request) came back from the queue's worker."""
         for request in requests:
             self.rings[queue].put_request(request)
         self.rings[queue].push_requests()
         self.domain.evtchn.send(self.ports[queue])
-        self.domain.loop.run()
+        wanted = len(requests) if expect is None else expect
         responses = {}
-        for raw in self.rings[queue].take_responses():
-            request_id, op, status = blkif.parse_response(raw, self.abi)
-            responses[request_id] = status
+        deadline = time.monotonic() + 10
+        while len(responses) < wanted and time.monotonic() < deadline:
+            self.domain.loop.run()
+            for raw in self.rings[queue].take_responses():
+                request_id, op, status = blkif.parse_response(raw, self.abi)
+                responses[request_id] = status
+            time.sleep(0.001)
+        self.domain.loop.run()
         return responses
 
-    def read(self, queue, request_id, sector):
-        """A one-page read at `sector`; returns (status, the page's bytes)."""
-        gfn = self.domain.page()
-        ref = self.domain.grant(gfn)
+    def read(self, queue, request_id, sector, page=None):
+        """A one-page read at `sector` (into a fresh grant, or `page`, a
+        (ref, gfn) pair); returns (status, the page's bytes)."""
+        if page is None:
+            gfn = self.domain.page()
+            ref = self.domain.grant(gfn)
+        else:
+            ref, gfn = page
         status = self.request(queue, blkif.pack_request(self.abi, BLKIF_OP_READ, request_id, sector, [(ref, 0, 7)]))
         return status[request_id], self.domain.memory.read(gfn * PAGE, PAGE)
 
@@ -190,6 +204,15 @@ def make_vbd(domain, path, vdev="xvda", readonly=False, **options):
     device.start()
     domain.loop.run()
     return device
+
+
+def run_until(domain, condition, timeout=10):
+    """Run the event thread's callbacks until `condition()` (workers are threads)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        domain.loop.run()
+        time.sleep(0.001)
+    domain.loop.run()
 
 
 def port_state(domain, port):
@@ -367,10 +390,29 @@ def test_broken_ring_indices_close_the_device(domain, image):
     ring = fe.rings[0]
     ring.shared.store(REQ_PROD, 100_000)  # far more requests than the ring holds
     domain.evtchn.send(fe.ports[0])
-    domain.loop.run()
+    run_until(domain, lambda: not device.connected)  # the worker reports, the event thread disconnects
     assert not device.connected and fe.backend_state() == XenbusState.CLOSING
     assert "ahead" in fe.backend("error")
     assert not any(domain.entry_flags(ref) & GTF_IN_USE for ref in fe.refs)
+    device.close()
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_grants_only_when_the_frontend_says_so(domain, image, persistent):
+    device = make_vbd(domain, image)
+    fe = Frontend(domain, device, persistent=persistent)
+    assert fe.backend("feature-persistent") == "1"
+    fe.talk_to_backend()
+    gfn = domain.page()
+    ref = domain.grant(gfn)
+    for request_id in range(3):  # the same grant, as a persistent frontend reuses it
+        status, data = fe.read(0, request_id, 8 * request_id, (ref, gfn))
+        assert status == BLKIF_RSP_OKAY and data == image.read_bytes()[4096 * request_id : 4096 * (request_id + 1)]
+    assert bool(domain.entry_flags(ref) & GTF_IN_USE) == persistent
+    assert device.backend.persistent_grants() == (1 if persistent else 0)
+    fe.set_state(XenbusState.CLOSING)
+    domain.loop.run()
+    assert not domain.entry_flags(ref) & GTF_IN_USE  # given back at disconnect
     device.close()
 
 
