@@ -86,6 +86,7 @@ from .blkif import (
     BLKIF_RSP_OKAY,
     MAX_INDIRECT_SEGMENTS,
     SECTOR_SHIFT,
+    SECTORS_PER_PAGE,
     SEGMENT_SIZE,
     VDISK_READONLY,
     BlkifAbi,
@@ -117,6 +118,8 @@ except (ValueError, OSError):  # pragma: no cover
     IOV_MAX = 1024
 if IOV_MAX <= 0:  # pragma: no cover
     IOV_MAX = 1024
+
+_NO_GRANTS: dict[int, GrantMapping] = {}  # the grant cache of a queue without persistent grants
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -459,7 +462,7 @@ class BlockBackend:
         if op == BLKIF_OP_WRITE_BARRIER:
             os.fdatasync(self.image.fd)
         if request.segments:
-            self._transfer(request, writes, q)
+            self._transfer(request, writes, q, count << SECTOR_SHIFT)
         if op in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
             os.fdatasync(self.image.fd)
         return BLKIF_RSP_OKAY
@@ -507,23 +510,35 @@ class BlockBackend:
         transient.append(mapping)
         return mapping
 
-    def _transfer(self, request: BlkRequest, writes: bool, q: _Queue) -> None:
-        """Move the data between the granted pages and the image."""
+    def _transfer(self, request: BlkRequest, writes: bool, q: _Queue, total: int) -> None:
+        """Move the `total` bytes between the granted pages and the image.
+
+        The hot loop of the backend: a persistent grant costs one dict
+        lookup, and a whole-page segment uses the mapping's own view."""
         mappings: list[GrantMapping] = []
         buffers: list[memoryview] = []
+        slices: list[memoryview] = []  # views made here, released after the transfer
+        cache = q.persistent if q.persistent is not None else _NO_GRANTS
         try:
             for gref, first, last in request.segments:
-                # The disk writes guest memory for a read: map writable then.
-                mapping = self._map(q, gref, not writes, mappings)
-                buffers.append(mapping.view[first << SECTOR_SHIFT : (last + 1) << SECTOR_SHIFT])
+                mapping = cache.get(gref)
+                if mapping is None:
+                    # The disk writes guest memory for a read: map writable then.
+                    mapping = self._map(q, gref, not writes, mappings)
+                if first == 0 and last == SECTORS_PER_PAGE - 1:
+                    buffers.append(mapping.view)
+                else:
+                    piece = mapping.view[first << SECTOR_SHIFT : (last + 1) << SECTOR_SHIFT]
+                    buffers.append(piece)
+                    slices.append(piece)
             position = request.sector << SECTOR_SHIFT
             if writes:
-                _pwritev_all(self.image.fd, buffers, position)
+                _pwritev_all(self.image.fd, buffers, position, total)
             else:
-                _preadv_all(self.image.fd, buffers, position)
+                _preadv_all(self.image.fd, buffers, position, total)
         finally:
-            for buffer in buffers:
-                buffer.release()
+            for piece in slices:
+                piece.release()
             for mapping in mappings:
                 mapping.release()
 
@@ -559,20 +574,24 @@ def _remaining(buffers: list[memoryview], done: int) -> list[memoryview]:
     return []
 
 
-def _transfer_all(syscall, fd: int, buffers: list[memoryview], position: int, stalled: str) -> None:
-    """os.preadv/os.pwritev until every buffer is done; short transfers resume."""
+def _transfer_all(syscall, fd: int, buffers: list[memoryview], position: int, total: int, stalled: str) -> None:
+    """os.preadv/os.pwritev until every buffer (`total` bytes) is done;
+    short transfers resume where they stopped."""
     pending = buffers
-    while pending:
-        count = syscall(fd, pending[:IOV_MAX], position)
+    while True:
+        count = syscall(fd, pending if len(pending) <= IOV_MAX else pending[:IOV_MAX], position)
+        if count == total:
+            return  # usually at the first call
         if count == 0:
             raise OSError(errno.EIO, stalled)
+        total -= count
         position += count
         pending = _remaining(pending, count)
 
 
-def _preadv_all(fd: int, buffers: list[memoryview], position: int) -> None:
-    _transfer_all(os.preadv, fd, buffers, position, "the image ended before the disk did")
+def _preadv_all(fd: int, buffers: list[memoryview], position: int, total: int) -> None:
+    _transfer_all(os.preadv, fd, buffers, position, total, "the image ended before the disk did")
 
 
-def _pwritev_all(fd: int, buffers: list[memoryview], position: int) -> None:
-    _transfer_all(os.pwritev, fd, buffers, position, "the image accepted no data")
+def _pwritev_all(fd: int, buffers: list[memoryview], position: int, total: int) -> None:
+    _transfer_all(os.pwritev, fd, buffers, position, total, "the image accepted no data")
