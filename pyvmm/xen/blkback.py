@@ -78,6 +78,8 @@ from .blkif import (
     BlkifAbi,
     BlkRequest,
 )
+from ..faults import FAULTS
+from ..trace import TRACE
 from .gnttab import GrantError, GrantTable
 from .ring import BackRing, RingBroken
 
@@ -274,6 +276,7 @@ class BlockBackend:
         self._discard_works = self.feature_discard
         self._queues: dict[int, _Queue] = {}
         self._block = image.sector_size >> SECTOR_SHIFT  # 512-byte sectors per logical block
+        self.label = os.path.basename(image.path)  # names the disk in traces and fault rules (vbd: its vdev)
         # Counters, for tests and diagnostics.
         self.requests = 0
         self.errors = 0
@@ -335,7 +338,7 @@ class BlockBackend:
         request notifies. Raises RingBroken: disconnect the device.
         """
         q = self._queues.get(queue)
-        if q is None:
+        if q is None or (FAULTS.blk and FAULTS.blk_stalled(self.label)):
             return 0
         ring = q.ring
         handled = 0
@@ -352,7 +355,9 @@ class BlockBackend:
                     q.work_pending = False
                     break
                 for raw in batch:
-                    ring.put_response(self._serve(raw, q.abi))
+                    response = self._serve(raw, q)
+                    if response is not None:  # None: an injected fault answers later or never
+                        ring.put_response(response)
                 handled += len(batch)
                 notify |= ring.push_responses()
         finally:
@@ -362,10 +367,20 @@ class BlockBackend:
                 q.notify()
         return handled
 
-    def _serve(self, raw: bytes, abi: BlkifAbi) -> bytes:
+    def _serve(self, raw: bytes, q: _Queue) -> bytes | None:
         self.requests += 1
+        abi = q.abi
         request = blkif.parse_request(raw, abi, max_indirect_segments=self.max_indirect_segments)
         status = request.status
+        if TRACE.blk:
+            self._trace_request(request)
+        fault = None
+        if status is None and FAULTS.blk:
+            fault = FAULTS.blk_request(self.label, blkif.OP_NAMES.get(request.operation, "?"), request.sector,
+                                       request.nr_sectors or request.data_sectors or request.nr_segments * 8)
+            if fault is not None and fault.action in ("error", "eopnotsupp"):
+                request.reason = f"injected fault {fault.id}: {fault.spec}"
+                status = BLKIF_RSP_ERROR if fault.action == "error" else BLKIF_RSP_EOPNOTSUPP
         if status is None:
             try:
                 status = self._execute(request)
@@ -381,7 +396,33 @@ class BlockBackend:
             self.errors += 1
             log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
                       request.operation, status, request.reason)
-        return blkif.pack_response(abi, request.id, request.operation, status)
+        if TRACE.blk:
+            TRACE.emit("blk", "response", disk=self.label, id=request.id,
+                       op=blkif.OP_NAMES.get(request.operation, request.operation), status=status,
+                       reason=request.reason or None, fault=fault.spec if fault else None)
+        response = blkif.pack_response(abi, request.id, request.operation, status)
+        if fault is not None and fault.action == "delay":
+            self._answer_later(q, response, fault.delay)
+            return None
+        return None if fault is not None and fault.action == "drop" else response
+
+    def _trace_request(self, request: BlkRequest) -> None:
+        TRACE.emit("blk", "request", disk=self.label, id=request.id,
+                   op=blkif.OP_NAMES.get(request.operation, request.operation), sector=request.sector,
+                   sectors=request.nr_sectors or request.data_sectors, segments=request.nr_segments,
+                   bytes=sum(segment.length for segment in request.segments), indirect=request.indirect)
+
+    def _answer_later(self, q: _Queue, response: bytes, delay: float) -> None:
+        """An injected delay: publish `response` after `delay` seconds, if
+        the ring is still attached then."""
+        def answer() -> None:
+            if q not in self._queues.values():
+                return
+            q.ring.put_response(response)
+            if q.ring.push_responses():
+                q.notify()
+
+        FAULTS.call_later(delay, answer)
 
     def _execute(self, request: BlkRequest) -> int:
         op = request.operation

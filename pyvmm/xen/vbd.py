@@ -33,6 +33,7 @@ import re
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ..faults import FAULTS
 from .blkback import BlockBackend, DiskImage
 from .errors import XenError
 from .gnttab import GrantError, GrantMapping, GrantTable
@@ -87,6 +88,8 @@ class VbdDevice(XenbusBackendDevice):
         self.evtchn = evtchn
         self.call_soon = call_soon
         self.backend = BlockBackend(image, grants, _unattached_notify, **backend_options)
+        self.backend.label = vdev
+        FAULTS.listeners.append(self._faults_changed)  # a lifted stall: serve what waits
         self._channels: list["BackendChannel"] = []
         self._mappings: list[GrantMapping] = []
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
@@ -182,8 +185,14 @@ class VbdDevice(XenbusBackendDevice):
         self.queues = self.ring_pages = 0
 
     def close(self) -> None:
+        if self._faults_changed in FAULTS.listeners:
+            FAULTS.listeners.remove(self._faults_changed)
         super().close()
         self.image.close()
+
+    def _faults_changed(self) -> None:
+        for queue in range(self.queues):
+            self.call_soon(partial(self._notified, queue, self._generation))
 
     # --- requests ---------------------------------------------------------------------
 
