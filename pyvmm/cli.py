@@ -97,9 +97,16 @@ def main() -> None:
               help="A Xen PV disk backed by a raw image or block device (repeatable).")
 @click.option("--xenstore-socket", type=click.Path(path_type=Path),
               help="Serve the VM's xenstore to dom0 tools here (default: in the runtime directory).")
+@click.option("--trace", "trace_categories", metavar="CATEGORIES",
+              help="Trace these events (comma-separated: hypercall, evtchn, xenstore, grant, blk, net, console, io, "
+                   "or all) to --trace-file; see docs/FRONTEND-DEVELOPERS.md.")
+@click.option("--trace-file", type=click.Path(path_type=Path), help="Where --trace writes (JSON lines).")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC",
+              help="Inject a fault, e.g. blk:error,op=write,sectors=2048-4095 "
+                   "(repeatable; docs/FRONTEND-DEVELOPERS.md).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, disks, xenstore_socket, verbose) -> None:
+        xen_accel, name, disks, xenstore_socket, trace_categories, trace_file, faults, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -133,6 +140,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             disks=tuple(DiskOption.parse(text, index) for index, text in enumerate(values["disks"])),
         )
         config.validate()
+        _start_tracing_and_faults(trace_categories, trace_file, faults)
         from .runner import run_vm
 
         status = run_vm(config)
@@ -146,6 +154,23 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             raise
         _fail(message)
     sys.exit(status)
+
+
+def _start_tracing_and_faults(categories: str | None, path: Path | None, specs: tuple[str, ...]) -> None:
+    from .faults import FAULTS, FaultSpecError
+    from .trace import TRACE, TraceError, parse_categories
+
+    if (categories is None) != (path is None):
+        raise ConfigError("--trace and --trace-file go together")
+    try:
+        for spec in specs:
+            FAULTS.add(spec)
+        if categories is not None:
+            TRACE.open(parse_categories(categories), path)
+    except (FaultSpecError, TraceError) as error:
+        raise ConfigError(str(error))
+    except OSError as error:
+        raise ConfigError(f"--trace-file {str(path)!r}: {error.strerror}")
 
 
 @cli.command()
@@ -341,13 +366,91 @@ def ctl_evtchn() -> None:
 @ctl_evtchn.command("list")
 @click.pass_context
 def ctl_evtchn_list(ctx) -> None:
-    client, result = _control_call(ctx.parent, "evtchn-list")
+    _print_list(ctx.parent, "evtchn-list", lambda port: "  ".join(f"{key}={value}" for key, value in port.items()))
+
+
+def _print_list(ctx, command: str, line) -> None:
+    """A command's list result: JSON, or one line(item) per item."""
+    client, result = _control_call(ctx, command)
     client.close()
-    if ctx.parent.obj["json"]:
+    if ctx.obj["json"]:
         click.echo(json.dumps(result, indent=2))
         return
-    for port in result:
-        click.echo("  ".join(f"{key}={value}" for key, value in port.items()))
+    for item in result:
+        click.echo(line(item))
+
+
+@ctl.group("fault")
+def ctl_fault() -> None:
+    """Inject faults into the running VM (docs/FRONTEND-DEVELOPERS.md)."""
+
+
+def _call_and_print(ctx, command: str, **arguments) -> None:
+    client, result = _control_call(ctx, command, **arguments)
+    client.close()
+    _print(ctx, result)
+
+
+@ctl_fault.command("add")
+@click.argument("spec")
+@click.pass_context
+def ctl_fault_add(ctx, spec) -> None:
+    """Add a rule (like blk:error,op=write,sectors=2048-4095)."""
+    _call_and_print(ctx.parent, "fault-add", spec=spec)
+
+
+@ctl_fault.command("list")
+@click.pass_context
+def ctl_fault_list(ctx) -> None:
+    """The rules, in the order they are tried, with their counters."""
+    _print_list(ctx.parent, "fault-list", lambda rule: (
+        f"{rule['id']:>3}  fired {rule['fired']:>6} of {rule['seen']:>6} matches  {rule['spec']}"
+        f"{'  (exhausted)' if rule['exhausted'] else ''}"))
+
+
+@ctl_fault.command("clear")
+@click.argument("rule_id", type=int, required=False)
+@click.pass_context
+def ctl_fault_clear(ctx, rule_id) -> None:
+    """Remove rule RULE_ID, or every rule."""
+    _call_and_print(ctx.parent, "fault-clear", **({} if rule_id is None else {"id": rule_id}))
+
+
+@ctl.command("xenbus-state")
+@click.argument("device")
+@click.argument("state", type=click.Choice(["closing", "closed"]))
+@click.pass_context
+def ctl_xenbus_state(ctx, device, state) -> None:
+    """Move backend DEVICE (e.g. xvdb) to Closing or Closed now."""
+    _call_and_print(ctx, "xenbus-state", device=device, state=state)
+
+
+@cli.group("trace")
+def trace_group() -> None:
+    """Read trace files written by `pyvmm run --trace`."""
+
+
+@trace_group.command("show")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--category", "-c", "categories", multiple=True, help="Only this category (repeatable).")
+@click.option("--grep", help="Only events whose record contains TEXT.")
+@click.option("--since", type=float, help="Only events at or after SECONDS from the trace's start.")
+@click.option("--until", type=float, help="Only events at or before SECONDS from the trace's start.")
+@click.option("--json", "as_json", is_flag=True, help="Print the kept records as they are (JSON lines).")
+def trace_show(file, categories, grep, since, until, as_json) -> None:
+    """Print a trace FILE one event per line, filtered."""
+    from .trace import CATEGORIES
+    from .trace_show import TraceFilter, TraceFormatError, show
+
+    unknown = set(categories) - set(CATEGORIES)
+    if unknown:
+        _fail(f"unknown category {', '.join(sorted(unknown))}; choose from {', '.join(CATEGORIES)}")
+    try:
+        show(file, sys.stdout, TraceFilter(frozenset(categories), grep, since, until), as_json=as_json)
+    except TraceFormatError as error:
+        _fail(f"{file.name}: {error}")
+    except BrokenPipeError:
+        sys.stderr.close()
 
 
 def _fail(message: str) -> None:

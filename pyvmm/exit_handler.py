@@ -13,6 +13,7 @@ from typing import Callable
 
 from .bus import Bus
 from .kvm import exits as kx
+from .trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class ExitHandler:
         else:
             for i in range(exit.count):
                 data[i * size : (i + 1) * size] = self.pio.read(port, size).to_bytes(size, "little")
+        if TRACE.io:
+            TRACE.emit("io", "pio", port=port, size=size, dir="out" if exit.is_write else "in", count=exit.count,
+                       value=hex(int.from_bytes(data[:size], "little")))
 
     def _mmio(self, exit: kx.MmioExit) -> None:
         length, data = exit.length, exit.data
@@ -72,6 +76,9 @@ class ExitHandler:
             self.mmio.write(exit.address, length, int.from_bytes(data[:length], "little"))
         else:
             data[:length] = self.mmio.read(exit.address, length).to_bytes(length, "little")
+        if TRACE.io:
+            TRACE.emit("io", "mmio", addr=hex(exit.address), size=length, dir="write" if exit.is_write else "read",
+                       value=hex(int.from_bytes(data[:length], "little")))
 
     def _xen(self, exit: kx.XenHypercallExit) -> None:
         if self.hypercall is None:

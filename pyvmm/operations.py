@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .control import ControlError
 from .exit_handler import StopReason
+from .faults import FAULTS, FaultSpecError
 from .xen.xenstore import XenStoreError
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 COMMAND_NAMES = (
     "status", "shutdown", "reboot", "destroy", "pause", "resume",
     "xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm", "evtchn-list",
+    "fault-add", "fault-list", "fault-clear", "xenbus-state",
 )
 
 
@@ -116,6 +118,41 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
             raise ControlError("Unsupported", "this VM has no event channels (--no-xen)")
         return machine.xen.evtchn.snapshot()
 
+    def fault_add(args: dict) -> dict:
+        spec = args.get("spec")
+        if not isinstance(spec, str):
+            raise ControlError("InvalidArgument", "'spec' must be a string")
+        try:
+            return FAULTS.add(spec).describe()
+        except FaultSpecError as error:
+            raise ControlError("InvalidArgument", str(error)) from None
+
+    def fault_clear(args: dict) -> dict:
+        rule_id = args.get("id")
+        if rule_id is None:
+            return {"removed": FAULTS.clear()}
+        if not isinstance(rule_id, int) or isinstance(rule_id, bool):
+            raise ControlError("InvalidArgument", "'id' must be a rule number")
+        if not FAULTS.remove(rule_id):
+            raise ControlError("InvalidArgument", f"no fault rule {rule_id}")
+        return {"removed": 1}
+
+    def xenbus_state(args: dict) -> dict:
+        """Move a backend device to Closing or Closed on demand."""
+        from .xen.xenbus_backend import XenbusState
+
+        states = {"closing": XenbusState.CLOSING, "closed": XenbusState.CLOSED}
+        device, state = args.get("device"), args.get("state")
+        if state not in states:
+            raise ControlError("InvalidArgument", "'state' must be closing or closed")
+        if machine.xen is None:
+            raise ControlError("Unsupported", "this VM has no xenbus devices (--no-xen)")
+        for vbd in machine.xen.vbds:
+            if device in (vbd.vdev, str(vbd.devid), vbd.backend_path):
+                vbd.force_state(states[state])
+                return {"device": vbd.backend_path, "state": states[state].name}
+        raise ControlError("InvalidArgument", f"no device {device!r} (a disk's vdev, devid or backend path)")
+
     return {
         "status": status,
         "shutdown": orderly("poweroff"),
@@ -128,5 +165,9 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         "xenstore-ls": store_op(xs_ls),
         "xenstore-rm": store_op(lambda c, a: c.rm(path_of(a)) or {}),
         "evtchn-list": evtchn_list,
+        "fault-add": fault_add,
+        "fault-list": lambda args: FAULTS.rules(),
+        "fault-clear": fault_clear,
+        "xenbus-state": xenbus_state,
     }
 

@@ -12,8 +12,10 @@ from .boot.errors import BootError
 from .config import VmConfig
 from .console import ConsoleOutput, ExpectWatcher
 from .exit_handler import StopReason
+from .faults import FAULTS
 from .kvm import KvmError, KvmUnavailable
 from .memory import GuestMemoryError
+from .trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ def run_vm(config: VmConfig) -> int:
     try:
         while True:
             booting = Machine(config, console)
+            FAULTS.use_loop(booting.loop)
             if control is None:
                 control = _start_control_server(config, booting, machine_holder)
             else:
@@ -90,6 +93,7 @@ def run_vm(config: VmConfig) -> int:
         if machine is not None:
             machine.close()
         console.close()
+        TRACE.close()
     return status
 
 

@@ -72,9 +72,12 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..faults import FAULTS
+from ..trace import TRACE
 from . import blkif
 from .blkif import (
     BLKIF_OP_DISCARD,
@@ -256,6 +259,8 @@ class _Queue:
     work_pending: bool = False
     requests: int = 0
     errors: int = 0
+    # Responses an injected delay held back, for the serving thread to publish.
+    late: deque = field(default_factory=deque)
 
     def release_persistent(self) -> None:
         if self.persistent:
@@ -307,6 +312,9 @@ class BlockBackend:
         self._discard_works = self.feature_discard
         self._queues: dict[int, _Queue] = {}
         self._block = image.sector_size >> SECTOR_SHIFT  # 512-byte sectors per logical block
+        self.label = os.path.basename(image.path)  # names the disk in traces and fault rules (vbd: its vdev)
+        # Set by whoever runs process() on threads: wake(queue) makes queue's thread serve it soon.
+        self.wake: Callable[[int], None] | None = None
         # Counters of detached queues, for tests and diagnostics.
         self._retired_requests = 0
         self._retired_errors = 0
@@ -392,6 +400,10 @@ class BlockBackend:
         q = self._queues.get(queue)
         if q is None:
             return 0
+        if q.late:
+            self._publish_late(q)
+        if FAULTS.blk and FAULTS.blk_stalled(self.label):
+            return 0
         ring = q.ring
         handled = 0
         notify = False
@@ -407,7 +419,9 @@ class BlockBackend:
                     q.work_pending = False
                     break
                 for raw in batch:
-                    ring.put_response(self._serve(raw, q))
+                    response = self._serve(raw, q)
+                    if response is not None:  # None: an injected fault answers later or never
+                        ring.put_response(response)
                 handled += len(batch)
                 notify |= ring.push_responses()
         finally:
@@ -417,11 +431,20 @@ class BlockBackend:
                 q.notify()
         return handled
 
-    def _serve(self, raw: bytes, q: _Queue) -> bytes:
+    def _serve(self, raw: bytes, q: _Queue) -> bytes | None:
         q.requests += 1
         abi = q.abi
         request = blkif.parse_request(raw, abi, max_indirect_segments=self.max_indirect_segments)
         status = request.status
+        if TRACE.blk:
+            self._trace_request(request)
+        fault = None
+        if status is None and FAULTS.blk:
+            fault = FAULTS.blk_request(self.label, blkif.OP_NAMES.get(request.operation, "?"), request.sector,
+                                       request.nr_sectors or request.data_sectors or request.nr_segments * 8)
+            if fault is not None and fault.action in ("error", "eopnotsupp"):
+                request.reason = f"injected fault {fault.id}: {fault.spec}"
+                status = BLKIF_RSP_ERROR if fault.action == "error" else BLKIF_RSP_EOPNOTSUPP
         if status is None:
             try:
                 status = self._execute(request, q)
@@ -437,7 +460,45 @@ class BlockBackend:
             q.errors += 1
             log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
                       request.operation, status, request.reason)
-        return blkif.pack_response(abi, request.id, request.operation, status)
+        if TRACE.blk:
+            TRACE.emit("blk", "response", disk=self.label, id=request.id,
+                       op=blkif.OP_NAMES.get(request.operation, request.operation), status=status,
+                       reason=request.reason or None, fault=fault.spec if fault else None)
+        response = blkif.pack_response(abi, request.id, request.operation, status)
+        if fault is not None and fault.action == "delay":
+            self._answer_later(q, response, fault.delay)
+            return None
+        return None if fault is not None and fault.action == "drop" else response
+
+    def _trace_request(self, request: BlkRequest) -> None:
+        TRACE.emit("blk", "request", disk=self.label, id=request.id,
+                   op=blkif.OP_NAMES.get(request.operation, request.operation), sector=request.sector,
+                   sectors=request.nr_sectors or request.data_sectors, segments=request.nr_segments,
+                   bytes=sum(segment.length for segment in request.segments), indirect=request.indirect)
+
+    def _answer_later(self, q: _Queue, response: bytes, delay: float) -> None:
+        """An injected delay: publish `response` after `delay` seconds, if
+        the ring is still attached then. The ring is only written by the
+        thread serving it: the answer is queued for that thread (woken
+        through `wake`), or published at once where process() has no
+        thread of its own."""
+        def answer() -> None:
+            if q not in self._queues.values():
+                return
+            q.late.append(response)
+            queue = next((number for number, candidate in self._queues.items() if candidate is q), None)
+            if self.wake is not None and queue is not None:
+                self.wake(queue)
+            else:
+                self._publish_late(q)
+
+        FAULTS.call_later(delay, answer)
+
+    def _publish_late(self, q: _Queue) -> None:
+        while q.late:
+            q.ring.put_response(q.late.popleft())
+        if q.ring.push_responses():
+            q.notify()
 
     def _execute(self, request: BlkRequest, q: _Queue) -> int:
         op = request.operation

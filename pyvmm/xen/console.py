@@ -30,6 +30,8 @@ import logging
 import struct
 from typing import Callable
 
+from ..trace import TRACE
+
 log = logging.getLogger(__name__)
 
 IN_OFFSET = 0
@@ -90,6 +92,8 @@ class PvConsole:
         if first < pending:
             data += bytes(self._page[OUT_OFFSET : OUT_OFFSET + pending - first])
         self._store(OUT_CONS, cons + pending)
+        if TRACE.console:
+            TRACE.emit("console", "out", bytes=len(data), text=data)
         self._output(data)
         self._notify()
 
@@ -103,6 +107,8 @@ class PvConsole:
             self._broken("input", queued, IN_SIZE)
             return 0
         count = min(len(data), IN_SIZE - queued)
+        if TRACE.console:
+            TRACE.emit("console", "in", bytes=count, offered=len(data), text=bytes(data[:count]))
         if not count:
             return 0
         start = prod % IN_SIZE

@@ -47,6 +47,8 @@ from functools import partial
 from threading import Lock
 from typing import Callable, Iterable, Iterator, Protocol
 
+from ..faults import FAULTS
+from ..trace import TRACE
 from . import atomic
 from .errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
 from .shared_info import LEGACY_VCPUS, SharedInfoLayout, layout
@@ -161,7 +163,42 @@ class BackendChannel:
     def notify(self) -> None:
         """Raise the event in the guest; dropped while not connected, as
         Xen drops sends on an unbound port."""
+        if TRACE.evtchn or FAULTS.evtchn:
+            self._traced_notify()
+            return
         self._owner._notify_guest(self)
+
+    def _traced_notify(self) -> None:
+        fault = FAULTS.evtchn_notification("to-guest", self._guest_port) if FAULTS.evtchn else None
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "notify", port=self._guest_port, dom0_port=self.dom0_port,
+                       kernel=self._owner._kernel is not None, fault=fault.spec if fault else None)
+        if fault is None:
+            self._owner._notify_guest(self)
+        elif fault.action == "delay":
+            FAULTS.call_later(fault.delay, lambda: self._owner._notify_guest(self) if not self._closed else None)
+
+    def _from_guest(self, kernel: bool) -> None:
+        """The guest sent on its end: run the backend (unless a fault says otherwise)."""
+        if self.guest_sent(kernel):
+            self.on_notify()
+
+    def guest_sent(self, kernel: bool = True) -> bool:
+        """Trace a notification from the guest and apply the event-channel
+        faults to it: True means serve it now. (An owner of the eventfd,
+        see own_eventfd, calls this for what it drained.) A delayed one is
+        handed to on_notify later; a dropped one is gone."""
+        if not (TRACE.evtchn or FAULTS.evtchn):
+            return True
+        fault = FAULTS.evtchn_notification("from-guest", self._guest_port) if FAULTS.evtchn else None
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "guest-send", port=self._guest_port, dom0_port=self.dom0_port, kernel=kernel,
+                       fault=fault.spec if fault else None)
+        if fault is None:
+            return True
+        if fault.action == "delay":
+            FAULTS.call_later(fault.delay, lambda: self.on_notify() if not self._closed else None)
+        return False
 
     def close(self) -> None:
         """Close our end: the guest's port becomes unbound (remote domain 0)."""
@@ -175,6 +212,9 @@ class BackendChannel:
             os.eventfd_read(fd)
         except BlockingIOError:
             return  # spurious wake-up
+        if TRACE.evtchn or FAULTS.evtchn:
+            self._from_guest(kernel=True)
+            return
         self.on_notify()
 
 
@@ -224,6 +264,8 @@ class EventChannels:
         with self._transaction():
             port = self._free_port()
             self._ports[port] = _Port(EVTCHNSTAT_unbound, remote_dom=remote)
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "alloc_unbound", port=port, kernel=False, remote_dom=remote_dom)
         return port
 
     def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
@@ -247,6 +289,9 @@ class EventChannels:
             # Sends on the unbound end were dropped; like Xen, make up for
             # them with one event on the new port.
             self._deliver(port, after)
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "bind_interdomain", port=port, kernel=self._ports[port].in_kernel,
+                       remote_dom=remote_dom, remote_port=remote_port)
         return port
 
     def bind_virq(self, virq: int, vcpu: int) -> int:
@@ -261,6 +306,9 @@ class EventChannels:
             port = self._free_port()
             self._ports[port] = _Port(EVTCHNSTAT_virq, vcpu=vcpu, virq=virq)
             self._virqs[(virq, vcpu)] = port
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "bind_virq", port=port, kernel=self._ports[port].in_kernel, virq=virq,
+                       target_vcpu=vcpu)
         return port
 
     def bind_ipi(self, vcpu: int) -> int:
@@ -270,19 +318,28 @@ class EventChannels:
             record = self._ports[port] = _Port(EVTCHNSTAT_ipi, vcpu=vcpu)
             if self._kernel is not None:
                 record.in_kernel = self._kernel_call(self._kernel.assign_ipi, port, vcpu)
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "bind_ipi", port=port, kernel=self._ports[port].in_kernel, target_vcpu=vcpu)
         return port
 
     def close(self, port: int) -> None:
         with self._transaction():
             self._close(port, self._bound(port))
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "close", port=port)
 
     def send(self, port: int) -> None:
+        if TRACE.evtchn:
+            TRACE.emit("evtchn", "send", port=port)
         with self._transaction() as after:
             record = self._bound(port)
             if record.state == EVTCHNSTAT_ipi:
                 self._deliver(port, after)
             elif record.state == EVTCHNSTAT_interdomain and record.remote_dom == DOM0:
-                after.append(partial(self._schedule, self._backends[record.remote_port].on_notify))
+                channel = self._backends[record.remote_port]
+                watched = TRACE.evtchn or FAULTS.evtchn
+                after.append(partial(self._schedule,
+                                     partial(channel._from_guest, False) if watched else channel.on_notify))
             elif record.state == EVTCHNSTAT_interdomain:
                 self._deliver(record.remote_port, after)
             elif record.state != EVTCHNSTAT_unbound:  # Xen silently drops sends on unbound ports

@@ -39,6 +39,7 @@ import struct
 import threading
 
 from ..memory import GuestMemory, GuestMemoryError
+from ..trace import TRACE
 from . import atomic
 from .errors import EACCES, EINVAL, ENOSYS, XenError
 from .abi import (
@@ -185,6 +186,17 @@ class GrantTable:
         Release the mapping (or use it as a context manager) when done: the
         guest cannot revoke the grant while it is held.
         """
+        if not TRACE.grant:
+            return self._map(ref, writable)
+        try:
+            mapping = self._map(ref, writable)
+        except GrantError as error:
+            TRACE.emit("grant", "map", ref=ref, writable=bool(writable), error=str(error))
+            raise
+        TRACE.emit("grant", "map", ref=ref, writable=bool(writable), gfn=mapping.gfn)
+        return mapping
+
+    def _map(self, ref: int, writable: bool) -> "GrantMapping":
         if not isinstance(ref, int) or not 0 <= ref < self.nr_entries:
             raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
         writable = bool(writable)
@@ -212,6 +224,8 @@ class GrantTable:
             raise GrantError(GNTST_bad_copy_arg, f"copy of {length} bytes at {offset!r} leaves the page")
         if to_guest and isinstance(data_or_length, int):
             raise TypeError("copying to the guest needs data, not a length")
+        if TRACE.grant:
+            TRACE.emit("grant", "copy", ref=ref, offset=offset, length=length, to_guest=to_guest)
         with self.map(ref, writable=to_guest) as mapping:
             if to_guest:
                 mapping.view[offset : offset + length] = memoryview(data_or_length).cast("B")
@@ -291,6 +305,8 @@ class GrantTable:
             if mapping.released:
                 return False
             mapping.released = True
+            if TRACE.grant:
+                TRACE.emit("grant", "unmap", ref=mapping.ref, writable=mapping.writable)
             if mapping.generation == self._generation:
                 self._unpin(mapping.ref, mapping.writable)
             return True

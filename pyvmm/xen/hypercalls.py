@@ -21,6 +21,7 @@ import logging
 import struct
 from typing import Callable, Protocol
 
+from ..trace import TRACE
 from . import abi
 from .errors import (
     EEXIST,
@@ -223,6 +224,18 @@ class HypercallDispatcher:
             )
             result = -EINVAL
         exit.result = result
+        if TRACE.hypercall:
+            self._trace(exit, vcpu, result)
+
+    @staticmethod
+    def _trace(exit, vcpu: int, result: int) -> None:
+        mask = _U64 if exit.longmode else _U32
+        number = exit.input & mask
+        args = [p & mask for p in exit.params]
+        fields = {"name": abi.hypercall_name(number), "args": [hex(a) for a in args], "result": result}
+        if number in abi.SUBOP_NAMES and args:
+            fields["op"] = abi.subop_name(number, args[0] & _U32)
+        TRACE.emit("hypercall", "call", vcpu=vcpu, **fields)
 
     def _handle(self, exit, vcpu: int, access: GuestAccess) -> int:
         if exit.cpl != 0:

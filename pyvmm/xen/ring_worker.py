@@ -30,14 +30,17 @@ log = logging.getLogger(__name__)
 
 class RingWorker:
     def __init__(self, name: str, serve: Callable[[], bool], on_error: Callable[[BaseException], None], *,
-                 eventfd: int | None = None):
+                 eventfd: int | None = None, accept: Callable[[], bool] | None = None):
         """`serve()` handles what is waiting and returns True when it
         stopped with more to do (a budget); `eventfd`, if given, is polled
-        and drained (it belongs to the caller and stays open)."""
+        and drained (it belongs to the caller and stays open); `accept()`,
+        if given, is asked about each wake-up through the eventfd (False:
+        ignore it, e.g. an injected fault dropped the notification)."""
         self.name = name
         self._serve = serve
         self._on_error = on_error
         self._eventfd = eventfd
+        self._accept = accept
         self._doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -69,23 +72,25 @@ class RingWorker:
 
     def _run(self) -> None:
         poller = select.poll()
-        fds = [self._doorbell] + ([self._eventfd] if self._eventfd is not None else [])
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
+        poller.register(self._doorbell, select.POLLIN)
+        if self._eventfd is not None:
+            poller.register(self._eventfd, select.POLLIN)
         try:
             while not self._stopping:
                 poller.poll()
-                for fd in fds:
-                    _drain(fd)
-                while not self._stopping and self._serve():
-                    pass
+                serve = _drain(self._doorbell)
+                if self._eventfd is not None and _drain(self._eventfd):
+                    serve = serve or self._accept is None or self._accept()
+                while serve and not self._stopping:
+                    serve = self._serve()
         except BaseException as error:  # the device's failure, never the VMM's
             if not self._stopping:
                 self._on_error(error)
 
 
-def _drain(fd: int) -> None:
+def _drain(fd: int) -> bool:
+    """Reset an eventfd; True if it had been signalled."""
     try:
-        os.eventfd_read(fd)
+        return os.eventfd_read(fd) > 0
     except BlockingIOError:
-        pass
+        return False

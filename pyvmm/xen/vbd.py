@@ -37,6 +37,7 @@ import re
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ..faults import FAULTS
 from .blkback import BlockBackend, DiskImage
 from .errors import XenError
 from .gnttab import GrantError, GrantMapping, GrantTable
@@ -92,6 +93,9 @@ class VbdDevice(XenbusBackendDevice):
         self.evtchn = evtchn
         self.call_soon = call_soon
         self.backend = BlockBackend(image, grants, _unattached_notify, **backend_options)
+        self.backend.label = vdev
+        self.backend.wake = self._wake_worker
+        FAULTS.listeners.append(self._faults_changed)  # a lifted stall: serve what waits
         self._channels: list["BackendChannel"] = []
         self._mappings: list[GrantMapping] = []
         self._workers: list[RingWorker] = []
@@ -171,7 +175,8 @@ class VbdDevice(XenbusBackendDevice):
                 raise FrontendError(f"ring of queue {queue}: {error}") from None
             self._workers.append(RingWorker(
                 f"{self.vdev}-q{queue}", partial(self._serve, queue),
-                partial(self._worker_failed, queue, generation), eventfd=channel.eventfd))
+                partial(self._worker_failed, queue, generation), eventfd=channel.eventfd,
+                accept=channel.guest_sent))
             ports.append(port)
         for worker in self._workers:
             worker.start()
@@ -197,8 +202,14 @@ class VbdDevice(XenbusBackendDevice):
         self.queues = self.ring_pages = 0
 
     def close(self) -> None:
+        if self._faults_changed in FAULTS.listeners:
+            FAULTS.listeners.remove(self._faults_changed)
         super().close()
         self.image.close()
+
+    def _faults_changed(self) -> None:
+        for queue in range(self.queues):
+            self.call_soon(partial(self._notified, queue, self._generation))
 
     # --- requests ---------------------------------------------------------------------
 
@@ -207,6 +218,11 @@ class VbdDevice(XenbusBackendDevice):
         after binding): hand it to the queue's worker."""
         if generation == self._generation and not self.closed and queue < len(self._workers):
             self._workers[queue].wake()
+
+    def _wake_worker(self, queue: int) -> None:
+        workers = self._workers
+        if queue < len(workers):
+            workers[queue].wake()
 
     def _serve(self, queue: int) -> bool:
         """On the queue's worker: serve the ring; True while work is left."""

@@ -50,6 +50,7 @@ import enum
 import errno
 import logging
 
+from ..trace import TRACE
 from .xenstore import Access, Client, Permission, XenStore, XenStoreError
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,18 @@ class XenbusBackendDevice:
         if state == self.state or self.client is None:
             return
         log.debug("%s: %s -> %s", self.backend_path, self.state.name, state.name)
+        if TRACE.xenstore:
+            TRACE.emit("xenstore", "backend-state", device=self.backend_path, old=self.state.name, new=state.name)
         self.state = state
         self.client.write(f"{self.backend_path}/state", str(int(state)))
+
+    def force_state(self, state: XenbusState) -> None:
+        """Go to `state` on demand (Closing or Closed), as a backend that is
+        being torn down would, so that the frontend's teardown runs."""
+        if TRACE.fault:
+            TRACE.emit("fault", "xenbus-state", device=self.backend_path, new=state.name)
+        self._disconnect()
+        self.switch_state(state)
 
     def fail(self, message: str, code: int = errno.EIO) -> None:
         """Give up on the connection: report, disconnect, go Closing."""
@@ -233,6 +244,9 @@ class XenbusBackendDevice:
 
     def _on_frontend_state(self, frontend: XenbusState) -> None:
         log.debug("%s: frontend %s, backend %s", self.backend_path, frontend.name, self.state.name)
+        if TRACE.xenstore:
+            TRACE.emit("xenstore", "frontend-state", device=self.frontend_path, state=frontend.name,
+                       backend=self.state.name)
         if frontend == XenbusState.INITIALISING:
             if self.state == XenbusState.CLOSED or (self.state == XenbusState.CONNECTED and not self.connected):
                 # The frontend starts over.

@@ -21,6 +21,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from ...faults import FAULTS
+from ...trace import TRACE
+
 if TYPE_CHECKING:
     from .store import Client
 
@@ -261,6 +264,12 @@ INPUT_PAUSE_BYTES = 2 * (HEADER_SIZE + PAYLOAD_MAX)
 EVENT_BACKLOG_BYTES = 64 * 1024
 
 
+# For the trace: requests whose first argument is a path, and replies worth showing.
+_PATH_OPS = frozenset({"READ", "MKDIR", "RM", "DIRECTORY", "DIRECTORY_PART", "GET_PERMS", "SET_PERMS", "WATCH",
+                       "UNWATCH"})
+_TRACED_REPLIES = frozenset({"READ", "TRANSACTION_START", "DIRECTORY", "GET_DOMAIN_PATH"})
+
+
 class Connection:
     """One client's byte stream: requests in through feed(), replies and events out.
 
@@ -346,13 +355,38 @@ class Connection:
             reply = self._dispatch(header, payload)
             if len(reply) > PAYLOAD_MAX:
                 raise XenStoreError("E2BIG", "reply too large")
+            if TRACE.xenstore:
+                self._trace(header, payload, reply=reply)
             return encode_message(header.type, header.req_id, header.tx_id, reply)
         except XenStoreError as exc:
+            if TRACE.xenstore:
+                self._trace(header, payload, error=exc.name)
             return encode_error(header.req_id, header.tx_id, exc.name)
         except Exception:
             # A bug here must not take the VMM down with the guest's request.
             log.exception("xenstore: domain %d: request type %d failed", self.domid, header.type)
             return encode_error(header.req_id, header.tx_id, "EIO")
+
+    def _trace(self, header: Header, payload: bytes, *, reply: bytes = b"", error: str | None = None) -> None:
+        try:
+            op = Op(header.type).name
+        except ValueError:
+            op = str(header.type)
+        fields = {"domid": self.domid, "op": op, "tx": header.tx_id, "req": header.req_id}
+        if op == "WRITE":
+            nul = payload.find(b"\0")
+            fields["path"], fields["value"] = _decode(payload[:max(nul, 0)]), payload[nul + 1:]
+        else:
+            args = [_decode(arg) for arg in payload.split(b"\0")[:-1]]  # NUL-terminated strings
+            if op in _PATH_OPS and args:
+                fields["path"], args = args[0], args[1:]
+            if args and args != [""]:
+                fields["args"] = args
+        if error is not None:
+            fields["error"] = error
+        elif op in _TRACED_REPLIES:
+            fields["reply"] = reply.rstrip(b"\0").replace(b"\0", b" ")
+        TRACE.emit("xenstore", "request", **fields)
 
     def _dispatch(self, header: Header, payload: bytes) -> bytes:
         try:
@@ -443,6 +477,9 @@ class Connection:
             raise XenStoreError("EINVAL", f"TRANSACTION_END needs T or F, not {verdict!r}")
         if not tx:
             raise XenStoreError("ENOENT", "TRANSACTION_END outside a transaction")
+        if verdict == "T" and FAULTS.xenstore and FAULTS.xenstore_commit(self.domid, tx):
+            self._client.transaction_end(tx, commit=False)  # an injected conflict: the client must retry
+            raise XenStoreError("EAGAIN", f"injected: transaction {tx}")
         self._client.transaction_end(tx, commit=verdict == "T")
         return _OK
 
@@ -489,6 +526,17 @@ class Connection:
             self._unsent_events[message] += 1
 
     def _queue_watch_event(self, path: str, token: str) -> None:
+        if FAULTS.xenstore:
+            absolute = path if path[:1] in ("/", "@") else f"/local/domain/{self.domid}/{path}"
+            fault = FAULTS.watch_delay(absolute, token)
+            if fault is not None:
+                FAULTS.call_later(fault.delay, lambda: self._deliver_watch_event(path, token))
+                return
+        self._deliver_watch_event(path, token)
+
+    def _deliver_watch_event(self, path: str, token: str) -> None:
+        if TRACE.xenstore:
+            TRACE.emit("xenstore", "watch", domid=self.domid, path=path, token=token)
         if self.broken or self.closed:
             return
         payload_len = len(path) + len(token) + 2

@@ -77,3 +77,26 @@ def test_a_failing_serve_ends_the_worker_and_reports_once():
     worker.wake()
     worker.stop()
     assert len(recorder.errors) == 1 and str(recorder.errors[0]) == "ring broken"
+
+
+def test_a_notification_refused_by_accept_is_not_served_but_the_doorbell_is():
+    recorder = Recorder()
+    eventfd = os.eventfd(0, os.EFD_NONBLOCK)
+    asked = []
+
+    def accept():
+        asked.append(True)
+        return False  # e.g. an injected fault dropped it
+
+    worker = RingWorker("t", recorder.serve, recorder.on_error, eventfd=eventfd, accept=accept)
+    worker.start()
+    os.eventfd_write(eventfd, 1)
+    for _ in range(500):
+        if asked:
+            break
+        recorder.called.wait(0.01)
+    assert asked and recorder.calls == 0
+    worker.wake()
+    wait_calls(recorder, 1)
+    worker.stop()
+    os.close(eventfd)
