@@ -12,8 +12,6 @@ import io
 import struct
 from dataclasses import dataclass
 
-from elftools.elf.elffile import ELFFile
-
 from pyvmm import layout
 
 from . import e820 as e820mod
@@ -99,6 +97,10 @@ def _phys32_entry(note_blobs) -> int | None:
 def parse_pvh_elf(data: bytes) -> PvhImage:
     """Validate an ELF kernel and find its PVH entry; BootError if unusable."""
     try:
+        # Imported here: pyelftools costs a noticeable part of pyvmm's start-up
+        # and only PVH ELF kernels need it (a bzImage is the common case).
+        from elftools.elf.elffile import ELFFile
+
         elf = ELFFile(io.BytesIO(data))
         machine = elf["e_machine"]
         segments = list(elf.iter_segments())

@@ -16,12 +16,10 @@ from __future__ import annotations
 import errno
 import os
 
-import cffi
-
+from ..cffi_types import declared_ffi
 from .uapi import Ioctl
 
-_libc_ffi = cffi.FFI()
-_libc_ffi.cdef("int ioctl(int fd, unsigned long request, ...);")
+_libc_ffi = declared_ffi(__file__, "libc_ioctl", "int ioctl(int fd, unsigned long request, ...);")
 _libc = _libc_ffi.dlopen(None)
 
 

@@ -10,13 +10,11 @@ and the numbers to the kernel's documented values.
 
 from __future__ import annotations
 
-import cffi
 from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
 
-ffi = cffi.FFI()
+from ..cffi_types import declared_ffi
 
-ffi.cdef(
-    """
+DECLARATIONS = """
     /* --- registers ----------------------------------------------------- */
     struct kvm_regs {
         uint64_t rax, rbx, rcx, rdx;
@@ -406,7 +404,8 @@ ffi.cdef(
         } s;
     };
     """
-)
+
+ffi = declared_ffi(__file__, "uapi", DECLARATIONS)
 
 def as_struct(ctype: str, value):
     """`value` if it is already a cffi object, else a new `ctype` built from

@@ -12,11 +12,9 @@ where the cost of a weaker order would show.
 
 from __future__ import annotations
 
-import cffi
+from ..cffi_types import declared_ffi
 
-_ffi = cffi.FFI()
-_ffi.cdef(
-    """
+_ffi = declared_ffi(__file__, "atomic", """
     uint8_t  __atomic_fetch_or_1(void *p, uint8_t v, int order);
     uint16_t __atomic_fetch_or_2(void *p, uint16_t v, int order);
     uint32_t __atomic_fetch_or_4(void *p, uint32_t v, int order);
@@ -32,8 +30,7 @@ _ffi.cdef(
     _Bool __atomic_compare_exchange_2(void *p, uint16_t *expected, uint16_t desired, _Bool weak, int s, int f);
     _Bool __atomic_compare_exchange_4(void *p, uint32_t *expected, uint32_t desired, _Bool weak, int s, int f);
     _Bool __atomic_compare_exchange_8(void *p, uint64_t *expected, uint64_t desired, _Bool weak, int s, int f);
-    """
-)
+    """)
 try:
     _lib = _ffi.dlopen("libatomic.so.1")
 except OSError as error:  # pragma: no cover - Debian installs it with gcc's runtime

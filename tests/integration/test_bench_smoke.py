@@ -1,0 +1,67 @@
+"""scripts/bench's quick mode runs and reports every row for both VMMs.
+
+A smoke test, not a benchmark: the smallest settings (one boot per VMM, a
+few hypercalls, 1 s per disk measurement) and no judgement of the numbers,
+only that each row was measured under pyvmm and under QEMU. It needs
+`scripts/bench --prepare` to have run on a host with network access
+(scripts/bootstrap does it): the guests' fio is downloaded there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmm import xen_guest_assets
+
+pytestmark = [pytest.mark.guest, pytest.mark.xen]
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The rows scripts/bench always prints (the PV net rows come from
+# scripts/bench-net and are checked separately).
+EXPECTED_ROWS = [
+    "boot: VMM start to /init",
+    "boot: VMM start to first console output",
+    "hypercall xen_version(XENVER_version)",
+    "hypercall xen_version(XENVER_get_features)",
+    "event channel + xenstore XS_READ round trip",
+    "PV disk sequential read, 1 MiB, QD1",
+    "PV disk random read 4 KiB, QD1",
+    "PV disk random read 4 KiB, QD32",
+    "PV disk sequential write, 1 MiB, QD1",
+    "peak RSS of the VMM: boot to /init",
+    "peak RSS of the VMM: PV disk run",
+]
+
+
+def test_quick_mode_reports_every_row(tmp_path):
+    xen_guest_assets()
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("no QEMU to compare with")
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--testbed", "never",
+               "--boots", "1", "--latency-rounds", "1", "--hypercalls", "100", "--xenstore-reads", "20",
+               "--blk-rounds", "1", "--blk-runtime", "1", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert [name for name in EXPECTED_ROWS if name not in rows] == []
+    net_rows = [row for row in report["rows"] if row["name"].startswith("PV net")]
+    assert len(net_rows) >= 2
+    measured = EXPECTED_ROWS + ([row["name"] for row in net_rows] if report["net"]["available"] else [])
+    for name in measured:
+        row = rows[name]
+        for vmm in ("pyvmm", "qemu"):
+            assert isinstance(row[vmm], (int, float)) and math.isfinite(row[vmm]) and row[vmm] > 0, row
+        assert row["ratio"] is not None and row["better"] in ("higher", "lower"), row
+    # The table on stdout names every row too.
+    for name in EXPECTED_ROWS:
+        assert name in result.stdout

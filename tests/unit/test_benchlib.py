@@ -1,0 +1,47 @@
+"""scripts/benchlib and scripts/bench's table logic (no guests, no KVM)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchlib import load_script, run_vmm  # noqa: E402
+
+CHILD = """
+import sys
+big = bytearray(48 << 20)  # touched: a peak RSS of at least 48 MiB
+for i in range(0, len(big), 4096):
+    big[i] = 1
+print("booting", flush=True)
+
+print("pyvmm-guest: init started", flush=True)
+print("qemu-xen: QEMU peak RSS %s KiB" % sys.argv[1], file=sys.stderr, flush=True) if sys.argv[1] != "-" else None
+sys.exit(3)
+"""
+
+
+def test_run_vmm_times_the_console_and_measures_the_process_itself():
+    run = run_vmm([sys.executable, "-c", CHILD, "-"], marker=b"pyvmm-guest: init started")
+    assert run["status"] == 3
+    assert "booting" in run["console"]
+    assert 0 < run["first_output_s"] <= run["marker_s"] <= run["wall_s"]
+    assert run["peak_rss_kib"] >= 48 << 10
+
+
+def test_run_vmm_takes_qemus_own_peak_rss_from_qemu_xen():
+    run = run_vmm([sys.executable, "-c", CHILD, "1234"], marker=b"never printed")
+    assert run["peak_rss_kib"] == 1234
+    assert run["marker_s"] is None
+
+
+def test_ratio_and_missing_values():
+    bench = load_script("bench")
+    assert bench.row("x", "s", "lower", 3.0, 2.0)["ratio"] == 1.5
+    assert bench.row("x", "s", "lower", None, 2.0)["ratio"] is None
+    assert bench.row("x", "s", "lower", 3.0, 0)["ratio"] is None
+    assert bench.median_of([None, 3, 1, 2]) == 2
+    assert bench.median_of([None]) is None
+    assert list(bench.alternating(2)) == [(1, "pyvmm"), (1, "qemu"), (2, "qemu"), (2, "pyvmm")]
