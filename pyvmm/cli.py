@@ -365,18 +365,18 @@ def ctl_evtchn() -> None:
 @ctl_evtchn.command("list")
 @click.pass_context
 def ctl_evtchn_list(ctx) -> None:
-    client, result = _control_call(ctx.parent, "evtchn-list")
+    _print_list(ctx.parent, "evtchn-list", lambda port: "  ".join(f"{key}={value}" for key, value in port.items()))
+
+
+def _print_list(ctx, command: str, line) -> None:
+    """A command's list result: JSON, or one line(item) per item."""
+    client, result = _control_call(ctx, command)
     client.close()
-    if ctx.parent.obj["json"]:
+    if ctx.obj["json"]:
         click.echo(json.dumps(result, indent=2))
         return
-    for port in result:
-        click.echo("  ".join(f"{key}={value}" for key, value in port.items()))
-
-
-@cli.group("trace")
-def trace_group() -> None:
-    """Read trace files written by `pyvmm run --trace`."""
+    for item in result:
+        click.echo(line(item))
 
 
 @ctl.group("fault")
@@ -384,36 +384,35 @@ def ctl_fault() -> None:
     """Inject faults into the running VM (docs/FRONTEND-DEVELOPERS.md)."""
 
 
+def _call_and_print(ctx, command: str, **arguments) -> None:
+    client, result = _control_call(ctx, command, **arguments)
+    client.close()
+    _print(ctx, result)
+
+
 @ctl_fault.command("add")
 @click.argument("spec")
 @click.pass_context
 def ctl_fault_add(ctx, spec) -> None:
-    client, result = _control_call(ctx.parent, "fault-add", spec=spec)
-    client.close()
-    _print(ctx.parent, result)
+    """Add a rule (like blk:error,op=write,sectors=2048-4095)."""
+    _call_and_print(ctx.parent, "fault-add", spec=spec)
 
 
 @ctl_fault.command("list")
 @click.pass_context
 def ctl_fault_list(ctx) -> None:
-    client, result = _control_call(ctx.parent, "fault-list")
-    client.close()
-    if ctx.parent.obj["json"]:
-        click.echo(json.dumps(result, indent=2))
-        return
-    for rule in result:
-        click.echo(f"{rule['id']:>3}  fired {rule['fired']:>6} of {rule['seen']:>6} matches  {rule['spec']}"
-                   f"{'  (exhausted)' if rule['exhausted'] else ''}")
+    """The rules, in the order they are tried, with their counters."""
+    _print_list(ctx.parent, "fault-list", lambda rule: (
+        f"{rule['id']:>3}  fired {rule['fired']:>6} of {rule['seen']:>6} matches  {rule['spec']}"
+        f"{'  (exhausted)' if rule['exhausted'] else ''}"))
 
 
 @ctl_fault.command("clear")
 @click.argument("rule_id", type=int, required=False)
 @click.pass_context
 def ctl_fault_clear(ctx, rule_id) -> None:
-    arguments = {} if rule_id is None else {"id": rule_id}
-    client, result = _control_call(ctx.parent, "fault-clear", **arguments)
-    client.close()
-    _print(ctx.parent, result)
+    """Remove rule RULE_ID, or every rule."""
+    _call_and_print(ctx.parent, "fault-clear", **({} if rule_id is None else {"id": rule_id}))
 
 
 @ctl.command("xenbus-state")
@@ -422,9 +421,12 @@ def ctl_fault_clear(ctx, rule_id) -> None:
 @click.pass_context
 def ctl_xenbus_state(ctx, device, state) -> None:
     """Move backend DEVICE (e.g. xvdb) to Closing or Closed now."""
-    client, result = _control_call(ctx, "xenbus-state", device=device, state=state)
-    client.close()
-    _print(ctx, result)
+    _call_and_print(ctx, "xenbus-state", device=device, state=state)
+
+
+@cli.group("trace")
+def trace_group() -> None:
+    """Read trace files written by `pyvmm run --trace`."""
 
 
 @trace_group.command("show")

@@ -11,6 +11,8 @@ from pyvmm.faults import FAULTS
 from pyvmm.operations import COMMAND_NAMES, machine_commands
 from pyvmm.xen.xenbus_backend import XenbusState
 
+from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
+
 
 class Vbd:
     def __init__(self, vdev, devid):
@@ -20,13 +22,6 @@ class Vbd:
 
     def force_state(self, state):
         self.forced.append(state)
-
-
-@pytest.fixture(autouse=True)
-def no_rules():
-    FAULTS.clear()
-    yield
-    FAULTS.clear()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pyvmm.xen.blkif import (
     BLKIF_RSP_OKAY,
 )
 
+from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
 from test_xen_blkback import Guest, pattern
 
 
@@ -29,15 +30,6 @@ def guest(tmp_path):
     g.backend.label = "xvdb"
     yield g
     g.image.close()
-
-
-@pytest.fixture(autouse=True)
-def no_rules():
-    FAULTS.clear()
-    saved = FAULTS.call_later
-    yield
-    FAULTS.clear()
-    FAULTS.call_later = saved
 
 
 def write(guest, request_id, sector, seed):

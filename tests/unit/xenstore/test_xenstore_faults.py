@@ -13,14 +13,7 @@ from pyvmm.trace import TRACE
 from pyvmm.xen.xenstore import Op, XenStore, create_domain_nodes
 from pyvmm.xen.xenstore.protocol import encode_message, iter_messages
 
-
-@pytest.fixture(autouse=True)
-def no_rules():
-    FAULTS.clear()
-    saved = FAULTS.call_later
-    yield
-    FAULTS.clear()
-    FAULTS.call_later = saved
+from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
 
 
 @pytest.fixture
