@@ -25,7 +25,8 @@ Categories:
 
 A record is {"t": monotonic ns, "cat": category, "ev": event, "thread":
 name, "vcpu": index (when the event happened on a vCPU thread), ...decoded
-fields}. Writes are thread-safe and buffered; close() (at exit) flushes.
+fields}. Writes are thread-safe and buffered: a batch goes to the file
+every 512 events or after a second; close() (at exit) writes the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import IO
 
 CATEGORIES = ("hypercall", "evtchn", "xenstore", "grant", "blk", "net", "console", "io", "fault")
 _FLUSH_LINES = 512
+_FLUSH_NS = 1_000_000_000  # a quiet trace still reaches the file within about a second
 
 
 class TraceError(ValueError):
@@ -64,6 +66,7 @@ class Tracer:
         self._out: IO[str] | None = None
         self._pending: list[str] = []
         self._owned = False
+        self._written_at = 0
         self.enabled: frozenset[str] = frozenset()
 
     def open(self, categories: frozenset[str] | set[str], path) -> None:
@@ -81,6 +84,7 @@ class Tracer:
         self.enable(categories)
 
     def enable(self, categories) -> None:
+        self._written_at = time.monotonic_ns()
         categories = frozenset(categories)
         if categories:
             categories |= {"fault"}
@@ -93,21 +97,21 @@ class Tracer:
         thread = threading.current_thread().name
         if vcpu is None and thread.startswith("vcpu") and thread[4:].isdigit():
             vcpu = int(thread[4:])
-        record = {"t": time.monotonic_ns(), "cat": category, "ev": event, "thread": thread}
+        now = time.monotonic_ns()
+        record = {"t": now, "cat": category, "ev": event, "thread": thread}
         if vcpu is not None:
             record["vcpu"] = vcpu
         record.update(fields)
         line = json.dumps(record, default=_jsonable, separators=(",", ":"))
         with self._lock:
             self._pending.append(line)
-            if len(self._pending) >= _FLUSH_LINES:
+            if len(self._pending) >= _FLUSH_LINES or now - self._written_at > _FLUSH_NS:
                 self._write_pending()
+                self._written_at = now
 
     def flush(self) -> None:
         with self._lock:
             self._write_pending()
-            if self._out is not None:
-                self._out.flush()
 
     def close(self) -> None:
         """Flush and stop: every category off again."""
@@ -115,14 +119,13 @@ class Tracer:
         with self._lock:
             self._write_pending()
             out, self._out = self._out, None
-        if out is not None:
-            out.flush()
-            if self._owned:
-                out.close()
+        if out is not None and self._owned:
+            out.close()
 
     def _write_pending(self) -> None:
         if self._out is not None and self._pending:
             self._out.write("\n".join(self._pending) + "\n")
+            self._out.flush()
         self._pending.clear()
 
 
