@@ -175,16 +175,18 @@ echo "end of test.sh"
 
 
 def ctl(name, *args):
-    result = subprocess.run([sys.executable, "-m", "pyvmm", "ctl", name, *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    """`pyvmm ctl --json NAME ARGS...`, its output parsed."""
+    result = subprocess.run([sys.executable, "-m", "pyvmm", "ctl", "--json", name, *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return json.loads(result.stdout)
 
 
 def test_faults_added_and_cleared_at_run_time_and_backend_closing_on_demand(assets, tmp_path):
     from test_blk import LiveGuest
 
     disk = raw_disk(tmp_path, "data.img")
+    trace = tmp_path / "live.trace"
     name = f"trace-faults-{os.getpid()}"
     script = r"""
 wait_for /dev/xvdb
@@ -198,29 +200,40 @@ try_write 512 faulty; try_write 600 faulty
 read -t 300 -r reply
 try_write 512 cleared
 read -t 300 -r reply
+# Linux 6.1's blkfront, told the backend is closing, marks the disk dead
+# (capacity 0) and closes its end.
 i=0
-while [ -b /dev/xvdb ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-[ -b /dev/xvdb ] && echo "xvdb still there" || echo "xvdb gone"
+while [ "$(cat /sys/block/xvdb/size 2>/dev/null || echo 0)" != 0 ] && [ $i -lt 300 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+echo "xvdb after closing: size=$(cat /sys/block/xvdb/size 2>/dev/null || echo none)"
+try_write 520 closed
 """
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", WAIT_FOR + script, {"/pattern.bin": PATTERN})
     args = ["run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd), "--name", name,
             "--append", "console=hvc0 panic=-1 pyvmm.modules=xen-blkfront", "--no-reboot", "--timeout", "600",
-            "--disk", str(raw_disk(tmp_path, "root.img", 1 << 20)), "--disk", str(disk)]
+            "--disk", str(raw_disk(tmp_path, "root.img", 1 << 20)), "--disk", str(disk),
+            "--trace", "xenstore", "--trace-file", str(trace)]
     with LiveGuest(args) as guest:
         guest.wait_for("before write 512: ")
-        added = json.loads(ctl(name, "--json", "fault", "add", "blk:error,op=write,vdev=xvdb,sectors=4096-4103"))
+        added = ctl(name, "fault", "add", "blk:error,op=write,vdev=xvdb,sectors=4096-4103")
         guest.send(b"go\n")
         guest.wait_for("faulty write 600: ")
-        rules = json.loads(ctl(name, "--json", "fault", "list"))
+        rules = ctl(name, "fault", "list")
         assert [(rule["id"], rule["fired"]) for rule in rules] == [(added["id"], 1)], rules
-        ctl(name, "fault", "clear")
+        assert ctl(name, "fault", "clear") == {"removed": 1}
         guest.send(b"go\n")
         guest.wait_for("cleared write 512: ")
-        ctl(name, "xenbus-state", "xvdb", "closing")
+        assert ctl(name, "xenbus-state", "xvdb", "closing")["state"] == "CLOSING"
         guest.send(b"go\n")
         status = guest.finish()
         out = guest.stdout
-    assert status == 0, guest
-    assert "before write 512: ok" in out and "faulty write 512: failed" in out, guest
-    assert "faulty write 600: ok" in out and "cleared write 512: ok" in out, guest
-    assert "xvdb gone" in out, guest
+    assert status == 0, str(guest)
+    assert "before write 512: ok" in out and "faulty write 512: failed" in out, str(guest)
+    assert "faulty write 600: ok" in out and "cleared write 512: ok" in out, str(guest)
+    assert "xvdb after closing: size=0" in out and "closed write 520: failed" in out, str(guest)
+    # The frontend answered the backend's Closing by closing its end.
+    states = [(e["ev"], e.get("new") or e.get("state")) for e in read_trace(trace)
+              if e["ev"] in ("backend-state", "frontend-state") and "51728" in e["device"]]
+    closing = states.index(("backend-state", "CLOSING"))
+    assert ("frontend-state", "CLOSED") in states[closing:], states
