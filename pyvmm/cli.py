@@ -102,7 +102,8 @@ def main() -> None:
                    "or all) to --trace-file; see docs/FRONTEND-DEVELOPERS.md.")
 @click.option("--trace-file", type=click.Path(path_type=Path), help="Where --trace writes (JSON lines).")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
-              help="Inject a fault, e.g. blk:error,op=write,sectors=2048-4095 (repeatable; docs/FRONTEND-DEVELOPERS.md).")
+              help="Inject a fault, e.g. blk:error,op=write,sectors=2048-4095 "
+                   "(repeatable; docs/FRONTEND-DEVELOPERS.md).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
         xen_accel, name, disks, xenstore_socket, trace_categories, trace_file, faults, verbose) -> None:

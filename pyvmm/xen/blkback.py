@@ -62,6 +62,8 @@ import stat
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ..faults import FAULTS
+from ..trace import TRACE
 from . import blkif
 from .blkif import (
     BLKIF_OP_DISCARD,
@@ -78,8 +80,6 @@ from .blkif import (
     BlkifAbi,
     BlkRequest,
 )
-from ..faults import FAULTS
-from ..trace import TRACE
 from .gnttab import GrantError, GrantTable
 from .ring import BackRing, RingBroken
 

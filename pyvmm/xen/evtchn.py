@@ -245,7 +245,7 @@ class EventChannels:
             port = self._free_port()
             self._ports[port] = _Port(EVTCHNSTAT_unbound, remote_dom=remote)
         if TRACE.evtchn:
-            TRACE.emit("evtchn", "alloc_unbound", port=port, kernel=self._ports[port].in_kernel, remote_dom=remote_dom)
+            TRACE.emit("evtchn", "alloc_unbound", port=port, kernel=False, remote_dom=remote_dom)
         return port
 
     def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
@@ -270,7 +270,8 @@ class EventChannels:
             # them with one event on the new port.
             self._deliver(port, after)
         if TRACE.evtchn:
-            TRACE.emit("evtchn", "bind_interdomain", port=port, kernel=self._ports[port].in_kernel, remote_dom=remote_dom, remote_port=remote_port)
+            TRACE.emit("evtchn", "bind_interdomain", port=port, kernel=self._ports[port].in_kernel,
+                       remote_dom=remote_dom, remote_port=remote_port)
         return port
 
     def bind_virq(self, virq: int, vcpu: int) -> int:
@@ -286,7 +287,8 @@ class EventChannels:
             self._ports[port] = _Port(EVTCHNSTAT_virq, vcpu=vcpu, virq=virq)
             self._virqs[(virq, vcpu)] = port
         if TRACE.evtchn:
-            TRACE.emit("evtchn", "bind_virq", port=port, kernel=self._ports[port].in_kernel, virq=virq, target_vcpu=vcpu)
+            TRACE.emit("evtchn", "bind_virq", port=port, kernel=self._ports[port].in_kernel, virq=virq,
+                       target_vcpu=vcpu)
         return port
 
     def bind_ipi(self, vcpu: int) -> int:
@@ -315,8 +317,9 @@ class EventChannels:
                 self._deliver(port, after)
             elif record.state == EVTCHNSTAT_interdomain and record.remote_dom == DOM0:
                 channel = self._backends[record.remote_port]
-                traced = TRACE.evtchn or FAULTS.evtchn
-                after.append(partial(self._schedule, partial(channel._from_guest, False) if traced else channel.on_notify))
+                watched = TRACE.evtchn or FAULTS.evtchn
+                after.append(partial(self._schedule,
+                                     partial(channel._from_guest, False) if watched else channel.on_notify))
             elif record.state == EVTCHNSTAT_interdomain:
                 self._deliver(record.remote_port, after)
             elif record.state != EVTCHNSTAT_unbound:  # Xen silently drops sends on unbound ports
