@@ -264,6 +264,12 @@ INPUT_PAUSE_BYTES = 2 * (HEADER_SIZE + PAYLOAD_MAX)
 EVENT_BACKLOG_BYTES = 64 * 1024
 
 
+# For the trace: requests whose first argument is a path, and replies worth showing.
+_PATH_OPS = frozenset({"READ", "MKDIR", "RM", "DIRECTORY", "DIRECTORY_PART", "GET_PERMS", "SET_PERMS", "WATCH",
+                       "UNWATCH"})
+_TRACED_REPLIES = frozenset({"READ", "TRANSACTION_START", "DIRECTORY", "GET_DOMAIN_PATH"})
+
+
 class Connection:
     """One client's byte stream: requests in through feed(), replies and events out.
 
@@ -366,16 +372,19 @@ class Connection:
             op = Op(header.type).name
         except ValueError:
             op = str(header.type)
-        args = payload.split(b"\0")
-        fields = {"domid": self.domid, "op": op, "tx": header.tx_id, "req": header.req_id,
-                  "path": _decode(args[0]) if args and op != "TRANSACTION_START" else None}
+        fields = {"domid": self.domid, "op": op, "tx": header.tx_id, "req": header.req_id}
         if op == "WRITE":
-            fields["value"] = payload[payload.find(b"\0") + 1:]
-        elif len(args) > 2 and op not in ("DIRECTORY",):
-            fields["args"] = [_decode(arg) for arg in args[1:-1]]
+            nul = payload.find(b"\0")
+            fields["path"], fields["value"] = _decode(payload[:max(nul, 0)]), payload[nul + 1:]
+        else:
+            args = [_decode(arg) for arg in payload.split(b"\0")[:-1]]  # NUL-terminated strings
+            if op in _PATH_OPS and args:
+                fields["path"], args = args[0], args[1:]
+            if args and args != [""]:
+                fields["args"] = args
         if error is not None:
             fields["error"] = error
-        elif op in ("READ", "TRANSACTION_START", "DIRECTORY", "GET_DOMAIN_PATH"):
+        elif op in _TRACED_REPLIES:
             fields["reply"] = reply.rstrip(b"\0").replace(b"\0", b" ")
         TRACE.emit("xenstore", "request", **fields)
 

@@ -76,10 +76,11 @@ def test_requests_and_watches_are_traced(guest):
     finally:
         TRACE.close()
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
-    requests = [(e["op"], e["path"], e.get("value"), e.get("error")) for e in events if e["ev"] == "request"]
-    assert requests == [("WATCH", "data", None, None), ("TRANSACTION_START", None, None, None),
-                        ("WRITE", "data/z", "42", None), ("TRANSACTION_END", "T", None, "EAGAIN"),
-                        ("READ", "data/none", None, "ENOENT")]
+    requests = [(e["op"], e.get("path"), e.get("value"), e.get("args"), e.get("error"))
+                for e in events if e["ev"] == "request"]
+    assert requests == [("WATCH", "data", None, ["tok"], None), ("TRANSACTION_START", None, None, None, None),
+                        ("WRITE", "data/z", "42", None, None), ("TRANSACTION_END", None, None, ["T"], "EAGAIN"),
+                        ("READ", "data/none", None, None, "ENOENT")]
     assert [e["path"] for e in events if e["ev"] == "watch"] == ["data"]
     assert [e["ev"] for e in events if e["cat"] == "fault"] == ["eagain"]
     start = next(e for e in events if e.get("op") == "TRANSACTION_START")
