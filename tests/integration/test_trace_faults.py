@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -59,6 +60,14 @@ def raw_disk(tmp_path, name, size=8 << 20):
     return path
 
 
+def trouble(result):
+    """The run's result with the console lines that tell why a boot failed
+    (a panic's reason comes before a stack trace that fills Result's tail)."""
+    lines = [line for line in result.stdout.splitlines()
+             if re.search(r"panic|BUG|Oops|RIP:|WARNING|xenbus|blkfront|vbd", line)]
+    return "\n".join(lines[-60:]) + f"\n{result}"
+
+
 def read_trace(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -72,7 +81,7 @@ dd if=/dev/xvda of=/dev/null bs=4096 count=4 skip=100 iflag=direct 2>/dev/null &
 """
     result = boot(assets, tmp_path, script, [disk],
                   extra=("--trace", "xenstore,blk,evtchn,hypercall", "--trace-file", str(trace)))
-    assert result.status == 0, result
+    assert result.status == 0, trouble(result)
     assert "found /dev/xvda" in result.stdout and "read done" in result.stdout, result
     events = read_trace(trace)
 
@@ -127,7 +136,7 @@ dd if=/dev/xvdb of=/dev/null bs=4096 count=1 skip=512 iflag=direct 2>/dev/null &
                   extra=("--fault", "blk:error,op=write,vdev=xvdb,sectors=4096-4103",
                          "--trace", "blk", "--trace-file", str(trace)),
                   files={"/pattern.bin": PATTERN})
-    assert result.status == 0, result
+    assert result.status == 0, trouble(result)
     out = result.stdout
     assert "found /dev/xvdb" in out, result
     for block in (510, 511, 513, 514):
@@ -158,7 +167,7 @@ echo "end of test.sh"
 """
     result = boot(assets, tmp_path, script, [disk],
                   extra=("--fault", "xenstore:eagain,count=3", "--trace", "xenstore", "--trace-file", str(trace)))
-    assert result.status == 0, result
+    assert result.status == 0, trouble(result)
     assert "found /dev/xvda" in result.stdout and "disk answers" in result.stdout, result
     assert "end of test.sh" in result.stdout, result
 
