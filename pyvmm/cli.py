@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, DiskOption, SerialSpec, VmConfig, parse_size, parse_xen_version
+from .config import ConfigError, DiskOption, GdbAddress, SerialSpec, VmConfig, parse_size, parse_xen_version
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -97,9 +97,13 @@ def main() -> None:
               help="A Xen PV disk backed by a raw image or block device (repeatable).")
 @click.option("--xenstore-socket", type=click.Path(path_type=Path),
               help="Serve the VM's xenstore to dom0 tools here (default: in the runtime directory).")
+@click.option("--gdb", "gdb", metavar="tcp:HOST:PORT", help="Serve a gdb remote stub for the guest (docs/GDB.md).")
+@click.option("--gdb-wait", is_flag=True, help="With --gdb: start the vCPUs only when gdb continues them.")
+@click.option("--gdb-breakpoints", type=click.Choice(["int3", "debugregs"]), default="int3", show_default=True,
+              help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, disks, xenstore_socket, verbose) -> None:
+        xen_accel, name, disks, xenstore_socket, gdb, gdb_wait, gdb_breakpoints, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -131,6 +135,9 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             name=values["name"] or f"pyvmm-{os.getpid()}",
             xenstore_socket=xenstore_socket,
             disks=tuple(DiskOption.parse(text, index) for index, text in enumerate(values["disks"])),
+            gdb=GdbAddress.parse(gdb) if gdb is not None else None,
+            gdb_wait=gdb_wait,
+            gdb_breakpoints=gdb_breakpoints,
         )
         config.validate()
         from .runner import run_vm

@@ -27,7 +27,7 @@ ACCESS_WATCH = 4
 
 # DR7 R/W field per type (x86 cannot watch reads alone: a read watchpoint
 # is an access watchpoint whose writes gdb filters out) and LEN per size.
-_DR7_RW = {HARDWARE: 0b00, WRITE_WATCH: 0b01, READ_WATCH: 0b11, ACCESS_WATCH: 0b11}
+_DR7_RW = {SOFTWARE: 0b00, HARDWARE: 0b00, WRITE_WATCH: 0b01, READ_WATCH: 0b11, ACCESS_WATCH: 0b11}
 _DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
 _DR7_FIXED = 0x0400  # bit 10 reads as one
 _DR7_GE = 0x0200  # exact breakpoint matching, as debuggers set it
@@ -68,11 +68,16 @@ class Reinject:
 
 
 class Breakpoints:
-    def __init__(self, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None]):
+    def __init__(self, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None],
+                 software_in_debug_registers: bool = False):
         """`read(address, length)` and `write(address, data)` reach guest
-        virtual memory; both raise on an unmapped address."""
+        virtual memory; both raise on an unmapped address. With
+        `software_in_debug_registers`, gdb's breakpoints (its own internal
+        ones for next/finish too) take debug registers instead of int3s:
+        for KVMs that cannot intercept a guest's int3, at four at a time."""
         self._read = read
         self._write = write
+        self.software_in_debug_registers = software_in_debug_registers
         self._lock = threading.Lock()  # vCPU threads classify while gdb edits
         self.software: dict[int, bytes] = {}  # address -> the byte int3 replaced
         self.hardware: list[HwSlot | None] = [None] * HW_SLOTS
@@ -80,7 +85,7 @@ class Breakpoints:
     # --- editing (the stub's thread, the guest stopped) ------------------------------
 
     def insert(self, kind: int, address: int, length: int) -> None:
-        if kind == SOFTWARE:
+        if kind == SOFTWARE and not self.software_in_debug_registers:
             if address in self.software:
                 return
             original = self._read(address, 1)
@@ -90,7 +95,7 @@ class Breakpoints:
             return
         if kind not in _DR7_RW:
             raise BreakpointError(f"breakpoint type {kind} is not supported")
-        if kind == HARDWARE:
+        if kind in (SOFTWARE, HARDWARE):
             length = 1  # DR7 LEN must be 0 for instruction breakpoints
         elif length not in _DR7_LEN or address % length:
             raise BreakpointError(f"a watchpoint covers 1, 2, 4 or 8 aligned bytes, not {length} at {address:#x}")
@@ -106,11 +111,9 @@ class Breakpoints:
 
     def remove(self, kind: int, address: int, length: int) -> bool:
         """False when no such breakpoint was set."""
-        if kind == SOFTWARE:
+        if kind == SOFTWARE and address in self.software:
             with self._lock:
-                original = self.software.pop(address, None)
-            if original is None:
-                return False
+                original = self.software.pop(address)
             self._write(address, original)
             return True
         with self._lock:
@@ -170,8 +173,8 @@ class Breakpoints:
             if exception == DB_VECTOR:
                 for index, slot in enumerate(self.hardware):
                     if slot is not None and dr6 & (1 << index):
-                        if slot.kind == HARDWARE:
-                            return Stop(vcpu, 5, "hwbreak")
+                        if slot.kind in (SOFTWARE, HARDWARE):
+                            return Stop(vcpu, 5, "swbreak" if slot.kind == SOFTWARE else "hwbreak")
                         name = {WRITE_WATCH: "watch", READ_WATCH: "rwatch", ACCESS_WATCH: "awatch"}[slot.kind]
                         return Stop(vcpu, 5, name, slot.address)
                 if stepping:  # DR6.BS, though not every host sets it for a guest-debug step

@@ -48,6 +48,7 @@ class MachineTarget:
     def __init__(self, machine):
         self.machine = machine
         self.vcpu_count = machine.config.vcpus
+        self.breakpoints_in_debug_registers = machine.config.gdb_breakpoints == "debugregs"
         supported = machine.kvm.check_extension(uapi.KVM_CAP_SET_GUEST_DEBUG2)
         self.block_irq_on_step = bool(supported & uapi.KVM_GUESTDBG_BLOCKIRQ)
         self.debug = [(0, [0] * 8)] * self.vcpu_count  # what each vCPU was last given

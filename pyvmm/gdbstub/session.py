@@ -10,7 +10,6 @@ when the answer comes later (c, s, vCont: the stop reply) or never (k).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
 from . import protocol as p
@@ -30,6 +29,7 @@ class MemoryFault(Exception):
 class Target(Protocol):
     vcpu_count: int
     block_irq_on_step: bool
+    breakpoints_in_debug_registers: bool  # no int3s: see Breakpoints
 
     def registers(self, vcpu: int) -> dict[str, int]: ...
     def set_registers(self, vcpu: int, values: dict[str, int]) -> None: ...
@@ -38,13 +38,6 @@ class Target(Protocol):
     def stop(self) -> None: ...
     def resume(self, debug: list[tuple[int, list[int]]]) -> None: ...
     def kill(self) -> None: ...
-
-
-@dataclass
-class Resume:
-    """What gdb asked the guest to do: run, with at most one vCPU stepping."""
-
-    step: int | None  # vCPU index
 
 
 class Session:
@@ -57,7 +50,8 @@ class Session:
         self.vcpu = 0  # the thread Hg selected: registers and memory go through it
         self.last_stop = Stop(0, 5)
         self.gdb_features: set[bytes] = set()
-        self.breakpoints = Breakpoints(self._read_current, self._write_current)
+        self.breakpoints = Breakpoints(self._read_current, self._write_current,
+                                       target.breakpoints_in_debug_registers)
 
     # --- stops --------------------------------------------------------------------
 

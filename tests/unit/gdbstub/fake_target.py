@@ -16,6 +16,7 @@ SIZE = 0x3000
 
 class FakeTarget:
     block_irq_on_step = True
+    breakpoints_in_debug_registers = False
 
     def __init__(self, vcpus: int = 2):
         self.vcpu_count = vcpus

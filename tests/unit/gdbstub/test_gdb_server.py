@@ -111,3 +111,17 @@ def test_gdb_going_away_removes_its_breakpoints(served):
     sock.close()
     assert target.resumed.wait(10)
     assert target.memory[8] == 8 and target.resumes[-1] == [(0, [0] * 8)] * 2
+
+
+def test_ctrl_c_stops_a_running_guest(served):
+    target, server, port = served
+    sock = connect(port)
+    try:
+        assert exchange(sock, p.frame(b"QStartNoAckMode")) == b"+" + p.frame(b"OK")
+        sock.sendall(p.frame(b"vCont;c"))
+        assert target.resumed.wait(10)
+        stops = target.stops
+        assert exchange(sock, b"\x03") == p.frame(b"T02thread:1;")
+        assert target.stops == stops + 1
+    finally:
+        sock.close()

@@ -142,3 +142,20 @@ def test_garbled_packets_get_an_error_or_empty_reply(session, payload):
     reply = session.handle(payload)
     assert reply is not None and (reply == b"" or reply.startswith(b"E")), (payload, reply)
     assert not session.running
+
+
+def test_breakpoints_in_debug_registers_leave_guest_memory_alone(target):
+    target.breakpoints_in_debug_registers = True
+    session = Session(target)
+    session.handle(b"qSupported:swbreak+")
+    for i in range(4):
+        assert session.handle(b"Z0,%x,1" % (BASE + i)) == b"OK"
+    assert session.handle(b"Z0,%x,1" % (BASE + 4)) == b"E01"  # four debug registers
+    assert target.memory[:5] == bytes(range(5))
+    session.handle(b"c")
+    control, debugregs = target.resumes[-1][0]
+    assert control == uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_USE_HW_BP
+    assert debugregs[:4] == [BASE, BASE + 1, BASE + 2, BASE + 3] and debugregs[7] & 0xFFFF0000 == 0
+    assert session.classify(0, 1, BASE + 2, 0b0100) == Stop(0, 5, "swbreak")
+    assert session.handle(b"z0,%x,1" % (BASE + 2)) == b"OK"
+    assert session.breakpoints.hardware[2] is None
