@@ -204,7 +204,11 @@ class GdbServer:
             self._stops.put(outcome)
             os.write(self._wake_write, b"s")
         elif isinstance(outcome, Reinject):
-            self.target.reinject(index, outcome.vector, exit.pc)
+            try:
+                self.target.reinject(index, outcome.vector, exit.pc)
+            except OSError as error:  # the guest loses one #BP/#DB; the VM goes on
+                log.warning("vCPU %d: cannot hand exception %d back to the guest: %s",
+                            index, outcome.vector, error)
         # None: a breakpoint taken out since it fired; the vCPU runs on.
 
     # --- the server thread ------------------------------------------------------------------
@@ -276,7 +280,11 @@ class GdbServer:
         if session.running:
             return  # only Ctrl-C is meaningful while the guest runs
         self._drain_stops()  # stops that raced with the one reported: stale now
-        reply = session.handle(event.payload)
+        try:
+            reply = session.handle(event.payload)
+        except OSError as error:  # a KVM ioctl refused: tell gdb, keep serving
+            log.warning("gdb: %.40r failed: %s", event.payload, error)
+            reply = b"E01"
         if reply is not None:
             self._send(connection, p.frame(reply))
 

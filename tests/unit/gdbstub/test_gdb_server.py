@@ -125,3 +125,18 @@ def test_ctrl_c_stops_a_running_guest(served):
         assert target.stops == stops + 1
     finally:
         sock.close()
+
+
+def test_a_failing_kvm_call_is_an_error_reply_not_the_end(served):
+    target, server, port = served
+
+    def refuse(vcpu):
+        raise OSError(5, "KVM_GET_REGS: Input/output error")
+
+    target.registers = refuse
+    sock = connect(port)
+    try:
+        assert exchange(sock, p.frame(b"g")) == b"+" + p.frame(b"E01")
+        assert exchange(sock, p.frame(b"qAttached")) == b"+" + p.frame(b"1")
+    finally:
+        sock.close()
