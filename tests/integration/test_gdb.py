@@ -5,7 +5,8 @@ registers of the vCPU about to run the kernel's 64-bit entry and detaches,
 which starts the guest. The guest's /test.sh prints where __x64_sys_sync is
 (/proc/kallsyms) and calls sync(2) once a second; a second gdb attaches to
 the running guest, puts a breakpoint and then a hardware breakpoint on
-that address, sees each hit with rip there, single-steps, and detaches.
+that address, sees each hit with rip there, single-steps, watches
+jiffies_64 change, and detaches.
 The guest goes on to power off by itself.
 
 The VM runs with --gdb-breakpoints debugregs: the testbed's L1 runs on
@@ -40,6 +41,7 @@ GDB_TIMEOUT = 600
 GUEST_SCRIPT = r"""
 address=$(grep ' T __x64_sys_sync$' /proc/kallsyms | cut -d' ' -f1)
 echo "gdb-target=$address"
+echo "gdb-watch=$(grep -E ' [DdBb] jiffies_64$' /proc/kallsyms | cut -d' ' -f1)"
 exec 3</dev/ttyS0
 i=0
 while [ $i -lt 600 ]; do
@@ -149,6 +151,7 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
 
         address = int(guest.wait_for(r"gdb-target=([0-9a-f]{16})", BOOT_TIMEOUT).group(1), 16)
         assert address >= 0xFFFFFFFF80000000, guest.tail()
+        jiffies = int(guest.wait_for(r"gdb-watch=([0-9a-f]{16})", 60).group(1), 16)
 
         # 2. A running guest: gdb's breakpoint (in a debug register, see
         # below) on the syscall handler, hit with rip there; one step on;
@@ -156,7 +159,8 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
         second = run_gdb(
             port,
             f"break *{address:#x}", "continue", "p/x $rip", "info threads", "stepi", "p/x $rip", "delete",
-            f"hbreak *{address:#x}", "continue", "p/x $rip", "delete", "detach",
+            f"hbreak *{address:#x}", "continue", "p/x $rip", "delete",
+            f"watch *(long *){jiffies:#x}", "continue", "delete", "detach",
         )
         print(second)
         assert f"Breakpoint 1 at {address:#x}" in second, second
@@ -167,6 +171,10 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
         assert f"Hardware assisted breakpoint 2 at {address:#x}" in second, second
         assert re.search(rf"Thread \d hit Breakpoint 2, {address:#x}", second), second
         assert value_of(second, 3) == address, second
+        # A write watchpoint on jiffies_64: the timer interrupt's update trips it.
+        watched = re.search(r"Hardware watchpoint 3: \*\(long \*\)0x[0-9a-f]+\s+Old value = (\d+)\s+New value = (\d+)",
+                            second)
+        assert watched and int(watched.group(2)) > int(watched.group(1)), second
 
         guest.send(b"gdb-done\n")
         guest.wait_for(r"sync-loop-done", BOOT_TIMEOUT)
