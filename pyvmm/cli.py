@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, DiskOption, SerialSpec, VmConfig, parse_size, parse_xen_version
+from .config import ConfigError, DiskOption, GdbAddress, SerialSpec, VmConfig, parse_size, parse_xen_version
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -104,9 +104,14 @@ def main() -> None:
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject a fault, e.g. blk:error,op=write,sectors=2048-4095 "
                    "(repeatable; docs/FRONTEND-DEVELOPERS.md).")
+@click.option("--gdb", "gdb", metavar="tcp:HOST:PORT", help="Serve a gdb remote stub for the guest (docs/GDB.md).")
+@click.option("--gdb-wait", is_flag=True, help="With --gdb: start the vCPUs only when gdb continues them.")
+@click.option("--gdb-breakpoints", type=click.Choice(["int3", "debugregs"]), default="int3", show_default=True,
+              help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, disks, xenstore_socket, trace_categories, trace_file, faults, verbose) -> None:
+        xen_accel, name, disks, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_wait,
+        gdb_breakpoints, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -138,6 +143,9 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             name=values["name"] or f"pyvmm-{os.getpid()}",
             xenstore_socket=xenstore_socket,
             disks=tuple(DiskOption.parse(text, index) for index, text in enumerate(values["disks"])),
+            gdb=GdbAddress.parse(gdb) if gdb is not None else None,
+            gdb_wait=gdb_wait,
+            gdb_breakpoints=gdb_breakpoints,
         )
         config.validate()
         _start_tracing_and_faults(trace_categories, trace_file, faults)

@@ -57,6 +57,21 @@ class DiskOption:
 
 
 @dataclass(frozen=True)
+class GdbAddress:
+    """--gdb tcp:HOST:PORT: where the gdb stub listens (port 0: any free one)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "GdbAddress":
+        match = re.fullmatch(r"tcp:(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})", text)
+        if not match or int(match.group(2)) > 65535:
+            raise ConfigError(f"--gdb {text!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:1234")
+        return cls(match.group(1).strip("[]"), int(match.group(2)))
+
+
+@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     initrd: Path | None = None
@@ -73,6 +88,9 @@ class VmConfig:
     name: str = "pyvmm"
     xenstore_socket: Path | None = None  # default: in the runtime directory
     disks: tuple[DiskOption, ...] = ()
+    gdb: GdbAddress | None = None  # serve a gdb stub here
+    gdb_wait: bool = False  # vCPUs start only when gdb resumes them
+    gdb_breakpoints: str = "int3"  # or "debugregs": gdb's breakpoints in DR0-DR3
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -96,6 +114,8 @@ class VmConfig:
                 raise ConfigError(f"--disk {str(disk.path)!r} is not a file or block device")
             if not os.access(disk.path, os.R_OK if disk.readonly else os.R_OK | os.W_OK):
                 raise ConfigError(f"--disk {str(disk.path)!r} is not {'readable' if disk.readonly else 'writable'}")
+        if (self.gdb_wait or self.gdb_breakpoints != "int3") and self.gdb is None:
+            raise ConfigError("--gdb-wait and --gdb-breakpoints need --gdb tcp:HOST:PORT")
         if self.disks and not self.xen:
             raise ConfigError("--disk needs Xen mode (it is a Xen PV disk); drop --no-xen")
 

@@ -35,10 +35,12 @@ class StopReason(enum.Enum):
 
 
 class ExitHandler:
-    def __init__(self, pio: Bus, mmio: Bus, hypercall: Callable[[kx.XenHypercallExit], None] | None = None):
+    def __init__(self, pio: Bus, mmio: Bus, hypercall: Callable[[kx.XenHypercallExit], None] | None = None,
+                 debug: Callable[[kx.DebugExit], None] | None = None):
         self.pio = pio
         self.mmio = mmio
         self.hypercall = hypercall
+        self.debug = debug  # the gdb stub's handler while one is configured
         self._dispatch = {
             kx.IoExit: self._io,
             kx.MmioExit: self._mmio,
@@ -48,6 +50,7 @@ class ExitHandler:
             kx.InternalErrorExit: self._internal_error,
             kx.FailEntryExit: self._fail_entry,
             kx.HltExit: self._hlt,
+            kx.DebugExit: self._debug,
             kx.InterruptedExit: lambda exit: None,
         }
 
@@ -85,6 +88,13 @@ class ExitHandler:
             exit.result = -38  # -ENOSYS: no Xen emulation in this VM
             return
         self.hypercall(exit)
+
+    def _debug(self, exit: kx.DebugExit) -> StopReason | None:
+        if self.debug is None:  # only a debugger asks KVM for these
+            log.error("debug exit with no debugger: %r", exit)
+            return StopReason.CRASH
+        self.debug(exit)
+        return None
 
     def _triple_fault(self, exit) -> StopReason:
         # A PC resets on a triple fault; Linux uses it as a last-resort reboot.

@@ -92,6 +92,13 @@ class Machine:
         self.xenstore_socket_path = None
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
+        self.gdb = None
+        if config.gdb is not None:
+            from .gdbstub import serve_gdb
+
+            self.gdb = serve_gdb(self, config.gdb, config.gdb_wait)
+            if config.gdb_wait:
+                self._running.clear()  # until gdb says continue
 
     # --- stopping -----------------------------------------------------------
 
@@ -118,6 +125,8 @@ class Machine:
             self._ready.wait()
             if self._setup_errors:
                 raise self._setup_errors[0]
+            if self.gdb is not None:
+                self.gdb.start()
             if deadline is not None:
                 self.loop.call_later(max(0.0, deadline - time.monotonic()), lambda: self.request_stop(StopReason.TIMEOUT))
             self.platform.start(self.loop)
@@ -173,7 +182,11 @@ class Machine:
         if self.xen is not None:
             xen = self.xen
             hypercall = lambda exit: xen.hypercall(exit, index, vcpu)  # noqa: E731
-        handle = ExitHandler(self.pio, self.mmio, hypercall).handle
+        debug = None
+        if self.gdb is not None:
+            gdb = self.gdb
+            debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
+        handle = ExitHandler(self.pio, self.mmio, hypercall, debug).handle
         work = self._vcpu_work[index]
         try:
             while self.stop_reason is None:
@@ -192,6 +205,10 @@ class Machine:
     def current_vcpu(self) -> int | None:
         """The index of the vCPU whose thread is calling, if any."""
         return self._vcpu_of_thread.get(threading.get_ident())
+
+    def vcpu(self, index: int):
+        """vCPU `index`; its ioctls from another thread only while it is parked."""
+        return self._vcpus[index]
 
     def run_on_vcpu(self, index: int, function, timeout: float = 10.0):
         """Run `function(vcpu)` on vCPU `index`'s thread and return its result."""
@@ -267,6 +284,8 @@ class Machine:
         return RawTerminal(fd)
 
     def close(self) -> None:
+        if self.gdb is not None:
+            self.gdb.close()
         if self._xenstore_server is not None:
             self._xenstore_server.close()
         if self.xen is not None:

@@ -152,6 +152,10 @@ def describe_failure(error: BaseException) -> str | None:
 
     if isinstance(error, XenUnavailable):
         return str(error)
+    from .gdbstub import GdbStubError
+
+    if isinstance(error, GdbStubError):
+        return str(error)
     if isinstance(error, BootError):
         return f"cannot boot the kernel: {error}"
     if isinstance(error, GuestMemoryError):

@@ -66,3 +66,12 @@ def test_mmio_read_and_write(setup):
 def test_stop_reasons(setup, exit, reason):
     handler, _, _ = setup
     assert handler.handle(exit) is reason
+
+
+def test_debug_exits_go_to_the_debugger_and_crash_without_one():
+    pio, mmio = Bus("pio", 1 << 16), Bus("mmio", 1 << 64)
+    exit = kx.DebugExit(3, 0xFFFFFFFF81000000, 0, 0)
+    assert ExitHandler(pio, mmio).handle(exit) is StopReason.CRASH
+    seen = []
+    assert ExitHandler(pio, mmio, debug=seen.append).handle(exit) is None
+    assert seen == [exit]
