@@ -57,6 +57,31 @@ class DiskOption:
 
 
 @dataclass(frozen=True)
+class NetOption:
+    """One --net tap=IFNAME[,mac=MAC]: a Xen virtual network interface on a TAP device."""
+
+    tap: str
+    mac: str | None = None  # None: a stable one made from the VM's name
+
+    @classmethod
+    def parse(cls, text: str) -> "NetOption":
+        from .xlcfg import parse_mac, valid_ifname
+
+        tap = mac = None
+        for option in text.split(","):
+            key, _, value = option.partition("=")
+            if key == "tap" and valid_ifname(value):
+                tap = value
+            elif key == "mac":
+                mac = parse_mac(value)
+            else:
+                raise ConfigError(f"--net {text!r}: unknown or bad option {option!r} (tap=IFNAME, mac=MAC)")
+        if tap is None:
+            raise ConfigError(f"--net {text!r}: expected tap=IFNAME[,mac=MAC]")
+        return cls(tap, mac)
+
+
+@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     initrd: Path | None = None
@@ -73,6 +98,7 @@ class VmConfig:
     name: str = "pyvmm"
     xenstore_socket: Path | None = None  # default: in the runtime directory
     disks: tuple[DiskOption, ...] = ()
+    nets: tuple[NetOption, ...] = ()
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -96,6 +122,11 @@ class VmConfig:
                 raise ConfigError(f"--disk {str(disk.path)!r} is not a file or block device")
             if not os.access(disk.path, os.R_OK if disk.readonly else os.R_OK | os.W_OK):
                 raise ConfigError(f"--disk {str(disk.path)!r} is not {'readable' if disk.readonly else 'writable'}")
+        taps = [net.tap for net in self.nets]
+        if len(set(taps)) != len(taps):
+            raise ConfigError(f"two --net options share a TAP device: {', '.join(taps)}")
+        if self.nets and not self.xen:
+            raise ConfigError("--net needs Xen mode (it is a Xen PV network interface); drop --no-xen")
         if self.disks and not self.xen:
             raise ConfigError("--disk needs Xen mode (it is a Xen PV disk); drop --no-xen")
 
