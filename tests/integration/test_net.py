@@ -10,25 +10,20 @@ reconnects after xen-netfront is unloaded and loaded again.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import random
-import socket
-import subprocess
-import threading
 
 import pytest
 
 from initrd import make_test_initrd
+from netns import Namespace, Transfer
 from test_blk import LiveGuest
 from vmm import xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
 BIG = 64 * 1024 * 1024
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 GUEST_HELPERS = r"""
 set -e
@@ -55,93 +50,11 @@ def assets():
     return xen_guest_assets()
 
 
-class Namespace:
-    """A network namespace of the test's own, removed afterwards."""
-
-    def __init__(self, name):
-        self.name = name
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        self.run("ip", "link", "set", "lo", "up")
-
-    def run(self, *command, check=True, timeout=120):
-        return subprocess.run(["ip", "netns", "exec", self.name, *command], check=check, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def tap(self, name, address):
-        """A persistent TAP device with the host's address on it."""
-        self.run("ip", "tuntap", "add", "dev", name, "mode", "tap")
-        self.run("ip", "addr", "add", f"{address}/24", "dev", name)
-
-    def listen(self, port):
-        """A TCP listening socket inside the namespace (made on a thread
-        that entered it; the socket stays there)."""
-        result = {}
-
-        def enter_and_listen():
-            try:
-                with open(f"/run/netns/{self.name}") as handle:
-                    if _libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                server = socket.socket()
-                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                server.bind(("0.0.0.0", port))
-                server.listen(1)
-                server.settimeout(600)
-                result["socket"] = server
-            except Exception as error:  # handed to the caller
-                result["error"] = error
-
-        thread = threading.Thread(target=enter_and_listen)
-        thread.start()
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["socket"]
-
-    def close(self):
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
-
-
 @pytest.fixture
 def netns(request):
     namespace = Namespace(f"pyvmm-test-{os.getpid()}-{request.node.name[-12:]}")
     yield namespace
     namespace.close()
-
-
-class Transfer(threading.Thread):
-    """One TCP connection to a listening socket: receive everything (sink)
-    or send `data` (source); the SHA-256 of what went through."""
-
-    def __init__(self, server, data=None):
-        super().__init__(daemon=True)
-        self.server, self.data = server, data
-        self.sha = self.error = None
-        self.count = 0
-        self.start()
-
-    def run(self):
-        digest = hashlib.sha256()
-        try:
-            connection, _ = self.server.accept()
-            with connection:
-                connection.settimeout(600)
-                if self.data is None:
-                    while chunk := connection.recv(1 << 20):
-                        digest.update(chunk)
-                        self.count += len(chunk)
-                else:
-                    connection.sendall(self.data)
-                    digest.update(self.data)
-                    self.count = len(self.data)
-            self.sha = digest.hexdigest()
-        except Exception as error:
-            self.error = error
-
-    def result(self):
-        self.join(600)
-        assert self.error is None, f"transfer failed: {self.error}"
-        return self.count, self.sha
 
 
 def launch(assets, tmp_path, script, nets, *, vcpus=2):
@@ -175,7 +88,12 @@ rm /tmp/out
 nc 10.77.0.1 5002 < /dev/null > /tmp/in
 echo "guest: received $(wc -c < /tmp/in) bytes sha $(sha256sum /tmp/in | cut -d' ' -f1)"
 rm /tmp/in
-rmmod xen-netfront
+ip link set eth0 down
+i=0
+until rmmod xen-netfront 2>/dev/null; do  # lingering sockets may hold it a moment
+    i=$((i + 1)); [ $i -lt 100 ] || { lsmod; rmmod xen-netfront; exit 1; }; sleep 0.2
+done
+echo "guest: unloaded"
 modprobe xen-netfront
 up eth0 10.77.0.2
 reach 10.77.0.1
