@@ -111,6 +111,8 @@ class SharedRing:
         self.entry_size = entry_size
         self.size = ring_size(len(self.pages), entry_size)
         self._header = self.pages[0]
+        # One page: no entry straddles a page, so entries are plain slices.
+        self._single = self.pages[0] if len(self.pages) == 1 else None
 
     def load(self, offset: int) -> int:
         return _U32.unpack_from(self._header, offset)[0]
@@ -137,6 +139,9 @@ class SharedRing:
 
     def read_entry(self, index: int) -> bytes:
         """A private copy of the entry at ring index `index`."""
+        if self._single is not None:
+            position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
+            return bytes(self._single[position : position + self.entry_size])
         pieces = [bytes(view[o : o + n]) for view, o, n in self._span(index)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -145,6 +150,10 @@ class SharedRing:
         data = memoryview(data).cast("B")
         if len(data) > self.entry_size:
             raise ValueError(f"{len(data)} bytes do not fit a {self.entry_size}-byte entry")
+        if self._single is not None:
+            position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
+            self._single[position : position + len(data)] = data
+            return
         done = 0
         for view, offset, count in self._span(index):
             count = min(count, len(data) - done)

@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from .blkback import BlockBackend, DiskImage
 from .errors import XenError
-from .gnttab import GrantError, GrantMapping, GrantTable
+from .gnttab import GrantError, GrantTable
 from .ring import RingBroken
 from .xenbus_backend import FrontendError, XenbusBackendDevice
 from .xenstore import XenStore
 
 if TYPE_CHECKING:
-    from .evtchn import BackendChannel, EventChannels
+    from .evtchn import EventChannels
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,6 @@ class VbdDevice(XenbusBackendDevice):
         self.evtchn = evtchn
         self.call_soon = call_soon
         self.backend = BlockBackend(image, grants, _unattached_notify, **backend_options)
-        self._channels: list["BackendChannel"] = []
-        self._mappings: list[GrantMapping] = []
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self.queues = 0
         self.ring_pages = 0
@@ -171,12 +169,7 @@ class VbdDevice(XenbusBackendDevice):
     def disconnect(self) -> None:
         self._generation += 1
         self.backend.detach_ring()
-        channels, self._channels = self._channels, []
-        mappings, self._mappings = self._mappings, []
-        for channel in channels:
-            channel.close()
-        for mapping in mappings:
-            mapping.release()
+        self.release_connection()
         if self.queues:
             log.info("%s: disconnected", self.vdev)
         self.queues = self.ring_pages = 0

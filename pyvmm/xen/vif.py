@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..tap import TapDevice
 from .errors import XenError
-from .gnttab import GrantError, GrantMapping, GrantTable
+from .gnttab import GrantError, GrantTable
 from .netback import NetBackend, NetFeatures
 from .ring import RingBroken
 from .xenbus_backend import FrontendError, XenbusBackendDevice
@@ -71,8 +71,6 @@ class VifDevice(XenbusBackendDevice):
         self.loop = loop
         self.backend = NetBackend(tap.fd, grants, watch_tap=self._watch_tap, set_offload=tap.set_offload,
                                   name=f"vif{domid}.{handle} ({tap.name})")
-        self._channels: list["BackendChannel"] = []
-        self._mappings: list[GrantMapping] = []
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self._tx_scheduled = False
 
@@ -147,12 +145,7 @@ class VifDevice(XenbusBackendDevice):
     def disconnect(self) -> None:
         self._generation += 1
         self.backend.detach()
-        channels, self._channels = self._channels, []
-        mappings, self._mappings = self._mappings, []
-        for channel in channels:
-            channel.close()
-        for mapping in mappings:
-            mapping.release()
+        self.release_connection()
 
     def close(self) -> None:
         super().close()

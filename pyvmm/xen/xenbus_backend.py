@@ -99,6 +99,9 @@ class XenbusBackendDevice:
         self.closed = False
         self.client: Client | None = None
         self._token = f"{self.device_type}-{frontend_domid}-{devid}"
+        # What connect() took from the guest: BackendChannels and GrantMappings.
+        self._channels: list = []
+        self._mappings: list = []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.backend_path} {self.state.name}>"
@@ -120,6 +123,16 @@ class XenbusBackendDevice:
 
     def disconnect(self) -> None:
         """Let go of everything connect() took; idempotent."""
+
+    def release_connection(self) -> None:
+        """Close the event channels and release the grant mappings connect()
+        kept in _channels and _mappings."""
+        channels, self._channels = self._channels, []
+        mappings, self._mappings = self._mappings, []
+        for channel in channels:
+            channel.close()
+        for mapping in mappings:
+            mapping.release()
 
     def read_frontend(self, key: str) -> str | None:
         """A frontend key, or None if it does not exist."""
