@@ -60,6 +60,7 @@ def generated_mac(vm_name: str, index: int) -> str:
 
 class VifDevice(XenbusBackendDevice):
     device_type = "vif"
+    reopen_as_connected = False  # netfront waits for Closed when it unloads
 
     def __init__(self, store: XenStore, domid: int, handle: int, tap: TapDevice, mac: str, grants: GrantTable,
                  evtchn: "EventChannels", loop: "EventLoop", *, backend_domid: int = 0):

@@ -30,7 +30,10 @@ InitWait; it renegotiates only with a backend that says Connected (the
 path its resume code takes). After the frontend closed in order, the
 backend therefore goes Closed and then advertises Connected again, with
 no ring attached yet: the frontend's next Initialised (or Connected)
-with fresh ring keys makes it connect for real. A device that failed
+with fresh ring keys makes it connect for real. A device whose driver waits for
+the backend to read Closed while it unloads and starts its next instance
+at Initialising (Linux's netfront) sets reopen_as_connected = False and
+simply stays Closed until then. A device that failed
 (fail() below) does not reset; its frontend must start over explicitly
 (write Initialising).
 
@@ -83,6 +86,13 @@ class XenbusBackendDevice:
     and disconnect()."""
 
     device_type = ""
+    # After the frontend closed in order, advertise Connected again so that
+    # a reloaded driver that only renegotiates with a Connected backend
+    # (blkfront) reconnects. A driver that waits for the backend to read
+    # Closed while it unloads, and starts its next instance at Initialising
+    # (netfront), needs this False: the backend then stays Closed until the
+    # frontend starts over.
+    reopen_as_connected = True
 
     def __init__(self, store: XenStore, frontend_domid: int, devid: int, *, backend_domid: int = 0):
         if not self.device_type:
@@ -262,7 +272,7 @@ class XenbusBackendDevice:
         elif frontend == XenbusState.CLOSED:
             self._disconnect()
             self.switch_state(XenbusState.CLOSED)
-            if self.failed is None:
+            if self.failed is None and self.reopen_as_connected:
                 # Ready for the same frontend's next driver (see the module docstring).
                 self.switch_state(XenbusState.CONNECTED)
         elif frontend == XenbusState.UNKNOWN:

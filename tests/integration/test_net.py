@@ -110,7 +110,8 @@ echo "guest: reconnected"
         received = guest.wait_for(r"guest: received (\d+) bytes sha ([0-9a-f]{64})")
         assert int(received.group(1)) == BIG
         assert received.group(2).decode() == hashlib.sha256(to_guest).hexdigest() == sending.result()[1]
-        guest.wait_for("guest: reconnected")
+        guest.wait_for("guest: unloaded", timeout=300)
+        guest.wait_for("guest: reconnected", timeout=300)
         guest.wait_for("pyvmm-guest: test exit 0")
         assert guest.finish() == 0, str(guest)
     neighbours = netns.run("ip", "neigh", "show", "dev", "pvtap0").stdout
