@@ -103,6 +103,8 @@ echo "guest: reconnected"
         guest.wait_for("guest: ready for ping")
         ping = netns.run("busybox", "ping", "-c", "3", "-W", "5", "10.77.0.2", check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        neighbours = netns.run("ip", "neigh", "show", "dev", "pvtap0").stdout
+        assert "00:16:3e:00:00:02" in neighbours  # the MAC given on the command line
         guest.send(b"go\n")
         sent = guest.wait_for(r"guest: sent sha ([0-9a-f]{64})").group(1).decode()
         count, sha = receiving.result()
@@ -114,8 +116,6 @@ echo "guest: reconnected"
         guest.wait_for("guest: reconnected", timeout=300)
         guest.wait_for("pyvmm-guest: test exit 0")
         assert guest.finish() == 0, str(guest)
-    neighbours = netns.run("ip", "neigh", "show", "dev", "pvtap0").stdout
-    assert "00:16:3e:00:00:02" in neighbours  # the MAC given on the command line
 
 
 def test_two_vifs_on_two_taps_at_once(assets, tmp_path, netns):
