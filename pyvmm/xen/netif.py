@@ -34,7 +34,7 @@ the values.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Transmit request flags.
 NETTXF_csum_blank = 1 << 0  # the L4 checksum is only the pseudo-header's: complete it
@@ -83,8 +83,7 @@ TX_ENTRY_SIZE = TX_REQUEST.size
 RX_ENTRY_SIZE = RX_REQUEST.size
 
 
-@dataclass(frozen=True)
-class TxRequest:
+class TxRequest(NamedTuple):  # a tuple: cheap to make, one per slot
     gref: int
     offset: int
     flags: int
@@ -96,8 +95,7 @@ class TxRequest:
         return bool(self.flags & NETTXF_more_data)
 
 
-@dataclass(frozen=True)
-class Extra:
+class Extra(NamedTuple):
     type: int
     flags: int
     data: bytes  # the 6 type-specific bytes
@@ -113,11 +111,11 @@ class Extra:
 
 
 def parse_tx_request(data: bytes) -> TxRequest:
-    return TxRequest(*TX_REQUEST.unpack_from(data))
+    return TxRequest._make(TX_REQUEST.unpack_from(data))
 
 
 def parse_extra(data: bytes) -> Extra:
-    return Extra(*EXTRA.unpack_from(data))
+    return Extra._make(EXTRA.unpack_from(data))
 
 
 def pack_tx_response(request_id: int, status: int) -> bytes:
