@@ -45,7 +45,6 @@ instruction on a private word, which orders all memory accesses around it.
 from __future__ import annotations
 
 import ctypes
-import struct
 from typing import Sequence
 
 from . import atomic
@@ -59,7 +58,6 @@ RSP_PROD = 8
 RSP_EVENT = 12
 
 _MASK32 = 0xFFFF_FFFF
-_U32 = struct.Struct("<I")
 
 _fence_word = ctypes.c_uint32(0)
 _fence_address = ctypes.addressof(_fence_word)
@@ -111,14 +109,19 @@ class SharedRing:
         self.entry_size = entry_size
         self.size = ring_size(len(self.pages), entry_size)
         self._header = self.pages[0]
+        # The four indices as 32-bit words: each load and store is one
+        # aligned access. (struct packs and unpacks byte by byte, so the
+        # peer could see an index half updated, e.g. 0x2d00 on the way
+        # from 0x2dff to 0x2e00, which is behind where it was.)
+        self._indices = (ctypes.c_uint32 * 4).from_buffer(self._header)
         # One page: no entry straddles a page, so entries are plain slices.
         self._single = self.pages[0] if len(self.pages) == 1 else None
 
     def load(self, offset: int) -> int:
-        return _U32.unpack_from(self._header, offset)[0]
+        return self._indices[offset // 4]
 
     def store(self, offset: int, value: int) -> None:
-        _U32.pack_into(self._header, offset, value & _MASK32)
+        self._indices[offset // 4] = value & _MASK32
 
     def init(self) -> None:
         """SHARED_RING_INIT (the frontend's job): indices 0, events 1."""
