@@ -109,19 +109,15 @@ class SharedRing:
         self.entry_size = entry_size
         self.size = ring_size(len(self.pages), entry_size)
         self._header = self.pages[0]
-        # The four indices as 32-bit words: each load and store is one
-        # aligned access. (struct packs and unpacks byte by byte, so the
-        # peer could see an index half updated, e.g. 0x2d00 on the way
-        # from 0x2dff to 0x2e00, which is behind where it was.)
-        self._indices = (ctypes.c_uint32 * 4).from_buffer(self._header)
+        self._indices = atomic.SharedWords(self._header[:HEADER_SIZE])  # one access per index
         # One page: no entry straddles a page, so entries are plain slices.
         self._single = self.pages[0] if len(self.pages) == 1 else None
 
     def load(self, offset: int) -> int:
-        return self._indices[offset // 4]
+        return self._indices.load(offset)
 
     def store(self, offset: int, value: int) -> None:
-        self._indices[offset // 4] = value & _MASK32
+        self._indices.store(offset, value)
 
     def init(self) -> None:
         """SHARED_RING_INIT (the frontend's job): indices 0, events 1."""
