@@ -151,6 +151,10 @@ class VifDevice(XenbusBackendDevice):
     def close(self) -> None:
         super().close()
         self.tap.close()
+        stats = self.backend.stats
+        log.info("%s: guest sent %d packets (%d bytes, %d refused), received %d (%d bytes, %d dropped)",
+                 self.backend.name, stats.tx_packets, stats.tx_bytes, stats.tx_errors, stats.rx_packets,
+                 stats.rx_bytes, stats.rx_dropped)
 
     # --- the data path ------------------------------------------------------------------
 
