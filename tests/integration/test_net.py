@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
 BIG = 64 * 1024 * 1024
 
-GUEST_HELPERS = r"""
+GUEST_FUNCTIONS = r"""
 set -e
 up() {  # up IFACE ADDRESS: wait for the interface, configure it
     i=0
@@ -58,7 +58,7 @@ def netns(request):
 
 
 def launch(assets, tmp_path, script, nets, *, vcpus=2):
-    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", GUEST_HELPERS + script)
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", GUEST_FUNCTIONS + script)
     args = ["run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
             "--append", "console=hvc0 panic=-1 pyvmm.modules=xen-netfront", "--vcpus", str(vcpus),
             "--memory", "512M", "--no-reboot", "--timeout", "900", "-v"]
