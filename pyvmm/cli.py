@@ -22,7 +22,8 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, DiskOption, GdbAddress, SerialSpec, VmConfig, parse_size, parse_xen_version
+from .config import (ConfigError, DiskOption, GdbAddress, NetOption, SerialSpec, VmConfig, parse_size,
+                     parse_xen_version)
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -95,6 +96,8 @@ def main() -> None:
 @click.option("--name", help="The VM's name: its control socket and xenstore name (default: from the config file, else pyvmm-PID).")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,vdev=xvda][,readonly=on]",
               help="A Xen PV disk backed by a raw image or block device (repeatable).")
+@click.option("--net", "nets", multiple=True, metavar="tap=IFNAME[,mac=MAC]",
+              help="A Xen PV network interface on a TAP device, created if missing (repeatable; needs root).")
 @click.option("--xenstore-socket", type=click.Path(path_type=Path),
               help="Serve the VM's xenstore to dom0 tools here (default: in the runtime directory).")
 @click.option("--trace", "trace_categories", metavar="CATEGORIES",
@@ -110,7 +113,7 @@ def main() -> None:
               help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, disks, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_wait,
+        xen_accel, name, disks, nets, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_wait,
         gdb_breakpoints, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
@@ -122,7 +125,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
     )
     try:
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
-                      no_reboot=no_reboot, xen=xen, name=name, disks=disks)
+                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets)
         if config_file is not None:
             values.update(_xl_config_values(config_file, click.get_current_context()))
         if values["kernel"] is None:
@@ -146,6 +149,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             gdb=GdbAddress.parse(gdb) if gdb is not None else None,
             gdb_wait=gdb_wait,
             gdb_breakpoints=gdb_breakpoints,
+            nets=tuple(NetOption.parse(text) for text in values["nets"]),
         )
         config.validate()
         _start_tracing_and_faults(trace_categories, trace_file, faults)
@@ -218,8 +222,7 @@ def _xl_config_values(path: Path, ctx: click.Context) -> dict:
     from .xlcfg import load_xl_config
 
     options = load_xl_config(path).to_run_options()
-    if options.pop("vifs", ()):
-        raise ConfigError(f"{path}: vif= needs the PV network backend, which this version lacks")
+    options["nets"] = tuple(vif.option_text() for vif in options.pop("vifs", ()))
     options["disks"] = tuple(
         f"{disk.path},vdev={disk.vdev}{',readonly=on' if disk.readonly else ''}" for disk in options.pop("disks", ())
     )

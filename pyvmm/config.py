@@ -72,6 +72,31 @@ class GdbAddress:
 
 
 @dataclass(frozen=True)
+class NetOption:
+    """One --net tap=IFNAME[,mac=MAC]: a Xen virtual network interface on a TAP device."""
+
+    tap: str
+    mac: str | None = None  # None: a stable one made from the VM's name
+
+    @classmethod
+    def parse(cls, text: str) -> "NetOption":
+        from .xlcfg import parse_mac, valid_ifname
+
+        tap = mac = None
+        for option in text.split(","):
+            key, _, value = option.partition("=")
+            if key == "tap" and valid_ifname(value):
+                tap = value
+            elif key == "mac":
+                mac = parse_mac(value)
+            else:
+                raise ConfigError(f"--net {text!r}: unknown or bad option {option!r} (tap=IFNAME, mac=MAC)")
+        if tap is None:
+            raise ConfigError(f"--net {text!r}: expected tap=IFNAME[,mac=MAC]")
+        return cls(tap, mac)
+
+
+@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     initrd: Path | None = None
@@ -91,6 +116,7 @@ class VmConfig:
     gdb: GdbAddress | None = None  # serve a gdb stub here
     gdb_wait: bool = False  # vCPUs start only when gdb resumes them
     gdb_breakpoints: str = "int3"  # or "debugregs": gdb's breakpoints in DR0-DR3
+    nets: tuple[NetOption, ...] = ()
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -116,6 +142,11 @@ class VmConfig:
                 raise ConfigError(f"--disk {str(disk.path)!r} is not {'readable' if disk.readonly else 'writable'}")
         if (self.gdb_wait or self.gdb_breakpoints != "int3") and self.gdb is None:
             raise ConfigError("--gdb-wait and --gdb-breakpoints need --gdb tcp:HOST:PORT")
+        taps = [net.tap for net in self.nets]
+        if len(set(taps)) != len(taps):
+            raise ConfigError(f"two --net options share a TAP device: {', '.join(taps)}")
+        if self.nets and not self.xen:
+            raise ConfigError("--net needs Xen mode (it is a Xen PV network interface); drop --no-xen")
         if self.disks and not self.xen:
             raise ConfigError("--disk needs Xen mode (it is a Xen PV disk); drop --no-xen")
 

@@ -291,10 +291,12 @@ class FaultInjector:
         return self._first("evtchn", ("drop", "delay"), {"dir": direction, "port": port},
                            lambda rule: rule.direction in (None, direction) and rule.port in (None, port))
 
-    def net_packet(self, direction: str, vif: str, length: int) -> FaultRule | None:
+    def net_packet(self, direction: str, vif: str, length: int,
+                   actions: tuple[str, ...] = TARGET_ACTIONS["net"]) -> FaultRule | None:
         """For the network backend, once per packet: None, or the rule whose
-        action (drop, delay, duplicate, corrupt) to apply to it."""
-        return self._first("net", TARGET_ACTIONS["net"], {"dir": direction, "vif": vif, "len": length},
+        action (drop, delay, duplicate, corrupt; those in `actions`, what the
+        backend can do in that direction) to apply to it."""
+        return self._first("net", actions, {"dir": direction, "vif": vif, "len": length},
                            lambda rule: rule.direction in (None, direction) and rule.vif in (None, vif))
 
 

@@ -12,6 +12,8 @@ where the cost of a weaker order would show.
 
 from __future__ import annotations
 
+import ctypes
+
 from ..cffi_types import declared_ffi
 
 _ffi = declared_ffi(__file__, "atomic", """
@@ -77,3 +79,20 @@ def test_and_clear_bit(address: int, bit: int) -> bool:
     byte = address + bit // 8
     mask = 1 << (bit % 8)
     return bool(fetch_and(byte, 1, 0xFF & ~mask) & mask)
+
+
+class SharedWords:
+    """The 32-bit words of a shared buffer (ring indices), each loaded and
+    stored as one aligned access. struct packs and unpacks byte by byte, so
+    a peer on another CPU could see, or hand us, an index half updated
+    (0x2d00 on the way from 0x2dff to 0x2e00: behind where it was)."""
+
+    def __init__(self, buffer):
+        view = memoryview(buffer).cast("B")
+        self._words = (ctypes.c_uint32 * (len(view) // 4)).from_buffer(view)
+
+    def load(self, offset: int) -> int:
+        return self._words[offset >> 2]
+
+    def store(self, offset: int, value: int) -> None:
+        self._words[offset >> 2] = value & 0xFFFF_FFFF

@@ -27,10 +27,10 @@ on different threads.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import Callable
 
 from ..trace import TRACE
+from .atomic import SharedWords
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ INTERFACE_SIZE = 3089
 CONNECTED = 0
 DISCONNECTED = 1
 
-_U32 = struct.Struct("<I")
 _MASK32 = 0xFFFF_FFFF
 
 
@@ -60,16 +59,17 @@ class PvConsole:
         if len(page) < INTERFACE_SIZE:
             raise ValueError(f"console page of {len(page)} bytes, need {INTERFACE_SIZE}")
         self._page = page
+        self._words = SharedWords(page)  # indices read and written whole
         self._notify = notify
         self._output = output
         self._reported: set[str] = set()
         page[CONNECTION] = CONNECTED
 
     def _load(self, offset: int) -> int:
-        return _U32.unpack_from(self._page, offset)[0]
+        return self._words.load(offset)
 
     def _store(self, offset: int, value: int) -> None:
-        _U32.pack_into(self._page, offset, value & _MASK32)
+        self._words.store(offset, value)
 
     def _broken(self, ring: str, distance: int, size: int) -> None:
         if ring not in self._reported:

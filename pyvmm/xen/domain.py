@@ -33,6 +33,7 @@ from .guest_access import GuestAccess
 from .hypercalls import HypercallDispatcher
 from .kvm_xen import KernelEvtchn, XenFeatures
 from .vbd import create_vbds
+from .vif import create_vifs
 from .xenstore import Access, Permission, RingServer, XenStore
 from .xenstore.domain import create_domain_nodes
 
@@ -123,6 +124,7 @@ class XenDomain:
 
         self._setup_special_pages(machine)
         self.vbds = create_vbds(self, config.disks)  # one PV disk per --disk
+        self.vifs = create_vifs(self, config.nets)  # one PV network interface per --net
         self.dispatcher = HypercallDispatcher(self, xen_time_ns=self._guest_time_ns)
 
     # --- set-up -------------------------------------------------------------------
@@ -204,8 +206,8 @@ class XenDomain:
         self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
 
     def close(self) -> None:
-        for vbd in self.vbds:
-            vbd.close()
+        for device in (*self.vbds, *self.vifs):
+            device.close()
         if self._callback_fds is not None:
             for fd in self._callback_fds:
                 self.loop.remove_reader(fd)

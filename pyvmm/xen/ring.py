@@ -45,7 +45,6 @@ instruction on a private word, which orders all memory accesses around it.
 from __future__ import annotations
 
 import ctypes
-import struct
 from typing import Sequence
 
 from . import atomic
@@ -59,7 +58,6 @@ RSP_PROD = 8
 RSP_EVENT = 12
 
 _MASK32 = 0xFFFF_FFFF
-_U32 = struct.Struct("<I")
 
 _fence_word = ctypes.c_uint32(0)
 _fence_address = ctypes.addressof(_fence_word)
@@ -111,12 +109,15 @@ class SharedRing:
         self.entry_size = entry_size
         self.size = ring_size(len(self.pages), entry_size)
         self._header = self.pages[0]
+        self._indices = atomic.SharedWords(self._header[:HEADER_SIZE])  # one access per index
+        # One page: no entry straddles a page, so entries are plain slices.
+        self._single = self.pages[0] if len(self.pages) == 1 else None
 
     def load(self, offset: int) -> int:
-        return _U32.unpack_from(self._header, offset)[0]
+        return self._indices.load(offset)
 
     def store(self, offset: int, value: int) -> None:
-        _U32.pack_into(self._header, offset, value & _MASK32)
+        self._indices.store(offset, value)
 
     def init(self) -> None:
         """SHARED_RING_INIT (the frontend's job): indices 0, events 1."""
@@ -137,6 +138,9 @@ class SharedRing:
 
     def read_entry(self, index: int) -> bytes:
         """A private copy of the entry at ring index `index`."""
+        if self._single is not None:
+            position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
+            return bytes(self._single[position : position + self.entry_size])
         pieces = [bytes(view[o : o + n]) for view, o, n in self._span(index)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -145,6 +149,10 @@ class SharedRing:
         data = memoryview(data).cast("B")
         if len(data) > self.entry_size:
             raise ValueError(f"{len(data)} bytes do not fit a {self.entry_size}-byte entry")
+        if self._single is not None:
+            position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
+            self._single[position : position + len(data)] = data
+            return
         done = 0
         for view, offset, count in self._span(index):
             count = min(count, len(data) - done)

@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from ..faults import FAULTS
 from .blkback import BlockBackend, DiskImage
 from .errors import XenError
-from .gnttab import GrantError, GrantMapping, GrantTable
+from .gnttab import GrantError, GrantTable
 from .ring import RingBroken
 from .ring_worker import RingWorker
 from .xenbus_backend import FrontendError, XenbusBackendDevice
 from .xenstore import XenStore
 
 if TYPE_CHECKING:
-    from .evtchn import BackendChannel, EventChannels
+    from .evtchn import EventChannels
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ class VbdDevice(XenbusBackendDevice):
         self.backend.label = vdev
         self.backend.wake = self._wake_worker
         FAULTS.listeners.append(self._faults_changed)  # a lifted stall: serve what waits
-        self._channels: list["BackendChannel"] = []
-        self._mappings: list[GrantMapping] = []
         self._workers: list[RingWorker] = []
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self.queues = 0
@@ -191,12 +189,7 @@ class VbdDevice(XenbusBackendDevice):
         for worker in workers:  # first: nothing may touch a ring being taken away
             worker.stop()
         self.backend.detach_ring()
-        channels, self._channels = self._channels, []
-        mappings, self._mappings = self._mappings, []
-        for channel in channels:
-            channel.close()
-        for mapping in mappings:
-            mapping.release()
+        self.release_connection()
         if self.queues:
             log.info("%s: disconnected", self.vdev)
         self.queues = self.ring_pages = 0

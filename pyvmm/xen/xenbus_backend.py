@@ -30,7 +30,10 @@ InitWait; it renegotiates only with a backend that says Connected (the
 path its resume code takes). After the frontend closed in order, the
 backend therefore goes Closed and then advertises Connected again, with
 no ring attached yet: the frontend's next Initialised (or Connected)
-with fresh ring keys makes it connect for real. A device that failed
+with fresh ring keys makes it connect for real. A device whose driver waits for
+the backend to read Closed while it unloads and starts its next instance
+at Initialising (Linux's netfront) sets reopen_as_connected = False and
+simply stays Closed until then. A device that failed
 (fail() below) does not reset; its frontend must start over explicitly
 (write Initialising).
 
@@ -84,6 +87,13 @@ class XenbusBackendDevice:
     and disconnect()."""
 
     device_type = ""
+    # After the frontend closed in order, advertise Connected again so that
+    # a reloaded driver that only renegotiates with a Connected backend
+    # (blkfront) reconnects. A driver that waits for the backend to read
+    # Closed while it unloads, and starts its next instance at Initialising
+    # (netfront), needs this False: the backend then stays Closed until the
+    # frontend starts over.
+    reopen_as_connected = True
 
     def __init__(self, store: XenStore, frontend_domid: int, devid: int, *, backend_domid: int = 0):
         if not self.device_type:
@@ -100,6 +110,9 @@ class XenbusBackendDevice:
         self.closed = False
         self.client: Client | None = None
         self._token = f"{self.device_type}-{frontend_domid}-{devid}"
+        # What connect() took from the guest: BackendChannels and GrantMappings.
+        self._channels: list = []
+        self._mappings: list = []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.backend_path} {self.state.name}>"
@@ -121,6 +134,16 @@ class XenbusBackendDevice:
 
     def disconnect(self) -> None:
         """Let go of everything connect() took; idempotent."""
+
+    def release_connection(self) -> None:
+        """Close the event channels and release the grant mappings connect()
+        kept in _channels and _mappings."""
+        channels, self._channels = self._channels, []
+        mappings, self._mappings = self._mappings, []
+        for channel in channels:
+            channel.close()
+        for mapping in mappings:
+            mapping.release()
 
     def read_frontend(self, key: str) -> str | None:
         """A frontend key, or None if it does not exist."""
@@ -263,7 +286,7 @@ class XenbusBackendDevice:
         elif frontend == XenbusState.CLOSED:
             self._disconnect()
             self.switch_state(XenbusState.CLOSED)
-            if self.failed is None:
+            if self.failed is None and self.reopen_as_connected:
                 # Ready for the same frontend's next driver (see the module docstring).
                 self.switch_state(XenbusState.CONNECTED)
         elif frontend == XenbusState.UNKNOWN:

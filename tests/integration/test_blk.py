@@ -96,8 +96,9 @@ class LiveGuest:
     arrives, so that the test can act at a given moment of the guest's run
     (write to the console, inspect the image, kill the VMM)."""
 
-    def __init__(self, args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyvmm", *args], cwd=REPO, stdin=subprocess.PIPE,
+    def __init__(self, args, prefix=()):
+        """`prefix`: what runs pyvmm, e.g. ("ip", "netns", "exec", NAME)."""
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pyvmm", *args], cwd=REPO, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self._output = bytearray()
         self._errors = bytearray()

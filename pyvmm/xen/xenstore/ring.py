@@ -23,8 +23,8 @@ with stores or loads with loads, so no explicit barrier is needed.
 from __future__ import annotations
 
 import logging
-import struct
 
+from ..atomic import SharedWords
 from .protocol import RING_ERROR_NONE, RING_ERROR_PROTO, RING_ERROR_RINGIDX, Connection
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ RECONNECT = 1
 
 DEFAULT_BUDGET = 8192  # request bytes consumed per process() call
 
-_U32 = struct.Struct("<I")
 _MASK32 = 0xFFFFFFFF
 
 
@@ -68,6 +67,7 @@ class RingServer:
         if budget <= 0:
             raise ValueError("budget must be positive")
         self._page = page
+        self._words = SharedWords(page)  # indices read and written whole
         self.connection = connection
         self.budget = budget
         self.work_pending = False  # stopped by the budget with requests still waiting
@@ -82,10 +82,10 @@ class RingServer:
     # -- page access -------------------------------------------------------
 
     def _load_u32(self, offset: int) -> int:
-        return _U32.unpack_from(self._page, offset)[0]
+        return self._words.load(offset)
 
     def _store_u32(self, offset: int, value: int) -> None:
-        _U32.pack_into(self._page, offset, value & _MASK32)
+        self._words.store(offset, value)
 
     def _copy_out(self, base: int, index: int, length: int) -> bytes:
         start = index & (RING_SIZE - 1)

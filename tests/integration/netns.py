@@ -1,0 +1,124 @@
+"""Network namespaces and TCP endpoints for guests on TAP devices (tests and
+scripts/bench-net): the host side of a guest's network, kept out of the
+machine's own."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import socket
+import subprocess
+import threading
+import time
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Namespace:
+    """A network namespace of our own; close() removes it."""
+
+    def __init__(self, name):
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *command, check=True, timeout=120):
+        return subprocess.run(["ip", "netns", "exec", self.name, *command], check=check, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def tap(self, name, address):
+        """A persistent TAP device with the host's address on it."""
+        self.run("ip", "tuntap", "add", "dev", name, "mode", "tap")
+        self.run("ip", "addr", "add", f"{address}/24", "dev", name)
+
+    def listen(self, port):
+        """A TCP listening socket inside the namespace (made on a thread
+        that entered it; the socket stays there)."""
+        result = {}
+
+        def enter_and_listen():
+            try:
+                with open(f"/run/netns/{self.name}") as handle:
+                    if _libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                server = socket.socket()
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                server.bind(("0.0.0.0", port))
+                server.listen(1)
+                server.settimeout(600)
+                result["socket"] = server
+            except Exception as error:  # handed to the caller
+                result["error"] = error
+
+        thread = threading.Thread(target=enter_and_listen)
+        thread.start()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["socket"]
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+class Transfer(threading.Thread):
+    """One TCP connection to a listening socket: receive everything (sink)
+    or send `data` (source); the SHA-256 of what went through, and how long
+    it took: a sink from its first byte to the peer's end of stream, a
+    source from the connection to the peer closing after it read the end.
+    With `digest=False` (benchmarks) nothing is hashed; `data` may then be
+    an int, the number of zero bytes to send."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, server, data=None, *, digest=True):
+        super().__init__(daemon=True)
+        self.server, self.data, self.digest = server, data, digest
+        self.sha = self.error = None
+        self.count = 0
+        self.seconds = None
+        self.start()
+
+    def run(self):
+        digest = hashlib.sha256() if self.digest else None
+        try:
+            connection, _ = self.server.accept()
+            with connection:
+                connection.settimeout(600)
+                if self.data is None:
+                    chunk = connection.recv(self.CHUNK)
+                    started = time.monotonic()
+                    while chunk:
+                        if digest:
+                            digest.update(chunk)
+                        self.count += len(chunk)
+                        chunk = connection.recv(self.CHUNK)
+                else:
+                    started = time.monotonic()
+                    self._send(connection, digest)
+                    connection.shutdown(socket.SHUT_WR)
+                    while connection.recv(self.CHUNK):
+                        pass
+            self.seconds = time.monotonic() - started
+            self.sha = digest.hexdigest() if digest else None
+        except Exception as error:
+            self.error = error
+
+    def _send(self, connection, digest):
+        if isinstance(self.data, int):
+            block = memoryview(bytes(self.CHUNK))
+            left = self.data
+            while left:
+                connection.sendall(block[: min(left, self.CHUNK)])
+                left -= min(left, self.CHUNK)
+        else:
+            connection.sendall(self.data)
+            if digest:
+                digest.update(self.data)
+        self.count = self.data if isinstance(self.data, int) else len(self.data)
+
+    def result(self, timeout=600):
+        self.join(timeout)
+        assert self.error is None and not self.is_alive(), f"transfer failed: {self.error or 'timed out'}"
+        return self.count, self.sha
