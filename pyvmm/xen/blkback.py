@@ -483,11 +483,11 @@ class BlockBackend:
         through `wake`), or published at once where process() has no
         thread of its own."""
         def answer() -> None:
-            if q not in self._queues.values():
-                return
-            q.late.append(response)
             queue = next((number for number, candidate in self._queues.items() if candidate is q), None)
-            if self.wake is not None and queue is not None:
+            if queue is None:
+                return  # detached meanwhile
+            q.late.append(response)
+            if self.wake is not None:
                 self.wake(queue)
             else:
                 self._publish_late(q)

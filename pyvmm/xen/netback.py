@@ -519,9 +519,7 @@ class NetBackend:
                 if fault.action == "drop":
                     self.stats.rx_dropped += 1
                     return True
-                page = pages[0]
-                bit = fault.rng.randrange(min(length, PAGE_SIZE) * 8)
-                page[bit // 8] ^= 1 << (bit % 8)
+                corrupt(pages[0][: min(length, PAGE_SIZE)], fault)
         vnet_flags, vnet_gso, _, gso_size, _, _ = VNET_HDR.unpack(self._rx_header)
         gso_type = _VNET_TO_GSO.get(vnet_gso & ~VIRTIO_NET_HDR_GSO_ECN)
         npages = (length + PAGE_SIZE - 1) // PAGE_SIZE

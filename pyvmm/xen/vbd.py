@@ -209,8 +209,8 @@ class VbdDevice(XenbusBackendDevice):
     def _notified(self, queue: int, generation: int) -> None:
         """A notification that came through userspace (or the catch-up one
         after binding): hand it to the queue's worker."""
-        if generation == self._generation and not self.closed and queue < len(self._workers):
-            self._workers[queue].wake()
+        if generation == self._generation and not self.closed:
+            self._wake_worker(queue)
 
     def _wake_worker(self, queue: int) -> None:
         workers = self._workers

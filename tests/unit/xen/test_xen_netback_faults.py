@@ -4,20 +4,12 @@ import json
 
 import pytest
 from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
-from test_xen_netback import Frontend, tcp4_frame
+from test_xen_netback import front, tcp4_frame  # noqa: F401 - front is the fake netfront fixture
 
 from pyvmm.faults import FAULTS
 from pyvmm.trace import TRACE
 from pyvmm.xen.netback import GSO_RX_SLOTS
 from pyvmm.xen.netif import XEN_NETIF_RSP_OKAY
-
-
-@pytest.fixture
-def front():
-    frontend = Frontend()
-    yield frontend
-    frontend.host.close()
-    frontend.tap_end.close()
 
 
 def test_tx_drop_is_answered_as_sent_but_never_reaches_the_tap(front):
@@ -83,3 +75,14 @@ def test_net_trace_records_both_directions(front, tmp_path):
     events = [json.loads(line) for line in path.read_text().splitlines()]
     packets = [(e["dir"], e["len"], e["status"]) for e in events if e["cat"] == "net" and e["ev"] == "packet"]
     assert packets == [("tx", len(tcp4_frame(b"out")), 0), ("rx", len(tcp4_frame(b"in")), 0)]
+
+
+def test_rx_corrupt_flips_one_bit_in_the_guests_copy(front):
+    front.post_rx(GSO_RX_SLOTS)
+    FAULTS.add("net:corrupt,dir=rx,count=1,seed=5")
+    frame = tcp4_frame(b"y" * 300)
+    front.inject(frame)
+    front.backend.process_rx()
+    received = front.rx_data(front.rx_responses())
+    assert len(received) == len(frame)
+    assert sum(bin(a ^ b).count("1") for a, b in zip(received, frame)) == 1
