@@ -285,9 +285,8 @@ class Vm:
         self, port: int, vcpu: int, priority: int = uapi.KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL
     ) -> None:
         """Deliver event channel `port` to the guest (KVM_XEN_HVM_EVTCHN_SEND)."""
-        send = ffi.new(
-            "struct kvm_irq_routing_xen_evtchn *", {"port": port, "vcpu": vcpu, "priority": priority}
-        )
+        send = ffi.new("struct kvm_irq_routing_xen_evtchn *")  # cheaper than initialising from a dict
+        send.port, send.vcpu, send.priority = port, vcpu, priority
         ioctl(self.fd, uapi.KVM_XEN_HVM_EVTCHN_SEND, send)
 
     # --- vCPUs ---------------------------------------------------------------------

@@ -45,6 +45,15 @@ _FETCH_AND = {1: _lib.__atomic_fetch_and_1, 2: _lib.__atomic_fetch_and_2, 4: _li
 _EXCHANGE = {1: _lib.__atomic_exchange_1, 2: _lib.__atomic_exchange_2, 4: _lib.__atomic_exchange_4, 8: _lib.__atomic_exchange_8}
 _CMPXCHG = {2: _lib.__atomic_compare_exchange_2, 4: _lib.__atomic_compare_exchange_4, 8: _lib.__atomic_compare_exchange_8}
 
+_fence = _ffi.new("uint32_t *")  # a word of our own for full_barrier's locked instruction
+_fetch_or_4 = _lib.__atomic_fetch_or_4
+
+
+def full_barrier() -> None:
+    """A full memory barrier (Xen's mb()): no load or store crosses a
+    locked instruction, here on a private word."""
+    _fetch_or_4(_fence, 0, SEQ_CST)
+
 
 def fetch_or(address: int, size: int, bits: int) -> int:
     """*address |= bits; returns the old value."""

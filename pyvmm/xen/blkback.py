@@ -432,39 +432,56 @@ class BlockBackend:
         return handled
 
     def _serve(self, raw: bytes, q: _Queue) -> bytes | None:
+        """Carry out one request; its response, or None when an injected
+        fault answers later or never."""
         q.requests += 1
-        abi = q.abi
-        request = blkif.parse_request(raw, abi, max_indirect_segments=self.max_indirect_segments)
-        status = request.status
+        request = blkif.parse_request(raw, q.abi, max_indirect_segments=self.max_indirect_segments)
+        if TRACE.blk or FAULTS.blk:
+            return self._serve_watched(request, q)
+        status = self._carry_out(request, q)
+        if status:
+            self._count_error(q, request, status)
+        return blkif.pack_response(q.abi, request.id, request.operation, status)
+
+    def _carry_out(self, request: BlkRequest, q: _Queue) -> int:
+        """The request's status: what parsing found wrong, else what doing it gave."""
+        if request.status is not None:
+            return request.status
+        try:
+            return self._execute(request, q)
+        except GrantError as error:
+            request.reason = f"grant: {error}"
+        except OSError as error:
+            log.warning("%s: %s of sector %d failed: %s", self.image.path,
+                        blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
+            request.reason = f"I/O: {error}"
+        return BLKIF_RSP_ERROR
+
+    def _count_error(self, q: _Queue, request: BlkRequest, status: int) -> None:
+        q.errors += 1
+        log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
+                  request.operation, status, request.reason)
+
+    def _serve_watched(self, request: BlkRequest, q: _Queue) -> bytes | None:
+        """_serve while tracing or fault rules are on: the same, plus the
+        trace records and what a matching fault rule says."""
         if TRACE.blk:
             self._trace_request(request)
         fault = None
-        if status is None and FAULTS.blk:
+        if request.status is None and FAULTS.blk:
             fault = FAULTS.blk_request(self.label, blkif.OP_NAMES.get(request.operation, "?"), request.sector,
                                        request.nr_sectors or request.data_sectors or request.nr_segments * 8)
             if fault is not None and fault.action in ("error", "eopnotsupp"):
-                request.reason = f"injected fault {fault.id}: {fault.spec}"
-                status = BLKIF_RSP_ERROR if fault.action == "error" else BLKIF_RSP_EOPNOTSUPP
-        if status is None:
-            try:
-                status = self._execute(request, q)
-            except GrantError as error:
-                request.reason = f"grant: {error}"
-                status = BLKIF_RSP_ERROR
-            except OSError as error:
-                log.warning("%s: %s of sector %d failed: %s", self.image.path,
-                            blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
-                request.reason = f"I/O: {error}"
-                status = BLKIF_RSP_ERROR
-        if status != BLKIF_RSP_OKAY:
-            q.errors += 1
-            log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
-                      request.operation, status, request.reason)
+                request.fail(BLKIF_RSP_ERROR if fault.action == "error" else BLKIF_RSP_EOPNOTSUPP,
+                             f"injected fault {fault.id}: {fault.spec}")
+        status = self._carry_out(request, q)
+        if status:
+            self._count_error(q, request, status)
         if TRACE.blk:
             TRACE.emit("blk", "response", disk=self.label, id=request.id,
                        op=blkif.OP_NAMES.get(request.operation, request.operation), status=status,
                        reason=request.reason or None, fault=fault.spec if fault else None)
-        response = blkif.pack_response(abi, request.id, request.operation, status)
+        response = blkif.pack_response(q.abi, request.id, request.operation, status)
         if fault is not None and fault.action == "delay":
             self._answer_later(q, response, fault.delay)
             return None
@@ -474,7 +491,7 @@ class BlockBackend:
         TRACE.emit("blk", "request", disk=self.label, id=request.id,
                    op=blkif.OP_NAMES.get(request.operation, request.operation), sector=request.sector,
                    sectors=request.nr_sectors or request.data_sectors, segments=request.nr_segments,
-                   bytes=sum(segment.length for segment in request.segments), indirect=request.indirect)
+                   bytes=request.data_sectors << SECTOR_SHIFT, indirect=request.indirect)
 
     def _answer_later(self, q: _Queue, response: bytes, delay: float) -> None:
         """An injected delay: publish `response` after `delay` seconds, if
@@ -576,6 +593,15 @@ class BlockBackend:
 
         The hot loop of the backend: a persistent grant costs one dict
         lookup, and a whole-page segment uses the mapping's own view."""
+        cache = q.persistent
+        if cache and request.whole_pages:
+            try:  # the common case with persistent grants: every page already mapped
+                buffers = [cache[gref].view for gref, _, _ in request.segments]
+            except KeyError:
+                pass
+            else:
+                self._move(buffers, writes, request.sector, total)
+                return
         mappings: list[GrantMapping] = []
         buffers: list[memoryview] = []
         slices: list[memoryview] = []  # views made here, released after the transfer
@@ -592,16 +618,20 @@ class BlockBackend:
                     piece = mapping.view[first << SECTOR_SHIFT : (last + 1) << SECTOR_SHIFT]
                     buffers.append(piece)
                     slices.append(piece)
-            position = request.sector << SECTOR_SHIFT
-            if writes:
-                _pwritev_all(self.image.fd, buffers, position, total)
-            else:
-                _preadv_all(self.image.fd, buffers, position, total)
+            self._move(buffers, writes, request.sector, total)
         finally:
             for piece in slices:
                 piece.release()
             for mapping in mappings:
                 mapping.release()
+
+    def _move(self, buffers: list[memoryview], writes: bool, sector: int, total: int) -> None:
+        if writes:
+            _transfer_all(os.pwritev, self.image.fd, buffers, sector << SECTOR_SHIFT, total,
+                          "the image accepted no data")
+        else:
+            _transfer_all(os.preadv, self.image.fd, buffers, sector << SECTOR_SHIFT, total,
+                          "the image ended before the disk did")
 
     def _discard(self, request: BlkRequest) -> int:
         if not self._discard_works:
@@ -649,10 +679,3 @@ def _transfer_all(syscall, fd: int, buffers: list[memoryview], position: int, to
         position += count
         pending = _remaining(pending, count)
 
-
-def _preadv_all(fd: int, buffers: list[memoryview], position: int, total: int) -> None:
-    _transfer_all(os.preadv, fd, buffers, position, total, "the image ended before the disk did")
-
-
-def _pwritev_all(fd: int, buffers: list[memoryview], position: int, total: int) -> None:
-    _transfer_all(os.pwritev, fd, buffers, position, total, "the image accepted no data")

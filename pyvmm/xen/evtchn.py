@@ -585,12 +585,13 @@ class EventChannels:
     def _test_bit(bitmap: int, bit: int) -> bool:
         return bool(atomic.fetch_or(bitmap + bit // 8, 1, 0) & (1 << bit % 8))
 
-    def _deliver(self, port: int, after: list) -> None:
-        """Raise guest port `port` on its vCPU (lock held)."""
+    def _deliver(self, port: int, after: list, *, try_kernel: bool = True) -> None:
+        """Raise guest port `port` on its vCPU (lock held); `try_kernel`
+        False: KVM just refused, set the bits here."""
         record = self._ports[port]
         if not self._in_range(port):
             return  # left over from a wider ABI: unreachable until reset
-        if self._kernel is not None and self._kernel_call(self._kernel.send, port, record.vcpu):
+        if try_kernel and self._kernel is not None and self._kernel_call(self._kernel.send, port, record.vcpu):
             return
         mapped = self._mapped()
         if mapped is None:
@@ -658,9 +659,19 @@ class EventChannels:
             )
 
     def _notify_guest(self, channel: BackendChannel) -> None:
+        # The common case, kept short (backends notify after every batch):
+        # KVM raises the port itself and nothing is left to run after the lock.
+        kernel = self._kernel
+        if kernel is not None:
+            with self._lock:
+                port = channel._guest_port
+                if port is None:
+                    return
+                if self._in_range(port) and self._kernel_call(kernel.send, port, self._ports[port].vcpu):
+                    return
         with self._transaction() as after:
             if channel._guest_port is not None:
-                self._deliver(channel._guest_port, after)
+                self._deliver(channel._guest_port, after, try_kernel=kernel is None)
 
     def _close_backend(self, channel: BackendChannel) -> None:
         with self._transaction() as after:

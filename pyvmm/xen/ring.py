@@ -44,7 +44,6 @@ instruction on a private word, which orders all memory accesses around it.
 
 from __future__ import annotations
 
-import ctypes
 from typing import Sequence
 
 from . import atomic
@@ -59,17 +58,12 @@ RSP_EVENT = 12
 
 _MASK32 = 0xFFFF_FFFF
 
-_fence_word = ctypes.c_uint32(0)
-_fence_address = ctypes.addressof(_fence_word)
-
 
 class RingBroken(Exception):
     """The peer put impossible indices into the ring; disconnect the device."""
 
 
-def full_barrier() -> None:
-    """A full memory barrier (Xen's mb()): no load or store crosses it."""
-    atomic.fetch_or(_fence_address, 4, 0)
+full_barrier = atomic.full_barrier  # Xen's mb()
 
 
 def ring_size(nr_pages: int, entry_size: int) -> int:
@@ -108,10 +102,18 @@ class SharedRing:
         self.pages = _page_list(pages)
         self.entry_size = entry_size
         self.size = ring_size(len(self.pages), entry_size)
+        self._mask = self.size - 1
         self._header = self.pages[0]
         self._indices = atomic.SharedWords(self._header[:HEADER_SIZE])  # one access per index
-        # One page: no entry straddles a page, so entries are plain slices.
-        self._single = self.pages[0] if len(self.pages) == 1 else None
+        # A view of every slot that lies within one page, None for the few
+        # that straddle two: the hot path copies a slot with one slice.
+        self._slots = [self._slot_view(index) for index in range(self.size)]
+
+    def _slot_view(self, index: int) -> memoryview | None:
+        page, offset = divmod(HEADER_SIZE + index * self.entry_size, PAGE_SIZE)
+        if offset + self.entry_size > PAGE_SIZE:
+            return None
+        return self.pages[page][offset : offset + self.entry_size]
 
     def load(self, offset: int) -> int:
         return self._indices.load(offset)
@@ -127,7 +129,7 @@ class SharedRing:
 
     def _span(self, index: int):
         """Yield (page view, offset, length) pieces of the entry at `index`."""
-        position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
+        position = HEADER_SIZE + (index & self._mask) * self.entry_size
         remaining = self.entry_size
         while remaining:
             page, offset = divmod(position, PAGE_SIZE)
@@ -138,24 +140,24 @@ class SharedRing:
 
     def read_entry(self, index: int) -> bytes:
         """A private copy of the entry at ring index `index`."""
-        if self._single is not None:
-            position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
-            return bytes(self._single[position : position + self.entry_size])
-        pieces = [bytes(view[o : o + n]) for view, o, n in self._span(index)]
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        slot = self._slots[index & self._mask]
+        if slot is not None:
+            return bytes(slot)
+        return b"".join(bytes(view[o : o + n]) for view, o, n in self._span(index))
 
     def write_entry(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` (at most one entry; the rest of the slot is left alone)."""
-        data = memoryview(data).cast("B")
-        if len(data) > self.entry_size:
-            raise ValueError(f"{len(data)} bytes do not fit a {self.entry_size}-byte entry")
-        if self._single is not None:
-            position = HEADER_SIZE + (index & (self.size - 1)) * self.entry_size
-            self._single[position : position + len(data)] = data
+        length = len(data)
+        if length > self.entry_size:
+            raise ValueError(f"{length} bytes do not fit a {self.entry_size}-byte entry")
+        slot = self._slots[index & self._mask]
+        if slot is not None:
+            slot[:length] = data
             return
+        data = memoryview(data).cast("B")
         done = 0
         for view, offset, count in self._span(index):
-            count = min(count, len(data) - done)
+            count = min(count, length - done)
             if count <= 0:
                 break
             view[offset : offset + count] = data[done : done + count]

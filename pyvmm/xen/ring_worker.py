@@ -77,10 +77,12 @@ class RingWorker:
             poller.register(self._eventfd, select.POLLIN)
         try:
             while not self._stopping:
-                poller.poll()
-                serve = _drain(self._doorbell)
-                if self._eventfd is not None and _drain(self._eventfd):
-                    serve = serve or self._accept is None or self._accept()
+                serve = False
+                for fd, _ in poller.poll():  # only what is ready: a read of an idle eventfd raises
+                    if not _drain(fd):
+                        continue
+                    if fd == self._doorbell or self._accept is None or self._accept():
+                        serve = True
                 while serve and not self._stopping:
                     serve = self._serve()
         except BaseException as error:  # the device's failure, never the VMM's
