@@ -412,18 +412,17 @@ class BlockBackend:
                 if handled >= self.budget:
                     q.work_pending = True
                     break
-                batch = ring.take_requests(min(self.batch, self.budget - handled))
-                if not batch:
-                    if ring.final_check_for_requests():
-                        continue
-                    q.work_pending = False
-                    break
+                wanted = min(self.batch, self.budget - handled)
+                batch = ring.take_requests(wanted)
                 for raw in batch:
                     response = self._serve(raw, q)
                     if response is not None:  # None: an injected fault answers later or never
                         ring.put_response(response)
                 handled += len(batch)
                 notify |= ring.push_responses()
+                if len(batch) < wanted and not ring.final_check_for_requests():
+                    q.work_pending = False  # the ring was empty: the next request notifies
+                    break
         finally:
             # After a RingBroken, what was answered is still published.
             notify |= ring.push_responses()
