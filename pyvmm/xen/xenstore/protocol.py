@@ -282,6 +282,7 @@ class Connection:
 
     def __init__(self, client: "Client", *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES):
         self._client = client
+        self._deferred_events = client.deferred_events()  # one reusable context manager
         self._decoder = FrameDecoder()
         self._out: deque[tuple[bytes, bool]] = deque()  # (message, is_watch_event)
         self._out_bytes = 0
@@ -347,7 +348,7 @@ class Connection:
             if message is None:
                 return
             header, payload = message
-            with self._client.deferred_events():
+            with self._deferred_events:
                 self._queue(self._answer(header, payload), is_event=False)
 
     def _answer(self, header: Header, payload: bytes) -> bytes:

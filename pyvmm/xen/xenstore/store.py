@@ -509,7 +509,8 @@ class Client:
 
     # -- plumbing ----------------------------------------------------------
 
-    def deferred_events(self):
+    def deferred_events(self) -> "_DeferredEvents":
+        """The store's deferral: the same reusable object at every call."""
         return self._store.deferred_events()
 
     def has_transaction(self, tx: int) -> bool:
