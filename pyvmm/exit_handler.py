@@ -39,12 +39,12 @@ class ExitHandler:
                  debug: Callable[[kx.DebugExit], None] | None = None):
         self.pio = pio
         self.mmio = mmio
-        self.hypercall = hypercall
         self.debug = debug  # the gdb stub's handler while one is configured
         self._dispatch = {
             kx.IoExit: self._io,
             kx.MmioExit: self._mmio,
-            kx.XenHypercallExit: self._xen,
+            # Straight to the hypercall handler: no extra frame on that path.
+            kx.XenHypercallExit: hypercall if hypercall is not None else self._no_xen,
             kx.ShutdownExit: self._triple_fault,
             kx.SystemEventExit: self._system_event,
             kx.InternalErrorExit: self._internal_error,
@@ -83,11 +83,9 @@ class ExitHandler:
             TRACE.emit("io", "mmio", addr=hex(exit.address), size=length, dir="write" if exit.is_write else "read",
                        value=hex(int.from_bytes(data[:length], "little")))
 
-    def _xen(self, exit: kx.XenHypercallExit) -> None:
-        if self.hypercall is None:
-            exit.result = -38  # -ENOSYS: no Xen emulation in this VM
-            return
-        self.hypercall(exit)
+    @staticmethod
+    def _no_xen(exit: kx.XenHypercallExit) -> None:
+        exit.result = -38  # -ENOSYS: no Xen emulation in this VM
 
     def _debug(self, exit: kx.DebugExit) -> StopReason | None:
         if self.debug is None:  # only a debugger asks KVM for these

@@ -180,8 +180,7 @@ class Machine:
         self._ready.wait()
         hypercall = None
         if self.xen is not None:
-            xen = self.xen
-            hypercall = lambda exit: xen.hypercall(exit, index, vcpu)  # noqa: E731
+            hypercall = self.xen.hypercall_handler(index, vcpu)
         debug = None
         if self.gdb is not None:
             gdb = self.gdb

@@ -49,6 +49,7 @@ class GuestMemory:
                 raise ValueError(f"RAM regions {a.gpa:#x} and {b.gpa:#x} overlap")
         self.regions = regions
         self._starts = [r.gpa for r in regions]
+        self._ends = [r.end for r in regions]
         self._views = [memoryview(r.mapping) for r in regions]
 
     @property
@@ -57,7 +58,7 @@ class GuestMemory:
 
     def _locate(self, gpa: int) -> int:
         index = bisect.bisect_right(self._starts, gpa) - 1
-        if index < 0 or gpa >= self.regions[index].end:
+        if index < 0 or gpa >= self._ends[index]:
             raise GuestMemoryError(f"guest physical address {gpa:#x} is not RAM")
         return index
 
@@ -99,10 +100,9 @@ class GuestMemory:
         if length < 0:
             raise GuestMemoryError(f"bad guest access {gpa:#x}+{length}")
         index = self._locate(gpa)
-        region = self.regions[index]
-        if gpa + length > region.end:
+        if gpa + length > self._ends[index]:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not one RAM region")
-        offset = gpa - region.gpa
+        offset = gpa - self._starts[index]
         return self._views[index][offset : offset + length]
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -149,3 +149,4 @@ class GuestMemory:
         # KVM may still reference the pages.
         self.regions = []
         self._starts = []
+        self._ends = []

@@ -9,6 +9,8 @@ These objects are only valid until that next run().
 
 from __future__ import annotations
 
+import struct
+
 from . import uapi
 
 
@@ -79,23 +81,23 @@ class XenHypercallExit(VcpuExit):
     """A Xen hypercall KVM did not handle itself. Setting `result` stores the
     value KVM loads into RAX when the vCPU resumes."""
 
-    __slots__ = ("longmode", "cpl", "input", "params", "_hcall")
+    __slots__ = ("longmode", "cpl", "input", "params", "_result")
 
-    def __init__(self, hcall):
-        self._hcall = hcall
-        self.longmode = bool(hcall.longmode)
-        self.cpl = hcall.cpl
-        self.input = hcall.input
-        self.params = tuple(hcall.params)
+    def __init__(self, longmode: bool, cpl: int, input: int, params: tuple[int, ...], result: memoryview):
+        self.longmode = longmode
+        self.cpl = cpl
+        self.input = input
+        self.params = params
+        self._result = result  # the 8 bytes of kvm_run's hcall.result
 
     @property
     def result(self) -> int:
-        return self._hcall.result
+        return _U64.unpack(self._result)[0]
 
     @result.setter
     def result(self, value: int) -> None:
         # Hypercalls return negative errnos; RAX holds their two's complement.
-        self._hcall.result = value & 0xFFFF_FFFF_FFFF_FFFF
+        self._result[:] = _U64.pack(value & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 class MsrExit(VcpuExit):
@@ -186,11 +188,20 @@ INTERRUPTED = InterruptedExit()
 
 _MMIO_DATA_OFFSET = uapi.ffi.offsetof("struct kvm_run", "mmio", "data")
 
+# A hypercall exit is read with one unpack rather than a dozen cffi lookups.
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_XEN_TYPE_OFFSET = uapi.ffi.offsetof("struct kvm_run", "xen", "type")
+_HCALL_OFFSET = uapi.ffi.offsetof("struct kvm_run", "xen", "u", "hcall")
+_HCALL_RESULT_OFFSET = uapi.ffi.offsetof("struct kvm_run", "xen", "u", "hcall", "result")
+_HCALL = struct.Struct("<IIQQ6Q")  # longmode cpl input result params[6]
+assert _HCALL_OFFSET + _HCALL.size == _XEN_TYPE_OFFSET + uapi.ffi.sizeof("struct kvm_xen_exit")
+
 
 def decode_exit(run, run_bytes: memoryview) -> VcpuExit:
     """The exit described by `run` (a `struct kvm_run *`) after KVM_RUN
-    returned; `run_bytes` is the same page as a memoryview. Port I/O and
-    MMIO come first and inline: they are most of a guest's exits."""
+    returned; `run_bytes` is the same page as a memoryview. Port I/O,
+    MMIO and hypercalls come first: they are most of a guest's exits."""
     reason = run.exit_reason
     if reason == uapi.KVM_EXIT_IO:
         io = run.io
@@ -204,6 +215,8 @@ def decode_exit(run, run_bytes: memoryview) -> VcpuExit:
         length = mmio.len
         data = run_bytes[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + length]
         return MmioExit(mmio.phys_addr, length, bool(mmio.is_write), data)
+    if reason == uapi.KVM_EXIT_XEN:
+        return _xen(run_bytes)
     decode = _DECODERS.get(reason)
     return decode(run) if decode is not None else UnknownExit(reason)
 
@@ -213,10 +226,12 @@ def _system_event(run) -> SystemEventExit:
     return SystemEventExit(event.type, tuple(event.data[0 : min(event.ndata, 16)]))
 
 
-def _xen(run) -> VcpuExit:
-    if run.xen.type != uapi.KVM_EXIT_XEN_HCALL:
+def _xen(run_bytes: memoryview) -> VcpuExit:
+    if _U32.unpack_from(run_bytes, _XEN_TYPE_OFFSET)[0] != uapi.KVM_EXIT_XEN_HCALL:
         return UnknownExit(uapi.KVM_EXIT_XEN)
-    return XenHypercallExit(run.xen.u.hcall)
+    fields = _HCALL.unpack_from(run_bytes, _HCALL_OFFSET)
+    result = run_bytes[_HCALL_RESULT_OFFSET : _HCALL_RESULT_OFFSET + 8]
+    return XenHypercallExit(bool(fields[0]), fields[1], fields[2], fields[4:], result)
 
 
 def _internal_error(run) -> InternalErrorExit:
@@ -238,7 +253,6 @@ _DECODERS = {
     uapi.KVM_EXIT_SHUTDOWN: lambda run: SHUTDOWN,
     uapi.KVM_EXIT_INTR: lambda run: INTERRUPTED,
     uapi.KVM_EXIT_SYSTEM_EVENT: _system_event,
-    uapi.KVM_EXIT_XEN: _xen,
     uapi.KVM_EXIT_X86_RDMSR: lambda run: MsrExit(run.msr, is_write=False),
     uapi.KVM_EXIT_X86_WRMSR: lambda run: MsrExit(run.msr, is_write=True),
     uapi.KVM_EXIT_INTERNAL_ERROR: _internal_error,

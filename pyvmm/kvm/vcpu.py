@@ -70,6 +70,9 @@ class Vcpu:
             raise
         self._run = ffi.from_buffer("struct kvm_run *", self._run_map)
         self._run_bytes = memoryview(self._run_map)
+        # translate() runs for every pointer a hypercall passes: the vCPU's own
+        # thread reuses one request instead of allocating one per call.
+        self._translation = ffi.new("struct kvm_translation *")
 
     def close(self) -> None:
         """Release the kvm_run mapping and the fd. Exit objects still holding
@@ -189,7 +192,11 @@ class Vcpu:
 
     def translate(self, gva: int) -> Translation:
         """Walk the guest's current page tables for `gva`."""
-        request = ffi.new("struct kvm_translation *", {"linear_address": gva})
+        if threading.get_ident() == self._thread_ident:
+            request = self._translation
+            request.linear_address = gva
+        else:  # another thread (a debugger, while the vCPU is parked) gets its own
+            request = ffi.new("struct kvm_translation *", {"linear_address": gva})
         ioctl(self.fd, uapi.KVM_TRANSLATE, request)
         return Translation(request.physical_address, bool(request.valid), bool(request.writeable))
 

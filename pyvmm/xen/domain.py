@@ -17,7 +17,8 @@ import logging
 import os
 import threading
 import uuid
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 from .. import layout
 from ..exit_handler import StopReason
@@ -216,8 +217,11 @@ class XenDomain:
 
     # --- hypercalls ------------------------------------------------------------------
 
-    def hypercall(self, exit, index: int, vcpu) -> None:
-        self.dispatcher.handle(exit, index, GuestAccess(vcpu.translate, self.memory))
+    def hypercall_handler(self, index: int, vcpu) -> Callable[[object], None]:
+        """What vCPU `index`'s thread calls with each of its hypercall exits.
+        Its GuestAccess is made once; the dispatcher empties its translation
+        cache at every call."""
+        return partial(self.dispatcher.handle, vcpu=index, access=GuestAccess(vcpu.translate, self.memory))
 
     def note_long_mode(self, long_mode: bool) -> None:
         if long_mode != self.long_mode:

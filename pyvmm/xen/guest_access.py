@@ -58,34 +58,43 @@ class GuestAccess:
     # --- translation -------------------------------------------------------------
 
     def _page(self, page: int) -> Translation:
-        translation = self._cache.get(page)
-        if translation is None:
-            translation = self._translate(page)
-            self._cache[page] = translation
+        """Translate a page the cache does not hold yet."""
+        translation = self._cache[page] = self._translate(page)
         return translation
 
     def _pieces(self, gva: int, size: int, write: bool) -> list[tuple[int, int]]:
-        """(gpa, length) for each page of [gva, gva + size), all checked."""
+        """(gpa, length) for each page of [gva, gva + size), each mapped as
+        asked; whether the gpa is RAM is checked by the callers."""
         if size < 0 or size > self.max_access:
             raise GuestFault(gva, size, "size out of range")
         if gva < 0 or gva + size > _ADDRESS_LIMIT:
             raise GuestFault(gva, size, "address out of range")
         pieces: list[tuple[int, int]] = []
         end = gva + size
+        cache = self._cache
         while gva < end:
             page = gva & ~_PAGE_MASK
-            count = min(end - gva, page + PAGE_SIZE - gva)
-            translation = self._page(page)
+            count = min(end, page + PAGE_SIZE) - gva
+            translation = cache.get(page) or self._page(page)
             if not translation.valid:
                 raise GuestFault(gva, size, "not mapped")
             if write and not translation.writeable:
                 raise GuestFault(gva, size, "mapped read-only")
-            gpa = (translation.gpa & ~_PAGE_MASK) + (gva - page)
-            if not self.memory.contains(gpa, count):
-                raise GuestFault(gva, size, f"maps {gpa:#x}, which is not RAM")
-            pieces.append((gpa, count))
+            pieces.append(((translation.gpa & ~_PAGE_MASK) + (gva - page), count))
             gva += count
         return pieces
+
+    def _ram(self, gva: int, size: int, write: bool) -> list[memoryview]:
+        """A view of the guest RAM behind each page of [gva, gva + size).
+        Every page is translated and checked before the caller moves a byte."""
+        view = self.memory.view
+        views = []
+        for gpa, count in self._pieces(gva, size, write):
+            try:
+                views.append(view(gpa, count))  # a page never straddles two RAM regions
+            except GuestMemoryError:
+                raise GuestFault(gva, size, f"maps {gpa:#x}, which is not RAM") from None
+        return views
 
     def translate_gpa(self, gva: int, size: int = 1, write: bool = True) -> int:
         """The guest-physical address behind `gva`, for areas the guest
@@ -93,7 +102,9 @@ class GuestAccess:
         hand to KVM by physical address. The `size` bytes must be RAM and,
         when they cross pages, physically contiguous: KVM follows such an
         area physically."""
-        pieces = self._pieces(gva, max(size, 1), write)
+        size = max(size, 1)
+        self._ram(gva, size, write)
+        pieces = self._pieces(gva, size, write)
         first = pieces[0][0]
         offset = 0
         for gpa, count in pieces:
@@ -106,30 +117,25 @@ class GuestAccess:
 
     def check(self, gva: int, size: int, write: bool = False) -> None:
         """Raise GuestFault unless the whole range is accessible."""
-        self._pieces(gva, size, write)
+        self._ram(gva, size, write)
 
     def read(self, gva: int, size: int, *, for_update: bool = False) -> bytes:
         """Read `size` bytes. With `for_update`, the range must also be
         writeable, so the write-back of a result later cannot fault."""
-        try:
-            return b"".join(self.memory.read(gpa, n) for gpa, n in self._pieces(gva, size, for_update))
-        except GuestMemoryError as error:  # RAM vanished under us (hot-unplug)
-            raise GuestFault(gva, size, str(error)) from None
+        return b"".join(self._ram(gva, size, for_update))
 
     def write(self, gva: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
-        pieces = self._pieces(gva, len(data), True)
         done = 0
-        try:
-            for gpa, n in pieces:
-                self.memory.write(gpa, data[done : done + n])
-                done += n
-        except GuestMemoryError as error:
-            raise GuestFault(gva, len(data), str(error)) from None
+        for view in self._ram(gva, len(data), True):
+            count = len(view)
+            view[:] = data[done : done + count]
+            done += count
 
     def read_struct(self, gva: int, layout, compat: bool, *, for_update: bool = False):
         """Read one ABI structure (an `abi.Layout`) as a namedtuple."""
-        return layout.unpack(self.read(gva, layout.size(compat), for_update=for_update), compat)
+        views = self._ram(gva, layout.size(compat), for_update)
+        return layout.unpack(views[0] if len(views) == 1 else b"".join(views), compat)
 
     def write_struct(self, gva: int, layout, record, compat: bool) -> None:
         self.write(gva, layout.pack(record, compat))

@@ -244,9 +244,10 @@ class HypercallDispatcher:
             return -EPERM
         long_mode = bool(exit.longmode)
         self.domain.note_long_mode(long_mode)
-        mask = _U64 if long_mode else _U32
-        number = exit.input & mask
-        args = tuple(p & mask for p in exit.params)
+        if long_mode:  # KVM's registers are 64-bit already
+            number, args = exit.input, tuple(exit.params)
+        else:
+            number, args = exit.input & _U32, tuple(p & _U32 for p in exit.params)
         if number >= abi.NR_HYPERCALLS:
             self._complain(logging.WARNING, "number", "vcpu%d: hypercall %#x does not exist", vcpu, number)
             return -ENOSYS

@@ -75,3 +75,22 @@ def test_debug_exits_go_to_the_debugger_and_crash_without_one():
     seen = []
     assert ExitHandler(pio, mmio, debug=seen.append).handle(exit) is None
     assert seen == [exit]
+
+
+def _hypercall_exit(result: bytearray) -> kx.XenHypercallExit:
+    return kx.XenHypercallExit(True, 0, 17, (1, 2, 0, 0, 0, 0), memoryview(result))
+
+
+def test_hypercall_exits_reach_the_xen_handler():
+    seen = []
+    handler = ExitHandler(Bus("pio", 1 << 16), Bus("mmio", 1 << 64), hypercall=seen.append)
+    exit = _hypercall_exit(bytearray(8))
+    assert handler.handle(exit) is None
+    assert seen == [exit]
+
+
+def test_hypercall_without_xen_returns_enosys():
+    result = bytearray(8)
+    handler = ExitHandler(Bus("pio", 1 << 16), Bus("mmio", 1 << 64))
+    assert handler.handle(_hypercall_exit(result)) is None
+    assert int.from_bytes(result, "little") == (1 << 64) - 38  # -ENOSYS in RAX

@@ -19,7 +19,7 @@ import logging
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from ...faults import FAULTS
 from ...trace import TRACE
@@ -131,8 +131,7 @@ class Permission:
         return f"{_ACCESS_TO_LETTER[self.access]}{self.domid}"
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):  # a tuple: made on every message, cheaper than a dataclass
     type: int
     req_id: int
     tx_id: int
@@ -140,7 +139,7 @@ class Header:
 
     @classmethod
     def unpack(cls, data: bytes) -> "Header":
-        return cls(*HEADER.unpack(data))
+        return cls._make(HEADER.unpack(data))
 
 
 def encode_message(msg_type: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
@@ -172,16 +171,17 @@ class FrameDecoder:
 
     def pop(self) -> tuple[Header, bytes] | None:
         """The next complete message, or None; FrameError on an oversized length."""
-        if len(self._buffer) < HEADER_SIZE:
+        buffer = self._buffer
+        if len(buffer) < HEADER_SIZE:
             return None
-        header = Header.unpack(bytes(self._buffer[:HEADER_SIZE]))
+        header = Header._make(HEADER.unpack_from(buffer))
         if header.length > PAYLOAD_MAX:
             raise FrameError(f"payload length {header.length} exceeds {PAYLOAD_MAX}")
         end = HEADER_SIZE + header.length
-        if len(self._buffer) < end:
+        if len(buffer) < end:
             return None
-        payload = bytes(self._buffer[HEADER_SIZE:end])
-        del self._buffer[:end]
+        payload = bytes(buffer[HEADER_SIZE:end])
+        del buffer[:end]
         return header, payload
 
     def clear(self) -> None:
@@ -282,6 +282,7 @@ class Connection:
 
     def __init__(self, client: "Client", *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES):
         self._client = client
+        self._deferred_events = client.deferred_events()  # one reusable context manager
         self._decoder = FrameDecoder()
         self._out: deque[tuple[bytes, bool]] = deque()  # (message, is_watch_event)
         self._out_bytes = 0
@@ -347,7 +348,7 @@ class Connection:
             if message is None:
                 return
             header, payload = message
-            with self._client.deferred_events():
+            with self._deferred_events:
                 self._queue(self._answer(header, payload), is_event=False)
 
     def _answer(self, header: Header, payload: bytes) -> bytes:
@@ -389,13 +390,12 @@ class Connection:
         TRACE.emit("xenstore", "request", **fields)
 
     def _dispatch(self, header: Header, payload: bytes) -> bytes:
-        try:
-            op = Op(header.type)
-            handler = self._handlers[op]
-        except (ValueError, KeyError):
-            raise XenStoreError("ENOSYS", f"unknown message type {header.type}") from None
+        op = header.type  # an int: the handlers' Op keys match it without Op()
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise XenStoreError("ENOSYS", f"unknown message type {op}")
         if op in _PRIVILEGED_OPS and not self._client.privileged:
-            raise XenStoreError("EACCES", f"{op.name} needs a privileged connection")
+            raise XenStoreError("EACCES", f"{Op(op).name} needs a privileged connection")
         tx = 0 if op in _NO_TRANSACTION_OPS else header.tx_id
         if tx and not self._client.has_transaction(tx):
             raise XenStoreError("ENOENT", f"no transaction {tx}")

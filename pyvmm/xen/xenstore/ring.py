@@ -67,7 +67,9 @@ class RingServer:
         if budget <= 0:
             raise ValueError("budget must be positive")
         self._page = page
-        self._words = SharedWords(page)  # indices read and written whole
+        words = SharedWords(page)  # indices read and written whole
+        self._load_u32 = words.load
+        self._store_u32 = words.store
         self.connection = connection
         self.budget = budget
         self.work_pending = False  # stopped by the budget with requests still waiting
@@ -80,12 +82,6 @@ class RingServer:
         self.error = self._load_u32(ERROR)
 
     # -- page access -------------------------------------------------------
-
-    def _load_u32(self, offset: int) -> int:
-        return self._words.load(offset)
-
-    def _store_u32(self, offset: int, value: int) -> None:
-        self._words.store(offset, value)
 
     def _copy_out(self, base: int, index: int, length: int) -> bytes:
         start = index & (RING_SIZE - 1)
@@ -127,22 +123,27 @@ class RingServer:
         if self.error != RING_ERROR_NONE:
             return False
         notify = False
+        connection = self.connection
         while True:
-            written = self._write_replies()
-            if written is None:
-                return True
+            # Requests first: their replies are queued behind any earlier
+            # output, so the write below sends both in order.
             consumed = 0
-            if budget > 0 and self.connection.accepting_input:
+            if budget > 0 and connection.accepting_input:
                 consumed = self._read_requests(budget)
                 if consumed is None:
                     return True
                 budget -= consumed
-            if self.connection.broken:
-                self._fail(self.connection.error or RING_ERROR_PROTO)
+            if connection.broken:
+                self._fail(connection.error or RING_ERROR_PROTO)
                 return True
-            notify = notify or bool(written or consumed)
+            written = self._write_replies()
+            if written is None:
+                return True
             if not (written or consumed):
                 break
+            notify = True
+            if not connection.pending_output() and not self._requests_waiting():
+                break  # both directions drained: no need for an idle pass
         self.work_pending = budget <= 0 and self._requests_waiting() and self.connection.accepting_input
         return notify
 

@@ -252,6 +252,26 @@ class _Watch:
 
 # --- the store ------------------------------------------------------------
 
+class _DeferredEvents:
+    """XenStore.deferred_events(): one reusable object, cheaper than a
+    generator-based context manager on every request; nesting is counted
+    in the store."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: "XenStore"):
+        self._store = store
+
+    def __enter__(self) -> None:
+        self._store._depth += 1
+
+    def __exit__(self, *exc) -> None:
+        store = self._store
+        store._depth -= 1
+        if store._depth == 0:
+            store._deliver_deferred()
+
+
 class XenStore:
     """The tree, the known domains and every client's watches and transactions."""
 
@@ -271,6 +291,7 @@ class XenStore:
         self._transaction_counts: Counter[int] = Counter()
         self._deferred: deque[Callable[[], None]] = deque()
         self._depth = 0
+        self._deferral = _DeferredEvents(self)
         self._delivering = False
 
     # -- clients -----------------------------------------------------------
@@ -294,16 +315,10 @@ class XenStore:
 
     # -- deferred delivery -------------------------------------------------
 
-    @contextmanager
-    def deferred_events(self) -> Iterator[None]:
-        """Hold watch deliveries until the outermost operation finishes."""
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._deliver_deferred()
+    def deferred_events(self) -> "_DeferredEvents":
+        """A context manager that holds watch deliveries until the outermost
+        operation finishes."""
+        return self._deferral
 
     def _deliver_deferred(self) -> None:
         if self._delivering:
@@ -373,7 +388,8 @@ class XenStore:
         node = view.get(path)
         if node is None:
             raise XenStoreError(self.missing_error(client, view, path, need), path)
-        if need & ~self.access(client, node.perms):
+        # As plain ints: Access's operators are Python-level enum code.
+        if int(need) & ~int(self.access(client, node.perms)):
             raise XenStoreError("EACCES", path)
         return node
 
@@ -493,7 +509,8 @@ class Client:
 
     # -- plumbing ----------------------------------------------------------
 
-    def deferred_events(self):
+    def deferred_events(self) -> "_DeferredEvents":
+        """The store's deferral: the same reusable object at every call."""
         return self._store.deferred_events()
 
     def has_transaction(self, tx: int) -> bool:
