@@ -105,3 +105,31 @@ class SharedWords:
 
     def store(self, offset: int, value: int) -> None:
         self._words[offset >> 2] = value & 0xFFFF_FFFF
+
+
+class AtomicArray:
+    """Atomic operations on the `size`-byte elements of a shared array (the
+    grant table's entries), for hot paths: the address is cast to a typed
+    pointer once and compare_exchange reuses one cell for the expected
+    value, so an operation is one foreign call instead of three.
+
+    The cell makes an instance unsafe to use from two threads at once; its
+    owner serializes the calls (the grant table holds its lock)."""
+
+    def __init__(self, address: int, size: int):
+        pointer_type = _EXPECTED_TYPE[size]
+        self._pointer = _ffi.cast(pointer_type, address)
+        self._expected = _ffi.new(pointer_type.replace(" *", "[1]"))
+        self._compare_exchange = _CMPXCHG[size]
+        self._fetch_and = _FETCH_AND[size]
+
+    def compare_exchange(self, index: int, expected: int, desired: int) -> tuple[bool, int]:
+        """If element `index` == expected, store desired. Returns (swapped, value seen)."""
+        cell = self._expected
+        cell[0] = expected
+        swapped = self._compare_exchange(self._pointer + index, cell, desired, False, SEQ_CST, SEQ_CST)
+        return bool(swapped), cell[0]
+
+    def fetch_and(self, index: int, bits: int) -> int:
+        """Element `index` &= bits; returns the old value."""
+        return self._fetch_and(self._pointer + index, bits, SEQ_CST)

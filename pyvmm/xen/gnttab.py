@@ -37,6 +37,7 @@ import ctypes
 import mmap
 import struct
 import threading
+from typing import Iterable, Sequence
 
 from ..memory import GuestMemory, GuestMemoryError
 from ..trace import TRACE
@@ -111,6 +112,13 @@ class GrantTable:
         self._mapping = mmap.mmap(-1, max_frames * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mapping))
         self._table = memoryview(self._mapping)
+        # Entry ref is words 2*ref (flags | domid << 16) and 2*ref + 1 (frame);
+        # each read is one aligned load. The atomic views update the first
+        # word as a whole (taking a grant) and its flags half (giving it back).
+        self._words = self._table.cast("I")
+        self._entry_words = atomic.AtomicArray(self._base, 4)
+        self._entry_halves = atomic.AtomicArray(self._base, 2)
+        self._nr_entries = max_frames * ENTRIES_PER_FRAME
         self._reserved: dict[int, int] = {}
         # ref -> [mappings, writable mappings]; guarded by _lock. The
         # generation tells mappings made before a reset() from later ones.
@@ -186,29 +194,59 @@ class GrantTable:
         Release the mapping (or use it as a context manager) when done: the
         guest cannot revoke the grant while it is held.
         """
-        if not TRACE.grant:
-            return self._map(ref, writable)
+        writable = bool(writable)
         try:
-            mapping = self._map(ref, writable)
+            with self._lock:
+                mapping = self._map(ref, writable, self._generation)
         except GrantError as error:
-            TRACE.emit("grant", "map", ref=ref, writable=bool(writable), error=str(error))
+            if TRACE.grant:
+                _trace_map(ref, writable, error)
             raise
-        TRACE.emit("grant", "map", ref=ref, writable=bool(writable), gfn=mapping.gfn)
+        if TRACE.grant:
+            _trace_map(ref, writable, mapping)
         return mapping
 
-    def _map(self, ref: int, writable: bool) -> "GrantMapping":
-        if not isinstance(ref, int) or not 0 <= ref < self.nr_entries:
-            raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
+    def map_many(self, refs: Sequence[int], writable: bool) -> list["GrantMapping | GrantError"]:
+        """map() of several references in one go (the receive buffers a
+        network frontend posted): for each, its mapping or the GrantError
+        that refused it. Every reference is checked as map() checks it, and
+        one refused does not keep the others from being mapped."""
         writable = bool(writable)
+        results: list[GrantMapping | GrantError] = []
+        append = results.append
+        map_one = self._map
         with self._lock:
-            self._pin(ref, writable)
-            gfn = self._load_frame(ref)
-            try:
-                view = self._page_view(gfn)
-            except GrantError:
-                self._unpin(ref, writable)
-                raise
             generation = self._generation
+            for ref in refs:
+                try:
+                    append(map_one(ref, writable, generation))
+                except GrantError as error:
+                    append(error)
+        if TRACE.grant:
+            for ref, result in zip(refs, results):
+                _trace_map(ref, writable, result)
+        return results
+
+    def release_many(self, mappings: Iterable["GrantMapping"]) -> None:
+        """GrantMapping.release() of several mappings in one go."""
+        mappings = list(mappings)
+        with self._lock:
+            for mapping in mappings:
+                self._release_locked(mapping)
+        for mapping in mappings:
+            mapping._release_view()
+
+    def _map(self, ref: int, writable: bool, generation: int) -> "GrantMapping":
+        """One mapping; the caller holds the lock."""
+        if not isinstance(ref, int) or not 0 <= ref < self._nr_entries:
+            raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
+        self._pin(ref, writable)
+        gfn = self._words[2 * ref + 1]  # read after the entry is pinned, as Xen does
+        try:
+            view = self._page_view(gfn)
+        except GrantError:
+            self._unpin(ref, writable)
+            raise
         if not writable:
             view = view.toreadonly()
         return GrantMapping(self, ref, gfn, writable, view, generation)
@@ -238,16 +276,9 @@ class GrantTable:
         if not isinstance(index, int) or not 0 <= index < self.max_frames:
             raise XenError(EINVAL, f"grant table frame {index!r} is not below {self.max_frames}")
 
-    def _entry_address(self, ref: int) -> int:
-        return self._base + ref * ENTRY_SIZE
-
     def _load_combo(self, ref: int) -> int:
         """flags | domid << 16 of entry `ref`, as one 32-bit word."""
-        flags, domid, _ = _ENTRY.unpack_from(self._table, ref * ENTRY_SIZE)
-        return flags | domid << 16
-
-    def _load_frame(self, ref: int) -> int:
-        return _ENTRY.unpack_from(self._table, ref * ENTRY_SIZE)[2]
+        return self._words[2 * ref]
 
     def _pin(self, ref: int, writable: bool) -> None:
         pins = self._pins.get(ref)
@@ -261,7 +292,6 @@ class GrantTable:
     def _set_in_use(self, ref: int, writable: bool) -> None:
         # Flags and domid are swapped as one word, so the guest cannot slip a
         # change of either between our check and our update.
-        address = self._entry_address(ref)
         seen = self._load_combo(ref)
         for _ in range(CMPXCHG_ATTEMPTS):
             flags, domid = seen & 0xFFFF, seen >> 16
@@ -272,7 +302,7 @@ class GrantTable:
             if writable and flags & GTF_readonly:
                 raise GrantError(GNTST_permission_denied, f"grant ref {ref} is read-only")
             wanted = flags | GTF_reading | (GTF_writing if writable else 0)
-            swapped, seen = atomic.compare_exchange(address, 4, seen, wanted | domid << 16)
+            swapped, seen = self._entry_words.compare_exchange(2 * ref, seen, wanted | domid << 16)
             if swapped:
                 return
         raise GrantError(GNTST_general_error, f"grant ref {ref} keeps changing")
@@ -288,28 +318,37 @@ class GrantTable:
             clear |= GTF_reading
             del self._pins[ref]
         if clear:
-            atomic.fetch_and(self._entry_address(ref), 2, 0xFFFF & ~clear)
+            self._entry_halves.fetch_and(4 * ref, 0xFFFF & ~clear)
 
     def _page_view(self, gfn: int) -> memoryview:
-        gpa = gfn * PAGE_SIZE
         # Grant frames (in the platform BAR) and MMIO are not RAM: refused.
-        if not self.memory.contains(gpa, PAGE_SIZE):
-            raise GrantError(GNTST_bad_page, f"gfn {gfn:#x} is not guest RAM")
+        # RAM regions are page-aligned, so a page of RAM lies in one region
+        # and view() refuses exactly what is not RAM.
         try:
-            return self.memory.view(gpa, PAGE_SIZE)
-        except GuestMemoryError as error:
-            raise GrantError(GNTST_bad_page, str(error)) from None
+            return self.memory.view(gfn * PAGE_SIZE, PAGE_SIZE)
+        except GuestMemoryError:
+            raise GrantError(GNTST_bad_page, f"gfn {gfn:#x} is not guest RAM") from None
 
     def _release(self, mapping: "GrantMapping") -> bool:
         with self._lock:
-            if mapping.released:
-                return False
-            mapping.released = True
-            if TRACE.grant:
-                TRACE.emit("grant", "unmap", ref=mapping.ref, writable=mapping.writable)
-            if mapping.generation == self._generation:
-                self._unpin(mapping.ref, mapping.writable)
-            return True
+            return self._release_locked(mapping)
+
+    def _release_locked(self, mapping: "GrantMapping") -> bool:
+        if mapping.released:
+            return False
+        mapping.released = True
+        if TRACE.grant:
+            TRACE.emit("grant", "unmap", ref=mapping.ref, writable=mapping.writable)
+        if mapping.generation == self._generation:
+            self._unpin(mapping.ref, mapping.writable)
+        return True
+
+
+def _trace_map(ref: int, writable: bool, result: "GrantMapping | GrantError") -> None:
+    if isinstance(result, GrantError):
+        TRACE.emit("grant", "map", ref=ref, writable=writable, error=str(result))
+    else:
+        TRACE.emit("grant", "map", ref=ref, writable=writable, gfn=result.gfn)
 
 
 class GrantMapping:
@@ -318,6 +357,8 @@ class GrantMapping:
     `view` is exactly the 4 KiB page, read-only unless mapped writable. It
     stops working once the mapping is released.
     """
+
+    __slots__ = ("table", "ref", "gfn", "writable", "view", "generation", "released")
 
     def __init__(self, table: GrantTable, ref: int, gfn: int, writable: bool, view: memoryview, generation: int):
         self.table = table
@@ -330,8 +371,10 @@ class GrantMapping:
 
     def release(self) -> None:
         """Clear the in-use flags (when no other mapping needs them); idempotent."""
-        if not self.table._release(self):
-            return
+        if self.table._release(self):
+            self._release_view()
+
+    def _release_view(self) -> None:
         try:
             self.view.release()
         except BufferError:

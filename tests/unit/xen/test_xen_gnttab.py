@@ -216,6 +216,39 @@ def test_release_after_reset_leaves_new_entries_alone(table):
     assert flags(table, 12) == GTF_permit_access
 
 
+def test_map_many_maps_each_or_says_why_not(table):
+    grant(table, 60, 1)
+    grant(table, 61, 2, flags=GTF_permit_access | GTF_readonly)
+    grant(table, 62, RAM_PAGES)  # not RAM
+    grant(table, 63, 3, domid=GUEST_DOMID)
+    grant(table, 64, 4)
+    table.memory.write(4 * PAGE, b"last")
+    results = table.map_many([60, 61, 62, 4 * 512, 63, 64, 60], writable=True)
+    statuses = [result.status if isinstance(result, GrantError) else "mapped" for result in results]
+    assert statuses == ["mapped", GNTST_permission_denied, GNTST_bad_page, GNTST_bad_gntref,
+                        GNTST_permission_denied, "mapped", "mapped"]
+    assert bytes(results[5].view[:4]) == b"last" and not results[5].view.readonly
+    assert [flags(table, ref) & (GTF_reading | GTF_writing) for ref in range(60, 65)] == [
+        GTF_reading | GTF_writing, 0, 0, 0, GTF_reading | GTF_writing]
+    mapped = [result for result in results if not isinstance(result, GrantError)]
+    table.release_many(mapped[:2])
+    assert flags(table, 60) & GTF_writing  # its second mapping is still held
+    table.release_many(mapped)  # already released ones are left as they are
+    assert [flags(table, ref) for ref in (60, 61, 62, 63, 64)] == [
+        GTF_permit_access, GTF_permit_access | GTF_readonly, GTF_permit_access, GTF_permit_access, GTF_permit_access]
+    assert all(mapping.released for mapping in mapped) and table._pins == {}
+    with pytest.raises(ValueError):
+        mapped[0].view[0]
+
+
+def test_map_many_read_only(table):
+    grant(table, 70, 5, flags=GTF_permit_access | GTF_readonly)
+    (mapping,) = table.map_many([70], writable=False)
+    assert mapping.view.readonly and flags(table, 70) == GTF_permit_access | GTF_readonly | GTF_reading
+    table.release_many([mapping])
+    assert flags(table, 70) == GTF_permit_access | GTF_readonly
+
+
 def test_copy(table):
     grant(table, 40, 3)
     table.copy(40, 100, b"abc", to_guest=True)
@@ -269,15 +302,16 @@ def test_guest_changing_domid_under_us_is_seen(table, monkeypatch):
 
 def test_an_unstable_entry_gives_up(table, monkeypatch):
     grant(table, 52, 1)
-    real = atomic.compare_exchange
+    real = atomic.AtomicArray.compare_exchange
     calls = []
 
-    def guest_keeps_flipping(address, size, expected, desired):
+    def guest_keeps_flipping(words, index, expected, desired):
         calls.append(1)
+        address = table.frame_host_address(0) + index * 4
         atomic.fetch_or(address, 2, 1 << 5) if len(calls) % 2 else atomic.fetch_and(address, 2, ~(1 << 5) & 0xFFFF)
-        return real(address, size, expected, desired)
+        return real(words, index, expected, desired)
 
-    monkeypatch.setattr(atomic, "compare_exchange", guest_keeps_flipping)
+    monkeypatch.setattr(atomic.AtomicArray, "compare_exchange", guest_keeps_flipping)
     with pytest.raises(GrantError) as error:
         table.map(52, writable=False)
     assert error.value.status == GNTST_general_error

@@ -68,6 +68,18 @@ def test_grant_map_unmap_and_errors(traced):
     assert events[0]["gfn"] == 40 and "error" in events[2]
 
 
+def test_grant_map_many_and_release_many(traced):
+    memory = GuestMemory([(0, 1 << 20)])
+    table = GrantTable(memory, max_frames=1)
+    ctypes.memmove(table.frame_host_address(0) + 8 * 8, struct.pack("<HHI", GTF_permit_access, 0, 40), 8)
+    stream = traced("grant")
+    good, bad = table.map_many([8, 9], writable=True)
+    table.release_many([good])
+    events = records(stream)
+    assert [(e["ev"], e["ref"]) for e in events] == [("map", 8), ("map", 9), ("unmap", 8)]
+    assert events[0]["gfn"] == 40 and events[1]["error"] == str(bad)
+
+
 def test_console_bytes_in_and_out(traced):
     page = memoryview(bytearray(4096))
     out = []
