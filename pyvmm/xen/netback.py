@@ -48,7 +48,9 @@ import errno
 import logging
 import os
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
 from typing import Callable, Sequence
 
 from ..faults import FAULTS, FaultRule, corrupt
@@ -64,6 +66,7 @@ from .netif import (
     NETRXF_more_data,
     NETTXF_csum_blank,
     NETTXF_extra_info,
+    NETTXF_more_data,
     PAGE_SIZE,
     RX_ENTRY_SIZE,
     TX_ENTRY_SIZE,
@@ -191,23 +194,38 @@ def checksum_position(header: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-@dataclass
 class _RxBuffer:
     """A receive buffer the frontend posted, taken off the ring."""
 
-    id: int
-    mapping: GrantMapping | None  # None: its grant could not be mapped
-    error: str = ""
+    __slots__ = ("id", "mapping", "view", "error")
 
-    def release(self) -> None:
-        if self.mapping is not None:
-            self.mapping.release()
+    def __init__(self, request_id: int, mapping: GrantMapping | None, error: str = ""):
+        self.id = request_id
+        self.mapping = mapping  # None: its grant could not be mapped (error says why)
+        self.view = mapping.view if mapping is not None else None
+        self.error = error
 
 
-@dataclass
+_buffer_view = attrgetter("view")
+_pack_rx_response = netif.RX_RESPONSE.pack
+_pack_tx_response = netif.TX_RESPONSE.pack
+_parse_tx_request = netif.parse_tx_request
+
+
 class _TxPacket:
-    slots: list = field(default_factory=list)  # (TxRequest, is_extra) in ring order
-    extras: list = field(default_factory=list)
+    """One packet's slots: its data requests and its extra-info entries.
+    In the ring the extras come right after the first data request."""
+
+    __slots__ = ("data", "extras", "extra_ids")
+
+    def __init__(self, first: netif.TxRequest):
+        self.data = [first]
+        self.extras: list[netif.Extra] = []
+        self.extra_ids: list[int] = []  # the id field of each extra's slot, echoed in its RSP_NULL
+
+    @property
+    def slot_count(self) -> int:
+        return len(self.data) + len(self.extras)
 
 
 class NetBackend:
@@ -230,6 +248,10 @@ class NetBackend:
         self.notify_tx: Callable[[], None] = _nothing
         self.notify_rx: Callable[[], None] = _nothing
         self._rx_posted: deque[_RxBuffer] = deque()
+        self._rx_unusable = 0  # posted buffers whose grant could not be mapped
+        # Buffers answered in this process_rx() round: their grants are given
+        # back together, before the responses are published.
+        self._rx_answered: list[GrantMapping] = []
         self._rx_header = bytearray(VNET_HDR_SIZE)
         self._reading = False
 
@@ -258,8 +280,9 @@ class NetBackend:
         self.tx_ring = self.rx_ring = None
         self.notify_tx = self.notify_rx = _nothing
         posted, self._rx_posted = self._rx_posted, deque()
-        for buffer in posted:
-            buffer.release()
+        self._rx_unusable = 0
+        self._rx_answered.extend(buffer.mapping for buffer in posted if buffer.mapping is not None)
+        self._release_answered()
         if was_attached and self.set_offload is not None:
             try:
                 self.set_offload(0)  # nobody to take offloaded frames
@@ -313,56 +336,60 @@ class NetBackend:
                 log.debug("%s: tx packet dropped: %s", self.name, error)
                 self.stats.tx_errors += 1
                 status = XEN_NETIF_RSP_ERROR
+            first = packet.data[0]
             if TRACE.net:
-                first = packet.slots[0][0]
-                net_packet("tx", self.name, first.size, flags=first.flags, slots=len(packet.slots), status=status,
+                net_packet("tx", self.name, first.size, flags=first.flags, slots=packet.slot_count, status=status,
                            fault=fault.spec if fault else None)
-            ring = self.tx_ring
-            for request, is_extra in packet.slots:
-                ring.put_response(netif.pack_tx_response(request.id, XEN_NETIF_RSP_NULL if is_extra else status))
+            put = self.tx_ring.put_response
+            put(_pack_tx_response(first.id, status))
+            for extra_id in packet.extra_ids:
+                put(_pack_tx_response(extra_id, XEN_NETIF_RSP_NULL))
+            for request in islice(packet.data, 1, None):
+                put(_pack_tx_response(request.id, status))
 
     def _chain(self, requests: list[bytes], position: int) -> tuple[_TxPacket, int]:
         """The packet starting at `position` (its data and extra slots), and
         where the next one starts. Raises RingBroken if it runs past the end."""
-        packet = _TxPacket()
-
-        def next_entry() -> bytes:
-            nonlocal position
-            if position >= len(requests):
-                raise RingBroken("a packet's slots run past the requests the frontend published")
-            entry = requests[position]
-            position += 1
-            return entry
-
-        first = netif.parse_tx_request(next_entry())
-        packet.slots.append((first, False))
+        end = len(requests)
+        first = _parse_tx_request(requests[position])
+        position += 1
+        packet = _TxPacket(first)
         if first.flags & NETTXF_extra_info:
             while True:
-                raw = next_entry()
+                if position >= end:
+                    raise RingBroken("a packet's slots run past the requests the frontend published")
+                raw = requests[position]
+                position += 1
                 extra = netif.parse_extra(raw)
                 packet.extras.append(extra)
-                packet.slots.append((netif.parse_tx_request(raw), True))  # its id is not used
+                packet.extra_ids.append(_parse_tx_request(raw).id)
                 if not extra.more:
                     break
         last = first
-        while last.more_data:
-            last = netif.parse_tx_request(next_entry())
-            packet.slots.append((last, False))
+        while last.flags & NETTXF_more_data:
+            if position >= end:
+                raise RingBroken("a packet's slots run past the requests the frontend published")
+            last = _parse_tx_request(requests[position])
+            position += 1
+            packet.data.append(last)
         return packet, position
 
     def _send(self, packet: _TxPacket) -> FaultRule | None:
         """Write the packet to the TAP; raises _Drop. Returns the injected
         fault that changed it, if one did."""
-        data = [request for request, is_extra in packet.slots if not is_extra]
+        data = packet.data
         first = data[0]
         if len(data) > MAX_SLOTS_PER_PACKET:
             raise _Drop(f"{len(data)} slots, at most {MAX_SLOTS_PER_PACKET}")
         if first.size < ETH_HLEN:
             raise _Drop(f"packet of {first.size} bytes, below an Ethernet header")
-        rest = sum(request.size for request in data[1:])
-        if rest >= first.size:
-            raise _Drop(f"fragments of {rest} bytes in a packet of {first.size}")
-        lengths = [first.size - rest] + [request.size for request in data[1:]]
+        if len(data) == 1:
+            lengths = [first.size]
+        else:
+            rest = sum(request.size for request in islice(data, 1, None))
+            if rest >= first.size:
+                raise _Drop(f"fragments of {rest} bytes in a packet of {first.size}")
+            lengths = [first.size - rest, *(request.size for request in islice(data, 1, None))]
         for request, length in zip(data, lengths):
             if request.offset + length > PAGE_SIZE:
                 raise _Drop(f"slot of {length} bytes at offset {request.offset} leaves its page")
@@ -374,15 +401,12 @@ class NetBackend:
                 gso_size, gso_type = extra.gso()
                 if gso_type not in _GSO_TO_VNET or gso_size == 0:
                     raise _Drop(f"GSO type {gso_type} size {gso_size}")
-        mappings: list[GrantMapping] = []
+        mappings = self.grants.map_many([request.gref for request in data], writable=False)
         buffers: list[memoryview] = []
         try:
-            for request, length in zip(data, lengths):
-                try:
-                    mapping = self.grants.map(request.gref, writable=False)
-                except GrantError as error:
-                    raise _Drop(f"tx grant {request.gref}: {error}") from None
-                mappings.append(mapping)
+            for request, length, mapping in zip(data, lengths, mappings):
+                if isinstance(mapping, GrantError):
+                    raise _Drop(f"tx grant {request.gref}: {mapping}")
                 buffers.append(mapping.view[request.offset : request.offset + length])
             header = self._tx_header(first.flags, gso_type, gso_size, buffers)
             fault = FAULTS.net_packet("tx", self.name, first.size) if FAULTS.net else None
@@ -401,8 +425,7 @@ class NetBackend:
         finally:
             for buffer in buffers:
                 buffer.release()
-            for mapping in mappings:
-                mapping.release()
+            self.grants.release_many(mapping for mapping in mappings if not isinstance(mapping, GrantError))
 
     def _send_faulty(self, fault: FaultRule, header: bytes, buffers: list[memoryview]) -> None:
         """An injected fault on a transmitted packet (a copy: the grants are
@@ -471,34 +494,56 @@ class NetBackend:
                 if not self._receive_one(needed):
                     break
         finally:
+            self._release_answered()
             if ring.push_responses():
                 self.notify_rx()
 
     def _have_rx_buffers(self, needed: int) -> bool:
         posted = self._rx_posted
-        if len(posted) < needed:
-            for raw in self.rx_ring.take_requests():
-                request_id, gref = netif.parse_rx_request(raw)
-                try:
-                    posted.append(_RxBuffer(request_id, self.grants.map(gref, writable=True)))
-                except GrantError as error:
-                    posted.append(_RxBuffer(request_id, None, f"rx grant {gref}: {error}"))
-        # A buffer that cannot take data is answered (with every one before it) first.
-        bad = max((i for i in range(min(needed, len(posted))) if posted[i].mapping is None), default=-1)
-        for _ in range(bad + 1):
-            buffer = posted.popleft()
-            if buffer.error:
-                log.debug("%s: %s", self.name, buffer.error)
-            self.stats.rx_errors += 1
-            self._respond(buffer, 0, XEN_NETIF_RSP_ERROR)
-        if bad >= 0:
-            return self._have_rx_buffers(needed)
-        return len(posted) >= needed
+        while True:
+            if len(posted) < needed:
+                self._take_rx_buffers()
+            if not self._rx_unusable:
+                return len(posted) >= needed
+            # A buffer that cannot take data is answered (with every one before it) first.
+            bad = max((i for i in range(min(needed, len(posted))) if posted[i].view is None), default=-1)
+            if bad < 0:
+                return len(posted) >= needed
+            for _ in range(bad + 1):
+                buffer = posted.popleft()
+                if buffer.view is None:
+                    self._rx_unusable -= 1
+                    log.debug("%s: %s", self.name, buffer.error)
+                self.stats.rx_errors += 1
+                self._respond(buffer, 0, XEN_NETIF_RSP_ERROR)
+
+    def _take_rx_buffers(self) -> None:
+        """Map the buffers the frontend posted since we last looked."""
+        requests = self.rx_ring.take_requests()
+        if not requests:
+            return
+        parsed = list(netif.RX_REQUEST.iter_unpack(b"".join(requests)))  # (id, gref) each
+        mappings = self.grants.map_many([gref for _, gref in parsed], writable=True)
+        posted = self._rx_posted
+        for (request_id, gref), mapping in zip(parsed, mappings):
+            if isinstance(mapping, GrantError):
+                posted.append(_RxBuffer(request_id, None, f"rx grant {gref}: {mapping}"))
+                self._rx_unusable += 1
+            else:
+                posted.append(_RxBuffer(request_id, mapping))
+
+    def _release_answered(self) -> None:
+        answered = self._rx_answered
+        if answered:
+            self.grants.release_many(answered)
+            answered.clear()
 
     def _receive_one(self, needed: int) -> bool:
         """Read one frame into the posted buffers; False when the TAP is empty."""
         posted = self._rx_posted
-        pages = [posted[0].mapping.view] + [posted[i].mapping.view for i in range(2, needed)]
+        pages = [posted[0].view]
+        if needed > 2:
+            pages.extend(map(_buffer_view, islice(posted, 2, needed)))
         try:
             count = os.readv(self.tap_fd, [self._rx_header, *pages])
         except BlockingIOError:
@@ -531,8 +576,7 @@ class NetBackend:
                 self.stats.rx_dropped += 1
                 return True
             for slot in range(1, npages):  # close the gap left for an extra-info slot
-                pages_view = posted[slot].mapping.view
-                pages_view[:] = posted[slot + 1].mapping.view
+                posted[slot].view[:] = posted[slot + 1].view
         flags = 0
         if vnet_flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             flags |= NETRXF_csum_blank | NETRXF_data_validated
@@ -540,15 +584,15 @@ class NetBackend:
             flags |= NETRXF_data_validated
         if gso_type is not None:
             flags |= NETRXF_extra_info
+        respond = self._respond
         remaining = length
         for slot in range(npages):
             chunk = min(remaining, PAGE_SIZE)
             remaining -= chunk
             slot_flags = (flags if slot == 0 else 0) | (NETRXF_more_data if remaining else 0)
-            self._respond(posted.popleft(), slot_flags, chunk)
+            respond(posted.popleft(), slot_flags, chunk)
             if slot == 0 and gso_type is not None:
-                extra_slot = posted.popleft()
-                extra_slot.release()
+                self._rx_answered.append(posted.popleft().mapping)  # the extra-info slot's buffer
                 self.rx_ring.put_response(netif.pack_gso_extra(gso_size, gso_type))
         self.stats.rx_packets += 1
         self.stats.rx_bytes += length
@@ -557,8 +601,9 @@ class NetBackend:
         return True
 
     def _respond(self, buffer: _RxBuffer, flags: int, status: int) -> None:
-        buffer.release()
-        self.rx_ring.put_response(netif.pack_rx_response(buffer.id, 0, flags, status))
+        if buffer.mapping is not None:
+            self._rx_answered.append(buffer.mapping)
+        self.rx_ring.put_response(_pack_rx_response(buffer.id, 0, flags, status))
 
 
 def _nothing() -> None:
