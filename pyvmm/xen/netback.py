@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -79,7 +80,7 @@ from .netif import (
     XEN_NETIF_RSP_NULL,
     XEN_NETIF_RSP_OKAY,
 )
-from .ring import BackRing, RingBroken
+from .ring import HEADER_SIZE, BackRing, RingBroken
 from ..tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -100,6 +101,7 @@ __all__ = ["NetBackend", "NetFeatures", "RingBroken", "checksum_position"]
 
 RX_BATCH = 64  # frames read from the TAP between two pushes of responses
 TX_ROUNDS = 4  # ring drains per process_tx() call before yielding to the loop
+_MASK32 = 0xFFFF_FFFF
 MAX_FRAME = 0x10000 + ETH_HLEN  # the largest GSO frame the TAP hands out
 GSO_RX_SLOTS = 1 + (MAX_FRAME + PAGE_SIZE - 1) // PAGE_SIZE  # 17 pages and the extra-info slot
 
@@ -208,7 +210,9 @@ class _RxBuffer:
 
 _buffer_view = attrgetter("view")
 _pack_rx_response = netif.RX_RESPONSE.pack
-_pack_tx_response = netif.TX_RESPONSE.pack
+# A tx response fills its whole 12-byte slot (the bytes after id and status
+# are padding the frontend never reads), so a run of them is one copy.
+_pack_tx_slot = struct.Struct(netif.TX_RESPONSE.format + f"{TX_ENTRY_SIZE - netif.TX_RESPONSE.size}x").pack
 _parse_tx_request = netif.parse_tx_request
 
 
@@ -243,8 +247,8 @@ class NetBackend:
         self.name = name
         self.features = NetFeatures()
         self.stats = NetStats()
-        self.tx_ring: BackRing | None = None
-        self.rx_ring: BackRing | None = None
+        self.tx_ring: _BackRing | None = None
+        self.rx_ring: _BackRing | None = None
         self.notify_tx: Callable[[], None] = _nothing
         self.notify_rx: Callable[[], None] = _nothing
         self._rx_posted: deque[_RxBuffer] = deque()
@@ -252,6 +256,7 @@ class NetBackend:
         # Buffers answered in this process_rx() round: their grants are given
         # back together, before the responses are published.
         self._rx_answered: list[GrantMapping] = []
+        self._rx_responses = bytearray()  # this round's responses, written to the ring at its end
         self._rx_header = bytearray(VNET_HDR_SIZE)
         self._reading = False
 
@@ -265,8 +270,8 @@ class NetBackend:
                notify_tx: Callable[[], None], notify_rx: Callable[[], None]) -> None:
         """Take the frontend's rings (raises RingBroken or ValueError) and start receiving."""
         self.detach()
-        tx_ring = BackRing(tx_pages, TX_ENTRY_SIZE)
-        rx_ring = BackRing(rx_pages, RX_ENTRY_SIZE)
+        tx_ring = _BackRing(tx_pages, TX_ENTRY_SIZE)
+        rx_ring = _BackRing(rx_pages, RX_ENTRY_SIZE)
         self.tx_ring, self.rx_ring = tx_ring, rx_ring
         self.features = features
         self.notify_tx, self.notify_rx = notify_tx, notify_rx
@@ -280,6 +285,7 @@ class NetBackend:
         self.tx_ring = self.rx_ring = None
         self.notify_tx = self.notify_rx = _nothing
         posted, self._rx_posted = self._rx_posted, deque()
+        self._rx_responses.clear()
         self._rx_unusable = 0
         self._rx_answered.extend(buffer.mapping for buffer in posted if buffer.mapping is not None)
         self._release_answered()
@@ -325,6 +331,13 @@ class NetBackend:
         return True
 
     def _transmit(self, requests: list[bytes]) -> None:
+        responses = bytearray()
+        try:
+            self._transmit_packets(requests, responses)
+        finally:
+            self.tx_ring.put_responses(responses)
+
+    def _transmit_packets(self, requests: list[bytes], responses: bytearray) -> None:
         position = 0
         while position < len(requests):
             packet, position = self._chain(requests, position)
@@ -340,12 +353,11 @@ class NetBackend:
             if TRACE.net:
                 net_packet("tx", self.name, first.size, flags=first.flags, slots=packet.slot_count, status=status,
                            fault=fault.spec if fault else None)
-            put = self.tx_ring.put_response
-            put(_pack_tx_response(first.id, status))
+            responses += _pack_tx_slot(first.id, status)
             for extra_id in packet.extra_ids:
-                put(_pack_tx_response(extra_id, XEN_NETIF_RSP_NULL))
+                responses += _pack_tx_slot(extra_id, XEN_NETIF_RSP_NULL)
             for request in islice(packet.data, 1, None):
-                put(_pack_tx_response(request.id, status))
+                responses += _pack_tx_slot(request.id, status)
 
     def _chain(self, requests: list[bytes], position: int) -> tuple[_TxPacket, int]:
         """The packet starting at `position` (its data and extra slots), and
@@ -495,6 +507,8 @@ class NetBackend:
                     break
         finally:
             self._release_answered()
+            ring.put_responses(self._rx_responses)
+            self._rx_responses.clear()
             if ring.push_responses():
                 self.notify_rx()
 
@@ -593,7 +607,7 @@ class NetBackend:
             respond(posted.popleft(), slot_flags, chunk)
             if slot == 0 and gso_type is not None:
                 self._rx_answered.append(posted.popleft().mapping)  # the extra-info slot's buffer
-                self.rx_ring.put_response(netif.pack_gso_extra(gso_size, gso_type))
+                self._rx_responses += netif.pack_gso_extra(gso_size, gso_type)
         self.stats.rx_packets += 1
         self.stats.rx_bytes += length
         if TRACE.net:
@@ -603,7 +617,35 @@ class NetBackend:
     def _respond(self, buffer: _RxBuffer, flags: int, status: int) -> None:
         if buffer.mapping is not None:
             self._rx_answered.append(buffer.mapping)
-        self.rx_ring.put_response(_pack_rx_response(buffer.id, 0, flags, status))
+        self._rx_responses += _pack_rx_response(buffer.id, 0, flags, status)
+
+
+class _BackRing(BackRing):
+    """A BackRing that also takes a round's responses at once."""
+
+    def put_responses(self, entries: bytes | bytearray) -> None:
+        """put_response() of every entry-sized piece of `entries`, copied
+        into a one-page ring with one slice assignment per run of slots."""
+        entry_size = self.shared.entry_size
+        count, rest = divmod(len(entries), entry_size)
+        if rest:
+            raise ValueError(f"{len(entries)} bytes are not whole {entry_size}-byte responses")
+        if count > (self.req_cons - self.rsp_prod_pvt) & _MASK32:
+            raise ValueError("more responses than requests taken")
+        data = memoryview(entries)
+        if len(self.shared.pages) != 1:
+            for start in range(0, len(data), entry_size):
+                self.put_response(data[start : start + entry_size])
+            return
+        page = self.shared.pages[0]
+        done = 0
+        while done < count:  # at most two runs: up to the ring's end, then from its start
+            slot = self.rsp_prod_pvt & (self.size - 1)
+            run = min(count - done, self.size - slot)
+            offset = HEADER_SIZE + slot * entry_size
+            page[offset : offset + run * entry_size] = data[done * entry_size : (done + run) * entry_size]
+            self.rsp_prod_pvt = (self.rsp_prod_pvt + run) & _MASK32
+            done += run
 
 
 def _nothing() -> None:

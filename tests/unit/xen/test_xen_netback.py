@@ -17,7 +17,7 @@ from pyvmm import tap as tapmod
 from pyvmm.memory import GuestMemory
 from pyvmm.xen import gnttab, netif
 from pyvmm.xen.gnttab import GTF_permit_access, GTF_readonly, GrantTable
-from pyvmm.xen.netback import GSO_RX_SLOTS, NetBackend, NetFeatures, checksum_position
+from pyvmm.xen.netback import GSO_RX_SLOTS, NetBackend, NetFeatures, _BackRing, checksum_position
 from pyvmm.xen.netif import (
     NETRXF_csum_blank,
     NETRXF_data_validated,
@@ -364,6 +364,54 @@ def test_detach_gives_the_rx_grants_back(front):
     front.backend.process_rx()
     front.backend.detach()
     assert_grants_released(front)
+
+
+def test_many_packets_each_way_across_the_ring_end(front):
+    # 300 of each: both rings wrap, and each round's responses are written at once.
+    frames = [tcp4_frame(bytes([n % 256]) * (60 + n)) for n in range(300)]
+    for batch in range(3):
+        for n in range(batch * 100, batch * 100 + 100):
+            front.send(frames[n], request_id=n)
+        assert front.tx_responses() == [(n, XEN_NETIF_RSP_OKAY) for n in range(batch * 100, batch * 100 + 100)]
+        assert [front.tap_frame()[1] for _ in range(100)] == frames[batch * 100 : batch * 100 + 100]
+    received = []
+    while len(received) < 300:
+        front.post_rx(front.rx.free_requests())
+        for frame in frames[len(received) : len(received) + 8]:  # what the socket queue holds
+            front.inject(frame)
+        front.backend.process_rx()
+        responses = front.rx_responses()
+        received += [front.rx_data([response]) for response in responses]
+    assert received == frames
+    front.backend.detach()  # gives back the buffers still posted
+    assert_grants_released(front)
+
+
+@pytest.mark.parametrize("pages", [1, 2])
+def test_responses_put_at_once_are_the_ones_put_singly(pages):
+    memory = memoryview(bytearray(pages * PAGE))
+    frontend = FrontRing(memory, netif.RX_ENTRY_SIZE)
+    backend = _BackRing(memory, netif.RX_ENTRY_SIZE)
+    sent = 0
+    for count in (100, 200, 150, 250):
+        for _ in range(count):
+            frontend.put_request(netif.pack_rx_request(sent & 0xFFFF, sent))
+            sent += 1
+        frontend.push_requests()
+        requests = backend.take_requests()
+        assert len(requests) == count
+        ids = [netif.parse_rx_request(raw)[0] for raw in requests]
+        backend.put_responses(b"".join(netif.pack_rx_response(i, 0, 0, i % 4096) for i in ids))
+        backend.push_responses()
+        assert [netif.parse_rx_response(raw) for raw in frontend.take_responses()] == [
+            (i, 0, 0, i % 4096) for i in ids]
+    frontend.put_request(netif.pack_rx_request(0, 0))
+    frontend.push_requests()
+    backend.take_requests()
+    with pytest.raises(ValueError):
+        backend.put_responses(bytes(2 * netif.RX_ENTRY_SIZE))  # two answers to one request
+    with pytest.raises(ValueError):
+        backend.put_responses(bytes(netif.RX_ENTRY_SIZE - 1))
 
 
 # --- pieces ------------------------------------------------------------------------------------
