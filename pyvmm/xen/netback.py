@@ -20,6 +20,12 @@ Data never passes through Python objects:
   turns out to need several slots and is not GSO (an MTU above one page)
   has its pages moved down one slot, a rare path.
 
+The grants of a round (one process_rx() or process_tx() call) are mapped
+in batches (GrantTable.map_many) and its responses written to the ring at
+once; the receive buffers' grants are given back just before the
+responses are published, since the frontend ends its access when it sees
+them.
+
 Offloads travel in the headers: a guest's NETTXF_csum_blank becomes
 VIRTIO_NET_HDR_F_NEEDS_CSUM with the checksum's position found from the
 packet's IPv4/IPv6 and TCP/UDP headers (netif carries only the flag), and
