@@ -86,7 +86,7 @@ from .netif import (
     XEN_NETIF_RSP_NULL,
     XEN_NETIF_RSP_OKAY,
 )
-from .ring import HEADER_SIZE, BackRing, RingBroken
+from .ring import BackRing, RingBroken
 from ..tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -107,7 +107,6 @@ __all__ = ["NetBackend", "NetFeatures", "RingBroken", "checksum_position"]
 
 RX_BATCH = 64  # frames read from the TAP between two pushes of responses
 TX_ROUNDS = 4  # ring drains per process_tx() call before yielding to the loop
-_MASK32 = 0xFFFF_FFFF
 MAX_FRAME = 0x10000 + ETH_HLEN  # the largest GSO frame the TAP hands out
 GSO_RX_SLOTS = 1 + (MAX_FRAME + PAGE_SIZE - 1) // PAGE_SIZE  # 17 pages and the extra-info slot
 
@@ -253,8 +252,8 @@ class NetBackend:
         self.name = name
         self.features = NetFeatures()
         self.stats = NetStats()
-        self.tx_ring: _BackRing | None = None
-        self.rx_ring: _BackRing | None = None
+        self.tx_ring: BackRing | None = None
+        self.rx_ring: BackRing | None = None
         self.notify_tx: Callable[[], None] = _nothing
         self.notify_rx: Callable[[], None] = _nothing
         self._rx_posted: deque[_RxBuffer] = deque()
@@ -276,8 +275,8 @@ class NetBackend:
                notify_tx: Callable[[], None], notify_rx: Callable[[], None]) -> None:
         """Take the frontend's rings (raises RingBroken or ValueError) and start receiving."""
         self.detach()
-        tx_ring = _BackRing(tx_pages, TX_ENTRY_SIZE)
-        rx_ring = _BackRing(rx_pages, RX_ENTRY_SIZE)
+        tx_ring = BackRing(tx_pages, TX_ENTRY_SIZE)
+        rx_ring = BackRing(rx_pages, RX_ENTRY_SIZE)
         self.tx_ring, self.rx_ring = tx_ring, rx_ring
         self.features = features
         self.notify_tx, self.notify_rx = notify_tx, notify_rx
@@ -624,34 +623,6 @@ class NetBackend:
         if buffer.mapping is not None:
             self._rx_answered.append(buffer.mapping)
         self._rx_responses += _pack_rx_response(buffer.id, 0, flags, status)
-
-
-class _BackRing(BackRing):
-    """A BackRing that also takes a round's responses at once."""
-
-    def put_responses(self, entries: bytes | bytearray) -> None:
-        """put_response() of every entry-sized piece of `entries`, copied
-        into a one-page ring with one slice assignment per run of slots."""
-        entry_size = self.shared.entry_size
-        count, rest = divmod(len(entries), entry_size)
-        if rest:
-            raise ValueError(f"{len(entries)} bytes are not whole {entry_size}-byte responses")
-        if count > (self.req_cons - self.rsp_prod_pvt) & _MASK32:
-            raise ValueError("more responses than requests taken")
-        data = memoryview(entries)
-        if len(self.shared.pages) != 1:
-            for start in range(0, len(data), entry_size):
-                self.put_response(data[start : start + entry_size])
-            return
-        page = self.shared.pages[0]
-        done = 0
-        while done < count:  # at most two runs: up to the ring's end, then from its start
-            slot = self.rsp_prod_pvt & (self.size - 1)
-            run = min(count - done, self.size - slot)
-            offset = HEADER_SIZE + slot * entry_size
-            page[offset : offset + run * entry_size] = data[done * entry_size : (done + run) * entry_size]
-            self.rsp_prod_pvt = (self.rsp_prod_pvt + run) & _MASK32
-            done += run
 
 
 def _nothing() -> None:

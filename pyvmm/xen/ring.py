@@ -211,6 +211,30 @@ class BackRing:
         self.shared.write_entry(self.rsp_prod_pvt, data)
         self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _MASK32
 
+    def put_responses(self, entries: bytes | bytearray) -> None:
+        """put_response() of every entry-sized piece of `entries`, copied
+        into a one-page ring with one slice assignment per run of slots."""
+        entry_size = self.shared.entry_size
+        count, rest = divmod(len(entries), entry_size)
+        if rest:
+            raise ValueError(f"{len(entries)} bytes are not whole {entry_size}-byte responses")
+        if count > (self.req_cons - self.rsp_prod_pvt) & _MASK32:
+            raise ValueError("more responses than requests taken")
+        data = memoryview(entries)
+        if len(self.shared.pages) != 1:
+            for start in range(0, len(data), entry_size):
+                self.put_response(data[start : start + entry_size])
+            return
+        page = self.shared.pages[0]
+        done = 0
+        while done < count:  # at most two runs: up to the ring's end, then from its start
+            slot = self.rsp_prod_pvt & (self.size - 1)
+            run = min(count - done, self.size - slot)
+            offset = HEADER_SIZE + slot * entry_size
+            page[offset : offset + run * entry_size] = data[done * entry_size : (done + run) * entry_size]
+            self.rsp_prod_pvt = (self.rsp_prod_pvt + run) & _MASK32
+            done += run
+
     @property
     def responses_pending(self) -> int:
         """Responses written but not yet published."""

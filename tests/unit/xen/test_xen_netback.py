@@ -17,7 +17,7 @@ from pyvmm import tap as tapmod
 from pyvmm.memory import GuestMemory
 from pyvmm.xen import gnttab, netif
 from pyvmm.xen.gnttab import GTF_permit_access, GTF_readonly, GrantTable
-from pyvmm.xen.netback import GSO_RX_SLOTS, NetBackend, NetFeatures, _BackRing, checksum_position
+from pyvmm.xen.netback import GSO_RX_SLOTS, NetBackend, NetFeatures, checksum_position
 from pyvmm.xen.netif import (
     NETRXF_csum_blank,
     NETRXF_data_validated,
@@ -33,6 +33,7 @@ from pyvmm.xen.netif import (
     XEN_NETIF_RSP_OKAY,
 )
 from pyvmm.xen.ring import REQ_EVENT, REQ_PROD, FrontRing, RingBroken
+from pyvmm.xen.ring import BackRing
 
 PAGE = 4096
 RAM_PAGES = 1024
@@ -391,7 +392,7 @@ def test_many_packets_each_way_across_the_ring_end(front):
 def test_responses_put_at_once_are_the_ones_put_singly(pages):
     memory = memoryview(bytearray(pages * PAGE))
     frontend = FrontRing(memory, netif.RX_ENTRY_SIZE)
-    backend = _BackRing(memory, netif.RX_ENTRY_SIZE)
+    backend = BackRing(memory, netif.RX_ENTRY_SIZE)
     sent = 0
     for count in (100, 200, 150, 250):
         for _ in range(count):
