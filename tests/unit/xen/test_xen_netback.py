@@ -32,8 +32,7 @@ from pyvmm.xen.netif import (
     XEN_NETIF_RSP_NULL,
     XEN_NETIF_RSP_OKAY,
 )
-from pyvmm.xen.ring import REQ_EVENT, REQ_PROD, FrontRing, RingBroken
-from pyvmm.xen.ring import BackRing
+from pyvmm.xen.ring import REQ_EVENT, REQ_PROD, BackRing, FrontRing, RingBroken
 
 PAGE = 4096
 RAM_PAGES = 1024
