@@ -311,6 +311,18 @@ class XenDomain:
             vcpu, lambda v: kvm_xen.set_vcpu_attr(v, uapi.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR, gpa=gpa)
         )
 
+    def set_runstate_update_flag(self, enabled: bool) -> None:
+        """VMASST_TYPE_runstate_update_flag: KVM marks a runstate area
+        XEN_RUNSTATE_UPDATE while it rewrites it, so other vCPUs can read it
+        consistently."""
+        if not self.kvm_features.runstate_update_flag:
+            raise XenError(EINVAL, "KVM cannot set the runstate update flag")
+        try:
+            kvm_xen.set_runstate_update_flag(self.vm, enabled)
+        except OSError as error:
+            log.warning("KVM refused the runstate update flag: %s", error)
+            raise XenError(EINVAL, "KVM refused the runstate update flag") from error
+
     def _check_vcpu(self, vcpu: int) -> None:
         if not 0 <= vcpu < self.vcpu_count:
             raise XenError(EINVAL, f"no vCPU {vcpu}")

@@ -122,6 +122,7 @@ class XenDomainOps(Protocol):
     def register_vcpu_info(self, vcpu: int, gpa: int) -> None: ...
     def register_vcpu_time_info(self, vcpu: int, gpa: int) -> None: ...
     def register_runstate_area(self, vcpu: int, gpa: int) -> None: ...
+    def set_runstate_update_flag(self, enabled: bool) -> None: ...  # XenError(EINVAL) if unsupported
     # Timeouts are absolute Xen system time in ns, never negative.
     def set_singleshot_timer(self, vcpu: int, timeout_abs_ns: int, future: bool) -> None: ...
     def stop_singleshot_timer(self, vcpu: int) -> None: ...
@@ -198,6 +199,7 @@ class HypercallDispatcher:
             "set_timer_op": self._set_timer_op,
             "xen_version": self._subops(abi.HYPERCALL_xen_version, self._xen_version_ops()),
             "console_io": self._console_io,
+            "vm_assist": self._vm_assist,
             "memory_op": self._memory_op,
             "grant_table_op": self._grant_table_op,
             "vcpu_op": self._vcpu_op,
@@ -387,6 +389,17 @@ class HypercallDispatcher:
         if cmd == abi.CONSOLEIO_read:
             return 0  # nothing is ever typed at the hypervisor's console
         return self._unknown(abi.HYPERCALL_console_io, cmd)
+
+    # --- vm_assist (unsigned cmd, unsigned type) -------------------------------------
+
+    def _vm_assist(self, call: _Call) -> int:
+        cmd, kind = call.args[0] & _U32, call.args[1] & _U32
+        if cmd not in (abi.VMASST_CMD_enable, abi.VMASST_CMD_disable):
+            return -EINVAL
+        if kind != abi.VMASST_TYPE_runstate_update_flag:
+            return -EINVAL  # as Xen: the only assist an HVM guest may ask for
+        self.domain.set_runstate_update_flag(cmd == abi.VMASST_CMD_enable)
+        return 0
 
     # --- hvm_op (unsigned long op, void *arg) ---------------------------------------
 

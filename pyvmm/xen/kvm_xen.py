@@ -50,6 +50,10 @@ class XenFeatures:
         return bool(self.bits & uapi.KVM_XEN_HVM_CONFIG_RUNSTATE)
 
     @property
+    def runstate_update_flag(self) -> bool:
+        return self.runstate and bool(self.bits & uapi.KVM_XEN_HVM_CONFIG_RUNSTATE_UPDATE_FLAG)
+
+    @property
     def shared_info_hva(self) -> bool:
         return bool(self.bits & uapi.KVM_XEN_HVM_CONFIG_SHARED_INFO_HVA)
 
@@ -80,6 +84,11 @@ def set_long_mode(vm, long_mode: bool) -> None:
 
 def set_xen_version(vm, version: int) -> None:
     vm.xen_hvm_set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_XEN_VERSION, "u": {"xen_version": version}})
+
+
+def set_runstate_update_flag(vm, enabled: bool) -> None:
+    vm.xen_hvm_set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_RUNSTATE_UPDATE_FLAG,
+                         "u": {"runstate_update_flag": int(enabled)}})
 
 
 def set_shared_info(vm, features: XenFeatures, gfn: int, host_address: int) -> None:

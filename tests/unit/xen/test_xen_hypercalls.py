@@ -296,6 +296,25 @@ def test_console_limits(hc, domain):
     assert hc(abi.HYPERCALL_console_io, 7, 1, BUF) == -ENOSYS
 
 
+# --- vm_assist ---------------------------------------------------------------------------
+
+
+def test_vm_assist_runstate_update_flag(hc, domain):
+    assert hc(abi.HYPERCALL_vm_assist, abi.VMASST_CMD_enable, abi.VMASST_TYPE_runstate_update_flag) == 0
+    assert hc(abi.HYPERCALL_vm_assist, abi.VMASST_CMD_disable, abi.VMASST_TYPE_runstate_update_flag) == 0
+    assert [c for c in domain.calls if c[0] == "set_runstate_update_flag"] == [
+        ("set_runstate_update_flag", True), ("set_runstate_update_flag", False)]
+
+
+def test_vm_assist_refuses_other_assists_and_commands(hc, domain):
+    assert hc(abi.HYPERCALL_vm_assist, abi.VMASST_CMD_enable, 1) == -EINVAL  # a PV-only assist
+    assert hc(abi.HYPERCALL_vm_assist, 7, abi.VMASST_TYPE_runstate_update_flag) == -EINVAL
+    assert hc(abi.HYPERCALL_vm_assist, abi.VMASST_CMD_enable, (1 << 32) | 1) == -EINVAL
+    assert "set_runstate_update_flag" not in domain.names()
+    domain.raises["set_runstate_update_flag"] = XenError(errno.EINVAL)  # KVM without the flag
+    assert hc(abi.HYPERCALL_vm_assist, abi.VMASST_CMD_enable, abi.VMASST_TYPE_runstate_update_flag) == -EINVAL
+
+
 # --- hvm_op ------------------------------------------------------------------------------
 
 
@@ -859,10 +878,6 @@ def test_memory_ops_not_provided(hc, op):
 @pytest.mark.parametrize("op", [abi.PHYSDEVOP_map_pirq, abi.PHYSDEVOP_eoi, abi.PHYSDEVOP_get_free_pirq, 999])
 def test_physdev_op_is_not_provided(hc, op):
     assert hc(abi.HYPERCALL_physdev_op, op, BUF) == -ENOSYS
-
-
-def test_vm_assist_is_not_provided(hc):
-    assert hc(abi.HYPERCALL_vm_assist, abi.VMASST_CMD_enable, abi.VMASST_TYPE_runstate_update_flag) == -ENOSYS
 
 
 def test_set_timer_op(hc, domain):
