@@ -3,13 +3,10 @@ in guest memory, and a SOCK_SEQPACKET socket pair standing in for the TAP
 device (one message per frame, virtio_net_hdr first, as a TAP has it)."""
 
 import ctypes
-import errno
 import os
 import random
 import socket
 import struct
-import subprocess
-import sys
 
 import pytest
 
@@ -88,11 +85,15 @@ class Frontend:
     def grant(self, gfn, *, readonly=False, domid=0, flags=None):
         ref = self.next_ref
         self.next_ref += 1
+        self.set_entry(ref, gfn, readonly=readonly, domid=domid, flags=flags)
+        return ref
+
+    def set_entry(self, ref, gfn, *, readonly=False, domid=0, flags=None):
+        """Write grant entry `ref` (a fresh grant of `gfn`, unless `flags` says otherwise)."""
         if flags is None:
             flags = GTF_permit_access | (GTF_readonly if readonly else 0)
         address = self.table.frame_host_address(ref // gnttab.ENTRIES_PER_FRAME) + (ref % gnttab.ENTRIES_PER_FRAME) * 8
         ctypes.memmove(address, struct.pack("<HHI", flags, domid, gfn), 8)
-        return ref
 
     def page(self, data=b"", offset=0):
         gfn = self.next_gfn
