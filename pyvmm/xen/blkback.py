@@ -436,29 +436,28 @@ class BlockBackend:
         request = blkif.parse_request(raw, q.abi, max_indirect_segments=self.max_indirect_segments)
         if TRACE.blk or FAULTS.blk:
             return self._serve_watched(request, q)
-        status = self._carry_out(request, q)
-        if status:
-            self._count_error(q, request, status)
-        return blkif.pack_response(q.abi, request.id, request.operation, status)
+        return blkif.pack_response(q.abi, request.id, request.operation, self._carry_out(request, q))
 
     def _carry_out(self, request: BlkRequest, q: _Queue) -> int:
-        """The request's status: what parsing found wrong, else what doing it gave."""
-        if request.status is not None:
-            return request.status
-        try:
-            return self._execute(request, q)
-        except GrantError as error:
-            request.reason = f"grant: {error}"
-        except OSError as error:
-            log.warning("%s: %s of sector %d failed: %s", self.image.path,
-                        blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
-            request.reason = f"I/O: {error}"
-        return BLKIF_RSP_ERROR
-
-    def _count_error(self, q: _Queue, request: BlkRequest, status: int) -> None:
-        q.errors += 1
-        log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
-                  request.operation, status, request.reason)
+        """The request's status: what parsing found wrong, else what doing
+        it gave; an error is counted."""
+        status = request.status
+        if status is None:
+            try:
+                status = self._execute(request, q)
+            except GrantError as error:
+                request.reason = f"grant: {error}"
+                status = BLKIF_RSP_ERROR
+            except OSError as error:
+                log.warning("%s: %s of sector %d failed: %s", self.image.path,
+                            blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
+                request.reason = f"I/O: {error}"
+                status = BLKIF_RSP_ERROR
+        if status != BLKIF_RSP_OKAY:
+            q.errors += 1
+            log.debug("%s: request %#x (op %d) answered %d: %s", self.image.path, request.id,
+                      request.operation, status, request.reason)
+        return status
 
     def _serve_watched(self, request: BlkRequest, q: _Queue) -> bytes | None:
         """_serve while tracing or fault rules are on: the same, plus the
@@ -473,8 +472,6 @@ class BlockBackend:
                 request.fail(BLKIF_RSP_ERROR if fault.action == "error" else BLKIF_RSP_EOPNOTSUPP,
                              f"injected fault {fault.id}: {fault.spec}")
         status = self._carry_out(request, q)
-        if status:
-            self._count_error(q, request, status)
         if TRACE.blk:
             TRACE.emit("blk", "response", disk=self.label, id=request.id,
                        op=blkif.OP_NAMES.get(request.operation, request.operation), status=status,
