@@ -591,7 +591,7 @@ class EventChannels:
         record = self._ports[port]
         if not self._in_range(port):
             return  # left over from a wider ABI: unreachable until reset
-        if try_kernel and self._kernel is not None and self._kernel_call(self._kernel.send, port, record.vcpu):
+        if try_kernel and self._send_in_kernel(port):
             return
         mapped = self._mapped()
         if mapped is None:
@@ -658,20 +658,25 @@ class EventChannels:
                 self._kernel.assign_eventfd, guest_port, channel._eventfd
             )
 
+    def _send_in_kernel(self, port: int) -> bool:
+        """KVM raises `port` on its vCPU (lock held); False without the
+        kernel path or when KVM refused."""
+        return self._kernel is not None and self._kernel_call(self._kernel.send, port, self._ports[port].vcpu)
+
     def _notify_guest(self, channel: BackendChannel) -> None:
         # The common case, kept short (backends notify after every batch):
         # KVM raises the port itself and nothing is left to run after the lock.
-        kernel = self._kernel
-        if kernel is not None:
+        in_kernel = self._kernel is not None
+        if in_kernel:
             with self._lock:
                 port = channel._guest_port
                 if port is None:
                     return
-                if self._in_range(port) and self._kernel_call(kernel.send, port, self._ports[port].vcpu):
+                if self._in_range(port) and self._send_in_kernel(port):
                     return
         with self._transaction() as after:
             if channel._guest_port is not None:
-                self._deliver(channel._guest_port, after, try_kernel=kernel is None)
+                self._deliver(channel._guest_port, after, try_kernel=not in_kernel)
 
     def _close_backend(self, channel: BackendChannel) -> None:
         with self._transaction() as after:
