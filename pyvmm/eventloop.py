@@ -4,6 +4,15 @@ vCPU threads only run guest code and handle exits; anything slow or
 blocking (stdin, consoles, backends, timers) runs here. Other threads hand
 work over with call_soon_threadsafe(), which wakes the loop through an
 eventfd.
+
+Ownership is enforced, not just documented: while run() is active, the
+selector and the timer heap belong to the thread running it, and
+add_reader(), remove_reader() and call_later() from any other thread raise
+WrongThread (a heap pushed from two threads loses timers; a reader added
+from a vCPU thread races the loop's own dispatch). Before run() starts and
+after it returns, the thread that builds or tears down the VM may call them.
+`assert_owner()` lets other single-threaded components (the xenstore) make
+the same check.
 """
 
 from __future__ import annotations
@@ -21,6 +30,10 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 
+class WrongThread(RuntimeError):
+    """An event-thread-only operation was called from another thread."""
+
+
 class EventLoop:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
@@ -30,22 +43,52 @@ class EventLoop:
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._wakeup, selectors.EVENT_READ, self._drain_wakeup)
         self._stopped = threading.Event()
+        self._owner: int | None = None  # the thread inside run(), if any
+        # What a callback that raises does: by default the error ends run()
+        # (tests see it); the Machine logs it and keeps serving the others.
+        self.on_callback_error: Callable[[Callable[[], None], Exception], None] | None = None
+
+    # --- ownership ------------------------------------------------------------
+
+    def on_owner_thread(self) -> bool:
+        """True on the thread running the loop, or on any thread while it is not running."""
+        owner = self._owner
+        return owner is None or owner == threading.get_ident()
+
+    def assert_owner(self, what: str = "this") -> None:
+        if not self.on_owner_thread():
+            raise WrongThread(f"{what} must run on the event thread, not {threading.current_thread().name}; "
+                              "hand it over with call_soon_threadsafe()")
+
+    # --- registration (event thread) -------------------------------------------
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.assert_owner("add_reader")
         self._selector.register(fd, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fd: int) -> None:
+        self.assert_owner("remove_reader")
         try:
             self._selector.unregister(fd)
         except (KeyError, ValueError):
             pass
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.assert_owner("call_later")
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._sequence), callback))
+
+    # --- any thread ------------------------------------------------------------
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         self._calls.append(callback)  # deque.append is atomic
         os.eventfd_write(self._wakeup, 1)
+
+    def call_later_threadsafe(self, delay: float, callback: Callable[[], None]) -> None:
+        """call_later() from any thread: the timer is armed on the event thread."""
+        if self._owner == threading.get_ident():
+            self.call_later(delay, callback)
+        else:
+            self.call_soon_threadsafe(lambda: self.call_later(delay, callback))
 
     def _drain_wakeup(self) -> None:
         try:
@@ -66,6 +109,13 @@ class EventLoop:
         return self._stopped.is_set()
 
     def run(self) -> None:
+        self._owner = threading.get_ident()
+        try:
+            self._run()
+        finally:
+            self._owner = None
+
+    def _run(self) -> None:
         while not self._stopped.is_set():
             timeout = None
             if self._timers:
@@ -73,13 +123,22 @@ class EventLoop:
             if self._calls:
                 timeout = 0.0
             for key, _ in self._selector.select(timeout):
-                key.data()
+                self._call(key.data)
             while self._calls:
-                self._calls.popleft()()
+                self._call(self._calls.popleft())
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _, _, callback = heapq.heappop(self._timers)
-                callback()
+                self._call(callback)
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception as error:
+            handler = self.on_callback_error
+            if handler is None:
+                raise
+            handler(callback, error)
 
     def close(self) -> None:
         self._selector.close()

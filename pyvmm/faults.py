@@ -201,8 +201,7 @@ class FaultInjector:
 
     def use_loop(self, loop) -> None:
         """Schedule delayed outcomes on `loop` (an EventLoop), from any thread."""
-        self.call_later = lambda delay, callback: loop.call_soon_threadsafe(
-            lambda: loop.call_later(delay, callback))
+        self.call_later = loop.call_later_threadsafe
 
     # --- rules ------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ class Machine:
         self.config = config
         self.console = console
         self.loop = EventLoop()
+        self.loop.on_callback_error = self._event_callback_failed
+        self._callback_failures: collections.Counter[str] = collections.Counter()
         self._stop_lock = threading.Lock()
         self.stop_reason: StopReason | None = None
 
@@ -113,6 +115,20 @@ class Machine:
             if vcpu is not None:
                 vcpu.kick()
         self.loop.stop()
+
+    def _event_callback_failed(self, callback, error: Exception) -> None:
+        # A bug in one device's callback must not take every other device
+        # (and the guest) down with it: log it with its traceback the first
+        # time, then only count, so a callback failing at every event cannot
+        # flood the log.
+        function = getattr(callback, "func", callback)  # a partial: name what it wraps
+        name = getattr(function, "__qualname__", None) or type(function).__qualname__
+        self._callback_failures[name] += 1
+        count = self._callback_failures[name]
+        if count == 1:
+            log.error("event thread: %s failed; the VM goes on", name, exc_info=error)
+        elif count in (10, 100, 1000) or count % 10000 == 0:
+            log.error("event thread: %s has failed %d times (last: %s)", name, count, error)
 
     # --- running ------------------------------------------------------------
 

@@ -35,8 +35,9 @@ from .hypercalls import HypercallDispatcher
 from .kvm_xen import KernelEvtchn, XenFeatures
 from .vbd import create_vbds
 from .vif import create_vifs
-from .xenstore import Access, Permission, RingServer, XenStore
+from .xenstore import Access, Permission, XenStore
 from .xenstore.domain import create_domain_nodes
+from .xenstore.service import GuestStoreService
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -97,7 +98,8 @@ class XenDomain:
         self._per_vcpu_vector = [0] * self.vcpu_count
         self._stale_upcalls = [False] * self.vcpu_count
         self.callback = Callback.NONE
-        self._callback_fds: tuple[int, int] | None = None
+        self._callback_fds: tuple[int, int] | None = None  # the GSI callback's (trigger, resample)
+        self._callback_gsi = 0
         self._timers: list[object | None] = [None] * self.vcpu_count  # userspace timer generations
         self._timer_ports: list[int | None] = [None] * self.vcpu_count
         self.params: dict[int, int] = {}
@@ -138,22 +140,21 @@ class XenDomain:
         self.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, console_pfn)
         self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)
 
+        self.store = XenStore()
+        self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << 12, PAGE))
         self.console_channel = self.evtchn.connect_backend(self._console_notified)
-        self.store_channel = self.evtchn.connect_backend(self._xenstore_notified)
+        self.store_channel = self.evtchn.connect_backend(self.xenstore.notified)
+        self.xenstore.attach(self.store_channel.notify)
         self.pv_console = PvConsole(self.memory.view(console_pfn << 12, PAGE), self.console_channel.notify, machine.console.write)
         if primary_console(machine.config.cmdline).startswith("hvc"):
             machine.platform.input_sink = self.pv_console
 
-        self.store = XenStore()
         create_domain_nodes(
             self.store, self.domid, machine.config.name,
             store_port=self.store_channel.guest_port, store_ring_ref=store_pfn,
             console_port=self.console_channel.guest_port, console_ring_ref=console_pfn,
         )
         self._publish_vm_node(machine.config.name)
-        self.store_connection = self.store.connect(self.domid)
-        self.store_connection.output_listener = lambda: self.loop.call_soon_threadsafe(self._xenstore_notified)
-        self.store_ring = RingServer(self.memory.view(store_pfn << 12, PAGE), self.store_connection)
         self.params.update({
             abi.HVM_PARAM_STORE_PFN: store_pfn,
             abi.HVM_PARAM_STORE_EVTCHN: self.store_channel.guest_port,
@@ -191,6 +192,7 @@ class XenDomain:
             kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID, vcpu_id=index)
 
     def start(self) -> None:
+        self.xenstore.start()
         if not self.kvm_features.evtchn_send:
             self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
 
@@ -209,9 +211,9 @@ class XenDomain:
     def close(self) -> None:
         for device in (*self.vbds, *self.vifs):
             device.close()
-        if self._callback_fds is not None:
+        if self._callback_fds is not None:  # the loop has stopped: no thread uses them now
+            self.loop.remove_reader(self._callback_fds[1])
             for fd in self._callback_fds:
-                self.loop.remove_reader(fd)
                 os.close(fd)
             self._callback_fds = None
 
@@ -339,8 +341,9 @@ class XenDomain:
             raise XenError(EINVAL)
         if index != abi.HVM_PARAM_CALLBACK_IRQ:
             raise XenError(EPERM, f"HVM param {index} is the toolstack's")
-        self._set_callback(value)
-        self.params[index] = value
+        with self._lock:  # two vCPUs may race to set it
+            self._set_callback(value)
+            self.params[index] = value
 
     def _set_callback(self, value: int) -> None:
         kind, data = value >> 56, value & ((1 << 56) - 1)
@@ -372,42 +375,44 @@ class XenDomain:
         # A level-triggered line held while vCPU 0's upcall_pending is set:
         # irqfd asserts it, the guest's EOI deasserts it and signals the
         # resample fd, where we re-assert if events are still pending.
-        trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.vm.irqfd(trigger, gsi, resample_fd=resample)
-        self._callback_fds = (trigger, resample)
+        # The two eventfds are made once and kept until close(): a guest
+        # that switches callbacks only re-routes them, so no thread can
+        # ever write to an fd that another one has closed.
+        if self._callback_fds is None:
+            trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._callback_fds = (trigger, resample)
+            # We are on a vCPU thread (HVMOP_set_param): the loop registers its reader itself.
+            self.loop.call_soon_threadsafe(partial(self._watch_resample, resample))
+        trigger = self._callback_fds[0]
+        _drain_eventfd(trigger)  # asserts made while unrouted must not fire on their own
+        self.vm.irqfd(trigger, gsi, resample_fd=self._callback_fds[1])
         self._callback_gsi = gsi
-        self.loop.add_reader(resample, self._callback_resampled)
         self.callback = Callback.GSI
         self._assert_callback_if_pending()
 
+    def _watch_resample(self, resample: int) -> None:
+        if self._callback_fds is not None and self._callback_fds[1] == resample:
+            self.loop.add_reader(resample, self._callback_resampled)
+
     def _stop_gsi_callback(self) -> None:
-        if self._callback_fds is None:
+        if self.callback is not Callback.GSI or self._callback_fds is None:
             return
-        trigger, resample = self._callback_fds
-        self._callback_fds = None
-        self.loop.remove_reader(resample)
-        try:
-            self.vm.irqfd_remove(trigger, self._callback_gsi)
-        finally:
-            os.close(trigger)
-            os.close(resample)
+        self.callback = Callback.NONE
+        self.vm.irqfd_remove(self._callback_fds[0], self._callback_gsi)
 
     def _callback_resampled(self) -> None:
         fds = self._callback_fds
         if fds is None:
             return
-        try:
-            os.eventfd_read(fds[1])
-        except BlockingIOError:
-            pass
+        _drain_eventfd(fds[1])
         self._assert_callback_if_pending()
 
     def _assert_callback_if_pending(self) -> None:
         if self._per_vcpu_vector[0]:
             return  # per-vCPU vectors replace the GSI (Linux still names GSI 1 "to look enlightened")
         fds = self._callback_fds
-        if fds is not None and self._upcall_pending(0):
+        if fds is not None and self.callback is Callback.GSI and self._upcall_pending(0):
             os.eventfd_write(fds[0], 1)
 
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None:
@@ -482,7 +487,7 @@ class XenDomain:
         generation = object()
         self._timers[vcpu] = generation
         delay = max(0.0, (deadline_ns - now_ns) / 1e9)
-        self.loop.call_soon_threadsafe(lambda: self.loop.call_later(delay, lambda: self._timer_fired(vcpu, generation)))
+        self.loop.call_later_threadsafe(delay, lambda: self._timer_fired(vcpu, generation))
 
     def _kernel_timer(self, vcpu_object, port: int, deadline_ns: int) -> None:
         kvm_xen.set_vcpu_attr(
@@ -507,7 +512,7 @@ class XenDomain:
                 self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
                 self.loop.call_later(period_ns / 1e9, tick)
 
-        self.loop.call_soon_threadsafe(lambda: self.loop.call_later(period_ns / 1e9, tick))
+        self.loop.call_later_threadsafe(period_ns / 1e9, tick)
 
     def stop_periodic_timer(self, vcpu: int) -> None:
         self._check_vcpu(vcpu)
@@ -575,12 +580,6 @@ class XenDomain:
 
     # --- backends' notifications ----------------------------------------------------
 
-    def _xenstore_notified(self) -> None:
-        if self.store_ring.process():
-            self.store_channel.notify()
-        if self.store_ring.work_pending:
-            self.loop.call_later(0, self._xenstore_notified)
-
     def _console_notified(self) -> None:
         self.pv_console.process()
         self.machine.platform.input_wanted()  # the guest may have made room for input
@@ -590,6 +589,13 @@ class XenDomain:
 
     def _platform_log(self, line: str) -> None:
         log.info("xen-platform: %s", line)
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
 
 def primary_console(cmdline: str) -> str:

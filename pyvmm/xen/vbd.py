@@ -84,8 +84,9 @@ class VbdDevice(XenbusBackendDevice):
     def __init__(self, store: XenStore, domid: int, image: DiskImage, grants: GrantTable, evtchn: "EventChannels",
                  call_soon: Callable[[Callable[[], None]], None], *, vdev: str = "xvda", backend_domid: int = 0,
                  **backend_options):
-        """`call_soon(fn)` runs fn later on the event thread (the loop's
-        call_later(0, fn)); `backend_options` go to BlockBackend."""
+        """`call_soon(fn)` runs fn later on the event thread, from any
+        thread (the loop's call_soon_threadsafe); `backend_options` go to
+        BlockBackend."""
         super().__init__(store, domid, vdev_to_devid(vdev), backend_domid=backend_domid)
         self.vdev = vdev
         self.image = image
@@ -250,7 +251,7 @@ def create_vbds(domain, disks: Iterable, **options) -> list[VbdDevice]:
         for disk in disks:
             device = VbdDevice.open(
                 domain.store, domain.domid, disk.path, domain.gnttab, domain.evtchn,
-                lambda callback: domain.loop.call_later(0, callback),
+                domain.loop.call_soon_threadsafe,  # worker threads hand failures over
                 vdev=disk.vdev, readonly=disk.readonly, **options)
             devices.append(device)
             device.start()

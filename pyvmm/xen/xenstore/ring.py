@@ -147,6 +147,28 @@ class RingServer:
         self.work_pending = budget <= 0 and self._requests_waiting() and self.connection.accepting_input
         return notify
 
+    def has_work(self) -> bool:
+        """Would process() move anything now? (The safety net's question.)"""
+        if self._load_u32(CONNECTION) == RECONNECT:
+            return True
+        if self.error != RING_ERROR_NONE:
+            return False
+        if self._requests_waiting() and self.connection.accepting_input:
+            return True
+        room = RING_SIZE - ((self._rsp_prod - self._load_u32(RSP_CONS)) & _MASK32)
+        return room > 0 and self.connection.pending_output() > 0
+
+    def unread_replies(self) -> int:
+        """Reply bytes published that the guest has not consumed yet."""
+        return (self._rsp_prod - self._load_u32(RSP_CONS)) & _MASK32
+
+    def describe(self) -> str:
+        """The ring's state in one line, for diagnostics."""
+        return (f"req_cons={self._req_cons} req_prod={self._load_u32(REQ_PROD)} "
+                f"rsp_cons={self._load_u32(RSP_CONS)} rsp_prod={self._rsp_prod} error={self.error} "
+                f"queued_output={self.connection.pending_output()} "
+                f"accepting_input={self.connection.accepting_input}")
+
     def _requests_waiting(self) -> bool:
         return (self._load_u32(REQ_PROD) - self._req_cons) & _MASK32 != 0
 

@@ -293,6 +293,9 @@ class XenStore:
         self._depth = 0
         self._deferral = _DeferredEvents(self)
         self._delivering = False
+        # The store belongs to one thread (the VMM's event thread). In debug
+        # runs its owner installs a check here that every operation calls.
+        self.owner_check: Callable[[str], None] | None = None
 
     # -- clients -----------------------------------------------------------
 
@@ -526,6 +529,8 @@ class Client:
 
     def _run(self, op: str, path: str | None, value: bytes | None, tx: int, action: Callable):
         store = self._store
+        if store.owner_check is not None:
+            store.owner_check("the xenstore")
         if self.closed:
             raise XenStoreError("EINVAL", f"{op} on a closed client")
         with store.deferred_events():

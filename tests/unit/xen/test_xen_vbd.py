@@ -35,6 +35,8 @@ class Loop:
     def schedule(self, callback):
         self.queue.append(callback)
 
+    call_soon_threadsafe = schedule
+
     def run(self, limit=10_000):
         count = 0
         while self.queue:
@@ -468,7 +470,6 @@ def test_create_vbds_for_the_configured_disks(domain, image, tmp_path):
 
     second = tmp_path / "ro.img"
     second.write_bytes(bytes(SECTORS * 512))
-    domain.loop.call_later = lambda delay, callback: domain.loop.schedule(callback)
     disks = (DiskOption(image, "xvda"), DiskOption(second, "xvdb", readonly=True))
     devices = create_vbds(domain, disks)
     domain.loop.run()
@@ -484,6 +485,5 @@ def test_create_vbds_for_the_configured_disks(domain, image, tmp_path):
 def test_create_vbds_closes_what_it_opened_on_error(domain, image, tmp_path):
     from pyvmm.config import DiskOption
 
-    domain.loop.call_later = lambda delay, callback: domain.loop.schedule(callback)
     with pytest.raises(OSError):
         create_vbds(domain, (DiskOption(image, "xvda"), DiskOption(tmp_path / "missing.img", "xvdb")))

@@ -307,3 +307,38 @@ def test_any_interleaving_delivers_every_reply_in_order(send_sizes, receive_size
             break
         assert step < 10000
     assert [(m[1], m[2]) for m in guest.messages()] == [(i, b"OK\0") for i in range(12)]
+
+
+@pytest.mark.parametrize("window", ["after reading req_prod", "after publishing req_cons"])
+def test_a_request_written_while_the_server_works_is_answered_without_a_signal(window):
+    # Linux's xb_write signals only `if (prod <= req_cons)`: a request written
+    # while the server has not yet published that it consumed the one
+    # before gets no signal. The server must find it on its own before it
+    # returns, or the guest waits forever (the lost-reply hang).
+    _, guest, server = make()
+    guest.send(request(Op.READ, b"name\0", req_id=1))
+    load, store = server._load_u32, server._store_u32
+    signalled = []
+
+    def guest_writes_second_request():
+        old_prod = guest.u32(REQ_PROD)
+        guest.send(request(Op.READ, b"domid\0", req_id=2))
+        signalled.append(old_prod <= guest.u32(REQ_CONS))
+
+    def hooked_load(offset):
+        value = load(offset)
+        if offset == REQ_PROD and window == "after reading req_prod" and not signalled:
+            guest_writes_second_request()
+        return value
+
+    def hooked_store(offset, value):
+        store(offset, value)
+        if offset == REQ_CONS and window == "after publishing req_cons" and not signalled:
+            guest_writes_second_request()
+
+    server._load_u32, server._store_u32 = hooked_load, hooked_store
+    server.process()
+    guest.receive()
+    if window == "after reading req_prod":
+        assert signalled == [False]  # the case Linux leaves to the server
+    assert [m[1] for m in guest.messages()] == [1, 2]
