@@ -465,8 +465,11 @@ class XenDomain:
     def stop_singleshot_timer(self, vcpu: int) -> None:
         self._check_vcpu(vcpu)
         self._timers[vcpu] = None
-        if self._timer_ports[vcpu] is not None:
-            self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, vcpu, 0))
+        port = self._timer_ports[vcpu]
+        if port is not None:
+            # Expiry 0 stops KVM's timer and keeps its port (KVM takes the
+            # port as the timer's VIRQ port: never pass anything else).
+            self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, port, 0))
 
     def set_timer_op(self, vcpu: int, timeout_abs_ns: int) -> None:
         self._check_vcpu(vcpu)
