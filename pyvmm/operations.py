@@ -76,7 +76,7 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
     def store_client():
         if machine.xen is None:
             raise ControlError("Unsupported", "this VM has no xenstore (--no-xen)")
-        return machine.xen.store.client(0)
+        return machine.xen.dom0  # one client for the VM's life: a client per command would pile up
 
     def path_of(args: dict) -> str:
         path = args.get("path")

@@ -141,6 +141,7 @@ class XenDomain:
         self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)
 
         self.store = XenStore()
+        self.dom0 = self.store.client(0)  # the VMM's own requests (operators', shutdown): one client
         self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << 12, PAGE))
         self.console_channel = self.evtchn.connect_backend(self._console_notified)
         self.store_channel = self.evtchn.connect_backend(self.xenstore.notified)
@@ -548,7 +549,7 @@ class XenDomain:
         """Ask the guest to shut down in order, as xl shutdown does (any thread)."""
 
         def write():
-            self.store.client(0).write(f"/local/domain/{self.domid}/control/shutdown", kind)
+            self.dom0.write(f"/local/domain/{self.domid}/control/shutdown", kind)
 
         self.loop.call_soon_threadsafe(write)
 

@@ -85,3 +85,18 @@ def test_xenbus_state_without_xen():
     with pytest.raises(ControlError) as error:
         machine_commands(SimpleNamespace(xen=None))["xenbus-state"]({"device": "xvda", "state": "closed"})
     assert error.value.cls == "Unsupported"
+
+
+def test_xenstore_commands_reuse_one_store_client():
+    # Each command once made a new client of its own, never closed, and every
+    # store change scanned them all: 1,000 reads left 1,000 clients behind.
+    from pyvmm.xen.xenstore import XenStore
+
+    store = XenStore()
+    dom0 = store.client(0)
+    dom0.write("/local/domain/1/name", "guest")
+    commands = machine_commands(SimpleNamespace(xen=SimpleNamespace(store=store, dom0=dom0)))
+    before = len(store._clients)
+    for _ in range(1000):
+        assert commands["xenstore-read"]({"path": "/local/domain/1/name"}) is not None
+    assert len(store._clients) == before
