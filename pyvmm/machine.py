@@ -30,6 +30,7 @@ from .kvm import Kvm, map_guest_memory, pc_irqchip_routes
 from .memory import GuestMemory
 from .platform import Platform
 from .vcpu_setup import apply_boot_state, configure_vcpu
+from .vcpu_state import read_registers
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Machine:
         self._paused_clock = None
         self.started_at = time.monotonic()
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
+        self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
         self._xenstore_server = None
         self.xenstore_socket_path = None
         self._ready = threading.Barrier(config.vcpus + 1)
@@ -185,7 +187,8 @@ class Machine:
         if self.gdb is not None:
             gdb = self.gdb
             debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
-        handle = ExitHandler(self.pio, self.mmio, hypercall, debug).handle
+        handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
+                             registers=lambda: read_registers(vcpu)).handle
         work = self._vcpu_work[index]
         try:
             while self.stop_reason is None:

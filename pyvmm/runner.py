@@ -24,11 +24,13 @@ STATUS_FOR_REASON = {
     StopReason.EXPECT_MATCHED: 0,
     StopReason.REBOOT: 2,
     StopReason.CRASH: 3,
+    StopReason.TRIPLE_FAULT: 6,
     StopReason.TIMEOUT: 124,
     StopReason.DESTROYED: 4,
     StopReason.ERROR: 1,
 }
 EXIT_NO_EXPECT = 5
+RESETS = (StopReason.REBOOT, StopReason.TRIPLE_FAULT)
 EXIT_ESCAPE = 130
 
 
@@ -62,6 +64,7 @@ def run_vm(config: VmConfig) -> int:
     control = None
     machine = None
     reason = StopReason.ERROR
+    run_counts = {"reboots": 0, "triple_faults": 0}
     try:
         while True:
             booting = Machine(config, console)
@@ -74,11 +77,17 @@ def run_vm(config: VmConfig) -> int:
                 machine.close()
             machine = booting
             machine.control = control
+            machine.run_counts = run_counts
             machine_holder[:] = [machine]
             reason = machine.run(deadline)
             log.info("guest stopped: %s", reason.value)
-            if reason is StopReason.REBOOT and not config.no_reboot and not stop_signal:
-                control.broadcast("RESET", {})
+            if reason is StopReason.TRIPLE_FAULT:
+                run_counts["triple_faults"] += 1
+            if reason in RESETS and not config.no_reboot and not stop_signal:
+                # A triple fault resets a PC, so the guest boots again; the
+                # warning (exit_handler.py) and the count say it happened.
+                run_counts["reboots"] += 1
+                control.broadcast("RESET", {"reason": reason.value})
                 continue
             if reason in (StopReason.POWEROFF, StopReason.CRASH):
                 control.broadcast("SHUTDOWN", {"reason": reason.value})
@@ -102,6 +111,8 @@ def _exit_status(config: VmConfig, reason: StopReason, stop_signal: list[int]) -
         return 128 + stop_signal[0]
     if reason is StopReason.QUIT:
         return EXIT_ESCAPE
+    # A triple fault keeps its own status under --expect: it says more than
+    # "the pattern never came".
     if config.expect is not None and reason in (StopReason.POWEROFF, StopReason.REBOOT):
         return EXIT_NO_EXPECT
     return STATUS_FOR_REASON[reason]
