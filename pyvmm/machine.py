@@ -42,6 +42,7 @@ class Machine:
         self.loop = EventLoop()
         self._stop_lock = threading.Lock()
         self.stop_reason: StopReason | None = None
+        self.stop_detail: str | None = None  # what exactly, e.g. "pvpanic" for a CRASH
 
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
@@ -104,12 +105,13 @@ class Machine:
 
     # --- stopping -----------------------------------------------------------
 
-    def request_stop(self, reason: StopReason) -> None:
+    def request_stop(self, reason: StopReason, detail: str | None = None) -> None:
         """Stop the VM for `reason`; the first reason wins. Any thread may call."""
         with self._stop_lock:
             if self.stop_reason is not None:
                 return
             self.stop_reason = reason
+            self.stop_detail = detail
         self._running.set()  # a paused VM must be able to stop
         for vcpu in self._vcpus:
             if vcpu is not None:

@@ -64,6 +64,7 @@ def run_vm(config: VmConfig) -> int:
     control = None
     machine = None
     reason = StopReason.ERROR
+    detail = None
     run_counts = {"reboots": 0, "triple_faults": 0}
     try:
         while True:
@@ -80,7 +81,8 @@ def run_vm(config: VmConfig) -> int:
             machine.run_counts = run_counts
             machine_holder[:] = [machine]
             reason = machine.run(deadline)
-            log.info("guest stopped: %s", reason.value)
+            detail = machine.stop_detail
+            log.info("guest stopped: %s%s", reason.value, f" ({detail})" if detail else "")
             if reason is StopReason.TRIPLE_FAULT:
                 run_counts["triple_faults"] += 1
             if reason in RESETS and not config.no_reboot and not stop_signal:
@@ -90,20 +92,25 @@ def run_vm(config: VmConfig) -> int:
                 control.broadcast("RESET", {"reason": reason.value})
                 continue
             if reason in (StopReason.POWEROFF, StopReason.CRASH):
-                control.broadcast("SHUTDOWN", {"reason": reason.value})
+                control.broadcast("SHUTDOWN", _with_detail({"reason": reason.value}, detail))
             break
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         status = _exit_status(config, reason, stop_signal)
         if control is not None:
-            control.broadcast("STOP", {"reason": reason.value, "status": status})
+            control.broadcast("STOP", _with_detail({"reason": reason.value, "status": status}, detail))
             control.close()
         if machine is not None:
             machine.close()
         console.close()
         TRACE.close()
     return status
+
+
+def _with_detail(data: dict, detail: str | None) -> dict:
+    """An event's data, with what exactly stopped the guest when it is known."""
+    return {**data, "detail": detail} if detail else data
 
 
 def _exit_status(config: VmConfig, reason: StopReason, stop_signal: list[int]) -> int:

@@ -86,3 +86,11 @@ def test_exit_status_of_each_reason(reason, options, status):
 def test_no_other_reason_shares_the_triple_fault_status():
     statuses = {reason: STATUS_FOR_REASON[reason] for reason in StopReason if reason is not StopReason.QUIT}
     assert statuses[StopReason.TRIPLE_FAULT] not in {s for r, s in statuses.items() if r is not StopReason.TRIPLE_FAULT}
+
+
+def test_stop_events_name_the_detail_only_when_there_is_one():
+    from pyvmm.runner import _with_detail
+
+    assert _with_detail({"reason": "crash", "status": 3}, "pvpanic") == {"reason": "crash", "status": 3,
+                                                                        "detail": "pvpanic"}
+    assert _with_detail({"reason": "poweroff"}, None) == {"reason": "poweroff"}
