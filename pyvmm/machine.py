@@ -16,8 +16,9 @@ import logging
 import sys
 import threading
 import time
+from functools import partial
 
-from . import layout
+from . import layout, liveness
 from .boot.acpi import build_acpi
 from .boot.e820 import build_e820
 from .boot.loader import load_kernel
@@ -27,8 +28,10 @@ from .console import ConsoleOutput, EscapeFilter, RawTerminal
 from .eventloop import EventLoop
 from .exit_handler import ExitHandler, StopReason
 from .kvm import Kvm, map_guest_memory, pc_irqchip_routes
+from .liveness import DeadGuestDetector
 from .memory import GuestMemory
 from .platform import Platform
+from .trace import TRACE
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from .vcpu_state import read_registers
 
@@ -137,6 +140,7 @@ class Machine:
             if self.xen is not None:
                 self.xen.start()
             self._start_sockets()
+            self._start_liveness_checks()
             with self._console_input():
                 self.loop.run()
         finally:
@@ -229,14 +233,60 @@ class Machine:
                 outcome.append((False, error))
             done.set()
 
-        self._vcpu_work[index].append(job)
-        vcpu.kick()
+        self._post(index, job)
         if not done.wait(timeout):
             raise TimeoutError(f"vCPU {index} did not run queued work within {timeout}s")
         ok, value = outcome[0]
         if not ok:
             raise value
         return value
+
+    def post_to_vcpu(self, index: int, function) -> None:
+        """Run `function(vcpu)` on vCPU `index`'s thread soon, without waiting
+        for it; `function` must not raise (it would end the vCPU thread)."""
+        vcpu = self._vcpus[index]
+        self._post(index, lambda: function(vcpu))
+
+    def _post(self, index: int, job) -> None:
+        self._vcpu_work[index].append(job)
+        self._vcpus[index].kick()
+
+    # --- noticing a guest that can never run again (pyvmm/liveness.py) --------
+
+    def _start_liveness_checks(self) -> None:
+        if self.gdb is not None:
+            return  # a debugger may hold every vCPU stopped on purpose
+        self._liveness = DeadGuestDetector()
+        self._liveness_round: list = [None] * self.config.vcpus
+        self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        if self.stop_reason is not None:
+            return
+        samples, self._liveness_round = self._liveness_round, [None] * self.config.vcpus
+        if self.paused:
+            self._liveness.reset()
+        elif self._liveness.observe(samples):
+            self._guest_is_dead(samples)
+            return
+        if not self.paused:
+            for index in range(self.config.vcpus):
+                self.post_to_vcpu(index, partial(self._sample_vcpu, self._liveness_round, index))
+        self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
+
+    @staticmethod
+    def _sample_vcpu(round_: list, index: int, vcpu) -> None:
+        try:
+            round_[index] = liveness.sample_vcpu(vcpu)
+        except Exception as error:  # an unanswered round only means "alive"
+            log.debug("vCPU %d: liveness probe failed: %s", index, error)
+
+    def _guest_is_dead(self, samples: list) -> None:
+        state = liveness.describe(samples)
+        log.warning("every vCPU is halted with interrupts disabled, so the guest can never run again: %s", state)
+        if TRACE.stop:
+            TRACE.emit("stop", "halted", state=state)
+        self.request_stop(StopReason.CRASH, detail="halted")
 
     @property
     def paused(self) -> bool:
