@@ -297,6 +297,19 @@ def ctl_status(ctx) -> None:
     _print(ctx, result)
 
 
+@ctl.command("diagnose")
+@click.pass_context
+def ctl_diagnose(ctx) -> None:
+    """Show where each vCPU is and, for Xen guests, the xenstore ring and event channels."""
+    client, result = _control_call(ctx, "diagnose")
+    client.close()
+    if ctx.obj["json"]:
+        _print(ctx, result)
+    else:
+        for line in result["lines"]:
+            click.echo(line)
+
+
 def _ctl_simple(command: str, wait_for: tuple[str, ...] = ()):
     @click.pass_context
     def run_command(ctx) -> None:

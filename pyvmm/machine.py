@@ -18,7 +18,7 @@ import threading
 import time
 from functools import partial
 
-from . import layout, liveness
+from . import diagnose, layout, liveness
 from .boot.acpi import build_acpi
 from .boot.e820 import build_e820
 from .boot.loader import load_kernel
@@ -36,6 +36,8 @@ from .vcpu_setup import apply_boot_state, configure_vcpu
 from .vcpu_state import read_registers
 
 log = logging.getLogger(__name__)
+
+DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
 
 
 class Machine:
@@ -135,7 +137,7 @@ class Machine:
             if self.gdb is not None:
                 self.gdb.start()
             if deadline is not None:
-                self.loop.call_later(max(0.0, deadline - time.monotonic()), lambda: self.request_stop(StopReason.TIMEOUT))
+                self.loop.call_later(max(0.0, deadline - time.monotonic()), self._timed_out)
             self.platform.start(self.loop)
             if self.xen is not None:
                 self.xen.start()
@@ -250,6 +252,47 @@ class Machine:
     def _post(self, index: int, job) -> None:
         self._vcpu_work[index].append(job)
         self._vcpus[index].kick()
+
+    # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
+
+    def _timed_out(self) -> None:
+        # The last useful log of a run that went nowhere: taken before the
+        # vCPUs stop, so it shows where they were.
+        log.warning("--timeout expired; the guest's state:")
+        for line in self.diagnostics():
+            log.warning("  %s", line)
+        if TRACE.stop:
+            TRACE.emit("stop", "timeout")
+        self.request_stop(StopReason.TIMEOUT)
+
+    def diagnostics(self, wait: float = DIAGNOSE_WAIT) -> list[str]:
+        """One line per vCPU (bounded), then Xen's xenstore ring and event
+        channels. Event thread; waits at most `wait` for each vCPU."""
+        threads = {index: ident for ident, index in self._vcpu_of_thread.items()}
+        lines = [self._vcpu_diagnosis(index, threads.get(index), wait)
+                 for index in range(min(self.config.vcpus, diagnose.MAX_VCPU_LINES))]
+        if self.config.vcpus > diagnose.MAX_VCPU_LINES:
+            lines.append(f"... and {self.config.vcpus - diagnose.MAX_VCPU_LINES} more vCPUs")
+        if self.xen is not None:
+            try:
+                lines += self.xen.diagnostics()
+            except Exception as error:  # a diagnosis must never be what fails
+                lines.append(f"xen: unavailable ({error})")
+        return lines
+
+    def _vcpu_diagnosis(self, index: int, thread: int | None, wait: float) -> str:
+        activity = diagnose.vmm_activity(thread)
+        state = None
+        try:
+            if self.paused:
+                # Parked outside KVM_RUN, so its ioctls work from here; pause
+                # and resume also run on this (the event) thread.
+                state = diagnose.read_run_state(self._vcpus[index])
+            elif self._vcpus[index] is not None:
+                state = self.run_on_vcpu(index, diagnose.read_run_state, timeout=wait)
+        except Exception as error:  # TimeoutError: busy in a handler; KvmError
+            log.debug("vCPU %d: no state for the diagnosis: %s", index, error)
+        return diagnose.vcpu_line(index, state, activity)
 
     # --- noticing a guest that can never run again (pyvmm/liveness.py) --------
 

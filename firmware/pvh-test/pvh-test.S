@@ -11,6 +11,7 @@
  *   action=t   triple fault (an exception with an empty IDT)
  *   action=h   cli; hlt forever (a CPU that can never run again)
  *   action=p   report a panic on the pvpanic port, then cli; hlt
+ *   action=l   loop forever (only --timeout stops it)
  *
  * The constants must match pyvmm/layout.py (a unit test checks them).
  */
@@ -82,7 +83,16 @@ pvh_start:
         je      halt_forever
         cmpb    $'p', %al
         je      report_panic
+        cmpb    $'l', %al
+        je      loop_forever
         jmp     poweroff
+
+loop_forever:
+        movl    $msg_loop, %esi
+        call    puts
+spin:
+        pause
+        jmp     spin
 
 triple_fault:
         movl    $msg_triple, %esi
@@ -196,6 +206,7 @@ msg_memmap:     .asciz "pyvmm-pvh-test: memmap entries: "
 msg_triple:     .asciz "pyvmm-pvh-test: triple fault\n"
 msg_panic:      .asciz "pyvmm-pvh-test: pvpanic\n"
 msg_halt:       .asciz "pyvmm-pvh-test: halting with interrupts off\n"
+msg_loop:       .asciz "pyvmm-pvh-test: looping forever\n"
 action_key:     .asciz "action="
         .balign 8
 empty_idt:      .word 0                 /* limit 0: no vector can be delivered */

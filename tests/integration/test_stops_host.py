@@ -1,11 +1,13 @@
 """Unexpected stops are told apart, on this host's KVM, with our PVH test kernel.
 
 firmware/pvh-test ends the way its command line's `action=` says: a triple
-fault, `cli; hlt` forever, or a panic reported on the pvpanic port.
+fault, `cli; hlt` forever, a panic reported on the pvpanic port, or a
+loop that only --timeout ends.
 """
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,42 @@ def test_pvpanic_report_is_a_crash(kernel):
     assert "WARNING: pyvmm.platform: guest reported a panic (pvpanic)" in result.stderr, result
     assert "guest stopped: crash (pvpanic)" in result.stderr, result
     assert "halted with interrupts disabled" not in result.stderr, result
+
+
+def test_timeout_logs_where_each_vcpu_was(kernel):
+    result = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0 action=l", "--vcpus", "2",
+                       "--timeout", "1", timeout=300)
+    assert result.status == 124, result
+    assert "looping forever" in result.stdout, result
+    lines = result.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if "--timeout expired; the guest's state:" in line)
+    assert "WARNING" in lines[start], result
+    # The PVH entry runs with interrupts off; vCPU 1 was never started.
+    assert "vCPU 0: runnable rip=0x" in lines[start + 1] and "IF=0, in the guest" in lines[start + 1], result
+    assert "vCPU 1: uninitialized" in lines[start + 2], result
+
+
+def test_ctl_diagnose_on_a_running_guest(kernel, tmp_path):
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    name = f"stops-{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0 action=l",
+         "--name", name, "--timeout", "300"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env,
+    )
+    try:
+        for line in proc.stdout:  # the guest runs once it prints this
+            if b"looping forever" in line:
+                break
+        ctl = [sys.executable, "-m", "pyvmm", "ctl", name]
+        diagnosis = subprocess.run([*ctl, "diagnose"], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+        assert diagnosis.returncode == 0, diagnosis.stderr
+        assert diagnosis.stdout.startswith("vCPU 0: runnable rip=0x"), diagnosis.stdout
+        assert "IF=0, in the guest" in diagnosis.stdout, diagnosis.stdout
+        destroy = subprocess.run([*ctl, "destroy"], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+        assert destroy.returncode == 0, destroy.stderr
+        assert proc.wait(timeout=60) == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -81,6 +81,18 @@ class RingServer:
         self._rsp_prod = self._load_u32(RSP_PROD)
         self.error = self._load_u32(ERROR)
 
+    def snapshot(self) -> dict:
+        """The ring's indices as the guest sees them and as the server keeps
+        them, and the connection's backlog; changes nothing."""
+        return {
+            "req_cons": self._load_u32(REQ_CONS), "req_prod": self._load_u32(REQ_PROD),
+            "rsp_cons": self._load_u32(RSP_CONS), "rsp_prod": self._load_u32(RSP_PROD),
+            "server_req_cons": self._req_cons, "server_rsp_prod": self._rsp_prod,
+            "error": self.error,
+            "queued": self.connection.pending_output(),
+            "answered": self.connection.requests_answered,
+        }
+
     # -- page access -------------------------------------------------------
 
     def _copy_out(self, base: int, index: int, length: int) -> bytes:
