@@ -1,5 +1,4 @@
 import logging
-import types
 
 from hypothesis import given
 from hypothesis import strategies as st
