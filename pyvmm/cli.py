@@ -7,6 +7,7 @@ Exit status of `pyvmm run`:
   3   the guest crashed
   4   the VM was destroyed (pyvmm ctl NAME destroy)
   5   the guest ended without printing the --expect pattern
+  6   the guest triple-faulted (an unexpected CPU reset) under --no-reboot
   124 --timeout expired
   128+N  stopped by signal N (or 130 for the console escape Ctrl-A x)
 """
@@ -30,6 +31,7 @@ EXIT_VMM_ERROR = 1
 EXIT_REBOOTED = 2
 EXIT_CRASHED = 3
 EXIT_NO_EXPECT = 5
+EXIT_TRIPLE_FAULT = 6
 EXIT_TIMEOUT = 124
 
 
@@ -293,6 +295,19 @@ def ctl_status(ctx) -> None:
     client, result = _control_call(ctx, "status")
     client.close()
     _print(ctx, result)
+
+
+@ctl.command("diagnose")
+@click.pass_context
+def ctl_diagnose(ctx) -> None:
+    """Show where each vCPU is and, for Xen guests, the xenstore ring and event channels."""
+    client, result = _control_call(ctx, "diagnose")
+    client.close()
+    if ctx.obj["json"]:
+        _print(ctx, result)
+    else:
+        for line in result["lines"]:
+            click.echo(line)
 
 
 def _ctl_simple(command: str, wait_for: tuple[str, ...] = ()):

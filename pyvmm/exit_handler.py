@@ -14,6 +14,7 @@ from typing import Callable
 from .bus import Bus
 from .kvm import exits as kx
 from .trace import TRACE
+from .vcpu_state import format_registers
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class StopReason(enum.Enum):
     POWEROFF = "poweroff"
     REBOOT = "reboot"
     CRASH = "crash"
+    TRIPLE_FAULT = "triple-fault"  # a CPU reset the guest did not ask for
     EXPECT_MATCHED = "expect-matched"
     TIMEOUT = "timeout"
     QUIT = "quit"  # the operator asked (console escape, signal)
@@ -36,10 +38,13 @@ class StopReason(enum.Enum):
 
 class ExitHandler:
     def __init__(self, pio: Bus, mmio: Bus, hypercall: Callable[[kx.XenHypercallExit], None] | None = None,
-                 debug: Callable[[kx.DebugExit], None] | None = None):
+                 debug: Callable[[kx.DebugExit], None] | None = None, *, vcpu: int | None = None,
+                 registers: Callable[[], dict[str, int]] | None = None):
         self.pio = pio
         self.mmio = mmio
         self.debug = debug  # the gdb stub's handler while one is configured
+        self.vcpu = vcpu
+        self.registers = registers  # reads this vCPU's registers (its own thread only)
         self._dispatch = {
             kx.IoExit: self._io,
             kx.MmioExit: self._mmio,
@@ -95,9 +100,28 @@ class ExitHandler:
         return None
 
     def _triple_fault(self, exit) -> StopReason:
-        # A PC resets on a triple fault; Linux uses it as a last-resort reboot.
-        log.info("guest triple-faulted: treating it as a reset")
-        return StopReason.REBOOT
+        # A PC resets on a triple fault (runner.py reboots the guest unless
+        # --no-reboot), but it is worth a warning: guests reboot on purpose
+        # through ACPI or the keyboard controller first, so a triple fault is
+        # nearly always a crash in early boot or a broken exception path.
+        registers = self._read_registers()
+        log.warning("vCPU %s triple-faulted (an unexpected CPU reset): %s", self._vcpu_name(),
+                    format_registers(registers) if registers else "registers unavailable")
+        if TRACE.stop:
+            TRACE.emit("stop", "triple-fault", **{name: hex(value) for name, value in registers.items()})
+        return StopReason.TRIPLE_FAULT
+
+    def _read_registers(self) -> dict[str, int]:
+        if self.registers is None:
+            return {}
+        try:
+            return self.registers()
+        except Exception as error:  # the report must not turn the stop into a VMM failure
+            log.warning("cannot read the registers of vCPU %s: %s", self._vcpu_name(), error)
+            return {}
+
+    def _vcpu_name(self) -> str:
+        return "?" if self.vcpu is None else str(self.vcpu)
 
     def _system_event(self, exit: kx.SystemEventExit) -> StopReason:
         return {

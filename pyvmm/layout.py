@@ -71,6 +71,7 @@ PCI_CONFIG_ADDRESS_PORT = 0xCF8  # config mechanism #1: 0xCF8 address, 0xCFC..0x
 PCI_CONFIG_DATA_PORT = 0xCFC
 XEN_PLATFORM_IO_PORT = 0x10  # xen-platform unplug/log ports 0x10..0x13
 DEBUGCON_PORT = 0xE9  # early debug output (Xen guests print here)
+PVPANIC_PORT = 0x505  # pvpanic: the guest reports panics (the port QEMU uses too)
 
 # ACPI fixed hardware, non-reduced model: PM1a event and control blocks, the
 # PM timer, and a reset register, all in one small I/O block.

@@ -16,8 +16,9 @@ import logging
 import sys
 import threading
 import time
+from functools import partial
 
-from . import layout
+from . import diagnose, layout, liveness
 from .boot.acpi import build_acpi
 from .boot.e820 import build_e820
 from .boot.loader import load_kernel
@@ -27,11 +28,16 @@ from .console import ConsoleOutput, EscapeFilter, RawTerminal
 from .eventloop import EventLoop
 from .exit_handler import ExitHandler, StopReason
 from .kvm import Kvm, map_guest_memory, pc_irqchip_routes
+from .liveness import DeadGuestDetector
 from .memory import GuestMemory
 from .platform import Platform
+from .trace import TRACE
 from .vcpu_setup import apply_boot_state, configure_vcpu
+from .vcpu_state import read_registers
 
 log = logging.getLogger(__name__)
+
+DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
 
 
 class Machine:
@@ -43,6 +49,7 @@ class Machine:
         self._callback_failures: collections.Counter[str] = collections.Counter()
         self._stop_lock = threading.Lock()
         self.stop_reason: StopReason | None = None
+        self.stop_detail: str | None = None  # what exactly, e.g. "pvpanic" for a CRASH
 
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
@@ -90,6 +97,7 @@ class Machine:
         self._paused_clock = None
         self.started_at = time.monotonic()
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
+        self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
         self._xenstore_server = None
         self.xenstore_socket_path = None
         self._ready = threading.Barrier(config.vcpus + 1)
@@ -104,12 +112,13 @@ class Machine:
 
     # --- stopping -----------------------------------------------------------
 
-    def request_stop(self, reason: StopReason) -> None:
+    def request_stop(self, reason: StopReason, detail: str | None = None) -> None:
         """Stop the VM for `reason`; the first reason wins. Any thread may call."""
         with self._stop_lock:
             if self.stop_reason is not None:
                 return
             self.stop_reason = reason
+            self.stop_detail = detail
         self._running.set()  # a paused VM must be able to stop
         for vcpu in self._vcpus:
             if vcpu is not None:
@@ -144,11 +153,12 @@ class Machine:
             if self.gdb is not None:
                 self.gdb.start()
             if deadline is not None:
-                self.loop.call_later(max(0.0, deadline - time.monotonic()), lambda: self.request_stop(StopReason.TIMEOUT))
+                self.loop.call_later(max(0.0, deadline - time.monotonic()), self._timed_out)
             self.platform.start(self.loop)
             if self.xen is not None:
                 self.xen.start()
             self._start_sockets()
+            self._start_liveness_checks()
             with self._console_input():
                 self.loop.run()
         finally:
@@ -201,7 +211,8 @@ class Machine:
         if self.gdb is not None:
             gdb = self.gdb
             debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
-        handle = ExitHandler(self.pio, self.mmio, hypercall, debug).handle
+        handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
+                             registers=lambda: read_registers(vcpu)).handle
         work = self._vcpu_work[index]
         try:
             while self.stop_reason is None:
@@ -240,14 +251,101 @@ class Machine:
                 outcome.append((False, error))
             done.set()
 
-        self._vcpu_work[index].append(job)
-        vcpu.kick()
+        self._post(index, job)
         if not done.wait(timeout):
             raise TimeoutError(f"vCPU {index} did not run queued work within {timeout}s")
         ok, value = outcome[0]
         if not ok:
             raise value
         return value
+
+    def post_to_vcpu(self, index: int, function) -> None:
+        """Run `function(vcpu)` on vCPU `index`'s thread soon, without waiting
+        for it; `function` must not raise (it would end the vCPU thread)."""
+        vcpu = self._vcpus[index]
+        self._post(index, lambda: function(vcpu))
+
+    def _post(self, index: int, job) -> None:
+        self._vcpu_work[index].append(job)
+        self._vcpus[index].kick()
+
+    # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
+
+    def _timed_out(self) -> None:
+        # The last useful log of a run that went nowhere: taken before the
+        # vCPUs stop, so it shows where they were.
+        log.warning("--timeout expired; the guest's state:")
+        for line in self.diagnostics():
+            log.warning("  %s", line)
+        if TRACE.stop:
+            TRACE.emit("stop", "timeout")
+        self.request_stop(StopReason.TIMEOUT)
+
+    def diagnostics(self, wait: float = DIAGNOSE_WAIT) -> list[str]:
+        """One line per vCPU (bounded), then Xen's xenstore ring and event
+        channels. Event thread; waits at most `wait` for each vCPU."""
+        threads = {index: ident for ident, index in self._vcpu_of_thread.items()}
+        lines = [self._vcpu_diagnosis(index, threads.get(index), wait)
+                 for index in range(min(self.config.vcpus, diagnose.MAX_VCPU_LINES))]
+        if self.config.vcpus > diagnose.MAX_VCPU_LINES:
+            lines.append(f"... and {self.config.vcpus - diagnose.MAX_VCPU_LINES} more vCPUs")
+        if self.xen is not None:
+            try:
+                lines += self.xen.diagnostics()
+            except Exception as error:  # a diagnosis must never be what fails
+                lines.append(f"xen: unavailable ({error})")
+        return lines
+
+    def _vcpu_diagnosis(self, index: int, thread: int | None, wait: float) -> str:
+        activity = diagnose.vmm_activity(thread)
+        state = None
+        try:
+            if self.paused:
+                # Parked outside KVM_RUN, so its ioctls work from here; pause
+                # and resume also run on this (the event) thread.
+                state = diagnose.read_run_state(self._vcpus[index])
+            elif self._vcpus[index] is not None:
+                state = self.run_on_vcpu(index, diagnose.read_run_state, timeout=wait)
+        except Exception as error:  # TimeoutError: busy in a handler; KvmError
+            log.debug("vCPU %d: no state for the diagnosis: %s", index, error)
+        return diagnose.vcpu_line(index, state, activity)
+
+    # --- noticing a guest that can never run again (pyvmm/liveness.py) --------
+
+    def _start_liveness_checks(self) -> None:
+        if self.gdb is not None:
+            return  # a debugger may hold every vCPU stopped on purpose
+        self._liveness = DeadGuestDetector()
+        self._liveness_round: list = [None] * self.config.vcpus
+        self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        if self.stop_reason is not None:
+            return
+        samples, self._liveness_round = self._liveness_round, [None] * self.config.vcpus
+        if self.paused:
+            self._liveness.reset()
+        elif self._liveness.observe(samples):
+            self._guest_is_dead(samples)
+            return
+        if not self.paused:
+            for index in range(self.config.vcpus):
+                self.post_to_vcpu(index, partial(self._sample_vcpu, self._liveness_round, index))
+        self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
+
+    @staticmethod
+    def _sample_vcpu(round_: list, index: int, vcpu) -> None:
+        try:
+            round_[index] = liveness.sample_vcpu(vcpu)
+        except Exception as error:  # an unanswered round only means "alive"
+            log.debug("vCPU %d: liveness probe failed: %s", index, error)
+
+    def _guest_is_dead(self, samples: list) -> None:
+        state = liveness.describe(samples)
+        log.warning("every vCPU is halted with interrupts disabled, so the guest can never run again: %s", state)
+        if TRACE.stop:
+            TRACE.emit("stop", "halted", state=state)
+        self.request_stop(StopReason.CRASH, detail="halted")
 
     @property
     def paused(self) -> bool:

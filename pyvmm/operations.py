@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 COMMAND_NAMES = (
-    "status", "shutdown", "reboot", "destroy", "pause", "resume",
+    "status", "diagnose", "shutdown", "reboot", "destroy", "pause", "resume",
     "xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm", "evtchn-list",
     "fault-add", "fault-list", "fault-clear", "xenbus-state",
 )
@@ -43,7 +43,13 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
             "pid": os.getpid(),
             "xenstore_socket": str(machine.xenstore_socket_path) if machine.xenstore_socket_path else None,
             "kernel": str(config.kernel),
+            "reboots": machine.run_counts["reboots"],
+            "triple_faults": machine.run_counts["triple_faults"],
         }
+
+    def diagnose(args: dict) -> dict:
+        """Where each vCPU is, and Xen's xenstore ring and event channels."""
+        return {"lines": machine.diagnostics()}
 
     def orderly(kind: str) -> Callable[[dict], object]:
         def command(args: dict) -> dict:
@@ -155,6 +161,7 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
 
     return {
         "status": status,
+        "diagnose": diagnose,
         "shutdown": orderly("poweroff"),
         "reboot": orderly("reboot"),
         "destroy": destroy,

@@ -1,7 +1,8 @@
 """The PC platform every guest gets: where each device sits and what it is wired to.
 
 COM1, the CMOS RTC, the keyboard controller (for reset), the ACPI PM block
-(poweroff/reset), the 0xE9 debug port and the PCI host bridge. The ports and
+(poweroff/reset), the 0xE9 debug port, the pvpanic port and the PCI host
+bridge. The ports and
 interrupt numbers come from pyvmm.layout, which the ACPI tables also use.
 """
 
@@ -19,11 +20,13 @@ from .devices import pci
 from .devices.acpi_pm import AcpiPm
 from .devices.debugcon import DebugCon
 from .devices.i8042 import I8042
+from .devices.pvpanic import PANICKED, PvPanic
 from .devices.rtc import CmosRtc
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS
 from .devices.serial import Serial16550
 from .eventloop import EventLoop
 from .exit_handler import StopReason
+from .trace import TRACE
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -67,6 +70,8 @@ class Platform:
         pio.register(layout.ACPI_PM_BASE, layout.ACPI_PM_BLOCK_SIZE, self.acpi_pm, "ACPI PM")
         self.debugcon = DebugCon(console.write)
         pio.register(layout.DEBUGCON_PORT, 1, self.debugcon, "debug console")
+        self.pvpanic = PvPanic(self._guest_panicked)
+        pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         self.pci = pci.PciHost(pio, machine.mmio, self.gsi)
         pio.register(layout.PCI_CONFIG_ADDRESS_PORT, pci.CONFIG_PORT_COUNT, self.pci, "PCI config")
 
@@ -78,6 +83,17 @@ class Platform:
         self._pending_input = b""
         self._reading = False
         self._polled = False
+
+    def _guest_panicked(self, events: int) -> None:
+        if TRACE.stop:
+            TRACE.emit("stop", "pvpanic", events=events)
+        if events & PANICKED:
+            log.warning("guest reported a panic (pvpanic)")
+            self.machine.request_stop(StopReason.CRASH, detail="pvpanic")
+        else:
+            # CRASH_LOADED: the guest is booting its crash kernel, which is
+            # worth letting finish (it powers off or reboots when done).
+            log.warning("guest reported a panic (pvpanic) and is starting its crash kernel")
 
     def gsi(self, number: int) -> GsiLine:
         line = self._lines.get(number)

@@ -24,11 +24,13 @@ STATUS_FOR_REASON = {
     StopReason.EXPECT_MATCHED: 0,
     StopReason.REBOOT: 2,
     StopReason.CRASH: 3,
+    StopReason.TRIPLE_FAULT: 6,
     StopReason.TIMEOUT: 124,
     StopReason.DESTROYED: 4,
     StopReason.ERROR: 1,
 }
 EXIT_NO_EXPECT = 5
+RESETS = (StopReason.REBOOT, StopReason.TRIPLE_FAULT)
 EXIT_ESCAPE = 130
 
 
@@ -62,6 +64,8 @@ def run_vm(config: VmConfig) -> int:
     control = None
     machine = None
     reason = StopReason.ERROR
+    detail = None
+    run_counts = {"reboots": 0, "triple_faults": 0}
     try:
         while True:
             booting = Machine(config, console)
@@ -74,21 +78,28 @@ def run_vm(config: VmConfig) -> int:
                 machine.close()
             machine = booting
             machine.control = control
+            machine.run_counts = run_counts
             machine_holder[:] = [machine]
             reason = machine.run(deadline)
-            log.info("guest stopped: %s", reason.value)
-            if reason is StopReason.REBOOT and not config.no_reboot and not stop_signal:
-                control.broadcast("RESET", {})
+            detail = machine.stop_detail
+            log.info("guest stopped: %s%s", reason.value, f" ({detail})" if detail else "")
+            if reason is StopReason.TRIPLE_FAULT:
+                run_counts["triple_faults"] += 1
+            if reason in RESETS and not config.no_reboot and not stop_signal:
+                # A triple fault resets a PC, so the guest boots again; the
+                # warning (exit_handler.py) and the count say it happened.
+                run_counts["reboots"] += 1
+                control.broadcast("RESET", {"reason": reason.value})
                 continue
             if reason in (StopReason.POWEROFF, StopReason.CRASH):
-                control.broadcast("SHUTDOWN", {"reason": reason.value})
+                control.broadcast("SHUTDOWN", _with_detail({"reason": reason.value}, detail))
             break
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         status = _exit_status(config, reason, stop_signal)
         if control is not None:
-            control.broadcast("STOP", {"reason": reason.value, "status": status})
+            control.broadcast("STOP", _with_detail({"reason": reason.value, "status": status}, detail))
             control.close()
         if machine is not None:
             machine.close()
@@ -97,11 +108,18 @@ def run_vm(config: VmConfig) -> int:
     return status
 
 
+def _with_detail(data: dict, detail: str | None) -> dict:
+    """An event's data, with what exactly stopped the guest when it is known."""
+    return {**data, "detail": detail} if detail else data
+
+
 def _exit_status(config: VmConfig, reason: StopReason, stop_signal: list[int]) -> int:
     if stop_signal and not (len(stop_signal) == 1 and reason is StopReason.POWEROFF):
         return 128 + stop_signal[0]
     if reason is StopReason.QUIT:
         return EXIT_ESCAPE
+    # A triple fault keeps its own status under --expect: it says more than
+    # "the pattern never came".
     if config.expect is not None and reason in (StopReason.POWEROFF, StopReason.REBOOT):
         return EXIT_NO_EXPECT
     return STATUS_FOR_REASON[reason]

@@ -22,6 +22,9 @@ Categories:
     io          port I/O and MMIO exits: port or address, size, dir, value
     fault       every injected fault (pyvmm/faults.py); on whenever any
                 other category is
+    stop        why the guest stopped when it was not asked to: a triple
+                fault (registers), every vCPU halted for good, a pvpanic
+                report, --timeout; on whenever any other category is
 
 A record is {"t": monotonic ns, "cat": category, "ev": event, "thread":
 name, "vcpu": index (when the event happened on a vCPU thread), ...decoded
@@ -37,7 +40,7 @@ import threading
 import time
 from typing import IO
 
-CATEGORIES = ("hypercall", "evtchn", "xenstore", "grant", "blk", "net", "console", "io", "fault")
+CATEGORIES = ("hypercall", "evtchn", "xenstore", "grant", "blk", "net", "console", "io", "fault", "stop")
 _FLUSH_LINES = 512
 _FLUSH_NS = 1_000_000_000  # a quiet trace still reaches the file within about a second
 
@@ -59,7 +62,7 @@ def parse_categories(text: str) -> frozenset[str]:
 
 
 class Tracer:
-    hypercall = evtchn = xenstore = grant = blk = net = console = io = fault = False
+    hypercall = evtchn = xenstore = grant = blk = net = console = io = fault = stop = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -87,7 +90,7 @@ class Tracer:
         self._written_at = time.monotonic_ns()
         categories = frozenset(categories)
         if categories:
-            categories |= {"fault"}
+            categories |= {"fault", "stop"}
         self.enabled = categories
         for name in CATEGORIES:
             setattr(self, name, name in categories)

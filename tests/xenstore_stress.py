@@ -144,6 +144,7 @@ class FakeLinuxXenbus(threading.Thread):
         self.events: Counter[str] = Counter()  # watch events by path
         self.host_events = 0  # those for the host's writes (below WATCH_PATH)
         self.stop_sending = threading.Event()
+        self.watching = threading.Event()
         self.finished = threading.Event()
         self.failure: str | None = None
 
@@ -250,6 +251,8 @@ class FakeLinuxXenbus(threading.Thread):
             self.events[path] += 1
             if path.startswith(WATCH_PATH + "/"):
                 self.host_events += 1
+            elif path == WATCH_PATH:
+                self.watching.set()  # a watch's first event: it is registered
             return
         self.rig.stats.replies += 1
         if not self._outstanding:
@@ -458,6 +461,9 @@ class StressRig:
             self._written_total += 1
 
     def wait_window(self) -> None:
+        while not self.guest.watching.wait(0.1):  # writes before the guest's WATCH would fire nothing
+            if self.stop_host.is_set():
+                return
         # Host writers stay a bounded number of events ahead of the guest, so
         # the guest's event backlog (which may drop events) never fills.
         while not self.stop_host.is_set():
@@ -466,7 +472,7 @@ class StressRig:
             time.sleep(0.001)
 
     def ring_state(self) -> str:
-        return self.service.ring.describe()
+        return str(self.service.ring.snapshot())
 
     def run(self, *, seconds: float, depth: int = 24, seed: int = 0, backends: int = 2, sockets: int = 2,
             stall_seconds: float = 5.0) -> Stats:

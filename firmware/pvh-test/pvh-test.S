@@ -6,6 +6,13 @@
  * and the number of memory map entries, then powers the machine off
  * through ACPI PM1a_CNT (S5).  It runs a few thousand instructions at most.
  *
+ * "action=X" on the command line makes it end another way instead, for the
+ * tests of how pyvmm reports unexpected stops:
+ *   action=t   triple fault (an exception with an empty IDT)
+ *   action=h   cli; hlt forever (a CPU that can never run again)
+ *   action=p   report a panic on the pvpanic port, then cli; hlt
+ *   action=l   loop forever (only --timeout stops it)
+ *
  * The constants must match pyvmm/layout.py (a unit test checks them).
  */
 
@@ -16,6 +23,8 @@
 #define ACPI_S5_SLP_TYP     5
 #define SLP_EN              (1 << 13)
 #define START_INFO_MAGIC    0x336ec578
+#define PVPANIC_PORT        0x505
+#define PVPANIC_PANICKED    1
 
 /* hvm_start_info field offsets */
 #define SI_VERSION          4
@@ -66,7 +75,46 @@ pvh_start:
 2:      call    putdec
         movb    $'\n', %al
         call    putc
+
+        call    find_action
+        cmpb    $'t', %al
+        je      triple_fault
+        cmpb    $'h', %al
+        je      halt_forever
+        cmpb    $'p', %al
+        je      report_panic
+        cmpb    $'l', %al
+        je      loop_forever
         jmp     poweroff
+
+loop_forever:
+        movl    $msg_loop, %esi
+        call    puts
+spin:
+        pause
+        jmp     spin
+
+triple_fault:
+        movl    $msg_triple, %esi
+        call    puts
+        lidt    empty_idt
+        ud2                             /* #UD -> #GP -> #DF -> shutdown */
+
+report_panic:
+        movl    $msg_panic, %esi
+        call    puts
+        movw    $PVPANIC_PORT, %dx
+        movb    $PVPANIC_PANICKED, %al
+        outb    %al, %dx
+        /* fall through: a panicked kernel parks its CPU */
+
+halt_forever:
+        movl    $msg_halt, %esi
+        call    puts
+        cli
+halted:
+        hlt
+        jmp     halted
 
 bad_magic:
         movl    $msg_magic_bad, %esi
@@ -78,6 +126,37 @@ poweroff:
         outw    %ax, %dx
 3:      hlt
         jmp     3b
+
+/* The character after "action=" on the command line in %al, 0 if none. */
+find_action:
+        xorl    %eax, %eax
+        movl    SI_CMDLINE(%ebx), %esi
+        testl   %esi, %esi
+        jz      no_action
+try_here:
+        movl    %esi, %edx              /* where this attempt started */
+        movl    $action_key, %edi
+compare:
+        movb    (%edi), %al
+        testb   %al, %al
+        jz      found_action
+        cmpb    (%esi), %al
+        jne     try_next
+        incl    %esi
+        incl    %edi
+        jmp     compare
+try_next:
+        movl    %edx, %esi
+        cmpb    $0, (%esi)
+        je      no_action
+        incl    %esi
+        jmp     try_here
+found_action:
+        movb    (%esi), %al
+        ret
+no_action:
+        xorl    %eax, %eax
+        ret
 
 /* Send %al to COM1 once the transmitter holding register is empty. */
 putc:
@@ -124,6 +203,14 @@ msg_magic_ok:   .asciz "pyvmm-pvh-test: magic ok\n"
 msg_magic_bad:  .asciz "pyvmm-pvh-test: magic bad\n"
 msg_cmdline:    .asciz "pyvmm-pvh-test: cmdline: "
 msg_memmap:     .asciz "pyvmm-pvh-test: memmap entries: "
+msg_triple:     .asciz "pyvmm-pvh-test: triple fault\n"
+msg_panic:      .asciz "pyvmm-pvh-test: pvpanic\n"
+msg_halt:       .asciz "pyvmm-pvh-test: halting with interrupts off\n"
+msg_loop:       .asciz "pyvmm-pvh-test: looping forever\n"
+action_key:     .asciz "action="
+        .balign 8
+empty_idt:      .word 0                 /* limit 0: no vector can be delivered */
+                .long 0
 
         .bss
         .balign 16

@@ -4,7 +4,8 @@ RSDP -> XSDT -> {FADT -> {FACS, DSDT}, MADT}, all inside layout's
 ACPI_TABLES..ACPI_TABLES_END window (reserved in the E820 map, and inside
 the BIOS area where an OS without a boot-protocol pointer searches for the
 RSDP). The FADT describes the PM1a/PM-timer/reset I/O block that
-pyvmm.devices implements; the DSDT declares \\_S5 and the PCI root bridge.
+pyvmm.devices implements; the DSDT declares \\_S5, the PCI root bridge and
+the pvpanic device.
 """
 
 from __future__ import annotations
@@ -179,9 +180,19 @@ def pci_root_bridge() -> bytes:
     )
 
 
+def pvpanic() -> bytes:
+    """The pvpanic port, under the _HID Linux's pvpanic-mmio driver matches."""
+    port = layout.PVPANIC_PORT
+    return aml.device(
+        "PEVT",
+        aml.name("_HID", "QEMU0001"),
+        aml.name("_CRS", aml.resource_template(aml.io(port, port, 1, 1))),
+    )
+
+
 def dsdt() -> bytes:
     s5 = layout.ACPI_S5_SLP_TYP
-    body = aml.name("\\_S5", aml.package(s5, s5, 0, 0)) + aml.scope("\\_SB", pci_root_bridge())
+    body = aml.name("\\_S5", aml.package(s5, s5, 0, 0)) + aml.scope("\\_SB", pci_root_bridge(), pvpanic())
     return table(b"DSDT", DSDT_REVISION, body)
 
 

@@ -20,7 +20,7 @@ import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
-from .. import layout
+from .. import diagnose, layout
 from ..exit_handler import StopReason
 from ..kvm import CpuidEntry, KvmError, MemslotError, uapi
 from ..kvm.cpuid import signature_leaf
@@ -587,6 +587,19 @@ class XenDomain:
     def _console_notified(self) -> None:
         self.pv_console.process()
         self.machine.platform.input_wanted()  # the guest may have made room for input
+
+    # --- diagnosis ------------------------------------------------------------------
+
+    def diagnostics(self) -> list[str]:
+        """The xenstore ring and the store and console event channels, a few
+        lines for a stuck guest's last log (event thread)."""
+        ports = {entry["port"]: entry for entry in self.evtchn.snapshot()}
+        return [
+            diagnose.xenstore_ring_line(self.xenstore.ring.snapshot())
+            + f"; {self.xenstore.lost_wakeups} lost wake-up(s) found by the once-a-second check",
+            diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
+            diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
+        ]
 
     def _unplug(self, mask: int) -> None:
         log.info("guest unplugged emulated devices (mask %#x)", mask)

@@ -8,6 +8,7 @@ output itself proves hvc0 works.
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 
@@ -103,6 +104,34 @@ def test_sysrq_crash_gives_status_3(assets, tmp_path):
     result = boot(assets, tmp_path, "echo crashing-now\necho c > /proc/sysrq-trigger\n", "xen_legacy_crash")
     assert result.status == 3, result
     assert "crashing-now" in result.stdout
+
+
+def pvpanic_modules(assets, tmp_path) -> dict[str, bytes]:
+    """Debian builds pvpanic as modules: take them from the guest kernel's package."""
+    debs = sorted((assets["dir"].parent / "debs").glob(f"linux-image-{assets['kernel_release']}_*.deb"))
+    if not debs:
+        pytest.skip(f"the guest kernel's package is not next to the guest assets ({assets['dir'].parent / 'debs'})")
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp_path / "kernel")], check=True)
+    directory = tmp_path / "kernel/lib/modules" / assets["kernel_release"] / "kernel/drivers/misc/pvpanic"
+    return {f"/{name}.ko": (directory / f"{name}.ko").read_bytes() for name in ("pvpanic", "pvpanic-mmio")}
+
+
+def test_sysrq_crash_reported_through_pvpanic_gives_status_3(assets, tmp_path):
+    # No xen_legacy_crash: without pvpanic this panic is a reset (status 2).
+    script = (
+        "insmod /pvpanic.ko && insmod /pvpanic-mmio.ko\n"
+        "echo \"pvpanic-bound: $(ls /sys/bus/platform/drivers/pvpanic-mmio | grep QEMU0001)\"\n"
+        "echo crashing-now\necho c > /proc/sysrq-trigger\n"
+    )
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script, pvpanic_modules(assets, tmp_path))
+    result = run_pyvmm(
+        "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
+        "--append", "console=hvc0 panic=-1", "--vcpus", "2", "--no-reboot", timeout=BOOT_TIMEOUT,
+    )
+    assert "pvpanic-bound: QEMU0001:00" in result.stdout, result
+    assert "crashing-now" in result.stdout, result
+    assert result.status == 3, result
+    assert "guest reported a panic (pvpanic)" in result.stderr, result
 
 
 @pytest.mark.parametrize(

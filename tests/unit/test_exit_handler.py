@@ -53,7 +53,7 @@ def test_mmio_read_and_write(setup):
 @pytest.mark.parametrize(
     "exit,reason",
     [
-        (kx.ShutdownExit(), StopReason.REBOOT),
+        (kx.ShutdownExit(), StopReason.TRIPLE_FAULT),
         (kx.SystemEventExit(1, ()), StopReason.POWEROFF),
         (kx.SystemEventExit(2, ()), StopReason.REBOOT),
         (kx.SystemEventExit(3, ()), StopReason.CRASH),

@@ -291,6 +291,7 @@ class Connection:
         self._event_backlog_bytes = event_backlog_bytes
         self.broken = False
         self.error = RING_ERROR_NONE
+        self.requests_answered = 0
         self.output_listener: Callable[[], None] | None = None
         self._handlers = {
             Op.CONTROL: self._control,
@@ -350,6 +351,7 @@ class Connection:
             header, payload = message
             with self._deferred_events:
                 self._queue(self._answer(header, payload), is_event=False)
+            self.requests_answered += 1
 
     def _answer(self, header: Header, payload: bytes) -> bytes:
         try:

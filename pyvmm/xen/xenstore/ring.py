@@ -81,6 +81,18 @@ class RingServer:
         self._rsp_prod = self._load_u32(RSP_PROD)
         self.error = self._load_u32(ERROR)
 
+    def snapshot(self) -> dict:
+        """The ring's indices as the guest sees them and as the server keeps
+        them, and the connection's backlog; changes nothing."""
+        return {
+            "req_cons": self._load_u32(REQ_CONS), "req_prod": self._load_u32(REQ_PROD),
+            "rsp_cons": self._load_u32(RSP_CONS), "rsp_prod": self._load_u32(RSP_PROD),
+            "server_req_cons": self._req_cons, "server_rsp_prod": self._rsp_prod,
+            "error": self.error,
+            "queued": self.connection.pending_output(),
+            "answered": self.connection.requests_answered,
+        }
+
     # -- page access -------------------------------------------------------
 
     def _copy_out(self, base: int, index: int, length: int) -> bytes:
@@ -161,13 +173,6 @@ class RingServer:
     def unread_replies(self) -> int:
         """Reply bytes published that the guest has not consumed yet."""
         return (self._rsp_prod - self._load_u32(RSP_CONS)) & _MASK32
-
-    def describe(self) -> str:
-        """The ring's state in one line, for diagnostics."""
-        return (f"req_cons={self._req_cons} req_prod={self._load_u32(REQ_PROD)} "
-                f"rsp_cons={self._load_u32(RSP_CONS)} rsp_prod={self._rsp_prod} error={self.error} "
-                f"queued_output={self.connection.pending_output()} "
-                f"accepting_input={self.connection.accepting_input}")
 
     def _requests_waiting(self) -> bool:
         return (self._load_u32(REQ_PROD) - self._req_cons) & _MASK32 != 0

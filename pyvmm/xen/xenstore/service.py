@@ -102,4 +102,4 @@ class GuestStoreService:
         self.lost_wakeups += 1
         level = logging.WARNING if self.lost_wakeups == 1 else logging.DEBUG
         log.log(level, "xenstore of domain %d: %s with no event announcing it (%d times so far): %s",
-                self.connection.domid, what, self.lost_wakeups, self.ring.describe())
+                self.connection.domid, what, self.lost_wakeups, self.ring.snapshot())

@@ -124,6 +124,10 @@ def test_dsdt_bytes_contain_the_objects(tables):
     s5 = layout.ACPI_S5_SLP_TYP
     assert b"\x08\\_S5_\x12\x08\x04\x0a" + bytes([s5]) + b"\x0a" + bytes([s5]) + b"\x00\x00" in dsdt
     assert b"PCI0" in dsdt and b"\x0c\x41\xd0\x0a\x03" in dsdt
+    # pvpanic: the _HID string and an I/O port descriptor for its one port.
+    port = layout.PVPANIC_PORT.to_bytes(2, "little")
+    assert b"PEVT" in dsdt and b"\x0dQEMU0001\x00" in dsdt
+    assert b"\x47\x01" + port + port + b"\x01\x01" in dsdt
 
 
 needs_iasl = pytest.mark.skipif(
@@ -151,6 +155,10 @@ def test_iasl_disassembles_the_dsdt(tables, tmp_path):
                      "0x0CF7,             // Range Maximum", "0x0D00,             // Range Minimum",
                      "0xFEBFFFFF,         // Range Maximum"):
         assert resource in dsl, resource
+    pvpanic = dsl[dsl.index("Device (PEVT)"):]
+    assert 'Name (_HID, "QEMU0001")' in pvpanic
+    assert re.search(r"IO \(Decode16,\s*0x0505,\s*// Range Minimum\s*0x0505,\s*// Range Maximum\s*"
+                     r"0x01,\s*// Alignment\s*0x01,", pvpanic), pvpanic
     entries = re.findall(
         r"Package \(0x04\)\s*\{\s*(0x[0-9A-F]+|Zero|One),\s*(0x[0-9A-F]+|Zero|One),\s*Zero,\s*(0x[0-9A-F]+)\s*\}",
         dsl,

@@ -16,6 +16,7 @@ from pyvmm.boot.cpustate import CR0_PE, CR0_PG
 from pyvmm.boot.e820 import build_e820, to_pvh_memmap
 from pyvmm.boot.errors import BootError
 from pyvmm.boot.loader import load_kernel
+from pyvmm.devices.pvpanic import PANICKED
 from pyvmm.memory import GuestMemory
 
 MiB = 1 << 20
@@ -188,6 +189,8 @@ def test_source_constants_match_layout():
     assert int(defines["ACPI_S5_SLP_TYP"], 0) == layout.ACPI_S5_SLP_TYP
     assert int(defines["START_INFO_MAGIC"], 0) == pvh.START_INFO_MAGIC
     assert int(defines["XEN_ELFNOTE_PHYS32_ENTRY"], 0) == pvh.XEN_ELFNOTE_PHYS32_ENTRY
+    assert int(defines["PVPANIC_PORT"], 0) == layout.PVPANIC_PORT
+    assert int(defines["PVPANIC_PANICKED"], 0) == PANICKED
 
 
 def test_iter_notes_parses_padding_and_rejects_overruns():

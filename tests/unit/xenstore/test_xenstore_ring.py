@@ -342,3 +342,19 @@ def test_a_request_written_while_the_server_works_is_answered_without_a_signal(w
     if window == "after reading req_prod":
         assert signalled == [False]  # the case Linux leaves to the server
     assert [m[1] for m in guest.messages()] == [1, 2]
+
+
+def test_snapshot_shows_both_sides_of_the_ring_and_the_backlog():
+    _, guest, server = make(start_index=100)
+    assert server.snapshot() == {"req_cons": 100, "req_prod": 100, "rsp_cons": 100, "rsp_prod": 100,
+                                 "server_req_cons": 100, "server_rsp_prod": 100, "error": 0, "queued": 0,
+                                 "answered": 0}
+    sent = guest.send(request(Op.READ, b"name\0") + request(Op.READ, b"domid\0", req_id=2))
+    guest.set_u32(REQ_CONS, 0)  # a guest scribbling on the server's index
+    before = server.snapshot()
+    assert (before["req_prod"], before["req_cons"], before["server_req_cons"]) == (100 + sent, 0, 100)
+    server.process()
+    after = server.snapshot()
+    assert after["server_req_cons"] == after["req_cons"] == 100 + sent
+    assert after["answered"] == 2 and after["queued"] == 0
+    assert after["rsp_prod"] == after["server_rsp_prod"] > after["rsp_cons"] == 100  # replies not yet read
