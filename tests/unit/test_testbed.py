@@ -312,6 +312,15 @@ def run_agent_job(argv, stdin=b"", env=None):
     thread.start()
     ours.sendall(wire.encode(wire.STDIN, stdin) + wire.encode(wire.STDIN_EOF))
     thread.join(timeout=30)
+    # A command that never reads its stdin leaves our frames unread on the
+    # agent's side, and closing a unix socket with unread data resets the
+    # connection (ECONNRESET on our reads) instead of ending it: drain first.
+    theirs.setblocking(False)
+    try:
+        while theirs.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
     theirs.close()
     decoder = wire.Decoder()
     frames = []
