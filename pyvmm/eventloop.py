@@ -13,6 +13,13 @@ from a vCPU thread races the loop's own dispatch). Before run() starts and
 after it returns, the thread that builds or tears down the VM may call them.
 `assert_owner()` lets other single-threaded components (the xenstore) make
 the same check.
+
+call_later() returns a TimerHandle whose cancel() (event thread) takes the
+timer back. Cancelled entries leave the heap when they come up, or all at
+once when they are more than half of it (and at least COMPACT_MIN), so a
+timer re-armed again and again (a guest's, say) costs one live entry and a
+bounded number of dead ones. The select() wait is capped, so a timer
+centuries away is legal.
 """
 
 from __future__ import annotations
@@ -30,14 +37,45 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 
+# select() takes at most INT_MAX milliseconds (about 24.8 days); a timer
+# further away than this is simply waited for in several steps.
+MAX_WAIT_SECONDS = 3600.0
+# Below this many cancelled entries the heap is never rebuilt.
+COMPACT_MIN = 64
+
+
 class WrongThread(RuntimeError):
     """An event-thread-only operation was called from another thread."""
+
+
+class TimerHandle:
+    """A timer armed with call_later(); cancel() it on the event thread."""
+
+    __slots__ = ("when", "callback", "cancelled", "_loop", "_queued")
+
+    def __init__(self, loop: "EventLoop", when: float, callback: Callable[[], None]):
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+        self._loop = loop
+        self._queued = True  # in the loop's heap, not yet run
+
+    def cancel(self) -> None:
+        """The callback will not run; idempotent, and harmless after it ran."""
+        self._loop.assert_owner("cancelling a timer")
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.callback = _nothing  # let go of what it would have called
+        if self._queued:
+            self._loop._note_cancelled()
 
 
 class EventLoop:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._cancelled = 0  # cancelled handles still in _timers
         self._sequence = itertools.count()
         self._calls: deque[Callable[[], None]] = deque()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -73,9 +111,29 @@ class EventLoop:
         except (KeyError, ValueError):
             pass
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         self.assert_owner("call_later")
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._sequence), callback))
+        handle = TimerHandle(self, time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (handle.when, next(self._sequence), handle))
+        return handle
+
+    def _note_cancelled(self) -> None:
+        self._cancelled += 1
+        if self._cancelled >= COMPACT_MIN and self._cancelled * 2 > len(self._timers):
+            live = []
+            for entry in self._timers:
+                if entry[2].cancelled:
+                    entry[2]._queued = False
+                else:
+                    live.append(entry)
+            heapq.heapify(live)
+            self._timers = live
+            self._cancelled = 0
+
+    @property
+    def timer_count(self) -> int:
+        """Entries in the timer heap, cancelled ones included (what they cost)."""
+        return len(self._timers)
 
     # --- any thread ------------------------------------------------------------
 
@@ -119,7 +177,7 @@ class EventLoop:
         while not self._stopped.is_set():
             timeout = None
             if self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = min(MAX_WAIT_SECONDS, max(0.0, self._timers[0][0] - time.monotonic()))
             if self._calls:
                 timeout = 0.0
             for key, _ in self._selector.select(timeout):
@@ -128,8 +186,12 @@ class EventLoop:
                 self._call(self._calls.popleft())
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
-                _, _, callback = heapq.heappop(self._timers)
-                self._call(callback)
+                _, _, handle = heapq.heappop(self._timers)
+                handle._queued = False
+                if handle.cancelled:
+                    self._cancelled -= 1
+                else:
+                    self._call(handle.callback)
 
     def _call(self, callback: Callable[[], None]) -> None:
         try:
@@ -143,3 +205,7 @@ class EventLoop:
     def close(self) -> None:
         self._selector.close()
         os.close(self._wakeup)
+
+
+def _nothing() -> None:
+    pass
