@@ -33,6 +33,7 @@ from .gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTabl
 from .guest_access import GuestAccess
 from .hypercalls import HypercallDispatcher
 from .kvm_xen import KernelEvtchn, XenFeatures
+from .timers import UserTimer
 from .vbd import create_vbds
 from .vif import create_vifs
 from .xenstore import Access, Permission, XenStore
@@ -100,8 +101,7 @@ class XenDomain:
         self.callback = Callback.NONE
         self._callback_fds: tuple[int, int] | None = None  # the GSI callback's (trigger, resample)
         self._callback_gsi = 0
-        self._timers: list[object | None] = [None] * self.vcpu_count  # userspace timer generations
-        self._timer_ports: list[int | None] = [None] * self.vcpu_count
+        self._init_timers()
         self.params: dict[int, int] = {}
         self._grant_frame_gpa: dict[int, int] = {}  # grant frame index -> where the guest mapped it
         self._grant_frame_at: dict[int, int] = {}  # and back
@@ -453,6 +453,12 @@ class XenDomain:
 
     # --- timers ------------------------------------------------------------------
 
+    def _init_timers(self) -> None:
+        # Each vCPU's two timers, as in Xen; set_timer_op is the singleshot one.
+        self._singleshot = [UserTimer(self.loop, partial(self._timer_fired, i)) for i in range(self.vcpu_count)]
+        self._periodic = [UserTimer(self.loop, partial(self._timer_fired, i)) for i in range(self.vcpu_count)]
+        self._timer_ports: list[int | None] = [None] * self.vcpu_count  # KVM runs the singleshot timer
+
     def _guest_time_ns(self) -> int:
         return kvm_xen.clock_ns(self.vm)
 
@@ -465,7 +471,7 @@ class XenDomain:
 
     def stop_singleshot_timer(self, vcpu: int) -> None:
         self._check_vcpu(vcpu)
-        self._timers[vcpu] = None
+        self._singleshot[vcpu].stop()
         port = self._timer_ports[vcpu]
         if port is not None:
             # Expiry 0 stops KVM's timer and keeps its port (KVM takes the
@@ -488,10 +494,9 @@ class XenDomain:
             self._timer_ports[vcpu] = port
             self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, port, deadline_ns))
             return
-        generation = object()
-        self._timers[vcpu] = generation
-        delay = max(0.0, (deadline_ns - now_ns) / 1e9)
-        self.loop.call_later_threadsafe(delay, lambda: self._timer_fired(vcpu, generation))
+        # Xen keeps a far-off singleshot deadline as it is (only set_timer_op
+        # has a range rule): it costs one loop entry, and never fires.
+        self._singleshot[vcpu].arm(max(0.0, (deadline_ns - now_ns) / 1e9))
 
     def _kernel_timer(self, vcpu_object, port: int, deadline_ns: int) -> None:
         kvm_xen.set_vcpu_attr(
@@ -499,28 +504,18 @@ class XenDomain:
             timer={"port": port, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": deadline_ns},
         )
 
-    def _timer_fired(self, vcpu: int, generation) -> None:
-        if self._timers[vcpu] is generation:
-            self._timers[vcpu] = None
-            self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
+    def _timer_fired(self, vcpu: int) -> None:
+        self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
 
     def set_periodic_timer(self, vcpu: int, period_ns: int) -> None:
         self._check_vcpu(vcpu)
         if period_ns < MIN_PERIOD_NS:
             raise XenError(EINVAL)
-        generation = object()
-        self._timers[vcpu] = generation
-
-        def tick():
-            if self._timers[vcpu] is generation:
-                self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
-                self.loop.call_later(period_ns / 1e9, tick)
-
-        self.loop.call_later_threadsafe(period_ns / 1e9, tick)
+        self._periodic[vcpu].arm(period_ns / 1e9, period_ns / 1e9)
 
     def stop_periodic_timer(self, vcpu: int) -> None:
         self._check_vcpu(vcpu)
-        self._timers[vcpu] = None
+        self._periodic[vcpu].stop()
 
     # --- scheduling and lifecycle ----------------------------------------------------
 

@@ -1,22 +1,58 @@
-"""XenDomain's userspace side of KVM's in-kernel Xen timers (no KVM: the attribute calls are recorded)."""
+"""XenDomain's Xen timers: the userspace side of KVM's in-kernel ones (no
+KVM: the attribute calls are recorded) and the ones pyvmm runs on its event
+loop when VIRQ_TIMER is not in the kernel."""
 
+import heapq
 from types import SimpleNamespace
 
+import pytest
+
+from pyvmm.eventloop import EventLoop
 from pyvmm.kvm import uapi
+from pyvmm.xen import abi
 from pyvmm.xen import domain as domain_module
-from pyvmm.xen.domain import XenDomain
+from pyvmm.xen.domain import MIN_PERIOD_NS, XenDomain
+from pyvmm.xen.errors import XenError
+
+SECOND = 1_000_000_000
 
 
-def timer_domain(monkeypatch, timer_ports):
+@pytest.fixture
+def loop():
+    loop = EventLoop()
+    yield loop
+    loop.close()
+
+
+def timer_domain(monkeypatch, timer_ports, loop=None, *, in_kernel=True):
     calls = []
     monkeypatch.setattr(domain_module.kvm_xen, "set_vcpu_attr",
                         lambda vcpu, kind, **union: calls.append((vcpu, kind, union)))
     domain = XenDomain.__new__(XenDomain)  # only the timer state, no VM
     domain.vcpu_count = len(timer_ports)
-    domain._timers = [None] * len(timer_ports)
+    domain.loop = loop
+    domain._init_timers()
     domain._timer_ports = list(timer_ports)
     domain.machine = SimpleNamespace(run_on_vcpu=lambda index, function: function(f"vcpu{index}"))
+    domain.kvm_features = SimpleNamespace(evtchn_send=in_kernel)
+    domain._guest_time_ns = lambda: 1_000 * SECOND
+    domain.evtchn = SimpleNamespace(virq_port=lambda virq, vcpu: None,
+                                    send_virq=lambda virq, vcpu: calls.append(("virq", virq, vcpu)))
     return domain, calls
+
+
+def fire_next(loop):
+    """Run the earliest timer as the loop would once it is due."""
+    _, _, handle = heapq.heappop(loop._timers)
+    handle._queued = False
+    handle.callback()
+
+
+def run_pending(loop):
+    """Run the calls handed over to the loop and the timers already due."""
+    loop.call_soon_threadsafe(loop.stop)
+    loop.run()
+    loop._stopped.clear()
 
 
 def test_stopping_an_in_kernel_timer_keeps_its_port(monkeypatch):
@@ -29,8 +65,58 @@ def test_stopping_an_in_kernel_timer_keeps_its_port(monkeypatch):
                                  "expires_ns": 0}})]
 
 
-def test_stopping_a_userspace_timer_needs_no_kernel_call(monkeypatch):
-    domain, calls = timer_domain(monkeypatch, [None, None])
-    domain._timers[0] = object()
+def test_stopping_a_userspace_timer_needs_no_kernel_call(monkeypatch, loop):
+    domain, calls = timer_domain(monkeypatch, [None, None], loop)
+    domain.set_singleshot_timer(0, 2_000 * SECOND, future=True)
     domain.stop_singleshot_timer(0)
-    assert domain._timers[0] is None and calls == []
+    run_pending(loop)
+    assert not domain._singleshot[0].armed and calls == [] and loop.timer_count == 0
+
+
+def test_re_arming_userspace_timers_holds_one_loop_entry_each(monkeypatch, loop):
+    # Every VCPUOP_set_singleshot_timer / set_periodic_timer used to add an
+    # event-loop entry that nothing cancelled: 100,000 calls held ~50 MB.
+    domain, calls = timer_domain(monkeypatch, [None, None], loop, in_kernel=False)
+    for i in range(100_000):
+        far = (1 << 62) + i  # centuries away: honoured, as Xen does
+        domain.set_singleshot_timer(0, far, future=True)
+        domain.set_timer_op(1, 1_000 * SECOND + SECOND + i)
+        domain.set_periodic_timer(i % 2, MIN_PERIOD_NS + i)
+        assert len(loop._calls) <= 4  # at most one handover per timer in flight
+    run_pending(loop)
+    assert loop.timer_count <= 4  # a singleshot and a periodic timer per vCPU
+    for i in range(100_000):
+        domain.set_periodic_timer(0, MIN_PERIOD_NS + i)
+        run_pending(loop)  # each re-arm reaches the loop: the old entry is cancelled
+    assert loop.timer_count - loop._cancelled <= 4
+    assert loop.timer_count <= 4 + 2 * 64
+
+
+def test_a_userspace_singleshot_timer_fires_once(monkeypatch, loop):
+    domain, calls = timer_domain(monkeypatch, [None], loop, in_kernel=False)
+    domain.set_singleshot_timer(0, 0, future=False)  # already past: fires at once
+    run_pending(loop)
+    assert calls == [("virq", abi.VIRQ_TIMER, 0)]
+    assert loop.timer_count == 0 and not domain._singleshot[0].armed
+
+
+def test_a_periodic_timer_re_arms_itself_and_survives_the_singleshot_one(monkeypatch, loop):
+    domain, calls = timer_domain(monkeypatch, [None], loop, in_kernel=False)
+    domain.set_periodic_timer(0, MIN_PERIOD_NS)
+    domain.set_singleshot_timer(0, 2_000 * SECOND, future=True)
+    domain.stop_singleshot_timer(0)  # in Xen the two timers are separate
+    run_pending(loop)
+    assert loop.timer_count == 1 and domain._periodic[0].armed
+    fire_next(loop)  # the period is up
+    assert calls == [("virq", abi.VIRQ_TIMER, 0)]
+    assert domain._periodic[0].armed and loop.timer_count - loop._cancelled == 1
+    domain.stop_periodic_timer(0)
+    run_pending(loop)
+    assert loop.timer_count - loop._cancelled == 0
+
+
+def test_a_periodic_period_below_a_millisecond_is_refused(monkeypatch, loop):
+    domain, _ = timer_domain(monkeypatch, [None], loop, in_kernel=False)
+    with pytest.raises(XenError):
+        domain.set_periodic_timer(0, MIN_PERIOD_NS - 1)
+    assert len(loop._calls) == 0
