@@ -35,6 +35,12 @@ that may run other code - upcall, schedule, add_reader/remove_reader,
 on_pending - is queued and run after the lock is released. on_notify
 itself always runs on the event thread (through schedule, or as the
 eventfd's reader).
+
+A guest's sends to a backend that reach userspace are merged: while one
+notification is scheduled and has not started, more sends add nothing
+(the eventfd merges the kernel path's the same way). The flag is cleared,
+under the lock, just before on_notify runs, so a send made while on_notify
+runs schedules another and none is lost.
 """
 
 from __future__ import annotations
@@ -142,6 +148,7 @@ class BackendChannel:
         self._eventfd = eventfd
         self._loop_reads_eventfd = loop_reads_eventfd
         self._closed = False
+        self._notify_scheduled = False  # a send's notification is queued, not yet started (owner's lock)
 
     @property
     def eventfd(self) -> int | None:
@@ -177,6 +184,15 @@ class BackendChannel:
             self._owner._notify_guest(self)
         elif fault.action == "delay":
             FAULTS.call_later(fault.delay, lambda: self._owner._notify_guest(self) if not self._closed else None)
+
+    def _scheduled_notify(self) -> None:
+        """A guest send's notification, on the event thread."""
+        with self._owner._lock:
+            self._notify_scheduled = False  # before on_notify: a send from now on is served again
+        if TRACE.evtchn or FAULTS.evtchn:
+            self._from_guest(kernel=False)
+        else:
+            self.on_notify()
 
     def _from_guest(self, kernel: bool) -> None:
         """The guest sent on its end: run the backend (unless a fault says otherwise)."""
@@ -337,9 +353,9 @@ class EventChannels:
                 self._deliver(port, after)
             elif record.state == EVTCHNSTAT_interdomain and record.remote_dom == DOM0:
                 channel = self._backends[record.remote_port]
-                watched = TRACE.evtchn or FAULTS.evtchn
-                after.append(partial(self._schedule,
-                                     partial(channel._from_guest, False) if watched else channel.on_notify))
+                if not channel._notify_scheduled:
+                    channel._notify_scheduled = True
+                    after.append(partial(self._schedule, channel._scheduled_notify))
             elif record.state == EVTCHNSTAT_interdomain:
                 self._deliver(record.remote_port, after)
             elif record.state != EVTCHNSTAT_unbound:  # Xen silently drops sends on unbound ports
