@@ -27,11 +27,13 @@ from .devices.serial import Serial16550
 from .eventloop import EventLoop
 from .exit_handler import StopReason
 from .trace import TRACE
+from .ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .machine import Machine
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 RTC_POLL_SECONDS = 1.0  # how soon a newly enabled RTC interrupt is noticed
 STDIN_CHUNK = 4096
@@ -93,7 +95,7 @@ class Platform:
         else:
             # CRASH_LOADED: the guest is booting its crash kernel, which is
             # worth letting finish (it powers off or reboots when done).
-            log.warning("guest reported a panic (pvpanic) and is starting its crash kernel")
+            _limited.warning("guest reported a panic (pvpanic) and is starting its crash kernel")
 
     def gsi(self, number: int) -> GsiLine:
         line = self._lines.get(number)

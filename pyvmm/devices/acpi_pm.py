@@ -30,8 +30,10 @@ from typing import Callable
 from .. import layout
 from ..bus import IrqLine
 from . import read_bytewise, write_bytewise
+from ..ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 BLOCK_SIZE = layout.ACPI_PM_BLOCK_SIZE
 PM1_STS = layout.ACPI_PM1A_EVT_BLK - layout.ACPI_PM_BASE
@@ -161,7 +163,7 @@ class AcpiPm:
             log.info("acpi: guest entered S5 (soft off)")
             self._requests.append(self._on_poweroff)
         else:
-            log.warning("acpi: sleep type %d is not supported; staying awake", sleep_type)
+            _limited.warning("acpi: sleep type %d is not supported; staying awake", sleep_type)
 
     def _update_sci(self) -> None:
         level = bool(self._status & self._enable)

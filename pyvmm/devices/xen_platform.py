@@ -21,6 +21,9 @@ ports) carry the unplug protocol Linux's platform-pci-unplug speaks:
 
 Log characters are collected into lines for `on_log`; unplug masks go to
 `on_unplug` (UNPLUG_* bits). Any other access reads all-ones or is ignored.
+The guest decides what and how often it writes, so a line is cut at
+LOG_LINE_MAX bytes, its control characters (terminal escapes among them)
+are shown escaped, and the default sinks log at a limited rate.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import logging
 import threading
 from typing import Callable
 
+from ..ratelimit import RateLimitedLog
 from . import all_ones
 from .pci import BarKind, PciDevice
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 VENDOR_ID = 0x5853  # XenSource
 DEVICE_ID = 0x0001
@@ -55,11 +60,16 @@ UNPLUG_NVME_DISKS = 1 << 3
 
 PLATFORM_FLAG_ROM_LOCK = 1  # the only platform flag that reads back
 
-LOG_LINE_MAX = 4095  # a longer "line" is cut here
+LOG_LINE_MAX = 512  # a longer "line" is cut here and goes on as the next one
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 def _log_line(line: str) -> None:
-    log.info("guest PV driver: %s", line)
+    _limited.info("guest PV driver: %s", line)
+
+
+def _log_unplug(mask: int) -> None:
+    _limited.info("guest unplugged emulated devices (mask %#x)", mask)
 
 
 class XenPlatformDevice(PciDevice):
@@ -81,7 +91,7 @@ class XenPlatformDevice(PciDevice):
         )
         self.add_bar(IO_BAR, IO_BAR_SIZE, BarKind.IO)
         self.add_bar(MMIO_BAR, MMIO_BAR_SIZE, BarKind.MEM32, prefetchable=True)
-        self._on_unplug = on_unplug or (lambda mask: None)
+        self._on_unplug = on_unplug or _log_unplug
         self._on_log = on_log or _log_line
         self._lock = threading.Lock()  # vCPUs may write log bytes at once
         self._log_buffer = bytearray()
@@ -114,7 +124,7 @@ class XenPlatformDevice(PciDevice):
     def _log_byte(self, byte: int) -> None:
         with self._lock:
             if byte == 0x0A or len(self._log_buffer) >= LOG_LINE_MAX:
-                line = self._log_buffer.decode("utf-8", "replace").rstrip("\r")
+                line = self._log_buffer.decode("utf-8", "replace").rstrip("\r").translate(_ESCAPES)
                 self._log_buffer.clear()
                 # A cut-off line keeps the byte that did not fit.
                 if byte != 0x0A:

@@ -96,8 +96,10 @@ from .blkif import (
 )
 from .gnttab import GrantError, GrantMapping, GrantTable
 from .ring import BackRing, RingBroken
+from ..ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 __all__ = [
     "BlockBackend",
@@ -449,8 +451,8 @@ class BlockBackend:
                 request.reason = f"grant: {error}"
                 status = BLKIF_RSP_ERROR
             except OSError as error:
-                log.warning("%s: %s of sector %d failed: %s", self.image.path,
-                            blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
+                _limited.warning("%s: %s of sector %d failed: %s", self.image.path,
+                                 blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
                 request.reason = f"I/O: {error}"
                 status = BLKIF_RSP_ERROR
         if status != BLKIF_RSP_OKAY:

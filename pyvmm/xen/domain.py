@@ -39,11 +39,13 @@ from .vif import create_vifs
 from .xenstore import Access, Permission, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
+from ..ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 GUEST_DOMID = 1
 XEN_CPUID_BASE = 0x40000000
@@ -120,7 +122,7 @@ class XenDomain:
         )
         self.gnttab = GrantTable(self.memory)
 
-        self.platform_device = XenPlatformDevice(on_unplug=self._unplug, on_log=self._platform_log)
+        self.platform_device = XenPlatformDevice()  # it logs what the guest says there, rate-limited
         slot = machine.platform.pci.add(self.platform_device)
         self._platform_intx_gsi = layout.pci_intx_gsi(slot, 0)  # its INTA
         machine.pio.register(layout.XEN_PLATFORM_IO_PORT, 4, self.platform_device.fixed_ports(), "xen-platform ports")
@@ -308,7 +310,7 @@ class XenDomain:
         if gpa != abi.INVALID_GPA and not self.memory.contains(gpa, 48):
             raise XenError(EINVAL)
         if not self.kvm_features.runstate:
-            log.info("KVM has no runstate support: the guest's runstate area stays empty")
+            _limited.info("KVM has no runstate support: the guest's runstate area stays empty")
             return
         self.machine.run_on_vcpu(
             vcpu, lambda v: kvm_xen.set_vcpu_attr(v, uapi.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR, gpa=gpa)
@@ -323,7 +325,7 @@ class XenDomain:
         try:
             kvm_xen.set_runstate_update_flag(self.vm, enabled)
         except OSError as error:
-            log.warning("KVM refused the runstate update flag: %s", error)
+            _limited.warning("KVM refused the runstate update flag: %s", error)
             raise XenError(EINVAL, "KVM refused the runstate update flag") from error
 
     def _check_vcpu(self, vcpu: int) -> None:
@@ -370,7 +372,7 @@ class XenDomain:
             self._start_gsi_callback(self._platform_intx_gsi)
         else:
             raise XenError(EINVAL, f"callback type {kind}")
-        log.info("event channel callback: %s (%#x)", self.callback.value, value)
+        _limited.info("event channel callback: %s (%#x)", self.callback.value, value)
 
     def _start_gsi_callback(self, gsi: int) -> None:
         # A level-triggered line held while vCPU 0's upcall_pending is set:
@@ -537,7 +539,7 @@ class XenDomain:
         }.get(reason)
         if stop is None:
             raise XenError(EINVAL, f"shutdown reason {reason} is not supported")
-        log.info("guest asked for shutdown: %s", stop.value)
+        _limited.info("guest asked for shutdown: %s", stop.value)
         self.machine.request_stop(stop)
 
     def request_guest_shutdown(self, kind: str = "poweroff") -> None:
@@ -595,12 +597,6 @@ class XenDomain:
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
         ]
-
-    def _unplug(self, mask: int) -> None:
-        log.info("guest unplugged emulated devices (mask %#x)", mask)
-
-    def _platform_log(self, line: str) -> None:
-        log.info("xen-platform: %s", line)
 
 
 def _drain_eventfd(fd: int) -> None:

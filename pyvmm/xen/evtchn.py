@@ -81,8 +81,10 @@ from .abi import (
     VIRQ_ARCH_0,
     NR_VIRQS,
 )
+from ..ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 DOM0 = 0
 DOMID_SELF = 0x7FF0
@@ -590,7 +592,7 @@ class EventChannels:
             method(*args)
             return True
         except OSError as error:
-            log.warning("KVM refused %s%r: %s", method.__name__, args, error)
+            _limited.warning("KVM refused %s%r: %s", method.__name__, args, error, key=method.__name__)
             return False
 
     def _mapped(self) -> tuple[int, SharedInfoLayout] | None:

@@ -45,11 +45,13 @@ from .ring import RingBroken
 from .ring_worker import RingWorker
 from .xenbus_backend import FrontendError, XenbusBackendDevice
 from .xenstore import XenStore
+from ..ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .evtchn import EventChannels
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 XENVBD_MAJOR = 202
 EXTENDED_VDEV = 1 << 28
@@ -180,9 +182,9 @@ class VbdDevice(XenbusBackendDevice):
         for worker in self._workers:
             worker.start()
         self.queues, self.ring_pages = queues, 1 if single else 1 << order
-        log.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
-                 self.vdev, self.image.path, "ro" if self.image.readonly else "rw", queues, self.ring_pages,
-                 protocol or "native", ", ".join(map(str, ports)), ", persistent grants" if persistent else "")
+        _limited.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
+                      self.vdev, self.image.path, "ro" if self.image.readonly else "rw", queues, self.ring_pages,
+                      protocol or "native", ", ".join(map(str, ports)), ", persistent grants" if persistent else "")
 
     def disconnect(self) -> None:
         self._generation += 1
@@ -192,7 +194,7 @@ class VbdDevice(XenbusBackendDevice):
         self.backend.detach_ring()
         self.release_connection()
         if self.queues:
-            log.info("%s: disconnected", self.vdev)
+            _limited.info("%s: disconnected", self.vdev)
         self.queues = self.ring_pages = 0
 
     def close(self) -> None:

@@ -55,8 +55,10 @@ import logging
 
 from ..trace import TRACE
 from .xenstore import Access, Client, Permission, XenStore, XenStoreError
+from ..ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 _COMMIT_ATTEMPTS = 8
 
@@ -237,14 +239,14 @@ class XenbusBackendDevice:
 
     def fail(self, message: str, code: int = errno.EIO) -> None:
         """Give up on the connection: report, disconnect, go Closing."""
-        log.error("%s: %s; closing the device", self.backend_path, message)
+        _limited.error("%s: %.300s; closing the device", self.backend_path, message)
         self.failed = message
         self._disconnect()
         if self.client is not None and not self.closed:
             try:
                 self.client.write(f"{self.backend_path}/error", f"{code} {message}")
             except XenStoreError as error:  # pragma: no cover - a store quota, at worst
-                log.warning("%s: cannot write the error node: %s", self.backend_path, error)
+                _limited.warning("%s: cannot write the error node: %s", self.backend_path, error)
             self.switch_state(XenbusState.CLOSING)
 
     def frontend_state(self) -> XenbusState:

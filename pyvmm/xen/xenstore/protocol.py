@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from ...faults import FAULTS
 from ...trace import TRACE
+from ...ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .store import Client
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 HEADER = struct.Struct("<IIII")
 HEADER_SIZE = HEADER.size
@@ -343,7 +345,7 @@ class Connection:
             try:
                 message = self._decoder.pop()
             except FrameError as exc:
-                log.warning("xenstore: domain %d: %s; connection broken", self.domid, exc)
+                _limited.warning("xenstore: domain %d: %s; connection broken", self.domid, exc)
                 self._break(RING_ERROR_PROTO)
                 return
             if message is None:
@@ -543,14 +545,14 @@ class Connection:
             return
         payload_len = len(path) + len(token) + 2
         if payload_len > PAYLOAD_MAX:
-            log.warning("xenstore: domain %d: dropping over-long watch event", self.domid)
+            _limited.warning("xenstore: domain %d: dropping over-long watch event", self.domid)
             return
         message = encode_watch_event(path, token)
         # An identical event still waiting tells the client the same thing.
         if not path.startswith("@") and self._unsent_events[message]:
             return
         if not self._client.privileged and self._out_bytes >= self._event_backlog_bytes:
-            log.warning("xenstore: domain %d: event backlog full, dropping %s", self.domid, path)
+            _limited.warning("xenstore: domain %d: event backlog full, dropping %.200s", self.domid, path)
             return
         was_idle = self._out_bytes == 0
         self._queue(message, is_event=True)

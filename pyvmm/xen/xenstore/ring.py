@@ -26,8 +26,10 @@ import logging
 
 from ..atomic import SharedWords
 from .protocol import RING_ERROR_NONE, RING_ERROR_PROTO, RING_ERROR_RINGIDX, Connection
+from ...ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 RING_SIZE = 1024
 REQ_OFFSET = 0
@@ -206,7 +208,7 @@ class RingServer:
         return len(data)
 
     def _fail(self, error: int, why: str = "protocol violation") -> None:
-        log.warning("xenstore ring of domain %d broken: %s", self.connection.domid, why)
+        _limited.warning("xenstore ring of domain %d broken: %s", self.connection.domid, why)
         self.error = error
         self._store_u32(ERROR, error)
         # As xenstored: whatever was in flight, the watches and the
@@ -214,7 +216,7 @@ class RingServer:
         self.connection.reset()
 
     def _reconnect(self) -> None:
-        log.info("xenstore ring of domain %d: reconnection requested", self.connection.domid)
+        _limited.info("xenstore ring of domain %d: reconnection requested", self.connection.domid)
         self.connection.reset()
         self._req_cons = self._rsp_prod = 0
         for offset in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):

@@ -1,12 +1,14 @@
 """The xen-platform PCI device: identity, BARs, the unplug/log port protocol, INTx."""
 
+import logging
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyvmm import layout
+from pyvmm import layout, ratelimit
 from pyvmm.bus import Bus
-from pyvmm.devices import pci
+from pyvmm.devices import pci, xen_platform
 from pyvmm.devices.pci import PciHost
 from pyvmm.devices.xen_platform import (
     FIXED_PORT_COUNT,
@@ -167,3 +169,38 @@ def test_hostile_accesses(offset, size, value, window):
         device.bar_write(window, offset, size, value)
         result = device.bar_read(window, offset, size)
     assert 0 <= result < 1 << (8 * size) or size == 0
+
+
+def test_log_lines_cannot_drive_the_host_terminal(machine):
+    for byte in b"\x1b[2Jred\x07\tend\x7f\n":
+        machine.pio.write(PORT + 2, 1, byte)
+    assert machine.logs == ["\\x1b[2Jred\\x07\\x09end\\x7f"]
+
+
+@pytest.fixture
+def fresh_limit(monkeypatch):
+    monkeypatch.setattr(xen_platform, "_limited", ratelimit.RateLimitedLog(xen_platform.log))
+
+
+def test_a_flood_of_log_lines_gives_a_bounded_log(caplog, fresh_limit):
+    # The guest decides how many lines it writes to port 0x12.
+    device = XenPlatformDevice()
+    ports = device.fixed_ports()
+    with caplog.at_level(logging.INFO, logger=xen_platform.__name__):
+        for _ in range(100_000):
+            ports.write(2, 1, ord("x"))
+            ports.write(2, 1, 0x0A)
+        for _ in range(100_000):
+            ports.write(0, 2, UNPLUG_ALL_NICS)
+    lines = [record for record in caplog.records if record.name == xen_platform.__name__]
+    assert 2 <= len(lines) <= 2 * (ratelimit.BURST + 1)
+    assert all(len(record.getMessage()) < 2 * LOG_LINE_MAX for record in lines)
+
+
+def test_a_long_line_is_cut(caplog, fresh_limit):
+    device = XenPlatformDevice()
+    with caplog.at_level(logging.INFO, logger=xen_platform.__name__):
+        for _ in range(100 * LOG_LINE_MAX):
+            device.fixed_ports().write(2, 1, ord("y"))
+    lines = [record.getMessage() for record in caplog.records if record.name == xen_platform.__name__]
+    assert lines and all(len(line) <= LOG_LINE_MAX + 100 for line in lines)
