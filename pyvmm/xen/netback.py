@@ -11,7 +11,11 @@ Data never passes through Python objects:
 
 - Transmit: the grant of every slot of a packet is mapped read-only and
   the packet goes to the TAP with one os.writev() of the virtio_net_hdr
-  followed by memoryviews of the granted fragments.
+  followed by memoryviews of the granted fragments. When the header is
+  derived from the packet's own headers (checksum or GSO offload), those
+  are read once into a private copy, judged there, and the copy is what
+  is written: the guest can change its pages at any time, and must not be
+  able to send headers other than the ones the virtio_net_hdr was made for.
 - Receive: the frontend's posted pages are mapped writable as they are
   taken off the ring, and a frame is read from the TAP with one os.readv()
   straight into them: [virtio_net_hdr, page 0, page 2, page 3, ...].
@@ -121,6 +125,7 @@ IPPROTO_UDP = 17
 _IPV6_EXTENSIONS = {0, 43, 60}  # hop-by-hop, routing, destination options: (len + 1) * 8 bytes
 _IPV6_FRAGMENT = 44
 HEADER_PEEK = 192  # bytes of a packet's start enough for its Ethernet, IP and L4 headers
+_PLAIN_HEADER = bytes(VNET_HDR_SIZE)
 
 
 @dataclass(frozen=True)
@@ -420,18 +425,23 @@ class NetBackend:
                     raise _Drop(f"GSO type {gso_type} size {gso_size}")
         mappings = self.grants.map_many([request.gref for request in data], writable=False)
         buffers: list[memoryview] = []
+        rest: list[memoryview] = []
         try:
             for request, length, mapping in zip(data, lengths, mappings):
                 if isinstance(mapping, GrantError):
                     raise _Drop(f"tx grant {request.gref}: {mapping}")
                 buffers.append(mapping.view[request.offset : request.offset + length])
-            header = self._tx_header(first.flags, gso_type, gso_size, buffers)
+            header, judged = self._tx_header(first.flags, gso_type, gso_size, buffers)
+            frame: list = buffers
+            if judged:  # the bytes the header was made from, not the guest's pages again
+                rest = _after(buffers, len(judged))
+                frame = [judged, *rest]
             fault = FAULTS.net_packet("tx", self.name, first.size) if FAULTS.net else None
             try:
                 if fault is None:
-                    os.writev(self.tap_fd, [header, *buffers])
+                    os.writev(self.tap_fd, [header, *frame])
                 else:
-                    self._send_faulty(fault, header, buffers)
+                    self._send_faulty(fault, header, frame)
             except OSError as error:
                 if error.errno in (errno.EAGAIN, errno.ENOBUFS):
                     raise _Drop("the TAP queue is full") from None
@@ -440,11 +450,11 @@ class NetBackend:
             self.stats.tx_bytes += first.size
             return fault
         finally:
-            for buffer in buffers:
+            for buffer in (*rest, *buffers):
                 buffer.release()
             self.grants.release_many(mapping for mapping in mappings if not isinstance(mapping, GrantError))
 
-    def _send_faulty(self, fault: FaultRule, header: bytes, buffers: list[memoryview]) -> None:
+    def _send_faulty(self, fault: FaultRule, header: bytes, buffers: list) -> None:
         """An injected fault on a transmitted packet (a copy: the grants are
         given back before a delayed write happens)."""
         if fault.action == "drop":
@@ -469,9 +479,11 @@ class NetBackend:
             log.debug("%s: a delayed packet was refused: %s", self.name, error.strerror)
 
     @staticmethod
-    def _tx_header(flags: int, gso_type: int, gso_size: int, buffers: list[memoryview]) -> bytes:
+    def _tx_header(flags: int, gso_type: int, gso_size: int, buffers: list[memoryview]) -> tuple[bytes, bytes]:
+        """The virtio_net_hdr, and the copy of the packet's first bytes it was
+        made from (empty when the packet's contents did not matter)."""
         if not (flags & NETTXF_csum_blank or gso_type):
-            return bytes(VNET_HDR_SIZE)
+            return _PLAIN_HEADER, b""
         peek = bytes(buffers[0][:HEADER_PEEK])
         if len(peek) < HEADER_PEEK and len(buffers) > 1:
             peek = b"".join(bytes(buffer[:HEADER_PEEK]) for buffer in buffers)[:HEADER_PEEK]
@@ -483,8 +495,8 @@ class NetBackend:
             if offset != 16:
                 raise _Drop("TCP segmentation asked for a packet that is not TCP")
             return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, _GSO_TO_VNET[gso_type], start + l4_length, gso_size,
-                                 start, offset)
-        return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, start, offset)
+                                 start, offset), peek
+        return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, start, offset), peek
 
     # --- receive: TAP -> guest -------------------------------------------------------------
 
@@ -623,6 +635,18 @@ class NetBackend:
         if buffer.mapping is not None:
             self._rx_answered.append(buffer.mapping)
         self._rx_responses += _pack_rx_response(buffer.id, 0, flags, status)
+
+
+def _after(buffers: list[memoryview], skip: int) -> list[memoryview]:
+    """Views of what follows the first `skip` bytes of the buffers, end to end."""
+    views = []
+    for buffer in buffers:
+        if skip >= len(buffer):
+            skip -= len(buffer)
+            continue
+        views.append(buffer[skip:])
+        skip = 0
+    return views
 
 
 def _nothing() -> None:

@@ -12,9 +12,9 @@ import pytest
 
 from pyvmm import tap as tapmod
 from pyvmm.memory import GuestMemory
-from pyvmm.xen import gnttab, netif
+from pyvmm.xen import gnttab, netback, netif
 from pyvmm.xen.gnttab import GTF_permit_access, GTF_readonly, GrantTable
-from pyvmm.xen.netback import GSO_RX_SLOTS, NetBackend, NetFeatures, checksum_position
+from pyvmm.xen.netback import GSO_RX_SLOTS, HEADER_PEEK, NetBackend, NetFeatures, checksum_position
 from pyvmm.xen.netif import (
     NETRXF_csum_blank,
     NETRXF_data_validated,
@@ -453,3 +453,41 @@ def test_tap_without_privileges_says_what_is_missing():
     message = os.read(reader, 4096).decode()
     os.close(reader)
     assert "pyvmm-noperm0" in message and "CAP_NET_ADMIN" in message
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-slot", "headers-across-slots"])
+def test_headers_changed_after_they_were_judged_do_not_reach_the_tap(front, monkeypatch, split):
+    # The backend reads the headers to build the virtio_net_hdr; a guest that
+    # rewrites its pages right after (here: at the TAP write) must not get
+    # other headers than those onto the wire.
+    frame = tcp4_frame(random.Random(2).randbytes(9200 if split else 3000))
+    pieces = (4096, 4096, len(frame) - 40 - 8192) if split else ()  # a 40-byte first slot
+    hostile = udp_over_ipv6_lookalike(len(frame))
+    first_length = len(frame) - sum(pieces)
+    places = [(front.next_gfn, 100 if first_length <= PAGE - 100 else 0, first_length)]
+    places += [(front.next_gfn + 1 + index, 0, length) for index, length in enumerate(pieces)]
+    real_writev = os.writev
+
+    def rewrite_then_write(fd, iov):
+        position = 0
+        for gfn, offset, length in places:
+            front.memory.write(gfn * PAGE + offset, hostile[position : position + length])
+            position += length
+        return real_writev(fd, iov)
+
+    monkeypatch.setattr(netback.os, "writev", rewrite_then_write)
+    front.send(frame, pieces=pieces, flags=NETTXF_csum_blank, gso=(1440, XEN_NETIF_GSO_TYPE_TCPV4))
+    assert all(status == XEN_NETIF_RSP_OKAY for _, status in front.tx_responses() if status != XEN_NETIF_RSP_NULL)
+    header, data = front.tap_frame()
+    assert header == (tapmod.VIRTIO_NET_HDR_F_NEEDS_CSUM, tapmod.VIRTIO_NET_HDR_GSO_TCPV4, 54, 1440, 34, 16)
+    assert data[:HEADER_PEEK] == frame[:HEADER_PEEK]  # the headers judged, byte for byte
+    # Only the headers are a copy: the payload is sent from the guest's pages.
+    assert data[HEADER_PEEK:] == hostile[HEADER_PEEK:]
+    assert_grants_released(front)
+
+
+def udp_over_ipv6_lookalike(length):
+    """Headers that would have made another virtio_net_hdr, padded to `length`."""
+    eth = bytes(12) + b"\x86\xdd"
+    ip = b"\x60" + bytes(5) + bytes([17, 64]) + bytes(32)
+    return (eth + ip + bytes(8)).ljust(length, b"\xee")
