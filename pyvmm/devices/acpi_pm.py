@@ -124,7 +124,7 @@ class AcpiPm:
             if control_mask:
                 self._write_control(control_set, control_mask)
             if reset:
-                log.info("acpi: guest wrote the reset register")
+                _limited.info("acpi: guest wrote the reset register")
                 self._requests.append(self._on_reset)
             self._update_sci()
             requests, self._requests = self._requests, []
@@ -160,7 +160,7 @@ class AcpiPm:
             return
         sleep_type = (self._control & CNT_SLP_TYP_MASK) >> CNT_SLP_TYP_SHIFT
         if sleep_type == layout.ACPI_S5_SLP_TYP:
-            log.info("acpi: guest entered S5 (soft off)")
+            _limited.info("acpi: guest entered S5 (soft off)")
             self._requests.append(self._on_poweroff)
         else:
             _limited.warning("acpi: sleep type %d is not supported; staying awake", sleep_type)

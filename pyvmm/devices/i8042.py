@@ -22,9 +22,11 @@ from typing import Callable
 
 from .. import layout
 from ..bus import IrqLine
+from ..ratelimit import RateLimitedLog
 from . import read_bytewise, write_bytewise
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 # Register this device twice: it decodes the absolute port numbers.
 DATA_PORT = layout.I8042_DATA_PORT
@@ -117,7 +119,7 @@ class I8042:
                 self._status_cmd = 0
                 reset = self._data(value)
         if reset:
-            log.info("i8042: guest pulsed the reset line")
+            _limited.info("i8042: guest pulsed the reset line")
             self._on_reset()
 
     # --- internals (lock held) ---------------------------------------------------
