@@ -1,6 +1,6 @@
-"""What the benchmark scripts (scripts/bench, bench-blk, bench-xen-latency) share:
-running one VMM boot with its timings and peak RSS, the commit measured,
-and where the guests can run."""
+"""What the benchmark scripts (scripts/bench, bench-blk, bench-xen-latency) and
+scripts/soak share: running one VMM boot with its timings and peak RSS, the
+commit measured, where the guests can run and what they run on."""
 
 from __future__ import annotations
 
@@ -181,3 +181,29 @@ def can_run_xen_here() -> bool:
     result = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--can-run-xen"],
                             capture_output=True, cwd=REPO)
     return result.returncode == 0
+
+
+def byte_compile_pyvmm() -> None:
+    """Measure pyvmm as installed: with its modules byte-compiled, as pip and
+    distribution packages leave them (a PYTHONDONTWRITEBYTECODE environment
+    would otherwise make every start compile them all from source)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "pyvmm")], check=True)
+
+
+def qemu_version() -> str:
+    qemu = os.environ.get("PYVMM_QEMU", "qemu-system-x86_64")
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return "(not found)"
+    return out.split("\n")[0].replace("QEMU emulator version ", "") or "(unknown)"
+
+
+def host_cpu() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
