@@ -144,3 +144,15 @@ def test_the_summary_counts_each_class_per_vmm_and_mode():
     assert rows["pyvmm", "intx"]["max_s"] == 250.0
     assert rows["pyvmm", "all"]["boots"] == 3 and rows["pyvmm", "all"]["median_s"] == 40.0
     assert rows["qemu", "all"]["testbed"] == 1 and rows["qemu", "all"]["median_s"] is None
+
+
+def test_the_reason_quotes_the_guest_kernels_first_complaint():
+    console = ("soak: stage disk\n[ 50.95] BUG: ENTRY_TRAMPOLINE stack guard page was hit at 0\n"
+               "[ 51.36] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    record = boot(console=console, status=2, guest_panic=soak.guest_panic(console))
+    kind, reason = soak.classify(record)
+    assert kind == "reset" and "after: BUG: ENTRY_TRAMPOLINE stack guard page" in reason
+    stalled = "soak: stage net\n[ 80.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+    kind, reason = soak.classify(boot(console=stalled, stopped="stall", guest_panic=soak.guest_panic(stalled)))
+    assert kind == "hung" and "last stage: net" in reason and "detected stalls" in reason
+    assert soak.guest_panic(clean_console()) is None
