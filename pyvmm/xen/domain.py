@@ -53,6 +53,10 @@ XEN_SIGNATURE = b"XenVMMXenVMM"
 # CPUID base+4 EAX: the vCPU id is in EBX; per-vCPU upcall vectors work.
 XEN_HVM_CPUID_VCPU_ID_PRESENT = 1 << 3
 XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
+# Xen advertises per-vCPU upcall vectors (HVMOP_set_evtchn_upcall_vector)
+# from 4.17 on; a guest told it runs on an older Xen uses the HVM-wide
+# callback vector instead, which is how `--xen-version 4.16` selects it.
+UPCALL_VECTOR_SINCE = (4 << 16) | 17
 VCPU_INFO_SIZE = 64
 LEGACY_VCPU_INFO_SLOTS = 32
 PAGE = 4096
@@ -69,6 +73,21 @@ HVM_FEATURES = (
     | (1 << abi.XENFEAT_hvm_callback_vector)
     | (1 << abi.XENFEAT_hvm_safe_pvclock)
 )
+
+
+def xen_cpuid_leaves(version: int, index: int) -> list[CpuidEntry]:
+    """The hypervisor CPUID leaves vCPU `index` sees on a Xen of `version` (major << 16 | minor)."""
+    base = XEN_CPUID_BASE
+    hvm = XEN_HVM_CPUID_VCPU_ID_PRESENT
+    if version >= UPCALL_VECTOR_SINCE:
+        hvm |= XEN_HVM_CPUID_UPCALL_VECTOR
+    return [
+        signature_leaf(base, XEN_SIGNATURE, base + 4),
+        CpuidEntry(base + 1, eax=version),
+        CpuidEntry(base + 2, eax=1, ebx=kvm_xen.HYPERCALL_MSR),
+        CpuidEntry(base + 3),
+        CpuidEntry(base + 4, eax=hvm, ebx=index),
+    ]
 
 
 class Callback(enum.Enum):
@@ -180,14 +199,7 @@ class XenDomain:
         log.info("guest uuid %s", self.uuid)
 
     def cpuid_leaves(self, index: int) -> list[CpuidEntry]:
-        base = XEN_CPUID_BASE
-        return [
-            signature_leaf(base, XEN_SIGNATURE, base + 4),
-            CpuidEntry(base + 1, eax=self.version),
-            CpuidEntry(base + 2, eax=1, ebx=kvm_xen.HYPERCALL_MSR),
-            CpuidEntry(base + 3),
-            CpuidEntry(base + 4, eax=XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_UPCALL_VECTOR, ebx=index),
-        ]
+        return xen_cpuid_leaves(self.version, index)
 
     def configure_vcpu(self, vcpu, index: int) -> None:
         """Per-vCPU Xen state, on the vCPU's own thread before it first runs."""

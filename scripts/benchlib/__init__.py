@@ -1,6 +1,6 @@
-"""What the benchmark scripts (scripts/bench, bench-blk, bench-xen-latency) share:
-running one VMM boot with its timings and peak RSS, the commit measured,
-and where the guests can run."""
+"""What the benchmark scripts (scripts/bench, bench-blk, bench-xen-latency) and
+scripts/soak share: running one VMM boot with its timings and peak RSS, the
+commit measured, where the guests can run and what they run on."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,28 +34,40 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600) -> dict:
+def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600, *,
+            stall: float | None = None, on_console: Callable[[bytes, float], None] | None = None,
+            grace: float = 10.0) -> dict:
     """Run one VMM (`python3 -m pyvmm run ...` or `scripts/qemu-xen ... -v`) to its end.
 
     Returns its status, console (stdout) and stderr, the wall-clock seconds
     to its end, to its first console output and to `marker` on the console,
     and the VMM process's peak RSS in KiB: ru_maxrss of the pyvmm process
     itself (os.wait4), or the QEMU process's as scripts/qemu-xen reports it.
-    `limit` is a last resort; both VMMs have their own --timeout.
+    `limit` is a last resort; both VMMs have their own --timeout. With
+    `stall`, a VMM whose console has been silent that many seconds is
+    stopped too. A stopped VMM loses its whole process tree (SIGTERM, then
+    SIGKILL after `grace` seconds), QEMU under scripts/qemu-xen included; "stopped" says why
+    ("limit", "stall") or is None. `on_console(data, seconds)` sees the
+    console as it arrives.
     """
     started = time.monotonic()
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO)
     console_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
     output = {console_fd: bytearray(), stderr_fd: bytearray()}
-    first_output = marker_at = None
+    first_output = marker_at = stopped = None
+    last_output = 0.0
     selector = selectors.DefaultSelector()
     for stream in (proc.stdout, proc.stderr):
         selector.register(stream.fileno(), selectors.EVENT_READ)
     while selector.get_map():
-        left = limit - (time.monotonic() - started)
+        now = time.monotonic() - started
+        left = limit - now
+        if stall is not None:
+            left = min(left, stall - (now - last_output))
         if left <= 0:
-            proc.send_signal(signal.SIGKILL)
+            stopped = "limit" if now >= limit else "stall"
+            stop_tree(proc.pid, grace)
             break
         for key, _ in selector.select(min(left, 1.0)):
             data = os.read(key.fd, 65536)
@@ -66,8 +79,12 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
             buffer += data
             if key.fd == console_fd:
                 first_output = first_output if first_output is not None else now
+                last_output = now
                 if marker and marker_at is None and marker in buffer[-len(data) - len(marker):]:
                     marker_at = now
+                if on_console is not None:
+                    on_console(data, now)
+    selector.close()
     _, wait_status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(wait_status)
@@ -83,7 +100,67 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
         "first_output_s": None if first_output is None else round(first_output, 2),
         "marker_s": None if marker_at is None else round(marker_at, 2),
         "peak_rss_kib": int(reported.group(1)) if reported else usage.ru_maxrss,
+        "stopped": stopped,
     }
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children first, then theirs), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM `pid` and every process below it (a VMM's helpers, QEMU in
+    its own session), then SIGKILL whatever is left after `grace` seconds,
+    and wait (as long again at most) until it is gone. The caller reaps
+    `pid` itself."""
+    tree = [pid] + descendants(pid)
+    for target in tree:
+        _signal(target, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        tree = [target for target in tree if _alive(target)]
+        if not tree:
+            return
+        time.sleep(0.2)
+    tree += descendants(pid)
+    for target in tree:
+        _signal(target, signal.SIGKILL)
+    deadline = time.monotonic() + grace  # SIGKILL takes effect asynchronously
+    while any(_alive(target) for target in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def write_log(path: Path, command: list[str], run: dict) -> None:
@@ -104,3 +181,29 @@ def can_run_xen_here() -> bool:
     result = subprocess.run([sys.executable, "-m", "pyvmm", "check", "--can-run-xen"],
                             capture_output=True, cwd=REPO)
     return result.returncode == 0
+
+
+def byte_compile_pyvmm() -> None:
+    """Measure pyvmm as installed: with its modules byte-compiled, as pip and
+    distribution packages leave them (a PYTHONDONTWRITEBYTECODE environment
+    would otherwise make every start compile them all from source)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "pyvmm")], check=True)
+
+
+def qemu_version() -> str:
+    qemu = os.environ.get("PYVMM_QEMU", "qemu-system-x86_64")
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return "(not found)"
+    return out.split("\n")[0].replace("QEMU emulator version ", "") or "(unknown)"
+
+
+def host_cpu() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

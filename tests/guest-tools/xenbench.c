@@ -7,6 +7,9 @@
  *   xenbench features N    N x xen_version(XENVER_get_features, &info), the
  *                          same way; KVM always passes this one to the VMM
  *   xenbench xenstore N    N x XS_READ "domid" through /dev/xen/xenbus
+ *   xenbench read KEY      print KEY's value (one XS_READ; relative keys are
+ *                          under the guest's /local/domain/<domid>)
+ *   xenbench write KEY VALUE   set KEY (one XS_WRITE)
  *
  * Each mode prints one line for the host to parse:
  *   xenbench: hypercall median_ns=... mean_ns=... min_ns=... n=... batches=... result=0x40011
@@ -38,6 +41,7 @@ struct privcmd_hypercall {
 #define XENVER_version 0
 #define XENVER_get_features 6
 #define XS_READ 2
+#define XS_WRITE 11
 #define XS_ERROR 16
 
 struct xen_feature_info {
@@ -54,6 +58,7 @@ struct xsd_sockmsg {
 
 #define HYPERCALL_BATCHES 10
 #define WARMUP 16
+#define XS_BODY_MAX 4096 /* XENSTORE_PAYLOAD_MAX */
 
 static uint64_t now_ns(void)
 {
@@ -179,17 +184,22 @@ static int read_all(int fd, void *buf, size_t len)
 	return 0;
 }
 
-/* One XS_READ of `key`; the value (NUL-terminated) goes to value[cap]. */
-static int xs_read(int fd, uint32_t req_id, const char *key, char *value, size_t cap)
+/* One request of `type` with `body` (bodylen bytes); the reply's payload,
+ * NUL-terminated, goes to value[cap]. */
+static int xs_request(int fd, uint32_t type, uint32_t req_id, const char *body, size_t bodylen, char *value,
+		      size_t cap)
 {
 	struct {
 		struct xsd_sockmsg hdr;
-		char body[64];
+		char body[XS_BODY_MAX];
 	} msg;
-	size_t keylen = strlen(key) + 1;
-	msg.hdr = (struct xsd_sockmsg){.type = XS_READ, .req_id = req_id, .tx_id = 0, .len = (uint32_t)keylen};
-	memcpy(msg.body, key, keylen);
-	if (write_all(fd, &msg, sizeof msg.hdr + keylen) < 0) {
+	if (bodylen > sizeof msg.body) {
+		fprintf(stderr, "xenbench: request of %zu bytes is too long\n", bodylen);
+		return -1;
+	}
+	msg.hdr = (struct xsd_sockmsg){.type = type, .req_id = req_id, .tx_id = 0, .len = (uint32_t)bodylen};
+	memcpy(msg.body, body, bodylen);
+	if (write_all(fd, &msg, sizeof msg.hdr + bodylen) < 0) {
 		fprintf(stderr, "xenbench: write to xenbus: %s\n", strerror(errno));
 		return -1;
 	}
@@ -207,19 +217,53 @@ static int xs_read(int fd, uint32_t req_id, const char *key, char *value, size_t
 		return -1;
 	}
 	value[reply.len] = 0;
-	if (reply.type == XS_ERROR || reply.type != XS_READ || reply.req_id != req_id) {
-		fprintf(stderr, "xenbench: XS_READ %s: reply type %u req_id %u (sent %u): %s\n", key, reply.type,
-			reply.req_id, req_id, value);
+	if (reply.type == XS_ERROR || reply.type != type || reply.req_id != req_id) {
+		fprintf(stderr, "xenbench: request type %u for %s: reply type %u req_id %u (sent %u): %s\n", type,
+			body, reply.type, reply.req_id, req_id, value);
 		return -1;
 	}
 	return 0;
 }
 
-static int bench_xenstore(long n)
+/* One XS_READ of `key`; the value (NUL-terminated) goes to value[cap]. */
+static int xs_read(int fd, uint32_t req_id, const char *key, char *value, size_t cap)
+{
+	return xs_request(fd, XS_READ, req_id, key, strlen(key) + 1, value, cap);
+}
+
+static int open_xenbus(void)
 {
 	static const char *const paths[] = {"/dev/xen/xenbus", "/proc/xen/xenbus", NULL};
 	const char *path;
-	int fd = open_dev(paths, &path);
+	return open_dev(paths, &path);
+}
+
+/* `read KEY`: print KEY's value; `write KEY VALUE`: set it. */
+static int xs_tool(const char *command, const char *key, const char *data)
+{
+	char body[XS_BODY_MAX], value[XS_BODY_MAX];
+	size_t keylen = strlen(key) + 1, datalen = data ? strlen(data) : 0;
+	if (keylen + datalen > sizeof body) {
+		fprintf(stderr, "xenbench: %s: key and value are too long\n", command);
+		return 2;
+	}
+	int fd = open_xenbus();
+	if (fd < 0)
+		return 1;
+	memcpy(body, key, keylen);
+	if (data)
+		memcpy(body + keylen, data, datalen);
+	if (xs_request(fd, data ? XS_WRITE : XS_READ, 1, body, keylen + datalen, value, sizeof value) < 0)
+		return 1;
+	if (!data)
+		printf("%s\n", value);
+	close(fd);
+	return 0;
+}
+
+static int bench_xenstore(long n)
+{
+	int fd = open_xenbus();
 	if (fd < 0)
 		return 1;
 
@@ -251,8 +295,14 @@ static int bench_xenstore(long n)
 
 int main(int argc, char **argv)
 {
+	static const char usage[] = "usage: %s hypercall|features|xenstore N | read KEY | write KEY VALUE\n";
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc == 3 && !strcmp(argv[1], "read"))
+		return xs_tool(argv[1], argv[2], NULL);
+	if (argc == 4 && !strcmp(argv[1], "write"))
+		return xs_tool(argv[1], argv[2], argv[3]);
 	if (argc != 3) {
-		fprintf(stderr, "usage: %s hypercall|features|xenstore N\n", argv[0]);
+		fprintf(stderr, usage, argv[0]);
 		return 2;
 	}
 	char *end;
@@ -261,13 +311,12 @@ int main(int argc, char **argv)
 		fprintf(stderr, "xenbench: N must be an integer from 1 to 100000000\n");
 		return 2;
 	}
-	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (!strcmp(argv[1], "hypercall"))
 		return bench_hypercall(n, 0);
 	if (!strcmp(argv[1], "features"))
 		return bench_hypercall(n, 1);
 	if (!strcmp(argv[1], "xenstore"))
 		return bench_xenstore(n);
-	fprintf(stderr, "usage: %s hypercall|features|xenstore N\n", argv[0]);
+	fprintf(stderr, usage, argv[0]);
 	return 2;
 }

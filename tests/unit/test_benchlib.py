@@ -45,3 +45,35 @@ def test_ratio_and_missing_values():
     assert bench.median_of([None, 3, 1, 2]) == 2
     assert bench.median_of([None]) is None
     assert list(bench.alternating(2)) == [(1, "pyvmm"), (1, "qemu"), (2, "qemu"), (2, "pyvmm")]
+
+
+SILENT_AFTER_SPAWNING = """
+import os, signal, subprocess, sys, time
+# A grandchild in a session of its own that ignores SIGTERM (as QEMU sits
+# under scripts/qemu-xen): only the process-tree stop reaches it.
+helper = subprocess.Popen([sys.executable, "-c",
+                           "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+                          start_new_session=True)
+print("helper", helper.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_run_vmm_stops_a_silent_vmm_and_everything_below_it():
+    seen = []
+    run = run_vmm([sys.executable, "-c", SILENT_AFTER_SPAWNING], limit=300, stall=2, grace=1,
+                  on_console=lambda data, seconds: seen.append(data))
+    assert run["stopped"] == "stall"
+    assert run["status"] != 0
+    helper = int(run["console"].split()[1])
+    assert b"".join(seen).decode() == run["console"]
+    try:
+        stat = Path(f"/proc/{helper}/stat").read_text()
+    except OSError:
+        stat = ""
+    assert stat == "" or stat[stat.rindex(")") + 2] == "Z", stat
+
+
+def test_run_vmm_reports_no_stop_for_a_vmm_that_ends():
+    run = run_vmm([sys.executable, "-c", "print('done')"], stall=600)
+    assert run["stopped"] is None and run["status"] == 0

@@ -329,3 +329,35 @@ def test_guest_assets_honours_an_explicit_directory(monkeypatch, tmp_path):
             initrd.guest_assets()
     finally:
         initrd.guest_assets.cache_clear()
+
+
+@needs_cpio
+def test_decompressed_initrd_keeps_every_archive_aligned(tmp_path):
+    # A real gzip'd base of odd length: the overlay follows zero padding.
+    base_archive = io.BytesIO()
+    writer = initrd.newc_writer(base_archive)
+    writer.add_file("base.txt", b"base content", 0o644)
+    writer.close()
+    raw_base = base_archive.getvalue() + b"odd"  # an archive whose length is not a multiple of 4
+    base = tmp_path / "base.cpio.gz"
+    base.write_bytes(gzip.compress(raw_base, mtime=0))
+    packed = initrd.make_test_initrd(base, tmp_path / "initrd", "exit 0\n", {"/etc/x": b"1"})
+
+    out = initrd.decompressed_initrd(packed, tmp_path / "initrd.cpio").read_bytes()
+    assert out.startswith(raw_base)
+    overlay = out[len(raw_base):]
+    padding = len(overlay) - len(overlay.lstrip(b"\0"))
+    assert (len(raw_base) + padding) % 4 == 0 and padding < 4
+    assert list(cpio_list(overlay.lstrip(b"\0"))) == ["test.sh", "etc", "etc/x"]
+    assert len(out) % 4 == 0
+
+
+def test_decompressed_initrd_refuses_what_is_not_gzip(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"070701 raw cpio")
+    with pytest.raises(ValueError, match="not a gzip member"):
+        initrd.decompressed_initrd(bad, tmp_path / "out")
+    cut = tmp_path / "cut"
+    cut.write_bytes(gzip.compress(b"x" * 10000)[:-20])
+    with pytest.raises(ValueError, match="cut short"):
+        initrd.decompressed_initrd(cut, tmp_path / "out")

@@ -1,0 +1,158 @@
+"""scripts/soak's schedule and boot classification (pure logic: no guests, no KVM)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from benchlib import load_script  # noqa: E402
+from initrd import reported_exit_status  # noqa: E402
+
+soak = load_script("soak")
+
+SHA_UP, SHA_DOWN = "a" * 64, "b" * 64
+
+
+def clean_console(host_token="h1"):
+    return "\n".join([
+        "pyvmm-guest: init started",
+        "soak: stage xenstore",
+        "soak: xs domid=1 guest=g1",
+        "soak: stage disk",
+        "soak: disk verified",
+        "soak: stage net",
+        f"soak: net up sha={SHA_UP}",
+        f"soak: net down sha={SHA_DOWN} bytes=4194304",
+        "soak: stage xenstore-host",
+        f"soak: xs host={host_token}",
+        "soak: stage end",
+        "pyvmm-guest: test exit 0",
+    ])
+
+
+def transfers(up=SHA_UP, down=SHA_DOWN):
+    return {"guest->host": {"sha": up, "count": 4 << 20, "error": None},
+            "host->guest": {"sha": down, "count": 4 << 20, "error": None}}
+
+
+HOST_XS = {"started": True, "guest_key": "g1", "guest_key_ok": True, "host_key_written": True, "host_token": "h1"}
+
+
+def boot(vmm="pyvmm", console=None, status=0, stopped=None, stderr="", testbed=None, **changes):
+    console = clean_console() if console is None else console
+    record = {"vmm": vmm, "status": status, "stopped": stopped, "stall_s": 120, "stderr": stderr,
+              "test_exit": reported_exit_status(console), "last_stage": soak.last_stage(console),
+              "testbed": testbed}
+    record["problems"] = soak.guest_checks(vmm, console, changes.pop("transfers", transfers()),
+                                           changes.pop("host_xs", HOST_XS if vmm == "pyvmm" else None))
+    record.update(changes)
+    return record
+
+
+def test_a_boot_that_did_everything_is_clean():
+    assert soak.classify(boot()) == ("clean", "")
+    assert soak.classify(boot("qemu", host_xs=None)) == ("clean", "")
+
+
+def test_a_silent_or_timed_out_boot_is_hung_and_names_its_last_stage():
+    console = "pyvmm-guest: init started\nsoak: stage xenstore\nsoak: stage disk\n"
+    kind, reason = soak.classify(boot(console=console, stopped="stall", status=0))
+    assert kind == "hung" and "120" in reason and "disk" in reason
+    assert soak.classify(boot(console=console, stopped="limit", status=-9))[0] == "hung"
+    assert soak.classify(boot(console=console, status=124))[0] == "hung"
+
+
+def test_a_guest_restart_is_a_reset():
+    console = "pyvmm-guest: init started\nsoak: stage disk\n"
+    assert soak.classify(boot(console=console, status=2)) == ("reset", "the guest reset (status 2)")
+    assert soak.classify(boot("qemu", console=console, status=2, host_xs=None))[0] == "reset"
+    assert soak.classify(boot(console=console, status=6))[0] == "reset"
+
+
+def test_a_vmm_that_fails_or_raises_is_a_vmm_error():
+    assert soak.classify(boot(status=1)) == ("vmm-error", "the VMM exited with status 1")
+    traceback = "Traceback (most recent call last):\n  File ...\nValueError: x\n"
+    assert soak.classify(boot(stderr=traceback))[0] == "vmm-error"
+
+
+def test_what_the_guest_got_wrong_is_a_guest_failure():
+    checks = {
+        "fio": boot(console=clean_console().replace("soak: disk verified", "soak-error: fio status 1")),
+        "up": boot(transfers=transfers(up="c" * 64)),
+        "down": boot(transfers=transfers(down="c" * 64)),
+        "no connection": boot(transfers={"guest->host": {"sha": None, "count": 0, "error": "no connection"},
+                                         "host->guest": transfers()["host->guest"]}),
+        "host read": boot(host_xs=dict(HOST_XS, guest_key="other", guest_key_ok=False)),
+        "guest read": boot(console=clean_console(host_token="none")),
+        "never reported": boot(host_xs={"started": False, "host_token": "h1"}),
+        "test exit": boot(console=clean_console().replace("test exit 0", "test exit 1")),
+        "crash": boot(status=3),
+        "no end marker": boot(console="pyvmm-guest: init started\n"),
+    }
+    for name, record in checks.items():
+        kind, reason = soak.classify(record)
+        assert kind == "guest-failure" and reason, (name, kind, reason)
+
+
+def test_qemu_is_not_asked_for_the_host_xenstore_exchange():
+    console = clean_console().replace("soak: stage xenstore-host\nsoak: xs host=h1\n", "")
+    assert soak.classify(boot("qemu", console=console, host_xs=None)) == ("clean", "")
+    assert soak.classify(boot("pyvmm", console=console))[0] == "guest-failure"
+
+
+def test_a_boot_l1_died_in_is_a_testbed_failure_whatever_else_it_shows():
+    tail = "[  420.87] Kernel panic - not syncing: corrupted stack end\ntestbed: L1 stopped before the command finished"
+    record = soak.testbed_failure(125, tail, {"index": 3, "vmm": "qemu", "mode": "intx"},
+                                  "pyvmm-guest: init started\nsoak: stage xenstore\n")
+    assert record["class"] == "testbed"
+    assert "Kernel panic" in record["reason"] and record["last_stage"] == "xenstore"
+    assert soak.classify(boot(status=2, testbed="L1 died"))[0] == "testbed"
+
+
+def test_the_schedule_alternates_the_vmms_and_cycles_the_modes():
+    plan = soak.schedule(4, ["pyvmm", "qemu"], list(soak.MODES))
+    assert [(e["vmm"], e["slot"]) for e in plan] == [
+        ("pyvmm", "vcpu-vector"), ("qemu", "vcpu-vector"),
+        ("qemu", "hvm-vector"), ("pyvmm", "hvm-vector"),
+        ("pyvmm", "intx"), ("qemu", "intx"),
+        ("qemu", "userspace"), ("pyvmm", "userspace")]
+    # QEMU has no userspace event channels: it runs its default in that slot.
+    assert [e["mode"] for e in plan if e["vmm"] == "qemu"] == ["vcpu-vector", "hvm-vector", "intx", "vcpu-vector"]
+    assert [e["index"] for e in plan] == list(range(8))
+
+
+def test_a_stream_cut_short_names_the_boot_in_progress(tmp_path):
+    stream = tmp_path / "boots.jsonl"
+    stream.write_text('{"event": "host", "cpus": 2}\n'
+                      '{"event": "start", "index": 0}\n{"event": "boot", "index": 0, "class": "clean"}\n'
+                      '{"event": "start", "index": 1}\n{"event": "boot", "ind')
+    host, boots, started = soak.read_stream(stream)
+    assert host == {"cpus": 2} and [b["index"] for b in boots] == [0] and started == {"index": 1}
+
+
+def test_the_summary_counts_each_class_per_vmm_and_mode():
+    boots = [{"vmm": "pyvmm", "mode": "intx", "class": "clean", "seconds": 30.0},
+             {"vmm": "pyvmm", "mode": "intx", "class": "hung", "seconds": 250.0},
+             {"vmm": "pyvmm", "mode": "vcpu-vector", "class": "clean", "seconds": 40.0},
+             {"vmm": "qemu", "mode": "intx", "class": "testbed", "seconds": None}]
+    rows = {(r["vmm"], r["mode"]): r for r in soak.summarize(boots, ["pyvmm", "qemu"])}
+    assert rows["pyvmm", "intx"]["clean"] == 1 and rows["pyvmm", "intx"]["hung"] == 1
+    assert rows["pyvmm", "intx"]["max_s"] == 250.0
+    assert rows["pyvmm", "all"]["boots"] == 3 and rows["pyvmm", "all"]["median_s"] == 40.0
+    assert rows["qemu", "all"]["testbed"] == 1 and rows["qemu", "all"]["median_s"] is None
+
+
+def test_the_reason_quotes_the_guest_kernels_first_complaint():
+    console = ("soak: stage disk\n[ 50.95] BUG: ENTRY_TRAMPOLINE stack guard page was hit at 0\n"
+               "[ 51.36] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    record = boot(console=console, status=2, guest_panic=soak.guest_panic(console))
+    kind, reason = soak.classify(record)
+    assert kind == "reset" and "after: BUG: ENTRY_TRAMPOLINE stack guard page" in reason
+    stalled = "soak: stage net\n[ 80.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+    kind, reason = soak.classify(boot(console=stalled, stopped="stall", guest_panic=soak.guest_panic(stalled)))
+    assert kind == "hung" and "last stage: net" in reason and "detected stalls" in reason
+    assert soak.guest_panic(clean_console()) is None
