@@ -15,10 +15,11 @@ appears on its own (watch events fired by another client's write) is
 flushed by a call handed to the loop.
 
 The safety net: once a second (`recheck_seconds`) the ring is looked at
-even without a signal. Work found there means a wake-up was lost somewhere
-(a bug, in pyvmm, the host kernel or the guest): it is served, counted and
-logged, so the guest never waits forever on a lost reply, and the count
-says that it happened.
+even without a signal. Work that has waited there for a whole interval with
+nothing moving means a wake-up was lost somewhere (a bug, in pyvmm, the
+host kernel or the guest): it is served, counted and logged, so the guest
+never waits forever on a lost reply (at most about two intervals), and the
+count says that it happened.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class GuestStoreService:
         self._recheck_seconds = recheck_seconds
         self.requests_served = 0  # process() calls that moved data
         self.lost_wakeups = 0  # work found by the safety net alone
-        self._unread_at_last_check = (0, 0)
+        self._progress_at_last_check = (0, 0)  # (requests served, unread reply bytes) at the last check
+        self._work_at_last_check = False
+        self._unread_at_last_check = False
         self.connection.output_listener = self._output_appeared
         self._check_threads = check_threads
         if check_threads:
@@ -84,18 +87,26 @@ class GuestStoreService:
             self._loop.call_soon_threadsafe(self.notified)
 
     def _recheck(self) -> None:
+        # Each check compares with the one before, so only work that waited
+        # a whole interval with nothing moving counts: an event that is
+        # merely queued behind this timer on the loop is not a lost one.
         ring = self.ring
+        progress = (self.requests_served, ring.unread_replies())
+        stalled = progress == self._progress_at_last_check
         if ring.has_work():
-            self._lost_wakeup("requests or replies waited for the VMM")
-            self.notified()
+            if stalled and self._work_at_last_check:
+                self._lost_wakeup("requests or replies waited for the VMM")
+                self.notified()
+            self._work_at_last_check = True
         else:
+            self._work_at_last_check = False
             # Replies the guest has not touched for a whole interval: its
             # signal may have been lost on the way in. Another is harmless.
-            unread = (ring.unread_replies(), self.requests_served)
-            if unread[0] and unread == self._unread_at_last_check:
+            if progress[1] and stalled and self._unread_at_last_check:
                 self._lost_wakeup("replies waited for the guest")
                 self._notify_guest()
-            self._unread_at_last_check = unread
+            self._unread_at_last_check = bool(progress[1])
+        self._progress_at_last_check = (self.requests_served, ring.unread_replies())
         self._loop.call_later(self._recheck_seconds, self._recheck)
 
     def _lost_wakeup(self, what: str) -> None:
