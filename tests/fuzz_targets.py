@@ -403,9 +403,6 @@ TARGETS = {
     "hypercalls": hypercalls,
 }
 
-# Logs are part of what is tested elsewhere; here they would only slow every input down.
-logging.getLogger("pyvmm").setLevel(logging.CRITICAL)
-
 
 # --- running them -------------------------------------------------------------------
 
@@ -440,6 +437,10 @@ def run(name: str, *, inputs: int | None = None, seconds: float | None = None, s
                 stats["first_failure"] = {"error": f"{type(exc).__name__}: {exc}", "input": raw.hex()}
         stats["slowest_seconds"] = max(stats["slowest_seconds"], time.monotonic() - started)
 
+    # Logs are tested elsewhere; here they would only slow every input down.
+    logger = logging.getLogger("pyvmm")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     if trace_memory:
         tracemalloc.start()
     try:
@@ -456,6 +457,7 @@ def run(name: str, *, inputs: int | None = None, seconds: float | None = None, s
         if trace_memory:
             stats["peak_bytes"] = tracemalloc.get_traced_memory()[1]
     finally:
+        logger.setLevel(level)
         if trace_memory:
             tracemalloc.stop()
     return stats
