@@ -28,6 +28,7 @@ from pyvmm.xen import blkif, gnttab
 from pyvmm.xen.ring import REQ_PROD, RingBroken
 from pyvmm.xen.xenstore import Quotas, RingServer, XenStore, XenStoreError, create_domain_nodes
 from pyvmm.xen.xenstore import ring as xsring
+from pyvmm.xen.xenstore.store import MEMORY_OVERSHOOT
 from pyvmm.xen.xenstore.protocol import EVENT_BACKLOG_BYTES, HEADER_SIZE, INPUT_PAUSE_BYTES, PAYLOAD_MAX
 
 MAX_ROUNDS = 48
@@ -113,8 +114,7 @@ _XS_PATHS = ["data/x", "device", "device/vbd/51712/state", "control/shutdown", "
              "/local/domain/0", "/", "@introduceDomain", "@releaseDomain", "domid", "a/b/c/d", "data",
              "/local/domain/1/" + "p" * 200, "", "bad//path", "x" * 300]
 _XS_MEMORY = Quotas().memory
-# Most a domain's accounting can pass the quota by: one node (entry size and path).
-_XS_SLACK = Quotas().entry_size + 3072 + 64
+_XS_SLACK = MEMORY_OVERSHOOT
 
 
 class XenstoreRing:

@@ -88,11 +88,16 @@ class Quotas:
     transaction_nodes: int = 1024  # nodes touched by one transaction -> ENOSPC
     # Bytes a domain holds (memory_of()): nodes it owns, its watches, its
     # transactions' private copies, its queued output.  An operation that
-    # would add to them starts only below the quota (else ENOMEM), so one
-    # operation can pass it by at most one node.
+    # would add to them starts only below the quota (else ENOMEM), and one
+    # that creates nodes must fit whole, so the quota is passed by one
+    # node's change at most (MEMORY_OVERSHOOT).
     memory: int = 2 * 1024 * 1024 + 512 * 1024
     transaction_seconds: float = 60.0  # then EAGAIN, and its copies are freed
 
+
+# A transaction's first touch of an existing node: its path, then its copy
+# (path and entry size); the most any one request adds past the quota.
+MEMORY_OVERSHOOT = 3072 + 3072 + 2048
 
 PERM_BYTES = 8  # a permission entry's cost in node_size(), as xenstored stores it
 
@@ -208,7 +213,8 @@ class _Transaction:
     a domain's total without walking its transactions."""
 
     def __init__(self, tree: _Tree, tx_id: int, access_limit: int | None,
-                 account: Counter[int], domid: int, started: float):
+                 account: Counter[int], domid: int, started: float,
+                 over_quota: Callable[[int], bool] | None = None):
         self.id = tx_id
         self._tree = tree
         self._access_limit = access_limit
@@ -220,6 +226,7 @@ class _Transaction:
         self.memory = 0
         self.started = started
         self.expired = False
+        self._over_quota = over_quota  # over_quota(more bytes) -> True if they do not fit
 
     def _charge(self, delta: int) -> None:
         self.memory += delta
@@ -238,6 +245,9 @@ class _Transaction:
         if entry is None:
             if self._access_limit is not None and len(self._accessed) >= self._access_limit:
                 raise XenStoreError("ENOSPC", "transaction touches too many nodes")
+            # Even reads hold a path each: a walk up a long missing chain must stop at the quota.
+            if self._over_quota is not None and self._over_quota(len(path)):
+                raise XenStoreError("ENOMEM", "transaction at its domain's memory quota")
             node = self._tree.get(path)
             entry = _Access(_generation_of(node), node and node.perms, node)
             self._accessed[path] = entry
@@ -629,6 +639,10 @@ class Client:
         store = self._store
         return not self.privileged and store.memory_of(self.domid) >= store.quotas.memory
 
+    def _over_memory_quota_by(self, more: int) -> bool:
+        store = self._store
+        return store.memory_of(self.domid) + more > store.quotas.memory
+
     def _check_memory(self) -> None:
         store = self._store
         if store.memory_of(self.domid) >= store.quotas.memory:
@@ -808,6 +822,18 @@ class Client:
         nodes.append((path, parent))
         for node_path, node in nodes:
             self._check_entry_size(node_path, node)
+        if not self.privileged:
+            # One write may create a whole chain of nodes: check it all, so the
+            # quota is passed by one node's change at most.  A transaction holds
+            # each path twice (what it touched, and its copy), the parent too.
+            store = self._store
+            in_transaction = isinstance(view, _Transaction)
+            growth = sum(_node_bytes(p, n) + (len(p) if in_transaction else 0) for p, n in nodes[1:])
+            first_parent, parent_node = nodes[0]
+            growth += (2 * len(first_parent) + _node_bytes(first_parent, parent_node) if in_transaction
+                       else len(parent_node.children[-1]) + 1)
+            if store.memory_of(self.domid) + growth > store.quotas.memory:
+                raise XenStoreError("ENOMEM", f"domain {self.domid} would pass its memory quota")
         for node_path, node in nodes:
             view.set(node_path, node)
 
@@ -902,8 +928,9 @@ class Client:
                 tx_id = (tx_id + 1) & 0xFFFFFFFF
             self._next_tx = (tx_id + 1) & 0xFFFFFFFF
             limit = None if self.privileged else store.quotas.transaction_nodes
+            over_quota = None if self.privileged else self._over_memory_quota_by
             self._transactions[tx_id] = _Transaction(store._tree, tx_id, limit, store._transaction_bytes,
-                                                     self.domid, store.clock())
+                                                     self.domid, store.clock(), over_quota)
             store._transaction_counts[self.domid] += 1
             return tx_id
         return self._run("TRANSACTION_START", None, None, 0, action, grows=True)
