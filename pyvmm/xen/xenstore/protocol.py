@@ -526,6 +526,7 @@ class Connection:
     def _queue(self, message: bytes, *, is_event: bool) -> None:
         self._out.append((message, is_event))
         self._out_bytes += len(message)
+        self._client.account_output(len(message))
         if is_event:
             self._unsent_events[message] += 1
 
@@ -551,7 +552,8 @@ class Connection:
         # An identical event still waiting tells the client the same thing.
         if not path.startswith("@") and self._unsent_events[message]:
             return
-        if not self._client.privileged and self._out_bytes >= self._event_backlog_bytes:
+        if not self._client.privileged and (self._out_bytes >= self._event_backlog_bytes
+                                            or self._client.over_memory_quota()):
             _limited.warning("xenstore: domain %d: event backlog full, dropping %.200s", self.domid, path)
             return
         was_idle = self._out_bytes == 0
@@ -582,6 +584,7 @@ class Connection:
                 self._head_sent = 0
         data = b"".join(chunks)
         self._out_bytes -= len(data)
+        self._client.account_output(-len(data))
         return data
 
     # -- lifetime ----------------------------------------------------------
@@ -594,6 +597,7 @@ class Connection:
     def _drop_state(self) -> None:
         self._decoder.clear()
         self._out.clear()
+        self._client.account_output(-self._out_bytes)
         self._out_bytes = 0
         self._head_sent = 0
         self._unsent_events.clear()

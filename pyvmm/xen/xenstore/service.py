@@ -14,6 +14,9 @@ publishes, which RingServer.process() does before it returns. Output that
 appears on its own (watch events fired by another client's write) is
 flushed by a call handed to the loop.
 
+Once a second, too, transactions past their lifetime are expired (see
+store.Quotas.transaction_seconds).
+
 The safety net: once a second (`recheck_seconds`) the ring is looked at
 even without a signal. Work that has waited there for a whole interval with
 nothing moving means a wake-up was lost somewhere (a bug, in pyvmm, the
@@ -42,6 +45,7 @@ class GuestStoreService:
     def __init__(self, loop, store: XenStore, domid: int, page: memoryview, *,
                  recheck_seconds: float | None = RECHECK_SECONDS, check_threads: bool = DEBUG_THREADS):
         self._loop = loop
+        self._store = store
         self.connection: Connection = store.connect(domid)
         self.ring = RingServer(page, self.connection)
         self._notify_guest: Callable[[], None] = lambda: None
@@ -87,6 +91,8 @@ class GuestStoreService:
             self._loop.call_soon_threadsafe(self.notified)
 
     def _recheck(self) -> None:
+        # Transactions a silent guest left open release their copies here.
+        self._store.expire_transactions()
         # Each check compares with the one before, so only work that waited
         # a whole interval with nothing moving counts: an event that is
         # merely queued behind this timer on the loop is not a lost one.

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import string
+import time
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -76,14 +77,40 @@ _DOM0_ONLY = (Permission(0, Access.NONE),)
 
 @dataclass(frozen=True)
 class Quotas:
-    """Limits for unprivileged domains; privileged clients are never limited."""
+    """Limits for unprivileged domains; privileged clients are never limited.
+    The defaults are cxenstored's, except transaction_seconds (see docs/XEN.md)."""
 
     watches: int = 128           # per domain            -> E2BIG
     nodes: int = 1000            # owned, per domain     -> ENOSPC
-    value_size: int = 2048       # bytes per node value  -> ENOSPC
+    entry_size: int = 2048       # bytes per node (node_size()) -> ENOSPC
     transactions: int = 10       # open, per domain      -> ENOSPC
     perms: int = 5               # entries per node      -> ENOSPC
     transaction_nodes: int = 1024  # nodes touched by one transaction -> ENOSPC
+    # Bytes a domain holds (memory_of()): nodes it owns, its watches, its
+    # transactions' private copies, its queued output.  An operation that
+    # would add to them starts only below the quota (else ENOMEM), and one
+    # that creates nodes must fit whole, so the quota is passed by one
+    # node's change at most (MEMORY_OVERSHOOT).
+    memory: int = 2 * 1024 * 1024 + 512 * 1024
+    transaction_seconds: float = 60.0  # then EAGAIN, and its copies are freed
+
+
+# A transaction's first touch of an existing node: its path, then its copy
+# (path and entry size); the most any one request adds past the quota.
+MEMORY_OVERSHOOT = 3072 + 3072 + 2048
+
+PERM_BYTES = 8  # a permission entry's cost in node_size(), as xenstored stores it
+
+
+def node_size(value: bytes, children: tuple[str, ...], perms: tuple) -> int:
+    """What a node costs against Quotas.entry_size: its value, its children's
+    names (each with its NUL, as DIRECTORY sends them) and its permissions."""
+    return len(value) + sum(map(len, children)) + len(children) + PERM_BYTES * len(perms)
+
+
+def _node_bytes(path: str, node: "Node | None") -> int:
+    """What a node held in memory costs against Quotas.memory."""
+    return 0 if node is None else len(path) + node_size(node.value, node.children, node.perms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +163,7 @@ class _Tree:
         self._nodes: dict[str, Node] = {}
         self._generation = 0
         self._owned: Counter[int] = Counter()
+        self._owned_bytes: Counter[int] = Counter()
 
     def next_generation(self) -> int:
         self._generation += 1
@@ -148,16 +176,22 @@ class _Tree:
         old = self._nodes.get(path)
         if old is not None:
             self._owned[old.owner] -= 1
+            self._owned_bytes[old.owner] -= _node_bytes(path, old)
         self._owned[node.owner] += 1
+        self._owned_bytes[node.owner] += _node_bytes(path, node)
         self._nodes[path] = replace(node, generation=self.next_generation())
 
     def delete(self, path: str) -> None:
         old = self._nodes.pop(path, None)
         if old is not None:
             self._owned[old.owner] -= 1
+            self._owned_bytes[old.owner] -= _node_bytes(path, old)
 
     def owned_by(self, domid: int) -> int:
         return self._owned[domid]
+
+    def bytes_owned_by(self, domid: int) -> int:
+        return self._owned_bytes[domid]
 
     def items(self):
         return self._nodes.items()
@@ -172,24 +206,52 @@ class _Access:
 
 
 class _Transaction:
-    """Private copies of every node a transaction touched, plus what it first saw."""
+    """Private copies of every node a transaction touched, plus what it first saw.
 
-    def __init__(self, tree: _Tree, tx_id: int, access_limit: int | None):
+    `memory` counts what it holds (each path it touched, each node it
+    changed) and is mirrored into `account[domid]`, so that the store sees
+    a domain's total without walking its transactions."""
+
+    def __init__(self, tree: _Tree, tx_id: int, access_limit: int | None,
+                 account: Counter[int], domid: int, started: float,
+                 over_quota: Callable[[int], bool] | None = None):
         self.id = tx_id
         self._tree = tree
         self._access_limit = access_limit
         self._accessed: dict[str, _Access] = {}
         self._owned_delta: Counter[int] = Counter()
         self.events: dict[str, bool] = {}  # path -> exact, in order of first change
+        self._account = account
+        self._domid = domid
+        self.memory = 0
+        self.started = started
+        self.expired = False
+        self._over_quota = over_quota  # over_quota(more bytes) -> True if they do not fit
+
+    def _charge(self, delta: int) -> None:
+        self.memory += delta
+        self._account[self._domid] += delta
+
+    def expire(self) -> None:
+        """Drop everything it holds; it can only fail from now on."""
+        self._accessed.clear()
+        self._owned_delta.clear()
+        self.events.clear()
+        self._charge(-self.memory)
+        self.expired = True
 
     def _entry(self, path: str) -> _Access:
         entry = self._accessed.get(path)
         if entry is None:
             if self._access_limit is not None and len(self._accessed) >= self._access_limit:
                 raise XenStoreError("ENOSPC", "transaction touches too many nodes")
+            # Even reads hold a path each: a walk up a long missing chain must stop at the quota.
+            if self._over_quota is not None and self._over_quota(len(path)):
+                raise XenStoreError("ENOMEM", "transaction at its domain's memory quota")
             node = self._tree.get(path)
             entry = _Access(_generation_of(node), node and node.perms, node)
             self._accessed[path] = entry
+            self._charge(len(path))
         return entry
 
     def get(self, path: str) -> Node | None:
@@ -200,14 +262,19 @@ class _Transaction:
         if entry.node is not None:
             self._owned_delta[entry.node.owner] -= 1
         self._owned_delta[node.owner] += 1
-        entry.node = replace(node, generation=self._tree.next_generation())
-        entry.modified = True
+        self._replace(path, entry, replace(node, generation=self._tree.next_generation()))
 
     def delete(self, path: str) -> None:
         entry = self._entry(path)
         if entry.node is not None:
             self._owned_delta[entry.node.owner] -= 1
-        entry.node = None
+        self._replace(path, entry, None)
+
+    def _replace(self, path: str, entry: _Access, node: Node | None) -> None:
+        # Only a changed node is a private copy; an unchanged one is the tree's.
+        held = _node_bytes(path, entry.node) if entry.modified else 0
+        self._charge(_node_bytes(path, node) - held)
+        entry.node = node
         entry.modified = True
 
     def owned_by(self, domid: int) -> int:
@@ -236,6 +303,7 @@ class _Transaction:
                 self._tree.delete(path)
             else:
                 self._tree.set(path, entry.node)
+        self._charge(-self.memory)  # what it held is the tree's now, or gone
 
 
 _View = _Tree | _Transaction
@@ -275,9 +343,11 @@ class _DeferredEvents:
 class XenStore:
     """The tree, the known domains and every client's watches and transactions."""
 
-    def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None):
+    def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.quotas = quotas or Quotas()
         self.observer = observer
+        self.clock = clock  # for transactions' lifetime
         self._tree = _Tree()
         for path, children in (("/", ("local",)), ("/local", ("domain",)),
                                ("/local/domain", ())):
@@ -289,6 +359,10 @@ class XenStore:
         self._targets: dict[int, int] = {}
         self._watch_counts: Counter[int] = Counter()
         self._transaction_counts: Counter[int] = Counter()
+        # Bytes per domain besides the nodes it owns (see memory_of()).
+        self._watch_bytes: Counter[int] = Counter()
+        self._transaction_bytes: Counter[int] = Counter()
+        self.output_bytes: Counter[int] = Counter()  # kept by protocol.Connection
         self._deferred: deque[Callable[[], None]] = deque()
         self._depth = 0
         self._deferral = _DeferredEvents(self)
@@ -462,6 +536,25 @@ class XenStore:
             raise XenStoreError("ENOENT", f"domain {domid} not introduced")
         self._targets[domid] = target
 
+    # -- accounting --------------------------------------------------------
+
+    def memory_of(self, domid: int) -> int:
+        """Bytes held for a domain: nodes it owns, its watches, its
+        transactions' private copies and its clients' queued output."""
+        return (self._tree.bytes_owned_by(domid) + self._watch_bytes[domid]
+                + self._transaction_bytes[domid] + self.output_bytes[domid])
+
+    def expire_transactions(self) -> int:
+        """Release the copies of unprivileged transactions older than
+        Quotas.transaction_seconds (they fail with EAGAIN from then on);
+        called on every operation of their client and by the guest's
+        once-a-second check, so an idle guest's ones go too."""
+        expired = 0
+        for client in self._clients:
+            if client._transactions and not client.privileged:
+                expired += client._expire_transactions()
+        return expired
+
     # -- self check --------------------------------------------------------
 
     def check(self) -> list[str]:
@@ -523,11 +616,42 @@ class Client:
         if not tx:
             return self._store._tree
         try:
-            return self._transactions[tx]
+            transaction = self._transactions[tx]
         except KeyError:
             raise XenStoreError("ENOENT", f"no transaction {tx}") from None
+        if transaction.expired:
+            raise XenStoreError("EAGAIN", f"transaction {tx} timed out")
+        return transaction
 
-    def _run(self, op: str, path: str | None, value: bytes | None, tx: int, action: Callable):
+    def _expire_transactions(self) -> int:
+        deadline = self._store.clock() - self._store.quotas.transaction_seconds
+        expired = [t for t in self._transactions.values() if not t.expired and t.started < deadline]
+        for transaction in expired:
+            log.info("xenstore: domain %d: transaction %d timed out", self.domid, transaction.id)
+            transaction.expire()
+        return len(expired)
+
+    def account_output(self, delta: int) -> None:
+        """A wire connection's queued output grew or shrank by delta bytes."""
+        self._store.output_bytes[self.domid] += delta
+
+    def over_memory_quota(self) -> bool:
+        store = self._store
+        return not self.privileged and store.memory_of(self.domid) >= store.quotas.memory
+
+    def _over_memory_quota_by(self, more: int) -> bool:
+        store = self._store
+        return store.memory_of(self.domid) + more > store.quotas.memory
+
+    def _check_memory(self) -> None:
+        store = self._store
+        if store.memory_of(self.domid) >= store.quotas.memory:
+            raise XenStoreError("ENOMEM", f"domain {self.domid} is at its memory quota")
+
+    def _run(self, op: str, path: str | None, value: bytes | None, tx: int, action: Callable,
+             grows: bool | None = None):
+        """Run one operation; `grows`: it may add to the domain's memory (so
+        does everything inside a transaction), and needs room under the quota."""
         store = self._store
         if store.owner_check is not None:
             store.owner_check("the xenstore")
@@ -535,6 +659,11 @@ class Client:
             raise XenStoreError("EINVAL", f"{op} on a closed client")
         with store.deferred_events():
             try:
+                if not self.privileged:
+                    if self._transactions:
+                        self._expire_transactions()
+                    if grows or (grows is None and tx):
+                        self._check_memory()
                 result = action()
             except XenStoreError as exc:
                 if store.observer is not None:
@@ -599,15 +728,15 @@ class Client:
                 error = store.missing_error(self, view, absolute, Access.WRITE)
                 if error != "ENOENT":
                     raise XenStoreError(error, absolute)
-                self._check_value_size(data)
                 self._create(view, absolute, data)
             else:
                 if not store.access(self, node.perms) & Access.WRITE:
                     raise XenStoreError("EACCES", absolute)
-                self._check_value_size(data)
-                view.set(absolute, replace(node, value=data))
+                new = replace(node, value=data)
+                self._check_entry_size(absolute, new)
+                view.set(absolute, new)
             self._changed_with_parent(view, absolute)
-        self._run("WRITE", path, data, tx, action)
+        self._run("WRITE", path, data, tx, action, grows=True)
 
     def mkdir(self, path: str, tx: int = 0) -> None:
         def action():
@@ -623,7 +752,7 @@ class Client:
                 raise XenStoreError(error, absolute)
             self._create(view, absolute, b"")
             self._changed_with_parent(view, absolute)
-        self._run("MKDIR", path, None, tx, action)
+        self._run("MKDIR", path, None, tx, action, grows=True)
 
     def rm(self, path: str, tx: int = 0) -> None:
         """Remove a node and everything below it; removing a missing node whose
@@ -658,15 +787,17 @@ class Client:
             if not self.privileged and new_perms[0].domid != node.owner:
                 # xenstored refuses with EPERM, which goes on the wire as EINVAL.
                 raise XenStoreError("EINVAL", "only a privileged client may change the owner")
-            view.set(absolute, replace(node, perms=new_perms))
+            new = replace(node, perms=new_perms)
+            self._check_entry_size(absolute, new)
+            view.set(absolute, new)
             store.changed(view, absolute, False,
                           (new_perms, node.perms, store.perms_in_tree(parent_of(absolute))))
-        self._run("SET_PERMS", path, " ".join(map(str, new_perms)).encode(), tx, action)
+        self._run("SET_PERMS", path, " ".join(map(str, new_perms)).encode(), tx, action, grows=True)
 
-    def _check_value_size(self, data: bytes) -> None:
-        limit = self._store.quotas.value_size
-        if not self.privileged and len(data) > limit:
-            raise XenStoreError("ENOSPC", f"value of {len(data)} bytes exceeds {limit}")
+    def _check_entry_size(self, path: str, node: Node) -> None:
+        limit = self._store.quotas.entry_size
+        if not self.privileged and node_size(node.value, node.children, node.perms) > limit:
+            raise XenStoreError("ENOSPC", f"{path:.80}: node would exceed {limit} bytes")
 
     def _create(self, view: _View, path: str, value: bytes) -> None:
         """Create path and any missing ancestors, each inheriting its parent's permissions."""
@@ -678,14 +809,33 @@ class Client:
         quota = self._store.quotas.nodes
         if not self.privileged and view.owned_by(self.domid) + len(missing) > quota:
             raise XenStoreError("ENOSPC", f"domain {self.domid} would own more than {quota} nodes")
+        # Build every node first: one over the entry size (a parent with one
+        # child too many) must leave nothing half-created.
+        nodes = []
         for new_path in reversed(missing):
             perms = parent.perms
             if not self.privileged:
                 perms = (Permission(self.domid, perms[0].access),) + perms[1:]
-            view.set(parent_path, replace(parent, children=parent.children + (_basename(new_path),)))
+            nodes.append((parent_path, replace(parent, children=parent.children + (_basename(new_path),))))
             parent = Node(value if new_path == path else b"", perms)
             parent_path = new_path
-            view.set(new_path, parent)
+        nodes.append((path, parent))
+        for node_path, node in nodes:
+            self._check_entry_size(node_path, node)
+        if not self.privileged:
+            # One write may create a whole chain of nodes: check it all, so the
+            # quota is passed by one node's change at most.  A transaction holds
+            # each path twice (what it touched, and its copy), the parent too.
+            store = self._store
+            in_transaction = isinstance(view, _Transaction)
+            growth = sum(_node_bytes(p, n) + (len(p) if in_transaction else 0) for p, n in nodes[1:])
+            first_parent, parent_node = nodes[0]
+            growth += (2 * len(first_parent) + _node_bytes(first_parent, parent_node) if in_transaction
+                       else len(parent_node.children[-1]) + 1)
+            if store.memory_of(self.domid) + growth > store.quotas.memory:
+                raise XenStoreError("ENOMEM", f"domain {self.domid} would pass its memory quota")
+        for node_path, node in nodes:
+            view.set(node_path, node)
 
     def _remove_subtree(self, view: _View, path: str, node: Node) -> None:
         parent_path = parent_of(path)
@@ -735,8 +885,9 @@ class Client:
             watch = _Watch(absolute, token, prefix, callback)
             self.watches[key] = watch
             store._watch_counts[self.domid] += 1
+            store._watch_bytes[self.domid] += len(absolute) + len(token)
             store._deferred.append(partial(store._deliver_event, watch, path))
-        self._run("WATCH", path, token.encode("latin-1", "replace"), 0, action)
+        self._run("WATCH", path, token.encode("latin-1", "replace"), 0, action, grows=True)
 
     def unwatch(self, path: str, token: str) -> None:
         def action():
@@ -754,12 +905,15 @@ class Client:
     def _drop_watch(self, watch: _Watch) -> None:
         watch.active = False
         self._store._watch_counts[self.domid] -= 1
+        self._store._watch_bytes[self.domid] -= len(watch.path) + len(watch.token)
 
     def _drop_all(self) -> None:
         for watch in self.watches.values():
             self._drop_watch(watch)
         self.watches.clear()
         self._store._transaction_counts[self.domid] -= len(self._transactions)
+        for transaction in self._transactions.values():
+            transaction.expire()
         self._transactions.clear()
 
     # -- transactions ------------------------------------------------------
@@ -774,10 +928,12 @@ class Client:
                 tx_id = (tx_id + 1) & 0xFFFFFFFF
             self._next_tx = (tx_id + 1) & 0xFFFFFFFF
             limit = None if self.privileged else store.quotas.transaction_nodes
-            self._transactions[tx_id] = _Transaction(store._tree, tx_id, limit)
+            over_quota = None if self.privileged else self._over_memory_quota_by
+            self._transactions[tx_id] = _Transaction(store._tree, tx_id, limit, store._transaction_bytes,
+                                                     self.domid, store.clock(), over_quota)
             store._transaction_counts[self.domid] += 1
             return tx_id
-        return self._run("TRANSACTION_START", None, None, 0, action)
+        return self._run("TRANSACTION_START", None, None, 0, action, grows=True)
 
     def transaction_end(self, tx: int, commit: bool = True) -> None:
         """Commit (EAGAIN if a node it touched changed meanwhile) or abort.
@@ -789,16 +945,23 @@ class Client:
                 raise XenStoreError("ENOENT", f"no transaction {tx}")
             store._transaction_counts[self.domid] -= 1
             if not commit:
+                transaction.expire()
                 return
-            if transaction.conflicts():
-                raise XenStoreError("EAGAIN", f"transaction {tx} conflicts")
-            growth = transaction.owned_delta(self.domid)
-            if (not self.privileged and growth > 0
-                    and store._tree.owned_by(self.domid) + growth > store.quotas.nodes):
-                raise XenStoreError("ENOSPC", f"domain {self.domid} would own too many nodes")
+            if transaction.expired:
+                raise XenStoreError("EAGAIN", f"transaction {tx} timed out")
+            try:
+                if transaction.conflicts():
+                    raise XenStoreError("EAGAIN", f"transaction {tx} conflicts")
+                growth = transaction.owned_delta(self.domid)
+                if (not self.privileged and growth > 0
+                        and store._tree.owned_by(self.domid) + growth > store.quotas.nodes):
+                    raise XenStoreError("ENOSPC", f"domain {self.domid} would own too many nodes")
+            except XenStoreError:
+                transaction.expire()
+                raise
             transaction.apply()
             store.fire_committed(transaction)
-        self._run("TRANSACTION_END", None, b"T" if commit else b"F", tx, action)
+        self._run("TRANSACTION_END", None, b"T" if commit else b"F", tx, action, grows=False)
 
     @contextmanager
     def transaction(self) -> Iterator[int]:

@@ -120,8 +120,9 @@ def test_path_length_limits(dom0, guest):
     long_abs = "/" + "a" * 3071
     dom0.write(long_abs, "")
     assert errno_of(dom0.write, long_abs + "b", "") == "EINVAL"
-    guest.write("a" * 2048, "")
-    assert errno_of(guest.write, "a" * 2049, "") == "EINVAL"
+    longest_rel = ("a" * 99 + "/") * 20 + "a" * 48  # short names: each counts in its parent's size
+    guest.write(longest_rel, "")
+    assert errno_of(guest.write, longest_rel + "a", "") == "EINVAL"
 
 
 def test_special_paths_only_for_perms_and_watches(dom0):
@@ -249,7 +250,7 @@ def test_privileged_guest_client_bypasses_checks(dom0, store):
 # --- quotas --------------------------------------------------------------
 
 def small_store():
-    store = XenStore(Quotas(watches=2, nodes=5, value_size=8, transactions=2, perms=2,
+    store = XenStore(Quotas(watches=2, nodes=5, entry_size=64, transactions=2, perms=2,
                             transaction_nodes=20))
     dom0 = store.client(0)
     dom0.mkdir("/local/domain/1")
@@ -257,11 +258,11 @@ def small_store():
     return store, dom0, store.client(1)
 
 
-def test_value_size_quota():
+def test_entry_size_quota_counts_value_and_permissions():
     _, dom0, guest = small_store()
-    guest.write("a", b"12345678")
-    assert errno_of(guest.write, "a", b"123456789") == "ENOSPC"
-    assert guest.read("a") == b"12345678"
+    guest.write("a", b"x" * 48)  # beside two permissions of 8 bytes
+    assert errno_of(guest.write, "a", b"x" * 49) == "ENOSPC"
+    assert guest.read("a") == b"x" * 48
     dom0.write("/local/domain/1/a", b"x" * 100)
 
 
