@@ -51,8 +51,12 @@ def test_quick_mode_reports_every_row(tmp_path):
                "--blk-rounds", "1", "--blk-runtime", "1", "--net-mib", "8", "--boot-timeout", "300",
                "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
-    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert out.exists(), result.stdout + result.stderr[-4000:]
     report = json.loads(out.read_text())
+    # scripts/bench exits 1 when any boot failed: only QEMU's may have.
+    assert result.returncode == 0 or (result.returncode == 1 and boots_failed(report, "qemu")
+                                      and not boots_failed(report, "pyvmm")), \
+        result.stdout + result.stderr[-4000:]
     rows = {row["name"]: row for row in report["rows"]}
     assert [name for name in EXPECTED_ROWS if name not in rows] == []
     net_rows = [row for row in report["rows"] if row["name"].startswith("PV net")]
@@ -60,13 +64,17 @@ def test_quick_mode_reports_every_row(tmp_path):
     measured = EXPECTED_ROWS + ([row["name"] for row in net_rows] if report["net"]["available"] else [])
     net_names = {row["name"] for row in net_rows}
     qemu_net_failure = qemu_net_failed(report)
+    qemu_boot_failure = boots_failed(report, "qemu")
     for name in measured:
         row = rows[name]
         for vmm in ("pyvmm", "qemu"):
-            if vmm == "qemu" and name in net_names and qemu_net_failure:
-                # The peer's Xen network device sometimes stalls in this testbed
-                # (docs/BENCH-NET.md); pyvmm's number is what this smoke test owns.
-                print(f"QEMU's {name} was not measured: {qemu_net_failure}")
+            # The testbed resets or stalls QEMU's guests now and then too
+            # (docs/SOAK.md, docs/BENCH-NET.md): a QEMU boot that failed is
+            # reported here, not held against pyvmm, whose numbers this
+            # smoke test owns. A QEMU row missing without a failed boot fails.
+            failure = qemu_net_failure if name in net_names else qemu_boot_failure
+            if vmm == "qemu" and row[vmm] is None and failure:
+                print(f"QEMU's {name} was not measured: {failure}")
                 continue
             assert isinstance(row[vmm], (int, float)) and math.isfinite(row[vmm]) and row[vmm] > 0, row
         assert row["better"] in ("higher", "lower"), row
@@ -74,6 +82,16 @@ def test_quick_mode_reports_every_row(tmp_path):
     # The table on stdout names every row too.
     for name in EXPECTED_ROWS:
         assert name in result.stdout
+
+
+def boots_failed(report, vmm):
+    """Which of `vmm`'s boot, latency and disk boots failed (as scripts/bench
+    counts them), or ""."""
+    failed = [f"{phase} boot: status {boot['status']}, test exit {boot.get('test_exit')}"
+              for phase in ("boot", "latency", "blk") for boot in report["runs"].get(phase, [])
+              if boot.get("vmm") == vmm
+              and (boot.get("status") != 0 or (phase != "boot" and boot.get("test_exit") != 0))]
+    return "; ".join(failed)
 
 
 def qemu_net_failed(report):
