@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import os
 import selectors
 import threading
 import time
 from collections import deque
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 
 # select() takes at most INT_MAX milliseconds (about 24.8 days); a timer
