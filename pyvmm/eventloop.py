@@ -41,6 +41,14 @@ MAX_WAIT_SECONDS = 3600.0
 COMPACT_MIN = 64
 
 
+def drain_eventfd(fd: int) -> bool:
+    """Reset a non-blocking eventfd; True if it had been signalled."""
+    try:
+        return os.eventfd_read(fd) > 0
+    except BlockingIOError:
+        return False
+
+
 class WrongThread(RuntimeError):
     """An event-thread-only operation was called from another thread."""
 
@@ -146,10 +154,7 @@ class EventLoop:
             self.call_soon_threadsafe(lambda: self.call_later(delay, callback))
 
     def _drain_wakeup(self) -> None:
-        try:
-            os.eventfd_read(self._wakeup)
-        except BlockingIOError:
-            pass
+        drain_eventfd(self._wakeup)
 
     def stop(self) -> None:
         """Make run() return; safe from any thread."""

@@ -21,6 +21,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from .. import diagnose, layout
+from ..eventloop import drain_eventfd
 from ..exit_handler import StopReason
 from ..kvm import CpuidEntry, KvmError, MemslotError, uapi
 from ..kvm.cpuid import signature_leaf
@@ -174,7 +175,7 @@ class XenDomain:
         create_domain_nodes(
             self.store, self.domid, machine.config.name,
             store_port=self.store_channel.guest_port, store_ring_ref=store_pfn,
-            console_port=self.console_channel.guest_port, console_ring_ref=console_pfn,
+            console_port=self.console_channel.guest_port, console_ring_ref=console_pfn, client=self.dom0,
         )
         self._publish_vm_node(machine.config.name)
         self.params.update({
@@ -188,7 +189,7 @@ class XenDomain:
         """/vm/<uuid>, as the toolstack makes it; Linux reads it for /sys/hypervisor/uuid."""
         self.uuid = str(uuid.uuid4())
         self.handle = uuid.UUID(self.uuid).bytes
-        dom0 = self.store.client(0)
+        dom0 = self.dom0
         vm_path = f"/vm/{self.uuid}"
         dom0.write(f"{vm_path}/uuid", self.uuid)
         dom0.write(f"{vm_path}/name", name)
@@ -400,7 +401,7 @@ class XenDomain:
             # We are on a vCPU thread (HVMOP_set_param): the loop registers its reader itself.
             self.loop.call_soon_threadsafe(partial(self._watch_resample, resample))
         trigger = self._callback_fds[0]
-        _drain_eventfd(trigger)  # asserts made while unrouted must not fire on their own
+        drain_eventfd(trigger)  # asserts made while unrouted must not fire on their own
         self.vm.irqfd(trigger, gsi, resample_fd=self._callback_fds[1])
         self._callback_gsi = gsi
         self.callback = Callback.GSI
@@ -420,7 +421,7 @@ class XenDomain:
         fds = self._callback_fds
         if fds is None:
             return
-        _drain_eventfd(fds[1])
+        drain_eventfd(fds[1])
         self._assert_callback_if_pending()
 
     def _assert_callback_if_pending(self) -> None:
@@ -609,13 +610,6 @@ class XenDomain:
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
         ]
-
-
-def _drain_eventfd(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
 
 
 def primary_console(cmdline: str) -> str:

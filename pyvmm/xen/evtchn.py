@@ -53,6 +53,7 @@ from functools import partial
 from threading import Lock
 from typing import Callable, Iterable, Iterator, Protocol
 
+from ..eventloop import drain_eventfd
 from ..faults import FAULTS
 from ..trace import TRACE
 from . import atomic
@@ -226,9 +227,7 @@ class BackendChannel:
         fd = self._eventfd
         if fd is None:
             return  # closed while the loop was dispatching
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
+        if not drain_eventfd(fd):
             return  # spurious wake-up
         if TRACE.evtchn or FAULTS.evtchn:
             self._from_guest(kernel=True)

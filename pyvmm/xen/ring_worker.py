@@ -25,6 +25,8 @@ import select
 import threading
 from typing import Callable
 
+from ..eventloop import drain_eventfd
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ class RingWorker:
             while not self._stopping:
                 serve = False
                 for fd, _ in poller.poll():  # only what is ready: a read of an idle eventfd raises
-                    if not _drain(fd):
+                    if not drain_eventfd(fd):
                         continue
                     if fd == self._doorbell or self._accept is None or self._accept():
                         serve = True
@@ -88,11 +90,3 @@ class RingWorker:
         except BaseException as error:  # the device's failure, never the VMM's
             if not self._stopping:
                 self._on_error(error)
-
-
-def _drain(fd: int) -> bool:
-    """Reset an eventfd; True if it had been signalled."""
-    try:
-        return os.eventfd_read(fd) > 0
-    except BlockingIOError:
-        return False
