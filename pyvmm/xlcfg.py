@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, Union
 
 from . import layout
 from .config import MAX_VCPUS, MIN_MEMORY, ConfigError
+from .limits import SPECS as _LIMIT_SPECS, LimitError
 
 log = logging.getLogger(__name__)
 
@@ -618,6 +619,7 @@ class XlConfig:
     vifs: tuple[VifSpec, ...] = ()
     serial: str | None = None  # pyvmm's --serial text: "stdio", "none" or "file:PATH"
     on_reboot: str = "restart"  # "restart" or "destroy"
+    limits: tuple[tuple[str, float], ...] = ()  # (pyvmm.limits name, value) for the limit keys given
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def to_run_options(self) -> dict:
@@ -626,7 +628,7 @@ class XlConfig:
         Keys: name, xen (always), kernel and initrd (Path), cmdline, memory
         (bytes), vcpus, serial (text), no_reboot (from on_reboot),
         disks (DiskSpecs) and vifs (VifSpecs, see VifSpec.option_text) when
-        the file has any. Options the person gives on the command line win
+        the file has any, limits ({name: value}, pyvmm.limits) when it sets any. Options the person gives on the command line win
         over these."""
         options: dict = {"name": self.name, "xen": True}
         if self.kernel is not None:
@@ -646,6 +648,8 @@ class XlConfig:
             options["disks"] = self.disks
         if self.vifs:
             options["vifs"] = self.vifs
+        if self.limits:
+            options["limits"] = dict(self.limits)
         return options
 
 
@@ -671,7 +675,7 @@ _FIXED_BOOLEANS = {
 
 _KNOWN_KEYS = {"name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
                "cmdline", "root", "extra", "disk", "vif", "on_poweroff", "on_reboot", "on_crash", "serial",
-               "boot", "vga"} | set(_FIXED_BOOLEANS)
+               "boot", "vga"} | set(_FIXED_BOOLEANS) | {spec.xl_key for spec in _LIMIT_SPECS.values()}
 
 _ACTIONS = {"destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart",
             "soft-reset"}
@@ -815,6 +819,8 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
             raise keys.error("vif", f"vifname {vif.tap} is used twice (also on line {seen[vif.tap]})", line)
         seen[vif.tap] = line
 
+    limits = _limits(keys)
+
     for message in warnings:
         log.warning("%s", message)
     return XlConfig(
@@ -829,6 +835,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
         vifs=tuple(vif for vif, _ in vifs),
         serial=serial,
         on_reboot=on_reboot,
+        limits=limits,
         warnings=tuple(warnings),
     )
 
@@ -922,6 +929,22 @@ def _serial(keys: _Keys) -> str | None:
         return text
     raise keys.error("serial", f"serial={text!r}: pyvmm supports \"pty\" (its standard input and output), "
                                "\"file:PATH\" and \"none\"", line)
+
+
+def _limits(keys: _Keys) -> tuple[tuple[str, float], ...]:
+    """The per-domain limit keys (max_event_channels, xenstore_nodes, ...)."""
+    out = []
+    for spec in _LIMIT_SPECS.values():
+        setting = keys.settings.get(spec.xl_key)
+        if setting is None:
+            continue
+        if isinstance(setting.value, tuple):
+            raise keys.error(spec.xl_key, f"{spec.xl_key} must be a single value, not a list")
+        try:
+            out.append((spec.name, spec.parse(setting.value)))
+        except LimitError as error:
+            raise keys.error(spec.xl_key, f"{spec.xl_key}={format_xl_value(setting.value)}: {error}") from None
+    return tuple(out)
 
 
 def _devices(keys: _Keys, key: str, parse, warn) -> list:
