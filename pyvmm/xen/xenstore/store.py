@@ -46,16 +46,10 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
-from .protocol import (
-    ABS_PATH_MAX,
-    DOMID_FIRST_RESERVED,
-    EVENT_BACKLOG_BYTES,
-    REL_PATH_MAX,
-    Access,
-    Connection,
-    Permission,
-    XenStoreError,
-)
+from ..abi import DOMID_FIRST_RESERVED
+from .errors import XenStoreError
+from .perms import Access, Permission
+from .protocol import ABS_PATH_MAX, EVENT_BACKLOG_BYTES, REL_PATH_MAX, Connection
 
 log = logging.getLogger(__name__)
 
