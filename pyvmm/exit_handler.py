@@ -7,12 +7,12 @@ optional hypercall handler, so it is unit-tested with synthetic exits.
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import Callable
 
 from .bus import Bus
 from .kvm import exits as kx
+from .stop import StopReason
 from .trace import TRACE
 from .vcpu_state import format_registers
 
@@ -22,18 +22,6 @@ log = logging.getLogger(__name__)
 SYSTEM_EVENT_SHUTDOWN = 1
 SYSTEM_EVENT_RESET = 2
 SYSTEM_EVENT_CRASH = 3
-
-
-class StopReason(enum.Enum):
-    POWEROFF = "poweroff"
-    REBOOT = "reboot"
-    CRASH = "crash"
-    TRIPLE_FAULT = "triple-fault"  # a CPU reset the guest did not ask for
-    EXPECT_MATCHED = "expect-matched"
-    TIMEOUT = "timeout"
-    QUIT = "quit"  # the operator asked (console escape, signal)
-    DESTROYED = "destroyed"  # `pyvmm ctl NAME destroy`
-    ERROR = "error"  # the VMM failed
 
 
 class ExitHandler:

@@ -18,12 +18,13 @@ import os
 import threading
 import uuid
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .. import diagnose, layout
-from ..eventloop import drain_eventfd
-from ..exit_handler import StopReason
-from ..kvm import CpuidEntry, KvmError, MemslotError, uapi
+from ..bus import Bus
+from ..console import ConsoleOutput
+from ..eventloop import EventLoop, drain_eventfd
+from ..kvm import CpuidEntry, Kvm, KvmError, MemslotError, Vm, uapi
 from ..kvm.cpuid import signature_leaf
 from ..devices.xen_platform import XenPlatformDevice
 from . import abi, kvm_xen
@@ -40,10 +41,13 @@ from .vif import create_vifs
 from .xenstore import Access, Permission, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
+from ..memory import GuestMemory
 from ..ratelimit import RateLimitedLog
+from ..stop import StopReason
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..config import VmConfig
+    from ..platform import Platform
 
 log = logging.getLogger(__name__)
 _limited = RateLimitedLog(log)  # lines whose rate the guest sets
@@ -97,8 +101,29 @@ class Callback(enum.Enum):
     GSI = "gsi"  # a level-triggered interrupt line, driven by vCPU 0's upcall_pending
 
 
+class XenHost(Protocol):
+    """What the domain needs of the VM it is part of (a Machine).
+
+    The domain is built inside the machine and knows it only through this:
+    the VM and its memory, buses and PC platform, the event loop, the
+    console, the configuration, and the vCPUs' threads."""
+
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    loop: EventLoop
+    pio: Bus
+    platform: Platform
+    console: ConsoleOutput
+    config: VmConfig
+
+    def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
+    def kick_vcpu(self, index: int) -> None: ...
+    def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
+
+
 class XenDomain:
-    def __init__(self, machine: "Machine"):
+    def __init__(self, machine: XenHost):
         self.machine = machine
         self.vm, self.memory, self.loop = machine.vm, machine.memory, machine.loop
         config = machine.config
@@ -154,7 +179,7 @@ class XenDomain:
 
     # --- set-up -------------------------------------------------------------------
 
-    def _setup_special_pages(self, machine: "Machine") -> None:
+    def _setup_special_pages(self, machine: XenHost) -> None:
         console_pfn = layout.XEN_SPECIAL_PAGES >> 12
         store_pfn = console_pfn + 1
         self.memory.fill(layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE)
