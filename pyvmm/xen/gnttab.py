@@ -44,6 +44,7 @@ from ..trace import TRACE
 from . import atomic
 from .errors import EACCES, EINVAL, ENOSYS, XenError
 from .abi import (
+    PAGE_SIZE,
     GNTST_okay,
     GNTST_general_error,
     GNTST_bad_domain,
@@ -60,7 +61,6 @@ from .abi import (
     GNTST_no_space,
 )
 
-PAGE_SIZE = 4096
 ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
 DEFAULT_MAX_FRAMES = 64
