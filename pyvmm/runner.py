@@ -11,10 +11,10 @@ import time
 from .boot.errors import BootError
 from .config import VmConfig
 from .console import ConsoleOutput, ExpectWatcher
-from .exit_handler import StopReason
 from .faults import FAULTS
 from .kvm import KvmError, KvmUnavailable
 from .memory import GuestMemoryError
+from .stop import StopReason
 from .trace import TRACE
 
 log = logging.getLogger(__name__)
