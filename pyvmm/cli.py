@@ -188,8 +188,8 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
 
 
 def _start_tracing_and_faults(categories: str | None, path: Path | None, specs: tuple[str, ...]) -> None:
-    from .faults import FAULTS, FaultSpecError
-    from .trace import TRACE, TraceError, parse_categories
+    from .core.faults import FAULTS, FaultSpecError
+    from .core.trace import TRACE, TraceError, parse_categories
 
     if (categories is None) != (path is None):
         raise ConfigError("--trace and --trace-file go together")
@@ -256,8 +256,8 @@ def _xl_config_values(path: Path, ctx: click.Context) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_vms_command(as_json) -> None:
     """List the running VMs of this user."""
-    from .control import list_vms
-    from .runtime import runtime_dir
+    from .control.server import list_vms
+    from .core.runtime import runtime_dir
 
     vms = list_vms(runtime_dir())
     if as_json:
@@ -281,8 +281,8 @@ def ctl(ctx, name, timeout, as_json) -> None:
 
 
 def _control_call(ctx, command: str, **arguments):
-    from .control import ControlClient, ControlConnectionError, ControlError
-    from .runtime import RuntimeDirError, control_socket_path
+    from .control.server import ControlClient, ControlConnectionError, ControlError
+    from .core.runtime import RuntimeDirError, control_socket_path
 
     try:
         client = ControlClient(control_socket_path(ctx.obj["name"]), timeout=10)
@@ -333,7 +333,7 @@ def _ctl_simple(command: str, wait_for: tuple[str, ...] = ()):
         client, result = _control_call(ctx, command, timeout=ctx.obj["timeout"])
         try:
             if wait_for:
-                from .control import ControlError
+                from .control.server import ControlError
 
                 try:
                     event = client.wait_event(wait_for, timeout=ctx.obj["timeout"])
@@ -482,8 +482,8 @@ def trace_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the kept records as they are (JSON lines).")
 def trace_show(file, categories, grep, since, until, as_json) -> None:
     """Print a trace FILE one event per line, filtered."""
-    from .trace import CATEGORIES
-    from .trace_show import TraceFilter, TraceFormatError, show
+    from .core.trace import CATEGORIES
+    from .debug.trace_show import TraceFilter, TraceFormatError, show
 
     unknown = set(categories) - set(CATEGORIES)
     if unknown:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import layout
+from .core import layout
 from .limits import Limits, LimitError, parse_assignment
 
 MIN_MEMORY = 32 * layout.MiB

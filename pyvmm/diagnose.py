@@ -17,7 +17,7 @@ from .vcpu_state import RFLAGS_IF, mp_state_name
 MAX_VCPU_LINES = 16
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _KVM_RUN_FRAMES = (("kvm/ioctl.py", "ioctl"), ("kvm/vcpu.py", "run"))
-_HYPERCALL_FILES = ("xen/hypercalls.py",)
+_HYPERCALL_FILES = ("xen/hv/hypercalls.py",)
 
 
 def read_run_state(vcpu) -> dict[str, int]:

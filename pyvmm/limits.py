@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, Mapping
 
-from .ratelimit import BURST, PER_SECOND, LogRate
+from .core.ratelimit import BURST, PER_SECOND, LogRate
 
 MAX_EVENT_CHANNEL_PORT = 4095  # the 2-level ABI's last port for a 64-bit guest (1023 in compat mode)
 MAX_GRANT_FRAMES = 1024  # grant frames are mapped into the platform device's 16 MiB BAR1

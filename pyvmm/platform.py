@@ -3,7 +3,7 @@
 COM1, the CMOS RTC, the keyboard controller (for reset), the ACPI PM block
 (poweroff/reset), the 0xE9 debug port, the pvpanic port and the PCI host
 bridge. The ports and
-interrupt numbers come from pyvmm.layout, which the ACPI tables also use.
+interrupt numbers come from pyvmm.core.layout, which the ACPI tables also use.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import os
 import time
 from typing import Protocol
 
-from . import layout
-from .bus import Bus
-from .console import ConsoleOutput, EscapeFilter
+from .core import layout
+from .core.bus import Bus
+from .core.console import ConsoleOutput, EscapeFilter
 from .devices import pci
 from .devices.acpi_pm import AcpiPm
 from .devices.debugcon import DebugCon
@@ -25,10 +25,10 @@ from .devices.pvpanic import PANICKED, PvPanic
 from .devices.rtc import CmosRtc
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS
 from .devices.serial import Serial16550
-from .eventloop import EventLoop
+from .core.eventloop import EventLoop
 from .kvm import Vm
-from .stop import StopReason
-from .trace import TRACE
+from .core.stop import StopReason
+from .core.trace import TRACE
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import time
 
 from .boot.errors import BootError
 from .config import VmConfig
-from .console import ConsoleOutput, ExpectWatcher
-from .faults import FAULTS
+from .core.console import ConsoleOutput, ExpectWatcher
+from .core.faults import FAULTS
 from .kvm import KvmError, KvmUnavailable
-from .memory import GuestMemoryError
-from .stop import StopReason
-from .trace import TRACE
+from .core.memory import GuestMemoryError
+from .core.stop import StopReason
+from .core.trace import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ EXIT_ESCAPE = 130
 
 
 def run_vm(config: VmConfig) -> int:
-    from .machine import Machine
+    from .vmm.machine import Machine
 
     watchers = []
     if config.expect is not None:
@@ -127,9 +127,9 @@ def _exit_status(config: VmConfig, reason: StopReason, stop_signal: list[int]) -
 
 def _start_control_server(config: VmConfig, machine, machine_holder: list):
     """The VM's control socket, for the whole run (reboots included)."""
-    from .control import ControlServer, make_greeting
-    from .operations import COMMAND_NAMES, machine_commands
-    from .runtime import SocketInUseError, control_socket_path
+    from .control.server import ControlServer, make_greeting
+    from .control.operations import COMMAND_NAMES, machine_commands
+    from .core.runtime import SocketInUseError, control_socket_path
 
     def command(name: str):
         return lambda args: machine_commands(machine_holder[0])[name](args)
@@ -162,15 +162,15 @@ def describe_failure(error: BaseException) -> str | None:
     """A one-line message for failures a user can act on; None for bugs."""
     if isinstance(error, (KvmUnavailable, RunError)):
         return str(error)
-    from .runtime import RuntimeDirError
+    from .core.runtime import RuntimeDirError
 
     if isinstance(error, RuntimeDirError):
         return str(error)
-    from .xen.kvm_xen import XenUnavailable
+    from .xen.hv.kvm_xen import XenUnavailable
 
     if isinstance(error, XenUnavailable):
         return str(error)
-    from .gdbstub import GdbStubError
+    from .debug.gdbstub import GdbStubError
 
     if isinstance(error, GdbStubError):
         return str(error)

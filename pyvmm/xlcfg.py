@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
-from . import layout
+from .core import layout
 from .config import MAX_VCPUS, MIN_MEMORY, ConfigError
 from .limits import SPECS as _LIMIT_SPECS, LimitError
 

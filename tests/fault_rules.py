@@ -2,7 +2,7 @@
 
 import pytest
 
-from pyvmm.faults import FAULTS
+from pyvmm.core.faults import FAULTS
 
 
 @pytest.fixture(autouse=True)

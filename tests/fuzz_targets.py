@@ -24,8 +24,9 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from pyvmm.xen import blkif, gnttab
-from pyvmm.xen.ring import REQ_PROD, RingBroken
+from pyvmm.xen.backends.blk import blkif
+from pyvmm.xen.hv import gnttab
+from pyvmm.xen.backend.ring import REQ_PROD, RingBroken
 from pyvmm.xen.xenstore import Quotas, RingServer, XenStore, XenStoreError, create_domain_nodes
 from pyvmm.xen.xenstore import ring as xsring
 from pyvmm.xen.xenstore.store import MEMORY_OVERSHOOT
@@ -214,7 +215,7 @@ def _scribble_grant(target, data: Input, **domid) -> None:
 
 def blkback(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/test_xen_blkback.py")
+    module = fakes("xen/backends/blk/test_xen_blkback.py")
     protocol = data.pick(module.PROTOCOLS)
     guest = module.Guest(Path(_BLK_DIR.name), protocol, sectors=_BLK_SECTORS,
                          persistent=bool(data.u8() & 1), image_bytes=bytes(_BLK_SECTORS * 512))
@@ -261,8 +262,8 @@ def blkback(raw: bytes) -> None:
 
 def netback(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/test_xen_netback.py")
-    from pyvmm.xen import netif
+    module = fakes("xen/backends/net/test_xen_netback.py")
+    from pyvmm.xen.backends.net import netif
     front = module.Frontend()
     try:
         for _ in range(8):
@@ -319,9 +320,9 @@ _VALUES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "-1", "429496
 
 def xenbus(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/test_xen_vbd.py")
-    from pyvmm.xen.vbd import VbdDevice
-    from pyvmm.xen.vif import VifDevice
+    module = fakes("xen/backends/blk/test_xen_vbd.py")
+    from pyvmm.xen.backends.blk.vbd import VbdDevice
+    from pyvmm.xen.backends.net.vif import VifDevice
     domain = module.Domain()
     loop = domain.loop  # the unit tests' event thread, plus what a vif asks of it
     loop.add_reader = lambda fd, callback: None
@@ -376,10 +377,10 @@ def xenbus(raw: bytes) -> None:
 
 def hypercalls(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/test_xen_hypercalls.py")
-    from pyvmm.memory import GuestMemory
-    from pyvmm.xen.guest_access import GuestAccess
-    from pyvmm.xen.hypercalls import HypercallDispatcher
+    module = fakes("xen/hv/test_xen_hypercalls.py")
+    from pyvmm.core.memory import GuestMemory
+    from pyvmm.xen.hv.guest_access import GuestAccess
+    from pyvmm.xen.hv.hypercalls import HypercallDispatcher
     memory = GuestMemory([(0, module.RAM)])
     dispatcher = HypercallDispatcher(module.FakeDomain())
     access = GuestAccess(module.identity, memory)

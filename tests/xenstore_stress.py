@@ -43,11 +43,11 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import partial
 
-from pyvmm.eventloop import EventLoop
-from pyvmm.xen import atomic
-from pyvmm.xen.atomic import SharedWords
-from pyvmm.xen.evtchn import EventChannels
-from pyvmm.xen.shared_info import LONG_MODE
+from pyvmm.core.eventloop import EventLoop
+from pyvmm.core import atomic
+from pyvmm.core.atomic import SharedWords
+from pyvmm.xen.hv.evtchn import EventChannels
+from pyvmm.xen.hv.shared_info import LONG_MODE
 from pyvmm.xen.xenstore import Op, XenStore, create_domain_nodes
 from pyvmm.xen.xenstore.protocol import HEADER, HEADER_SIZE, FrameDecoder, encode_message
 from pyvmm.xen.xenstore.ring import REQ_CONS, REQ_OFFSET, REQ_PROD, RING_SIZE, RSP_CONS, RSP_OFFSET, RSP_PROD

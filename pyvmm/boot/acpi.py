@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from pyvmm import layout
+from pyvmm.core import layout
 
 from . import aml
 from .errors import BootError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pyvmm import layout
+from pyvmm.core import layout
 
 from . import e820 as e820mod
 from .cpustate import (

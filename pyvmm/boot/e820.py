@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from pyvmm import layout
+from pyvmm.core import layout
 
 from .errors import BootError
 

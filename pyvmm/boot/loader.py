@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from pyvmm.memory import GuestMemoryError
+from pyvmm.core.memory import GuestMemoryError
 
 from .bzimage import is_bzimage, load_bzimage
 from .cpustate import BootCpuState

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import struct
 
-from pyvmm import layout
-from pyvmm.layout import PAGE_SIZE
+from pyvmm.core import layout
+from pyvmm.core.layout import PAGE_SIZE
 
 PTE_PRESENT = 1 << 0
 PTE_WRITABLE = 1 << 1

@@ -12,7 +12,7 @@ import io
 import struct
 from dataclasses import dataclass
 
-from pyvmm import layout
+from pyvmm.core import layout
 
 from . import e820 as e820mod
 from .cpustate import (

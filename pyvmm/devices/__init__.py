@@ -1,6 +1,6 @@
 """Platform devices: one module per device, none of them knows about KVM.
 
-Each device is a small state machine behind the `pyvmm.bus.BusDevice`
+Each device is a small state machine behind the `pyvmm.core.bus.BusDevice`
 protocol (`read(offset, size)` / `write(offset, size, value)`), with its
 interrupt line, output sink and power requests injected by the machine.
 Guest accesses are hostile: any offset, any size, any value, and a device

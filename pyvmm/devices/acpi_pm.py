@@ -27,10 +27,10 @@ import threading
 import time
 from typing import Callable
 
-from .. import layout
-from ..bus import IrqLine
+from ..core import layout
+from ..core.bus import IrqLine
 from . import read_bytewise, write_bytewise
-from ..ratelimit import DEFAULT_LOG_RATE, LogRate
+from ..core.ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
 

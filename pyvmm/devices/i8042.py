@@ -20,9 +20,9 @@ import logging
 import threading
 from typing import Callable
 
-from .. import layout
-from ..bus import IrqLine
-from ..ratelimit import DEFAULT_LOG_RATE, LogRate
+from ..core import layout
+from ..core.bus import IrqLine
+from ..core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from . import read_bytewise, write_bytewise
 
 log = logging.getLogger(__name__)

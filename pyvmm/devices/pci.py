@@ -23,8 +23,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import layout
-from ..bus import Bus, BusError, Claim, IrqLine
+from ..core import layout
+from ..core.bus import Bus, BusError, Claim, IrqLine
 from . import all_ones
 
 log = logging.getLogger(__name__)

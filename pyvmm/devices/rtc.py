@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable
 
-from ..bus import IrqLine
+from ..core.bus import IrqLine
 from . import read_bytewise, write_bytewise
 
 log = logging.getLogger(__name__)

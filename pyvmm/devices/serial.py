@@ -25,7 +25,7 @@ import logging
 import threading
 from typing import Callable
 
-from ..bus import IrqLine
+from ..core.bus import IrqLine
 from . import read_bytewise, write_bytewise
 
 log = logging.getLogger(__name__)

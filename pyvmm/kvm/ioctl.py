@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..cffi_types import declared_ffi
+from ..core.cffi_types import declared_ffi
 from .uapi import Ioctl
 
 _libc_ffi = declared_ffi(__file__, "libc_ioctl", "int ioctl(int fd, unsigned long request, ...);")

@@ -164,5 +164,5 @@ class MemslotTable:
 
 
 def map_guest_memory(table: MemslotTable, guest_memory) -> list[Memslot]:
-    """Register every RAM region of a pyvmm.memory.GuestMemory."""
+    """Register every RAM region of a pyvmm.core.memory.GuestMemory."""
     return [table.map(r.gpa, r.size, r.host_address) for r in guest_memory.regions]

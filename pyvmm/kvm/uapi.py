@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
 
-from ..cffi_types import declared_ffi
+from ..core.cffi_types import declared_ffi
 
 DECLARATIONS = """
     /* --- registers ----------------------------------------------------- */

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 
-from ..layout import PAGE_SHIFT, PAGE_SIZE  # Xen's page on x86 is the CPU's
+from ..core.layout import PAGE_SHIFT, PAGE_SIZE  # Xen's page on x86 is the CPU's
 
 
 # A guest-physical address meaning "no area" (KVM's convention for its attributes).

@@ -20,30 +20,32 @@ import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from .. import diagnose, layout
-from ..bus import Bus
-from ..console import ConsoleOutput
-from ..eventloop import EventLoop, drain_eventfd
+from .. import diagnose
+from ..core import layout
+from ..core.bus import Bus
+from ..core.console import ConsoleOutput
+from ..core.eventloop import EventLoop, drain_eventfd
 from ..kvm import CpuidEntry, Kvm, KvmError, MemslotError, Vm, uapi
 from ..kvm.cpuid import signature_leaf
-from ..devices.xen_platform import XenPlatformDevice
-from . import abi, kvm_xen
+from .hv.xen_platform import XenPlatformDevice
+from . import abi
+from .hv import kvm_xen
 from .abi import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
-from .console import PvConsole
+from .backends.console.pvconsole import PvConsole
 from .errors import EINVAL, EPERM, ETIME, XenError
-from .evtchn import EventChannels
-from .gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTable
-from .guest_access import GuestAccess
-from .hypercalls import HypercallDispatcher
-from .kvm_xen import KernelEvtchn, XenFeatures
-from .timers import UserTimer
-from .vbd import create_vbds
-from .vif import create_vifs
+from .hv.evtchn import EventChannels
+from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTable
+from .hv.guest_access import GuestAccess
+from .hv.hypercalls import HypercallDispatcher
+from .hv.kvm_xen import KernelEvtchn, XenFeatures
+from .hv.timers import UserTimer
+from .backends.blk.vbd import create_vbds
+from .backends.net.vif import create_vifs
 from .xenstore import Access, Permission, Quotas, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
-from ..memory import GuestMemory
-from ..stop import StopReason
+from ..core.memory import GuestMemory
+from ..core.stop import StopReason
 
 if TYPE_CHECKING:
     from ..config import VmConfig

@@ -12,7 +12,7 @@ The guest goes on to power off by itself.
 The VM runs with --gdb-breakpoints debugregs: the testbed's L1 runs on
 QEMU's TCG, whose nested SVM does not turn a guest's int3 into the #BP
 intercept KVM_GUESTDBG_USE_SW_BP relies on (the guest takes the int3 itself
-and oopses). tests/unit/gdbstub covers int3 breakpoints against Debian's
+and oopses). tests/unit/debug/gdbstub covers int3 breakpoints against Debian's
 gdb, and tests/integration/test_guest_debug_host.py against a real KVM.
 """
 

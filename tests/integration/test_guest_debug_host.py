@@ -9,7 +9,7 @@ import os
 import pytest
 from test_kvm_host import CODE, kvm, machine, real_mode_vcpu  # noqa: F401 - fixtures
 
-from pyvmm.gdbstub.breakpoints import HARDWARE, Breakpoints
+from pyvmm.debug.gdbstub.breakpoints import HARDWARE, Breakpoints
 from pyvmm.kvm import DebugExit, HltExit, uapi
 
 # nop; nop; nop; inc ax; hlt

@@ -23,7 +23,7 @@ from pyvmm.kvm import (
     map_guest_memory,
     vcpu_cpuid,
 )
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 PAGE = 0x1000
 CODE = 0x1000

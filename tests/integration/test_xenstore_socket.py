@@ -18,8 +18,8 @@ import threading
 
 import pytest
 
-from pyvmm.eventloop import EventLoop
-from pyvmm.runtime import SocketInUseError
+from pyvmm.core.eventloop import EventLoop
+from pyvmm.core.runtime import SocketInUseError
 from pyvmm.xen.xenstore import Op, XenStore
 from pyvmm.xen.xenstore.socket_server import OUTPUT_LIMIT, XenstoreSocketServer
 

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from pyvmm.config import ConfigError, SerialSpec, parse_size
-from pyvmm.console import ConsoleOutput, EscapeFilter, ExpectWatcher
-from pyvmm.eventloop import EventLoop
+from pyvmm.core.console import ConsoleOutput, EscapeFilter, ExpectWatcher
+from pyvmm.core.eventloop import EventLoop
 
 
 @pytest.mark.parametrize("text,value", [("512M", 512 << 20), ("2G", 2 << 30), ("1024", 1024 << 20), ("64MiB", 64 << 20), ("4096k", 4 << 20)])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.config import ConfigError, NetOption, VmConfig
-from pyvmm.xen.vif import generated_mac
+from pyvmm.xen.backends.net.vif import generated_mac
 
 
 def test_parse_tap_and_mac():

@@ -11,7 +11,7 @@ def test_vcpu_line_says_state_rip_interrupt_flag_and_where():
     assert diagnose.vcpu_line(0, state, None) == "vCPU 0: halted rip=0xffffffff81c0ffee IF=1, in the guest"
     state = {"mp_state": uapi.KVM_MP_STATE_INIT_RECEIVED, "rip": 0xFFF0, "rflags": 0x2}
     assert diagnose.vcpu_line(1, state, None) == "vCPU 1: wait-for-sipi rip=0xfff0 IF=0, in the guest"
-    busy = "in a hypercall (xen/hypercalls.py:10 in sched_op)"
+    busy = "in a hypercall (xen/hv/hypercalls.py:10 in sched_op)"
     assert diagnose.vcpu_line(2, None, busy) == f"vCPU 2: did not answer, {busy}"
 
 
@@ -48,7 +48,7 @@ def test_vmm_activity_is_none_for_a_thread_outside_pyvmm_or_gone():
 
 def test_vmm_activity_names_a_thread_busy_in_pyvmm_code():
     # A thread inside pyvmm code but not in KVM_RUN (here: an event loop) is "in the VMM".
-    from pyvmm.eventloop import EventLoop
+    from pyvmm.core.eventloop import EventLoop
 
     loop, running = EventLoop(), threading.Event()
     loop.call_soon_threadsafe(running.set)
@@ -57,7 +57,7 @@ def test_vmm_activity_names_a_thread_busy_in_pyvmm_code():
     try:
         running.wait()  # from now until stop() the thread is inside loop.run()
         activity = diagnose.vmm_activity(thread.ident)
-        assert activity is not None and activity.startswith("in the VMM (eventloop.py:"), activity
+        assert activity is not None and activity.startswith("in the VMM (core/eventloop.py:"), activity
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()

@@ -48,8 +48,8 @@ def test_a_broken_contract_fails_the_check(tmp_path):
     config.write_text(
         '[tool.importlinter]\nroot_package = "pyvmm"\n\n'
         '[[tool.importlinter.contracts]]\nname = "the machine without KVM"\ntype = "forbidden"\n'
-        'source_modules = ["pyvmm.machine"]\nforbidden_modules = ["pyvmm.kvm"]\n'
+        'source_modules = ["pyvmm.vmm.machine"]\nforbidden_modules = ["pyvmm.kvm"]\n'
     )
     result = lint_imports(config)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "BROKEN" in result.stdout and "pyvmm.machine -> pyvmm.kvm" in result.stdout, result.stdout
+    assert "BROKEN" in result.stdout and "pyvmm.vmm.machine -> pyvmm.kvm" in result.stdout, result.stdout

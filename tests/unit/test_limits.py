@@ -14,13 +14,13 @@ from click.testing import CliRunner
 
 from pyvmm import cli
 from pyvmm.config import ConfigError, VmConfig, parse_limit_option
-from pyvmm.devices.xen_platform import XenPlatformDevice
+from pyvmm.xen.hv.xen_platform import XenPlatformDevice
 from pyvmm.limits import DEFAULT_LIMITS, SPECS, Limits, LimitError, help_text, parse_assignment
-from pyvmm.memory import GuestMemory
-from pyvmm.ratelimit import LogRate
+from pyvmm.core.memory import GuestMemory
+from pyvmm.core.ratelimit import LogRate
 from pyvmm.xen.errors import EINVAL, ENOSPC, XenError
-from pyvmm.xen.evtchn import EventChannels
-from pyvmm.xen.gnttab import GrantTable
+from pyvmm.xen.hv.evtchn import EventChannels
+from pyvmm.xen.hv.gnttab import GrantTable
 from pyvmm.xen.xenstore import Access, Op, Permission, Quotas, XenStore
 from pyvmm.xen.xenstore.protocol import encode_message, iter_messages
 from pyvmm.xlcfg import XlConfigError, xl_config_from_text
@@ -276,7 +276,7 @@ def test_max_event_channels():
     ports = [ev.alloc_unbound(1, 0) for _ in range(10)]
     assert ports == list(range(1, 11))  # port 0 is never allocated; N is the highest
     with_log = []
-    logger = logging.getLogger("pyvmm.xen.evtchn")
+    logger = logging.getLogger("pyvmm.xen.hv.evtchn")
     handler = logging.Handler()
     handler.emit = with_log.append
     logger.addHandler(handler)
@@ -297,13 +297,13 @@ def test_max_grant_frames(caplog):
     table = GrantTable(GuestMemory([(0, 1 << 20)]), max_frames=config.max_grant_frames, log_rate=still(config))
     assert table.query_size() == (0, 2) and table.nr_entries == 1024
     table.note_frame_mapped(1)
-    with caplog.at_level(logging.WARNING, logger="pyvmm.xen.gnttab"):
+    with caplog.at_level(logging.WARNING, logger="pyvmm.xen.hv.gnttab"):
         for _ in range(20):
             with pytest.raises(XenError) as raised:
                 table.note_frame_mapped(2)
             assert raised.value.errno == EINVAL
     assert table.query_size() == (2, 2)
-    lines = [r.getMessage() for r in caplog.records if r.name == "pyvmm.xen.gnttab"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyvmm.xen.hv.gnttab"]
     assert len(lines) == 1 and "max-grant-frames" in lines[0]
 
 
@@ -311,8 +311,8 @@ def test_log_burst_and_rate(caplog):
     config = limits(log_burst=4, log_lines_per_second=0.001)  # no token comes back within the test
     device = XenPlatformDevice(log_rate=config.log_rate)
     ports = device.fixed_ports()
-    with caplog.at_level(logging.INFO, logger="pyvmm.devices.xen_platform"):
+    with caplog.at_level(logging.INFO, logger="pyvmm.xen.hv.xen_platform"):
         for _ in range(1000):
             ports.write(2, 1, ord("x"))
             ports.write(2, 1, 0x0A)
-    assert len([r for r in caplog.records if r.name == "pyvmm.devices.xen_platform"]) == 4
+    assert len([r for r in caplog.records if r.name == "pyvmm.xen.hv.xen_platform"]) == 4

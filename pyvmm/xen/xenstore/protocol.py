@@ -21,10 +21,10 @@ from collections import Counter, deque
 from contextlib import AbstractContextManager
 from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
-from ...faults import FAULTS
-from ...trace import TRACE
-from ...limits import Limits
-from ...ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
+from pyvmm.core.faults import FAULTS
+from pyvmm.core.trace import TRACE
+from pyvmm.limits import Limits
+from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
 from .errors import QuotaError, XenStoreError
 from .perms import Permission
 

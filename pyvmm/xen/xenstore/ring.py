@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 
-from ..atomic import SharedWords
+from pyvmm.core.atomic import SharedWords
 from .protocol import RING_ERROR_NONE, RING_ERROR_PROTO, RING_ERROR_RINGIDX, Connection
-from ...ratelimit import DEFAULT_LOG_RATE, LogRate
+from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
 

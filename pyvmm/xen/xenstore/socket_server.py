@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass
 from functools import partial
 
-from ...unix_server import Client, UnixStreamServer
+from pyvmm.core.unix_server import Client, UnixStreamServer
 from .protocol import HEADER_SIZE, PAYLOAD_MAX, Connection
 from .store import XenStore
 

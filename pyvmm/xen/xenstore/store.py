@@ -50,8 +50,8 @@ from ..abi import DOMID_FIRST_RESERVED
 from .errors import QuotaError, XenStoreError
 from .perms import Access, Permission
 from .protocol import ABS_PATH_MAX, EVENT_BACKLOG_BYTES, REL_PATH_MAX, Connection
-from ...limits import Limits
-from ...ratelimit import DEFAULT_LOG_RATE, LogRate
+from pyvmm.limits import Limits
+from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from pyvmm import layout
+from pyvmm.core import layout
 from pyvmm.boot import acpi
 from pyvmm.boot.errors import BootError
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 MiB = 1 << 20
 

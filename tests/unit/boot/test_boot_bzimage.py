@@ -6,13 +6,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvmm import layout
+from pyvmm.core import layout
 from pyvmm.boot import bzimage
 from pyvmm.boot.cpustate import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
 from pyvmm.boot.e820 import build_e820, to_boot_params
 from pyvmm.boot.errors import BootError
 from pyvmm.boot.loader import load_kernel
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 MiB = 1 << 20
 SETUP_SECTS = 4

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from pyvmm import layout
+from pyvmm.core import layout
 from pyvmm.boot import e820 as e820mod
 from pyvmm.boot.cpustate import (
     TYPE_CODE_XR, TYPE_DATA_RW, flat_segment, gdt_bytes, tss_segment,
@@ -12,7 +12,7 @@ from pyvmm.boot.cpustate import (
 from pyvmm.boot.e820 import E820Entry, E820Type, build_e820
 from pyvmm.boot.errors import BootError
 from pyvmm.boot.paging import identity_map_tables, write_identity_map
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -5,11 +5,11 @@ import re
 
 import pytest
 
-from pyvmm import layout
+from pyvmm.core import layout
 from pyvmm.boot.e820 import build_e820
 from pyvmm.boot.errors import BootError
 from pyvmm.boot.loader import detect_format, load_kernel
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 MiB = 1 << 20
 

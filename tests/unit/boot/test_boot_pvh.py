@@ -10,14 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvmm import layout
+from pyvmm.core import layout
 from pyvmm.boot import pvh
 from pyvmm.boot.cpustate import CR0_PE, CR0_PG
 from pyvmm.boot.e820 import build_e820, to_pvh_memmap
 from pyvmm.boot.errors import BootError
 from pyvmm.boot.loader import load_kernel
 from pyvmm.devices.pvpanic import PANICKED
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 MiB = 1 << 20
 RSDP = 0xE0000

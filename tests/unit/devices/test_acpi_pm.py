@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm import layout
+from pyvmm.core import layout
 from pyvmm.devices import acpi_pm as a
 from pyvmm.devices.acpi_pm import AcpiPm
 

@@ -1,8 +1,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyvmm import layout
-from pyvmm.bus import Bus
+from pyvmm.core import layout
+from pyvmm.core.bus import Bus
 from pyvmm.devices.debugcon import DebugCon
 
 

@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm.bus import Bus
+from pyvmm.core.bus import Bus
 from pyvmm.devices import i8042 as k
 from pyvmm.devices.i8042 import I8042
 

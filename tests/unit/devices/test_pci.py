@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm import layout
-from pyvmm.bus import Bus
+from pyvmm.core import layout
+from pyvmm.core.bus import Bus
 from pyvmm.devices import pci
 from pyvmm.devices.pci import BarKind, PciDevice, PciHost
 

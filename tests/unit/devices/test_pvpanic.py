@@ -3,12 +3,12 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyvmm import layout
-from pyvmm.bus import Bus
+from pyvmm.core import layout
+from pyvmm.core.bus import Bus
 from pyvmm.devices.pvpanic import CRASH_LOADED, PANICKED, SUPPORTED_EVENTS, PvPanic
-from pyvmm.ratelimit import DEFAULT_LOG_RATE
+from pyvmm.core.ratelimit import DEFAULT_LOG_RATE
 from pyvmm.platform import Platform
-from pyvmm.stop import StopReason
+from pyvmm.core.stop import StopReason
 
 
 def test_reading_the_port_announces_the_supported_events():

@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from pyvmm.kvm.memslots import MemslotError, MemslotTable, map_guest_memory
 from pyvmm.kvm.uapi import KVM_MEM_READONLY
-from pyvmm.memory import GuestMemory
+from pyvmm.core.memory import GuestMemory
 
 PAGE = 0x1000
 HOST = 0x7F00_0000_0000

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pyvmm.eventloop import EventLoop
+from pyvmm.core.eventloop import EventLoop
 from pyvmm.kvm import uapi
 from pyvmm.xen import abi
 from pyvmm.xen import domain as domain_module

@@ -1,14 +1,14 @@
 """Log lines whose rate a guest decides stay bounded: 100,000 triggering
-events give at most a burst of lines per call site (pyvmm/ratelimit.py)."""
+events give at most a burst of lines per call site (pyvmm/core/ratelimit.py)."""
 
 import logging
 import struct
 
 import pytest
 
-from pyvmm import ratelimit
-from pyvmm.xen import xenbus_backend
-from pyvmm.xen.xenbus_backend import FrontendError, XenbusBackendDevice, XenbusState
+from pyvmm.core import ratelimit
+from pyvmm.xen.backend import xenbus_backend
+from pyvmm.xen.backend.xenbus_backend import FrontendError, XenbusBackendDevice, XenbusState
 from pyvmm.xen.xenstore import Op, RingServer, XenStore, create_domain_nodes, protocol
 from pyvmm.xen.xenstore import ring as xenstore_ring
 from pyvmm.xen.xenstore.protocol import encode_message

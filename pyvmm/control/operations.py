@@ -1,0 +1,180 @@
+"""What an operator can ask of a running VM: the control socket's commands.
+
+Every command runs on the VM's event thread (see control.py and
+docs/CONTROL.md) and returns a JSON-able result or raises ControlError.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Callable
+
+from .server import ControlError
+from ..core.faults import FAULTS, FaultSpecError
+from ..core.stop import StopReason
+from ..xen.xenstore import XenStoreError
+
+if TYPE_CHECKING:
+    from ..vmm.machine import Machine
+
+
+COMMAND_NAMES = (
+    "status", "diagnose", "shutdown", "reboot", "destroy", "pause", "resume",
+    "xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm", "evtchn-list",
+    "fault-add", "fault-list", "fault-clear", "xenbus-state",
+)
+
+
+def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
+    def status(args: dict) -> dict:
+        if machine.stop_reason is not None:
+            state = "shutting-down"
+        else:
+            state = "paused" if machine.paused else "running"
+        config = machine.config
+        return {
+            "name": config.name,
+            "state": state,
+            "vcpus": config.vcpus,
+            "memory": config.memory,
+            "xen": machine.xen is not None,
+            "uptime": round(time.monotonic() - machine.started_at, 3),
+            "pid": os.getpid(),
+            "xenstore_socket": str(machine.xenstore_socket_path) if machine.xenstore_socket_path else None,
+            "kernel": str(config.kernel),
+            "reboots": machine.run_counts["reboots"],
+            "triple_faults": machine.run_counts["triple_faults"],
+        }
+
+    def diagnose(args: dict) -> dict:
+        """Where each vCPU is, and Xen's xenstore ring and event channels."""
+        return {"lines": machine.diagnostics()}
+
+    def orderly(kind: str) -> Callable[[dict], object]:
+        def command(args: dict) -> dict:
+            if machine.xen is None:
+                if kind != "poweroff":
+                    raise ControlError("Unsupported", "an orderly reboot needs a Xen guest (xenstore control/shutdown)")
+                # A plain PC guest gets the ACPI power button; it powers off
+                # only if its userspace handles that button.
+                machine.platform.acpi_pm.press_power_button()
+                return {"requested": "power-button"}
+            machine.xen.request_guest_shutdown(kind)
+            return {"requested": kind}
+
+        return command
+
+    def destroy(args: dict) -> dict:
+        machine.request_stop(StopReason.DESTROYED)
+        return {}
+
+    def pause(args: dict) -> dict:
+        machine.pause()
+        machine.control_event("PAUSED", {})
+        return {}
+
+    def resume(args: dict) -> dict:
+        machine.resume()
+        machine.control_event("RESUMED", {})
+        return {}
+
+    def store_client():
+        if machine.xen is None:
+            raise ControlError("Unsupported", "this VM has no xenstore (--no-xen)")
+        return machine.xen.dom0  # one client for the VM's life: a client per command would pile up
+
+    def path_of(args: dict) -> str:
+        path = args.get("path")
+        if not isinstance(path, str) or not path:
+            raise ControlError("InvalidArgument", "'path' must be a non-empty string")
+        return path
+
+    def store_op(function):
+        def command(args: dict):
+            try:
+                return function(store_client(), args)
+            except XenStoreError as error:
+                raise ControlError("XenstoreError", f"{error.name}: {path_of(args)}") from None
+
+        return command
+
+    def xs_write(client, args):
+        value = args.get("value")
+        if not isinstance(value, str):
+            raise ControlError("InvalidArgument", "'value' must be a string")
+        client.write(path_of(args), value)
+        return {}
+
+    def xs_ls(client, args):
+        """The subtree as {path: value}, like xenstore-ls -f."""
+        root = path_of(args).rstrip("/") or "/"
+        out: dict[str, str] = {}
+
+        def walk(path: str) -> None:
+            out[path] = client.read(path).decode(errors="replace")
+            for child in client.directory(path):
+                walk(f"{path.rstrip('/')}/{child}")
+
+        walk(root)
+        return out
+
+    def evtchn_list(args: dict) -> list:
+        if machine.xen is None:
+            raise ControlError("Unsupported", "this VM has no event channels (--no-xen)")
+        return machine.xen.evtchn.snapshot()
+
+    def fault_add(args: dict) -> dict:
+        spec = args.get("spec")
+        if not isinstance(spec, str):
+            raise ControlError("InvalidArgument", "'spec' must be a string")
+        try:
+            return FAULTS.add(spec).describe()
+        except FaultSpecError as error:
+            raise ControlError("InvalidArgument", str(error)) from None
+
+    def fault_clear(args: dict) -> dict:
+        rule_id = args.get("id")
+        if rule_id is None:
+            return {"removed": FAULTS.clear()}
+        if not isinstance(rule_id, int) or isinstance(rule_id, bool):
+            raise ControlError("InvalidArgument", "'id' must be a rule number")
+        if not FAULTS.remove(rule_id):
+            raise ControlError("InvalidArgument", f"no fault rule {rule_id}")
+        return {"removed": 1}
+
+    def xenbus_state(args: dict) -> dict:
+        """Move a backend device to Closing or Closed on demand."""
+        from ..xen.backend.xenbus_backend import XenbusState
+
+        states = {"closing": XenbusState.CLOSING, "closed": XenbusState.CLOSED}
+        device, state = args.get("device"), args.get("state")
+        if state not in states:
+            raise ControlError("InvalidArgument", "'state' must be closing or closed")
+        if machine.xen is None:
+            raise ControlError("Unsupported", "this VM has no xenbus devices (--no-xen)")
+        for vbd in machine.xen.vbds:
+            if device in (vbd.vdev, str(vbd.devid), vbd.backend_path):
+                vbd.force_state(states[state])
+                return {"device": vbd.backend_path, "state": states[state].name}
+        raise ControlError("InvalidArgument", f"no device {device!r} (a disk's vdev, devid or backend path)")
+
+    return {
+        "status": status,
+        "diagnose": diagnose,
+        "shutdown": orderly("poweroff"),
+        "reboot": orderly("reboot"),
+        "destroy": destroy,
+        "pause": pause,
+        "resume": resume,
+        "xenstore-read": store_op(lambda c, a: c.read(path_of(a)).decode(errors="replace")),
+        "xenstore-write": store_op(xs_write),
+        "xenstore-ls": store_op(xs_ls),
+        "xenstore-rm": store_op(lambda c, a: c.rm(path_of(a)) or {}),
+        "evtchn-list": evtchn_list,
+        "fault-add": fault_add,
+        "fault-list": lambda args: FAULTS.rules(),
+        "fault-clear": fault_clear,
+        "xenbus-state": xenbus_state,
+    }
+

@@ -1,0 +1,167 @@
+"""Event tracing: one JSON object per line, per category, cheap when off.
+
+The VMM has one Tracer, `TRACE`. Each category is a plain boolean
+attribute, so a hook costs one attribute test while its category is off
+and builds nothing:
+
+    if TRACE.blk:
+        TRACE.emit("blk", "request", op="write", sector=2048, ...)
+
+Categories:
+
+    hypercall   name, sub-op, arguments, result, vCPU
+    evtchn      guest sends, backend notifications, binds and closes;
+                `kernel` says whether KVM delivers the port itself
+    xenstore    every request (op, path, value, tx id, result or error)
+                from the guest's ring and from the socket, watches fired
+    grant       map/unmap/copy: ref, writable, errors
+    blk         ring requests (op, sector, sectors, segments, id) and
+                responses (status)
+    net         packets of the PV network backend (see net_packet below)
+    console     PV console bytes in and out, summarised
+    io          port I/O and MMIO exits: port or address, size, dir, value
+    fault       every injected fault (pyvmm/core/faults.py); on whenever any
+                other category is
+    stop        why the guest stopped when it was not asked to: a triple
+                fault (registers), every vCPU halted for good, a pvpanic
+                report, --timeout; on whenever any other category is
+
+A record is {"t": monotonic ns, "cat": category, "ev": event, "thread":
+name, "vcpu": index (when the event happened on a vCPU thread), ...decoded
+fields}. Writes are thread-safe and buffered: a batch goes to the file
+every 512 events or after a second; close() (at exit) writes the rest.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import threading
+import time
+from typing import IO
+
+CATEGORIES = ("hypercall", "evtchn", "xenstore", "grant", "blk", "net", "console", "io", "fault", "stop")
+_FLUSH_LINES = 512
+_FLUSH_NS = 1_000_000_000  # a quiet trace still reaches the file within about a second
+
+
+class TraceError(ValueError):
+    """A bad --trace category list."""
+
+
+def parse_categories(text: str) -> frozenset[str]:
+    """'blk,xenstore' -> {'blk', 'xenstore'}; 'all' -> every category."""
+    wanted = {word.strip() for word in text.split(",") if word.strip()}
+    if "all" in wanted:
+        return frozenset(CATEGORIES)
+    unknown = wanted - set(CATEGORIES)
+    if unknown or not wanted:
+        raise TraceError(f"unknown trace categories {', '.join(sorted(unknown)) or '(none)'}; "
+                         f"choose from {', '.join(CATEGORIES)} or all")
+    return frozenset(wanted)
+
+
+class Tracer:
+    hypercall = evtchn = xenstore = grant = blk = net = console = io = fault = stop = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._out: IO[str] | None = None
+        self._pending: list[str] = []
+        self._owned = False
+        self._written_at = 0
+        self.enabled: frozenset[str] = frozenset()
+
+    def open(self, categories: frozenset[str] | set[str], path) -> None:
+        """Start writing the `categories` to the file at `path` (replaced)."""
+        self.close()
+        self._out = open(path, "w", encoding="utf-8")
+        self._owned = True
+        self.enable(categories)
+
+    def attach(self, categories, stream: IO[str]) -> None:
+        """Write to an already open text stream (tests)."""
+        self.close()
+        self._out = stream
+        self._owned = False
+        self.enable(categories)
+
+    def enable(self, categories) -> None:
+        self._written_at = time.monotonic_ns()
+        categories = frozenset(categories)
+        if categories:
+            categories |= {"fault", "stop"}
+        self.enabled = categories
+        for name in CATEGORIES:
+            setattr(self, name, name in categories)
+
+    def emit(self, category: str, event: str, vcpu: int | None = None, **fields) -> None:
+        """Record one event; call only after testing the category's flag."""
+        thread = threading.current_thread().name
+        if vcpu is None and thread.startswith("vcpu") and thread[4:].isdigit():
+            vcpu = int(thread[4:])
+        now = time.monotonic_ns()
+        record = {"t": now, "cat": category, "ev": event, "thread": thread}
+        if vcpu is not None:
+            record["vcpu"] = vcpu
+        record.update(fields)
+        line = json.dumps(record, default=_jsonable, separators=(",", ":"))
+        with self._lock:
+            self._pending.append(line)
+            if len(self._pending) >= _FLUSH_LINES or now - self._written_at > _FLUSH_NS:
+                self._write_pending()
+                self._written_at = now
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write_pending()
+
+    def close(self) -> None:
+        """Flush and stop: every category off again."""
+        self.enable(())
+        with self._lock:
+            self._write_pending()
+            out, self._out = self._out, None
+        if out is not None and self._owned:
+            out.close()
+
+    def _write_pending(self) -> None:
+        if self._out is not None and self._pending:
+            self._out.write("\n".join(self._pending) + "\n")
+            self._out.flush()
+        self._pending.clear()
+
+
+def _jsonable(value):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return summarize_bytes(bytes(value))
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def summarize_bytes(data: bytes, limit: int = 64) -> str:
+    """Printable text of at most `limit` bytes, the rest counted."""
+    text = data[:limit].decode("latin-1").encode("unicode_escape").decode("ascii")
+    return text if len(data) <= limit else f"{text}...(+{len(data) - limit} bytes)"
+
+
+TRACE = Tracer()
+atexit.register(TRACE.close)
+
+
+def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1, status: int = 0,
+               fault: str | None = None) -> None:
+    """The network backend's trace hook, one call per packet.
+
+    direction: "tx" (guest to host) or "rx" (host to guest); vif: the
+    device ("vif0" or its xenstore id); length: bytes; flags: the netif
+    request/response flags; slots: ring slots used; status: the netif
+    status written back (NETIF_RSP_OKAY 0, ERROR -1, DROPPED -2); fault:
+    the injected fault that changed this packet, if one did.
+    """
+    if TRACE.net:
+        fields = {"dir": direction, "vif": vif, "len": length, "flags": flags, "slots": slots, "status": status}
+        if fault:
+            fields["fault"] = fault
+        TRACE.emit("net", "packet", **fields)

@@ -1,0 +1,1 @@
+"""Looking inside a guest: the gdb stub and the trace viewer."""

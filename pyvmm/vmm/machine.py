@@ -1,0 +1,420 @@
+"""Assembles a VM from its parts and runs it until something stops it.
+
+One Machine is one boot: a guest reboot builds a fresh Machine (see
+runner.py), so no device ever has to implement a reset path of its own.
+
+Threads: one per vCPU (each creates and runs its own KVM vCPU; the GIL is
+released inside KVM_RUN) and the main thread running the event loop for
+console input, device timers and stop requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import sys
+import threading
+import time
+from functools import partial
+
+from .. import diagnose
+from ..core import layout
+from . import liveness
+from ..boot.acpi import build_acpi
+from ..boot.e820 import build_e820
+from ..boot.loader import load_kernel
+from ..core.bus import Bus
+from ..config import VmConfig
+from ..core.console import ConsoleOutput, EscapeFilter, RawTerminal
+from ..core.eventloop import EventLoop
+from .exit_handler import ExitHandler
+from ..kvm import Kvm, map_guest_memory, pc_irqchip_routes
+from .liveness import DeadGuestDetector
+from ..core.memory import GuestMemory
+from ..platform import Platform
+from ..core.stop import StopReason
+from ..core.trace import TRACE
+from .vcpu_setup import apply_boot_state, configure_vcpu
+from ..vcpu_state import read_registers
+
+log = logging.getLogger(__name__)
+
+DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
+
+
+class Machine:
+    def __init__(self, config: VmConfig, console: ConsoleOutput):
+        self.config = config
+        self.console = console
+        self.loop = EventLoop()
+        self.loop.on_callback_error = self._event_callback_failed
+        self._callback_failures: collections.Counter[str] = collections.Counter()
+        self._stop_lock = threading.Lock()
+        self.stop_reason: StopReason | None = None
+        self.stop_detail: str | None = None  # what exactly, e.g. "pvpanic" for a CRASH
+
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.create_irqchip()
+        # The PIT ticks on GSI 0, which a PC wires to IOAPIC pin 2 (the MADT
+        # says so with an interrupt source override); KVM's default routes don't.
+        self.vm.set_gsi_routing(pc_irqchip_routes())
+        self.vm.create_pit2()
+
+        ranges = layout.ram_ranges(config.memory)
+        if config.xen:
+            # Xen's special pages (console and xenstore rings): memory the
+            # guest can map, reserved in its E820 map.
+            ranges.append((layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE))
+        self.memory = GuestMemory(ranges)
+        map_guest_memory(self.vm.memslots, self.memory)
+
+        self.pio = Bus("port I/O", 1 << 16)
+        self.mmio = Bus("MMIO", 1 << 64)
+        self.platform = Platform(self, console)
+        self.xen = None
+        if config.xen:
+            from ..xen.domain import XenDomain
+
+            self.xen = XenDomain(self)
+
+        e820 = build_e820(config.memory)
+        rsdp = build_acpi(self.memory, config.vcpus)
+        self.boot_state = load_kernel(
+            self.memory, config.kernel, config.initrd, config.cmdline, rsdp_address=rsdp, e820=e820
+        )
+        self._threads: list[threading.Thread] = []
+        self._vcpus: list = [None] * config.vcpus
+        # Work that must run on a given vCPU's own thread (KVM serialises
+        # vCPU ioctls with KVM_RUN, so another thread would block on it).
+        self._vcpu_work: list[collections.deque] = [collections.deque() for _ in range(config.vcpus)]
+        self._vcpu_of_thread: dict[int, int] = {}
+        # Pausing parks every vCPU thread outside KVM_RUN; `_running` is set
+        # while the guest may run.
+        self._running = threading.Event()
+        self._running.set()
+        self._pause_lock = threading.Lock()
+        self._paused_clock = None
+        self.started_at = time.monotonic()
+        self.control = None  # the run's ControlServer (runner.py), kept across reboots
+        self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
+        self._xenstore_server = None
+        self.xenstore_socket_path = None
+        self._ready = threading.Barrier(config.vcpus + 1)
+        self._setup_errors: list[BaseException] = []
+        self.gdb = None
+        if config.gdb is not None:
+            from ..debug.gdbstub import serve_gdb
+
+            self.gdb = serve_gdb(self, config.gdb, config.gdb_wait)
+            if config.gdb_wait:
+                self._running.clear()  # until gdb says continue
+
+    # --- stopping -----------------------------------------------------------
+
+    def request_stop(self, reason: StopReason, detail: str | None = None) -> None:
+        """Stop the VM for `reason`; the first reason wins. Any thread may call."""
+        with self._stop_lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            self.stop_detail = detail
+        self._running.set()  # a paused VM must be able to stop
+        for vcpu in self._vcpus:
+            if vcpu is not None:
+                vcpu.kick()
+        self.loop.stop()
+
+    def _event_callback_failed(self, callback, error: Exception) -> None:
+        # A bug in one device's callback must not take every other device
+        # (and the guest) down with it: log it with its traceback the first
+        # time, then only count, so a callback failing at every event cannot
+        # flood the log.
+        function = getattr(callback, "func", callback)  # a partial: name what it wraps
+        name = getattr(function, "__qualname__", None) or type(function).__qualname__
+        self._callback_failures[name] += 1
+        count = self._callback_failures[name]
+        if count == 1:
+            log.error("event thread: %s failed; the VM goes on", name, exc_info=error)
+        elif count in (10, 100, 1000) or count % 10000 == 0:
+            log.error("event thread: %s has failed %d times (last: %s)", name, count, error)
+
+    # --- running ------------------------------------------------------------
+
+    def run(self, deadline: float | None) -> StopReason:
+        for index in range(self.config.vcpus):
+            thread = threading.Thread(target=self._vcpu_thread, args=(index,), name=f"vcpu{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        try:
+            self._ready.wait()
+            if self._setup_errors:
+                raise self._setup_errors[0]
+            if self.gdb is not None:
+                self.gdb.start()
+            if deadline is not None:
+                self.loop.call_later(max(0.0, deadline - time.monotonic()), self._timed_out)
+            self.platform.start(self.loop)
+            if self.xen is not None:
+                self.xen.start()
+            self._start_sockets()
+            self._start_liveness_checks()
+            with self._console_input():
+                self.loop.run()
+        finally:
+            # Whatever ended the loop, no vCPU may outlive it: close() unmaps
+            # the memory they run on.
+            self.request_stop(StopReason.ERROR)
+            self._join()
+        return self.stop_reason
+
+    # --- operator sockets ---------------------------------------------------------
+
+    def _start_sockets(self) -> None:
+        if self.xen is None:
+            return
+        from ..core.runtime import xenstore_socket_path
+        from ..xen.xenstore.socket_server import XenstoreSocketServer
+
+        config = self.config
+        self.xenstore_socket_path = config.xenstore_socket or xenstore_socket_path(config.name)
+        self._xenstore_server = XenstoreSocketServer(self.xenstore_socket_path, self.loop, self.xen.store)
+        self._xenstore_server.start()
+
+    def control_event(self, name: str, data: dict) -> None:
+        """Tell every control client that `name` happened (event thread or after the loop)."""
+        if self.control is not None:
+            self.control.broadcast(name, data)
+
+    def _vcpu_thread(self, index: int) -> None:
+        try:
+            vcpu = self.vm.create_vcpu(index)
+            self._vcpu_of_thread[threading.get_ident()] = index
+            if self.xen is not None:
+                configure_vcpu(self.kvm, vcpu, index, self.config.vcpus,
+                               hypervisor_leaves=self.xen.cpuid_leaves(index), kvm_base=None)
+                self.xen.configure_vcpu(vcpu, index)
+            else:
+                configure_vcpu(self.kvm, vcpu, index, self.config.vcpus)
+            if index == 0:
+                apply_boot_state(vcpu, self.boot_state)
+            self._vcpus[index] = vcpu
+        except BaseException as error:  # reported by run() on the main thread
+            self._setup_errors.append(error)
+            self._ready.wait()
+            return
+        self._ready.wait()
+        hypercall = None
+        if self.xen is not None:
+            hypercall = self.xen.hypercall_handler(index, vcpu)
+        debug = None
+        if self.gdb is not None:
+            gdb = self.gdb
+            debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
+        handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
+                             registers=lambda: read_registers(vcpu)).handle
+        work = self._vcpu_work[index]
+        try:
+            while self.stop_reason is None:
+                while work:
+                    work.popleft()()
+                if not self._running.is_set():
+                    self._running.wait()
+                    continue
+                reason = handle(vcpu.run())
+                if reason is not None:
+                    self.request_stop(reason)
+        except Exception:
+            log.exception("vCPU %d failed", index)
+            self.request_stop(StopReason.ERROR)
+
+    def current_vcpu(self) -> int | None:
+        """The index of the vCPU whose thread is calling, if any."""
+        return self._vcpu_of_thread.get(threading.get_ident())
+
+    def vcpu(self, index: int):
+        """vCPU `index`; its ioctls from another thread only while it is parked."""
+        return self._vcpus[index]
+
+    def run_on_vcpu(self, index: int, function, timeout: float = 10.0):
+        """Run `function(vcpu)` on vCPU `index`'s thread and return its result."""
+        vcpu = self._vcpus[index]
+        if self.current_vcpu() == index:
+            return function(vcpu)
+        done = threading.Event()
+        outcome: list = []
+
+        def job():
+            try:
+                outcome.append((True, function(vcpu)))
+            except BaseException as error:  # handed to the caller
+                outcome.append((False, error))
+            done.set()
+
+        self._post(index, job)
+        if not done.wait(timeout):
+            raise TimeoutError(f"vCPU {index} did not run queued work within {timeout}s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def post_to_vcpu(self, index: int, function) -> None:
+        """Run `function(vcpu)` on vCPU `index`'s thread soon, without waiting
+        for it; `function` must not raise (it would end the vCPU thread)."""
+        vcpu = self._vcpus[index]
+        self._post(index, lambda: function(vcpu))
+
+    def _post(self, index: int, job) -> None:
+        self._vcpu_work[index].append(job)
+        self._vcpus[index].kick()
+
+    # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
+
+    def _timed_out(self) -> None:
+        # The last useful log of a run that went nowhere: taken before the
+        # vCPUs stop, so it shows where they were.
+        log.warning("--timeout expired; the guest's state:")
+        for line in self.diagnostics():
+            log.warning("  %s", line)
+        if TRACE.stop:
+            TRACE.emit("stop", "timeout")
+        self.request_stop(StopReason.TIMEOUT)
+
+    def diagnostics(self, wait: float = DIAGNOSE_WAIT) -> list[str]:
+        """One line per vCPU (bounded), then Xen's xenstore ring and event
+        channels. Event thread; waits at most `wait` for each vCPU."""
+        threads = {index: ident for ident, index in self._vcpu_of_thread.items()}
+        lines = [self._vcpu_diagnosis(index, threads.get(index), wait)
+                 for index in range(min(self.config.vcpus, diagnose.MAX_VCPU_LINES))]
+        if self.config.vcpus > diagnose.MAX_VCPU_LINES:
+            lines.append(f"... and {self.config.vcpus - diagnose.MAX_VCPU_LINES} more vCPUs")
+        if self.xen is not None:
+            try:
+                lines += self.xen.diagnostics()
+            except Exception as error:  # a diagnosis must never be what fails
+                lines.append(f"xen: unavailable ({error})")
+        return lines
+
+    def _vcpu_diagnosis(self, index: int, thread: int | None, wait: float) -> str:
+        activity = diagnose.vmm_activity(thread)
+        state = None
+        try:
+            if self.paused:
+                # Parked outside KVM_RUN, so its ioctls work from here; pause
+                # and resume also run on this (the event) thread.
+                state = diagnose.read_run_state(self._vcpus[index])
+            elif self._vcpus[index] is not None:
+                state = self.run_on_vcpu(index, diagnose.read_run_state, timeout=wait)
+        except Exception as error:  # TimeoutError: busy in a handler; KvmError
+            log.debug("vCPU %d: no state for the diagnosis: %s", index, error)
+        return diagnose.vcpu_line(index, state, activity)
+
+    # --- noticing a guest that can never run again (pyvmm/vmm/liveness.py) ----
+
+    def _start_liveness_checks(self) -> None:
+        if self.gdb is not None:
+            return  # a debugger may hold every vCPU stopped on purpose
+        self._liveness = DeadGuestDetector()
+        self._liveness_round: list = [None] * self.config.vcpus
+        self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        if self.stop_reason is not None:
+            return
+        samples, self._liveness_round = self._liveness_round, [None] * self.config.vcpus
+        if self.paused:
+            self._liveness.reset()
+        elif self._liveness.observe(samples):
+            self._guest_is_dead(samples)
+            return
+        if not self.paused:
+            for index in range(self.config.vcpus):
+                self.post_to_vcpu(index, partial(self._sample_vcpu, self._liveness_round, index))
+        self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
+
+    @staticmethod
+    def _sample_vcpu(round_: list, index: int, vcpu) -> None:
+        try:
+            round_[index] = liveness.sample_vcpu(vcpu)
+        except Exception as error:  # an unanswered round only means "alive"
+            log.debug("vCPU %d: liveness probe failed: %s", index, error)
+
+    def _guest_is_dead(self, samples: list) -> None:
+        state = liveness.describe(samples)
+        log.warning("every vCPU is halted with interrupts disabled, so the guest can never run again: %s", state)
+        if TRACE.stop:
+            TRACE.emit("stop", "halted", state=state)
+        self.request_stop(StopReason.CRASH, detail="halted")
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def pause(self) -> None:
+        """Stop every vCPU (and the guest's clock) until resume(); any thread."""
+        with self._pause_lock:
+            if not self._running.is_set():
+                return
+            self._running.clear()
+            for vcpu in self._vcpus:
+                if vcpu is not None:
+                    vcpu.kick()
+            # Freeze kvmclock (and with it Xen's pvclock): on resume the guest
+            # sees time continue from where it stopped, as on QEMU's stop/cont.
+            self._paused_clock = self.vm.get_clock().clock
+
+    def resume(self) -> None:
+        with self._pause_lock:
+            if self._running.is_set():
+                return
+            if self._paused_clock is not None:
+                self.vm.set_clock(self._paused_clock)
+                self._paused_clock = None
+            self._running.set()
+
+    def kick_vcpu(self, index: int) -> None:
+        vcpu = self._vcpus[index]
+        if vcpu is not None:
+            vcpu.kick()
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=5)
+            if thread.is_alive():
+                log.warning("%s did not stop", thread.name)
+
+    def _vcpus_stopped(self) -> bool:
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _console_input(self):
+        """Feed stdin to the serial port while the VM runs (stdio consoles only)."""
+        if self.config.serial.kind != "stdio":
+            return contextlib.nullcontext()
+        fd = sys.stdin.fileno()
+        escape = EscapeFilter(lambda: self.request_stop(StopReason.QUIT))
+        self.platform.attach_console_input(self.loop, fd, escape if sys.stdin.isatty() else None)
+        return RawTerminal(fd)
+
+    def close(self) -> None:
+        if self.gdb is not None:
+            self.gdb.close()
+        if self._xenstore_server is not None:
+            self._xenstore_server.close()
+        if self.xen is not None:
+            self.xen.close()
+        self.platform.close()
+        self.loop.close()
+        if not self._vcpus_stopped():
+            # Leak rather than pull memory and kvm_run from under a vCPU.
+            log.error("vCPU threads still running; not releasing the VM")
+            return
+        for vcpu in self._vcpus:
+            if vcpu is not None:
+                vcpu.close()
+        self.vm.close()
+        self.memory.close()
+        self.kvm.close()

@@ -1,0 +1,2 @@
+"""What a PV backend is built on: shared rings, ring worker threads and the xenbus
+handshake with the frontend."""

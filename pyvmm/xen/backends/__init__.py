@@ -1,0 +1,1 @@
+"""The PV backends, one folder per device kind: blk (vbd), net (vif), console."""

@@ -1,0 +1,1 @@
+"""The backend of the guest's primary PV console."""

@@ -1,0 +1,403 @@
+"""The guest's grant table (version 1), and grant mapping for the VMM's backends.
+
+The guest shares pages with its backends by writing grant entries into a
+table whose frames it maps into its own physical address space
+(XENMEM_add_to_physmap, XENMAPSPACE_grant_table). A version 1 entry is
+
+    0  u16 flags    GTF_* (type in bits 0-1, readonly, reading, writing, ...)
+    2  u16 domid    the domain allowed to use the grant
+    4  u32 frame    the guest frame number being shared
+
+The table lives in one anonymous mapping of `max_frames` pages that belongs
+to the VMM, so the domain can put frame i into the guest with a KVM memslot
+at whatever gfn the guest picks (`frame_host_address`).
+
+Backends (the VMM acting as domain 0) `map` a reference to get a view of
+the granted page. As Xen does, mapping marks the entry in use by setting
+GTF_reading (and GTF_writing for a writable mapping) with a compare-and-swap
+of flags and domid together that re-checks the entry each round: a guest
+revoking the grant at the same moment (Linux clears the flags with a
+compare-and-swap only when neither bit is set) either wins, and the map
+fails, or finds the grant busy. The bits are cleared when the last mapping
+of that kind is released.
+
+Only version 1 is implemented. set_version(2) fails with ENOSYS, which is
+what Xen answers when version 2 is disabled ("behave as before set_version
+was introduced"); guests then keep using version 1.
+
+Errors reported to backends carry Xen's GNTST_* status. Xen answers every
+bad entry with GNTST_general_error; the statuses here are more precise
+(permission_denied for a grant that does not allow the access, bad_page for
+a frame that is not guest RAM), which is all the backends ever look at.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import struct
+import threading
+from typing import Iterable, Sequence
+
+from pyvmm.core.memory import GuestMemory, GuestMemoryError
+from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
+from pyvmm.core.trace import TRACE
+from pyvmm.core import atomic
+from ..errors import EACCES, EINVAL, ENOSYS, XenError
+
+log = logging.getLogger(__name__)
+from ..abi import (
+    PAGE_SIZE,
+    GNTST_okay,
+    GNTST_general_error,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_virt_addr,
+    GNTST_bad_dev_addr,
+    GNTST_no_device_space,
+    GNTST_permission_denied,
+    GNTST_bad_page,
+    GNTST_bad_copy_arg,
+    GNTST_address_too_big,
+    GNTST_eagain,
+    GNTST_no_space,
+)
+
+ENTRY_SIZE = 8
+ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
+DEFAULT_MAX_FRAMES = 64
+
+# Grant entry flags (grant_table.h).
+GTF_invalid = 0
+GTF_permit_access = 1
+GTF_accept_transfer = 2
+GTF_type_mask = 3
+GTF_readonly = 1 << 2
+GTF_reading = 1 << 3
+GTF_writing = 1 << 4
+GTF_IN_USE = GTF_reading | GTF_writing
+
+# References the toolstack fills in before the guest boots.
+GNTTAB_NR_RESERVED_ENTRIES = 8
+GNTTAB_RESERVED_CONSOLE = 0
+GNTTAB_RESERVED_XENSTORE = 1
+
+
+_STATUS_ERRNO = {GNTST_permission_denied: EACCES}
+
+# Xen gives up after five compare-and-swap rounds: a guest that keeps
+# changing the entry is misbehaving and must not hold the backend.
+CMPXCHG_ATTEMPTS = 5
+
+_ENTRY = struct.Struct("<HHI")
+_MASK32 = 0xFFFF_FFFF
+
+
+class GrantError(XenError):
+    """A grant a backend may not use; `status` is Xen's GNTST_* code."""
+
+    def __init__(self, status: int, message: str = ""):
+        super().__init__(_STATUS_ERRNO.get(status, EINVAL), message)
+        self.status = status
+
+
+class GrantTable:
+    def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0,
+                 log_rate: LogRate = DEFAULT_LOG_RATE):
+        if not 1 <= max_frames <= 1 << 16:
+            raise ValueError(f"max_frames {max_frames} is not in 1..65536")
+        if not 0 <= backend_domid <= 0xFFFF:
+            raise ValueError(f"domid {backend_domid} does not fit 16 bits")
+        self.memory = memory
+        self.max_frames = max_frames  # the domain's max-grant-frames (pyvmm.limits)
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
+        self.backend_domid = backend_domid
+        self.frame_count = 0  # frames the guest has mapped: 1 + highest index
+        self._mapping = mmap.mmap(-1, max_frames * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mapping))
+        self._table = memoryview(self._mapping)
+        # Entry ref is words 2*ref (flags | domid << 16) and 2*ref + 1 (frame);
+        # each read is one aligned load. The atomic views update the first
+        # word as a whole (taking a grant) and its flags half (giving it back).
+        self._words = self._table.cast("I")
+        self._entry_words = atomic.AtomicArray(self._base, 4)
+        self._entry_halves = atomic.AtomicArray(self._base, 2)
+        self._nr_entries = max_frames * ENTRIES_PER_FRAME
+        self._reserved: dict[int, int] = {}
+        # ref -> [mappings, writable mappings]; guarded by _lock. The
+        # generation tells mappings made before a reset() from later ones.
+        self._pins: dict[int, list[int]] = {}
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nr_entries(self) -> int:
+        return self.max_frames * ENTRIES_PER_FRAME
+
+    # --- for the domain and the hypercall layer -----------------------------
+
+    def frame_host_address(self, index: int) -> int:
+        """Host address of table frame `index`, for a KVM memslot."""
+        self._check_frame_index(index)
+        return self._base + index * PAGE_SIZE
+
+    def note_frame_mapped(self, index: int) -> None:
+        """The guest maps frame `index` (add_to_physmap): -EINVAL beyond max_frames."""
+        if isinstance(index, int) and not 0 <= index < self.max_frames:
+            self._limited.warning("grant table: the guest asked for frame %d, beyond its %d (limit "
+                                  "max-grant-frames): answered -EINVAL", index, self.max_frames,
+                                  key="max-grant-frames")
+        self._check_frame_index(index)
+        with self._lock:
+            self.frame_count = max(self.frame_count, index + 1)
+
+    def set_version(self, version: int) -> int:
+        """GNTTABOP_set_version; returns the version now in force.
+
+        Whatever the outcome, the caller writes get_version() back into the
+        guest's argument, as Xen does.
+        """
+        if version == 1:
+            return 1
+        if version == 2:
+            raise XenError(ENOSYS, "grant table version 2 is not supported")
+        raise XenError(EINVAL, f"no grant table version {version}")
+
+    def get_version(self) -> int:
+        return 1
+
+    def query_size(self) -> tuple[int, int]:
+        """GNTTABOP_query_size: (frames the guest has mapped, max_frames)."""
+        return self.frame_count, self.max_frames
+
+    def reset(self) -> None:
+        """Back to the boot state (guest reboot or soft reset).
+
+        Mappings still held stay valid as views, but releasing them no longer
+        touches the (new) entries.
+        """
+        with self._lock:
+            self._table[:] = bytes(len(self._table))
+            self.frame_count = 0
+            self._pins.clear()
+            self._generation += 1
+            for ref, gfn in self._reserved.items():
+                _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, GTF_permit_access, self.backend_domid, gfn)
+
+    # --- for the VMM's backends -----------------------------------------------
+
+    def reserve(self, ref: int, frame_gfn: int) -> None:
+        """Grant `frame_gfn` to the backend domain in reserved entry `ref`."""
+        if not 0 <= ref < GNTTAB_NR_RESERVED_ENTRIES:
+            raise ValueError(f"grant ref {ref} is not a reserved entry")
+        if not 0 <= frame_gfn <= _MASK32:
+            raise ValueError(f"gfn {frame_gfn:#x} does not fit a version 1 entry")
+        with self._lock:
+            self._reserved[ref] = frame_gfn
+            _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, GTF_permit_access, self.backend_domid, frame_gfn)
+
+    def map(self, ref: int, writable: bool) -> "GrantMapping":
+        """Map the page granted by `ref`; raises GrantError.
+
+        Release the mapping (or use it as a context manager) when done: the
+        guest cannot revoke the grant while it is held.
+        """
+        writable = bool(writable)
+        try:
+            with self._lock:
+                mapping = self._map(ref, writable, self._generation)
+        except GrantError as error:
+            if TRACE.grant:
+                _trace_map(ref, writable, error)
+            raise
+        if TRACE.grant:
+            _trace_map(ref, writable, mapping)
+        return mapping
+
+    def map_many(self, refs: Sequence[int], writable: bool) -> list["GrantMapping | GrantError"]:
+        """map() of several references in one go (the receive buffers a
+        network frontend posted): for each, its mapping or the GrantError
+        that refused it. Every reference is checked as map() checks it, and
+        one refused does not keep the others from being mapped."""
+        writable = bool(writable)
+        results: list[GrantMapping | GrantError] = []
+        append = results.append
+        map_one = self._map
+        with self._lock:
+            generation = self._generation
+            for ref in refs:
+                try:
+                    append(map_one(ref, writable, generation))
+                except GrantError as error:
+                    append(error)
+        if TRACE.grant:
+            for ref, result in zip(refs, results):
+                _trace_map(ref, writable, result)
+        return results
+
+    def release_many(self, mappings: Iterable["GrantMapping"]) -> None:
+        """GrantMapping.release() of several mappings in one go."""
+        mappings = list(mappings)
+        with self._lock:
+            for mapping in mappings:
+                self._release_locked(mapping)
+        for mapping in mappings:
+            mapping._release_view()
+
+    def _map(self, ref: int, writable: bool, generation: int) -> "GrantMapping":
+        """One mapping; the caller holds the lock."""
+        if not isinstance(ref, int) or not 0 <= ref < self._nr_entries:
+            raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
+        self._pin(ref, writable)
+        gfn = self._words[2 * ref + 1]  # read after the entry is pinned, as Xen does
+        try:
+            view = self._page_view(gfn)
+        except GrantError:
+            self._unpin(ref, writable)
+            raise
+        if not writable:
+            view = view.toreadonly()
+        return GrantMapping(self, ref, gfn, writable, view, generation)
+
+    def copy(self, ref: int, offset: int, data_or_length: bytes | bytearray | memoryview | int, *,
+             to_guest: bool) -> bytes | None:
+        """Copy into (to_guest) or out of the granted page, like GNTTABOP_copy.
+
+        Reading takes a length and returns the bytes; writing takes the data.
+        """
+        length = data_or_length if isinstance(data_or_length, int) else len(memoryview(data_or_length).cast("B"))
+        if not isinstance(offset, int) or offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+            raise GrantError(GNTST_bad_copy_arg, f"copy of {length} bytes at {offset!r} leaves the page")
+        if to_guest and isinstance(data_or_length, int):
+            raise TypeError("copying to the guest needs data, not a length")
+        if TRACE.grant:
+            TRACE.emit("grant", "copy", ref=ref, offset=offset, length=length, to_guest=to_guest)
+        with self.map(ref, writable=to_guest) as mapping:
+            if to_guest:
+                mapping.view[offset : offset + length] = memoryview(data_or_length).cast("B")
+                return None
+            return bytes(mapping.view[offset : offset + length])
+
+    # --- internals --------------------------------------------------------------
+
+    def _check_frame_index(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < self.max_frames:
+            raise XenError(EINVAL, f"grant table frame {index!r} is not below {self.max_frames}")
+
+    def _load_combo(self, ref: int) -> int:
+        """flags | domid << 16 of entry `ref`, as one 32-bit word."""
+        return self._words[2 * ref]
+
+    def _pin(self, ref: int, writable: bool) -> None:
+        pins = self._pins.get(ref)
+        if pins is None or (writable and not pins[1]):
+            self._set_in_use(ref, writable)
+        if pins is None:
+            pins = self._pins[ref] = [0, 0]
+        pins[0] += 1
+        pins[1] += writable
+
+    def _set_in_use(self, ref: int, writable: bool) -> None:
+        # Flags and domid are swapped as one word, so the guest cannot slip a
+        # change of either between our check and our update.
+        seen = self._load_combo(ref)
+        for _ in range(CMPXCHG_ATTEMPTS):
+            flags, domid = seen & 0xFFFF, seen >> 16
+            if flags & GTF_type_mask != GTF_permit_access:
+                raise GrantError(GNTST_permission_denied, f"grant ref {ref} does not permit access")
+            if domid != self.backend_domid:
+                raise GrantError(GNTST_permission_denied, f"grant ref {ref} is for domain {domid}")
+            if writable and flags & GTF_readonly:
+                raise GrantError(GNTST_permission_denied, f"grant ref {ref} is read-only")
+            wanted = flags | GTF_reading | (GTF_writing if writable else 0)
+            swapped, seen = self._entry_words.compare_exchange(2 * ref, seen, wanted | domid << 16)
+            if swapped:
+                return
+        raise GrantError(GNTST_general_error, f"grant ref {ref} keeps changing")
+
+    def _unpin(self, ref: int, writable: bool) -> None:
+        pins = self._pins[ref]
+        pins[0] -= 1
+        pins[1] -= writable
+        clear = 0
+        if not pins[1]:
+            clear |= GTF_writing
+        if not pins[0]:
+            clear |= GTF_reading
+            del self._pins[ref]
+        if clear:
+            self._entry_halves.fetch_and(4 * ref, 0xFFFF & ~clear)
+
+    def _page_view(self, gfn: int) -> memoryview:
+        # Grant frames (in the platform BAR) and MMIO are not RAM: refused.
+        # RAM regions are page-aligned, so a page of RAM lies in one region
+        # and view() refuses exactly what is not RAM.
+        try:
+            return self.memory.view(gfn * PAGE_SIZE, PAGE_SIZE)
+        except GuestMemoryError:
+            raise GrantError(GNTST_bad_page, f"gfn {gfn:#x} is not guest RAM") from None
+
+    def _release(self, mapping: "GrantMapping") -> bool:
+        with self._lock:
+            return self._release_locked(mapping)
+
+    def _release_locked(self, mapping: "GrantMapping") -> bool:
+        if mapping.released:
+            return False
+        mapping.released = True
+        if TRACE.grant:
+            TRACE.emit("grant", "unmap", ref=mapping.ref, writable=mapping.writable)
+        if mapping.generation == self._generation:
+            self._unpin(mapping.ref, mapping.writable)
+        return True
+
+
+def _trace_map(ref: int, writable: bool, result: "GrantMapping | GrantError") -> None:
+    if isinstance(result, GrantError):
+        TRACE.emit("grant", "map", ref=ref, writable=writable, error=str(result))
+    else:
+        TRACE.emit("grant", "map", ref=ref, writable=writable, gfn=result.gfn)
+
+
+class GrantMapping:
+    """One backend mapping of a granted page.
+
+    `view` is exactly the 4 KiB page, read-only unless mapped writable. It
+    stops working once the mapping is released.
+    """
+
+    __slots__ = ("table", "ref", "gfn", "writable", "view", "generation", "released")
+
+    def __init__(self, table: GrantTable, ref: int, gfn: int, writable: bool, view: memoryview, generation: int):
+        self.table = table
+        self.ref = ref
+        self.gfn = gfn
+        self.writable = writable
+        self.view = view
+        self.generation = generation
+        self.released = False
+
+    def release(self) -> None:
+        """Clear the in-use flags (when no other mapping needs them); idempotent."""
+        if self.table._release(self):
+            self._release_view()
+
+    def _release_view(self) -> None:
+        try:
+            self.view.release()
+        except BufferError:
+            # Something still holds a buffer exported from the view; the
+            # grant is given back all the same.
+            pass
+
+    def __enter__(self) -> "GrantMapping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else ("rw" if self.writable else "ro")
+        return f"GrantMapping(ref={self.ref}, gfn={self.gfn:#x}, {state})"
