@@ -1,6 +1,6 @@
 """What an operator can ask of a running VM: the control socket's commands.
 
-Every command runs on the VM's event thread (see control.py and
+Every command runs on the VM's event thread (see server.py and
 docs/CONTROL.md) and returns a JSON-able result or raises ControlError.
 """
 

@@ -1,6 +1,6 @@
 """A unix stream socket server on the VMM's event loop, for local clients.
 
-The plumbing that the control socket (control.py) and the xenstore socket
+The plumbing that the control socket (control/server.py) and the xenstore socket
 (xen/xenstore/socket_server.py) share: binding and unlinking the socket,
 accepting only the VM owner's connections up to a limit, reading without
 blocking, and writing queued output without ever blocking the loop. A
