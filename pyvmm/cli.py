@@ -10,6 +10,9 @@ Exit status of `pyvmm run`:
   6   the guest triple-faulted (an unexpected CPU reset) under --no-reboot
   124 --timeout expired
   128+N  stopped by signal N (or 130 for the console escape Ctrl-A x)
+  159 (128+SIGSYS) the sandbox stopped the VMM at a forbidden system call; the line
+      `pyvmm: sandbox: forbidden system call NAME (NR)` on stderr names it (docs/SANDBOX.md).
+      A shell shows 159; a parent that waits for the process sees it killed by SIGSYS.
 """
 
 from __future__ import annotations
@@ -113,10 +116,14 @@ def main() -> None:
 @click.option("--gdb-wait", is_flag=True, help="With --gdb: start the vCPUs only when gdb continues them.")
 @click.option("--gdb-breakpoints", type=click.Choice(["int3", "debugregs"]), default="int3", show_default=True,
               help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
+@click.option("--no-sandbox", is_flag=True,
+              help="Run without the sandbox (unprivileged user, no capabilities, seccomp); for debugging.")
+@click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
+              help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
         xen_accel, name, disks, nets, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_wait,
-        gdb_breakpoints, verbose) -> None:
+        gdb_breakpoints, no_sandbox, sandbox_user, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -152,6 +159,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             gdb_wait=gdb_wait,
             gdb_breakpoints=gdb_breakpoints,
             nets=tuple(NetOption.parse(text) for text in values["nets"]),
+            sandbox=_sandbox_options(no_sandbox, sandbox_user),
         )
         config.validate()
         _start_tracing_and_faults(trace_categories, trace_file, faults)
@@ -168,6 +176,21 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             raise
         _fail(message)
     sys.exit(status)
+
+
+def _sandbox_options(no_sandbox: bool, user: str | None):
+    from .sandbox import SandboxError, SandboxOptions
+
+    if no_sandbox:
+        if user is not None:
+            raise ConfigError("--user is the sandbox's user: it cannot go with --no-sandbox")
+        return None
+    if user is not None:
+        try:
+            SandboxOptions.parse_user(user)
+        except SandboxError as error:
+            raise ConfigError(str(error))
+    return SandboxOptions(user=user)
 
 
 def _start_tracing_and_faults(categories: str | None, path: Path | None, specs: tuple[str, ...]) -> None:

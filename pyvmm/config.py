@@ -6,8 +6,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import layout
+
+if TYPE_CHECKING:
+    from .sandbox import SandboxOptions
 
 MIN_MEMORY = 32 * layout.MiB
 MAX_VCPUS = 64
@@ -117,6 +121,9 @@ class VmConfig:
     gdb_wait: bool = False  # vCPUs start only when gdb resumes them
     gdb_breakpoints: str = "int3"  # or "debugregs": gdb's breakpoints in DR0-DR3
     nets: tuple[NetOption, ...] = ()
+    # None: no sandbox (what a VmConfig built in code gets); `pyvmm run` sets
+    # SandboxOptions() unless --no-sandbox (pyvmm/sandbox.py, docs/SANDBOX.md).
+    sandbox: "SandboxOptions | None" = None
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):

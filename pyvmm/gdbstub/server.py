@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 
+from ..kept import KEPT
 from ..kvm import KvmUnavailable, uapi
 from ..kvm.uapi import ffi
 from ..xen.guest_access import PAGE_SIZE, GuestAccess, GuestFault
@@ -164,17 +165,26 @@ class GdbServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Listen; with `wait` the vCPUs stay parked until gdb resumes them."""
+        """Listen (unless listen() did) and serve; with `wait` the vCPUs stay
+        parked until gdb resumes them."""
+        self.listen()
+        self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
+        self._thread.start()
+
+    def listen(self) -> None:
+        """Bind the listening socket (before the sandbox locks the VMM down)."""
+        if self._listener is not None:
+            return
         try:
-            listener = socket.create_server((self.host, self.port), reuse_port=False)
+            # Under the sandbox the listener is made once and kept across reboots.
+            listener = KEPT.listener(("tcp", self.host, self.port),
+                                     lambda: socket.create_server((self.host, self.port), reuse_port=False))
         except OSError as error:
             raise GdbStubError(f"--gdb tcp:{self.host}:{self.port}: {error.strerror}") from None
         self._listener = listener
         host, port = listener.getsockname()[:2]
         print(f"pyvmm: gdb stub listening on tcp:{host}:{port}"
               f"{' (vCPUs wait for gdb)' if self.wait else ''}", file=sys.stderr, flush=True)
-        self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
-        self._thread.start()
 
     def close(self) -> None:
         """The VM is ending: tell gdb, and stop serving."""
