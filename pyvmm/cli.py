@@ -236,6 +236,7 @@ def check(as_json, can_run_linux, can_run_xen) -> None:
             click.echo(f"  Xen {name:<22} {'yes' if present else 'no'}")
     click.echo(f"Linux guests: {'yes' if report.can_run_linux else 'no'}")
     click.echo(f"Xen HVM guests: {'yes' if report.can_run_xen else 'no'}")
+    click.echo(f"Sandbox: {'yes' if report.sandbox else 'no'} ({report.sandbox_detail})")
     if not report.can_run_xen:
         click.echo("Use scripts/testbed to run guests in a nested KVM that has what is missing here.")
 

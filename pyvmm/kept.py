@@ -44,12 +44,12 @@ class KeptResources:
 
     # --- files ------------------------------------------------------------------------
 
-    def open(self, path: str | os.PathLike, flags: int, mode: int = 0o777) -> int:
+    def open(self, path: str | os.PathLike, flags: int) -> int:
         """os.open(path, flags), or a duplicate of the descriptor kept for it."""
         if not self.active:
-            return os.open(path, flags, mode)
+            return os.open(path, flags)
         key = ("file", os.path.abspath(os.fspath(path)), flags)
-        return self.fd(key, lambda: os.open(path, flags, mode), f"open {os.fspath(path)}")
+        return self.fd(key, lambda: os.open(path, flags), f"open {os.fspath(path)}")
 
     def open_file(self, path: str | os.PathLike, mode: str = "rb"):
         """A Python file object for reading `path` from its start."""

@@ -103,7 +103,6 @@ AT_EMPTY_PATH = 0x1000
 IOCTL_TYPES = {
     0xAE: "KVM: the VM, its vCPUs, irqchip, memslots, Xen state",
     0x54: "'T': the terminal (raw console), TAP (TUNSET*), FIONBIO/FIONREAD",
-    0x12: "block devices: a disk's size and sector sizes",
 }
 
 
@@ -498,9 +497,12 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
-    for module in pkgutil.walk_packages(pyvmm.__path__, "pyvmm."):
+    for module in pkgutil.walk_packages(pyvmm.__path__, "pyvmm.", onerror=lambda name: None):
         if module.name not in _PRELOAD_SKIP:
-            importlib.import_module(module.name)
+            try:
+                importlib.import_module(module.name)
+            except Exception as error:  # noqa: BLE001 - a module this run cannot use is not needed by it
+                log.debug("sandbox: not preloading %s: %s", module.name, error)
     # Tracebacks logged later show pyvmm's source lines (linecache keeps them).
     for module in list(sys.modules.values()):
         filename = getattr(module, "__file__", None) or ""
@@ -563,10 +565,14 @@ class Monitor:
         for fd in (0, 1):
             os.dup2(null, fd)
         keep |= {0, 1}
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) not in keep:
+        try:
+            open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        except OSError:  # no /proc: close a generous range
+            open_fds = list(range(3, 4096))
+        for fd in open_fds:
+            if fd not in keep:
                 try:
-                    os.close(int(name))
+                    os.close(fd)
                 except OSError:
                     pass
 
