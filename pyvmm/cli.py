@@ -134,7 +134,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
     )
     try:
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
-                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets)
+                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets, sandbox_user=sandbox_user)
         if config_file is not None:
             values.update(_xl_config_values(config_file, click.get_current_context()))
         if values["kernel"] is None:
@@ -159,7 +159,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             gdb_wait=gdb_wait,
             gdb_breakpoints=gdb_breakpoints,
             nets=tuple(NetOption.parse(text) for text in values["nets"]),
-            sandbox=_sandbox_options(no_sandbox, sandbox_user),
+            sandbox=_sandbox_options(no_sandbox, sandbox_user, values["sandbox_user"]),
         )
         config.validate()
         _start_tracing_and_faults(trace_categories, trace_file, faults)
@@ -178,11 +178,12 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
     sys.exit(status)
 
 
-def _sandbox_options(no_sandbox: bool, user: str | None):
+def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):
+    """The sandbox's options; `user` is --user, else the xl.cfg file's device_model_user."""
     from .sandbox import SandboxError, SandboxOptions
 
     if no_sandbox:
-        if user is not None:
+        if option_user is not None:
             raise ConfigError("--user is the sandbox's user: it cannot go with --no-sandbox")
         return None
     if user is not None:

@@ -478,9 +478,8 @@ def _clear_capabilities() -> None:
 # Modules pyvmm may import lazily, loaded before the lockdown: after it an
 # import that reaches the filesystem fails (the open is refused).
 _STDLIB_PRELOAD = (
-    "traceback", "linecache", "json", "queue", "selectors", "uuid", "resource", "termios", "tty",
-    "encodings.ascii", "encodings.latin_1", "encodings.utf_8", "encodings.idna", "unicodedata", "textwrap",
-    "logging.handlers", "concurrent.futures", "pyroute2",
+    "traceback", "linecache", "json", "queue", "selectors", "resource", "termios",
+    "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
 )
 _PRELOAD_SKIP = ("pyvmm.__main__",)
 

@@ -618,6 +618,7 @@ class XlConfig:
     vifs: tuple[VifSpec, ...] = ()
     serial: str | None = None  # pyvmm's --serial text: "stdio", "none" or "file:PATH"
     on_reboot: str = "restart"  # "restart" or "destroy"
+    device_model_user: str | None = None  # the sandbox's user (pyvmm run --user)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def to_run_options(self) -> dict:
@@ -646,6 +647,8 @@ class XlConfig:
             options["disks"] = self.disks
         if self.vifs:
             options["vifs"] = self.vifs
+        if self.device_model_user is not None:
+            options["sandbox_user"] = self.device_model_user
         return options
 
 
@@ -671,7 +674,7 @@ _FIXED_BOOLEANS = {
 
 _KNOWN_KEYS = {"name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
                "cmdline", "root", "extra", "disk", "vif", "on_poweroff", "on_reboot", "on_crash", "serial",
-               "boot", "vga"} | set(_FIXED_BOOLEANS)
+               "boot", "vga", "dm_restrict", "device_model_user"} | set(_FIXED_BOOLEANS)
 
 _ACTIONS = {"destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart",
             "soft-reset"}
@@ -815,6 +818,20 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
             raise keys.error("vif", f"vifname {vif.tap} is used twice (also on line {seen[vif.tap]})", line)
         seen[vif.tap] = line
 
+    # pyvmm is the device model: xl's restrictions of one are its sandbox
+    # (docs/SANDBOX.md), which is on unless `pyvmm run --no-sandbox`.
+    if keys.boolean("dm_restrict") is False:
+        warn("dm_restrict", "dm_restrict=0 is ignored: pyvmm is always sandboxed unless pyvmm run is given "
+                            "--no-sandbox")
+    device_model_user = keys.string("device_model_user")
+    if device_model_user is not None:
+        from .sandbox import SandboxError, SandboxOptions
+
+        try:
+            SandboxOptions.parse_user(device_model_user)
+        except SandboxError as error:
+            raise keys.error("device_model_user", str(error).replace("--user", "device_model_user")) from None
+
     for message in warnings:
         log.warning("%s", message)
     return XlConfig(
@@ -829,6 +846,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
         vifs=tuple(vif for vif, _ in vifs),
         serial=serial,
         on_reboot=on_reboot,
+        device_model_user=device_model_user,
         warnings=tuple(warnings),
     )
 

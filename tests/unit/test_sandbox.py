@@ -190,3 +190,30 @@ def test_kept_fd_by_key():
     kept.close()
     assert os.read(read_end, 2) == b""  # every write end closed
     os.close(read_end)
+
+
+# --- xl.cfg ------------------------------------------------------------------------------------
+
+
+def test_xl_device_model_user_is_the_sandboxs_user():
+    from pyvmm.xlcfg import xl_config_from_text
+
+    config = xl_config_from_text('name="g"\ntype="hvm"\nkernel="/k"\ndevice_model_user="vmm:kvm"\ndm_restrict=1\n')
+    assert config.to_run_options()["sandbox_user"] == "vmm:kvm"
+    assert not config.warnings
+    assert "sandbox_user" not in xl_config_from_text('name="g"\ntype="hvm"\nkernel="/k"\n').to_run_options()
+
+
+def test_xl_dm_restrict_0_cannot_turn_the_sandbox_off():
+    from pyvmm.xlcfg import xl_config_from_text
+
+    config = xl_config_from_text('name="g"\ntype="hvm"\nkernel="/k"\ndm_restrict=0\n')
+    assert any("dm_restrict=0 is ignored" in warning for warning in config.warnings)
+
+
+def test_xl_bad_device_model_user_names_its_line():
+    from pyvmm.config import ConfigError
+    from pyvmm.xlcfg import xl_config_from_text
+
+    with pytest.raises(ConfigError, match="device_model_user"):
+        xl_config_from_text('name="g"\ntype="hvm"\nkernel="/k"\ndevice_model_user="a:b:c"\n')
