@@ -40,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -614,17 +615,22 @@ class Monitor:
         if not data:
             return False
         kind, body = data[:1], data[1:]
-        if kind == b"P":
-            self.sockets = [(path, dev, ino) for path, dev, ino in json.loads(body)]
+        # Once the VMM is locked down it may be a guest's: from then on it can
+        # only ask for what was settled before (remove the sockets it listed),
+        # never name new paths for this (possibly root) process to remove.
+        taken = False
+        if kind == b"P" and not self.locked:
+            self.sockets = [(str(path), int(dev), int(ino)) for path, dev, ino in json.loads(body)]
         elif kind == b"L":
             self.locked = True
             self.load_deadline = time.monotonic() + FD_WAIT_SECONDS
-        elif kind == b"N" and fds:
+        elif kind == b"N" and fds and self.locked and self.notify is None:
             self.notify = fds[0]
+            taken = True
         elif kind == b"U":
             self._remove_sockets()
             self.channel_socket.send(b"u")
-        for fd in fds[1:]:
+        for fd in fds[1:] if taken else fds:
             os.close(fd)
         return True
 
@@ -689,7 +695,7 @@ class Monitor:
         for path, dev, ino in self.sockets:
             try:
                 info = os.lstat(path)
-                if (info.st_dev, info.st_ino) == (dev, ino):
+                if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == (dev, ino):
                     os.unlink(path)
             except OSError:
                 pass

@@ -217,3 +217,67 @@ def test_xl_bad_device_model_user_names_its_line():
 
     with pytest.raises(ConfigError, match="device_model_user"):
         xl_config_from_text('name="g"\ntype="hvm"\nkernel="/k"\ndevice_model_user="a:b:c"\n')
+
+
+# --- the monitor's channel ---------------------------------------------------------------------
+
+
+def _bound_socket(path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    return listener
+
+
+def test_monitor_removes_only_the_sockets_listed_before_the_lockdown(tmp_path):
+    import json
+
+    from pyvmm.sandbox import Monitor
+
+    vmm, monitor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monitor = Monitor(monitor_end.detach(), os.getpid(), audit=False)
+    listed, later = tmp_path / "vm.control", tmp_path / "other.socket"
+    keep_file = tmp_path / "a-file"
+    keep_file.write_text("not a socket")
+    sockets = [_bound_socket(listed), _bound_socket(later)]
+
+    def entry(path):
+        info = os.lstat(path)
+        return [str(path), info.st_dev, info.st_ino]
+
+    vmm.send(b"P" + json.dumps([entry(listed)]).encode())
+    assert monitor._on_channel()
+    vmm.send(b"L")
+    assert monitor._on_channel() and monitor.locked
+    # Locked down, the VMM may be the guest's: a new list is ignored.
+    vmm.send(b"P" + json.dumps([entry(later), entry(keep_file)]).encode())
+    assert monitor._on_channel()
+    vmm.send(b"U")
+    assert monitor._on_channel()
+    assert vmm.recv(16) == b"u"
+    assert not listed.exists() and later.exists() and keep_file.exists()
+    vmm.close()
+    assert not monitor._on_channel()  # end of file
+    for sock in sockets:
+        sock.close()
+    monitor.channel_socket.close()
+
+
+def test_monitor_keeps_a_replaced_socket(tmp_path):
+    import json
+
+    from pyvmm.sandbox import Monitor
+
+    vmm, monitor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monitor = Monitor(monitor_end.detach(), os.getpid(), audit=False)
+    path = tmp_path / "vm.xenstore"
+    first = _bound_socket(path)
+    info = os.lstat(path)
+    vmm.send(b"P" + json.dumps([[str(path), info.st_dev, info.st_ino]]).encode())
+    assert monitor._on_channel()
+    path.unlink()
+    second = _bound_socket(path)  # another VMM's, now
+    monitor._remove_sockets()
+    assert path.exists()
+    for sock in (first, second, vmm):
+        sock.close()
+    monitor.channel_socket.close()
