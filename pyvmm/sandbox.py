@@ -97,6 +97,9 @@ REFUSED: tuple[str, ...] = (
 
 ENOSYS_CALLS: tuple[str, ...] = ("clone3",)
 
+# The calls a running guest makes most (KVM_RUN, locks, eventfds, the loop).
+HOT_CALLS = ("ioctl", "futex", "read", "write", "epoll_wait", "ppoll", "poll", "pread64", "pwrite64")
+
 CLONE_THREAD = 0x00010000
 AT_EMPTY_PATH = 0x1000
 
@@ -222,6 +225,14 @@ def build_filter(lib, pid: int, audit: bool = False):
     refused = lib.NOTIFY if audit else lib.ERRNO(errno.EACCES)
     nosys = lib.NOTIFY if audit else lib.ERRNO(errno.ENOSYS)
     flt = lib.SyscallFilter(forbidden)
+    # A call through another ABI (int 0x80, x32) kills the whole process: the
+    # library's default kills one thread, which could leave the rest waiting on it.
+    flt.set_attr(lib.Attr.ACT_BADARCH, lib.KILL_PROCESS)
+    try:
+        flt.set_attr(lib.Attr.CTL_OPTIMIZE, 2)  # a binary tree: KVM_RUN's ioctl is checked in a few steps
+    except (AttributeError, OSError):
+        for name in HOT_CALLS:  # libseccomp < 2.5: test the busiest calls first
+            flt.syscall_priority(name, 255)
     for name in allowed_names():
         flt.add_rule(lib.ALLOW, name)
     for rule in conditional_rules(pid):
