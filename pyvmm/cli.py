@@ -26,8 +26,8 @@ from pathlib import Path
 
 import click
 
-from .config import (ConfigError, DiskOption, GdbAddress, NetOption, SerialSpec, VmConfig, parse_size,
-                     parse_xen_version)
+from .config import (ConfigError, DiskOption, GdbAddress, NetOption, SerialSpec, VmConfig, parse_limit_option,
+                     parse_size, parse_xen_version)
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -60,6 +60,15 @@ class _Regex(click.ParamType):
             return re.compile(value.encode())
         except re.error as error:
             self.fail(f"{value!r} is not a valid regular expression: {error}", param, ctx)
+
+
+def _limit_help(ctx, param, texts):
+    if "help" in texts:
+        from .limits import help_text
+
+        click.echo("\n".join(help_text()))
+        ctx.exit(0)
+    return texts
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,18 +121,23 @@ def main() -> None:
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject a fault, e.g. blk:error,op=write,sectors=2048-4095 "
                    "(repeatable; docs/FRONTEND-DEVELOPERS.md).")
-@click.option("--gdb", "gdb", metavar="tcp:HOST:PORT", help="Serve a gdb remote stub for the guest (docs/GDB.md).")
+@click.option("--gdb", "gdb", metavar="tcp:[HOST:]PORT|unix:PATH",
+              help="Serve a gdb remote stub for the guest, on 127.0.0.1 unless HOST is given (docs/GDB.md).")
+@click.option("--gdb-allow-remote", is_flag=True,
+              help="Let --gdb listen beyond loopback; the stub has no authentication.")
 @click.option("--gdb-wait", is_flag=True, help="With --gdb: start the vCPUs only when gdb continues them.")
 @click.option("--gdb-breakpoints", type=click.Choice(["int3", "debugregs"]), default="int3", show_default=True,
               help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
+@click.option("--limit", "limit_settings", multiple=True, metavar="NAME=VALUE", callback=_limit_help, is_eager=True,
+              help="Set a per-domain limit (repeatable); --limit help lists them.")
 @click.option("--no-sandbox", is_flag=True,
               help="Run without the sandbox (unprivileged user, no capabilities, seccomp); for debugging.")
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, disks, nets, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_wait,
-        gdb_breakpoints, no_sandbox, sandbox_user, verbose) -> None:
+        xen_accel, name, disks, nets, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_allow_remote,
+        gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -134,7 +148,8 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
     )
     try:
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
-                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets, sandbox_user=sandbox_user)
+                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets, limits={},
+                      sandbox_user=sandbox_user)
         if config_file is not None:
             values.update(_xl_config_values(config_file, click.get_current_context()))
         if values["kernel"] is None:
@@ -156,10 +171,13 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             xenstore_socket=xenstore_socket,
             disks=tuple(DiskOption.parse(text, index) for index, text in enumerate(values["disks"])),
             gdb=GdbAddress.parse(gdb) if gdb is not None else None,
+            gdb_allow_remote=gdb_allow_remote,
             gdb_wait=gdb_wait,
             gdb_breakpoints=gdb_breakpoints,
             nets=tuple(NetOption.parse(text) for text in values["nets"]),
             sandbox=_sandbox_options(no_sandbox, sandbox_user, values["sandbox_user"]),
+            # the file's limits, then --limit's (the last of a name wins)
+            limits=VmConfig.limits_from({**values["limits"], **dict(map(parse_limit_option, limit_settings))}),
         )
         config.validate()
         _start_tracing_and_faults(trace_categories, trace_file, faults)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import layout
+from .limits import Limits, LimitError, parse_assignment
 
 if TYPE_CHECKING:
     from .sandbox import SandboxOptions
@@ -62,17 +64,39 @@ class DiskOption:
 
 @dataclass(frozen=True)
 class GdbAddress:
-    """--gdb tcp:HOST:PORT: where the gdb stub listens (port 0: any free one)."""
+    """--gdb tcp:[HOST:]PORT or unix:PATH: where the gdb stub listens (port 0:
+    any free one). HOST defaults to 127.0.0.1; the stub has no authentication,
+    so a HOST beyond loopback also needs --gdb-allow-remote (VmConfig.validate)."""
 
-    host: str
-    port: int
+    host: str = "127.0.0.1"
+    port: int = 0
+    path: str | None = None  # a unix socket instead of TCP
 
     @classmethod
     def parse(cls, text: str) -> "GdbAddress":
-        match = re.fullmatch(r"tcp:(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})", text)
+        if text.startswith("unix:"):
+            if len(text) == 5 or "\0" in text:
+                raise ConfigError(f"--gdb {text!r}: expected unix:PATH, e.g. unix:/tmp/guest.gdb")
+            return cls(path=text[5:])
+        match = re.fullmatch(r"tcp:(?:(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):)?(\d{1,5})", text)
         if not match or int(match.group(2)) > 65535:
-            raise ConfigError(f"--gdb {text!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:1234")
-        return cls(match.group(1).strip("[]"), int(match.group(2)))
+            raise ConfigError(f"--gdb {text!r}: expected tcp:PORT, tcp:HOST:PORT or unix:PATH, e.g. tcp::1234")
+        return cls(match.group(1).strip("[]") if match.group(1) else "127.0.0.1", int(match.group(2)))
+
+    @property
+    def is_loopback(self) -> bool:
+        """Only this host's users can reach it: a unix socket, or a loopback address."""
+        if self.path is not None or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve anywhere
+            return False
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else f"tcp:{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -121,9 +145,19 @@ class VmConfig:
     gdb_wait: bool = False  # vCPUs start only when gdb resumes them
     gdb_breakpoints: str = "int3"  # or "debugregs": gdb's breakpoints in DR0-DR3
     nets: tuple[NetOption, ...] = ()
+    limits: Limits = field(default_factory=Limits)  # what the guest may make pyvmm hold (docs/XEN.md)
+    gdb_allow_remote: bool = False  # --gdb may listen beyond loopback
     # None: no sandbox (what a VmConfig built in code gets); `pyvmm run` sets
     # SandboxOptions() unless --no-sandbox (pyvmm/sandbox.py, docs/SANDBOX.md).
     sandbox: "SandboxOptions | None" = None
+
+    @staticmethod
+    def limits_from(settings: dict) -> Limits:
+        """Limits with these {NAME: value} (already parsed) over the defaults."""
+        try:
+            return Limits().with_settings(settings)
+        except LimitError as error:
+            raise ConfigError(f"--limit: {error}") from None
 
     def validate(self) -> None:
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
@@ -147,8 +181,11 @@ class VmConfig:
                 raise ConfigError(f"--disk {str(disk.path)!r} is not a file or block device")
             if not os.access(disk.path, os.R_OK if disk.readonly else os.R_OK | os.W_OK):
                 raise ConfigError(f"--disk {str(disk.path)!r} is not {'readable' if disk.readonly else 'writable'}")
-        if (self.gdb_wait or self.gdb_breakpoints != "int3") and self.gdb is None:
-            raise ConfigError("--gdb-wait and --gdb-breakpoints need --gdb tcp:HOST:PORT")
+        if (self.gdb_wait or self.gdb_breakpoints != "int3" or self.gdb_allow_remote) and self.gdb is None:
+            raise ConfigError("--gdb-wait, --gdb-breakpoints and --gdb-allow-remote need --gdb tcp:PORT")
+        if self.gdb is not None and not self.gdb.is_loopback and not self.gdb_allow_remote:
+            raise ConfigError(f"--gdb {self.gdb}: the gdb stub has no authentication, so pyvmm listens only on "
+                              f"loopback (tcp::{self.gdb.port}) or a unix:PATH unless --gdb-allow-remote is given")
         taps = [net.tap for net in self.nets]
         if len(set(taps)) != len(taps):
             raise ConfigError(f"two --net options share a TAP device: {', '.join(taps)}")
@@ -156,6 +193,14 @@ class VmConfig:
             raise ConfigError("--net needs Xen mode (it is a Xen PV network interface); drop --no-xen")
         if self.disks and not self.xen:
             raise ConfigError("--disk needs Xen mode (it is a Xen PV disk); drop --no-xen")
+
+
+def parse_limit_option(text: str) -> tuple[str, float]:
+    """One --limit NAME=VALUE: (the limit's name, its value)."""
+    try:
+        return parse_assignment(text)
+    except LimitError as error:
+        raise ConfigError(f"--limit {text!r}: {error}") from None
 
 
 def parse_xen_version(text: str) -> int:

@@ -27,13 +27,11 @@ from .devices.serial import Serial16550
 from .eventloop import EventLoop
 from .exit_handler import StopReason
 from .trace import TRACE
-from .ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .machine import Machine
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 RTC_POLL_SECONDS = 1.0  # how soon a newly enabled RTC interrupt is noticed
 STDIN_CHUNK = 4096
@@ -56,18 +54,21 @@ class Platform:
         vm, pio = machine.vm, machine.pio
         stop = machine.request_stop
         self._lines: dict[int, GsiLine] = {}
+        log_rate = machine.config.limits.log_rate
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
 
         self.serial = Serial16550(self.gsi(layout.COM1_IRQ), console.write, input_wanted=self._input_wanted)
         pio.register(layout.COM1_PORT, SERIAL_PORTS, self.serial, "COM1")
         self.rtc = CmosRtc(self.gsi(layout.RTC_IRQ))
         pio.register(layout.CMOS_PORT, 2, self.rtc, "CMOS/RTC")
-        self.i8042 = I8042(on_reset=lambda: stop(StopReason.REBOOT))
+        self.i8042 = I8042(on_reset=lambda: stop(StopReason.REBOOT), log_rate=log_rate)
         pio.register(layout.I8042_DATA_PORT, 1, self.i8042.data_port(), "i8042 data")
         pio.register(layout.I8042_COMMAND_PORT, 1, self.i8042.command_port(), "i8042 command")
         self.acpi_pm = AcpiPm(
             self.gsi(layout.ACPI_SCI_IRQ),
             on_poweroff=lambda: stop(StopReason.POWEROFF),
             on_reset=lambda: stop(StopReason.REBOOT),
+            log_rate=log_rate,
         )
         pio.register(layout.ACPI_PM_BASE, layout.ACPI_PM_BLOCK_SIZE, self.acpi_pm, "ACPI PM")
         self.debugcon = DebugCon(console.write)
@@ -95,7 +96,7 @@ class Platform:
         else:
             # CRASH_LOADED: the guest is booting its crash kernel, which is
             # worth letting finish (it powers off or reboots when done).
-            _limited.warning("guest reported a panic (pvpanic) and is starting its crash kernel")
+            self._limited.warning("guest reported a panic (pvpanic) and is starting its crash kernel")
 
     def gsi(self, number: int) -> GsiLine:
         line = self._lines.get(number)

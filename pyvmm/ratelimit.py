@@ -9,6 +9,10 @@ counted, and the next line let through says how many were suppressed.
 Keys may come from the guest, so there are at most `max_keys` buckets;
 further keys share one.
 
+The rate is the domain's (`LogRate`, from `pyvmm.limits.Limits`: settings
+log-burst and log-lines-per-second): each object that logs for the guest
+makes its own RateLimitedLog with `rate.limited(logger)`.
+
 Thread-safe: vCPU threads, ring workers and the event thread may share one.
 """
 
@@ -17,12 +21,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 BURST = 10  # lines let through at once, per key
 PER_SECOND = 1.0  # lines per second after that, per key
 MAX_KEYS = 256
 _OTHER = object()  # the shared bucket of keys beyond MAX_KEYS
+
+
+@dataclass(frozen=True)
+class LogRate:
+    """How many lines a key may log: `burst` at once, then `per_second`."""
+
+    burst: int = BURST
+    per_second: float = PER_SECOND
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False)  # tests: one that stands still
+
+    def limited(self, logger: logging.Logger) -> "RateLimitedLog":
+        return RateLimitedLog(logger, burst=self.burst, per_second=self.per_second, clock=self.clock)
+
+
+DEFAULT_LOG_RATE = LogRate()
 
 
 class _Bucket:

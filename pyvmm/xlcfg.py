@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, Union
 
 from . import layout
 from .config import MAX_VCPUS, MIN_MEMORY, ConfigError
+from .limits import SPECS as _LIMIT_SPECS, LimitError
 
 log = logging.getLogger(__name__)
 
@@ -619,6 +620,7 @@ class XlConfig:
     serial: str | None = None  # pyvmm's --serial text: "stdio", "none" or "file:PATH"
     on_reboot: str = "restart"  # "restart" or "destroy"
     device_model_user: str | None = None  # the sandbox's user (pyvmm run --user)
+    limits: tuple[tuple[str, float], ...] = ()  # (pyvmm.limits name, value) for the limit keys given
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def to_run_options(self) -> dict:
@@ -627,7 +629,7 @@ class XlConfig:
         Keys: name, xen (always), kernel and initrd (Path), cmdline, memory
         (bytes), vcpus, serial (text), no_reboot (from on_reboot),
         disks (DiskSpecs) and vifs (VifSpecs, see VifSpec.option_text) when
-        the file has any. Options the person gives on the command line win
+        the file has any, limits ({name: value}, pyvmm.limits) when it sets any. Options the person gives on the command line win
         over these."""
         options: dict = {"name": self.name, "xen": True}
         if self.kernel is not None:
@@ -649,6 +651,8 @@ class XlConfig:
             options["vifs"] = self.vifs
         if self.device_model_user is not None:
             options["sandbox_user"] = self.device_model_user
+        if self.limits:
+            options["limits"] = dict(self.limits)
         return options
 
 
@@ -674,7 +678,8 @@ _FIXED_BOOLEANS = {
 
 _KNOWN_KEYS = {"name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
                "cmdline", "root", "extra", "disk", "vif", "on_poweroff", "on_reboot", "on_crash", "serial",
-               "boot", "vga", "dm_restrict", "device_model_user"} | set(_FIXED_BOOLEANS)
+               "boot", "vga", "dm_restrict", "device_model_user"} | set(_FIXED_BOOLEANS) \
+              | {spec.xl_key for spec in _LIMIT_SPECS.values()}
 
 _ACTIONS = {"destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart",
             "soft-reset"}
@@ -831,6 +836,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
             SandboxOptions.parse_user(device_model_user)
         except SandboxError as error:
             raise keys.error("device_model_user", str(error).replace("--user", "device_model_user")) from None
+    limits = _limits(keys)
 
     for message in warnings:
         log.warning("%s", message)
@@ -847,6 +853,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
         serial=serial,
         on_reboot=on_reboot,
         device_model_user=device_model_user,
+        limits=limits,
         warnings=tuple(warnings),
     )
 
@@ -940,6 +947,22 @@ def _serial(keys: _Keys) -> str | None:
         return text
     raise keys.error("serial", f"serial={text!r}: pyvmm supports \"pty\" (its standard input and output), "
                                "\"file:PATH\" and \"none\"", line)
+
+
+def _limits(keys: _Keys) -> tuple[tuple[str, float], ...]:
+    """The per-domain limit keys (max_event_channels, xenstore_nodes, ...)."""
+    out = []
+    for spec in _LIMIT_SPECS.values():
+        setting = keys.settings.get(spec.xl_key)
+        if setting is None:
+            continue
+        if isinstance(setting.value, tuple):
+            raise keys.error(spec.xl_key, f"{spec.xl_key} must be a single value, not a list")
+        try:
+            out.append((spec.name, spec.parse(setting.value)))
+        except LimitError as error:
+            raise keys.error(spec.xl_key, f"{spec.xl_key}={format_xl_value(setting.value)}: {error}") from None
+    return tuple(out)
 
 
 def _devices(keys: _Keys, key: str, parse, warn) -> list:

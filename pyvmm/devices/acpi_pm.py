@@ -30,10 +30,9 @@ from typing import Callable
 from .. import layout
 from ..bus import IrqLine
 from . import read_bytewise, write_bytewise
-from ..ratelimit import RateLimitedLog
+from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 BLOCK_SIZE = layout.ACPI_PM_BLOCK_SIZE
 PM1_STS = layout.ACPI_PM1A_EVT_BLK - layout.ACPI_PM_BASE
@@ -78,7 +77,9 @@ class AcpiPm:
         on_poweroff: Callable[[], None],
         on_reset: Callable[[], None],
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        log_rate: LogRate = DEFAULT_LOG_RATE,
     ):
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self._sci = sci
         self._on_poweroff = on_poweroff
         self._on_reset = on_reset
@@ -124,7 +125,7 @@ class AcpiPm:
             if control_mask:
                 self._write_control(control_set, control_mask)
             if reset:
-                _limited.info("acpi: guest wrote the reset register")
+                self._limited.info("acpi: guest wrote the reset register")
                 self._requests.append(self._on_reset)
             self._update_sci()
             requests, self._requests = self._requests, []
@@ -160,10 +161,10 @@ class AcpiPm:
             return
         sleep_type = (self._control & CNT_SLP_TYP_MASK) >> CNT_SLP_TYP_SHIFT
         if sleep_type == layout.ACPI_S5_SLP_TYP:
-            _limited.info("acpi: guest entered S5 (soft off)")
+            self._limited.info("acpi: guest entered S5 (soft off)")
             self._requests.append(self._on_poweroff)
         else:
-            _limited.warning("acpi: sleep type %d is not supported; staying awake", sleep_type)
+            self._limited.warning("acpi: sleep type %d is not supported; staying awake", sleep_type)
 
     def _update_sci(self) -> None:
         level = bool(self._status & self._enable)

@@ -22,11 +22,10 @@ from typing import Callable
 
 from .. import layout
 from ..bus import IrqLine
-from ..ratelimit import RateLimitedLog
+from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 from . import read_bytewise, write_bytewise
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 # Register this device twice: it decodes the absolute port numbers.
 DATA_PORT = layout.I8042_DATA_PORT
@@ -78,7 +77,9 @@ class I8042:
         on_reset: Callable[[], None],
         kbd_irq: IrqLine | None = None,
         aux_irq: IrqLine | None = None,
+        log_rate: LogRate = DEFAULT_LOG_RATE,
     ):
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self._on_reset = on_reset
         self._kbd_irq = kbd_irq
         self._aux_irq = aux_irq
@@ -119,7 +120,7 @@ class I8042:
                 self._status_cmd = 0
                 reset = self._data(value)
         if reset:
-            _limited.info("i8042: guest pulsed the reset line")
+            self._limited.info("i8042: guest pulsed the reset line")
             self._on_reset()
 
     # --- internals (lock held) ---------------------------------------------------

@@ -32,12 +32,11 @@ import logging
 import threading
 from typing import Callable
 
-from ..ratelimit import RateLimitedLog
+from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 from . import all_ones
 from .pci import BarKind, PciDevice
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 VENDOR_ID = 0x5853  # XenSource
 DEVICE_ID = 0x0001
@@ -64,20 +63,13 @@ LOG_LINE_MAX = 512  # a longer "line" is cut here and goes on as the next one
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-def _log_line(line: str) -> None:
-    _limited.info("guest PV driver: %s", line)
-
-
-def _log_unplug(mask: int) -> None:
-    _limited.info("guest unplugged emulated devices (mask %#x)", mask)
-
-
 class XenPlatformDevice(PciDevice):
     def __init__(
         self,
         *,
         on_unplug: Callable[[int], None] | None = None,
         on_log: Callable[[str], None] | None = None,
+        log_rate: LogRate = DEFAULT_LOG_RATE,
     ):
         super().__init__(
             VENDOR_ID,
@@ -91,8 +83,9 @@ class XenPlatformDevice(PciDevice):
         )
         self.add_bar(IO_BAR, IO_BAR_SIZE, BarKind.IO)
         self.add_bar(MMIO_BAR, MMIO_BAR_SIZE, BarKind.MEM32, prefetchable=True)
-        self._on_unplug = on_unplug or _log_unplug
-        self._on_log = on_log or _log_line
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
+        self._on_unplug = on_unplug or self._log_unplug
+        self._on_log = on_log or self._log_line
         self._lock = threading.Lock()  # vCPUs may write log bytes at once
         self._log_buffer = bytearray()
         self.platform_flags = 0
@@ -100,6 +93,13 @@ class XenPlatformDevice(PciDevice):
         self.driver_version: int | None = None
         self.unplugged = 0  # every unplug bit the guest has asked for
         self._fixed = _FixedPorts(self)
+
+
+    def _log_line(self, line: str) -> None:
+        self._limited.info("guest PV driver: %s", line)
+
+    def _log_unplug(self, mask: int) -> None:
+        self._limited.info("guest unplugged emulated devices (mask %#x)", mask)
 
     def fixed_ports(self) -> "_FixedPorts":
         """The BusDevice to register at layout.XEN_PLATFORM_IO_PORT."""

@@ -1,4 +1,5 @@
-"""The gdb stub's TCP server and its hold on a running Machine.
+"""The gdb stub's server (TCP, loopback unless allowed otherwise, or a unix
+socket) and its hold on a running Machine.
 
 One thread accepts one gdb at a time and speaks the protocol; vCPU threads
 report debug exits to it. Stopping the world is the Machine's pause(): a
@@ -10,12 +11,15 @@ orders them after a KVM_RUN that a kick is ending).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import queue
 import select
 import socket
+import stat
 import sys
 import threading
 
@@ -28,6 +32,24 @@ from .breakpoints import BP_VECTOR, INT3, Reinject, Stop
 from .session import MemoryFault, Session
 
 log = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _socket_answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class GdbStubError(Exception):
@@ -148,12 +170,16 @@ class MachineTarget:
 def serve_gdb(machine, address, wait: bool) -> "GdbServer":
     """The stub for `machine` (started by Machine.run once its vCPUs exist)."""
     check_guest_debug(machine.kvm)
-    return GdbServer(MachineTarget(machine), address.host, address.port, wait)
+    return GdbServer(MachineTarget(machine), address.host, address.port, wait, path=address.path)
 
 
 class GdbServer:
-    def __init__(self, target, host: str, port: int, wait: bool):
-        self.host, self.port, self.wait = host, port, wait
+    """Serves `target` on TCP host:port, or on the unix socket `path` (made
+    mode 0600, removed on close). The caller decides whether a host beyond
+    loopback is acceptable (VmConfig.validate); start() then warns."""
+
+    def __init__(self, target, host: str, port: int, wait: bool, *, path: str | None = None):
+        self.host, self.port, self.wait, self.path = host, port, wait, path
         self.target = target
         self.session: Session | None = None
         self._listener: socket.socket | None = None
@@ -172,19 +198,46 @@ class GdbServer:
         self._thread.start()
 
     def listen(self) -> None:
-        """Bind the listening socket (before the sandbox locks the VMM down)."""
+        """Bind the listening socket (before the sandbox locks the VMM down).
+        Under the sandbox it is made once and kept across reboots (pyvmm/kept.py)."""
         if self._listener is not None:
             return
-        try:
-            # Under the sandbox the listener is made once and kept across reboots.
-            listener = KEPT.listener(("tcp", self.host, self.port),
-                                     lambda: socket.create_server((self.host, self.port), reuse_port=False))
-        except OSError as error:
-            raise GdbStubError(f"--gdb tcp:{self.host}:{self.port}: {error.strerror}") from None
+        if self.path is not None:
+            listener = KEPT.listener(("unix", os.fspath(self.path)), self._listen_unix)
+            where = f"unix:{self.path}"
+        else:
+            try:
+                listener = KEPT.listener(("tcp", self.host, self.port),
+                                         lambda: socket.create_server((self.host, self.port), reuse_port=False))
+            except OSError as error:
+                raise GdbStubError(f"--gdb tcp:{self.host}:{self.port}: {error.strerror}") from None
+            host, port = listener.getsockname()[:2]
+            where = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+            if not _is_loopback(host):
+                log.warning("the gdb stub listens on %s without authentication: anyone who can reach that port "
+                            "controls the guest (and can read and write all its memory)", where)
         self._listener = listener
-        host, port = listener.getsockname()[:2]
-        print(f"pyvmm: gdb stub listening on tcp:{host}:{port}"
+        print(f"pyvmm: gdb stub listening on {where}"
               f"{' (vCPUs wait for gdb)' if self.wait else ''}", file=sys.stderr, flush=True)
+
+    def _listen_unix(self) -> socket.socket:
+        path = self.path
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode) and not _socket_answers(path):
+                os.unlink(path)  # left behind by a pyvmm that did not end cleanly
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise GdbStubError(f"--gdb unix:{path}: {error.strerror}") from None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            os.chmod(path, 0o600)  # before listen(): nobody can connect in between
+            listener.listen(1)
+        except OSError as error:
+            listener.close()
+            raise GdbStubError(f"--gdb unix:{path}: {error.strerror}") from None
+        return listener
 
     def close(self) -> None:
         """The VM is ending: tell gdb, and stop serving."""
@@ -200,6 +253,11 @@ class GdbServer:
                 sock.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
+        # A listener kept across reboots stays; the run's end removes it.
+        if self.path is not None and self._listener is not None \
+                and not KEPT.holds_listener(("unix", os.fspath(self.path))):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     # --- vCPU threads --------------------------------------------------------------------
 

@@ -97,10 +97,9 @@ from .blkif import (
 )
 from .gnttab import GrantError, GrantMapping, GrantTable
 from .ring import BackRing, RingBroken
-from ..ratelimit import RateLimitedLog
+from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 __all__ = [
     "BlockBackend",
@@ -285,7 +284,7 @@ class BlockBackend:
                  max_ring_page_order: int = DEFAULT_MAX_RING_PAGE_ORDER,
                  max_queues: int = 1, flush: bool = True, discard: bool | None = None,
                  batch: int = DEFAULT_BATCH, budget: int = DEFAULT_BUDGET,
-                 max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS):
+                 max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS, log_rate: LogRate = DEFAULT_LOG_RATE):
         if not 0 <= max_indirect_segments <= MAX_INDIRECT_SEGMENTS:
             raise ValueError(f"max_indirect_segments {max_indirect_segments} is not in 0..{MAX_INDIRECT_SEGMENTS}")
         if 0 < max_indirect_segments <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST:
@@ -299,6 +298,7 @@ class BlockBackend:
         self.image = image
         self.grants = grants
         self.notify = notify
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self.max_indirect_segments = max_indirect_segments
         self.max_ring_page_order = max_ring_page_order
         self.max_queues = max_queues
@@ -453,8 +453,8 @@ class BlockBackend:
                 request.reason = f"grant: {error}"
                 status = BLKIF_RSP_ERROR
             except OSError as error:
-                _limited.warning("%s: %s of sector %d failed: %s", self.image.path,
-                                 blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
+                self._limited.warning("%s: %s of sector %d failed: %s", self.image.path,
+                                      blkif.OP_NAMES.get(request.operation, request.operation), request.sector, error)
                 request.reason = f"I/O: {error}"
                 status = BLKIF_RSP_ERROR
         if status != BLKIF_RSP_OKAY:

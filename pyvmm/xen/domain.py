@@ -40,13 +40,11 @@ from .vif import create_vifs
 from .xenstore import Access, Permission, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
-from ..ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from ..machine import Machine
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 GUEST_DOMID = 1
 XEN_CPUID_BASE = 0x40000000
@@ -102,6 +100,8 @@ class XenDomain:
         self.machine = machine
         self.vm, self.memory, self.loop = machine.vm, machine.memory, machine.loop
         config = machine.config
+        self.limits = limits = config.limits  # this domain's (pyvmm.limits)
+        self._limited = limits.log_rate.limited(log)  # lines whose rate the guest sets
         self.vcpu_count = config.vcpus
         self.domid = GUEST_DOMID
         self.version = config.xen_version
@@ -139,10 +139,12 @@ class XenDomain:
             schedule=self.loop.call_soon_threadsafe,
             add_reader=self.loop.add_reader,
             remove_reader=self.loop.remove_reader,
+            max_port=limits.max_event_channels,
+            log_rate=limits.log_rate,
         )
-        self.gnttab = GrantTable(self.memory)
+        self.gnttab = GrantTable(self.memory, max_frames=limits.max_grant_frames, log_rate=limits.log_rate)
 
-        self.platform_device = XenPlatformDevice()  # it logs what the guest says there, rate-limited
+        self.platform_device = XenPlatformDevice(log_rate=limits.log_rate)  # it logs what the guest says there, rate-limited
         slot = machine.platform.pci.add(self.platform_device)
         self._platform_intx_gsi = layout.pci_intx_gsi(slot, 0)  # its INTA
         machine.pio.register(layout.XEN_PLATFORM_IO_PORT, 4, self.platform_device.fixed_ports(), "xen-platform ports")
@@ -162,7 +164,7 @@ class XenDomain:
         self.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, console_pfn)
         self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)
 
-        self.store = XenStore()
+        self.store = XenStore(quotas=self.limits.quotas(), log_rate=self.limits.log_rate)
         self.dom0 = self.store.client(0)  # the VMM's own requests (operators', shutdown): one client
         self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << 12, PAGE))
         self.console_channel = self.evtchn.connect_backend(self._console_notified)
@@ -323,7 +325,7 @@ class XenDomain:
         if gpa != abi.INVALID_GPA and not self.memory.contains(gpa, 48):
             raise XenError(EINVAL)
         if not self.kvm_features.runstate:
-            _limited.info("KVM has no runstate support: the guest's runstate area stays empty")
+            self._limited.info("KVM has no runstate support: the guest's runstate area stays empty")
             return
         self.machine.run_on_vcpu(
             vcpu, lambda v: kvm_xen.set_vcpu_attr(v, uapi.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR, gpa=gpa)
@@ -338,7 +340,7 @@ class XenDomain:
         try:
             kvm_xen.set_runstate_update_flag(self.vm, enabled)
         except OSError as error:
-            _limited.warning("KVM refused the runstate update flag: %s", error)
+            self._limited.warning("KVM refused the runstate update flag: %s", error)
             raise XenError(EINVAL, "KVM refused the runstate update flag") from error
 
     def _check_vcpu(self, vcpu: int) -> None:
@@ -385,7 +387,7 @@ class XenDomain:
             self._start_gsi_callback(self._platform_intx_gsi)
         else:
             raise XenError(EINVAL, f"callback type {kind}")
-        _limited.info("event channel callback: %s (%#x)", self.callback.value, value)
+        self._limited.info("event channel callback: %s (%#x)", self.callback.value, value)
 
     def _start_gsi_callback(self, gsi: int) -> None:
         # A level-triggered line held while vCPU 0's upcall_pending is set:
@@ -552,7 +554,7 @@ class XenDomain:
         }.get(reason)
         if stop is None:
             raise XenError(EINVAL, f"shutdown reason {reason} is not supported")
-        _limited.info("guest asked for shutdown: %s", stop.value)
+        self._limited.info("guest asked for shutdown: %s", stop.value)
         self.machine.request_stop(stop)
 
     def request_guest_shutdown(self, kind: str = "poweroff") -> None:

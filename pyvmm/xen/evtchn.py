@@ -82,10 +82,9 @@ from .abi import (
     VIRQ_ARCH_0,
     NR_VIRQS,
 )
-from ..ratelimit import RateLimitedLog
+from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 DOM0 = 0
 DOMID_SELF = 0x7FF0
@@ -250,9 +249,13 @@ class EventChannels:
         add_reader: Callable[[int, Callable[[], None]], None],
         remove_reader: Callable[[int], None],
         on_pending: Callable[[int], None] | None = None,
+        max_port: int | None = None,
+        log_rate: LogRate = DEFAULT_LOG_RATE,
     ):
         """`on_pending(port)`, if given, is called when userspace delivery
-        made a port pending, masked or not: wake vCPUs in SCHEDOP_poll."""
+        made a port pending, masked or not: wake vCPUs in SCHEDOP_poll.
+        `max_port`: the highest port the guest may allocate (Xen's
+        max_evtchn_port, xl's max_event_channels); None: all the ABI has."""
         if not 0 < domid < DOMID_FIRST_RESERVED:
             raise ValueError(f"domid {domid} cannot be a guest's")
         if vcpu_count < 1:
@@ -268,6 +271,10 @@ class EventChannels:
         self._add_reader = add_reader
         self._remove_reader = remove_reader
         self._on_pending = on_pending
+        if max_port is not None and max_port < 1:
+            raise ValueError(f"max_port {max_port} leaves the guest no port")
+        self.max_port = max_port
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self._lock = Lock()
         self._ports: dict[int, _Port] = {}
         self._virqs: dict[tuple[int, int], int] = {}  # (virq, vcpu) -> port; global VIRQs on vCPU 0
@@ -561,9 +568,14 @@ class EventChannels:
         return dom
 
     def _free_port(self) -> int:
-        for port in range(1, self._abi().max_ports):
+        end = self._abi().max_ports
+        if self.max_port is not None:
+            end = min(end, self.max_port + 1)
+        for port in range(1, end):
             if port not in self._ports:
                 return port
+        self._limited.warning("event channels: domain %d has no free port up to %d (limit max-event-channels): "
+                              "answered -ENOSPC", self.domid, end - 1, key="max-event-channels")
         raise XenError(ENOSPC, "no free event channel")
 
     @staticmethod
@@ -591,7 +603,7 @@ class EventChannels:
             method(*args)
             return True
         except OSError as error:
-            _limited.warning("KVM refused %s%r: %s", method.__name__, args, error, key=method.__name__)
+            self._limited.warning("KVM refused %s%r: %s", method.__name__, args, error, key=method.__name__)
             return False
 
     def _mapped(self) -> tuple[int, SharedInfoLayout] | None:

@@ -34,15 +34,19 @@ a frame that is not guest RAM), which is all the backends ever look at.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import struct
 import threading
 from typing import Iterable, Sequence
 
 from ..memory import GuestMemory, GuestMemoryError
+from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 from ..trace import TRACE
 from . import atomic
 from .errors import EACCES, EINVAL, ENOSYS, XenError
+
+log = logging.getLogger(__name__)
 from .abi import (
     GNTST_okay,
     GNTST_general_error,
@@ -100,13 +104,15 @@ class GrantError(XenError):
 
 
 class GrantTable:
-    def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0):
+    def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0,
+                 log_rate: LogRate = DEFAULT_LOG_RATE):
         if not 1 <= max_frames <= 1 << 16:
             raise ValueError(f"max_frames {max_frames} is not in 1..65536")
         if not 0 <= backend_domid <= 0xFFFF:
             raise ValueError(f"domid {backend_domid} does not fit 16 bits")
         self.memory = memory
-        self.max_frames = max_frames
+        self.max_frames = max_frames  # the domain's max-grant-frames (pyvmm.limits)
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self.backend_domid = backend_domid
         self.frame_count = 0  # frames the guest has mapped: 1 + highest index
         self._mapping = mmap.mmap(-1, max_frames * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -138,7 +144,11 @@ class GrantTable:
         return self._base + index * PAGE_SIZE
 
     def note_frame_mapped(self, index: int) -> None:
-        """The guest mapped frame `index` (add_to_physmap succeeded)."""
+        """The guest maps frame `index` (add_to_physmap): -EINVAL beyond max_frames."""
+        if isinstance(index, int) and not 0 <= index < self.max_frames:
+            self._limited.warning("grant table: the guest asked for frame %d, beyond its %d (limit "
+                                  "max-grant-frames): answered -EINVAL", index, self.max_frames,
+                                  key="max-grant-frames")
         self._check_frame_index(index)
         with self._lock:
             self.frame_count = max(self.frame_count, index + 1)

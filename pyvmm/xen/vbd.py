@@ -45,13 +45,11 @@ from .ring import RingBroken
 from .ring_worker import RingWorker
 from .xenbus_backend import FrontendError, XenbusBackendDevice
 from .xenstore import XenStore
-from ..ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .evtchn import EventChannels
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 XENVBD_MAJOR = 202
 EXTENDED_VDEV = 1 << 28
@@ -95,7 +93,7 @@ class VbdDevice(XenbusBackendDevice):
         self.grants = grants
         self.evtchn = evtchn
         self.call_soon = call_soon
-        self.backend = BlockBackend(image, grants, _unattached_notify, **backend_options)
+        self.backend = BlockBackend(image, grants, _unattached_notify, log_rate=store.log_rate, **backend_options)
         self.backend.label = vdev
         self.backend.wake = self._wake_worker
         FAULTS.listeners.append(self._faults_changed)  # a lifted stall: serve what waits
@@ -182,7 +180,7 @@ class VbdDevice(XenbusBackendDevice):
         for worker in self._workers:
             worker.start()
         self.queues, self.ring_pages = queues, 1 if single else 1 << order
-        _limited.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
+        self._limited.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
                       self.vdev, self.image.path, "ro" if self.image.readonly else "rw", queues, self.ring_pages,
                       protocol or "native", ", ".join(map(str, ports)), ", persistent grants" if persistent else "")
 
@@ -194,7 +192,7 @@ class VbdDevice(XenbusBackendDevice):
         self.backend.detach_ring()
         self.release_connection()
         if self.queues:
-            _limited.info("%s: disconnected", self.vdev)
+            self._limited.info("%s: disconnected", self.vdev)
         self.queues = self.ring_pages = 0
 
     def close(self) -> None:

@@ -42,14 +42,12 @@ from .netback import NetBackend, NetFeatures
 from .ring import RingBroken
 from .xenbus_backend import FrontendError, XenbusBackendDevice
 from .xenstore import XenStore
-from ..ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from ..eventloop import EventLoop
     from .evtchn import BackendChannel, EventChannels
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 XEN_OUI = (0x00, 0x16, 0x3E)
 
@@ -122,7 +120,7 @@ class VifDevice(XenbusBackendDevice):
                                 notify_rx=rx_channel.notify)
         except (ValueError, RingBroken) as error:
             raise FrontendError(f"rings: {error}") from None
-        _limited.info("%s: connected to %s (mac %s, %s, offload %#x)", self.backend.name, self.tap.name, self.mac,
+        self._limited.info("%s: connected to %s (mac %s, %s, offload %#x)", self.backend.name, self.tap.name, self.mac,
                       "split event channels" if tx_channel is not rx_channel else "one event channel",
                       features.tun_offload())
         self._tx_notified(generation)  # anything queued before we looked

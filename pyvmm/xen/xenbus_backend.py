@@ -55,10 +55,9 @@ import logging
 
 from ..trace import TRACE
 from .xenstore import Access, Client, Permission, XenStore, XenStoreError
-from ..ratelimit import RateLimitedLog
+
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 _COMMIT_ATTEMPTS = 8
 
@@ -101,6 +100,8 @@ class XenbusBackendDevice:
         if not self.device_type:
             raise TypeError("a xenbus device needs a device_type")
         self.store = store
+        # Lines whose rate the guest sets, under the subclass's logger (vbd, vif).
+        self._limited = store.log_rate.limited(logging.getLogger(type(self).__module__))
         self.frontend_domid = frontend_domid
         self.backend_domid = backend_domid
         self.devid = devid
@@ -239,14 +240,14 @@ class XenbusBackendDevice:
 
     def fail(self, message: str, code: int = errno.EIO) -> None:
         """Give up on the connection: report, disconnect, go Closing."""
-        _limited.error("%s: %.300s; closing the device", self.backend_path, message)
+        self._limited.error("%s: %.300s; closing the device", self.backend_path, message)
         self.failed = message
         self._disconnect()
         if self.client is not None and not self.closed:
             try:
                 self.client.write(f"{self.backend_path}/error", f"{code} {message}")
             except XenStoreError as error:  # pragma: no cover - a store quota, at worst
-                _limited.warning("%s: cannot write the error node: %s", self.backend_path, error)
+                self._limited.warning("%s: cannot write the error node: %s", self.backend_path, error)
             self.switch_state(XenbusState.CLOSING)
 
     def frontend_state(self) -> XenbusState:

@@ -157,22 +157,27 @@ def test_reboots_keep_working_under_the_sandbox(kernel, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed (apt-get install gdb)")
-def test_gdb_on_loopback_under_the_sandbox(kernel, tmp_path):
-    name = f"sbx-gdb-{os.getpid()}"
-    proc, env = start(kernel, tmp_path, name, "p", "--gdb", "tcp:127.0.0.1:0", "--gdb-wait")
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+def test_gdb_on_loopback_or_a_unix_socket_under_the_sandbox(kernel, tmp_path, where):
+    name = f"sbx-gdb-{where}-{os.getpid()}"
+    socket_path = tmp_path / "guest.gdb"
+    address = "tcp:127.0.0.1:0" if where == "tcp" else f"unix:{socket_path}"
+    proc, env = start(kernel, tmp_path, name, "p", "--gdb", address, "--gdb-wait")
     try:
-        port = None
+        target = None
         for line in proc.stderr:
-            found = re.search(rb"gdb stub listening on tcp:127\.0\.0\.1:(\d+)", line)
+            found = re.search(rb"gdb stub listening on (tcp:127\.0\.0\.1:(\d+)|unix:\S+)", line)
             if found:
-                port = int(found.group(1))
+                target = f"127.0.0.1:{int(found.group(2))}" if where == "tcp" else str(socket_path)
                 break
-        assert port is not None
+        assert target is not None
         gdb = subprocess.run(["gdb", "-nx", "-batch", "-ex", "set architecture i386:x86-64", "-ex",
-                              f"target remote 127.0.0.1:{port}", "-ex", "info registers rip", "-ex", "continue"],
+                              f"target remote {target}", "-ex", "info registers rip", "-ex", "continue"],
                              capture_output=True, text=True, timeout=120)
         assert "rip" in gdb.stdout, gdb.stdout + gdb.stderr
         assert proc.wait(timeout=60) == 3  # the guest ran on and reported its panic
     finally:
         stderr = finish(proc)
     assert "forbidden system call" not in stderr, stderr
+    # The monitor removed what the unprivileged VMM could not.
+    assert not socket_path.exists() and not (tmp_path / "pyvmm" / f"{name}.control").exists()

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from ...faults import FAULTS
 from ...trace import TRACE
-from ...ratelimit import RateLimitedLog
+from ...ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
 
 if TYPE_CHECKING:
     from .store import Client
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 HEADER = struct.Struct("<IIII")
 HEADER_SIZE = HEADER.size
@@ -87,6 +86,15 @@ class XenStoreError(Exception):
         super().__init__(f"{name}: {detail}" if detail else name)
         self.name = name
         self.detail = detail
+
+
+class QuotaError(XenStoreError):
+    """A request refused because it would take the domain past one of its
+    limits; `limit` names the setting (pyvmm.limits), e.g. "xenstore-nodes"."""
+
+    def __init__(self, name: str, detail: str, limit: str):
+        super().__init__(name, detail)
+        self.limit = limit
 
 
 class Access(enum.IntFlag):
@@ -282,8 +290,11 @@ class Connection:
     this connection synchronously.
     """
 
-    def __init__(self, client: "Client", *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES):
+    def __init__(self, client: "Client", *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES,
+                 limited_log: RateLimitedLog | None = None):
         self._client = client
+        # Lines whose rate the guest sets; XenStore.connect passes one at the domain's LogRate.
+        self._limited = limited_log or DEFAULT_LOG_RATE.limited(log)
         self._deferred_events = client.deferred_events()  # one reusable context manager
         self._decoder = FrameDecoder()
         self._out: deque[tuple[bytes, bool]] = deque()  # (message, is_watch_event)
@@ -345,7 +356,7 @@ class Connection:
             try:
                 message = self._decoder.pop()
             except FrameError as exc:
-                _limited.warning("xenstore: domain %d: %s; connection broken", self.domid, exc)
+                self._limited.warning("xenstore: domain %d: %s; connection broken", self.domid, exc)
                 self._break(RING_ERROR_PROTO)
                 return
             if message is None:
@@ -366,6 +377,9 @@ class Connection:
         except XenStoreError as exc:
             if TRACE.xenstore:
                 self._trace(header, payload, error=exc.name)
+            if isinstance(exc, QuotaError):
+                self._limited.warning("xenstore: domain %d is at its %s limit (%s): answered %s", self.domid,
+                                      exc.limit, exc.detail, exc.name, key=("quota", exc.limit))
             return encode_error(header.req_id, header.tx_id, exc.name)
         except Exception:
             # A bug here must not take the VMM down with the guest's request.
@@ -546,7 +560,7 @@ class Connection:
             return
         payload_len = len(path) + len(token) + 2
         if payload_len > PAYLOAD_MAX:
-            _limited.warning("xenstore: domain %d: dropping over-long watch event", self.domid)
+            self._limited.warning("xenstore: domain %d: dropping over-long watch event", self.domid)
             return
         message = encode_watch_event(path, token)
         # An identical event still waiting tells the client the same thing.
@@ -554,7 +568,7 @@ class Connection:
             return
         if not self._client.privileged and (self._out_bytes >= self._event_backlog_bytes
                                             or self._client.over_memory_quota()):
-            _limited.warning("xenstore: domain %d: event backlog full, dropping %.200s", self.domid, path)
+            self._limited.warning("xenstore: domain %d: event backlog full, dropping %.200s", self.domid, path)
             return
         was_idle = self._out_bytes == 0
         self._queue(message, is_event=True)

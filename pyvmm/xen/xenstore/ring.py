@@ -26,10 +26,9 @@ import logging
 
 from ..atomic import SharedWords
 from .protocol import RING_ERROR_NONE, RING_ERROR_PROTO, RING_ERROR_RINGIDX, Connection
-from ...ratelimit import RateLimitedLog
+from ...ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
-_limited = RateLimitedLog(log)  # lines whose rate the guest sets
 
 RING_SIZE = 1024
 REQ_OFFSET = 0
@@ -60,7 +59,9 @@ class RingServer:
     connection's `output_listener` reports queued watch events.
     """
 
-    def __init__(self, page: memoryview, connection: Connection, *, budget: int = DEFAULT_BUDGET):
+    def __init__(self, page: memoryview, connection: Connection, *, budget: int = DEFAULT_BUDGET,
+                 log_rate: LogRate = DEFAULT_LOG_RATE):
+        self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         page = memoryview(page).cast("B")
         if page.readonly:
             raise ValueError("the xenstore ring page must be writable")
@@ -208,7 +209,7 @@ class RingServer:
         return len(data)
 
     def _fail(self, error: int, why: str = "protocol violation") -> None:
-        _limited.warning("xenstore ring of domain %d broken: %s", self.connection.domid, why)
+        self._limited.warning("xenstore ring of domain %d broken: %s", self.connection.domid, why)
         self.error = error
         self._store_u32(ERROR, error)
         # As xenstored: whatever was in flight, the watches and the
@@ -216,7 +217,7 @@ class RingServer:
         self.connection.reset()
 
     def _reconnect(self) -> None:
-        _limited.info("xenstore ring of domain %d: reconnection requested", self.connection.domid)
+        self._limited.info("xenstore ring of domain %d: reconnection requested", self.connection.domid)
         self.connection.reset()
         self._req_cons = self._rsp_prod = 0
         for offset in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):

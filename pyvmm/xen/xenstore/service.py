@@ -47,7 +47,7 @@ class GuestStoreService:
         self._loop = loop
         self._store = store
         self.connection: Connection = store.connect(domid)
-        self.ring = RingServer(page, self.connection)
+        self.ring = RingServer(page, self.connection, log_rate=store.log_rate)
         self._notify_guest: Callable[[], None] = lambda: None
         self._flush_scheduled = False
         self._recheck_seconds = recheck_seconds

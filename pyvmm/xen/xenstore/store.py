@@ -54,8 +54,10 @@ from .protocol import (
     Access,
     Connection,
     Permission,
+    QuotaError,
     XenStoreError,
 )
+from ...ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class Quotas:
     # node's change at most (MEMORY_OVERSHOOT).
     memory: int = 2 * 1024 * 1024 + 512 * 1024
     transaction_seconds: float = 60.0  # then EAGAIN, and its copies are freed
+    event_backlog: int = EVENT_BACKLOG_BYTES  # watch events queued on a connection; more are dropped
 
 
 # A transaction's first touch of an existing node: its path, then its copy
@@ -244,10 +247,10 @@ class _Transaction:
         entry = self._accessed.get(path)
         if entry is None:
             if self._access_limit is not None and len(self._accessed) >= self._access_limit:
-                raise XenStoreError("ENOSPC", "transaction touches too many nodes")
+                raise QuotaError("ENOSPC", "transaction touches too many nodes", "xenstore-transaction-nodes")
             # Even reads hold a path each: a walk up a long missing chain must stop at the quota.
             if self._over_quota is not None and self._over_quota(len(path)):
-                raise XenStoreError("ENOMEM", "transaction at its domain's memory quota")
+                raise QuotaError("ENOMEM", "transaction at its domain's memory quota", "xenstore-memory")
             node = self._tree.get(path)
             entry = _Access(_generation_of(node), node and node.perms, node)
             self._accessed[path] = entry
@@ -344,8 +347,9 @@ class XenStore:
     """The tree, the known domains and every client's watches and transactions."""
 
     def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, log_rate: LogRate = DEFAULT_LOG_RATE):
         self.quotas = quotas or Quotas()
+        self.log_rate = log_rate  # of the lines its guests' connections cause
         self.observer = observer
         self.clock = clock  # for transactions' lifetime
         self._tree = _Tree()
@@ -382,10 +386,13 @@ class XenStore:
         return client
 
     def connect(self, domid: int, privileged: bool = False,
-                event_backlog_bytes: int = EVENT_BACKLOG_BYTES) -> Connection:
+                event_backlog_bytes: int | None = None) -> Connection:
         """A wire connection for a client speaking the xenstore protocol (a guest ring).
-        Unlike client(), it is unprivileged unless asked, even for domain 0."""
-        return Connection(self.client(domid, privileged), event_backlog_bytes=event_backlog_bytes)
+        Unlike client(), it is unprivileged unless asked, even for domain 0.
+        Its watch-event backlog is Quotas.event_backlog unless given."""
+        backlog = self.quotas.event_backlog if event_backlog_bytes is None else event_backlog_bytes
+        return Connection(self.client(domid, privileged), event_backlog_bytes=backlog,
+                          limited_log=self.log_rate.limited(logging.getLogger(Connection.__module__)))
 
     def _forget(self, client: "Client") -> None:
         self._clients.remove(client)
@@ -620,7 +627,7 @@ class Client:
         except KeyError:
             raise XenStoreError("ENOENT", f"no transaction {tx}") from None
         if transaction.expired:
-            raise XenStoreError("EAGAIN", f"transaction {tx} timed out")
+            raise QuotaError("EAGAIN", f"transaction {tx} timed out", "xenstore-transaction-seconds")
         return transaction
 
     def _expire_transactions(self) -> int:
@@ -646,7 +653,7 @@ class Client:
     def _check_memory(self) -> None:
         store = self._store
         if store.memory_of(self.domid) >= store.quotas.memory:
-            raise XenStoreError("ENOMEM", f"domain {self.domid} is at its memory quota")
+            raise QuotaError("ENOMEM", f"domain {self.domid} is at its memory quota", "xenstore-memory")
 
     def _run(self, op: str, path: str | None, value: bytes | None, tx: int, action: Callable,
              grows: bool | None = None):
@@ -781,7 +788,7 @@ class Client:
             if not new_perms:
                 raise XenStoreError("EINVAL", "empty permission list")
             if not self.privileged and len(new_perms) > store.quotas.perms:
-                raise XenStoreError("ENOSPC", f"more than {store.quotas.perms} permissions")
+                raise QuotaError("ENOSPC", f"more than {store.quotas.perms} permissions", "xenstore-node-permissions")
             absolute, _ = store.canonical(self, path, allow_special=True)
             node = store.checked_node(self, view, absolute, Access.WRITE | Access.OWNER)
             if not self.privileged and new_perms[0].domid != node.owner:
@@ -797,7 +804,7 @@ class Client:
     def _check_entry_size(self, path: str, node: Node) -> None:
         limit = self._store.quotas.entry_size
         if not self.privileged and node_size(node.value, node.children, node.perms) > limit:
-            raise XenStoreError("ENOSPC", f"{path:.80}: node would exceed {limit} bytes")
+            raise QuotaError("ENOSPC", f"{path:.80}: node would exceed {limit} bytes", "xenstore-node-size")
 
     def _create(self, view: _View, path: str, value: bytes) -> None:
         """Create path and any missing ancestors, each inheriting its parent's permissions."""
@@ -808,7 +815,7 @@ class Client:
             parent_path = parent_of(parent_path)
         quota = self._store.quotas.nodes
         if not self.privileged and view.owned_by(self.domid) + len(missing) > quota:
-            raise XenStoreError("ENOSPC", f"domain {self.domid} would own more than {quota} nodes")
+            raise QuotaError("ENOSPC", f"domain {self.domid} would own more than {quota} nodes", "xenstore-nodes")
         # Build every node first: one over the entry size (a parent with one
         # child too many) must leave nothing half-created.
         nodes = []
@@ -833,7 +840,7 @@ class Client:
             growth += (2 * len(first_parent) + _node_bytes(first_parent, parent_node) if in_transaction
                        else len(parent_node.children[-1]) + 1)
             if store.memory_of(self.domid) + growth > store.quotas.memory:
-                raise XenStoreError("ENOMEM", f"domain {self.domid} would pass its memory quota")
+                raise QuotaError("ENOMEM", f"domain {self.domid} would pass its memory quota", "xenstore-memory")
         for node_path, node in nodes:
             view.set(node_path, node)
 
@@ -881,7 +888,7 @@ class Client:
             if key in self.watches:
                 raise XenStoreError("EEXIST", f"already watching {path} with that token")
             if not self.privileged and store._watch_counts[self.domid] >= store.quotas.watches:
-                raise XenStoreError("E2BIG", f"domain {self.domid} has too many watches")
+                raise QuotaError("E2BIG", f"domain {self.domid} has too many watches", "xenstore-watches")
             watch = _Watch(absolute, token, prefix, callback)
             self.watches[key] = watch
             store._watch_counts[self.domid] += 1
@@ -922,7 +929,7 @@ class Client:
         def action():
             store = self._store
             if not self.privileged and store._transaction_counts[self.domid] >= store.quotas.transactions:
-                raise XenStoreError("ENOSPC", f"domain {self.domid} has too many transactions")
+                raise QuotaError("ENOSPC", f"domain {self.domid} has too many transactions", "xenstore-transactions")
             tx_id = self._next_tx
             while tx_id == 0 or tx_id in self._transactions:
                 tx_id = (tx_id + 1) & 0xFFFFFFFF
@@ -948,14 +955,14 @@ class Client:
                 transaction.expire()
                 return
             if transaction.expired:
-                raise XenStoreError("EAGAIN", f"transaction {tx} timed out")
+                raise QuotaError("EAGAIN", f"transaction {tx} timed out", "xenstore-transaction-seconds")
             try:
                 if transaction.conflicts():
                     raise XenStoreError("EAGAIN", f"transaction {tx} conflicts")
                 growth = transaction.owned_delta(self.domid)
                 if (not self.privileged and growth > 0
                         and store._tree.owned_by(self.domid) + growth > store.quotas.nodes):
-                    raise XenStoreError("ENOSPC", f"domain {self.domid} would own too many nodes")
+                    raise QuotaError("ENOSPC", f"domain {self.domid} would own too many nodes", "xenstore-nodes")
             except XenStoreError:
                 transaction.expire()
                 raise

@@ -7,6 +7,7 @@ from pyvmm import layout
 from pyvmm.bus import Bus
 from pyvmm.devices.pvpanic import CRASH_LOADED, PANICKED, SUPPORTED_EVENTS, PvPanic
 from pyvmm.exit_handler import StopReason
+from pyvmm.ratelimit import DEFAULT_LOG_RATE
 from pyvmm.platform import Platform
 
 
@@ -60,6 +61,7 @@ def platform_panic_handler(machine):
     # Only the callback under test: Platform.__init__ needs a whole VM.
     platform = Platform.__new__(Platform)
     platform.machine = machine
+    platform._limited = DEFAULT_LOG_RATE.limited(logging.getLogger("pyvmm.platform"))
     return platform._guest_panicked
 
 

@@ -177,15 +177,13 @@ def test_log_lines_cannot_drive_the_host_terminal(machine):
     assert machine.logs == ["\\x1b[2Jred\\x07\\x09end\\x7f"]
 
 
-@pytest.fixture
-def fresh_limit(monkeypatch):
-    # Full buckets and a clock that stands still: the bound cannot depend on the time taken.
-    monkeypatch.setattr(xen_platform, "_limited", ratelimit.RateLimitedLog(xen_platform.log, clock=lambda: 0.0))
+# Full buckets and a clock that stands still: the bound cannot depend on the time taken.
+STILL = ratelimit.LogRate(clock=lambda: 0.0)
 
 
-def test_a_flood_of_log_lines_gives_a_bounded_log(caplog, fresh_limit):
+def test_a_flood_of_log_lines_gives_a_bounded_log(caplog):
     # The guest decides how many lines it writes to port 0x12.
-    device = XenPlatformDevice()
+    device = XenPlatformDevice(log_rate=STILL)
     ports = device.fixed_ports()
     with caplog.at_level(logging.INFO, logger=xen_platform.__name__):
         for _ in range(100_000):
@@ -198,8 +196,8 @@ def test_a_flood_of_log_lines_gives_a_bounded_log(caplog, fresh_limit):
     assert all(len(record.getMessage()) < 2 * LOG_LINE_MAX for record in lines)
 
 
-def test_a_long_line_is_cut(caplog, fresh_limit):
-    device = XenPlatformDevice()
+def test_a_long_line_is_cut(caplog):
+    device = XenPlatformDevice(log_rate=STILL)
     with caplog.at_level(logging.INFO, logger=xen_platform.__name__):
         for _ in range(100 * LOG_LINE_MAX):
             device.fixed_ports().write(2, 1, ord("y"))

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 
@@ -13,7 +16,7 @@ import pytest
 
 from fake_target import BASE, FakeTarget
 from pyvmm.gdbstub import protocol as p
-from pyvmm.gdbstub.server import GdbServer
+from pyvmm.gdbstub.server import GdbServer, GdbStubError
 from pyvmm.kvm import uapi
 from pyvmm.kvm.exits import DebugExit
 
@@ -140,3 +143,46 @@ def test_a_failing_kvm_call_is_an_error_reply_not_the_end(served):
         assert exchange(sock, p.frame(b"qAttached")) == b"+" + p.frame(b"1")
     finally:
         sock.close()
+
+
+def test_real_gdb_over_a_unix_socket(tmp_path):
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        pytest.skip("gdb is not installed")
+    path = tmp_path / "guest.gdb"
+    path.write_bytes(b"")  # not a socket: refused, never removed
+    target = FakeTarget()
+    with pytest.raises(GdbStubError, match="unix:.*guest.gdb"):
+        GdbServer(target, "127.0.0.1", 0, wait=True, path=str(path)).start()
+    path.unlink()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a socket nobody listens on, as a killed pyvmm leaves: replaced
+    stale.close()
+    server = GdbServer(target, "127.0.0.1", 0, wait=True, path=str(path))
+    server.start()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        commands = ["set architecture i386:x86-64", f"target remote {path}", "p/x $rip", "detach"]
+        args = [gdb, "-nx", "-batch"] + [arg for command in commands for arg in ("-ex", command)]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        out = done.stdout + done.stderr
+        assert re.search(r"^\$1 = %#x$" % (BASE + 0x100), out, re.MULTILINE), out
+    finally:
+        server.close()
+    assert not path.exists()
+
+
+def test_listening_beyond_loopback_warns(caplog):
+    server = GdbServer(FakeTarget(), "0.0.0.0", 0, wait=False)
+    with caplog.at_level(logging.WARNING, logger="pyvmm.gdbstub.server"):
+        server.start()
+    try:
+        assert "without authentication: anyone who can reach that port controls the guest" in caplog.text
+    finally:
+        server.close()
+    caplog.clear()
+    server = GdbServer(FakeTarget(), "127.0.0.1", 0, wait=False)
+    with caplog.at_level(logging.WARNING, logger="pyvmm.gdbstub.server"):
+        server.start()
+    server.close()
+    assert "authentication" not in caplog.text
