@@ -7,33 +7,17 @@ optional hypercall handler, so it is unit-tested with synthetic exits.
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import Callable
 
 from .bus import Bus
 from .kvm import exits as kx
+from .kvm import uapi
+from .stop import StopReason
 from .trace import TRACE
 from .vcpu_state import format_registers
 
 log = logging.getLogger(__name__)
-
-# KVM_SYSTEM_EVENT_* types
-SYSTEM_EVENT_SHUTDOWN = 1
-SYSTEM_EVENT_RESET = 2
-SYSTEM_EVENT_CRASH = 3
-
-
-class StopReason(enum.Enum):
-    POWEROFF = "poweroff"
-    REBOOT = "reboot"
-    CRASH = "crash"
-    TRIPLE_FAULT = "triple-fault"  # a CPU reset the guest did not ask for
-    EXPECT_MATCHED = "expect-matched"
-    TIMEOUT = "timeout"
-    QUIT = "quit"  # the operator asked (console escape, signal)
-    DESTROYED = "destroyed"  # `pyvmm ctl NAME destroy`
-    ERROR = "error"  # the VMM failed
 
 
 class ExitHandler:
@@ -125,8 +109,8 @@ class ExitHandler:
 
     def _system_event(self, exit: kx.SystemEventExit) -> StopReason:
         return {
-            SYSTEM_EVENT_SHUTDOWN: StopReason.POWEROFF,
-            SYSTEM_EVENT_RESET: StopReason.REBOOT,
+            uapi.KVM_SYSTEM_EVENT_SHUTDOWN: StopReason.POWEROFF,
+            uapi.KVM_SYSTEM_EVENT_RESET: StopReason.REBOOT,
         }.get(exit.type, StopReason.CRASH)
 
     def _internal_error(self, exit) -> StopReason:

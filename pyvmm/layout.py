@@ -11,6 +11,11 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
+# x86's base page: the unit of guest-physical memory, of the boot page
+# tables and of every page Xen's ABI speaks of (xen/abi.py takes it from here).
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
 # --- Physical memory -------------------------------------------------------
 
 # RAM is split around a 32-bit hole for PCI BARs, the IOAPIC, the LAPIC and

@@ -19,8 +19,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, Mapping
 
 from .ratelimit import BURST, PER_SECOND, LogRate
-from .xen.xenstore.protocol import EVENT_BACKLOG_BYTES
-from .xen.xenstore.store import Quotas
 
 MAX_EVENT_CHANNEL_PORT = 4095  # the 2-level ABI's last port for a 64-bit guest (1023 in compat mode)
 MAX_GRANT_FRAMES = 1024  # grant frames are mapped into the platform device's 16 MiB BAR1
@@ -36,15 +34,16 @@ class Limits:
 
     max_event_channels: int = MAX_EVENT_CHANNEL_PORT  # highest port the guest may allocate
     max_grant_frames: int = 64
-    xenstore_nodes: int = Quotas.nodes
-    xenstore_node_size: int = Quotas.entry_size
-    xenstore_node_permissions: int = Quotas.perms
-    xenstore_watches: int = Quotas.watches
-    xenstore_transactions: int = Quotas.transactions
-    xenstore_transaction_nodes: int = Quotas.transaction_nodes
-    xenstore_memory: int = Quotas.memory
-    xenstore_transaction_seconds: float = Quotas.transaction_seconds
-    xenstore_event_backlog: int = EVENT_BACKLOG_BYTES
+    # The xenstore's, as cxenstored's -Q defaults (the store's Quotas take them from here).
+    xenstore_nodes: int = 1000
+    xenstore_node_size: int = 2048
+    xenstore_node_permissions: int = 5
+    xenstore_watches: int = 128
+    xenstore_transactions: int = 10
+    xenstore_transaction_nodes: int = 1024
+    xenstore_memory: int = 2 * 1024 * 1024 + 512 * 1024
+    xenstore_transaction_seconds: float = 60.0  # cxenstored has none: see docs/XEN.md
+    xenstore_event_backlog: int = 64 * 1024
     log_burst: int = BURST
     log_lines_per_second: float = PER_SECOND
 
@@ -54,20 +53,6 @@ class Limits:
                 spec.check(getattr(self, spec.field))
             except LimitError as error:
                 raise LimitError(f"{spec.name}: {error}") from None
-
-    def quotas(self) -> Quotas:
-        """The xenstore's share."""
-        return Quotas(
-            watches=self.xenstore_watches,
-            nodes=self.xenstore_nodes,
-            entry_size=self.xenstore_node_size,
-            transactions=self.xenstore_transactions,
-            perms=self.xenstore_node_permissions,
-            transaction_nodes=self.xenstore_transaction_nodes,
-            memory=self.xenstore_memory,
-            transaction_seconds=self.xenstore_transaction_seconds,
-            event_backlog=self.xenstore_event_backlog,
-        )
 
     @property
     def log_rate(self) -> LogRate:

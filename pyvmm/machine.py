@@ -26,11 +26,12 @@ from .bus import Bus
 from .config import VmConfig
 from .console import ConsoleOutput, EscapeFilter, RawTerminal
 from .eventloop import EventLoop
-from .exit_handler import ExitHandler, StopReason
+from .exit_handler import ExitHandler
 from .kvm import Kvm, map_guest_memory, pc_irqchip_routes
 from .liveness import DeadGuestDetector
 from .memory import GuestMemory
 from .platform import Platform
+from .stop import StopReason
 from .trace import TRACE
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from .vcpu_state import read_registers

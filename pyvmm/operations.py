@@ -11,8 +11,8 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .control import ControlError
-from .exit_handler import StopReason
 from .faults import FAULTS, FaultSpecError
+from .stop import StopReason
 from .xen.xenstore import XenStoreError
 
 if TYPE_CHECKING:

@@ -12,9 +12,10 @@ import errno
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import layout
+from .bus import Bus
 from .console import ConsoleOutput, EscapeFilter
 from .devices import pci
 from .devices.acpi_pm import AcpiPm
@@ -25,11 +26,9 @@ from .devices.rtc import CmosRtc
 from .devices.serial import REGISTER_COUNT as SERIAL_PORTS
 from .devices.serial import Serial16550
 from .eventloop import EventLoop
-from .exit_handler import StopReason
+from .kvm import Vm
+from .stop import StopReason
 from .trace import TRACE
-
-if TYPE_CHECKING:
-    from .machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,20 @@ class GsiLine:
         self._vm.irq_line(self.gsi, asserted)
 
 
+class Board(Protocol):
+    """What the platform needs of the VM it is part of (a Machine): the VM
+    its interrupt lines drive, the buses its devices sit on, and a way to
+    stop when a device powers off, resets or reports a panic."""
+
+    vm: Vm
+    pio: Bus
+    mmio: Bus
+
+    def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
+
+
 class Platform:
-    def __init__(self, machine: "Machine", console: ConsoleOutput):
+    def __init__(self, machine: Board, console: ConsoleOutput):
         self.machine = machine
         vm, pio = machine.vm, machine.pio
         stop = machine.request_stop

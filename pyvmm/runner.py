@@ -13,11 +13,11 @@ import time
 from .boot.errors import BootError
 from .config import VmConfig
 from .console import ConsoleOutput, ExpectWatcher
-from .exit_handler import StopReason
 from .faults import FAULTS
 from .kept import KEPT, NotKept
 from .kvm import KvmError, KvmUnavailable
 from .memory import GuestMemoryError
+from .stop import StopReason
 from .trace import TRACE
 
 log = logging.getLogger(__name__)

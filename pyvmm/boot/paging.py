@@ -10,12 +10,12 @@ from __future__ import annotations
 import struct
 
 from pyvmm import layout
+from pyvmm.layout import PAGE_SIZE
 
 PTE_PRESENT = 1 << 0
 PTE_WRITABLE = 1 << 1
 PTE_LARGE = 1 << 7  # a PD entry that maps a 2 MiB page
 
-PAGE_SIZE = 4096
 LARGE_PAGE = 2 << 20
 IDENTITY_MAPPED_GIB = 4
 

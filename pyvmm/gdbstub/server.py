@@ -162,7 +162,7 @@ class MachineTarget:
         self.machine.vcpu(vcpu).set_guest_debug(control | flag | uapi.KVM_GUESTDBG_ENABLE, debugregs)
 
     def kill(self) -> None:
-        from ..exit_handler import StopReason
+        from ..stop import StopReason
 
         self.machine.request_stop(StopReason.QUIT)
 

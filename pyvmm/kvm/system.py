@@ -75,7 +75,7 @@ class Kvm:
         return list(msr_list.indices[0 : msr_list.nmsrs])
 
     def create_vm(self, machine_type: int = 0) -> Vm:
-        return Vm(self, machine_type)
+        return Vm(self.fd, self.vcpu_mmap_size(), machine_type)
 
 
 def _open_device(path: str) -> int:

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Union
+from typing import Iterable, Union
 
 from . import uapi
 from .ioctl import ioctl
 from .memslots import MemslotTable
 from .uapi import as_struct, enable_cap_struct, ffi
 from .vcpu import Vcpu, install_kick_handler
-
-if TYPE_CHECKING:
-    from .system import Kvm
 
 
 # --- GSI routes (KVM_SET_GSI_ROUTING) -----------------------------------------
@@ -112,13 +109,14 @@ class ClockData:
 
 
 class Vm:
-    def __init__(self, kvm: "Kvm", machine_type: int = 0):
+    def __init__(self, system_fd: int, vcpu_mmap_size: int, machine_type: int = 0):
+        """A new VM of /dev/kvm's `system_fd` (made by Kvm.create_vm); each
+        vCPU's kvm_run mapping is `vcpu_mmap_size` bytes."""
         # vCPU threads are kicked with a signal whose handler only the main
         # thread can install; the VM is created there, before any vCPU.
         install_kick_handler()
-        self.kvm = kvm
-        self.fd = ioctl(kvm.fd, uapi.KVM_CREATE_VM, machine_type)
-        self._vcpu_mmap_size = kvm.vcpu_mmap_size()
+        self.fd = ioctl(system_fd, uapi.KVM_CREATE_VM, machine_type)
+        self._vcpu_mmap_size = vcpu_mmap_size
         self._memslots: MemslotTable | None = None
 
     def close(self) -> None:

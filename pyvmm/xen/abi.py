@@ -13,8 +13,8 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from ..layout import PAGE_SHIFT, PAGE_SIZE  # Xen's page on x86 is the CPU's
+
 
 # A guest-physical address meaning "no area" (KVM's convention for its attributes).
 INVALID_GPA = (1 << 64) - 1
@@ -306,6 +306,7 @@ RUNSTATE_offline = 3
 # as far as a registration goes (Xen and KVM both map the larger one).
 VCPU_INFO_SIZE = 64
 VCPU_TIME_INFO_SIZE = 32
+XEN_LEGACY_MAX_VCPUS = 32  # vcpu_info slots inside shared_info (xen.h)
 RUNSTATE_INFO_SIZE = {False: 48, True: 44}  # keyed by "compat"
 
 # --- sched_op (sched.h) ---------------------------------------------------------------------

@@ -47,6 +47,8 @@ import operator
 import struct
 from dataclasses import dataclass, field
 
+from .abi import PAGE_SIZE
+
 # Operations.
 BLKIF_OP_READ = 0
 BLKIF_OP_WRITE = 1
@@ -80,7 +82,6 @@ VDISK_READONLY = 0x4
 BLKIF_MAX_SEGMENTS_PER_REQUEST = 11
 BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST = 8
 
-PAGE_SIZE = 4096
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT
 SECTORS_PER_PAGE = PAGE_SIZE >> SECTOR_SHIFT

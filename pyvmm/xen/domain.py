@@ -18,17 +18,19 @@ import os
 import threading
 import uuid
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .. import diagnose, layout
-from ..eventloop import drain_eventfd
-from ..exit_handler import StopReason
-from ..kvm import CpuidEntry, KvmError, MemslotError, uapi
+from ..bus import Bus
+from ..console import ConsoleOutput
+from ..eventloop import EventLoop, drain_eventfd
+from ..kvm import CpuidEntry, Kvm, KvmError, MemslotError, Vm, uapi
 from ..kvm.cpuid import signature_leaf
 from ..devices.xen_platform import XenPlatformDevice
 from . import abi, kvm_xen
+from .abi import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .console import PvConsole
-from .errors import EINVAL, EPERM, ETIMEDOUT, XenError
+from .errors import EINVAL, EPERM, ETIME, XenError
 from .evtchn import EventChannels
 from .gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTable
 from .guest_access import GuestAccess
@@ -37,12 +39,15 @@ from .kvm_xen import KernelEvtchn, XenFeatures
 from .timers import UserTimer
 from .vbd import create_vbds
 from .vif import create_vifs
-from .xenstore import Access, Permission, XenStore
+from .xenstore import Access, Permission, Quotas, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
+from ..memory import GuestMemory
+from ..stop import StopReason
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..config import VmConfig
+    from ..platform import Platform
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +61,6 @@ XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
 # from 4.17 on; a guest told it runs on an older Xen uses the HVM-wide
 # callback vector instead, which is how `--xen-version 4.16` selects it.
 UPCALL_VECTOR_SINCE = (4 << 16) | 17
-VCPU_INFO_SIZE = 64
-LEGACY_VCPU_INFO_SLOTS = 32
-PAGE = 4096
-ETIME = 62
 MIN_PERIOD_NS = 1_000_000
 UPCALL_RECHECK_SECONDS = 0.1
 
@@ -95,8 +96,29 @@ class Callback(enum.Enum):
     GSI = "gsi"  # a level-triggered interrupt line, driven by vCPU 0's upcall_pending
 
 
+class XenHost(Protocol):
+    """What the domain needs of the VM it is part of (a Machine).
+
+    The domain is built inside the machine and knows it only through this:
+    the VM and its memory, buses and PC platform, the event loop, the
+    console, the configuration, and the vCPUs' threads."""
+
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    loop: EventLoop
+    pio: Bus
+    platform: Platform
+    console: ConsoleOutput
+    config: VmConfig
+
+    def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
+    def kick_vcpu(self, index: int) -> None: ...
+    def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
+
+
 class XenDomain:
-    def __init__(self, machine: "Machine"):
+    def __init__(self, machine: XenHost):
         self.machine = machine
         self.vm, self.memory, self.loop = machine.vm, machine.memory, machine.loop
         config = machine.config
@@ -156,21 +178,21 @@ class XenDomain:
 
     # --- set-up -------------------------------------------------------------------
 
-    def _setup_special_pages(self, machine: "Machine") -> None:
-        console_pfn = layout.XEN_SPECIAL_PAGES >> 12
+    def _setup_special_pages(self, machine: XenHost) -> None:
+        console_pfn = layout.XEN_SPECIAL_PAGES >> PAGE_SHIFT
         store_pfn = console_pfn + 1
         self.memory.fill(layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE)
         # The toolstack grants both rings to domain 0 at fixed references.
         self.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, console_pfn)
         self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)
 
-        self.store = XenStore(quotas=self.limits.quotas(), log_rate=self.limits.log_rate)
+        self.store = XenStore(quotas=Quotas.from_limits(self.limits), log_rate=self.limits.log_rate)
         self.dom0 = self.store.client(0)  # the VMM's own requests (operators', shutdown): one client
-        self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << 12, PAGE))
+        self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << PAGE_SHIFT, PAGE_SIZE))
         self.console_channel = self.evtchn.connect_backend(self._console_notified)
         self.store_channel = self.evtchn.connect_backend(self.xenstore.notified)
         self.xenstore.attach(self.store_channel.notify)
-        self.pv_console = PvConsole(self.memory.view(console_pfn << 12, PAGE), self.console_channel.notify, machine.console.write)
+        self.pv_console = PvConsole(self.memory.view(console_pfn << PAGE_SHIFT, PAGE_SIZE), self.console_channel.notify, machine.console.write)
         if primary_console(machine.config.cmdline).startswith("hvc"):
             machine.platform.input_sink = self.pv_console
 
@@ -262,20 +284,20 @@ class XenDomain:
         RAM page itself (by host address where the kernel supports it), so no
         memslot is split and the guest never sees the page unmapped.
         """
-        gpa = gpfn << 12
-        if not self.memory.contains(gpa, PAGE) or gpa >= layout.PCI_HOLE_START and gpa < layout.HIGH_RAM_START:
+        gpa = gpfn << PAGE_SHIFT
+        if not self.memory.contains(gpa, PAGE_SIZE) or gpa >= layout.PCI_HOLE_START and gpa < layout.HIGH_RAM_START:
             raise XenError(EINVAL, f"shared_info at {gpa:#x} is not guest RAM")
         with self._lock:
             old = self.shared_info_gfn
             if old == gpfn:
                 return
             if old is None:
-                self.memory.fill(gpa, PAGE)
+                self.memory.fill(gpa, PAGE_SIZE)
             else:
-                self.memory.write(gpa, self.memory.read(old << 12, PAGE))
+                self.memory.write(gpa, self.memory.read(old << PAGE_SHIFT, PAGE_SIZE))
             kvm_xen.set_shared_info(self.vm, self.kvm_features, gpfn, self.memory.host_address(gpa))
             self.shared_info_gfn = gpfn
-        for index in range(min(self.vcpu_count, LEGACY_VCPU_INFO_SLOTS)):
+        for index in range(min(self.vcpu_count, XEN_LEGACY_MAX_VCPUS)):
             if self._vcpu_info_gpa[index] is None:
                 self._set_vcpu_info_attr(index, gpa + index * VCPU_INFO_SIZE)
 
@@ -286,12 +308,12 @@ class XenDomain:
 
     def _shared_info_address(self) -> int | None:
         gfn = self.shared_info_gfn
-        return None if gfn is None else self.memory.host_address(gfn << 12)
+        return None if gfn is None else self.memory.host_address(gfn << PAGE_SHIFT)
 
     def _vcpu_info_gpa_of(self, index: int) -> int | None:
         gpa = self._vcpu_info_gpa[index]
-        if gpa is None and self.shared_info_gfn is not None and index < LEGACY_VCPU_INFO_SLOTS:
-            gpa = (self.shared_info_gfn << 12) + index * VCPU_INFO_SIZE
+        if gpa is None and self.shared_info_gfn is not None and index < XEN_LEGACY_MAX_VCPUS:
+            gpa = (self.shared_info_gfn << PAGE_SHIFT) + index * VCPU_INFO_SIZE
         return gpa
 
     def _vcpu_info_address(self, index: int) -> int | None:
@@ -300,7 +322,7 @@ class XenDomain:
 
     def register_vcpu_info(self, vcpu: int, gpa: int) -> None:
         self._check_vcpu(vcpu)
-        if not self.memory.contains(gpa, VCPU_INFO_SIZE) or (gpa & (PAGE - 1)) + VCPU_INFO_SIZE > PAGE:
+        if not self.memory.contains(gpa, VCPU_INFO_SIZE) or (gpa & (PAGE_SIZE - 1)) + VCPU_INFO_SIZE > PAGE_SIZE:
             raise XenError(EINVAL, f"vcpu_info at {gpa:#x} is not inside one RAM page")
         old = self._vcpu_info_gpa_of(vcpu)
         if old is not None:
@@ -571,8 +593,8 @@ class XenDomain:
     # --- grant frames ---------------------------------------------------------------
 
     def map_grant_frame(self, index: int, gpfn: int) -> None:
-        gpa = gpfn << 12
-        if self.memory.contains(gpa, PAGE):
+        gpa = gpfn << PAGE_SHIFT
+        if self.memory.contains(gpa, PAGE_SIZE):
             raise XenError(EINVAL, "grant frames go in the xen-platform BAR, not over RAM")
         self.gnttab.note_frame_mapped(index)
         with self._lock:
@@ -581,14 +603,14 @@ class XenDomain:
             # Xen), so a guest cannot pile up memslots by remapping.
             old = self._grant_frame_gpa.pop(index, None)
             if old is not None:
-                table.unmap(old, PAGE)
+                table.unmap(old, PAGE_SIZE)
                 self._grant_frame_at.pop(old, None)
             displaced = self._grant_frame_at.pop(gpa, None)
             if displaced is not None:
-                table.unmap(gpa, PAGE)
+                table.unmap(gpa, PAGE_SIZE)
                 self._grant_frame_gpa.pop(displaced, None)
             try:
-                table.map(gpa, PAGE, self.gnttab.frame_host_address(index))
+                table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
             except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
                 raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa

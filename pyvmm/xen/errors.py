@@ -16,6 +16,7 @@ ESRCH = _errno.ESRCH
 EINTR = _errno.EINTR
 EIO = _errno.EIO
 E2BIG = _errno.E2BIG
+EDOM = _errno.EDOM
 EAGAIN = _errno.EAGAIN
 ENOMEM = _errno.ENOMEM
 EACCES = _errno.EACCES
@@ -29,6 +30,7 @@ ENOSPC = _errno.ENOSPC
 ERANGE = _errno.ERANGE
 ENOSYS = _errno.ENOSYS
 EOPNOTSUPP = _errno.EOPNOTSUPP
+ETIME = _errno.ETIME
 ETIMEDOUT = _errno.ETIMEDOUT
 
 

@@ -58,8 +58,11 @@ from ..faults import FAULTS
 from ..trace import TRACE
 from . import atomic
 from .errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
-from .shared_info import LEGACY_VCPUS, SharedInfoLayout, layout
+from .shared_info import SharedInfoLayout, layout
 from .abi import (
+    DOMID_FIRST_RESERVED,
+    DOMID_SELF,
+    XEN_LEGACY_MAX_VCPUS,
     EVTCHNSTAT_closed,
     EVTCHNSTAT_unbound,
     EVTCHNSTAT_interdomain,
@@ -87,8 +90,6 @@ from ..ratelimit import DEFAULT_LOG_RATE, LogRate
 log = logging.getLogger(__name__)
 
 DOM0 = 0
-DOMID_SELF = 0x7FF0
-DOMID_FIRST_RESERVED = 0x7FF0
 
 # Bound once per vCPU and never moved; every other VIRQ is global (x86 has
 # no per-vCPU arch VIRQs): bound on vCPU 0 once, movable with bind_vcpu.
@@ -648,7 +649,7 @@ class EventChannels:
 
     def _vcpu_info(self, vcpu: int, shared_info: int, abi: SharedInfoLayout) -> int | None:
         address = self._vcpu_info_address(vcpu)
-        if address is None and vcpu < LEGACY_VCPUS:
+        if address is None and vcpu < XEN_LEGACY_MAX_VCPUS:
             address = shared_info + abi.legacy_vcpu_info(vcpu)  # until VCPUOP_register_vcpu_info
         return address
 

@@ -48,6 +48,7 @@ from .errors import EACCES, EINVAL, ENOSYS, XenError
 
 log = logging.getLogger(__name__)
 from .abi import (
+    PAGE_SIZE,
     GNTST_okay,
     GNTST_general_error,
     GNTST_bad_domain,
@@ -64,7 +65,6 @@ from .abi import (
     GNTST_no_space,
 )
 
-PAGE_SIZE = 4096
 ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
 DEFAULT_MAX_FRAMES = 64

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Callable
 
 from ..kvm.vcpu import Translation
+from ..layout import PAGE_SIZE
 from ..memory import GuestMemory, GuestMemoryError
 
-PAGE_SIZE = 4096
 _PAGE_MASK = PAGE_SIZE - 1
 _ADDRESS_LIMIT = 1 << 64
 

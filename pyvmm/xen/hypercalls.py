@@ -16,7 +16,6 @@ in both ABIs, as in Xen.
 
 from __future__ import annotations
 
-import errno as _errno
 import logging
 import struct
 from typing import Callable, Protocol
@@ -24,6 +23,7 @@ from typing import Callable, Protocol
 from ..trace import TRACE
 from . import abi
 from .errors import (
+    EDOM,
     EEXIST,
     EFAULT,
     EINVAL,
@@ -37,8 +37,6 @@ from .errors import (
 from .guest_access import GuestAccess, GuestFault
 
 log = logging.getLogger(__name__)
-
-EDOM = _errno.EDOM
 
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kvm import uapi
+from .abi import EVTCHNSTAT_interdomain, EVTCHNSTAT_ipi
 
 
 HYPERCALL_MSR = 0x40000000  # where Linux and Xen's own guests look for it
 EVTCHN_PRIORITY_2LEVEL = uapi.KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL
-EVTCHNSTAT_INTERDOMAIN = 2
-EVTCHNSTAT_IPI = 5
 
 
 class XenUnavailable(Exception):
@@ -124,14 +123,14 @@ class KernelEvtchn:
         )
 
     def assign_eventfd(self, port: int, fd: int) -> None:
-        self._evtchn_attr(port, EVTCHNSTAT_INTERDOMAIN, 0, {"eventfd": {"port": 0, "fd": fd}})
+        self._evtchn_attr(port, EVTCHNSTAT_interdomain, 0, {"eventfd": {"port": 0, "fd": fd}})
 
     def assign_ipi(self, port: int, vcpu: int) -> None:
-        self._evtchn_attr(port, EVTCHNSTAT_IPI, 0, {"port": {"port": port, "vcpu": vcpu, "priority": EVTCHN_PRIORITY_2LEVEL}})
+        self._evtchn_attr(port, EVTCHNSTAT_ipi, 0, {"port": {"port": port, "vcpu": vcpu, "priority": EVTCHN_PRIORITY_2LEVEL}})
 
     def update_vcpu(self, port: int, vcpu: int) -> None:
         self._evtchn_attr(
-            port, EVTCHNSTAT_IPI, uapi.KVM_XEN_EVTCHN_UPDATE,
+            port, EVTCHNSTAT_ipi, uapi.KVM_XEN_EVTCHN_UPDATE,
             {"port": {"port": port, "vcpu": vcpu, "priority": EVTCHN_PRIORITY_2LEVEL}},
         )
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from .abi import PAGE_SIZE
+
 # Transmit request flags.
 NETTXF_csum_blank = 1 << 0  # the L4 checksum is only the pseudo-header's: complete it
 NETTXF_data_validated = 1 << 1
@@ -65,7 +67,6 @@ XEN_NETIF_RSP_ERROR = -1
 XEN_NETIF_RSP_OKAY = 0
 XEN_NETIF_RSP_NULL = 1  # the answer to an extra-info slot
 
-PAGE_SIZE = 4096
 ETH_HLEN = 14
 MAX_PACKET = 0xFFFF  # a tx request's u16 size: the largest packet the protocol carries
 # Linux's netfront never needs more than this many slots for one packet

@@ -47,8 +47,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from . import atomic
+from .abi import PAGE_SIZE
 
-PAGE_SIZE = 4096
 HEADER_SIZE = 64
 
 REQ_PROD = 0

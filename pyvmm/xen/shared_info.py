@@ -23,8 +23,7 @@ struct shared_info:
 
 from __future__ import annotations
 
-VCPU_INFO_SIZE = 64
-LEGACY_VCPUS = 32  # XEN_LEGACY_MAX_VCPUS: vcpu_info slots inside shared_info
+from .abi import VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 
 
 class SharedInfoLayout:
@@ -51,7 +50,7 @@ class SharedInfoLayout:
         self.vcpu_time_info = 0x20
 
         # shared_info
-        self.evtchn_pending = LEGACY_VCPUS * VCPU_INFO_SIZE
+        self.evtchn_pending = XEN_LEGACY_MAX_VCPUS * VCPU_INFO_SIZE
         self.evtchn_mask = self.evtchn_pending + bitmap_bytes
         self.wc_version = self.evtchn_mask + bitmap_bytes
         self.wc_sec = self.wc_version + 4
@@ -63,7 +62,7 @@ class SharedInfoLayout:
 
     def legacy_vcpu_info(self, vcpu: int) -> int:
         """Offset of vCPU `vcpu`'s slot in shared_info."""
-        if not 0 <= vcpu < LEGACY_VCPUS:
+        if not 0 <= vcpu < XEN_LEGACY_MAX_VCPUS:
             raise ValueError(f"vCPU {vcpu} has no vcpu_info slot in shared_info")
         return vcpu * VCPU_INFO_SIZE
 

@@ -1,8 +1,9 @@
 import pytest
 
 from pyvmm.bus import Bus
-from pyvmm.exit_handler import ExitHandler, StopReason
+from pyvmm.exit_handler import ExitHandler
 from pyvmm.kvm import exits as kx
+from pyvmm.stop import StopReason
 
 
 class Port:

@@ -42,7 +42,7 @@ def still(limits: Limits) -> LogRate:
 
 
 def test_defaults_are_what_the_parts_had():
-    assert DEFAULT_LIMITS.quotas() == Quotas()
+    assert Quotas.from_limits(DEFAULT_LIMITS) == Quotas()
     assert DEFAULT_LIMITS.max_event_channels == 4095 and DEFAULT_LIMITS.max_grant_frames == 64
     assert DEFAULT_LIMITS.log_rate == LogRate()
     assert set(DEFAULT_LIMITS.describe()) == set(SPECS)
@@ -158,7 +158,7 @@ class Guest:
     """Domain 1 talking the xenstore wire protocol, as over its ring."""
 
     def __init__(self, limits: Limits, clock=None):
-        self.store = XenStore(limits.quotas(), log_rate=still(limits), **({"clock": clock} if clock else {}))
+        self.store = XenStore(Quotas.from_limits(limits), log_rate=still(limits), **({"clock": clock} if clock else {}))
         dom0 = self.store.client(0)
         dom0.mkdir("/local/domain/1")
         dom0.set_perms("/local/domain/1", [Permission(1, Access.NONE)])

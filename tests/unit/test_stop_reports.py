@@ -9,9 +9,10 @@ import pytest
 
 from pyvmm.bus import Bus
 from pyvmm.config import VmConfig
-from pyvmm.exit_handler import ExitHandler, StopReason
+from pyvmm.exit_handler import ExitHandler
 from pyvmm.kvm import exits as kx
 from pyvmm.runner import STATUS_FOR_REASON, _exit_status
+from pyvmm.stop import StopReason
 from pyvmm.trace import TRACE
 from pyvmm.vcpu_state import format_registers
 

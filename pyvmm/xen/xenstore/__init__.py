@@ -8,14 +8,9 @@
 """
 
 from .domain import create_domain_nodes, default_domain_nodes
-from .protocol import (
-    Access,
-    Connection,
-    Header,
-    Op,
-    Permission,
-    XenStoreError,
-)
+from .errors import XenStoreError
+from .perms import Access, Permission
+from .protocol import Connection, Header, Op
 from .ring import RingServer
 from .store import Client, Node, Quotas, XenStore, domain_path
 

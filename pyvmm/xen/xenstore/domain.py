@@ -8,7 +8,8 @@ belong to the guest, as libxl and QEMU's Xen emulation set them up.
 
 from __future__ import annotations
 
-from .protocol import Access, Permission, XenStoreError
+from .errors import XenStoreError
+from .perms import Access, Permission
 from .store import Client, XenStore, domain_path
 
 XENBUS_STATE_INITIALISED = 3

@@ -18,15 +18,15 @@ import enum
 import logging
 import struct
 from collections import Counter, deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
+from contextlib import AbstractContextManager
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 from ...faults import FAULTS
 from ...trace import TRACE
+from ...limits import Limits
 from ...ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
-
-if TYPE_CHECKING:
-    from .store import Client
+from .errors import QuotaError, XenStoreError
+from .perms import Permission
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ HEADER_SIZE = HEADER.size
 PAYLOAD_MAX = 4096
 ABS_PATH_MAX = 3072
 REL_PATH_MAX = 2048
-DOMID_FIRST_RESERVED = 0x7FF0
 
 
 class Op(enum.IntEnum):
@@ -64,81 +63,11 @@ class Op(enum.IntEnum):
     DIRECTORY_PART = 22
 
 
-# Only these names can appear in an ERROR reply (xsd_errors in xs_wire.h).
-ERROR_NAMES = (
-    "EINVAL", "EACCES", "EEXIST", "EISDIR", "ENOENT", "ENOMEM", "ENOSPC", "EIO",
-    "ENOTEMPTY", "ENOSYS", "EROFS", "EBUSY", "EAGAIN", "EISCONN", "E2BIG",
-)
-
 # Values of the ring page's error field (see ring.py).
 RING_ERROR_NONE = 0
 RING_ERROR_COMM = 1
 RING_ERROR_RINGIDX = 2
 RING_ERROR_PROTO = 3
-
-
-class XenStoreError(Exception):
-    """A failed xenstore operation; `name` is the wire errno name, e.g. "ENOENT"."""
-
-    def __init__(self, name: str, detail: str = ""):
-        if name not in ERROR_NAMES:
-            raise ValueError(f"{name!r} is not a xenstore error name")
-        super().__init__(f"{name}: {detail}" if detail else name)
-        self.name = name
-        self.detail = detail
-
-
-class QuotaError(XenStoreError):
-    """A request refused because it would take the domain past one of its
-    limits; `limit` names the setting (pyvmm.limits), e.g. "xenstore-nodes"."""
-
-    def __init__(self, name: str, detail: str, limit: str):
-        super().__init__(name, detail)
-        self.limit = limit
-
-
-class Access(enum.IntFlag):
-    NONE = 0
-    READ = 1
-    WRITE = 2
-    OWNER = 4  # never stored: granted to a node's owner and to privileged callers
-
-
-_LETTER_TO_ACCESS = {"n": Access.NONE, "r": Access.READ, "w": Access.WRITE,
-                     "b": Access.READ | Access.WRITE}
-_ACCESS_TO_LETTER = {access: letter for letter, access in _LETTER_TO_ACCESS.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Permission:
-    """One entry of a node's permission list, written "<n|r|w|b><domid>".
-
-    The first entry names the owner and, through its access letter, the
-    access of every domain not listed after it.
-    """
-
-    domid: int
-    access: Access
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.domid <= 0xFFFF:
-            raise ValueError(f"domid {self.domid} out of range")
-        if self.access not in _ACCESS_TO_LETTER:
-            raise ValueError(f"access {self.access!r} cannot be stored in a node")
-
-    @classmethod
-    def parse(cls, text: str) -> "Permission":
-        access = _LETTER_TO_ACCESS.get(text[:1])
-        digits = text[1:]
-        if access is None or not digits.isascii() or not digits.isdigit() or len(digits) > 5:
-            raise XenStoreError("EINVAL", f"bad permission {text!r}")
-        domid = int(digits)
-        if domid > 0xFFFF:
-            raise XenStoreError("EINVAL", f"bad permission {text!r}")
-        return cls(domid, access)
-
-    def __str__(self) -> str:
-        return f"{_ACCESS_TO_LETTER[self.access]}{self.domid}"
 
 
 class Header(NamedTuple):  # a tuple: made on every message, cheaper than a dataclass
@@ -271,13 +200,49 @@ _OK = b"OK\0"
 INPUT_PAUSE_BYTES = 2 * (HEADER_SIZE + PAYLOAD_MAX)
 # Watch events beyond this backlog are dropped for unprivileged clients
 # (xenstored likewise drops events over a domain's memory quota).
-EVENT_BACKLOG_BYTES = 64 * 1024
+EVENT_BACKLOG_BYTES = Limits.xenstore_event_backlog
 
 
 # For the trace: requests whose first argument is a path, and replies worth showing.
 _PATH_OPS = frozenset({"READ", "MKDIR", "RM", "DIRECTORY", "DIRECTORY_PART", "GET_PERMS", "SET_PERMS", "WATCH",
                        "UNWATCH"})
 _TRACED_REPLIES = frozenset({"READ", "TRANSACTION_START", "DIRECTORY", "GET_DOMAIN_PATH"})
+
+
+class StoreClient(Protocol):
+    """What a Connection drives: one client of a store (store.Client).
+
+    The wire protocol sits below the store and knows it only through this."""
+
+    domid: int
+    privileged: bool
+    closed: bool
+
+    def deferred_events(self) -> AbstractContextManager[None]: ...
+    def has_transaction(self, tx: int) -> bool: ...
+    def account_output(self, delta: int) -> None: ...
+    def over_memory_quota(self) -> bool: ...
+    def read(self, path: str, tx: int = 0) -> bytes: ...
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None: ...
+    def mkdir(self, path: str, tx: int = 0) -> None: ...
+    def rm(self, path: str, tx: int = 0) -> None: ...
+    def directory(self, path: str, tx: int = 0) -> list[str]: ...
+    def directory_with_generation(self, path: str, tx: int = 0) -> tuple[int, list[str]]: ...
+    def get_perms(self, path: str, tx: int = 0) -> list[Permission]: ...
+    def set_perms(self, path: str, perms: Sequence[Permission], tx: int = 0) -> None: ...
+    def watch(self, path: str, token: str, callback: Callable[[str, str], None]) -> None: ...
+    def unwatch(self, path: str, token: str) -> None: ...
+    def reset_watches(self) -> None: ...
+    def transaction_start(self) -> int: ...
+    def transaction_end(self, tx: int, commit: bool = True) -> None: ...
+    def get_domain_path(self, domid: int) -> str: ...
+    def is_domain_introduced(self, domid: int) -> bool: ...
+    def introduce_domain(self, domid: int) -> None: ...
+    def release_domain(self, domid: int) -> None: ...
+    def resume_domain(self, domid: int) -> None: ...
+    def set_target(self, domid: int, target: int) -> None: ...
+    def control(self, command: str, args: Sequence[str] = ()) -> str: ...
+    def close(self) -> None: ...
 
 
 class Connection:
@@ -290,7 +255,7 @@ class Connection:
     this connection synchronously.
     """
 
-    def __init__(self, client: "Client", *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES,
+    def __init__(self, client: StoreClient, *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES,
                  limited_log: RateLimitedLog | None = None):
         self._client = client
         # Lines whose rate the guest sets; XenStore.connect passes one at the domain's LogRate.
@@ -334,7 +299,7 @@ class Connection:
         return self._client.domid
 
     @property
-    def client(self) -> "Client":
+    def client(self) -> StoreClient:
         return self._client
 
     @property

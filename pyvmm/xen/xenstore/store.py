@@ -46,17 +46,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
-from .protocol import (
-    ABS_PATH_MAX,
-    DOMID_FIRST_RESERVED,
-    EVENT_BACKLOG_BYTES,
-    REL_PATH_MAX,
-    Access,
-    Connection,
-    Permission,
-    QuotaError,
-    XenStoreError,
-)
+from ..abi import DOMID_FIRST_RESERVED
+from .errors import QuotaError, XenStoreError
+from .perms import Access, Permission
+from .protocol import ABS_PATH_MAX, EVENT_BACKLOG_BYTES, REL_PATH_MAX, Connection
+from ...limits import Limits
 from ...ratelimit import DEFAULT_LOG_RATE, LogRate
 
 log = logging.getLogger(__name__)
@@ -82,20 +76,35 @@ class Quotas:
     """Limits for unprivileged domains; privileged clients are never limited.
     The defaults are cxenstored's, except transaction_seconds (see docs/XEN.md)."""
 
-    watches: int = 128           # per domain            -> E2BIG
-    nodes: int = 1000            # owned, per domain     -> ENOSPC
-    entry_size: int = 2048       # bytes per node (node_size()) -> ENOSPC
-    transactions: int = 10       # open, per domain      -> ENOSPC
-    perms: int = 5               # entries per node      -> ENOSPC
-    transaction_nodes: int = 1024  # nodes touched by one transaction -> ENOSPC
+    watches: int = Limits.xenstore_watches         # per domain            -> E2BIG
+    nodes: int = Limits.xenstore_nodes             # owned, per domain     -> ENOSPC
+    entry_size: int = Limits.xenstore_node_size    # bytes per node (node_size()) -> ENOSPC
+    transactions: int = Limits.xenstore_transactions  # open, per domain   -> ENOSPC
+    perms: int = Limits.xenstore_node_permissions  # entries per node      -> ENOSPC
+    transaction_nodes: int = Limits.xenstore_transaction_nodes  # nodes touched by one transaction -> ENOSPC
     # Bytes a domain holds (memory_of()): nodes it owns, its watches, its
     # transactions' private copies, its queued output.  An operation that
     # would add to them starts only below the quota (else ENOMEM), and one
     # that creates nodes must fit whole, so the quota is passed by one
     # node's change at most (MEMORY_OVERSHOOT).
-    memory: int = 2 * 1024 * 1024 + 512 * 1024
-    transaction_seconds: float = 60.0  # then EAGAIN, and its copies are freed
+    memory: int = Limits.xenstore_memory
+    transaction_seconds: float = Limits.xenstore_transaction_seconds  # then EAGAIN, and its copies are freed
     event_backlog: int = EVENT_BACKLOG_BYTES  # watch events queued on a connection; more are dropped
+
+    @classmethod
+    def from_limits(cls, limits: Limits) -> "Quotas":
+        """The xenstore's share of a domain's limits."""
+        return cls(
+            watches=limits.xenstore_watches,
+            nodes=limits.xenstore_nodes,
+            entry_size=limits.xenstore_node_size,
+            transactions=limits.xenstore_transactions,
+            perms=limits.xenstore_node_permissions,
+            transaction_nodes=limits.xenstore_transaction_nodes,
+            memory=limits.xenstore_memory,
+            transaction_seconds=limits.xenstore_transaction_seconds,
+            event_backlog=limits.xenstore_event_backlog,
+        )
 
 
 # A transaction's first touch of an existing node: its path, then its copy

@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 from pyvmm import layout
 from pyvmm.bus import Bus
 from pyvmm.devices.pvpanic import CRASH_LOADED, PANICKED, SUPPORTED_EVENTS, PvPanic
-from pyvmm.exit_handler import StopReason
 from pyvmm.ratelimit import DEFAULT_LOG_RATE
 from pyvmm.platform import Platform
+from pyvmm.stop import StopReason
 
 
 def test_reading_the_port_announces_the_supported_events():

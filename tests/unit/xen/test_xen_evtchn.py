@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm.xen.errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
-from pyvmm.xen.evtchn import (
+from pyvmm.xen.abi import (
     DOMID_SELF,
     EVTCHNSTAT_closed,
     EVTCHNSTAT_interdomain,
@@ -22,9 +21,9 @@ from pyvmm.xen.evtchn import (
     VIRQ_CONSOLE,
     VIRQ_DEBUG,
     VIRQ_TIMER,
-    EventChannels,
-    EvtchnStatus,
 )
+from pyvmm.xen.errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
+from pyvmm.xen.evtchn import EventChannels, EvtchnStatus
 from pyvmm.xen.shared_info import layout
 
 DOMID = 1

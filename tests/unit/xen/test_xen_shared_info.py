@@ -5,7 +5,9 @@ import ctypes
 
 import pytest
 
-from pyvmm.xen.shared_info import COMPAT, LEGACY_VCPUS, LONG_MODE, VCPU_INFO_SIZE, SharedInfoLayout, layout
+from pyvmm.xen.abi import VCPU_INFO_SIZE
+from pyvmm.xen.abi import XEN_LEGACY_MAX_VCPUS as LEGACY_VCPUS
+from pyvmm.xen.shared_info import COMPAT, LONG_MODE, SharedInfoLayout, layout
 
 
 def abi_structs(ulong):

@@ -1,0 +1,23 @@
+"""Why a VM stopped: the one vocabulary of every part that can stop it.
+
+Devices (reset and power registers, pvpanic), the Xen domain (SCHEDOP_shutdown),
+the exit handler (a triple fault, an internal error) and the operator all ask
+the machine to stop with a `StopReason`; runner.py maps the first one of the
+last boot to pyvmm's exit status.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class StopReason(enum.Enum):
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    CRASH = "crash"
+    TRIPLE_FAULT = "triple-fault"  # a CPU reset the guest did not ask for
+    EXPECT_MATCHED = "expect-matched"
+    TIMEOUT = "timeout"
+    QUIT = "quit"  # the operator asked (console escape, signal)
+    DESTROYED = "destroyed"  # `pyvmm ctl NAME destroy`
+    ERROR = "error"  # the VMM failed
