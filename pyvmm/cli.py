@@ -10,6 +10,9 @@ Exit status of `pyvmm run`:
   6   the guest triple-faulted (an unexpected CPU reset) under --no-reboot
   124 --timeout expired
   128+N  stopped by signal N (or 130 for the console escape Ctrl-A x)
+  159 (128+SIGSYS) the sandbox stopped the VMM at a forbidden system call; the line
+      `pyvmm: sandbox: forbidden system call NAME (NR)` on stderr names it (docs/SANDBOX.md).
+      A shell shows 159; a parent that waits for the process sees it killed by SIGSYS.
 """
 
 from __future__ import annotations
@@ -127,10 +130,14 @@ def main() -> None:
               help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
 @click.option("--limit", "limit_settings", multiple=True, metavar="NAME=VALUE", callback=_limit_help, is_eager=True,
               help="Set a per-domain limit (repeatable); --limit help lists them.")
+@click.option("--no-sandbox", is_flag=True,
+              help="Run without the sandbox (unprivileged user, no capabilities, seccomp); for debugging.")
+@click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
+              help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
         xen_accel, name, disks, nets, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_allow_remote,
-        gdb_wait, gdb_breakpoints, limit_settings, verbose) -> None:
+        gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -141,7 +148,8 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
     )
     try:
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
-                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets, limits={})
+                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets, limits={},
+                      sandbox_user=sandbox_user)
         if config_file is not None:
             values.update(_xl_config_values(config_file, click.get_current_context()))
         if values["kernel"] is None:
@@ -167,6 +175,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             gdb_wait=gdb_wait,
             gdb_breakpoints=gdb_breakpoints,
             nets=tuple(NetOption.parse(text) for text in values["nets"]),
+            sandbox=_sandbox_options(no_sandbox, sandbox_user, values["sandbox_user"]),
             # the file's limits, then --limit's (the last of a name wins)
             limits=VmConfig.limits_from({**values["limits"], **dict(map(parse_limit_option, limit_settings))}),
         )
@@ -185,6 +194,22 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             raise
         _fail(message)
     sys.exit(status)
+
+
+def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):
+    """The sandbox's options; `user` is --user, else the xl.cfg file's device_model_user."""
+    from .sandbox import SandboxError, SandboxOptions
+
+    if no_sandbox:
+        if option_user is not None:
+            raise ConfigError("--user is the sandbox's user: it cannot go with --no-sandbox")
+        return None
+    if user is not None:
+        try:
+            SandboxOptions.parse_user(user)
+        except SandboxError as error:
+            raise ConfigError(str(error))
+    return SandboxOptions(user=user)
 
 
 def _start_tracing_and_faults(categories: str | None, path: Path | None, specs: tuple[str, ...]) -> None:
@@ -230,6 +255,7 @@ def check(as_json, can_run_linux, can_run_xen) -> None:
             click.echo(f"  Xen {name:<22} {'yes' if present else 'no'}")
     click.echo(f"Linux guests: {'yes' if report.can_run_linux else 'no'}")
     click.echo(f"Xen HVM guests: {'yes' if report.can_run_xen else 'no'}")
+    click.echo(f"Sandbox: {'yes' if report.sandbox else 'no'} ({report.sandbox_detail})")
     if not report.can_run_xen:
         click.echo("Use scripts/testbed to run guests in a nested KVM that has what is missing here.")
 

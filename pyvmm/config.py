@@ -7,9 +7,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .core import layout
 from .limits import Limits, LimitError, parse_assignment
+
+if TYPE_CHECKING:
+    from .sandbox import SandboxOptions
 
 MIN_MEMORY = 32 * layout.MiB
 MAX_VCPUS = 64
@@ -143,6 +147,9 @@ class VmConfig:
     nets: tuple[NetOption, ...] = ()
     limits: Limits = field(default_factory=Limits)  # what the guest may make pyvmm hold (docs/XEN.md)
     gdb_allow_remote: bool = False  # --gdb may listen beyond loopback
+    # None: no sandbox (what a VmConfig built in code gets); `pyvmm run` sets
+    # SandboxOptions() unless --no-sandbox (pyvmm/sandbox.py, docs/SANDBOX.md).
+    sandbox: "SandboxOptions | None" = None
 
     @staticmethod
     def limits_from(settings: dict) -> Limits:

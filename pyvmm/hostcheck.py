@@ -30,6 +30,8 @@ class HostReport:
     software_only: bool = False  # kvm_pvm: correct but far too slow for Linux
     xen_bits: int = 0
     notes: list[str] = field(default_factory=list)
+    sandbox: bool = False  # pyvmm/sandbox.py can run here (libseccomp, its binding, user notification)
+    sandbox_detail: str = ""
 
     @property
     def can_run_linux(self) -> bool:
@@ -50,6 +52,8 @@ class HostReport:
             "software_only": self.software_only,
             "can_run_linux": self.can_run_linux,
             "can_run_xen": self.can_run_xen,
+            "sandbox": self.sandbox,
+            "sandbox_detail": self.sandbox_detail,
             "xen_capabilities": {
                 name: bool(self.xen_bits & bit) for name, bit in {**XEN_REQUIRED, **XEN_OPTIONAL}.items()
             },
@@ -57,12 +61,16 @@ class HostReport:
 
 
 def probe(device: str = "/dev/kvm") -> HostReport:
+    from .sandbox import availability
+
+    sandbox, sandbox_detail = availability()
     try:
         with Kvm(device) as kvm:
             xen_bits = kvm.xen_capabilities()
     except KvmError as error:
-        return HostReport(kvm_available=False, problem=str(error))
+        return HostReport(kvm_available=False, problem=str(error), sandbox=sandbox, sandbox_detail=sandbox_detail)
     # kvm_pvm implements KVM in software for nested clouds; it is correct but
     # runs guest kernel code thousands of times slower than hardware.
     software_only = os.path.exists("/sys/module/kvm_pvm")
-    return HostReport(kvm_available=True, software_only=software_only, xen_bits=xen_bits)
+    return HostReport(kvm_available=True, software_only=software_only, xen_bits=xen_bits, sandbox=sandbox,
+                      sandbox_detail=sandbox_detail)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import os
 import signal
 import sys
 import time
@@ -12,6 +14,7 @@ from .boot.errors import BootError
 from .config import VmConfig
 from .core.console import ConsoleOutput, ExpectWatcher
 from .core.faults import FAULTS
+from .core.kept import KEPT, NotKept
 from .kvm import KvmError, KvmUnavailable
 from .core.memory import GuestMemoryError
 from .core.stop import StopReason
@@ -35,6 +38,27 @@ EXIT_ESCAPE = 130
 
 
 def run_vm(config: VmConfig) -> int:
+    sandbox = None
+    if config.sandbox is not None and config.sandbox.enabled:
+        # First, while the VMM is one thread: the monitor is forked here.
+        from .sandbox import Sandbox
+
+        sandbox = Sandbox(config.sandbox)
+        sandbox.start()
+        KEPT.activate()
+        if config.xen and config.xenstore_socket is None:
+            # Named once: a reboot under the sandbox cannot look at the runtime directory.
+            from .core.runtime import xenstore_socket_path
+
+            config = dataclasses.replace(config, xenstore_socket=xenstore_socket_path(config.name))
+    try:
+        return _run(config, sandbox)
+    finally:
+        if sandbox is not None:
+            sandbox.finish(KEPT.close())
+
+
+def _run(config: VmConfig, sandbox) -> int:
     from .vmm.machine import Machine
 
     watchers = []
@@ -80,6 +104,11 @@ def run_vm(config: VmConfig) -> int:
             machine.control = control
             machine.run_counts = run_counts
             machine_holder[:] = [machine]
+            if sandbox is not None and not sandbox.locked:
+                # Everything the first boot opens is open; no thread runs yet.
+                machine.open_listeners()
+                sandbox.lock(KEPT.unix_socket_paths())
+                _sandbox_test_call(machine)
             reason = machine.run(deadline)
             detail = machine.stop_detail
             log.info("guest stopped: %s%s", reason.value, f" ({detail})" if detail else "")
@@ -106,6 +135,20 @@ def run_vm(config: VmConfig) -> int:
         console.close()
         TRACE.close()
     return status
+
+
+# The suite's way to show that the sandbox stops a VMM thread: with this set,
+# vCPU 0's thread tries the named call once the guest runs (tests only).
+TEST_CALL_VARIABLE = "PYVMM_TEST_SANDBOX_CALL"
+
+
+def _sandbox_test_call(machine) -> None:
+    call = os.environ.get(TEST_CALL_VARIABLE)
+    if not call:
+        return
+    from .sandbox import try_forbidden_call
+
+    machine.loop.call_later(0.5, lambda: machine.post_to_vcpu(0, lambda vcpu: try_forbidden_call(call)))
 
 
 def _with_detail(data: dict, detail: str | None) -> dict:
@@ -162,6 +205,12 @@ def describe_failure(error: BaseException) -> str | None:
     """A one-line message for failures a user can act on; None for bugs."""
     if isinstance(error, (KvmUnavailable, RunError)):
         return str(error)
+    from .sandbox import SandboxError
+
+    if isinstance(error, SandboxError):
+        return f"sandbox: {error}"
+    if isinstance(error, NotKept):
+        return f"sandbox: {error.strerror}"
     from .core.runtime import RuntimeDirError
 
     if isinstance(error, RuntimeDirError):

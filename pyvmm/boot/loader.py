@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from pyvmm.core.kept import KEPT
 from pyvmm.core.memory import GuestMemoryError
 
 from .bzimage import is_bzimage, load_bzimage
@@ -53,7 +54,7 @@ def detect_format(data: bytes) -> str:
 
 def _read(path, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with KEPT.open_file(path, "rb") as f:  # kept across reboots under the sandbox
             return f.read()
     except OSError as exc:
         raise BootError(f"cannot read {what} {os.fspath(path)}: {exc.strerror}") from None

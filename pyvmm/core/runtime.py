@@ -139,6 +139,13 @@ def bind_unix_socket(path: str | os.PathLike, what: str = "socket", backlog: int
     path = os.fspath(path)
     if len(os.fsencode(path)) >= _SUN_PATH_MAX:
         raise RuntimeDirError(f"{what} path {path} is too long for a unix socket")
+    from .kept import KEPT
+
+    # Under the sandbox the listener is bound once and kept across reboots.
+    return KEPT.listener(("unix", path), lambda: _bind_unix_socket(path, what, backlog))
+
+
+def _bind_unix_socket(path: str, what: str, backlog: int) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         for attempt in range(2):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from .kept import KEPT
 from .runtime import bind_unix_socket, inode_of, peer_allowed, unlink_if_same
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ class UnixStreamServer:
             self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            # Only our own socket: a newer server may have replaced it.
-            unlink_if_same(self.path, self._inode)
+            # Only our own socket: a newer server may have replaced it. A
+            # listener kept across reboots (pyvmm/core/kept.py) stays where it is.
+            if not KEPT.holds_listener(("unix", os.fspath(self.path))):
+                unlink_if_same(self.path, self._inode)
 
     def move_to(self, loop) -> None:
         """Continue on another event loop (the VMM builds a new one per boot);

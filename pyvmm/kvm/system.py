@@ -7,6 +7,7 @@ import errno
 import os
 
 from . import uapi
+from ..core.kept import KEPT
 from .cpuid import CpuidEntry
 from .ioctl import KvmError, KvmUnavailable, ioctl
 from .uapi import ffi
@@ -79,7 +80,7 @@ class Kvm:
 
 def _open_device(path: str) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return KEPT.open(path, os.O_RDWR | os.O_CLOEXEC)  # kept across reboots under the sandbox
     except FileNotFoundError:
         raise KvmUnavailable(errno.ENOENT, None, f"{path} does not exist: no KVM on this host") from None
     except PermissionError as error:

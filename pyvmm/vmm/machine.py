@@ -103,6 +103,7 @@ class Machine:
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
         self._xenstore_server = None
         self.xenstore_socket_path = None
+        self._listening = False
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
         self.gdb = None
@@ -144,7 +145,18 @@ class Machine:
 
     # --- running ------------------------------------------------------------
 
+    def open_listeners(self) -> None:
+        """Listen on the gdb and xenstore sockets: before any thread starts
+        (runner.py locks the sandbox down between this and run())."""
+        if self._listening:
+            return
+        self._listening = True
+        if self.gdb is not None:
+            self.gdb.listen()
+        self._start_sockets()
+
     def run(self, deadline: float | None) -> StopReason:
+        self.open_listeners()
         for index in range(self.config.vcpus):
             thread = threading.Thread(target=self._vcpu_thread, args=(index,), name=f"vcpu{index}", daemon=True)
             self._threads.append(thread)
@@ -160,7 +172,6 @@ class Machine:
             self.platform.start(self.loop)
             if self.xen is not None:
                 self.xen.start()
-            self._start_sockets()
             self._start_liveness_checks()
             with self._console_input():
                 self.loop.run()

@@ -23,6 +23,7 @@ import stat
 import sys
 import threading
 
+from pyvmm.core.kept import KEPT
 from pyvmm.kvm import KvmUnavailable, uapi
 from pyvmm.kvm.uapi import ffi
 from pyvmm.xen.hv.guest_access import PAGE_SIZE, GuestAccess, GuestFault
@@ -190,13 +191,24 @@ class GdbServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Listen; with `wait` the vCPUs stay parked until gdb resumes them."""
+        """Listen (unless listen() did) and serve; with `wait` the vCPUs stay
+        parked until gdb resumes them."""
+        self.listen()
+        self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
+        self._thread.start()
+
+    def listen(self) -> None:
+        """Bind the listening socket (before the sandbox locks the VMM down).
+        Under the sandbox it is made once and kept across reboots (pyvmm/core/kept.py)."""
+        if self._listener is not None:
+            return
         if self.path is not None:
-            listener = self._listen_unix()
+            listener = KEPT.listener(("unix", os.fspath(self.path)), self._listen_unix)
             where = f"unix:{self.path}"
         else:
             try:
-                listener = socket.create_server((self.host, self.port), reuse_port=False)
+                listener = KEPT.listener(("tcp", self.host, self.port),
+                                         lambda: socket.create_server((self.host, self.port), reuse_port=False))
             except OSError as error:
                 raise GdbStubError(f"--gdb tcp:{self.host}:{self.port}: {error.strerror}") from None
             host, port = listener.getsockname()[:2]
@@ -207,8 +219,6 @@ class GdbServer:
         self._listener = listener
         print(f"pyvmm: gdb stub listening on {where}"
               f"{' (vCPUs wait for gdb)' if self.wait else ''}", file=sys.stderr, flush=True)
-        self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
-        self._thread.start()
 
     def _listen_unix(self) -> socket.socket:
         path = self.path
@@ -243,7 +253,9 @@ class GdbServer:
                 sock.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
-        if self.path is not None and self._listener is not None:
+        # A listener kept across reboots stays; the run's end removes it.
+        if self.path is not None and self._listener is not None \
+                and not KEPT.holds_listener(("unix", os.fspath(self.path))):
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 

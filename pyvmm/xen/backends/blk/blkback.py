@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pyvmm.core.faults import FAULTS
+from pyvmm.core.kept import KEPT
 from pyvmm.core.trace import TRACE
 from . import blkif
 from .blkif import (
@@ -163,7 +164,8 @@ class DiskImage:
         self.readonly = readonly
         self.sector_size = sector_size
         self.physical_sector_size = physical_sector_size
-        self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        # Kept across reboots under the sandbox (pyvmm/core/kept.py); pread/pwrite need no offset.
+        self.fd = KEPT.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         try:
             info = os.fstat(self.fd)
             self.is_block_device = stat.S_ISBLK(info.st_mode)

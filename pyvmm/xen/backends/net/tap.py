@@ -34,6 +34,8 @@ import struct
 
 from ioctl_opt import IOR, IOW
 
+from pyvmm.core.kept import KEPT
+
 log = logging.getLogger(__name__)
 
 TUN_DEVICE = "/dev/net/tun"
@@ -76,6 +78,19 @@ class TapDevice:
 
     @classmethod
     def open(cls, name: str, *, link_up: bool = True) -> "TapDevice":
+        # Under the sandbox the first boot's descriptor is kept (pyvmm/core/kept.py):
+        # a reboot attaches to the same device, already configured and up.
+        kept = KEPT.kept_fd(("tap", name))
+        if kept is not None:
+            tap = cls(name, kept)
+            try:
+                fcntl.ioctl(kept, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+                tap.set_offload(0)
+            except BaseException:
+                os.close(kept)
+                raise
+            return tap
+        KEPT.check_unlocked(f"attach to TAP device {name}")
         try:
             fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
@@ -91,6 +106,7 @@ class TapDevice:
             tap.set_offload(0)
             if link_up:
                 set_link_up(name)
+            KEPT.keep_fd(("tap", name), fd)
             return tap
         except BaseException:
             os.close(fd)
