@@ -21,14 +21,11 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
 from initrd import make_test_initrd, newc_writer
-from vmm import REPO, run_pyvmm, xen_guest_assets
+from vmm import LiveGuest, run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -89,87 +86,6 @@ def pyvmm_args(assets, initrd, disks, append="console=hvc0 panic=-1 pyvmm.module
 def boot(assets, tmp_path, script, *disks, extra=()):
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", WAIT_FOR + script)
     return run_pyvmm(*pyvmm_args(assets, initrd, disks), *extra, timeout=BOOT_TIMEOUT)
-
-
-class LiveGuest:
-    """`pyvmm run` in a process group of its own, its console watched as it
-    arrives, so that the test can act at a given moment of the guest's run
-    (write to the console, inspect the image, kill the VMM)."""
-
-    def __init__(self, args, prefix=()):
-        """`prefix`: what runs pyvmm, e.g. ("ip", "netns", "exec", NAME)."""
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pyvmm", *args], cwd=REPO, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        self._output = bytearray()
-        self._errors = bytearray()
-        self._changed = threading.Condition()
-        self._readers = [threading.Thread(target=self._pump, args=(stream, buffer), daemon=True)
-                         for stream, buffer in ((self.proc.stdout, self._output), (self.proc.stderr, self._errors))]
-        for reader in self._readers:
-            reader.start()
-
-    def _pump(self, stream, buffer):
-        while chunk := stream.read1(65536):
-            with self._changed:
-                buffer += chunk
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def stdout(self):
-        with self._changed:
-            return self._output.decode(errors="replace")
-
-    def __str__(self):
-        with self._changed:
-            return (f"status {self.proc.returncode}\n--- stdout\n{self._output[-4000:].decode(errors='replace')}"
-                    f"\n--- stderr\n{self._errors[-4000:].decode(errors='replace')}")
-
-    def wait_for(self, pattern, timeout=BOOT_TIMEOUT):
-        """The first match of `pattern` on the console; fails the test if the
-        guest ends or `timeout` passes first."""
-        regex = re.compile(pattern.encode())
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                match = regex.search(self._output)
-                if match:
-                    return match
-                if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
-                    pytest.fail(f"the guest ended before printing {pattern!r}:\n{self}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no {pattern!r} within {timeout} s:\n{self}")
-                self._changed.wait(1)
-
-    def send(self, data: bytes):
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def finish(self, timeout=BOOT_TIMEOUT):
-        self.proc.stdin.close()
-        status = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(10)
-        return status
-
-    def kill(self):
-        """SIGKILL to the whole process group: nothing of pyvmm survives."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        status = self.proc.wait(60)
-        for reader in self._readers:
-            reader.join(10)
-        return status
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.kill()
 
 
 def test_guest_reads_and_writes_an_ext4_disk(assets, tmp_path):

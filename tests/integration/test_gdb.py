@@ -18,18 +18,14 @@ gdb, and tests/integration/test_guest_debug_host.py against a real KVM.
 
 from __future__ import annotations
 
-import queue
 import re
 import shutil
 import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
 from initrd import make_test_initrd
-from vmm import REPO, xen_guest_assets
+from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -60,53 +56,6 @@ def gdb_binary() -> str:
     return path
 
 
-class Guest:
-    """`pyvmm run` as a child whose console and stderr lines are watched."""
-
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvmm", "run", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-        )
-        self.lines: queue.Queue = queue.Queue()
-        self.transcript: list[str] = []
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            self.transcript.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """The first line (from now on) matching `pattern`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or (self.proc.poll() is not None and self.lines.empty()):
-                raise AssertionError(f"no line matching {pattern!r}\n" + self.tail())
-            try:
-                line = self.lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def send(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def tail(self) -> str:
-        return "\n".join(self.transcript[-60:])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-
 def run_gdb(port: int, *commands: str) -> str:
     args = [gdb_binary(), "-nx", "-batch", "-ex", "set architecture i386:x86-64",
             "-ex", f"target remote 127.0.0.1:{port}"]
@@ -130,14 +79,14 @@ def assets():
 
 def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", GUEST_SCRIPT)
-    guest = Guest([
-        "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
+    guest = LiveGuest([
+        "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
         "--append", "console=hvc0 panic=-1 nokaslr", "--vcpus", "2", "--no-reboot",
         "--timeout", str(BOOT_TIMEOUT), "--gdb", "tcp:127.0.0.1:0", "--gdb-wait",
         "--gdb-breakpoints", "debugregs",
     ])
     try:
-        port = int(guest.wait_for(r"gdb stub listening on tcp:127\.0\.0\.1:(\d+) \(vCPUs wait", 120).group(1))
+        port = int(guest.wait_for(r"gdb stub listening on tcp:127\.0\.0\.1:(\d+) \(vCPUs wait", 120, stderr=True).group(1))
 
         # 1. The guest has not run an instruction: vCPU 0 sits at the entry
         # pyvmm's loader chose, in 64-bit mode (cs 0x10), and gdb reads it.
@@ -181,5 +130,5 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
         guest.wait_for(r"pyvmm-guest: test exit 0", 120)
         assert guest.proc.wait(timeout=300) == 0, guest.tail()
     finally:
-        guest.close()
+        guest.kill()
         print(guest.tail())  # shown with a failure: the console and pyvmm's stderr

@@ -18,8 +18,7 @@ import pytest
 
 from initrd import make_test_initrd
 from netns import Namespace, Transfer
-from test_blk import LiveGuest
-from vmm import xen_guest_assets
+from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 

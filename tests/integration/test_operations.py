@@ -12,13 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from initrd import make_test_initrd
-from vmm import REPO, run_pyvmm, xen_guest_assets
+from vmm import REPO, LiveGuest, run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -81,49 +80,21 @@ def test_guest_started_from_an_xl_config(assets, tmp_path):
     assert "from-xl-cfg" in result.stdout and "marker=xl" in result.stdout, result
 
 
-class RunningGuest:
-    """pyvmm run in the background, its console collected line by line."""
+def start_guest(assets, tmp_path, name: str, script: str) -> LiveGuest:
+    """pyvmm run in the background, named `name`, running `script`."""
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script)
+    return LiveGuest(["run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
+                      "--append", "console=hvc0", "--vcpus", "2", "--name", name, "--timeout", "800"], stdin=False)
 
-    def __init__(self, assets, tmp_path, name: str, script: str):
-        initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script)
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvmm", "run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
-             "--append", "console=hvc0", "--vcpus", "2", "--name", name, "--timeout", "800"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-                self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = BOOT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(text in line for line in self.lines):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"{text!r} not seen; console tail: {self.lines[-20:]}")
-                self._changed.wait(min(remaining, 1.0))
-
-    def ticks(self) -> int:
-        return sum(1 for line in self.lines if line.startswith("tick "))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+def ticks(guest: LiveGuest) -> int:
+    return sum(1 for line in guest.lines if line.startswith("tick "))
 
 
 def test_list_ctl_pause_resume_xenstore_tools_and_shutdown(assets, tmp_path):
     if shutil.which("xenstore-write") is None:
         pytest.skip("Debian's xenstore-utils are not installed (scripts/bootstrap installs them)")
-    guest = RunningGuest(assets, tmp_path, "optest", GUEST_LOOP)
+    guest = start_guest(assets, tmp_path, "optest", GUEST_LOOP)
     try:
         guest.wait_for("tick 3")
 
@@ -136,10 +107,10 @@ def test_list_ctl_pause_resume_xenstore_tools_and_shutdown(assets, tmp_path):
         # Pause: the guest makes no progress; resume: it goes on.
         assert pyvmm("ctl", "optest", "pause").returncode == 0
         time.sleep(0.5)
-        paused_at = guest.ticks()
+        paused_at = ticks(guest)
         assert json.loads(pyvmm("ctl", "--json", "optest", "status").stdout)["state"] == "paused"
         time.sleep(4)
-        assert guest.ticks() == paused_at, "the guest ticked while paused"
+        assert ticks(guest) == paused_at, "the guest ticked while paused"
         assert pyvmm("ctl", "optest", "resume").returncode == 0
         guest.wait_for(f"tick {paused_at + 2}", timeout=120)
 
@@ -170,15 +141,15 @@ def test_list_ctl_pause_resume_xenstore_tools_and_shutdown(assets, tmp_path):
         assert guest.proc.wait(timeout=120) == 0
         assert any("Power down" in line for line in guest.lines), guest.lines[-10:]
     finally:
-        guest.stop()
+        guest.kill()
     assert "optest" not in pyvmm("list").stdout
 
 
 def test_destroy_stops_at_once_with_status_4(assets, tmp_path):
-    guest = RunningGuest(assets, tmp_path, "desttest", "while :; do echo tick; sleep 1; done\n")
+    guest = start_guest(assets, tmp_path, "desttest", "while :; do echo tick; sleep 1; done\n")
     try:
         guest.wait_for("tick")
         assert pyvmm("ctl", "desttest", "destroy").returncode == 0
         assert guest.proc.wait(timeout=60) == 4
     finally:
-        guest.stop()
+        guest.kill()

@@ -17,9 +17,9 @@ import pytest
 
 from initrd import make_test_initrd
 from netns import Namespace
-from test_blk import WAIT_FOR, LiveGuest, debugfs_cat, make_image
+from test_blk import WAIT_FOR, debugfs_cat, make_image
 from test_net import GUEST_FUNCTIONS
-from vmm import REPO, xen_guest_assets
+from vmm import REPO, LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -73,8 +73,7 @@ def ctl(name, *args):
 
 def errors(guest) -> str:
     """The VMM's whole stderr so far (str(guest) shows only its end)."""
-    with guest._changed:
-        return guest._errors.decode(errors="replace")
+    return guest.stderr
 
 
 def vmm_status(pid: int) -> dict[str, str]:

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from initrd import make_test_initrd
-from vmm import run_pyvmm, xen_guest_assets
+from vmm import LiveGuest, run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -152,39 +152,17 @@ def test_sigterm_powers_the_guest_off_through_xenstore(assets, tmp_path):
     """The first SIGTERM writes control/shutdown=poweroff; the guest's xenbus
     watch fires and it powers off in order (status 0)."""
     import signal
-    import subprocess
-    import sys
-    import threading
 
     script = "echo waiting-for-sigterm\nwhile :; do sleep 1; done\n"
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
-         "--append", "console=hvc0", "--vcpus", "2", "--no-reboot", "--timeout", "600"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    seen = threading.Event()
-    output: list[bytes] = []
-
-    def reader():
-        for line in proc.stdout:
-            output.append(line)
-            if b"waiting-for-sigterm" in line:
-                seen.set()
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        assert seen.wait(BOOT_TIMEOUT), b"".join(output)[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        status = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    thread.join(timeout=10)
-    text = b"".join(output).decode(errors="replace")
-    assert status == 0, (status, text[-3000:], proc.stderr.read().decode(errors="replace"))
-    assert "Power down" in text, text[-3000:]
+    with LiveGuest(["run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
+                    "--append", "console=hvc0", "--vcpus", "2", "--no-reboot", "--timeout", "600"],
+                   stdin=False) as guest:
+        guest.wait_for("waiting-for-sigterm")
+        guest.proc.send_signal(signal.SIGTERM)
+        status = guest.finish(timeout=300)
+    assert status == 0, guest
+    assert "Power down" in guest.stdout, guest
 
 
 def test_interactive_shell_on_hvc0_reads_stdin(assets):
