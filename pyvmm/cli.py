@@ -26,8 +26,11 @@ from pathlib import Path
 
 import click
 
-from .config import (ConfigError, DiskOption, GdbAddress, NetOption, SerialSpec, VmConfig, parse_limit_option,
-                     parse_size, parse_xen_version)
+from .config import (ConfigError, DeviceSpec, GdbAddress, SerialSpec, VmConfig, parse_limit_option, parse_size,
+                     parse_xen_version)
+from .core.trace import CATEGORIES
+from .xen import backends as _backends  # noqa: F401 - registers the device kinds
+from .xen.backend import kind as device_kinds
 
 EXIT_OK = 0
 EXIT_VMM_ERROR = 1
@@ -71,6 +74,19 @@ def _limit_help(ctx, param, texts):
     return texts
 
 
+class _RunCommand(click.Command):
+    """`pyvmm run`, with one repeatable option per registered device kind
+    (--disk, --net, ...: pyvmm/xen/backend/kind.py), placed before
+    --xenstore-socket and read from the registry whenever it runs."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        at = next(i for i, param in enumerate(params) if param.name == "xenstore_socket")
+        devices = [click.Option([kind.option.name, kind.option.dest], multiple=True, metavar=kind.option.metavar,
+                                help=kind.option.help) for kind in device_kinds.with_option()]
+        return [*params[:at], *devices, *params[at:]]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pyvmm")
 def cli() -> None:
@@ -91,7 +107,7 @@ def main() -> None:
         sys.exit(EXIT_VMM_ERROR)
 
 
-@cli.command()
+@cli.command(cls=_RunCommand)
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage or PVH ELF kernel.")
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
@@ -108,14 +124,11 @@ def main() -> None:
 @click.option("--xen-accel/--no-xen-accel", default=True, show_default=True,
               help="Use KVM's in-kernel event-channel paths where the host has them.")
 @click.option("--name", help="The VM's name: its control socket and xenstore name (default: from the config file, else pyvmm-PID).")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,vdev=xvda][,readonly=on]",
-              help="A Xen PV disk backed by a raw image or block device (repeatable).")
-@click.option("--net", "nets", multiple=True, metavar="tap=IFNAME[,mac=MAC]",
-              help="A Xen PV network interface on a TAP device, created if missing (repeatable; needs root).")
 @click.option("--xenstore-socket", type=click.Path(path_type=Path),
               help="Serve the VM's xenstore to dom0 tools here (default: in the runtime directory).")
 @click.option("--trace", "trace_categories", metavar="CATEGORIES",
-              help="Trace these events (comma-separated: hypercall, evtchn, xenstore, grant, blk, net, console, io, "
+              help=f"Trace these events (comma-separated: "
+                   f"{', '.join(name for name in CATEGORIES if name not in ('fault', 'stop'))}, "
                    "or all) to --trace-file; see docs/FRONTEND-DEVELOPERS.md.")
 @click.option("--trace-file", type=click.Path(path_type=Path), help="Where --trace writes (JSON lines).")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
@@ -136,8 +149,8 @@ def main() -> None:
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, disks, nets, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_allow_remote,
-        gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose) -> None:
+        xen_accel, name, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_allow_remote,
+        gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
@@ -147,11 +160,12 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
         stream=sys.stderr,
     )
     try:
+        ctx = click.get_current_context()
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
-                      no_reboot=no_reboot, xen=xen, name=name, disks=disks, nets=nets, limits={},
-                      sandbox_user=sandbox_user)
+                      no_reboot=no_reboot, xen=xen, name=name, limits={}, sandbox_user=sandbox_user)
+        file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
         if config_file is not None:
-            values.update(_xl_config_values(config_file, click.get_current_context()))
+            values.update(_xl_config_values(config_file, ctx, file_devices))
         if values["kernel"] is None:
             raise ConfigError("no kernel: give --kernel, or kernel= in an xl.cfg file")
         config = VmConfig(
@@ -169,12 +183,11 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             xen_accel=xen_accel,
             name=values["name"] or f"pyvmm-{os.getpid()}",
             xenstore_socket=xenstore_socket,
-            disks=tuple(DiskOption.parse(text, index) for index, text in enumerate(values["disks"])),
+            devices=_device_specs(ctx, device_options, file_devices),
             gdb=GdbAddress.parse(gdb) if gdb is not None else None,
             gdb_allow_remote=gdb_allow_remote,
             gdb_wait=gdb_wait,
             gdb_breakpoints=gdb_breakpoints,
-            nets=tuple(NetOption.parse(text) for text in values["nets"]),
             sandbox=_sandbox_options(no_sandbox, sandbox_user, values["sandbox_user"]),
             # the file's limits, then --limit's (the last of a name wins)
             limits=VmConfig.limits_from({**values["limits"], **dict(map(parse_limit_option, limit_settings))}),
@@ -260,22 +273,38 @@ def check(as_json, can_run_linux, can_run_xen) -> None:
         click.echo("Use scripts/testbed to run guests in a nested KVM that has what is missing here.")
 
 
-def _xl_config_values(path: Path, ctx: click.Context) -> dict:
-    """The xl.cfg file's settings, less those the command line gives."""
+def _xl_config_values(path: Path, ctx: click.Context, devices: dict) -> dict:
+    """The xl.cfg file's settings, less those the command line gives; its
+    device specs go to `devices` (by each kind's xl attribute: disks, vifs)."""
     from click.core import ParameterSource
 
     from .xlcfg import load_xl_config
 
     options = load_xl_config(path).to_run_options()
-    options["nets"] = tuple(vif.option_text() for vif in options.pop("vifs", ()))
-    options["disks"] = tuple(
-        f"{disk.path},vdev={disk.vdev}{',readonly=on' if disk.readonly else ''}" for disk in options.pop("disks", ())
-    )
+    for kind in device_kinds.with_xl_key():
+        if kind.xl.attr in options:
+            devices[kind.xl.attr] = options.pop(kind.xl.attr)
     return {
         key: value
         for key, value in options.items()
         if ctx.get_parameter_source(key) is not ParameterSource.COMMANDLINE
     }
+
+
+def _device_specs(ctx: click.Context, options: dict, file_devices: dict) -> tuple[DeviceSpec, ...]:
+    """Every device kind's specs: its option's when the command line gives
+    it, else the xl.cfg file's, in the order the kinds are registered."""
+    from click.core import ParameterSource
+
+    specs: list[DeviceSpec] = []
+    for kind in device_kinds.kinds():
+        option = kind.option
+        given = option is not None and ctx.get_parameter_source(option.dest) is ParameterSource.COMMANDLINE
+        if not given and kind.xl is not None and kind.xl.attr in file_devices:
+            specs += file_devices[kind.xl.attr]
+        elif option is not None:
+            specs += [option.parse(text, index) for index, text in enumerate(options.get(option.dest, ()))]
+    return tuple(specs)
 
 
 @cli.command("list")
@@ -508,7 +537,6 @@ def trace_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the kept records as they are (JSON lines).")
 def trace_show(file, categories, grep, since, until, as_json) -> None:
     """Print a trace FILE one event per line, filtered."""
-    from .core.trace import CATEGORIES
     from .debug.trace_show import TraceFilter, TraceFormatError, show
 
     unknown = set(categories) - set(CATEGORIES)

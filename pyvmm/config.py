@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .core import layout
 from .limits import Limits, LimitError, parse_assignment
@@ -38,28 +37,51 @@ class SerialSpec:
 
 
 @dataclass(frozen=True)
-class DiskOption:
-    """One --disk PATH[,vdev=xvda][,readonly=on]: a Xen virtual block device."""
+class Origin:
+    """Where a device's description came from, to name it the way the person wrote it:
+    `--disk 'a.img,vdev=xvdb'`, or `vm.cfg:4: disk 'vdev=hda, target=a.img'`."""
 
-    path: Path
-    vdev: str
-    readonly: bool = False
+    what: str  # the option (--disk) or the xl.cfg key (disk)
+    text: str  # what was written after it
+    filename: str | None = None  # an xl.cfg file's name, with the line below
+    line: int | None = None
 
-    @classmethod
-    def parse(cls, text: str, index: int) -> "DiskOption":
-        path, *options = text.split(",")
-        if not path:
-            raise ConfigError(f"--disk {text!r}: expected PATH[,vdev=xvdX][,readonly=on]")
-        vdev, readonly = f"xvd{chr(ord('a') + index)}", False
-        for option in options:
-            key, _, value = option.partition("=")
-            if key == "vdev" and re.fullmatch(r"xvd[a-z]{1,2}", value):
-                vdev = value
-            elif key in ("readonly", "ro") and value in ("on", "off", "yes", "no", "1", "0", "true", "false", ""):
-                readonly = value in ("on", "yes", "1", "true", "")
-            else:
-                raise ConfigError(f"--disk {text!r}: unknown or bad option {option!r} (vdev=xvdX, readonly=on|off)")
-        return cls(Path(path), vdev, readonly)
+    def __str__(self) -> str:
+        where = f"{self.filename}:{self.line}: " if self.filename is not None else ""
+        return f"{where}{self.what} {self.text!r}"
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self}: {message}")
+
+
+class DeviceSpec:
+    """One device the VM is given: the typed description that `pyvmm run`'s
+    options and an xl.cfg file both produce. Each device kind (the backend
+    folders of pyvmm/xen/backends/) defines its own as a frozen dataclass
+    with an `origin: Origin | None` field kept out of comparisons; a spec
+    made in code has none and is then named as its option would be written."""
+
+    kind: ClassVar[str] = ""  # the registered kind's name (blk, net, ...)
+    option: ClassVar[str] = ""  # its `pyvmm run` option, for specs made in code
+    needs_xen: ClassVar[bool] = True  # a Xen PV device: refused under --no-xen
+    origin: Origin | None
+
+    def option_text(self) -> str:
+        """This spec as its `pyvmm run` option's value."""
+        raise NotImplementedError
+
+    def source(self) -> Origin:
+        return self.origin if self.origin is not None else Origin(self.option, self.option_text())
+
+    def error(self, message: str) -> ConfigError:
+        return self.source().error(message)
+
+    def unique(self) -> tuple[str, str] | None:
+        """(what, value) that no two devices of this kind may share, e.g. ("vdev", "xvda")."""
+        return None
+
+    def check(self) -> None:
+        """Refuse (raise self.error(...)) what this host or pyvmm cannot give the guest."""
 
 
 @dataclass(frozen=True)
@@ -100,31 +122,6 @@ class GdbAddress:
 
 
 @dataclass(frozen=True)
-class NetOption:
-    """One --net tap=IFNAME[,mac=MAC]: a Xen virtual network interface on a TAP device."""
-
-    tap: str
-    mac: str | None = None  # None: a stable one made from the VM's name
-
-    @classmethod
-    def parse(cls, text: str) -> "NetOption":
-        from .xlcfg import parse_mac, valid_ifname
-
-        tap = mac = None
-        for option in text.split(","):
-            key, _, value = option.partition("=")
-            if key == "tap" and valid_ifname(value):
-                tap = value
-            elif key == "mac":
-                mac = parse_mac(value)
-            else:
-                raise ConfigError(f"--net {text!r}: unknown or bad option {option!r} (tap=IFNAME, mac=MAC)")
-        if tap is None:
-            raise ConfigError(f"--net {text!r}: expected tap=IFNAME[,mac=MAC]")
-        return cls(tap, mac)
-
-
-@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     initrd: Path | None = None
@@ -140,11 +137,10 @@ class VmConfig:
     xen_accel: bool = True  # use KVM's in-kernel event-channel paths when present
     name: str = "pyvmm"
     xenstore_socket: Path | None = None  # default: in the runtime directory
-    disks: tuple[DiskOption, ...] = ()
+    devices: tuple[DeviceSpec, ...] = ()  # disks, NICs, ...: one spec per device, of the registered kinds
     gdb: GdbAddress | None = None  # serve a gdb stub here
     gdb_wait: bool = False  # vCPUs start only when gdb resumes them
     gdb_breakpoints: str = "int3"  # or "debugregs": gdb's breakpoints in DR0-DR3
-    nets: tuple[NetOption, ...] = ()
     limits: Limits = field(default_factory=Limits)  # what the guest may make pyvmm hold (docs/XEN.md)
     gdb_allow_remote: bool = False  # --gdb may listen beyond loopback
     # None: no sandbox (what a VmConfig built in code gets); `pyvmm run` sets
@@ -173,27 +169,29 @@ class VmConfig:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
-        vdevs = [disk.vdev for disk in self.disks]
-        if len(set(vdevs)) != len(vdevs):
-            raise ConfigError(f"two disks share a vdev: {', '.join(vdevs)}")
-        for disk in self.disks:
-            if not (disk.path.is_file() or disk.path.is_block_device()):
-                raise ConfigError(f"--disk {str(disk.path)!r} is not a file or block device")
-            if not os.access(disk.path, os.R_OK if disk.readonly else os.R_OK | os.W_OK):
-                raise ConfigError(f"--disk {str(disk.path)!r} is not {'readable' if disk.readonly else 'writable'}")
+        self._validate_devices()
         if (self.gdb_wait or self.gdb_breakpoints != "int3" or self.gdb_allow_remote) and self.gdb is None:
             raise ConfigError("--gdb-wait, --gdb-breakpoints and --gdb-allow-remote need --gdb tcp:PORT")
         if self.gdb is not None and not self.gdb.is_loopback and not self.gdb_allow_remote:
             raise ConfigError(f"--gdb {self.gdb}: the gdb stub has no authentication, so pyvmm listens only on "
                               f"loopback (tcp::{self.gdb.port}) or a unix:PATH unless --gdb-allow-remote is given")
-        taps = [net.tap for net in self.nets]
-        if len(set(taps)) != len(taps):
-            raise ConfigError(f"two --net options share a TAP device: {', '.join(taps)}")
-        if self.nets and not self.xen:
-            raise ConfigError("--net needs Xen mode (it is a Xen PV network interface); drop --no-xen")
-        if self.disks and not self.xen:
-            raise ConfigError("--disk needs Xen mode (it is a Xen PV disk); drop --no-xen")
 
+    def _validate_devices(self) -> None:
+        seen: dict[tuple[str, str, str], DeviceSpec] = {}
+        for device in self.devices:
+            if device.needs_xen and not self.xen:
+                raise device.error("needs Xen mode (it is a Xen PV device); drop --no-xen")
+            unique = device.unique()
+            if unique is not None:
+                other = seen.setdefault((device.kind, *unique), device)
+                if other is not device:
+                    raise ConfigError(f"{other.source()} and {device.source()} share a {unique[0]}: {unique[1]}")
+        for device in self.devices:
+            device.check()
+
+    def devices_of(self, kind: str) -> tuple[DeviceSpec, ...]:
+        """The specs of one device kind, in the order given."""
+        return tuple(device for device in self.devices if device.kind == kind)
 
 def parse_limit_option(text: str) -> tuple[str, float]:
     """One --limit NAME=VALUE: (the limit's name, its value)."""

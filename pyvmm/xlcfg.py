@@ -21,20 +21,25 @@ Two layers:
   it in `XlConfig.warnings`.
 
 What maps to what is summarised in `XlConfig.to_run_options`, whose keys are
-the keyword names of `pyvmm run`'s options.
+the keyword names of `pyvmm run`'s options. The device keys (disk, vif, ...)
+are the registered device kinds' (pyvmm/xen/backend/kind.py): each kind
+parses its own entries into the same DeviceSpec that its `pyvmm run`
+option gives, with the file and line as its Origin.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
+from .config import MAX_VCPUS, MIN_MEMORY, ConfigError, DeviceSpec, Origin
 from .core import layout
-from .config import MAX_VCPUS, MIN_MEMORY, ConfigError
 from .limits import SPECS as _LIMIT_SPECS, LimitError
+from .xen.backend import kind as device_kinds
+from .xen import backends as _backends  # noqa: F401 - registers the device kinds
 
 log = logging.getLogger(__name__)
 
@@ -339,268 +344,6 @@ def format_xl(settings: Mapping[str, XlValue]) -> str:
 
 
 # --------------------------------------------------------------------------
-# Disk and vif specifications
-
-
-class _SpecError(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    """A block device for the guest: a raw image or device at `path`, seen as `vdev`."""
-
-    path: Path
-    vdev: str
-    readonly: bool = False
-
-    def to_xl(self) -> str:
-        """This disk in xl's disk syntax (target= last, so any path survives)."""
-        access = "ro" if self.readonly else "rw"
-        return f"format=raw, vdev={self.vdev}, access={access}, target={self.path}"
-
-
-@dataclass(frozen=True)
-class VifSpec:
-    """A network interface for the guest, backed by the host's existing tap device `tap`."""
-
-    tap: str
-    mac: str | None = None  # "00:16:3e:12:34:56"; None: pyvmm chooses one
-
-    def option_text(self) -> str:
-        """The network option of `pyvmm run`: tap=IFNAME[,mac=MAC]."""
-        return f"tap={self.tap}" + (f",mac={self.mac}" if self.mac else "")
-
-    def to_xl(self) -> str:
-        return f"vifname={self.tap}" + (f",mac={self.mac}" if self.mac else "")
-
-
-_VDEV = re.compile(r"(?:xvd|hd|sd)[a-z]+[0-9]*|d[0-9]+(?:p[0-9]+)?")
-_DISK_FLAGS = {"cdrom", "direct-io-safe", "discard", "no-discard", "colo", "no-colo", "trusted", "untrusted"}
-_DISK_KNOWN_KEYS = {"backend", "script", "specification", "colo-host", "colo-port", "colo-export", "active-disk",
-                    "hidden-disk", "grant_usage"}
-_IGNORED_PREFIXES = ("tapdisk", "tap2", "tap", "aio", "ioemu", "file", "phy")
-_FORMAT_PREFIXES = ("raw", "qcow2", "qcow", "vhd")
-_SCRIPT_PREFIXES = ("iscsi", "nbd", "enbd", "drbd")
-_KNOWN_PREFIX = re.compile("(" + "|".join(_IGNORED_PREFIXES + _FORMAT_PREFIXES + _SCRIPT_PREFIXES) + "):")
-_FORMATS = {"raw", "qcow", "qcow2", "vhd", "qed"}
-_CDROM_MESSAGE = "CD-ROM drives are not supported: pyvmm has no emulated disk controller or CD-ROM"
-
-
-def _set_format(disk: dict, text: str) -> None:
-    text = text.strip()
-    if text in ("", "raw"):
-        disk["format"] = "raw"
-    elif text in _FORMATS:
-        raise _SpecError(f"format {text} is not supported: pyvmm serves raw images and block devices only "
-                         f"(convert it: qemu-img convert -O raw IMAGE IMAGE.raw)")
-    else:
-        raise _SpecError(f"unknown disk format {text!r}")
-
-
-def _set_access(disk: dict, text: str) -> None:
-    text = text.strip()
-    if text in ("", "w", "rw"):
-        disk["readonly"] = False
-    elif text in ("r", "ro"):
-        disk["readonly"] = True
-    else:
-        raise _SpecError(f"access {text!r}: expected r, ro, w or rw")
-    disk["access_set"] = True
-
-
-def _set_vdev(disk: dict, text: str) -> None:
-    text = text.strip()
-    if "vdev" in disk:
-        raise _SpecError("vdev is given twice")
-    if ":" in text:
-        text, devtype = text.split(":", 1)
-        if devtype == "cdrom":
-            raise _SpecError(_CDROM_MESSAGE)
-        if devtype != "disk":
-            raise _SpecError(f"unknown device type {devtype!r} after the vdev")
-    disk["vdev"] = text
-
-
-def parse_disk_spec(spec: str) -> tuple[DiskSpec, list[str]]:
-    """One entry of `disk = [...]` -> (DiskSpec, warnings). Raises ConfigError."""
-    try:
-        return _parse_disk(spec)
-    except _SpecError as error:
-        raise ConfigError(f"disk {spec!r}: {error}") from None
-
-
-def _parse_disk(spec: str) -> tuple[DiskSpec, list[str]]:
-    disk: dict = {}
-    warnings: list[str] = []
-    had_prefix = False
-    rest = spec
-    while True:
-        rest = rest.lstrip(" \t\n")
-        if not rest:
-            break
-        if rest.startswith("target="):  # takes the rest of the spec, commas included
-            target = rest[len("target="):]
-            disk["target"] = target[:-1] if target.endswith(",") else target
-            break
-        # xend's prefixes: known ones whatever follows, any other word only before a non-alphanumeric
-        prefix = _KNOWN_PREFIX.match(rest) or re.match(r"([a-z][a-z0-9]*):(?![a-z0-9])", rest)
-        if prefix:
-            name = prefix.group(1)
-            rest = rest[prefix.end():]
-            if name in _IGNORED_PREFIXES:
-                had_prefix = True
-            elif name in _FORMAT_PREFIXES:
-                had_prefix = True
-                _set_format(disk, name)
-            elif name in _SCRIPT_PREFIXES:
-                raise _SpecError(f"{name}: disks (a block script) are not supported: give a path pyvmm can open")
-            else:
-                raise _SpecError(f"unknown disk prefix {name}:")
-            continue
-        param, comma, rest = rest.partition(",")
-        if "=" in param:
-            key, _, value = param.partition("=")
-            key = key.strip()
-            if key == "format":
-                if "format" in disk:
-                    raise _SpecError("format is given twice")
-                _set_format(disk, value)
-            elif key == "vdev":
-                _set_vdev(disk, value)
-            elif key == "access":
-                if disk.get("access_set"):
-                    raise _SpecError("access is given twice")
-                _set_access(disk, value)
-            elif key == "devtype":
-                if value.strip() == "cdrom":
-                    raise _SpecError(_CDROM_MESSAGE)
-                if value.strip() != "disk":
-                    raise _SpecError(f"unknown devtype {value.strip()!r}")
-            elif key == "backendtype":
-                if value.strip() not in ("phy", "tap", "qdisk"):
-                    raise _SpecError(f"unknown backendtype {value.strip()!r}")
-                warnings.append(f"backendtype={value.strip()} is ignored: pyvmm's own block backend serves "
-                                "every disk (the guest sees no difference)")
-            elif key == "mode":
-                raise _SpecError("mode= is not an xl disk parameter; use access=r or access=rw")
-            elif key in _DISK_KNOWN_KEYS:
-                raise _SpecError(f"{key}= is not supported by pyvmm")
-            else:
-                raise _SpecError(f"unknown disk parameter {key}=")
-            continue
-        if param.strip() in _DISK_FLAGS:
-            flag = param.strip()
-            raise _SpecError(_CDROM_MESSAGE if flag == "cdrom" else f"{flag} is not supported by pyvmm")
-        # a positional parameter: target, format, vdev, access in turn
-        if "target" not in disk:
-            disk["target"] = param
-        elif not had_prefix and "format" not in disk:
-            if not disk["target"].strip() and ":" in param:  # xend's ",hdc:cdrom,r": an empty drive
-                _set_vdev(disk, param)
-            else:
-                _set_format(disk, param)
-        elif "vdev" not in disk:
-            _set_vdev(disk, param)
-        elif not disk.get("access_set"):
-            _set_access(disk, param)
-        else:
-            raise _SpecError(f"too many positional parameters (at {param.strip()!r})")
-        if not comma:
-            break
-    target = disk.get("target", "")
-    if not target.strip():
-        raise _SpecError("no target (the image file or block device)")
-    vdev = disk.get("vdev", "")
-    if not vdev:
-        raise _SpecError("no vdev (the guest's name for the disk, e.g. xvda)")
-    if not _VDEV.fullmatch(vdev):
-        raise _SpecError(f"vdev {vdev!r} is not a disk name like xvda, hda, sdb or xvda1")
-    return DiskSpec(Path(target), vdev, disk.get("readonly", False)), warnings
-
-
-_MAC = re.compile(r"([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})[:-]"
-                  r"([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})[:-]([0-9a-fA-F]{1,2})")
-_VIF_UNSUPPORTED = {"script", "backend", "rate", "mtu", "gatewaydev", "netdev", "vlan", "devid", "accel",
-                    "forwarddev", "colo_sock_mirror_id", "colo_sock_mirror_ip", "colo_sock_mirror_port",
-                    "colo_sock_compare_pri_in_id", "colo_sock_compare_pri_in_ip", "colo_checkpoint_host",
-                    "colo_checkpoint_port"}
-
-
-def valid_ifname(name: str) -> bool:
-    """Linux's rule for a network interface name (IFNAMSIZ, no '/', ':' or whitespace)."""
-    return (0 < len(name.encode("utf-8", "surrogateescape")) < 16 and name not in (".", "..")
-            and not re.search(r"[/:\s,=]", name))
-
-
-def parse_mac(text: str) -> str:
-    """'00:16:3E:1:2:3' -> '00:16:3e:01:02:03'. Raises ConfigError."""
-    match = _MAC.fullmatch(text.strip())
-    if not match:
-        raise ConfigError(f"mac {text!r} is not a MAC address like 00:16:3e:12:34:56")
-    octets = [int(group, 16) for group in match.groups()]
-    if octets[0] & 1:
-        raise ConfigError(f"mac {text!r} is a multicast address; a network card needs a unicast one")
-    return ":".join(f"{octet:02x}" for octet in octets)
-
-
-def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
-    """One entry of `vif = [...]` -> (VifSpec, warnings). Raises ConfigError."""
-    try:
-        return _parse_vif(spec)
-    except _SpecError as error:
-        raise ConfigError(f"vif {spec!r}: {error}") from None
-
-
-def _parse_vif(spec: str) -> tuple[VifSpec, list[str]]:
-    tap = mac = None
-    bridge = None
-    warnings: list[str] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, equals, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not equals:
-            if key in ("trusted", "untrusted"):
-                raise _SpecError(f"{key} is not supported by pyvmm")
-            raise _SpecError(f"unknown vif parameter {key!r}")
-        if key == "mac":
-            try:
-                mac = parse_mac(value)
-            except ConfigError as error:
-                raise _SpecError(str(error)) from None
-        elif key == "vifname":
-            if not valid_ifname(value):
-                raise _SpecError(f"vifname {value!r} is not a valid network interface name (1 to 15 characters, "
-                                 "no '/', ':', ',', '=' or spaces)")
-            tap = value
-        elif key == "bridge":
-            bridge = value
-        elif key == "type":
-            if value not in ("vif", "ioemu"):
-                raise _SpecError(f"type {value!r}: expected vif or ioemu")
-        elif key == "model":
-            warnings.append(f"model={value} is ignored: pyvmm emulates no network card, the guest must use "
-                            "its Xen PV network driver (netfront)")
-        elif key == "ip":
-            warnings.append(f"ip={value} is ignored: pyvmm runs no hotplug scripts; configure addresses "
-                            "and filtering on the tap device yourself")
-        elif key in _VIF_UNSUPPORTED or key.startswith("colo_"):
-            raise _SpecError(f"{key}= is not supported by pyvmm")
-        else:
-            raise _SpecError(f"unknown vif parameter {key}=")
-    if tap is None:
-        raise _SpecError("no vifname=: pyvmm connects each vif to an existing tap device named by vifname= "
-                         "(create one with: ip tuntap add dev NAME mode tap)")
-    if bridge is not None:
-        warnings.append(f"bridge={bridge}: pyvmm does not add {tap} to a bridge; do it beforehand "
-                        f"(ip link set {tap} master {bridge})")
-    return VifSpec(tap, mac), warnings
-
-
-# --------------------------------------------------------------------------
 # Keys
 
 
@@ -615,22 +358,29 @@ class XlConfig:
     cmdline: str | None = None  # None: the file gives none of cmdline, root, extra
     memory_mib: int | None = None
     vcpus: int | None = None
-    disks: tuple[DiskSpec, ...] = ()
-    vifs: tuple[VifSpec, ...] = ()
+    devices: tuple[DeviceSpec, ...] = ()  # of every kind, each with its Origin (file, line)
     serial: str | None = None  # pyvmm's --serial text: "stdio", "none" or "file:PATH"
     on_reboot: str = "restart"  # "restart" or "destroy"
     device_model_user: str | None = None  # the sandbox's user (pyvmm run --user)
     limits: tuple[tuple[str, float], ...] = ()  # (pyvmm.limits name, value) for the limit keys given
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    def __getattr__(self, name: str) -> tuple[DeviceSpec, ...]:
+        """A device kind's specs by its xl key's attribute: config.disks, config.vifs."""
+        for kind in device_kinds.with_xl_key():
+            if kind.xl.attr == name:
+                return tuple(spec for spec in self.__dict__.get("devices", ()) if spec.kind == kind.name)
+        raise AttributeError(name)
+
     def to_run_options(self) -> dict:
         """Keyword values for `pyvmm run`, for the settings the file gives.
 
         Keys: name, xen (always), kernel and initrd (Path), cmdline, memory
-        (bytes), vcpus, serial (text), no_reboot (from on_reboot),
-        disks (DiskSpecs) and vifs (VifSpecs, see VifSpec.option_text) when
-        the file has any, limits ({name: value}, pyvmm.limits) when it sets any. Options the person gives on the command line win
-        over these."""
+        (bytes), vcpus, serial (text), no_reboot (from on_reboot), each
+        device kind's specs under its xl key's attribute (disks: DiskSpecs,
+        vifs: NicSpecs) when the file has any, limits ({name: value},
+        pyvmm.limits) when it sets any. Options the person gives on the
+        command line win over these."""
         options: dict = {"name": self.name, "xen": True}
         if self.kernel is not None:
             options["kernel"] = self.kernel
@@ -645,10 +395,10 @@ class XlConfig:
         if self.serial is not None:
             options["serial"] = self.serial
         options["no_reboot"] = self.on_reboot == "destroy"
-        if self.disks:
-            options["disks"] = self.disks
-        if self.vifs:
-            options["vifs"] = self.vifs
+        for kind in device_kinds.with_xl_key():
+            specs = getattr(self, kind.xl.attr)
+            if specs:
+                options[kind.xl.attr] = specs
         if self.device_model_user is not None:
             options["sandbox_user"] = self.device_model_user
         if self.limits:
@@ -677,9 +427,14 @@ _FIXED_BOOLEANS = {
 }
 
 _KNOWN_KEYS = {"name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
-               "cmdline", "root", "extra", "disk", "vif", "on_poweroff", "on_reboot", "on_crash", "serial",
+               "cmdline", "root", "extra", "on_poweroff", "on_reboot", "on_crash", "serial",
                "boot", "vga", "dm_restrict", "device_model_user"} | set(_FIXED_BOOLEANS) \
               | {spec.xl_key for spec in _LIMIT_SPECS.values()}
+
+
+def _known_keys() -> set[str]:
+    """The keys above and the device kinds' (disk, vif, ...)."""
+    return _KNOWN_KEYS | {kind.xl.key for kind in device_kinds.with_xl_key()}
 
 _ACTIONS = {"destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart",
             "soft-reset"}
@@ -751,7 +506,8 @@ def load_xl_config(path: str | Path) -> XlConfig:
 def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
     """`load_xl_config` for text already in memory; `filename` is used in messages."""
     settings = parse_xl(text, filename)
-    unknown = [setting for key, setting in settings.items() if key not in _KNOWN_KEYS]
+    known = _known_keys()
+    unknown = [setting for key, setting in settings.items() if key not in known]
     if unknown:
         listed = ", ".join(f"{s.key} (line {s.line})" for s in sorted(unknown, key=lambda s: s.line))
         raise XlConfigError(filename, None, f"pyvmm does not support these xl.cfg keys: {listed}")
@@ -810,18 +566,9 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
     if vga is not None and vga != "none":
         raise keys.error("vga", f"vga={vga!r}: pyvmm has no graphics card; set vga=\"none\" or remove it")
 
-    disks = _devices(keys, "disk", parse_disk_spec, warn)
-    seen: dict[str, int] = {}
-    for disk, line in disks:
-        if disk.vdev in seen:
-            raise keys.error("disk", f"vdev {disk.vdev} is used twice (also on line {seen[disk.vdev]})", line)
-        seen[disk.vdev] = line
-    vifs = _devices(keys, "vif", parse_vif_spec, warn)
-    seen = {}
-    for vif, line in vifs:
-        if vif.tap in seen:
-            raise keys.error("vif", f"vifname {vif.tap} is used twice (also on line {seen[vif.tap]})", line)
-        seen[vif.tap] = line
+    devices = []
+    for kind in device_kinds.with_xl_key():
+        devices += _devices(keys, kind.xl, warn)
 
     # pyvmm is the device model: xl's restrictions of one are its sandbox
     # (docs/SANDBOX.md), which is on unless `pyvmm run --no-sandbox`.
@@ -848,8 +595,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
         cmdline=cmdline,
         memory_mib=memory,
         vcpus=vcpus,
-        disks=tuple(disk for disk, _ in disks),
-        vifs=tuple(vif for vif, _ in vifs),
+        devices=tuple(devices),
         serial=serial,
         on_reboot=on_reboot,
         device_model_user=device_model_user,
@@ -965,19 +711,27 @@ def _limits(keys: _Keys) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def _devices(keys: _Keys, key: str, parse, warn) -> list:
-    out = []
+def _devices(keys: _Keys, xl: device_kinds.XlKey, warn) -> list[DeviceSpec]:
+    """One device kind's entries, each spec with its Origin: the file, the line, the entry."""
+    out: list[DeviceSpec] = []
+    seen: dict[str, int] = {}
+    key = xl.key
     for text, line in keys.strings(key):
         try:
-            device, notes = parse(text)
+            device, notes = xl.parse(text)
         except ConfigError as error:
             raise keys.error(key, str(error), line) from None
         for note in notes:
             warn(key, f"{key} {text!r}: {note}", line)
-        out.append((device, line))
+        if xl.unique is not None:
+            what, value = xl.unique[0], xl.unique[1](device)
+            if value in seen:
+                raise keys.error(key, f"{what} {value} is used twice (also on line {seen[value]})", line)
+            seen[value] = line
+        out.append(replace(device, origin=Origin(key, text, keys.filename, line)))
     return out
 
 
 def xl_keys() -> Iterable[str]:
     """The keys `load_xl_config` understands."""
-    return sorted(_KNOWN_KEYS)
+    return sorted(_known_keys())

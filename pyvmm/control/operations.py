@@ -153,11 +153,12 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
             raise ControlError("InvalidArgument", "'state' must be closing or closed")
         if machine.xen is None:
             raise ControlError("Unsupported", "this VM has no xenbus devices (--no-xen)")
-        for vbd in machine.xen.vbds:
-            if device in (vbd.vdev, str(vbd.devid), vbd.backend_path):
-                vbd.force_state(states[state])
-                return {"device": vbd.backend_path, "state": states[state].name}
-        raise ControlError("InvalidArgument", f"no device {device!r} (a disk's vdev, devid or backend path)")
+        for backend in machine.xen.xenbus_devices:  # of every device kind
+            if device in (backend.name, str(backend.devid), backend.backend_path):
+                backend.force_state(states[state])
+                return {"device": backend.backend_path, "state": states[state].name}
+        raise ControlError("InvalidArgument", f"no device {device!r} (a backend device's name, e.g. a disk's vdev, "
+                                              "its devid or its backend path)")
 
     return {
         "status": status,

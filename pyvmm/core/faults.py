@@ -15,15 +15,17 @@ A rule is written TARGET:ACTION[=ARG][,KEY=VALUE]... , the same for
 
 Keys every rule takes: count=N (fire at most N times), every=N (only every
 Nth match), rate=P (fire with probability P, from a RNG seeded by seed=S,
-default 0, so a run repeats), vdev=xvdX (blk), op=read+write (blk:
-read, write, flush, barrier, discard), sectors=A-B (blk, inclusive; a
-request fires when it overlaps), dir= (net: tx|rx, evtchn: to-guest|
-from-guest), vif=N (net), port=N (evtchn: the guest's port), path=PREFIX
-(xenstore watches). Durations take ms, s or us (plain numbers: ms).
+default 0, so a run repeats). Each target adds its own filters: dir=
+(evtchn: to-guest|from-guest), port=N (evtchn: the guest's port),
+path=PREFIX (xenstore watches); the device kinds' targets and theirs (blk:
+vdev=, op=, sectors=; net: dir=, vif=) are declared with each backend
+(pyvmm/xen/backends/*/kind.py) and added by `register_target`. Durations
+take ms, s or us (plain numbers: ms).
 
 The injector here only decides; the backends ask it through one cheap
-flag per target (`if FAULTS.blk:`) and carry out the outcome. Every fault
-that fires is traced (category "fault") and counted per rule.
+flag per target (`if FAULTS.blk:`), then a question its target declares
+(`FAULTS.blk_request(...)`), and carry out the outcome. Every fault that
+fires is traced (category "fault") and counted per rule.
 """
 
 from __future__ import annotations
@@ -32,26 +34,13 @@ import random
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from .trace import TRACE
 
-TARGET_ACTIONS = {
-    "blk": ("error", "eopnotsupp", "delay", "drop", "stall"),
-    "net": ("drop", "delay", "duplicate", "corrupt"),
-    "xenstore": ("eagain", "delay-watch"),
-    "evtchn": ("drop", "delay"),
-}
 _TAKES_DURATION = {"delay", "delay-watch"}
-BLK_OPS = ("read", "write", "barrier", "flush", "discard")
-_KEYS = {
-    "blk": {"op", "sectors", "vdev"},
-    "net": {"dir", "vif"},
-    "xenstore": {"path"},
-    "evtchn": {"dir", "port"},
-}
 _COMMON_KEYS = {"count", "every", "rate", "seed"}
-_DIRECTIONS = {"net": ("tx", "rx"), "evtchn": ("to-guest", "from-guest")}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s)?")
 
 
@@ -73,6 +62,68 @@ def _positive_int(key: str, text: str) -> int:
     return int(text)
 
 
+def choice(*values: str) -> Callable[[str], str]:
+    """A filter's parser that takes one of `values`."""
+    def parse(text: str) -> str:
+        if text not in values:
+            raise FaultSpecError(f"{text!r}: one of {', '.join(values)}")
+        return text
+    return parse
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise FaultSpecError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class FaultTarget:
+    """What one target's rules may say, and what its backend asks.
+
+    `filters`: KEY -> (the rule's attribute, parse(value)) for the
+    KEY=VALUE filters beyond the common ones; a rule without the filter
+    has None there. `questions`: name -> function(injector, ...) that a
+    backend calls as a method of the injector (`FAULTS.blk_request(...)`),
+    built on FaultInjector.first() and .holds()."""
+
+    name: str
+    actions: tuple[str, ...]
+    filters: dict[str, tuple[str, Callable[[str], object]]] = field(default_factory=dict)
+    questions: dict[str, Callable] = field(default_factory=dict)
+
+
+TARGETS: dict[str, FaultTarget] = {}  # by name, in the order registered
+TARGET_ACTIONS: dict[str, tuple[str, ...]] = {}  # name -> its actions
+_QUESTIONS: dict[str, Callable] = {}
+
+
+def register_target(target: FaultTarget) -> None:
+    """Accept rules for `target` from now on (its flag starts False)."""
+    known = TARGETS.get(target.name)
+    if known is not None and known != target:
+        raise ValueError(f"a fault target {target.name!r} is registered already")
+    clash = set(target.questions) & set(_QUESTIONS) - set(known.questions if known else ())
+    if clash or any(hasattr(FaultInjector, name) for name in target.questions if name not in _QUESTIONS):
+        raise ValueError(f"fault target {target.name!r}: question names taken: {', '.join(sorted(target.questions))}")
+    TARGETS[target.name] = target
+    TARGET_ACTIONS[target.name] = target.actions
+    _QUESTIONS.update(target.questions)
+    if not hasattr(FaultInjector, target.name):
+        setattr(FaultInjector, target.name, False)
+
+
+def unregister_target(name: str) -> None:
+    """Forget a target (tests that register one of their own)."""
+    target = TARGETS.pop(name, None)
+    TARGET_ACTIONS.pop(name, None)
+    if target is not None:
+        for question in target.questions:
+            _QUESTIONS.pop(question, None)
+        if name in FaultInjector.__dict__ and name not in ("xenstore", "evtchn"):
+            delattr(FaultInjector, name)
+
+
 @dataclass
 class FaultRule:
     """One parsed rule with its counters; match() decides and counts."""
@@ -81,13 +132,7 @@ class FaultRule:
     target: str
     action: str
     delay: float = 0.0
-    ops: frozenset[str] | None = None
-    sectors: tuple[int, int] | None = None
-    vdev: str | None = None
-    direction: str | None = None
-    vif: str | None = None
-    port: int | None = None
-    path: str | None = None
+    filters: dict = field(default_factory=dict)  # the target's filters this rule sets, by attribute
     count: int | None = None
     every: int | None = None
     rate: float = 1.0
@@ -100,13 +145,20 @@ class FaultRule:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
+    def __getattr__(self, name: str):
+        """A filter of the rule's target (rule.vdev, rule.direction, ...): None when not given."""
+        target = TARGETS.get(self.__dict__.get("target", ""))
+        if target is not None and any(attribute == name for attribute, _ in target.filters.values()):
+            return self.__dict__.get("filters", {}).get(name)
+        raise AttributeError(name)
+
     @classmethod
     def parse(cls, spec: str) -> "FaultRule":
         spec = spec.strip()
         head, *options = spec.split(",")
         target, _, action_text = head.partition(":")
-        if target not in TARGET_ACTIONS:
-            raise FaultSpecError(f"{spec!r}: unknown target {target!r}; one of {', '.join(TARGET_ACTIONS)}")
+        if target not in TARGETS:
+            raise FaultSpecError(f"{spec!r}: unknown target {target!r}; one of {', '.join(TARGETS)}")
         action, has_arg, argument = action_text.partition("=")
         if action not in TARGET_ACTIONS[target]:
             raise FaultSpecError(f"{spec!r}: {target} faults are {', '.join(TARGET_ACTIONS[target])}")
@@ -120,31 +172,20 @@ class FaultRule:
         for option in options:
             key, equals, value = option.partition("=")
             key = key.strip()
-            if not equals or key not in _KEYS[target] | _COMMON_KEYS:
-                raise FaultSpecError(f"{spec!r}: {option!r} is not one of "
-                                     f"{', '.join(sorted(_KEYS[target] | _COMMON_KEYS))} =VALUE")
+            keys = set(TARGETS[target].filters) | _COMMON_KEYS
+            if not equals or key not in keys:
+                raise FaultSpecError(f"{spec!r}: {option!r} is not one of {', '.join(sorted(keys))} =VALUE")
             rule._set(key, value.strip())
         return rule
 
     def _set(self, key: str, value: str) -> None:
-        if key == "op":
-            ops = frozenset(value.split("+"))
-            if not ops <= set(BLK_OPS):
-                raise FaultSpecError(f"op={value!r}: operations are {', '.join(BLK_OPS)} (joined with +)")
-            self.ops = ops
-        elif key == "sectors":
-            first, dash, last = value.partition("-")
-            if not first.isdigit() or (dash and not last.isdigit()):
-                raise FaultSpecError(f"sectors={value!r}: expected FIRST-LAST or SECTOR")
-            self.sectors = (int(first), int(last) if dash else int(first))
-            if self.sectors[1] < self.sectors[0]:
-                raise FaultSpecError(f"sectors={value!r}: the range ends before it starts")
-        elif key == "dir":
-            if value not in _DIRECTIONS[self.target]:
-                raise FaultSpecError(f"dir={value!r}: one of {', '.join(_DIRECTIONS[self.target])}")
-            self.direction = value
-        elif key == "port":
-            self.port = _positive_int(key, value)
+        filters = TARGETS[self.target].filters
+        if key in filters:
+            attribute, parse = filters[key]
+            try:
+                self.filters[attribute] = parse(value)
+            except FaultSpecError as error:
+                raise FaultSpecError(f"{key}={error}") from None
         elif key in ("count", "every"):
             setattr(self, key, _positive_int(key, value))
         elif key == "rate":
@@ -159,8 +200,6 @@ class FaultRule:
                 raise FaultSpecError(f"seed={value!r}: expected a number")
             self.seed = int(value)
             self.rng = random.Random(self.seed)
-        else:  # vdev, vif, path: plain strings
-            setattr(self, key, value)
 
     @property
     def exhausted(self) -> bool:
@@ -184,10 +223,17 @@ class FaultRule:
 
 
 class FaultInjector:
-    """The VMM's fault rules. Per-target flags (blk, net, xenstore, evtchn)
-    are true while a rule for that target exists: test them first."""
+    """The VMM's fault rules. Per-target flags (xenstore, evtchn and one per
+    registered target: blk, net, ...) are true while a rule for that target
+    exists: test them first. The targets' questions are its methods too."""
 
-    blk = net = xenstore = evtchn = False
+    xenstore = evtchn = False
+
+    def __getattr__(self, name: str):
+        question = _QUESTIONS.get(name)
+        if question is None:
+            raise AttributeError(name)
+        return partial(question, self)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -239,14 +285,17 @@ class FaultInjector:
 
     def _update_flags(self) -> None:
         targets = {rule.target for rule in self._rules}
-        for target in TARGET_ACTIONS:
+        for target in TARGETS:
             setattr(self, target, target in targets)
 
     def _changed(self) -> None:
         for listener in list(self.listeners):
             listener()
 
-    def _first(self, target: str, actions: tuple[str, ...], context: dict, matches: Callable[[FaultRule], bool]):
+    def first(self, target: str, actions: tuple[str, ...], context: dict,
+              matches: Callable[[FaultRule], bool]) -> FaultRule | None:
+        """The first rule of `target` with one of `actions` whose filters
+        `matches` and that fires (counted, traced with `context`), or None."""
         with self._lock:
             for rule in self._rules:
                 if rule.target == target and rule.action in actions and matches(rule) and rule.fires():
@@ -257,46 +306,26 @@ class FaultInjector:
             TRACE.emit("fault", rule.action, rule=rule.id, spec=rule.spec, **context)
         return rule
 
-    # --- questions the backends ask ------------------------------------------------------
-
-    def blk_request(self, vdev: str, op: str, sector: int, sectors: int) -> FaultRule | None:
-        """The rule that replaces this block request's outcome, if any
-        (error, eopnotsupp, delay or drop)."""
-        last = sector + max(sectors, 1) - 1
-
-        def matches(rule: FaultRule) -> bool:
-            return ((rule.vdev is None or rule.vdev == vdev) and (rule.ops is None or op in rule.ops)
-                    and (rule.sectors is None or (sector <= rule.sectors[1] and last >= rule.sectors[0])))
-
-        return self._first("blk", ("error", "eopnotsupp", "delay", "drop"),
-                           {"vdev": vdev, "op": op, "sector": sector, "sectors": sectors}, matches)
-
-    def blk_stalled(self, vdev: str) -> bool:
-        """A stall rule holds this disk's rings (not counted or traced per call)."""
+    def holds(self, target: str, action: str, matches: Callable[[FaultRule], bool]) -> bool:
+        """Some rule of `target` with `action` matches: a state, not an event
+        (neither counted nor traced)."""
         with self._lock:
-            return any(rule.target == "blk" and rule.action == "stall" and rule.vdev in (None, vdev)
-                       for rule in self._rules)
+            return any(rule.target == target and rule.action == action and matches(rule) for rule in self._rules)
+
+    # --- questions the hypervisor interface and the xenstore ask ------------------------
 
     def xenstore_commit(self, domid: int, tx: int) -> FaultRule | None:
         """An EAGAIN rule for this transaction commit."""
-        return self._first("xenstore", ("eagain",), {"domid": domid, "tx": tx}, lambda rule: True)
+        return self.first("xenstore", ("eagain",), {"domid": domid, "tx": tx}, lambda rule: True)
 
     def watch_delay(self, path: str, token: str) -> FaultRule | None:
-        return self._first("xenstore", ("delay-watch",), {"path": path, "token": token},
+        return self.first("xenstore", ("delay-watch",), {"path": path, "token": token},
                            lambda rule: rule.path is None or path.startswith(rule.path))
 
     def evtchn_notification(self, direction: str, port: int | None) -> FaultRule | None:
         """A drop or delay rule for a notification to or from the guest's `port`."""
-        return self._first("evtchn", ("drop", "delay"), {"dir": direction, "port": port},
+        return self.first("evtchn", ("drop", "delay"), {"dir": direction, "port": port},
                            lambda rule: rule.direction in (None, direction) and rule.port in (None, port))
-
-    def net_packet(self, direction: str, vif: str, length: int,
-                   actions: tuple[str, ...] = TARGET_ACTIONS["net"]) -> FaultRule | None:
-        """For the network backend, once per packet: None, or the rule whose
-        action (drop, delay, duplicate, corrupt; those in `actions`, what the
-        backend can do in that direction) to apply to it."""
-        return self._first("net", actions, {"dir": direction, "vif": vif, "len": length},
-                           lambda rule: rule.direction in (None, direction) and rule.vif in (None, vif))
 
 
 def corrupt(data: bytearray, rule: FaultRule) -> None:
@@ -305,5 +334,9 @@ def corrupt(data: bytearray, rule: FaultRule) -> None:
         bit = rule.rng.randrange(len(data) * 8)
         data[bit // 8] ^= 1 << (bit % 8)
 
+
+register_target(FaultTarget("xenstore", ("eagain", "delay-watch"), {"path": ("path", str)}))
+register_target(FaultTarget("evtchn", ("drop", "delay"), {"dir": ("direction", choice("to-guest", "from-guest")),
+                                                          "port": ("port", positive_int)}))
 
 FAULTS = FaultInjector()

@@ -15,16 +15,16 @@ Categories:
     xenstore    every request (op, path, value, tx id, result or error)
                 from the guest's ring and from the socket, watches fired
     grant       map/unmap/copy: ref, writable, errors
-    blk         ring requests (op, sector, sectors, segments, id) and
-                responses (status)
-    net         packets of the PV network backend (see net_packet below)
-    console     PV console bytes in and out, summarised
     io          port I/O and MMIO exits: port or address, size, dir, value
     fault       every injected fault (pyvmm/core/faults.py); on whenever any
                 other category is
     stop        why the guest stopped when it was not asked to: a triple
                 fault (registers), every vCPU halted for good, a pvpanic
                 report, --timeout; on whenever any other category is
+
+and one or more per device kind, registered with the backends
+(pyvmm/xen/backends/*/kind.py: blk, net, console); `describe()` lists
+them all.
 
 A record is {"t": monotonic ns, "cat": category, "ev": event, "thread":
 name, "vcpu": index (when the event happened on a vCPU thread), ...decoded
@@ -40,7 +40,10 @@ import threading
 import time
 from typing import IO
 
-CATEGORIES = ("hypercall", "evtchn", "xenstore", "grant", "blk", "net", "console", "io", "fault", "stop")
+# Every category, the device kinds' included (a list that register_category
+# extends in place, so that an import of it sees them).
+CATEGORIES: list[str] = ["hypercall", "evtchn", "xenstore", "grant", "io", "fault", "stop"]
+_DESCRIPTIONS: dict[str, str] = {}  # the registered categories' one-line descriptions
 _FLUSH_LINES = 512
 _FLUSH_NS = 1_000_000_000  # a quiet trace still reaches the file within about a second
 
@@ -61,8 +64,34 @@ def parse_categories(text: str) -> frozenset[str]:
     return frozenset(wanted)
 
 
+def register_category(name: str, description: str) -> None:
+    """A category of a device kind: a flag of every Tracer, off until enabled."""
+    if name in CATEGORIES:
+        if _DESCRIPTIONS.get(name) != description:
+            raise ValueError(f"a trace category {name!r} exists already")
+        return
+    if hasattr(Tracer, name) or name == "all":
+        raise ValueError(f"{name!r} cannot be a trace category")
+    CATEGORIES.append(name)
+    _DESCRIPTIONS[name] = description
+    setattr(Tracer, name, False)
+
+
+def unregister_category(name: str) -> None:
+    """Forget a registered category (tests that register one of their own)."""
+    if name in _DESCRIPTIONS:
+        del _DESCRIPTIONS[name]
+        CATEGORIES.remove(name)
+        delattr(Tracer, name)
+
+
+def describe() -> dict[str, str]:
+    """The registered (device kinds') categories and what they record."""
+    return dict(_DESCRIPTIONS)
+
+
 class Tracer:
-    hypercall = evtchn = xenstore = grant = blk = net = console = io = fault = stop = False
+    hypercall = evtchn = xenstore = grant = io = fault = stop = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -148,20 +177,3 @@ def summarize_bytes(data: bytes, limit: int = 64) -> str:
 
 TRACE = Tracer()
 atexit.register(TRACE.close)
-
-
-def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1, status: int = 0,
-               fault: str | None = None) -> None:
-    """The network backend's trace hook, one call per packet.
-
-    direction: "tx" (guest to host) or "rx" (host to guest); vif: the
-    device ("vif0" or its xenstore id); length: bytes; flags: the netif
-    request/response flags; slots: ring slots used; status: the netif
-    status written back (NETIF_RSP_OKAY 0, ERROR -1, DROPPED -2); fault:
-    the injected fault that changed this packet, if one did.
-    """
-    if TRACE.net:
-        fields = {"dir": direction, "vif": vif, "len": length, "flags": flags, "slots": slots, "status": status}
-        if fault:
-            fields["fault"] = fault
-        TRACE.emit("net", "packet", **fields)

@@ -39,8 +39,8 @@ from .hv.guest_access import GuestAccess
 from .hv.hypercalls import HypercallDispatcher
 from .hv.kvm_xen import KernelEvtchn, XenFeatures
 from .hv.timers import UserTimer
-from .backends.blk.vbd import create_vbds
-from .backends.net.vif import create_vifs
+from .backend import kind as device_kinds
+from . import backends as _backends  # noqa: F401 - registers the device kinds
 from .xenstore import Access, Permission, Quotas, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
@@ -174,11 +174,30 @@ class XenDomain:
         machine.pio.register(layout.XEN_PLATFORM_IO_PORT, 4, self.platform_device.fixed_ports(), "xen-platform ports")
 
         self._setup_special_pages(machine)
-        self.vbds = create_vbds(self, config.disks)  # one PV disk per --disk
-        self.vifs = create_vifs(self, config.nets)  # one PV network interface per --net
+        self.backends = self._create_backends(config)  # kind -> its devices: one per DeviceSpec
         self.dispatcher = HypercallDispatcher(self, xen_time_ns=self._guest_time_ns)
 
     # --- set-up -------------------------------------------------------------------
+
+    def _create_backends(self, config: VmConfig) -> dict[str, list]:
+        """Every registered device kind's devices, built and started in the
+        order registered; on an error those already made are closed again."""
+        made: dict[str, list] = {}
+        try:
+            for kind in device_kinds.kinds():
+                if kind.create is not None:
+                    made[kind.name] = kind.create(self, config.devices_of(kind.name))
+        except BaseException:
+            for devices in made.values():
+                for device in devices:
+                    device.close()
+            raise
+        return made
+
+    @property
+    def xenbus_devices(self) -> list:
+        """Every backend device of every kind (VbdDevice, VifDevice, ...)."""
+        return [device for devices in self.backends.values() for device in devices]
 
     def _setup_special_pages(self, machine: XenHost) -> None:
         console_pfn = layout.XEN_SPECIAL_PAGES >> PAGE_SHIFT
@@ -251,7 +270,7 @@ class XenDomain:
         self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
 
     def close(self) -> None:
-        for device in (*self.vbds, *self.vifs):
+        for device in self.xenbus_devices:
             device.close()
         if self._callback_fds is not None:  # the loop has stopped: no thread uses them now
             self.loop.remove_reader(self._callback_fds[1])

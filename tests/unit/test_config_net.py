@@ -4,29 +4,30 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.config import ConfigError, NetOption, VmConfig
+from pyvmm.config import ConfigError, VmConfig
+from pyvmm.xen.backends.net.spec import NicSpec as NetOption, parse_net_option
 from pyvmm.xen.backends.net.vif import generated_mac
 
 
 def test_parse_tap_and_mac():
-    assert NetOption.parse("tap=vif0") == NetOption("vif0", None)
-    assert NetOption.parse("tap=vif0,mac=00:16:3E:1:2:3") == NetOption("vif0", "00:16:3e:01:02:03")
+    assert parse_net_option("tap=vif0") == NetOption("vif0", None)
+    assert parse_net_option("tap=vif0,mac=00:16:3E:1:2:3") == NetOption("vif0", "00:16:3e:01:02:03")
 
 
 @pytest.mark.parametrize("text", ["", "vif0", "tap=", "tap=a/b", "tap=vif0,mac=01:00:00:00:00:01",
                                   "tap=vif0,bridge=br0", "mac=00:16:3e:00:00:01"])
 def test_bad_net_options(text):
     with pytest.raises(ConfigError):
-        NetOption.parse(text)
+        parse_net_option(text)
 
 
 def test_two_nets_on_one_tap_and_no_xen_are_refused(tmp_path):
     kernel = tmp_path / "k"
     kernel.write_bytes(b"x")
     with pytest.raises(ConfigError, match="share a TAP"):
-        VmConfig(kernel=Path(kernel), nets=(NetOption("t0"), NetOption("t0"))).validate()
+        VmConfig(kernel=Path(kernel), devices=(NetOption("t0"), NetOption("t0"))).validate()
     with pytest.raises(ConfigError, match="Xen mode"):
-        VmConfig(kernel=Path(kernel), xen=False, nets=(NetOption("t0"),)).validate()
+        VmConfig(kernel=Path(kernel), xen=False, devices=(NetOption("t0"),)).validate()
 
 
 def test_generated_mac_is_stable_unicast_and_in_xen_oui():

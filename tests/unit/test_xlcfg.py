@@ -9,17 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvmm.config import ConfigError
+from pyvmm.xen.backends.blk.spec import DiskSpec, parse_disk_spec
+from pyvmm.xen.backends.net.spec import NicSpec as VifSpec, parse_mac, parse_vif_spec
 from pyvmm.xlcfg import (
-    DiskSpec,
-    VifSpec,
     XlConfig,
     XlConfigError,
     format_xl,
     format_xl_value,
     load_xl_config,
-    parse_disk_spec,
-    parse_mac,
-    parse_vif_spec,
     parse_xl,
     xl_config_from_text,
 )

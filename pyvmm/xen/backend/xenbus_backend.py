@@ -53,8 +53,15 @@ import enum
 import errno
 import logging
 
+from typing import TYPE_CHECKING
+
 from pyvmm.core.trace import TRACE
+from ..errors import XenError
+from ..hv.gnttab import GrantError
 from ..xenstore import Access, Client, Permission, XenStore, XenStoreError
+
+if TYPE_CHECKING:
+    from ..hv.evtchn import BackendChannel
 
 
 log = logging.getLogger(__name__)
@@ -85,7 +92,9 @@ class FrontendError(Exception):
 class XenbusBackendDevice:
     """A backend device's xenstore presence and handshake; subclasses add
     the device model through frontend_keys(), backend_keys(), connect()
-    and disconnect()."""
+    and disconnect(). In connect(), map_ring_page() and bind_channel() take
+    the frontend's rings and channels (the subclass's `grants` and `evtchn`)
+    so that release_connection() gives them back, whatever failed."""
 
     device_type = ""
     # After the frontend closed in order, advertise Connected again so that
@@ -137,6 +146,31 @@ class XenbusBackendDevice:
 
     def disconnect(self) -> None:
         """Let go of everything connect() took; idempotent."""
+
+    @property
+    def name(self) -> str:
+        """What an operator calls the device (pyvmm ctl NAME xenbus-state): vif1.0, or a disk's vdev."""
+        return f"{self.device_type}{self.frontend_domid}.{self.devid}"
+
+    def map_ring_page(self, what: str, ref: int) -> memoryview:
+        """Map the frontend's ring page granted as `ref` (its key `what` in
+        errors) through the subclass's `grants`, held until release_connection()."""
+        try:
+            mapping = self.grants.map(ref, writable=True)
+        except GrantError as error:
+            raise FrontendError(f"{what} {ref}: {error}", error.errno) from None
+        self._mappings.append(mapping)
+        return mapping.view
+
+    def bind_channel(self, what: str, port: int, callback, **options) -> "BackendChannel":
+        """Bind the frontend's event channel `port` (its key `what` in errors)
+        through the subclass's `evtchn`, closed by release_connection()."""
+        try:
+            channel = self.evtchn.bind_backend(port, callback, **options)
+        except XenError as error:
+            raise FrontendError(f"{what} {port}: {error}", error.errno) from None
+        self._channels.append(channel)
+        return channel
 
     def release_connection(self) -> None:
         """Close the event channels and release the grant mappings connect()

@@ -17,6 +17,7 @@ from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
 class Vbd:
     def __init__(self, vdev, devid):
         self.vdev, self.devid = vdev, devid
+        self.name = vdev
         self.backend_path = f"/local/domain/0/backend/vbd/1/{devid}"
         self.forced = []
 
@@ -31,7 +32,7 @@ def vbds():
 
 @pytest.fixture
 def commands(vbds):
-    return machine_commands(SimpleNamespace(xen=SimpleNamespace(vbds=vbds)))
+    return machine_commands(SimpleNamespace(xen=SimpleNamespace(xenbus_devices=vbds)))
 
 
 def test_the_commands_are_registered(commands):

@@ -9,6 +9,7 @@ import pytest
 
 from pyvmm.core.faults import FaultInjector, FaultRule, FaultSpecError, corrupt, parse_duration
 from pyvmm.core.trace import TRACE
+from pyvmm.xen import backends  # noqa: F401 - registers the device kinds' fault targets (blk, net)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pyvmm.cli import cli
-from pyvmm.core.trace import CATEGORIES, TRACE, TraceError, Tracer, net_packet, parse_categories, summarize_bytes
+from pyvmm.core.trace import CATEGORIES, TRACE, TraceError, Tracer, parse_categories, summarize_bytes
+from pyvmm.xen.backends.net.netback import net_packet
 from pyvmm.debug.trace_show import TraceFilter, TraceFormatError, render, show
 
 

@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from pyvmm.core.faults import FAULTS
 from .blkback import BlockBackend, DiskImage
-from pyvmm.xen.errors import XenError
-from pyvmm.xen.hv.gnttab import GrantError, GrantTable
+from pyvmm.xen.hv.gnttab import GrantTable
 from pyvmm.xen.backend.ring import RingBroken
 from pyvmm.xen.backend.ring_worker import RingWorker
 from pyvmm.xen.backend.xenbus_backend import FrontendError, XenbusBackendDevice
@@ -116,6 +115,10 @@ class VbdDevice(XenbusBackendDevice):
 
     # --- xenbus ---------------------------------------------------------------------
 
+    @property
+    def name(self) -> str:
+        return self.vdev
+
     def frontend_keys(self) -> dict[str, str]:
         # Linux's blkfront needs virtual-device, and device-type in an HVM
         # guest (it skips "cdrom").
@@ -155,19 +158,9 @@ class VbdDevice(XenbusBackendDevice):
             else:
                 refs = [self.read_frontend_uint(f"{prefix}ring-ref{i}") for i in range(1 << order)]
             port = self.read_frontend_uint(f"{prefix}event-channel")
-            pages = []
-            for ref in refs:
-                try:
-                    mapping = self.grants.map(ref, writable=True)
-                except GrantError as error:
-                    raise FrontendError(f"{prefix}ring-ref {ref}: {error}", error.errno) from None
-                self._mappings.append(mapping)
-                pages.append(mapping.view)
-            try:
-                channel = self.evtchn.bind_backend(port, partial(self._notified, queue, generation), own_eventfd=True)
-            except XenError as error:
-                raise FrontendError(f"{prefix}event-channel {port}: {error}", error.errno) from None
-            self._channels.append(channel)
+            pages = [self.map_ring_page(f"{prefix}ring-ref", ref) for ref in refs]
+            channel = self.bind_channel(f"{prefix}event-channel", port, partial(self._notified, queue, generation),
+                                        own_eventfd=True)
             try:
                 backend.attach_ring(pages, protocol, queue=queue, notify=channel.notify, persistent=persistent)
             except (ValueError, RingBroken) as error:  # BlkifError is a ValueError
@@ -243,7 +236,7 @@ def _unattached_notify() -> None:  # every ring gets its own channel's notify
 
 
 def create_vbds(domain, disks: Iterable, **options) -> list[VbdDevice]:
-    """One started VbdDevice per DiskOption (path, vdev, readonly) of a
+    """One started VbdDevice per DiskSpec (path, vdev, readonly) of a
     XenDomain; on an error the ones already made are closed again."""
     devices: list[VbdDevice] = []
     options.setdefault("max_queues", max(1, min(MAX_QUEUES, domain.vcpu_count)))

@@ -65,7 +65,7 @@ from operator import attrgetter
 from typing import Callable, Sequence
 
 from pyvmm.core.faults import FAULTS, FaultRule, corrupt
-from pyvmm.core.trace import TRACE, net_packet
+from pyvmm.core.trace import TRACE
 from . import netif
 from pyvmm.xen.hv.gnttab import GrantError, GrantMapping, GrantTable
 from .netif import (
@@ -651,3 +651,20 @@ def _after(buffers: list[memoryview], skip: int) -> list[memoryview]:
 
 def _nothing() -> None:
     pass
+
+
+def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1, status: int = 0,
+               fault: str | None = None) -> None:
+    """The network backend's trace hook (category "net"), one call per packet.
+
+    direction: "tx" (guest to host) or "rx" (host to guest); vif: the
+    device ("vif0" or its xenstore id); length: bytes; flags: the netif
+    request/response flags; slots: ring slots used; status: the netif
+    status written back (NETIF_RSP_OKAY 0, ERROR -1, DROPPED -2); fault:
+    the injected fault that changed this packet, if one did.
+    """
+    if TRACE.net:
+        fields = {"dir": direction, "vif": vif, "len": length, "flags": flags, "slots": slots, "status": status}
+        if fault:
+            fields["fault"] = fault
+        TRACE.emit("net", "packet", **fields)

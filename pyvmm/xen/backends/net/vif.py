@@ -36,8 +36,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .tap import TapDevice
-from pyvmm.xen.errors import XenError
-from pyvmm.xen.hv.gnttab import GrantError, GrantTable
+from pyvmm.xen.hv.gnttab import GrantTable
 from .netback import NetBackend, NetFeatures
 from pyvmm.xen.backend.ring import RingBroken
 from pyvmm.xen.backend.xenbus_backend import FrontendError, XenbusBackendDevice
@@ -126,22 +125,10 @@ class VifDevice(XenbusBackendDevice):
         self._tx_notified(generation)  # anything queued before we looked
 
     def _map_ring(self, key: str) -> memoryview:
-        ref = self.read_frontend_uint(key)
-        try:
-            mapping = self.grants.map(ref, writable=True)
-        except GrantError as error:
-            raise FrontendError(f"{key} {ref}: {error}", error.errno) from None
-        self._mappings.append(mapping)
-        return mapping.view
+        return self.map_ring_page(key, self.read_frontend_uint(key))
 
     def _bind(self, key: str, callback: Callable[[], None]) -> "BackendChannel":
-        port = self.read_frontend_uint(key)
-        try:
-            channel = self.evtchn.bind_backend(port, callback)
-        except XenError as error:
-            raise FrontendError(f"{key} {port}: {error}", error.errno) from None
-        self._channels.append(channel)
-        return channel
+        return self.bind_channel(key, self.read_frontend_uint(key), callback)
 
     def disconnect(self) -> None:
         self._generation += 1
@@ -199,7 +186,7 @@ class VifDevice(XenbusBackendDevice):
 
 
 def create_vifs(domain, nets: Iterable) -> list[VifDevice]:
-    """One started VifDevice per NetOption (tap, mac) of a XenDomain, its TAP
+    """One started VifDevice per NicSpec (tap, mac) of a XenDomain, its TAP
     device opened (created if needed) and up; on an error the ones already
     made are closed again."""
     devices: list[VifDevice] = []

@@ -467,7 +467,7 @@ def test_frontend_node_removed_disconnects(domain, image):
 
 
 def test_create_vbds_for_the_configured_disks(domain, image, tmp_path):
-    from pyvmm.config import DiskOption
+    from pyvmm.xen.backends.blk.spec import DiskSpec as DiskOption
 
     second = tmp_path / "ro.img"
     second.write_bytes(bytes(SECTORS * 512))
@@ -484,7 +484,7 @@ def test_create_vbds_for_the_configured_disks(domain, image, tmp_path):
 
 
 def test_create_vbds_closes_what_it_opened_on_error(domain, image, tmp_path):
-    from pyvmm.config import DiskOption
+    from pyvmm.xen.backends.blk.spec import DiskSpec as DiskOption
 
     with pytest.raises(OSError):
         create_vbds(domain, (DiskOption(image, "xvda"), DiskOption(tmp_path / "missing.img", "xvdb")))
