@@ -21,9 +21,15 @@ request fires when it overlaps), dir= (net: tx|rx, evtchn: to-guest|
 from-guest), vif=N (net), port=N (evtchn: the guest's port), path=PREFIX
 (xenstore watches). Durations take ms, s or us (plain numbers: ms).
 
-The injector here only decides; the backends ask it through one cheap
-flag per target (`if FAULTS.blk:`) and carry out the outcome. Every fault
-that fires is traced (category "fault") and counted per rule.
+Each VM has one FaultInjector: the runner makes it from the VM's config
+(--fault) for the whole run, reboots included, the control socket's fault-*
+commands change that VM's rules, and it is handed down to the parts that
+ask it (the event channels, the xenstore; the backends reach it through
+their xenstore, `XenStore.faults`). The injector here only decides; the
+parts ask it through one cheap flag per target (`if self._faults.blk:`)
+and carry out the outcome. Every fault that fires is traced (category
+"fault", on the injector's Tracer) and counted per rule. A part built alone
+(a unit test) gets `NULL_FAULTS`, which never has a rule.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .trace import TRACE
+from .trace import NULL_TRACE, Tracer
 
 TARGET_ACTIONS = {
     "blk": ("error", "eopnotsupp", "delay", "drop", "stall"),
@@ -184,12 +190,13 @@ class FaultRule:
 
 
 class FaultInjector:
-    """The VMM's fault rules. Per-target flags (blk, net, xenstore, evtchn)
+    """One VM's fault rules. Per-target flags (blk, net, xenstore, evtchn)
     are true while a rule for that target exists: test them first."""
 
     blk = net = xenstore = evtchn = False
 
-    def __init__(self) -> None:
+    def __init__(self, trace: Tracer = NULL_TRACE) -> None:
+        self._trace = trace  # where fired faults are recorded
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._next_id = 1
@@ -197,7 +204,23 @@ class FaultInjector:
         # installs the loop's. Without one, delayed work runs at once.
         self.call_later: Callable[[float, Callable[[], None]], None] = lambda delay, callback: callback()
         # Called after every change of the rules (a stall lifted: serve the ring).
-        self.listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    def from_specs(cls, specs, trace: Tracer = NULL_TRACE) -> "FaultInjector":
+        """A VM's injector holding these rules (--fault); FaultSpecError on a bad one."""
+        injector = cls(trace)
+        for spec in specs:
+            injector.add(spec)
+        return injector
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change of the rules."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def use_loop(self, loop) -> None:
         """Schedule delayed outcomes on `loop` (an EventLoop), from any thread."""
@@ -243,7 +266,7 @@ class FaultInjector:
             setattr(self, target, target in targets)
 
     def _changed(self) -> None:
-        for listener in list(self.listeners):
+        for listener in list(self._listeners):
             listener()
 
     def _first(self, target: str, actions: tuple[str, ...], context: dict, matches: Callable[[FaultRule], bool]):
@@ -253,8 +276,8 @@ class FaultInjector:
                     break
             else:
                 return None
-        if TRACE.fault:
-            TRACE.emit("fault", rule.action, rule=rule.id, spec=rule.spec, **context)
+        if self._trace.fault:
+            self._trace.emit("fault", rule.action, rule=rule.id, spec=rule.spec, **context)
         return rule
 
     # --- questions the backends ask ------------------------------------------------------
@@ -306,4 +329,17 @@ def corrupt(data: bytearray, rule: FaultRule) -> None:
         data[bit // 8] ^= 1 << (bit % 8)
 
 
-FAULTS = FaultInjector()
+class _NullFaults(FaultInjector):
+    """Never a rule: the default of parts built without their VM's injector."""
+
+    def add(self, spec: str) -> FaultRule:
+        raise RuntimeError("NULL_FAULTS takes no rules: give the part its VM's FaultInjector")
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        pass  # its rules never change
+
+    def use_loop(self, loop) -> None:
+        pass
+
+
+NULL_FAULTS: FaultInjector = _NullFaults()

@@ -1,11 +1,17 @@
 """Event tracing: one JSON object per line, per category, cheap when off.
 
-The VMM has one Tracer, `TRACE`. Each category is a plain boolean
-attribute, so a hook costs one attribute test while its category is off
-and builds nothing:
+Each VM has one Tracer: the runner makes it from the VM's config (--trace,
+--trace-file) and it is handed down to every part that traces, which keeps
+it as `self._trace` (or reaches it through what it was built on: the
+backends through their xenstore, `XenStore.trace`). Two VMs in one process
+never share one. Each category is a plain boolean attribute, so a hook
+costs one attribute test while its category is off and builds nothing:
 
-    if TRACE.blk:
-        TRACE.emit("blk", "request", op="write", sector=2048, ...)
+    if self._trace.blk:
+        self._trace.emit("blk", "request", op="write", sector=2048, ...)
+
+A part built alone (a unit test) gets `NULL_TRACE`: a Tracer that is always
+off and refuses to be turned on, so no test can start tracing for others.
 
 Categories:
 
@@ -29,12 +35,12 @@ Categories:
 A record is {"t": monotonic ns, "cat": category, "ev": event, "thread":
 name, "vcpu": index (when the event happened on a vCPU thread), ...decoded
 fields}. Writes are thread-safe and buffered: a batch goes to the file
-every 512 events or after a second; close() (at exit) writes the rest.
+every 512 events or after a second; close() (the runner's, at the end of
+the run) writes the rest.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import threading
 import time
@@ -62,6 +68,8 @@ def parse_categories(text: str) -> frozenset[str]:
 
 
 class Tracer:
+    """One VM's trace: which categories are on, and the file they go to."""
+
     hypercall = evtchn = xenstore = grant = blk = net = console = io = fault = stop = False
 
     def __init__(self) -> None:
@@ -146,13 +154,30 @@ def summarize_bytes(data: bytes, limit: int = 64) -> str:
     return text if len(data) <= limit else f"{text}...(+{len(data) - limit} bytes)"
 
 
-TRACE = Tracer()
-atexit.register(TRACE.close)
+class _NullTracer(Tracer):
+    """Always off: the default of parts built without their VM's Tracer."""
+
+    def enable(self, categories) -> None:
+        if frozenset(categories):
+            raise RuntimeError("NULL_TRACE cannot be turned on: give the part its VM's Tracer")
+        super().enable(())
 
 
-def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1, status: int = 0,
+NULL_TRACE: Tracer = _NullTracer()
+
+
+def open_trace(categories: frozenset[str] | set[str], path) -> Tracer:
+    """A VM's Tracer writing `categories` to `path`, or one that is off when
+    `categories` is empty (no --trace)."""
+    tracer = Tracer()
+    if categories:
+        tracer.open(categories, path)
+    return tracer
+
+
+def net_packet(trace: Tracer, direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1, status: int = 0,
                fault: str | None = None) -> None:
-    """The network backend's trace hook, one call per packet.
+    """The network backend's trace hook, one call per packet, on `trace`.
 
     direction: "tx" (guest to host) or "rx" (host to guest); vif: the
     device ("vif0" or its xenstore id); length: bytes; flags: the netif
@@ -160,8 +185,8 @@ def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: 
     status written back (NETIF_RSP_OKAY 0, ERROR -1, DROPPED -2); fault:
     the injected fault that changed this packet, if one did.
     """
-    if TRACE.net:
+    if trace.net:
         fields = {"dir": direction, "vif": vif, "len": length, "flags": flags, "slots": slots, "status": status}
         if fault:
             fields["fault"] = fault
-        TRACE.emit("net", "packet", **fields)
+        trace.emit("net", "packet", **fields)

@@ -34,7 +34,8 @@ from .liveness import DeadGuestDetector
 from ..core.memory import GuestMemory
 from ..platform import Platform
 from ..core.stop import StopReason
-from ..core.trace import TRACE
+from ..core.faults import FaultInjector
+from ..core.trace import Tracer
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from ..vcpu_state import read_registers
 
@@ -44,9 +45,15 @@ DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
 
 
 class Machine:
-    def __init__(self, config: VmConfig, console: ConsoleOutput):
+    def __init__(self, config: VmConfig, console: ConsoleOutput, *, trace: Tracer | None = None,
+                 faults: FaultInjector | None = None):
+        """`trace` and `faults`: the VM's, made by the runner for the whole
+        run (every boot gets the same two); without them this machine makes
+        its own, off and without rules, shared with nothing."""
         self.config = config
         self.console = console
+        self.trace = trace if trace is not None else Tracer()
+        self.faults = faults if faults is not None else FaultInjector(self.trace)
         self.loop = EventLoop()
         self.loop.on_callback_error = self._event_callback_failed
         self._callback_failures: collections.Counter[str] = collections.Counter()
@@ -226,7 +233,7 @@ class Machine:
             gdb = self.gdb
             debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
-                             registers=lambda: read_registers(vcpu)).handle
+                             registers=lambda: read_registers(vcpu), trace=self.trace).handle
         work = self._vcpu_work[index]
         try:
             while self.stop_reason is None:
@@ -291,8 +298,8 @@ class Machine:
         log.warning("--timeout expired; the guest's state:")
         for line in self.diagnostics():
             log.warning("  %s", line)
-        if TRACE.stop:
-            TRACE.emit("stop", "timeout")
+        if self.trace.stop:
+            self.trace.emit("stop", "timeout")
         self.request_stop(StopReason.TIMEOUT)
 
     def diagnostics(self, wait: float = DIAGNOSE_WAIT) -> list[str]:
@@ -357,8 +364,8 @@ class Machine:
     def _guest_is_dead(self, samples: list) -> None:
         state = liveness.describe(samples)
         log.warning("every vCPU is halted with interrupts disabled, so the guest can never run again: %s", state)
-        if TRACE.stop:
-            TRACE.emit("stop", "halted", state=state)
+        if self.trace.stop:
+            self.trace.emit("stop", "halted", state=state)
         self.request_stop(StopReason.CRASH, detail="halted")
 
     @property

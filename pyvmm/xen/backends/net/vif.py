@@ -71,7 +71,8 @@ class VifDevice(XenbusBackendDevice):
         self.evtchn = evtchn
         self.loop = loop
         self.backend = NetBackend(tap.fd, grants, watch_tap=self._watch_tap, set_offload=tap.set_offload,
-                                  name=f"vif{domid}.{handle}")  # as in traces and `vif=` fault rules
+                                  name=f"vif{domid}.{handle}",  # as in traces and `vif=` fault rules
+                                  trace=self.trace, faults=self.faults)
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self._tx_scheduled = False
 
