@@ -74,6 +74,7 @@ def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector) -> in
 
 
 def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int:
+    from .vmm.builder import MachineBuilder
     from .vmm.machine import Machine
 
     watchers = []
@@ -107,7 +108,7 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int
     run_counts = {"reboots": 0, "triple_faults": 0}
     try:
         while True:
-            booting = Machine(config, console, trace=trace, faults=faults)
+            booting = MachineBuilder.for_boot(config, console, trace=trace, faults=faults)
             faults.use_loop(booting.loop)
             if control is None:
                 control = _start_control_server(config, booting, machine_holder)
