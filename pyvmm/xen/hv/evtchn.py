@@ -86,6 +86,7 @@ from ..abi import (
     NR_VIRQS,
 )
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
+from pyvmm.core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class BackendChannel:
         self.on_notify()
 
 
-class EventChannels:
+class EventChannels(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     def __init__(
         self,
         *,

@@ -54,6 +54,7 @@ from pyvmm.limits import Limits
 from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from pyvmm.core.trace import NULL_TRACE, Tracer
+from pyvmm.core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,7 @@ class _DeferredEvents:
             store._deliver_deferred()
 
 
-class XenStore:
+class XenStore(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     """The tree, the known domains and every client's watches and transactions."""
 
     def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None,
