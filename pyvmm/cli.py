@@ -191,9 +191,9 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             sandbox=_sandbox_options(no_sandbox, sandbox_user, values["sandbox_user"]),
             # the file's limits, then --limit's (the last of a name wins)
             limits=VmConfig.limits_from({**values["limits"], **dict(map(parse_limit_option, limit_settings))}),
+            **_tracing_and_faults(trace_categories, trace_file, faults),
         )
         config.validate()
-        _start_tracing_and_faults(trace_categories, trace_file, faults)
         from .runner import run_vm
 
         status = run_vm(config)
@@ -225,21 +225,20 @@ def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None
     return SandboxOptions(user=user)
 
 
-def _start_tracing_and_faults(categories: str | None, path: Path | None, specs: tuple[str, ...]) -> None:
-    from .core.faults import FAULTS, FaultSpecError
-    from .core.trace import TRACE, TraceError, parse_categories
+def _tracing_and_faults(categories: str | None, path: Path | None, specs: tuple[str, ...]) -> dict:
+    """VmConfig's trace, trace_file and faults, checked (the runner opens the file)."""
+    from .core.faults import FaultRule, FaultSpecError
+    from .core.trace import TraceError, parse_categories
 
     if (categories is None) != (path is None):
         raise ConfigError("--trace and --trace-file go together")
     try:
         for spec in specs:
-            FAULTS.add(spec)
-        if categories is not None:
-            TRACE.open(parse_categories(categories), path)
+            FaultRule.parse(spec)
+        wanted = parse_categories(categories) if categories is not None else frozenset()
     except (FaultSpecError, TraceError) as error:
         raise ConfigError(str(error))
-    except OSError as error:
-        raise ConfigError(f"--trace-file {str(path)!r}: {error.strerror}")
+    return {"trace": wanted, "trace_file": path, "faults": tuple(specs)}
 
 
 @cli.command()

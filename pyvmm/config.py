@@ -146,6 +146,11 @@ class VmConfig:
     # None: no sandbox (what a VmConfig built in code gets); `pyvmm run` sets
     # SandboxOptions() unless --no-sandbox (pyvmm/sandbox.py, docs/SANDBOX.md).
     sandbox: "SandboxOptions | None" = None
+    # --trace (parsed categories) and --trace-file, --fault (checked rules):
+    # the runner makes the VM's Tracer and FaultInjector from them.
+    trace: frozenset[str] = frozenset()
+    trace_file: Path | None = None
+    faults: tuple[str, ...] = ()
 
     @staticmethod
     def limits_from(settings: dict) -> Limits:

@@ -28,7 +28,7 @@ from .devices.serial import Serial16550
 from .core.eventloop import EventLoop
 from .kvm import Vm
 from .core.stop import StopReason
-from .core.trace import TRACE
+from .core.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,13 @@ class GsiLine:
 
 class Board(Protocol):
     """What the platform needs of the VM it is part of (a Machine): the VM
-    its interrupt lines drive, the buses its devices sit on, and a way to
-    stop when a device powers off, resets or reports a panic."""
+    its interrupt lines drive, the buses its devices sit on, its tracer, and
+    a way to stop when a device powers off, resets or reports a panic."""
 
     vm: Vm
     pio: Bus
     mmio: Bus
+    trace: Tracer
 
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
 
@@ -62,6 +63,7 @@ class Board(Protocol):
 class Platform:
     def __init__(self, machine: Board, console: ConsoleOutput):
         self.machine = machine
+        self._trace = machine.trace
         vm, pio = machine.vm, machine.pio
         stop = machine.request_stop
         self._lines: dict[int, GsiLine] = {}
@@ -99,8 +101,8 @@ class Platform:
         self._polled = False
 
     def _guest_panicked(self, events: int) -> None:
-        if TRACE.stop:
-            TRACE.emit("stop", "pvpanic", events=events)
+        if self._trace.stop:
+            self._trace.emit("stop", "pvpanic", events=events)
         if events & PANICKED:
             log.warning("guest reported a panic (pvpanic)")
             self.machine.request_stop(StopReason.CRASH, detail="pvpanic")

@@ -13,12 +13,13 @@ import time
 from .boot.errors import BootError
 from .config import VmConfig
 from .core.console import ConsoleOutput, ExpectWatcher
-from .core.faults import FAULTS
+from .core.faults import FaultInjector
 from .core.kept import KEPT, NotKept
 from .kvm import KvmError, KvmUnavailable
 from .core.memory import GuestMemoryError
 from .core.stop import StopReason
-from .core.trace import TRACE
+from .core.trace import Tracer, open_trace
+from .xen import backends as _backends  # noqa: F401 - the device kinds' trace categories and fault targets
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,21 @@ EXIT_ESCAPE = 130
 
 
 def run_vm(config: VmConfig) -> int:
+    # The VM's tracer and fault injector, for the whole run (every boot's
+    # Machine gets these two): the trace file is opened first, as the user
+    # who ran pyvmm, before the sandbox exists.
+    try:
+        trace = open_trace(config.trace, config.trace_file)
+    except OSError as error:
+        raise RunError(f"--trace-file {str(config.trace_file)!r}: {error.strerror}") from None
+    try:
+        faults = FaultInjector.from_specs(config.faults, trace)
+        return _run_sandboxed(config, trace, faults)
+    finally:
+        trace.close()
+
+
+def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector) -> int:
     sandbox = None
     if config.sandbox is not None and config.sandbox.enabled:
         # First, while the VMM is one thread: the monitor is forked here.
@@ -52,13 +68,14 @@ def run_vm(config: VmConfig) -> int:
 
             config = dataclasses.replace(config, xenstore_socket=xenstore_socket_path(config.name))
     try:
-        return _run(config, sandbox)
+        return _run(config, sandbox, trace, faults)
     finally:
         if sandbox is not None:
             sandbox.finish(KEPT.close())
 
 
-def _run(config: VmConfig, sandbox) -> int:
+def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int:
+    from .vmm.builder import MachineBuilder
     from .vmm.machine import Machine
 
     watchers = []
@@ -92,8 +109,8 @@ def _run(config: VmConfig, sandbox) -> int:
     run_counts = {"reboots": 0, "triple_faults": 0}
     try:
         while True:
-            booting = Machine(config, console)
-            FAULTS.use_loop(booting.loop)
+            booting = MachineBuilder.for_boot(config, console, trace=trace, faults=faults)
+            faults.use_loop(booting.loop)
             if control is None:
                 control = _start_control_server(config, booting, machine_holder)
             else:
@@ -133,7 +150,7 @@ def _run(config: VmConfig, sandbox) -> int:
         if machine is not None:
             machine.close()
         console.close()
-        TRACE.close()
+        trace.close()
     return status
 
 

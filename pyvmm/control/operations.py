@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .server import ControlError
-from ..core.faults import FAULTS, FaultSpecError
+from ..core.faults import FaultSpecError
 from ..core.stop import StopReason
 from ..xen.xenstore import XenStoreError
 
@@ -129,17 +129,17 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         if not isinstance(spec, str):
             raise ControlError("InvalidArgument", "'spec' must be a string")
         try:
-            return FAULTS.add(spec).describe()
+            return machine.faults.add(spec).describe()
         except FaultSpecError as error:
             raise ControlError("InvalidArgument", str(error)) from None
 
     def fault_clear(args: dict) -> dict:
         rule_id = args.get("id")
         if rule_id is None:
-            return {"removed": FAULTS.clear()}
+            return {"removed": machine.faults.clear()}
         if not isinstance(rule_id, int) or isinstance(rule_id, bool):
             raise ControlError("InvalidArgument", "'id' must be a rule number")
-        if not FAULTS.remove(rule_id):
+        if not machine.faults.remove(rule_id):
             raise ControlError("InvalidArgument", f"no fault rule {rule_id}")
         return {"removed": 1}
 
@@ -174,7 +174,7 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         "xenstore-rm": store_op(lambda c, a: c.rm(path_of(a)) or {}),
         "evtchn-list": evtchn_list,
         "fault-add": fault_add,
-        "fault-list": lambda args: FAULTS.rules(),
+        "fault-list": lambda args: machine.faults.rules(),
         "fault-clear": fault_clear,
         "xenbus-state": xenbus_state,
     }

@@ -22,10 +22,19 @@ vdev=, op=, sectors=; net: dir=, vif=) are declared with each backend
 (pyvmm/xen/backends/*/kind.py) and added by `register_target`. Durations
 take ms, s or us (plain numbers: ms).
 
-The injector here only decides; the backends ask it through one cheap
-flag per target (`if FAULTS.blk:`), then a question its target declares
-(`FAULTS.blk_request(...)`), and carry out the outcome. Every fault that
-fires is traced (category "fault") and counted per rule.
+Each VM has one FaultInjector: the runner makes it from the VM's config
+(--fault) for the whole run, reboots included, the control socket's fault-*
+commands change that VM's rules, and it is handed down to the parts that
+ask it (the event channels, the xenstore; the backends reach it through
+their xenstore, `XenStore.faults`). The injector here only decides; the
+parts ask it through one cheap flag per target (`if self._faults.blk:`),
+then a question its target declares (`self._faults.blk_request(...)`), and
+carry out the outcome. Every fault that fires is traced (category "fault",
+on the injector's Tracer) and counted per rule. A part built alone (a unit
+test) gets `NULL_FAULTS`, which never has a rule.
+
+The targets themselves (TARGETS, filled by `register_target`) are what
+rules may say, the same for every VM: no rule or counter lives there.
 """
 
 from __future__ import annotations
@@ -34,10 +43,9 @@ import random
 import re
 import threading
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable
 
-from .trace import TRACE
+from .trace import NULL_TRACE, Tracer
 
 _TAKES_DURATION = {"delay", "delay-watch"}
 _COMMON_KEYS = {"count", "every", "rate", "seed"}
@@ -84,8 +92,9 @@ class FaultTarget:
     `filters`: KEY -> (the rule's attribute, parse(value)) for the
     KEY=VALUE filters beyond the common ones; a rule without the filter
     has None there. `questions`: name -> function(injector, ...) that a
-    backend calls as a method of the injector (`FAULTS.blk_request(...)`),
-    built on FaultInjector.first() and .holds()."""
+    backend calls as a method of its VM's injector
+    (`self._faults.blk_request(...)`), built on FaultInjector.first() and
+    .holds()."""
 
     name: str
     actions: tuple[str, ...]
@@ -93,13 +102,17 @@ class FaultTarget:
     questions: dict[str, Callable] = field(default_factory=dict)
 
 
-TARGETS: dict[str, FaultTarget] = {}  # by name, in the order registered
-TARGET_ACTIONS: dict[str, tuple[str, ...]] = {}  # name -> its actions
-_QUESTIONS: dict[str, Callable] = {}
+# What rules may say, for every VM alike (definitions, never rules or
+# counters): by name, in the order registered, and name -> its actions.
+TARGETS: dict[str, FaultTarget] = {}
+TARGET_ACTIONS: dict[str, tuple[str, ...]] = {}
+_QUESTIONS: dict[str, Callable] = {}  # every registered target's questions, by name
 
 
 def register_target(target: FaultTarget) -> None:
-    """Accept rules for `target` from now on (its flag starts False)."""
+    """Accept rules for `target` from now on: every FaultInjector gets its
+    flag (off until the injector has a rule for it) and its questions as
+    methods."""
     known = TARGETS.get(target.name)
     if known is not None and known != target:
         raise ValueError(f"a fault target {target.name!r} is registered already")
@@ -109,6 +122,8 @@ def register_target(target: FaultTarget) -> None:
     TARGETS[target.name] = target
     TARGET_ACTIONS[target.name] = target.actions
     _QUESTIONS.update(target.questions)
+    for name, question in target.questions.items():
+        setattr(FaultInjector, name, question)  # a method: question(injector, ...)
     if not hasattr(FaultInjector, target.name):
         setattr(FaultInjector, target.name, False)
 
@@ -119,7 +134,8 @@ def unregister_target(name: str) -> None:
     TARGET_ACTIONS.pop(name, None)
     if target is not None:
         for question in target.questions:
-            _QUESTIONS.pop(question, None)
+            if _QUESTIONS.pop(question, None) is not None and question in FaultInjector.__dict__:
+                delattr(FaultInjector, question)
         if name in FaultInjector.__dict__ and name not in ("xenstore", "evtchn"):
             delattr(FaultInjector, name)
 
@@ -223,19 +239,19 @@ class FaultRule:
 
 
 class FaultInjector:
-    """The VMM's fault rules. Per-target flags (xenstore, evtchn and one per
-    registered target: blk, net, ...) are true while a rule for that target
-    exists: test them first. The targets' questions are its methods too."""
+    """One VM's fault rules. Per-target flags (xenstore, evtchn and one per
+    registered target: blk, net, ...) are true while this injector has a
+    rule for that target: test them first. The targets' questions are its
+    methods too (register_target puts them on the class, with each flag's
+    default, off; an injector made before a target was registered, such as
+    NULL_FAULTS, answers False for it)."""
 
     xenstore = evtchn = False
 
-    def __getattr__(self, name: str):
-        question = _QUESTIONS.get(name)
-        if question is None:
-            raise AttributeError(name)
-        return partial(question, self)
-
-    def __init__(self) -> None:
+    def __init__(self, trace: Tracer = NULL_TRACE) -> None:
+        self._trace = trace  # where fired faults are recorded
+        for name in TARGETS:  # every registered target's flag, off: no rule yet
+            setattr(self, name, False)
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._next_id = 1
@@ -243,7 +259,23 @@ class FaultInjector:
         # installs the loop's. Without one, delayed work runs at once.
         self.call_later: Callable[[float, Callable[[], None]], None] = lambda delay, callback: callback()
         # Called after every change of the rules (a stall lifted: serve the ring).
-        self.listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    def from_specs(cls, specs, trace: Tracer = NULL_TRACE) -> "FaultInjector":
+        """A VM's injector holding these rules (--fault); FaultSpecError on a bad one."""
+        injector = cls(trace)
+        for spec in specs:
+            injector.add(spec)
+        return injector
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change of the rules."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def use_loop(self, loop) -> None:
         """Schedule delayed outcomes on `loop` (an EventLoop), from any thread."""
@@ -289,7 +321,7 @@ class FaultInjector:
             setattr(self, target, target in targets)
 
     def _changed(self) -> None:
-        for listener in list(self.listeners):
+        for listener in list(self._listeners):
             listener()
 
     def first(self, target: str, actions: tuple[str, ...], context: dict,
@@ -302,8 +334,8 @@ class FaultInjector:
                     break
             else:
                 return None
-        if TRACE.fault:
-            TRACE.emit("fault", rule.action, rule=rule.id, spec=rule.spec, **context)
+        if self._trace.fault:
+            self._trace.emit("fault", rule.action, rule=rule.id, spec=rule.spec, **context)
         return rule
 
     def holds(self, target: str, action: str, matches: Callable[[FaultRule], bool]) -> bool:
@@ -339,4 +371,18 @@ register_target(FaultTarget("xenstore", ("eagain", "delay-watch"), {"path": ("pa
 register_target(FaultTarget("evtchn", ("drop", "delay"), {"dir": ("direction", choice("to-guest", "from-guest")),
                                                           "port": ("port", positive_int)}))
 
-FAULTS = FaultInjector()
+
+class _NullFaults(FaultInjector):
+    """Never a rule: the default of parts built without their VM's injector."""
+
+    def add(self, spec: str) -> FaultRule:
+        raise RuntimeError("NULL_FAULTS takes no rules: give the part its VM's FaultInjector")
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        pass  # its rules never change
+
+    def use_loop(self, loop) -> None:
+        pass
+
+
+NULL_FAULTS: FaultInjector = _NullFaults()

@@ -1,11 +1,17 @@
 """Event tracing: one JSON object per line, per category, cheap when off.
 
-The VMM has one Tracer, `TRACE`. Each category is a plain boolean
-attribute, so a hook costs one attribute test while its category is off
-and builds nothing:
+Each VM has one Tracer: the runner makes it from the VM's config (--trace,
+--trace-file) and it is handed down to every part that traces, which keeps
+it as `self._trace` (or reaches it through what it was built on: the
+backends through their xenstore, `XenStore.trace`). Two VMs in one process
+never share one. Each category is a plain boolean attribute, so a hook
+costs one attribute test while its category is off and builds nothing:
 
-    if TRACE.blk:
-        TRACE.emit("blk", "request", op="write", sector=2048, ...)
+    if self._trace.blk:
+        self._trace.emit("blk", "request", op="write", sector=2048, ...)
+
+A part built alone (a unit test) gets `NULL_TRACE`: a Tracer that is always
+off and refuses to be turned on, so no test can start tracing for others.
 
 Categories:
 
@@ -29,12 +35,12 @@ them all.
 A record is {"t": monotonic ns, "cat": category, "ev": event, "thread":
 name, "vcpu": index (when the event happened on a vCPU thread), ...decoded
 fields}. Writes are thread-safe and buffered: a batch goes to the file
-every 512 events or after a second; close() (at exit) writes the rest.
+every 512 events or after a second; close() (the runner's, at the end of
+the run) writes the rest.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import threading
 import time
@@ -91,6 +97,13 @@ def describe() -> dict[str, str]:
 
 
 class Tracer:
+    """One VM's trace: which categories are on, and the file they go to.
+
+    Every category is a flag of the instance, made when it is constructed
+    from the categories registered by then (CATEGORIES); the class holds
+    each category's default, off, so that a Tracer made before a kind was
+    registered (NULL_TRACE) still answers False for its category."""
+
     hypercall = evtchn = xenstore = grant = io = fault = stop = False
 
     def __init__(self) -> None:
@@ -100,6 +113,8 @@ class Tracer:
         self._owned = False
         self._written_at = 0
         self.enabled: frozenset[str] = frozenset()
+        for name in CATEGORIES:  # the built-in ones and every device kind's
+            setattr(self, name, False)
 
     def open(self, categories: frozenset[str] | set[str], path) -> None:
         """Start writing the `categories` to the file at `path` (replaced)."""
@@ -175,5 +190,23 @@ def summarize_bytes(data: bytes, limit: int = 64) -> str:
     return text if len(data) <= limit else f"{text}...(+{len(data) - limit} bytes)"
 
 
-TRACE = Tracer()
-atexit.register(TRACE.close)
+class _NullTracer(Tracer):
+    """Always off: the default of parts built without their VM's Tracer."""
+
+    def enable(self, categories) -> None:
+        if frozenset(categories):
+            raise RuntimeError("NULL_TRACE cannot be turned on: give the part its VM's Tracer")
+        super().enable(())
+
+
+NULL_TRACE: Tracer = _NullTracer()
+
+
+def open_trace(categories: frozenset[str] | set[str], path) -> Tracer:
+    """A VM's Tracer writing `categories` to `path`, or one that is off when
+    `categories` is empty (no --trace)."""
+    tracer = Tracer()
+    if categories:
+        tracer.open(categories, path)
+    return tracer
+

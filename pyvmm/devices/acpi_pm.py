@@ -31,6 +31,7 @@ from ..core import layout
 from ..core.bus import IrqLine
 from . import read_bytewise, write_bytewise
 from ..core.ratelimit import DEFAULT_LOG_RATE, LogRate
+from ..core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ PM_TIMER_HZ = 3_579_545
 PM_TIMER_MASK = 0xFF_FFFF
 
 
-class AcpiPm:
+class AcpiPm(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     """`monotonic_ns()` drives the PM timer (time.monotonic_ns by default)."""
 
     def __init__(

@@ -24,6 +24,7 @@ from ..core import layout
 from ..core.bus import IrqLine
 from ..core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from . import read_bytewise, write_bytewise
+from ..core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ CMD_WRITE_AUX = 0xD4
 OUTPUT_QUEUE_LIMIT = 16
 
 
-class I8042:
+class I8042(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     """The controller. The two ports are not adjacent (0x61 is someone
     else's), so it is registered twice, one port each:
     `bus.register(DATA_PORT, 1, kbc.data_port())` and

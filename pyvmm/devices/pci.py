@@ -26,6 +26,7 @@ from typing import Callable
 from ..core import layout
 from ..core.bus import Bus, BusError, Claim, IrqLine
 from . import all_ones
+from ..core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ class HostBridge(PciDevice):
         super().__init__(HOST_BRIDGE_VENDOR_ID, HOST_BRIDGE_DEVICE_ID, CLASS_HOST_BRIDGE, name="host-bridge")
 
 
-class PciHost:
+class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     """Configuration mechanism #1 and the devices of bus 0.
 
     Register it on the PIO bus at layout.PCI_CONFIG_ADDRESS_PORT with

@@ -30,6 +30,7 @@ from typing import Callable
 
 from ..core.bus import IrqLine
 from . import read_bytewise, write_bytewise
+from ..core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _from_bcd(value: int) -> int:
     return (value >> 4) * 10 + (value & 0x0F)
 
 
-class CmosRtc:
+class CmosRtc(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     """The RTC/CMOS. `clock()` returns host UTC time in seconds (time.time)."""
 
     def __init__(self, irq: IrqLine, clock: Callable[[], float] = time.time):

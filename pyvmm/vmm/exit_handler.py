@@ -14,7 +14,7 @@ from ..core.bus import Bus
 from ..kvm import exits as kx
 from ..kvm import uapi
 from ..core.stop import StopReason
-from ..core.trace import TRACE
+from ..core.trace import NULL_TRACE, Tracer
 from ..vcpu_state import format_registers
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class ExitHandler:
     def __init__(self, pio: Bus, mmio: Bus, hypercall: Callable[[kx.XenHypercallExit], None] | None = None,
                  debug: Callable[[kx.DebugExit], None] | None = None, *, vcpu: int | None = None,
-                 registers: Callable[[], dict[str, int]] | None = None):
+                 registers: Callable[[], dict[str, int]] | None = None, trace: Tracer = NULL_TRACE):
         self.pio = pio
+        self._trace = trace  # the VM's
         self.mmio = mmio
         self.debug = debug  # the gdb stub's handler while one is configured
         self.vcpu = vcpu
@@ -58,8 +59,8 @@ class ExitHandler:
         else:
             for i in range(exit.count):
                 data[i * size : (i + 1) * size] = self.pio.read(port, size).to_bytes(size, "little")
-        if TRACE.io:
-            TRACE.emit("io", "pio", port=port, size=size, dir="out" if exit.is_write else "in", count=exit.count,
+        if self._trace.io:
+            self._trace.emit("io", "pio", port=port, size=size, dir="out" if exit.is_write else "in", count=exit.count,
                        value=hex(int.from_bytes(data[:size], "little")))
 
     def _mmio(self, exit: kx.MmioExit) -> None:
@@ -68,8 +69,8 @@ class ExitHandler:
             self.mmio.write(exit.address, length, int.from_bytes(data[:length], "little"))
         else:
             data[:length] = self.mmio.read(exit.address, length).to_bytes(length, "little")
-        if TRACE.io:
-            TRACE.emit("io", "mmio", addr=hex(exit.address), size=length, dir="write" if exit.is_write else "read",
+        if self._trace.io:
+            self._trace.emit("io", "mmio", addr=hex(exit.address), size=length, dir="write" if exit.is_write else "read",
                        value=hex(int.from_bytes(data[:length], "little")))
 
     @staticmethod
@@ -91,8 +92,8 @@ class ExitHandler:
         registers = self._read_registers()
         log.warning("vCPU %s triple-faulted (an unexpected CPU reset): %s", self._vcpu_name(),
                     format_registers(registers) if registers else "registers unavailable")
-        if TRACE.stop:
-            TRACE.emit("stop", "triple-fault", **{name: hex(value) for name, value in registers.items()})
+        if self._trace.stop:
+            self._trace.emit("stop", "triple-fault", **{name: hex(value) for name, value in registers.items()})
         return StopReason.TRIPLE_FAULT
 
     def _read_registers(self) -> dict[str, int]:

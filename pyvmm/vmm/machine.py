@@ -2,6 +2,7 @@
 
 One Machine is one boot: a guest reboot builds a fresh Machine (see
 runner.py), so no device ever has to implement a reset path of its own.
+MachineBuilder (builder.py) builds it.
 
 Threads: one per vCPU (each creates and runs its own KVM vCPU; the GIL is
 released inside KVM_RUN) and the main thread running the event loop for
@@ -18,25 +19,28 @@ import threading
 import time
 from functools import partial
 
+from typing import TYPE_CHECKING
+
 from .. import diagnose
-from ..core import layout
 from . import liveness
-from ..boot.acpi import build_acpi
-from ..boot.e820 import build_e820
-from ..boot.loader import load_kernel
 from ..core.bus import Bus
 from ..config import VmConfig
 from ..core.console import ConsoleOutput, EscapeFilter, RawTerminal
 from ..core.eventloop import EventLoop
 from .exit_handler import ExitHandler
-from ..kvm import Kvm, map_guest_memory, pc_irqchip_routes
 from .liveness import DeadGuestDetector
 from ..core.memory import GuestMemory
 from ..platform import Platform
 from ..core.stop import StopReason
-from ..core.trace import TRACE
+from ..core.faults import FaultInjector
+from ..core.trace import Tracer
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from ..vcpu_state import read_registers
+
+if TYPE_CHECKING:
+    from ..boot.cpustate import BootCpuState
+    from ..kvm import Kvm, Vm
+    from ..xen.domain import XenDomain
 
 log = logging.getLogger(__name__)
 
@@ -44,48 +48,35 @@ DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
 
 
 class Machine:
-    def __init__(self, config: VmConfig, console: ConsoleOutput):
+    """One VM for one boot. MachineBuilder (builder.py) makes it: the
+    constructor sets up only the run state, and the builder's steps give it
+    its KVM VM, memory, buses, devices, Xen domain, guest and debugger."""
+
+    # Set by MachineBuilder's steps, in this order.
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    pio: Bus
+    mmio: Bus
+    platform: Platform
+    xen: XenDomain | None
+    boot_state: BootCpuState
+
+    def __init__(self, config: VmConfig, console: ConsoleOutput, *, trace: Tracer, faults: FaultInjector):
+        """The run state only: the event loop, the stop and pause state and
+        one slot per vCPU. `trace` and `faults` are the VM's (the runner's,
+        for the whole run: every boot gets the same two)."""
         self.config = config
         self.console = console
+        self.trace = trace
+        self.faults = faults
         self.loop = EventLoop()
         self.loop.on_callback_error = self._event_callback_failed
         self._callback_failures: collections.Counter[str] = collections.Counter()
         self._stop_lock = threading.Lock()
         self.stop_reason: StopReason | None = None
         self.stop_detail: str | None = None  # what exactly, e.g. "pvpanic" for a CRASH
-
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        self.vm.create_irqchip()
-        # The PIT ticks on GSI 0, which a PC wires to IOAPIC pin 2 (the MADT
-        # says so with an interrupt source override); KVM's default routes don't.
-        self.vm.set_gsi_routing(pc_irqchip_routes())
-        self.vm.create_pit2()
-
-        ranges = layout.ram_ranges(config.memory)
-        if config.xen:
-            # Xen's special pages (console and xenstore rings): memory the
-            # guest can map, reserved in its E820 map.
-            ranges.append((layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE))
-        self.memory = GuestMemory(ranges)
-        map_guest_memory(self.vm.memslots, self.memory)
-
-        self.pio = Bus("port I/O", 1 << 16)
-        self.mmio = Bus("MMIO", 1 << 64)
-        self.platform = Platform(self, console)
         self.xen = None
-        if config.xen:
-            from ..xen.domain import XenDomain
-
-            self.xen = XenDomain(self)
-
-        e820 = build_e820(config.memory)
-        rsdp = build_acpi(self.memory, config.vcpus)
-        self.boot_state = load_kernel(
-            self.memory, config.kernel, config.initrd, config.cmdline, rsdp_address=rsdp, e820=e820
-        )
         self._threads: list[threading.Thread] = []
         self._vcpus: list = [None] * config.vcpus
         # Work that must run on a given vCPU's own thread (KVM serialises
@@ -98,7 +89,7 @@ class Machine:
         self._running.set()
         self._pause_lock = threading.Lock()
         self._paused_clock = None
-        self.started_at = time.monotonic()
+        self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
         self._xenstore_server = None
@@ -107,12 +98,11 @@ class Machine:
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
         self.gdb = None
-        if config.gdb is not None:
-            from ..debug.gdbstub import serve_gdb
 
-            self.gdb = serve_gdb(self, config.gdb, config.gdb_wait)
-            if config.gdb_wait:
-                self._running.clear()  # until gdb says continue
+    def hold_vcpus(self) -> None:
+        """Keep every vCPU from its first entry until resume() (--gdb-wait:
+        until gdb says continue). Before run() only."""
+        self._running.clear()
 
     # --- stopping -----------------------------------------------------------
 
@@ -226,7 +216,7 @@ class Machine:
             gdb = self.gdb
             debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
-                             registers=lambda: read_registers(vcpu)).handle
+                             registers=lambda: read_registers(vcpu), trace=self.trace).handle
         work = self._vcpu_work[index]
         try:
             while self.stop_reason is None:
@@ -291,8 +281,8 @@ class Machine:
         log.warning("--timeout expired; the guest's state:")
         for line in self.diagnostics():
             log.warning("  %s", line)
-        if TRACE.stop:
-            TRACE.emit("stop", "timeout")
+        if self.trace.stop:
+            self.trace.emit("stop", "timeout")
         self.request_stop(StopReason.TIMEOUT)
 
     def diagnostics(self, wait: float = DIAGNOSE_WAIT) -> list[str]:
@@ -357,8 +347,8 @@ class Machine:
     def _guest_is_dead(self, samples: list) -> None:
         state = liveness.describe(samples)
         log.warning("every vCPU is halted with interrupts disabled, so the guest can never run again: %s", state)
-        if TRACE.stop:
-            TRACE.emit("stop", "halted", state=state)
+        if self.trace.stop:
+            self.trace.emit("stop", "halted", state=state)
         self.request_stop(StopReason.CRASH, detail="halted")
 
     @property

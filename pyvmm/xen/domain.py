@@ -25,6 +25,8 @@ from ..core import layout
 from ..core.bus import Bus
 from ..core.console import ConsoleOutput
 from ..core.eventloop import EventLoop, drain_eventfd
+from ..core.faults import FaultInjector
+from ..core.trace import Tracer
 from ..kvm import CpuidEntry, Kvm, KvmError, MemslotError, Vm, uapi
 from ..kvm.cpuid import signature_leaf
 from .hv.xen_platform import XenPlatformDevice
@@ -46,6 +48,7 @@ from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
 from ..core.memory import GuestMemory
 from ..core.stop import StopReason
+from ..core.snapshot import SavesNoStateYet
 
 if TYPE_CHECKING:
     from ..config import VmConfig
@@ -103,7 +106,8 @@ class XenHost(Protocol):
 
     The domain is built inside the machine and knows it only through this:
     the VM and its memory, buses and PC platform, the event loop, the
-    console, the configuration, and the vCPUs' threads."""
+    console, the configuration, the VM's tracer and fault injector, and the
+    vCPUs' threads."""
 
     kvm: Kvm
     vm: Vm
@@ -113,16 +117,19 @@ class XenHost(Protocol):
     platform: Platform
     console: ConsoleOutput
     config: VmConfig
+    trace: Tracer
+    faults: FaultInjector
 
     def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
 
 
-class XenDomain:
+class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     def __init__(self, machine: XenHost):
         self.machine = machine
         self.vm, self.memory, self.loop = machine.vm, machine.memory, machine.loop
+        self.trace, self.faults = machine.trace, machine.faults  # the VM's, handed to every part below
         config = machine.config
         self.limits = limits = config.limits  # this domain's (pyvmm.limits)
         self._limited = limits.log_rate.limited(log)  # lines whose rate the guest sets
@@ -165,8 +172,11 @@ class XenDomain:
             remove_reader=self.loop.remove_reader,
             max_port=limits.max_event_channels,
             log_rate=limits.log_rate,
+            trace=self.trace,
+            faults=self.faults,
         )
-        self.gnttab = GrantTable(self.memory, max_frames=limits.max_grant_frames, log_rate=limits.log_rate)
+        self.gnttab = GrantTable(self.memory, max_frames=limits.max_grant_frames, log_rate=limits.log_rate,
+                                 trace=self.trace)
 
         self.platform_device = XenPlatformDevice(log_rate=limits.log_rate)  # it logs what the guest says there, rate-limited
         slot = machine.platform.pci.add(self.platform_device)
@@ -175,7 +185,7 @@ class XenDomain:
 
         self._setup_special_pages(machine)
         self.backends = self._create_backends(config)  # kind -> its devices: one per DeviceSpec
-        self.dispatcher = HypercallDispatcher(self, xen_time_ns=self._guest_time_ns)
+        self.dispatcher = HypercallDispatcher(self, xen_time_ns=self._guest_time_ns, trace=self.trace)
 
     # --- set-up -------------------------------------------------------------------
 
@@ -207,13 +217,16 @@ class XenDomain:
         self.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, console_pfn)
         self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)
 
-        self.store = XenStore(quotas=Quotas.from_limits(self.limits), log_rate=self.limits.log_rate)
+        # The backends (vbd, vif) find the VM's tracer and injector on the store.
+        self.store = XenStore(quotas=Quotas.from_limits(self.limits), log_rate=self.limits.log_rate,
+                              trace=self.trace, faults=self.faults)
         self.dom0 = self.store.client(0)  # the VMM's own requests (operators', shutdown): one client
         self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << PAGE_SHIFT, PAGE_SIZE))
         self.console_channel = self.evtchn.connect_backend(self._console_notified)
         self.store_channel = self.evtchn.connect_backend(self.xenstore.notified)
         self.xenstore.attach(self.store_channel.notify)
-        self.pv_console = PvConsole(self.memory.view(console_pfn << PAGE_SHIFT, PAGE_SIZE), self.console_channel.notify, machine.console.write)
+        self.pv_console = PvConsole(self.memory.view(console_pfn << PAGE_SHIFT, PAGE_SIZE), self.console_channel.notify,
+                                    machine.console.write, trace=self.trace)
         if primary_console(machine.config.cmdline).startswith("hvc"):
             machine.platform.input_sink = self.pv_console
 

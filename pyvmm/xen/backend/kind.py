@@ -15,9 +15,11 @@ them. Whoever would otherwise name disks or NICs loops over the registry:
 Both grammars produce the same spec type (a `pyvmm.config.DeviceSpec`),
 so `pyvmm run` and an xl.cfg file describe a device the same way and a
 spec carries its `Origin` for messages. `register()` makes the trace
-categories and fault targets known to pyvmm.core; the CLI and the xl.cfg
-reader read `kinds()` whenever they run, and the domain builds the
-devices of every kind in the order registered.
+categories and fault targets known to pyvmm.core (definitions only: every
+VM's own Tracer and FaultInjector then has them, as flags that are off
+until that VM turns them on); the CLI and the xl.cfg reader read `kinds()`
+whenever they run, and the domain builds the devices of every kind in the
+order registered.
 """
 
 from __future__ import annotations

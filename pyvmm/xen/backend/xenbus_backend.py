@@ -55,7 +55,6 @@ import logging
 
 from typing import TYPE_CHECKING
 
-from pyvmm.core.trace import TRACE
 from ..errors import XenError
 from ..hv.gnttab import GrantError
 from ..xenstore import Access, Client, Permission, XenStore, XenStoreError
@@ -109,6 +108,9 @@ class XenbusBackendDevice:
         if not self.device_type:
             raise TypeError("a xenbus device needs a device_type")
         self.store = store
+        # The VM's tracer and fault injector come with its store; the
+        # subclasses hand them to their backends.
+        self.trace, self.faults = store.trace, store.faults
         # Lines whose rate the guest sets, under the subclass's logger (vbd, vif).
         self._limited = store.log_rate.limited(logging.getLogger(type(self).__module__))
         self.frontend_domid = frontend_domid
@@ -259,16 +261,16 @@ class XenbusBackendDevice:
         if state == self.state or self.client is None:
             return
         log.debug("%s: %s -> %s", self.backend_path, self.state.name, state.name)
-        if TRACE.xenstore:
-            TRACE.emit("xenstore", "backend-state", device=self.backend_path, old=self.state.name, new=state.name)
+        if self.trace.xenstore:
+            self.trace.emit("xenstore", "backend-state", device=self.backend_path, old=self.state.name, new=state.name)
         self.state = state
         self.client.write(f"{self.backend_path}/state", str(int(state)))
 
     def force_state(self, state: XenbusState) -> None:
         """Go to `state` on demand (Closing or Closed), as a backend that is
         being torn down would, so that the frontend's teardown runs."""
-        if TRACE.fault:
-            TRACE.emit("fault", "xenbus-state", device=self.backend_path, new=state.name)
+        if self.trace.fault:
+            self.trace.emit("fault", "xenbus-state", device=self.backend_path, new=state.name)
         self._disconnect()
         self.switch_state(state)
 
@@ -304,8 +306,8 @@ class XenbusBackendDevice:
 
     def _on_frontend_state(self, frontend: XenbusState) -> None:
         log.debug("%s: frontend %s, backend %s", self.backend_path, frontend.name, self.state.name)
-        if TRACE.xenstore:
-            TRACE.emit("xenstore", "frontend-state", device=self.frontend_path, state=frontend.name,
+        if self.trace.xenstore:
+            self.trace.emit("xenstore", "frontend-state", device=self.frontend_path, state=frontend.name,
                        backend=self.state.name)
         if frontend == XenbusState.INITIALISING:
             if self.state == XenbusState.CLOSED or (self.state == XenbusState.CONNECTED and not self.connected):

@@ -54,8 +54,8 @@ from threading import Lock
 from typing import Callable, Iterable, Iterator, Protocol
 
 from pyvmm.core.eventloop import drain_eventfd
-from pyvmm.core.faults import FAULTS
-from pyvmm.core.trace import TRACE
+from pyvmm.core.faults import NULL_FAULTS, FaultInjector
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from pyvmm.core import atomic
 from ..errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
 from .shared_info import SharedInfoLayout, layout
@@ -86,6 +86,7 @@ from ..abi import (
     NR_VIRQS,
 )
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
+from pyvmm.core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class BackendChannel:
     def __init__(self, owner: EventChannels, dom0_port: int, on_notify: Callable[[], None], eventfd: int | None,
                  loop_reads_eventfd: bool = True):
         self._owner = owner
+        self._trace, self._faults = owner._trace, owner._faults  # the domain's
         self.dom0_port = dom0_port
         self.on_notify = on_notify
         self._guest_port: int | None = None
@@ -173,26 +175,26 @@ class BackendChannel:
     def notify(self) -> None:
         """Raise the event in the guest; dropped while not connected, as
         Xen drops sends on an unbound port."""
-        if TRACE.evtchn or FAULTS.evtchn:
+        if self._trace.evtchn or self._faults.evtchn:
             self._traced_notify()
             return
         self._owner._notify_guest(self)
 
     def _traced_notify(self) -> None:
-        fault = FAULTS.evtchn_notification("to-guest", self._guest_port) if FAULTS.evtchn else None
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "notify", port=self._guest_port, dom0_port=self.dom0_port,
+        fault = self._faults.evtchn_notification("to-guest", self._guest_port) if self._faults.evtchn else None
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "notify", port=self._guest_port, dom0_port=self.dom0_port,
                        kernel=self._owner._kernel is not None, fault=fault.spec if fault else None)
         if fault is None:
             self._owner._notify_guest(self)
         elif fault.action == "delay":
-            FAULTS.call_later(fault.delay, lambda: self._owner._notify_guest(self) if not self._closed else None)
+            self._faults.call_later(fault.delay, lambda: self._owner._notify_guest(self) if not self._closed else None)
 
     def _scheduled_notify(self) -> None:
         """A guest send's notification, on the event thread."""
         with self._owner._lock:
             self._notify_scheduled = False  # before on_notify: a send from now on is served again
-        if TRACE.evtchn or FAULTS.evtchn:
+        if self._trace.evtchn or self._faults.evtchn:
             self._from_guest(kernel=False)
         else:
             self.on_notify()
@@ -207,16 +209,16 @@ class BackendChannel:
         faults to it: True means serve it now. (An owner of the eventfd,
         see own_eventfd, calls this for what it drained.) A delayed one is
         handed to on_notify later; a dropped one is gone."""
-        if not (TRACE.evtchn or FAULTS.evtchn):
+        if not (self._trace.evtchn or self._faults.evtchn):
             return True
-        fault = FAULTS.evtchn_notification("from-guest", self._guest_port) if FAULTS.evtchn else None
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "guest-send", port=self._guest_port, dom0_port=self.dom0_port, kernel=kernel,
+        fault = self._faults.evtchn_notification("from-guest", self._guest_port) if self._faults.evtchn else None
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "guest-send", port=self._guest_port, dom0_port=self.dom0_port, kernel=kernel,
                        fault=fault.spec if fault else None)
         if fault is None:
             return True
         if fault.action == "delay":
-            FAULTS.call_later(fault.delay, lambda: self.on_notify() if not self._closed else None)
+            self._faults.call_later(fault.delay, lambda: self.on_notify() if not self._closed else None)
         return False
 
     def close(self) -> None:
@@ -229,13 +231,13 @@ class BackendChannel:
             return  # closed while the loop was dispatching
         if not drain_eventfd(fd):
             return  # spurious wake-up
-        if TRACE.evtchn or FAULTS.evtchn:
+        if self._trace.evtchn or self._faults.evtchn:
             self._from_guest(kernel=True)
             return
         self.on_notify()
 
 
-class EventChannels:
+class EventChannels(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     def __init__(
         self,
         *,
@@ -252,6 +254,8 @@ class EventChannels:
         on_pending: Callable[[int], None] | None = None,
         max_port: int | None = None,
         log_rate: LogRate = DEFAULT_LOG_RATE,
+        trace: Tracer = NULL_TRACE,
+        faults: FaultInjector = NULL_FAULTS,
     ):
         """`on_pending(port)`, if given, is called when userspace delivery
         made a port pending, masked or not: wake vCPUs in SCHEDOP_poll.
@@ -276,6 +280,8 @@ class EventChannels:
             raise ValueError(f"max_port {max_port} leaves the guest no port")
         self.max_port = max_port
         self._limited = log_rate.limited(log)  # lines whose rate the guest sets
+        self._trace = trace  # the VM's (pyvmm/core/trace.py)
+        self._faults = faults  # the VM's (pyvmm/core/faults.py)
         self._lock = Lock()
         self._ports: dict[int, _Port] = {}
         self._virqs: dict[tuple[int, int], int] = {}  # (virq, vcpu) -> port; global VIRQs on vCPU 0
@@ -289,8 +295,8 @@ class EventChannels:
         with self._transaction():
             port = self._free_port()
             self._ports[port] = _Port(EVTCHNSTAT_unbound, remote_dom=remote)
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "alloc_unbound", port=port, kernel=False, remote_dom=remote_dom)
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "alloc_unbound", port=port, kernel=False, remote_dom=remote_dom)
         return port
 
     def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
@@ -314,8 +320,8 @@ class EventChannels:
             # Sends on the unbound end were dropped; like Xen, make up for
             # them with one event on the new port.
             self._deliver(port, after)
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "bind_interdomain", port=port, kernel=self._ports[port].in_kernel,
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "bind_interdomain", port=port, kernel=self._ports[port].in_kernel,
                        remote_dom=remote_dom, remote_port=remote_port)
         return port
 
@@ -331,8 +337,8 @@ class EventChannels:
             port = self._free_port()
             self._ports[port] = _Port(EVTCHNSTAT_virq, vcpu=vcpu, virq=virq)
             self._virqs[(virq, vcpu)] = port
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "bind_virq", port=port, kernel=self._ports[port].in_kernel, virq=virq,
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "bind_virq", port=port, kernel=self._ports[port].in_kernel, virq=virq,
                        target_vcpu=vcpu)
         return port
 
@@ -343,19 +349,19 @@ class EventChannels:
             record = self._ports[port] = _Port(EVTCHNSTAT_ipi, vcpu=vcpu)
             if self._kernel is not None:
                 record.in_kernel = self._kernel_call(self._kernel.assign_ipi, port, vcpu)
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "bind_ipi", port=port, kernel=self._ports[port].in_kernel, target_vcpu=vcpu)
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "bind_ipi", port=port, kernel=self._ports[port].in_kernel, target_vcpu=vcpu)
         return port
 
     def close(self, port: int) -> None:
         with self._transaction():
             self._close(port, self._bound(port))
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "close", port=port)
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "close", port=port)
 
     def send(self, port: int) -> None:
-        if TRACE.evtchn:
-            TRACE.emit("evtchn", "send", port=port)
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "send", port=port)
         with self._transaction() as after:
             record = self._bound(port)
             if record.state == EVTCHNSTAT_ipi:

@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 from pyvmm.core.memory import GuestMemory, GuestMemoryError
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
-from pyvmm.core.trace import TRACE
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from pyvmm.core import atomic
 from ..errors import EACCES, EINVAL, ENOSYS, XenError
 
@@ -64,6 +64,7 @@ from ..abi import (
     GNTST_eagain,
     GNTST_no_space,
 )
+from pyvmm.core.snapshot import SavesNoStateYet
 
 ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
@@ -103,9 +104,9 @@ class GrantError(XenError):
         self.status = status
 
 
-class GrantTable:
+class GrantTable(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0,
-                 log_rate: LogRate = DEFAULT_LOG_RATE):
+                 log_rate: LogRate = DEFAULT_LOG_RATE, trace: Tracer = NULL_TRACE):
         if not 1 <= max_frames <= 1 << 16:
             raise ValueError(f"max_frames {max_frames} is not in 1..65536")
         if not 0 <= backend_domid <= 0xFFFF:
@@ -113,6 +114,7 @@ class GrantTable:
         self.memory = memory
         self.max_frames = max_frames  # the domain's max-grant-frames (pyvmm.limits)
         self._limited = log_rate.limited(log)  # lines whose rate the guest sets
+        self._trace = trace  # the VM's
         self.backend_domid = backend_domid
         self.frame_count = 0  # frames the guest has mapped: 1 + highest index
         self._mapping = mmap.mmap(-1, max_frames * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -209,11 +211,11 @@ class GrantTable:
             with self._lock:
                 mapping = self._map(ref, writable, self._generation)
         except GrantError as error:
-            if TRACE.grant:
-                _trace_map(ref, writable, error)
+            if self._trace.grant:
+                _trace_map(self._trace, ref, writable, error)
             raise
-        if TRACE.grant:
-            _trace_map(ref, writable, mapping)
+        if self._trace.grant:
+            _trace_map(self._trace, ref, writable, mapping)
         return mapping
 
     def map_many(self, refs: Sequence[int], writable: bool) -> list["GrantMapping | GrantError"]:
@@ -232,9 +234,9 @@ class GrantTable:
                     append(map_one(ref, writable, generation))
                 except GrantError as error:
                     append(error)
-        if TRACE.grant:
+        if self._trace.grant:
             for ref, result in zip(refs, results):
-                _trace_map(ref, writable, result)
+                _trace_map(self._trace, ref, writable, result)
         return results
 
     def release_many(self, mappings: Iterable["GrantMapping"]) -> None:
@@ -272,8 +274,8 @@ class GrantTable:
             raise GrantError(GNTST_bad_copy_arg, f"copy of {length} bytes at {offset!r} leaves the page")
         if to_guest and isinstance(data_or_length, int):
             raise TypeError("copying to the guest needs data, not a length")
-        if TRACE.grant:
-            TRACE.emit("grant", "copy", ref=ref, offset=offset, length=length, to_guest=to_guest)
+        if self._trace.grant:
+            self._trace.emit("grant", "copy", ref=ref, offset=offset, length=length, to_guest=to_guest)
         with self.map(ref, writable=to_guest) as mapping:
             if to_guest:
                 mapping.view[offset : offset + length] = memoryview(data_or_length).cast("B")
@@ -347,18 +349,18 @@ class GrantTable:
         if mapping.released:
             return False
         mapping.released = True
-        if TRACE.grant:
-            TRACE.emit("grant", "unmap", ref=mapping.ref, writable=mapping.writable)
+        if self._trace.grant:
+            self._trace.emit("grant", "unmap", ref=mapping.ref, writable=mapping.writable)
         if mapping.generation == self._generation:
             self._unpin(mapping.ref, mapping.writable)
         return True
 
 
-def _trace_map(ref: int, writable: bool, result: "GrantMapping | GrantError") -> None:
+def _trace_map(trace: Tracer, ref: int, writable: bool, result: "GrantMapping | GrantError") -> None:
     if isinstance(result, GrantError):
-        TRACE.emit("grant", "map", ref=ref, writable=writable, error=str(result))
+        trace.emit("grant", "map", ref=ref, writable=writable, error=str(result))
     else:
-        TRACE.emit("grant", "map", ref=ref, writable=writable, gfn=result.gfn)
+        trace.emit("grant", "map", ref=ref, writable=writable, gfn=result.gfn)
 
 
 class GrantMapping:

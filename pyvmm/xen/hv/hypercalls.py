@@ -20,7 +20,7 @@ import logging
 import struct
 from typing import Callable, Protocol
 
-from pyvmm.core.trace import TRACE
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from .. import abi
 from ..errors import (
     EDOM,
@@ -186,8 +186,10 @@ class HypercallDispatcher:
     set_timer_op needs it to apply Xen's rule for absurd timeouts.
     """
 
-    def __init__(self, domain: XenDomainOps, *, xen_time_ns: Callable[[], int] | None = None):
+    def __init__(self, domain: XenDomainOps, *, xen_time_ns: Callable[[], int] | None = None,
+                 trace: Tracer = NULL_TRACE):
         self.domain = domain
+        self._trace = trace  # the VM's (pyvmm/core/trace.py)
         self.xen_time_ns = xen_time_ns
         self.calls = [0] * abi.NR_HYPERCALLS
         self._complain = _Throttle()
@@ -224,18 +226,17 @@ class HypercallDispatcher:
             )
             result = -EINVAL
         exit.result = result
-        if TRACE.hypercall:
-            self._trace(exit, vcpu, result)
+        if self._trace.hypercall:
+            self._trace_call(exit, vcpu, result)
 
-    @staticmethod
-    def _trace(exit, vcpu: int, result: int) -> None:
+    def _trace_call(self, exit, vcpu: int, result: int) -> None:
         mask = _U64 if exit.longmode else _U32
         number = exit.input & mask
         args = [p & mask for p in exit.params]
         fields = {"name": abi.hypercall_name(number), "args": [hex(a) for a in args], "result": result}
         if number in abi.SUBOP_NAMES and args:
             fields["op"] = abi.subop_name(number, args[0] & _U32)
-        TRACE.emit("hypercall", "call", vcpu=vcpu, **fields)
+        self._trace.emit("hypercall", "call", vcpu=vcpu, **fields)
 
     def _handle(self, exit, vcpu: int, access: GuestAccess) -> int:
         if exit.cpl != 0:

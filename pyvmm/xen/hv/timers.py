@@ -19,8 +19,12 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
+
 if TYPE_CHECKING:
     from pyvmm.core.eventloop import EventLoop, TimerHandle
+
+STATE_VERSION = 1
 
 
 class _Wish(NamedTuple):
@@ -83,3 +87,28 @@ class UserTimer:
         if following is not None:
             self._schedule(following)
         self._fire()
+
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """Armed or not; if armed, the seconds left and the period."""
+        with self._lock:
+            wish = self._wish
+        if wish is None:
+            return versioned(STATE_VERSION, armed=False)
+        return versioned(STATE_VERSION, armed=True, remaining=max(0.0, wish.when - time.monotonic()),
+                         period=wish.period)
+
+    def restore_state(self, state: dict) -> None:
+        check_version(state, "UserTimer", STATE_VERSION)
+        if not state.get("armed"):
+            self.stop()
+            return
+        remaining, period = state.get("remaining"), state.get("period")
+        if not _seconds(remaining) or not (period is None or (_seconds(period) and period > 0)):
+            raise SnapshotError(f"UserTimer: bad remaining {remaining!r} or period {period!r}")
+        self.arm(remaining, period)
+
+
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0

@@ -21,8 +21,8 @@ from collections import Counter, deque
 from contextlib import AbstractContextManager
 from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
-from pyvmm.core.faults import FAULTS
-from pyvmm.core.trace import TRACE
+from pyvmm.core.faults import NULL_FAULTS, FaultInjector
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from pyvmm.limits import Limits
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
 from .errors import QuotaError, XenStoreError
@@ -256,8 +256,10 @@ class Connection:
     """
 
     def __init__(self, client: StoreClient, *, event_backlog_bytes: int = EVENT_BACKLOG_BYTES,
-                 limited_log: RateLimitedLog | None = None):
+                 limited_log: RateLimitedLog | None = None, trace: Tracer = NULL_TRACE,
+                 faults: FaultInjector = NULL_FAULTS):
         self._client = client
+        self._trace, self._faults = trace, faults  # the VM's; XenStore.connect passes its store's
         # Lines whose rate the guest sets; XenStore.connect passes one at the domain's LogRate.
         self._limited = limited_log or DEFAULT_LOG_RATE.limited(log)
         self._deferred_events = client.deferred_events()  # one reusable context manager
@@ -336,12 +338,12 @@ class Connection:
             reply = self._dispatch(header, payload)
             if len(reply) > PAYLOAD_MAX:
                 raise XenStoreError("E2BIG", "reply too large")
-            if TRACE.xenstore:
-                self._trace(header, payload, reply=reply)
+            if self._trace.xenstore:
+                self._trace_request(header, payload, reply=reply)
             return encode_message(header.type, header.req_id, header.tx_id, reply)
         except XenStoreError as exc:
-            if TRACE.xenstore:
-                self._trace(header, payload, error=exc.name)
+            if self._trace.xenstore:
+                self._trace_request(header, payload, error=exc.name)
             if isinstance(exc, QuotaError):
                 self._limited.warning("xenstore: domain %d is at its %s limit (%s): answered %s", self.domid,
                                       exc.limit, exc.detail, exc.name, key=("quota", exc.limit))
@@ -351,7 +353,7 @@ class Connection:
             log.exception("xenstore: domain %d: request type %d failed", self.domid, header.type)
             return encode_error(header.req_id, header.tx_id, "EIO")
 
-    def _trace(self, header: Header, payload: bytes, *, reply: bytes = b"", error: str | None = None) -> None:
+    def _trace_request(self, header: Header, payload: bytes, *, reply: bytes = b"", error: str | None = None) -> None:
         try:
             op = Op(header.type).name
         except ValueError:
@@ -370,7 +372,7 @@ class Connection:
             fields["error"] = error
         elif op in _TRACED_REPLIES:
             fields["reply"] = reply.rstrip(b"\0").replace(b"\0", b" ")
-        TRACE.emit("xenstore", "request", **fields)
+        self._trace.emit("xenstore", "request", **fields)
 
     def _dispatch(self, header: Header, payload: bytes) -> bytes:
         op = header.type  # an int: the handlers' Op keys match it without Op()
@@ -460,7 +462,7 @@ class Connection:
             raise XenStoreError("EINVAL", f"TRANSACTION_END needs T or F, not {verdict!r}")
         if not tx:
             raise XenStoreError("ENOENT", "TRANSACTION_END outside a transaction")
-        if verdict == "T" and FAULTS.xenstore and FAULTS.xenstore_commit(self.domid, tx):
+        if verdict == "T" and self._faults.xenstore and self._faults.xenstore_commit(self.domid, tx):
             self._client.transaction_end(tx, commit=False)  # an injected conflict: the client must retry
             raise XenStoreError("EAGAIN", f"injected: transaction {tx}")
         self._client.transaction_end(tx, commit=verdict == "T")
@@ -510,17 +512,17 @@ class Connection:
             self._unsent_events[message] += 1
 
     def _queue_watch_event(self, path: str, token: str) -> None:
-        if FAULTS.xenstore:
+        if self._faults.xenstore:
             absolute = path if path[:1] in ("/", "@") else f"/local/domain/{self.domid}/{path}"
-            fault = FAULTS.watch_delay(absolute, token)
+            fault = self._faults.watch_delay(absolute, token)
             if fault is not None:
-                FAULTS.call_later(fault.delay, lambda: self._deliver_watch_event(path, token))
+                self._faults.call_later(fault.delay, lambda: self._deliver_watch_event(path, token))
                 return
         self._deliver_watch_event(path, token)
 
     def _deliver_watch_event(self, path: str, token: str) -> None:
-        if TRACE.xenstore:
-            TRACE.emit("xenstore", "watch", domid=self.domid, path=path, token=token)
+        if self._trace.xenstore:
+            self._trace.emit("xenstore", "watch", domid=self.domid, path=path, token=token)
         if self.broken or self.closed:
             return
         payload_len = len(path) + len(token) + 2

@@ -34,6 +34,7 @@ from typing import Callable
 from .protocol import Connection
 from .ring import RingServer
 from .store import XenStore
+from ...core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ RECHECK_SECONDS = 1.0
 DEBUG_THREADS = os.environ.get("PYVMM_DEBUG_THREADS") == "1"
 
 
-class GuestStoreService:
+class GuestStoreService(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     def __init__(self, loop, store: XenStore, domid: int, page: memoryview, *,
                  recheck_seconds: float | None = RECHECK_SECONDS, check_threads: bool = DEBUG_THREADS):
         self._loop = loop

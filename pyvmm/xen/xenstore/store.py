@@ -51,7 +51,10 @@ from .errors import QuotaError, XenStoreError
 from .perms import Access, Permission
 from .protocol import ABS_PATH_MAX, EVENT_BACKLOG_BYTES, REL_PATH_MAX, Connection
 from pyvmm.limits import Limits
+from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
+from pyvmm.core.trace import NULL_TRACE, Tracer
+from pyvmm.core.snapshot import SavesNoStateYet
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +355,18 @@ class _DeferredEvents:
             store._deliver_deferred()
 
 
-class XenStore:
+class XenStore(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     """The tree, the known domains and every client's watches and transactions."""
 
     def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None,
-                 clock: Callable[[], float] = time.monotonic, log_rate: LogRate = DEFAULT_LOG_RATE):
+                 clock: Callable[[], float] = time.monotonic, log_rate: LogRate = DEFAULT_LOG_RATE,
+                 trace: Tracer = NULL_TRACE, faults: FaultInjector = NULL_FAULTS):
         self.quotas = quotas or Quotas()
         self.log_rate = log_rate  # of the lines its guests' connections cause
+        # The VM's tracer and fault injector, for its connections and the
+        # xenbus backends built on this store (pyvmm/core/trace.py, faults.py).
+        self.trace = trace
+        self.faults = faults
         self.observer = observer
         self.clock = clock  # for transactions' lifetime
         self._tree = _Tree()
@@ -401,7 +409,8 @@ class XenStore:
         Its watch-event backlog is Quotas.event_backlog unless given."""
         backlog = self.quotas.event_backlog if event_backlog_bytes is None else event_backlog_bytes
         return Connection(self.client(domid, privileged), event_backlog_bytes=backlog,
-                          limited_log=self.log_rate.limited(logging.getLogger(Connection.__module__)))
+                          limited_log=self.log_rate.limited(logging.getLogger(Connection.__module__)),
+                          trace=self.trace, faults=self.faults)
 
     def _forget(self, client: "Client") -> None:
         self._clients.remove(client)

@@ -7,11 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from pyvmm.control.server import ControlError
-from pyvmm.core.faults import FAULTS
+from pyvmm.core.faults import FaultInjector
 from pyvmm.control.operations import COMMAND_NAMES, machine_commands
 from pyvmm.xen.backend.xenbus_backend import XenbusState
-
-from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
 
 
 class Vbd:
@@ -32,12 +30,19 @@ def vbds():
 
 @pytest.fixture
 def commands(vbds):
-    return machine_commands(SimpleNamespace(xen=SimpleNamespace(xenbus_devices=vbds)))
+    return machine_commands(SimpleNamespace(xen=SimpleNamespace(xenbus_devices=vbds), faults=FaultInjector()))
 
 
 def test_the_commands_are_registered(commands):
     for name in ("fault-add", "fault-list", "fault-clear", "xenbus-state"):
         assert name in COMMAND_NAMES and name in commands
+
+
+def test_each_vm_has_its_own_rules(vbds):
+    first, second = FaultInjector(), FaultInjector()
+    machine_commands(SimpleNamespace(xen=None, faults=first))["fault-add"]({"spec": "blk:stall"})
+    assert machine_commands(SimpleNamespace(xen=None, faults=second))["fault-list"]({}) == []
+    assert [rule["spec"] for rule in first.rules()] == ["blk:stall"] and first.blk and not second.blk
 
 
 def test_add_list_clear(commands):

@@ -7,22 +7,28 @@ import json
 
 import pytest
 
-from pyvmm.core.faults import FaultInjector, FaultRule, FaultSpecError, corrupt, parse_duration
-from pyvmm.core.trace import TRACE
+from pyvmm.core.faults import NULL_FAULTS, FaultInjector, FaultRule, FaultSpecError, corrupt, parse_duration
+from pyvmm.core.trace import Tracer
 from pyvmm.xen import backends  # noqa: F401 - registers the device kinds' fault targets (blk, net)
 
 
 @pytest.fixture
-def faults():
-    return FaultInjector()
+def tracer():
+    tracer = Tracer()
+    yield tracer
+    tracer.close()
 
 
 @pytest.fixture
-def traced():
+def faults(tracer):
+    return FaultInjector(tracer)
+
+
+@pytest.fixture
+def traced(tracer):
     stream = io.StringIO()
-    TRACE.attach({"blk"}, stream)
-    yield stream
-    TRACE.close()
+    tracer.attach({"blk"}, stream)
+    return stream
 
 
 def test_parse_block_rule():
@@ -102,7 +108,7 @@ def test_stall_is_a_state_not_an_event(faults):
 
 def test_listeners_hear_every_change(faults):
     heard = []
-    faults.listeners.append(lambda: heard.append(len(faults.rules())))
+    faults.subscribe(lambda: heard.append(len(faults.rules())))
     rule = faults.add("blk:stall")
     faults.remove(rule.id)
     faults.clear()
@@ -120,15 +126,46 @@ def test_xenstore_and_evtchn_rules(faults):
     assert faults.evtchn_notification("to-guest", 6) is None and faults.evtchn_notification("from-guest", 5) is None
 
 
-def test_fired_faults_are_traced(faults, traced):
+def test_fired_faults_are_traced(faults, traced, tracer):
     faults.add("blk:error,op=write,sectors=8-15")
     faults.blk_request("xvdb", "write", 8, 8)
     faults.blk_request("xvdb", "write", 16, 8)
-    TRACE.flush()
+    tracer.flush()
     records = [json.loads(line) for line in traced.getvalue().splitlines()]
     assert len(records) == 1
     assert records[0]["cat"] == "fault" and records[0]["ev"] == "error"
     assert (records[0]["rule"], records[0]["sector"], records[0]["vdev"]) == (1, 8, "xvdb")
+
+
+def test_injectors_share_nothing():
+    first, second = FaultInjector(), FaultInjector()
+    changed = []
+    second.subscribe(lambda: changed.append(1))
+    first.add("blk:stall")
+    assert first.blk and not second.blk and second.rules() == [] and changed == []
+    second.add("net:drop")
+    assert changed == [1] and not first.net
+
+
+def test_from_specs_and_unsubscribe():
+    faults = FaultInjector.from_specs(["blk:error,op=write", "evtchn:drop"])
+    assert [rule["spec"] for rule in faults.rules()] == ["blk:error,op=write", "evtchn:drop"]
+    with pytest.raises(FaultSpecError):
+        FaultInjector.from_specs(["blk:explode"])
+    changed = []
+    listener = lambda: changed.append(1)  # noqa: E731
+    faults.subscribe(listener)
+    faults.unsubscribe(listener)
+    faults.unsubscribe(listener)  # twice is harmless
+    faults.clear()
+    assert changed == []
+
+
+def test_null_faults_take_no_rules():
+    with pytest.raises(RuntimeError):
+        NULL_FAULTS.add("blk:stall")
+    NULL_FAULTS.subscribe(lambda: None)
+    assert NULL_FAULTS.rules() == [] and not NULL_FAULTS.blk and NULL_FAULTS._listeners == []
 
 
 def test_corrupt_flips_one_bit():

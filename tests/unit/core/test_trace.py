@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pyvmm.cli import cli
-from pyvmm.core.trace import CATEGORIES, TRACE, TraceError, Tracer, parse_categories, summarize_bytes
+from pyvmm.core.trace import CATEGORIES, NULL_TRACE, TraceError, Tracer, open_trace, parse_categories, summarize_bytes
 from pyvmm.xen.backends.net.netback import net_packet
 from pyvmm.debug.trace_show import TraceFilter, TraceFormatError, render, show
 
@@ -90,16 +90,43 @@ def test_open_writes_the_file(tmp_path):
 
 
 def test_net_packet_hook():
+    tracer = Tracer()
     stream = io.StringIO()
-    net_packet("tx", "0", 60)  # off: nothing happens
-    TRACE.attach({"net"}, stream)
+    net_packet(tracer, "tx", "0", 60)  # off: nothing happens
+    tracer.attach({"net"}, stream)
     try:
-        net_packet("rx", "0", 1514, flags=4, slots=2, status=-2, fault="net:drop")
+        net_packet(tracer, "rx", "0", 1514, flags=4, slots=2, status=-2, fault="net:drop")
     finally:
-        TRACE.close()
+        tracer.close()
     (record,) = records(stream)
     assert (record["dir"], record["len"], record["slots"], record["status"], record["fault"]) == (
         "rx", 1514, 2, -2, "net:drop")
+
+
+def test_null_trace_cannot_be_turned_on():
+    # Parts built alone share it: a test that could turn it on would trace for every other.
+    with pytest.raises(RuntimeError):
+        NULL_TRACE.attach({"blk"}, io.StringIO())
+    with pytest.raises(RuntimeError):
+        NULL_TRACE.enable({"io"})
+    NULL_TRACE.close()
+    assert NULL_TRACE.enabled == frozenset() and not any(getattr(NULL_TRACE, name) for name in CATEGORIES)
+
+
+def test_open_trace_is_off_without_categories(tmp_path):
+    tracer = open_trace(frozenset(), None)
+    assert tracer.enabled == frozenset() and tracer is not NULL_TRACE
+    tracer = open_trace(frozenset({"blk"}), tmp_path / "t.jsonl")
+    assert tracer.blk and tracer.stop
+    tracer.close()
+    assert (tmp_path / "t.jsonl").exists()
+
+
+def test_tracers_share_nothing():
+    first, second = Tracer(), Tracer()
+    first.attach({"blk"}, io.StringIO())
+    assert first.blk and not second.blk and not second.stop
+    first.close()
 
 
 def test_summarize_bytes():

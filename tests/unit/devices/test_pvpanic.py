@@ -9,6 +9,7 @@ from pyvmm.devices.pvpanic import CRASH_LOADED, PANICKED, SUPPORTED_EVENTS, PvPa
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE
 from pyvmm.platform import Platform
 from pyvmm.core.stop import StopReason
+from pyvmm.core.trace import NULL_TRACE
 
 
 def test_reading_the_port_announces_the_supported_events():
@@ -61,6 +62,7 @@ def platform_panic_handler(machine):
     # Only the callback under test: Platform.__init__ needs a whole VM.
     platform = Platform.__new__(Platform)
     platform.machine = machine
+    platform._trace = NULL_TRACE
     platform._limited = DEFAULT_LOG_RATE.limited(logging.getLogger("pyvmm.platform"))
     return platform._guest_panicked
 

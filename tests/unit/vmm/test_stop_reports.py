@@ -13,15 +13,15 @@ from pyvmm.vmm.exit_handler import ExitHandler
 from pyvmm.kvm import exits as kx
 from pyvmm.runner import STATUS_FOR_REASON, _exit_status
 from pyvmm.core.stop import StopReason
-from pyvmm.core.trace import TRACE
+from pyvmm.core.trace import Tracer
 from pyvmm.vcpu_state import format_registers
 
 REGISTERS = {"rip": 0xFFFFFFFF81000123, "rsp": 0xFFFFC90000003F58, "rflags": 0x10046, "cr0": 0x80050033,
              "cr2": 0, "cr3": 0x1C0A000, "cr4": 0x3506F0, "efer": 0xD01, "cs": 0x10, "ss": 0x18}
 
 
-def handler(registers=None, vcpu=1):
-    return ExitHandler(Bus("pio", 1 << 16), Bus("mmio", 1 << 64), vcpu=vcpu, registers=registers)
+def handler(registers=None, vcpu=1, **options):
+    return ExitHandler(Bus("pio", 1 << 16), Bus("mmio", 1 << 64), vcpu=vcpu, registers=registers, **options)
 
 
 def test_triple_fault_is_its_own_reason_with_a_warning_naming_the_registers(caplog):
@@ -48,13 +48,14 @@ def test_triple_fault_still_stops_when_the_registers_cannot_be_read(caplog):
 
 def test_triple_fault_is_traced_in_the_stop_category():
     out = io.StringIO()
-    TRACE.attach({"io"}, out)  # any category turns "stop" on
+    tracer = Tracer()
+    tracer.attach({"io"}, out)  # any category turns "stop" on
     try:
-        assert TRACE.stop
-        handler(lambda: REGISTERS).handle(kx.ShutdownExit())
-        TRACE.flush()
+        assert tracer.stop
+        handler(lambda: REGISTERS, trace=tracer).handle(kx.ShutdownExit())
+        tracer.flush()
     finally:
-        TRACE.close()
+        tracer.close()
     record = json.loads(out.getvalue().splitlines()[-1])
     assert (record["cat"], record["ev"], record["rip"], record["cr4"]) == ("stop", "triple-fault", "0xffffffff81000123",
                                                                            "0x3506f0")

@@ -75,9 +75,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from pyvmm.core.faults import FAULTS
+from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.kept import KEPT
-from pyvmm.core.trace import TRACE
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from . import blkif
 from .blkif import (
     BLKIF_OP_DISCARD,
@@ -284,7 +284,8 @@ class BlockBackend:
                  max_ring_page_order: int = DEFAULT_MAX_RING_PAGE_ORDER,
                  max_queues: int = 1, flush: bool = True, discard: bool | None = None,
                  batch: int = DEFAULT_BATCH, budget: int = DEFAULT_BUDGET,
-                 max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS, log_rate: LogRate = DEFAULT_LOG_RATE):
+                 max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS, log_rate: LogRate = DEFAULT_LOG_RATE,
+                 trace: Tracer = NULL_TRACE, faults: FaultInjector = NULL_FAULTS):
         if not 0 <= max_indirect_segments <= MAX_INDIRECT_SEGMENTS:
             raise ValueError(f"max_indirect_segments {max_indirect_segments} is not in 0..{MAX_INDIRECT_SEGMENTS}")
         if 0 < max_indirect_segments <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST:
@@ -298,6 +299,7 @@ class BlockBackend:
         self.image = image
         self.grants = grants
         self.notify = notify
+        self._trace, self._faults = trace, faults  # the VM's
         self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self.max_indirect_segments = max_indirect_segments
         self.max_ring_page_order = max_ring_page_order
@@ -405,7 +407,7 @@ class BlockBackend:
             return 0
         if q.late:
             self._publish_late(q)
-        if FAULTS.blk and FAULTS.blk_stalled(self.label):
+        if self._faults.blk and self._faults.blk_stalled(self.label):
             return 0
         ring = q.ring
         handled = 0
@@ -438,7 +440,7 @@ class BlockBackend:
         fault answers later or never."""
         q.requests += 1
         request = blkif.parse_request(raw, q.abi, max_indirect_segments=self.max_indirect_segments)
-        if TRACE.blk or FAULTS.blk:
+        if self._trace.blk or self._faults.blk:
             return self._serve_watched(request, q)
         return blkif.pack_response(q.abi, request.id, request.operation, self._carry_out(request, q))
 
@@ -466,18 +468,18 @@ class BlockBackend:
     def _serve_watched(self, request: BlkRequest, q: _Queue) -> bytes | None:
         """_serve while tracing or fault rules are on: the same, plus the
         trace records and what a matching fault rule says."""
-        if TRACE.blk:
+        if self._trace.blk:
             self._trace_request(request)
         fault = None
-        if request.status is None and FAULTS.blk:
-            fault = FAULTS.blk_request(self.label, blkif.OP_NAMES.get(request.operation, "?"), request.sector,
+        if request.status is None and self._faults.blk:
+            fault = self._faults.blk_request(self.label, blkif.OP_NAMES.get(request.operation, "?"), request.sector,
                                        request.nr_sectors or request.data_sectors or request.nr_segments * 8)
             if fault is not None and fault.action in ("error", "eopnotsupp"):
                 request.fail(BLKIF_RSP_ERROR if fault.action == "error" else BLKIF_RSP_EOPNOTSUPP,
                              f"injected fault {fault.id}: {fault.spec}")
         status = self._carry_out(request, q)
-        if TRACE.blk:
-            TRACE.emit("blk", "response", disk=self.label, id=request.id,
+        if self._trace.blk:
+            self._trace.emit("blk", "response", disk=self.label, id=request.id,
                        op=blkif.OP_NAMES.get(request.operation, request.operation), status=status,
                        reason=request.reason or None, fault=fault.spec if fault else None)
         response = blkif.pack_response(q.abi, request.id, request.operation, status)
@@ -487,7 +489,7 @@ class BlockBackend:
         return None if fault is not None and fault.action == "drop" else response
 
     def _trace_request(self, request: BlkRequest) -> None:
-        TRACE.emit("blk", "request", disk=self.label, id=request.id,
+        self._trace.emit("blk", "request", disk=self.label, id=request.id,
                    op=blkif.OP_NAMES.get(request.operation, request.operation), sector=request.sector,
                    sectors=request.nr_sectors or request.data_sectors, segments=request.nr_segments,
                    bytes=request.data_sectors << SECTOR_SHIFT, indirect=request.indirect)
@@ -508,7 +510,7 @@ class BlockBackend:
             else:
                 self._publish_late(q)
 
-        FAULTS.call_later(delay, answer)
+        self._faults.call_later(delay, answer)
 
     def _publish_late(self, q: _Queue) -> None:
         while q.late:

@@ -37,13 +37,13 @@ import re
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from pyvmm.core.faults import FAULTS
 from .blkback import BlockBackend, DiskImage
 from pyvmm.xen.hv.gnttab import GrantTable
 from pyvmm.xen.backend.ring import RingBroken
 from pyvmm.xen.backend.ring_worker import RingWorker
 from pyvmm.xen.backend.xenbus_backend import FrontendError, XenbusBackendDevice
 from pyvmm.xen.xenstore import XenStore
+from pyvmm.core.snapshot import SavesNoStateYet
 
 if TYPE_CHECKING:
     from pyvmm.xen.hv.evtchn import EventChannels
@@ -77,7 +77,7 @@ def vdev_to_devid(vdev: str) -> int:
     return EXTENDED_VDEV | index << 8
 
 
-class VbdDevice(XenbusBackendDevice):
+class VbdDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
     device_type = "vbd"
 
     def __init__(self, store: XenStore, domid: int, image: DiskImage, grants: GrantTable, evtchn: "EventChannels",
@@ -92,10 +92,11 @@ class VbdDevice(XenbusBackendDevice):
         self.grants = grants
         self.evtchn = evtchn
         self.call_soon = call_soon
-        self.backend = BlockBackend(image, grants, _unattached_notify, log_rate=store.log_rate, **backend_options)
+        self.backend = BlockBackend(image, grants, _unattached_notify, log_rate=store.log_rate, trace=self.trace,
+                                    faults=self.faults, **backend_options)
         self.backend.label = vdev
         self.backend.wake = self._wake_worker
-        FAULTS.listeners.append(self._faults_changed)  # a lifted stall: serve what waits
+        self.faults.subscribe(self._faults_changed)  # a lifted stall: serve what waits
         self._workers: list[RingWorker] = []
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self.queues = 0
@@ -189,8 +190,7 @@ class VbdDevice(XenbusBackendDevice):
         self.queues = self.ring_pages = 0
 
     def close(self) -> None:
-        if self._faults_changed in FAULTS.listeners:
-            FAULTS.listeners.remove(self._faults_changed)
+        self.faults.unsubscribe(self._faults_changed)
         super().close()
         self.image.close()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from pyvmm.core.trace import TRACE
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from pyvmm.core.atomic import SharedWords
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ _MASK32 = 0xFFFF_FFFF
 
 
 class PvConsole:
-    def __init__(self, page: memoryview, notify: Callable[[], None], output: Callable[[bytes], None]):
+    def __init__(self, page: memoryview, notify: Callable[[], None], output: Callable[[bytes], None], *,
+                 trace: Tracer = NULL_TRACE):
+        self._trace = trace  # the VM's
         page = memoryview(page).cast("B")
         if page.readonly:
             raise ValueError("the console page must be writable")
@@ -92,8 +94,8 @@ class PvConsole:
         if first < pending:
             data += bytes(self._page[OUT_OFFSET : OUT_OFFSET + pending - first])
         self._store(OUT_CONS, cons + pending)
-        if TRACE.console:
-            TRACE.emit("console", "out", bytes=len(data), text=data)
+        if self._trace.console:
+            self._trace.emit("console", "out", bytes=len(data), text=data)
         self._output(data)
         self._notify()
 
@@ -107,8 +109,8 @@ class PvConsole:
             self._broken("input", queued, IN_SIZE)
             return 0
         count = min(len(data), IN_SIZE - queued)
-        if TRACE.console:
-            TRACE.emit("console", "in", bytes=count, offered=len(data), text=bytes(data[:count]))
+        if self._trace.console:
+            self._trace.emit("console", "in", bytes=count, offered=len(data), text=bytes(data[:count]))
         if not count:
             return 0
         start = prod % IN_SIZE

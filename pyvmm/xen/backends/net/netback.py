@@ -64,8 +64,8 @@ from itertools import islice
 from operator import attrgetter
 from typing import Callable, Sequence
 
-from pyvmm.core.faults import FAULTS, FaultRule, corrupt
-from pyvmm.core.trace import TRACE
+from pyvmm.core.faults import NULL_FAULTS, FaultInjector, FaultRule, corrupt
+from pyvmm.core.trace import NULL_TRACE, Tracer
 from . import netif
 from pyvmm.xen.hv.gnttab import GrantError, GrantMapping, GrantTable
 from .netif import (
@@ -249,8 +249,10 @@ class NetBackend:
     readable; `set_offload(flags)` is TUNSETOFFLOAD (None: nothing to tell)."""
 
     def __init__(self, tap_fd: int, grants: GrantTable, *, watch_tap: Callable[[bool], None],
-                 set_offload: Callable[[int], None] | None = None, name: str = "vif"):
+                 set_offload: Callable[[int], None] | None = None, name: str = "vif",
+                 trace: Tracer = NULL_TRACE, faults: FaultInjector = NULL_FAULTS):
         self.tap_fd = tap_fd
+        self._trace, self._faults = trace, faults  # the VM's
         self.grants = grants
         self.watch_tap = watch_tap
         self.set_offload = set_offload
@@ -360,9 +362,9 @@ class NetBackend:
                 self.stats.tx_errors += 1
                 status = XEN_NETIF_RSP_ERROR
             first = packet.data[0]
-            if TRACE.net:
-                net_packet("tx", self.name, first.size, flags=first.flags, slots=packet.slot_count, status=status,
-                           fault=fault.spec if fault else None)
+            if self._trace.net:
+                net_packet(self._trace, "tx", self.name, first.size, flags=first.flags, slots=packet.slot_count,
+                           status=status, fault=fault.spec if fault else None)
             responses += _pack_tx_slot(first.id, status)
             for extra_id in packet.extra_ids:
                 responses += _pack_tx_slot(extra_id, XEN_NETIF_RSP_NULL)
@@ -436,7 +438,7 @@ class NetBackend:
             if judged:  # the bytes the header was made from, not the guest's pages again
                 rest = _after(buffers, len(judged))
                 frame = [judged, *rest]
-            fault = FAULTS.net_packet("tx", self.name, first.size) if FAULTS.net else None
+            fault = self._faults.net_packet("tx", self.name, first.size) if self._faults.net else None
             try:
                 if fault is None:
                     os.writev(self.tap_fd, [header, *frame])
@@ -464,7 +466,7 @@ class NetBackend:
             corrupt(frame, fault)
         data = header + bytes(frame)
         if fault.action == "delay":
-            FAULTS.call_later(fault.delay, lambda: self._write_late(data))
+            self._faults.call_later(fault.delay, lambda: self._write_late(data))
             return
         os.write(self.tap_fd, data)
         if fault.action == "duplicate":
@@ -586,12 +588,12 @@ class NetBackend:
         if length < ETH_HLEN:
             self.stats.rx_dropped += 1
             return True
-        if FAULTS.net:
+        if self._faults.net:
             # On receive the frame is already in the guest's pages: it can be
             # lost (the buffers stay posted) or damaged there, not held back.
-            fault = FAULTS.net_packet("rx", self.name, length, ("drop", "corrupt"))
+            fault = self._faults.net_packet("rx", self.name, length, ("drop", "corrupt"))
             if fault is not None:
-                net_packet("rx", self.name, length, fault=fault.spec)
+                net_packet(self._trace, "rx", self.name, length, fault=fault.spec)
                 if fault.action == "drop":
                     self.stats.rx_dropped += 1
                     return True
@@ -627,8 +629,8 @@ class NetBackend:
                 self._rx_responses += netif.pack_gso_extra(gso_size, gso_type)
         self.stats.rx_packets += 1
         self.stats.rx_bytes += length
-        if TRACE.net:
-            net_packet("rx", self.name, length, flags=flags, slots=npages + (gso_type is not None))
+        if self._trace.net:
+            net_packet(self._trace, "rx", self.name, length, flags=flags, slots=npages + (gso_type is not None))
         return True
 
     def _respond(self, buffer: _RxBuffer, flags: int, status: int) -> None:
@@ -653,9 +655,9 @@ def _nothing() -> None:
     pass
 
 
-def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1, status: int = 0,
-               fault: str | None = None) -> None:
-    """The network backend's trace hook (category "net"), one call per packet.
+def net_packet(trace: Tracer, direction: str, vif: str, length: int, *, flags: int = 0, slots: int = 1,
+               status: int = 0, fault: str | None = None) -> None:
+    """The network backend's trace hook (category "net"), one call per packet, on `trace` (the VM's).
 
     direction: "tx" (guest to host) or "rx" (host to guest); vif: the
     device ("vif0" or its xenstore id); length: bytes; flags: the netif
@@ -663,8 +665,8 @@ def net_packet(direction: str, vif: str, length: int, *, flags: int = 0, slots: 
     status written back (NETIF_RSP_OKAY 0, ERROR -1, DROPPED -2); fault:
     the injected fault that changed this packet, if one did.
     """
-    if TRACE.net:
+    if trace.net:
         fields = {"dir": direction, "vif": vif, "len": length, "flags": flags, "slots": slots, "status": status}
         if fault:
             fields["fault"] = fault
-        TRACE.emit("net", "packet", **fields)
+        trace.emit("net", "packet", **fields)

@@ -116,9 +116,26 @@ def test_its_trace_category_and_fault_target(registered):
         faults.FaultRule.parse("kbd:drop,vdev=xvda")
 
 
+def test_a_vms_tracer_and_injector_know_it(registered, tmp_path):
+    """What the runner makes for one VM (open_trace, FaultInjector.from_specs)
+    has the kind's category and target; another VM's and the parts built
+    alone (NULL_TRACE, NULL_FAULTS) stay off."""
+    vm_trace = trace.open_trace(trace.parse_categories("kbd"), tmp_path / "vm.trace")
+    vm_faults = faults.FaultInjector.from_specs(["kbd:drop,key=q"], vm_trace)
+    other_trace, other_faults = trace.open_trace(frozenset(), None), faults.FaultInjector()
+    assert vm_trace.kbd and vm_faults.kbd
+    assert not other_trace.kbd and not other_faults.kbd
+    assert not trace.NULL_TRACE.kbd and not faults.NULL_FAULTS.kbd
+    assert vm_faults.kbd_key("q").spec == "kbd:drop,key=q" and other_faults.kbd_key("q") is None
+    vm_trace.close()
+    lines = (tmp_path / "vm.trace").read_text().splitlines()
+    assert len(lines) == 1 and '"cat":"fault"' in lines[0] and '"key":"q"' in lines[0]
+
+
 def test_unregistered_it_is_gone_again(registered):
     device_kinds.unregister("kbd")
     assert "kbd" not in trace.CATEGORIES and not hasattr(trace.Tracer, "kbd")
+    assert not hasattr(faults.FaultInjector, "kbd") and not hasattr(faults.FaultInjector, "kbd_key")
     with pytest.raises(faults.FaultSpecError):
         faults.FaultRule.parse("kbd:drop")
     assert "--keyboard" not in CliRunner().invoke(cli.cli, ["run", "--help"]).output

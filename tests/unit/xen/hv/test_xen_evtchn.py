@@ -122,7 +122,7 @@ class FakeKernel:
 
 
 class Rig:
-    def __init__(self, *, kernel=None, vcpus=4, long_mode=True, immediate=False, on_pending=None):
+    def __init__(self, *, kernel=None, vcpus=4, long_mode=True, immediate=False, on_pending=None, **observers):
         self.guest = Guest(long_mode)
         self.kernel = kernel
         self.upcalls = []
@@ -141,6 +141,7 @@ class Rig:
             add_reader=self.readers.__setitem__,
             remove_reader=self.readers.pop,
             on_pending=on_pending,
+            **observers,  # trace=, faults=: the VM's tracer and fault injector
         )
 
     def schedule(self, callback):

@@ -58,7 +58,7 @@ def tcp6_frame(payload=b"", *, hop_by_hop=False):
 class Frontend:
     """What xen-netfront does: rings, grants and pages in guest RAM."""
 
-    def __init__(self, features=GSO_FEATURES):
+    def __init__(self, features=GSO_FEATURES, **backend_options):
         self.memory = GuestMemory([(0, RAM_PAGES * PAGE)])
         self.table = GrantTable(self.memory, max_frames=8)
         self.next_ref = gnttab.GNTTAB_NR_RESERVED_ENTRIES
@@ -71,7 +71,7 @@ class Frontend:
         self.offload = []
         self.notified = {"tx": 0, "rx": 0}
         self.backend = NetBackend(tap_end.fileno(), self.table, watch_tap=self.watching.append,
-                                  set_offload=self.offload.append, name="test")
+                                  set_offload=self.offload.append, name="test", **backend_options)
         tx_gfn, rx_gfn = 2, 4
         self.tx = FrontRing([self.memory.view(tx_gfn * PAGE, PAGE)], netif.TX_ENTRY_SIZE)
         self.rx = FrontRing([self.memory.view(rx_gfn * PAGE, PAGE)], netif.RX_ENTRY_SIZE)

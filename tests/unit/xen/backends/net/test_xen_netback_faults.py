@@ -3,17 +3,24 @@
 import json
 
 import pytest
-from fault_rules import no_fault_rules  # noqa: F401 - an autouse fixture
-from test_xen_netback import front, tcp4_frame  # noqa: F401 - front is the fake netfront fixture
+from fault_rules import faults, trace  # noqa: F401 - fixtures
+from test_xen_netback import Frontend, tcp4_frame
 
-from pyvmm.core.faults import FAULTS
-from pyvmm.core.trace import TRACE
 from pyvmm.xen.backends.net.netback import GSO_RX_SLOTS
 from pyvmm.xen.backends.net.netif import XEN_NETIF_RSP_OKAY
 
 
-def test_tx_drop_is_answered_as_sent_but_never_reaches_the_tap(front):
-    FAULTS.add("net:drop,dir=tx,count=1")
+@pytest.fixture
+def front(trace, faults):
+    """The fake netfront, its backend given this test's tracer and injector."""
+    frontend = Frontend(trace=trace, faults=faults)
+    yield frontend
+    frontend.host.close()
+    frontend.tap_end.close()
+
+
+def test_tx_drop_is_answered_as_sent_but_never_reaches_the_tap(front, faults):
+    faults.add("net:drop,dir=tx,count=1")
     front.send(tcp4_frame(b"lost"), request_id=1)
     assert front.tx_responses() == [(1, XEN_NETIF_RSP_OKAY)]
     assert front.tap_empty()
@@ -22,14 +29,14 @@ def test_tx_drop_is_answered_as_sent_but_never_reaches_the_tap(front):
     assert front.tap_frame()[1] == tcp4_frame(b"kept")
 
 
-def test_tx_duplicate_and_corrupt(front):
+def test_tx_duplicate_and_corrupt(front, faults):
     frame = tcp4_frame(b"x" * 200)
-    rule = FAULTS.add("net:duplicate,dir=tx,count=1")
+    rule = faults.add("net:duplicate,dir=tx,count=1")
     front.send(frame, request_id=1)
     front.tx_responses()
     assert front.tap_frame()[1] == frame and front.tap_frame()[1] == frame
-    FAULTS.remove(rule.id)
-    FAULTS.add("net:corrupt,dir=tx,count=1,seed=3")
+    faults.remove(rule.id)
+    faults.add("net:corrupt,dir=tx,count=1,seed=3")
     front.send(frame, request_id=2)
     front.tx_responses()
     damaged = front.tap_frame()[1]
@@ -37,10 +44,10 @@ def test_tx_duplicate_and_corrupt(front):
     assert sum(bin(a ^ b).count("1") for a, b in zip(damaged, frame)) == 1
 
 
-def test_tx_delay_writes_the_packet_later(front):
+def test_tx_delay_writes_the_packet_later(front, faults):
     later = []
-    FAULTS.call_later = lambda delay, callback: later.append((delay, callback))
-    FAULTS.add("net:delay=50ms,dir=tx")
+    faults.call_later = lambda delay, callback: later.append((delay, callback))
+    faults.add("net:delay=50ms,dir=tx")
     front.send(tcp4_frame(b"late"), request_id=1)
     assert front.tx_responses() == [(1, XEN_NETIF_RSP_OKAY)]
     assert front.tap_empty()
@@ -50,9 +57,9 @@ def test_tx_delay_writes_the_packet_later(front):
     assert front.tap_frame()[1] == tcp4_frame(b"late")
 
 
-def test_rx_drop_keeps_the_buffers_posted(front):
+def test_rx_drop_keeps_the_buffers_posted(front, faults):
     front.post_rx(GSO_RX_SLOTS)
-    FAULTS.add("net:drop,dir=rx,count=1")
+    faults.add("net:drop,dir=rx,count=1")
     front.inject(tcp4_frame(b"lost"))
     front.inject(tcp4_frame(b"kept"))
     front.backend.process_rx()
@@ -61,9 +68,9 @@ def test_rx_drop_keeps_the_buffers_posted(front):
     assert front.backend.stats.rx_dropped == 1
 
 
-def test_net_trace_records_both_directions(front, tmp_path):
+def test_net_trace_records_both_directions(front, trace, tmp_path):
     path = tmp_path / "trace.jsonl"
-    TRACE.open({"net"}, path)
+    trace.open({"net"}, path)
     try:
         front.send(tcp4_frame(b"out"), request_id=4)
         front.tx_responses()
@@ -71,15 +78,15 @@ def test_net_trace_records_both_directions(front, tmp_path):
         front.inject(tcp4_frame(b"in"))
         front.backend.process_rx()
     finally:
-        TRACE.close()
+        trace.close()
     events = [json.loads(line) for line in path.read_text().splitlines()]
     packets = [(e["dir"], e["len"], e["status"]) for e in events if e["cat"] == "net" and e["ev"] == "packet"]
     assert packets == [("tx", len(tcp4_frame(b"out")), 0), ("rx", len(tcp4_frame(b"in")), 0)]
 
 
-def test_rx_corrupt_flips_one_bit_in_the_guests_copy(front):
+def test_rx_corrupt_flips_one_bit_in_the_guests_copy(front, faults):
     front.post_rx(GSO_RX_SLOTS)
-    FAULTS.add("net:corrupt,dir=rx,count=1,seed=5")
+    faults.add("net:corrupt,dir=rx,count=1,seed=5")
     frame = tcp4_frame(b"y" * 300)
     front.inject(frame)
     front.backend.process_rx()

@@ -1,0 +1,108 @@
+"""The save/restore contract every stateful part of a VM keeps.
+
+A part whose state the guest can see and that lives outside guest RAM and
+KVM (a device's registers, the event-channel table, the xenstore tree, a
+backend's xenbus state) implements `Stateful`:
+
+    save_state() -> dict           its state, as JSON-able data
+    restore_state(state) -> None   the same part, freshly built, takes it back
+
+The rules:
+
+- **When.** Only while the VM is paused (`Machine.pause()`: every vCPU
+  parked outside KVM_RUN, the guest's clock frozen) and on the event thread,
+  which owns the xenstore, the backends' handshakes and the loop's timers.
+  Ring workers are quiesced first: a backend saves no request in flight, it
+  finishes or drains them before saying what it holds. restore_state() is
+  called on a part that MachineBuilder has just built (steps 1 to 3 of
+  `for_boot`), before any vCPU or worker thread starts.
+- **What.** Everything the part would need to behave, from then on, exactly
+  as the saved one would have: registers, tables, counters the guest can
+  observe, deadlines (as time left, not as host clock readings: a restore
+  runs in another process, maybe on another host). Not what is rebuilt from
+  the config (sizes, limits, paths) nor what lives in guest RAM (rings,
+  shared_info, grant entries the guest wrote), which the machine saves
+  whole, nor KVM's own state (vCPU registers, irqchip, PIT, kvmclock), which
+  the machine saves through KVM. Host resources (file descriptors, mappings,
+  eventfds) are never saved: restore_state() opens or maps them again.
+- **Form.** A dict of JSON types only (str, int, float, bool, None, lists,
+  dicts with str keys; bytes as hex or base64 text), so a snapshot can be
+  written as JSON and read by a later pyvmm.
+- **Versioning.** Every state has `"version": N` (`versioned()`), N the
+  part's own format number, raised whenever a field is added, removed or
+  changes meaning. restore_state() checks it (`check_version()`): it reads
+  its own version and may read older ones, and refuses a newer or unknown
+  one with SnapshotError rather than guess.
+- **Refusing.** A part that cannot be saved in its present state (a request
+  it cannot drain) raises SnapshotError saying why; the snapshot fails and
+  the VM resumes as it was.
+
+The parts that must keep the contract are `STATEFUL` below (and in
+docs/ARCHITECTURE.md); tests/unit/core/test_snapshot.py checks that each of
+them declares both methods. A part that does not implement them yet says so
+by deriving from `SavesNoStateYet`, whose methods raise: a snapshot of a VM
+that holds one fails loudly instead of leaving its state out. Saving and
+restoring a whole VM is the snapshot and restore issue's; the machine's side
+waits in `MachineBuilder.from_snapshot` (pyvmm/vmm/builder.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+# module:Class of every part that must implement Stateful, from the bottom up.
+STATEFUL = (
+    "pyvmm.devices.serial:Serial16550",  # registers, FIFOs, pending interrupts
+    "pyvmm.devices.rtc:CmosRtc",  # CMOS RAM, index, alarm and periodic settings, clock offset
+    "pyvmm.devices.i8042:I8042",  # command byte, output buffer, pending command
+    "pyvmm.devices.acpi_pm:AcpiPm",  # PM1 status/enable/control, the PM timer's origin
+    "pyvmm.devices.pci:PciHost",  # config address, every device's config space (BARs as placed)
+    "pyvmm.xen.hv.xen_platform:XenPlatformDevice",  # its registers, what the guest unplugged
+    "pyvmm.xen.hv.timers:UserTimer",  # a vCPU's Xen timer: time left, period
+    "pyvmm.xen.hv.evtchn:EventChannels",  # the port table, VIRQ and backend bindings
+    "pyvmm.xen.hv.gnttab:GrantTable",  # frames in use, the table's entries, reserved refs
+    "pyvmm.xen.xenstore.store:XenStore",  # the tree, domains, watches, transactions
+    "pyvmm.xen.xenstore.service:GuestStoreService",  # the guest connection's partial and queued messages
+    "pyvmm.xen.backends.blk.vbd:VbdDevice",  # xenbus state, the frontend's rings and channels
+    "pyvmm.xen.backends.net.vif:VifDevice",  # xenbus state, rings, posted receive buffers
+    "pyvmm.xen.domain:XenDomain",  # long mode, shared_info/vcpu_info places, callback, HVM params
+)
+
+
+class SnapshotError(Exception):
+    """A state that cannot be saved now, or cannot be restored (wrong version, bad data)."""
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def save_state(self) -> dict:
+        """This part's state (see the module's rules); VM paused, event thread."""
+        ...
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what save_state() gave, on a freshly built part."""
+        ...
+
+
+class SavesNoStateYet:
+    """For a part in STATEFUL whose save_state()/restore_state() are not
+    written yet: both raise SnapshotError naming it."""
+
+    def save_state(self) -> dict:
+        raise SnapshotError(f"{type(self).__qualname__} cannot save its state yet (the snapshot and restore issue)")
+
+    def restore_state(self, state: dict) -> None:
+        raise SnapshotError(f"{type(self).__qualname__} cannot restore a state yet (the snapshot and restore issue)")
+
+
+def versioned(version: int, **fields) -> dict:
+    """A state dict: {"version": version, **fields}."""
+    return {"version": version, **fields}
+
+
+def check_version(state: dict, kind: str, newest: int, oldest: int = 1) -> int:
+    """The state's version, if this code reads it (oldest..newest); else SnapshotError."""
+    version = state.get("version") if isinstance(state, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or not oldest <= version <= newest:
+        raise SnapshotError(f"{kind}: state version {version!r} is not one this pyvmm reads ({oldest}..{newest})")
+    return version

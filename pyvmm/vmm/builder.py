@@ -1,0 +1,148 @@
+"""Builds a Machine, one step after another, in the order its parts need each other.
+
+`MachineBuilder.for_boot(config, console)` makes the machine of a fresh
+boot (the runner makes one per boot: a guest reboot gets a new one):
+
+1. `create_vm`     /dev/kvm, the VM, its in-kernel irqchip and PIT, the
+                   PC's GSI routes
+2. `add_memory`    guest RAM (and Xen's special pages), mapped into KVM's
+                   memory slots
+3. `add_devices`   the port and MMIO buses, the PC platform, the Xen domain
+                   (event channels, grant table, xenstore, backends): each
+                   given the VM's Tracer and FaultInjector
+4. `load_guest`    the E820 map, the ACPI tables and the kernel; what vCPU 0
+                   starts with (`Machine.boot_state`)
+5. `add_debugger`  the gdb stub, when --gdb asks for one
+
+Nothing here listens on a socket or starts a thread: `Machine.open_listeners()`
+and `Machine.run()` do, after the runner has locked the sandbox down
+(runner.py, pyvmm/sandbox.py).
+
+`from_snapshot` is the other way to make a machine, from saved state; it
+waits for the snapshot and restore issue (the contract its parts will keep is
+in pyvmm/core/snapshot.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..boot.acpi import build_acpi
+from ..boot.e820 import build_e820
+from ..boot.loader import load_kernel
+from ..config import VmConfig
+from ..core import layout
+from ..core.bus import Bus
+from ..core.console import ConsoleOutput
+from ..core.faults import FaultInjector
+from ..core.memory import GuestMemory
+from ..core.trace import Tracer
+from ..kvm import Kvm, map_guest_memory, pc_irqchip_routes
+from ..platform import Platform
+from ..xen import backends as _backends  # noqa: F401 - the device kinds' trace categories and fault targets
+from .machine import Machine
+
+
+class MachineBuilder:
+    """Makes one Machine. `trace` and `faults` are the VM's (the runner's,
+    for the whole run); without them the machine gets its own, off and
+    without rules, shared with no other machine. Either knows every device
+    kind's trace category and fault target (pyvmm.xen.backends, imported
+    here), with or without Xen."""
+
+    def __init__(self, config: VmConfig, console: ConsoleOutput, *, trace: Tracer | None = None,
+                 faults: FaultInjector | None = None):
+        trace = trace if trace is not None else Tracer()
+        faults = faults if faults is not None else FaultInjector(trace)
+        self.config = config
+        self.console = console
+        self.machine = Machine(config, console, trace=trace, faults=faults)
+
+    @classmethod
+    def for_boot(cls, config: VmConfig, console: ConsoleOutput, *, trace: Tracer | None = None,
+                 faults: FaultInjector | None = None) -> Machine:
+        """The machine of a fresh boot: every step, the guest's kernel loaded."""
+        builder = cls(config, console, trace=trace, faults=faults)
+        builder.create_vm()
+        builder.add_memory()
+        builder.add_devices()
+        builder.load_guest()
+        builder.add_debugger()
+        return builder.finish()
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict, config: VmConfig, console: ConsoleOutput, *,
+                      trace: Tracer | None = None, faults: FaultInjector | None = None) -> Machine:
+        """A machine resumed from saved state: not written yet.
+
+        It will take steps 1 to 3 of for_boot, then, instead of loading a
+        kernel, restore guest memory, every vCPU's registers and KVM's
+        in-kernel state (irqchip, PIT, clock), and each stateful part from
+        its entry in `snapshot` through its `restore()` (the contract and
+        the list of those parts: pyvmm/core/snapshot.py, docs/ARCHITECTURE.md).
+        """
+        raise NotImplementedError(
+            "restoring a machine from a snapshot waits for the issue \"snapshot and restore\"; "
+            "MachineBuilder.for_boot is the only way to build a machine today")
+
+    # --- the steps, in order ------------------------------------------------------
+
+    def create_vm(self) -> None:
+        """1. The KVM VM, with the in-kernel irqchip and PIT a PC has."""
+        machine = self.machine
+        machine.kvm = Kvm()
+        machine.vm = vm = machine.kvm.create_vm()
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.create_irqchip()
+        # The PIT ticks on GSI 0, which a PC wires to IOAPIC pin 2 (the MADT
+        # says so with an interrupt source override); KVM's default routes don't.
+        vm.set_gsi_routing(pc_irqchip_routes())
+        vm.create_pit2()
+
+    def add_memory(self) -> None:
+        """2. Guest RAM, in KVM's memory slots."""
+        machine, config = self.machine, self.config
+        ranges = layout.ram_ranges(config.memory)
+        if config.xen:
+            # Xen's special pages (console and xenstore rings): memory the
+            # guest can map, reserved in its E820 map.
+            ranges.append((layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE))
+        machine.memory = GuestMemory(ranges)
+        map_guest_memory(machine.vm.memslots, machine.memory)
+
+    def add_devices(self) -> None:
+        """3. The buses, the PC platform on them, and the Xen domain."""
+        machine = self.machine
+        machine.pio = Bus("port I/O", 1 << 16)
+        machine.mmio = Bus("MMIO", 1 << 64)
+        machine.platform = Platform(machine, self.console)
+        machine.xen = None
+        if self.config.xen:
+            from ..xen.domain import XenDomain
+
+            machine.xen = XenDomain(machine)
+
+    def load_guest(self) -> None:
+        """4. The firmware tables and the kernel: vCPU 0's first state."""
+        machine, config = self.machine, self.config
+        e820 = build_e820(config.memory)
+        rsdp = build_acpi(machine.memory, config.vcpus)
+        machine.boot_state = load_kernel(
+            machine.memory, config.kernel, config.initrd, config.cmdline, rsdp_address=rsdp, e820=e820
+        )
+
+    def add_debugger(self) -> None:
+        """5. The gdb stub (it listens and starts with the machine, not here)."""
+        machine, config = self.machine, self.config
+        if config.gdb is None:
+            return
+        from ..debug.gdbstub import serve_gdb
+
+        machine.gdb = serve_gdb(machine, config.gdb, config.gdb_wait)
+        if config.gdb_wait:
+            machine.hold_vcpus()  # until gdb says continue
+
+    def finish(self) -> Machine:
+        self.machine.started_at = time.monotonic()
+        return self.machine
