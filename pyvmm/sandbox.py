@@ -490,13 +490,16 @@ def _clear_capabilities() -> None:
 # Modules pyvmm may import lazily, loaded before the lockdown: after it an
 # import that reaches the filesystem fails (the open is refused).
 _STDLIB_PRELOAD = (
-    "traceback", "linecache", "json", "queue", "selectors", "resource", "termios",
-    "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
+    "traceback", "linecache", "json", "queue", "selectors", "resource", "termios", "fcntl",
 )
+# Codecs are found by name and imported on first use; the trace's byte
+# summaries use unicode_escape.
+_CODECS_PRELOAD = ("ascii", "latin-1", "utf-8", "unicode_escape", "raw_unicode_escape")
 _PRELOAD_SKIP = ("pyvmm.__main__",)
 
 
 def preload() -> None:
+    import codecs
     import importlib
     import linecache
     import pkgutil
@@ -508,6 +511,8 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    for name in _CODECS_PRELOAD:
+        codecs.lookup(name)
     for module in pkgutil.walk_packages(pyvmm.__path__, "pyvmm.", onerror=lambda name: None):
         if module.name not in _PRELOAD_SKIP:
             try:

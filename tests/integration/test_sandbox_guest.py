@@ -66,9 +66,9 @@ def netns():
     namespace.close()
 
 
-def ctl(name, *args):
-    return subprocess.run([sys.executable, "-m", "pyvmm", "ctl", name, *args], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+def ctl(name, *args, options=()):
+    return subprocess.run([sys.executable, "-m", "pyvmm", "ctl", *options, name, *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
 
 
 def errors(guest) -> str:
@@ -83,7 +83,7 @@ def vmm_status(pid: int) -> dict[str, str]:
 
 def check_from_outside(netns, name, xenstore_socket, gdb_port):
     """What the host's operator and tools do, and what the VMM process is."""
-    status = ctl(name, "--json", "status")
+    status = ctl(name, "status", options=("--json",))
     assert status.returncode == 0, status.stderr
     pid = json.loads(status.stdout)["pid"]
     proc = vmm_status(pid)
@@ -130,7 +130,7 @@ def test_disk_net_console_sockets_and_gdb_under_the_sandbox_across_a_reboot(asse
         guest.send(b"go\n")
         guest.wait_for(r"guest: second boot sees first boot")
         # The second boot serves the same sockets, on the kept listeners.
-        status = ctl(name, "--json", "status")
+        status = ctl(name, "status", options=("--json",))
         assert status.returncode == 0 and json.loads(status.stdout)["reboots"] == 1, status
         check_from_outside(netns, name, xenstore_socket, int(port.group(1)))
         guest.wait_for(r"guest: second boot done")

@@ -281,3 +281,34 @@ def test_monitor_keeps_a_replaced_socket(tmp_path):
     for sock in (first, second, vmm):
         sock.close()
     monitor.channel_socket.close()
+
+
+def test_what_runs_after_the_lockdown_needs_no_file_after_preload():
+    """After the lockdown nothing can be imported from a file (the open is
+    refused): the codecs and modules pyvmm uses lazily must be loaded by
+    preload(). Here a child process preloads, then loses every way to import
+    from a file, then does what the running VMM does lazily: trace byte
+    summaries (unicode_escape), JSON records, tracebacks."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import sys
+        from pyvmm.sandbox import preload
+        preload()
+        sys.path[:] = []
+        sys.path_importer_cache.clear()
+        sys.meta_path[:] = [finder for finder in sys.meta_path if getattr(finder, "__name__", "") in ("BuiltinImporter", "FrozenImporter")]
+        from pyvmm.core.trace import summarize_bytes
+        assert summarize_bytes(bytes(range(8)) + b"xenstore") == "\\\\x00\\\\x01\\\\x02\\\\x03\\\\x04\\\\x05\\\\x06\\\\x07xenstore"
+        import json, traceback
+        json.dumps({"a": 1})
+        try:
+            raise ValueError("x")
+        except ValueError:
+            traceback.format_exc()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
