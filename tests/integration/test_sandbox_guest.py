@@ -35,6 +35,7 @@ up eth0 10.79.0.2
 reach 10.79.0.1
 if [ -f /mnt/marker ]; then
     echo "guest: second boot sees $(cat /mnt/marker)"
+    read line  # the host has checked the VMM from outside again
     echo "second boot" > /mnt/second.txt
     umount /mnt
     sync
@@ -131,8 +132,9 @@ def test_disk_net_console_sockets_and_gdb_under_the_sandbox_across_a_reboot(asse
         guest.wait_for(r"guest: second boot sees first boot")
         # The second boot serves the same sockets, on the kept listeners.
         status = ctl(name, "status", options=("--json",))
-        assert status.returncode == 0 and json.loads(status.stdout)["reboots"] == 1, status
+        assert status.returncode == 0 and json.loads(status.stdout)["reboots"] == 1, (status, errors(guest)[-4000:])
         check_from_outside(netns, name, xenstore_socket, int(port.group(1)))
+        guest.send(b"go\n")
         guest.wait_for(r"guest: second boot done")
         guest.wait_for(r"pyvmm-guest: test exit 0")
         assert guest.finish() == 0, str(guest)
