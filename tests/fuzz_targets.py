@@ -2,7 +2,7 @@
 by tests/unit/test_fuzz_targets.py.
 
 Each target takes one input (bytes), builds a fresh device against the fake
-frontend of its unit tests, and plays the input as up to MAX_ROUNDS rounds
+frontend its unit tests use (tests/frontends), and plays the input as up to MAX_ROUNDS rounds
 of hostile guest actions (ring contents, index scribbles, grant entries,
 xenstore keys, hypercall arguments) interleaved with the VMM's processing.
 After every round it checks its invariants and raises InvariantBroken if
@@ -24,6 +24,10 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from frontends.blkfront import PROTOCOLS, Blkfront
+from frontends.common import SharedPage
+from frontends.netfront import Netfront
+from frontends.xenbus import Domain
 from pyvmm.xen.backends.blk import blkif
 from pyvmm.xen.hv import gnttab
 from pyvmm.xen.backend.ring import REQ_PROD, RingBroken
@@ -47,7 +51,7 @@ def check(condition: bool, what: str) -> None:
 
 
 def _fake_module(relative: str):
-    """A unit test module, for its fake frontend (loaded once, under its own name)."""
+    """A unit test module, for its fakes (loaded once, under its own name)."""
     name = "fuzz_fakes_" + Path(relative).stem
     spec = importlib.util.spec_from_file_location(name, _UNIT / relative)
     module = importlib.util.module_from_spec(spec)
@@ -118,33 +122,25 @@ _XS_MEMORY = Quotas().memory
 _XS_SLACK = MEMORY_OVERSHOOT
 
 
-class XenstoreRing:
+class XenstoreRing(SharedPage):
     """RingServer + Connection + XenStore, as a guest's ring sees them."""
 
     def __init__(self) -> None:
+        super().__init__(memoryview(bytearray(PAGE)))
         self.now = 0.0
         self.store = XenStore(clock=lambda: self.now)
         create_domain_nodes(self.store, 1, "guest", 1, 2, 3, 4)
         self.dom0 = self.store.client(0)
-        self.page = memoryview(bytearray(PAGE))
         self.conn = self.store.connect(1)
         self.server = RingServer(self.page, self.conn)
         self.req_prod = 0
         self.rsp_cons = 0
 
-    def u32(self, offset: int) -> int:
-        return struct.unpack_from("<I", self.page, offset)[0]
-
-    def set_u32(self, offset: int, value: int) -> None:
-        struct.pack_into("<I", self.page, offset, value & 0xFFFFFFFF)
-
     def put(self, data: bytes) -> None:
-        # As a guest does: into the free part of the request ring, then the index.
-        room = xsring.RING_SIZE - ((self.req_prod - self.u32(xsring.REQ_CONS)) & 0xFFFFFFFF)
-        data = data[:max(0, min(room, xsring.RING_SIZE))]
-        for i, byte in enumerate(data):
-            self.page[xsring.REQ_OFFSET + ((self.req_prod + i) & (xsring.RING_SIZE - 1))] = byte
-        self.req_prod = (self.req_prod + len(data)) & 0xFFFFFFFF
+        # As a guest does: into the free part of the request ring, then the
+        # index (its own copy: the page's may have been scribbled over).
+        count = self.ring_put(xsring.REQ_OFFSET, xsring.RING_SIZE, self.req_prod, self.u32(xsring.REQ_CONS), data)
+        self.req_prod = (self.req_prod + count) & 0xFFFFFFFF
         self.set_u32(xsring.REQ_PROD, self.req_prod)
 
     def message(self, data: Input) -> bytes:
@@ -215,9 +211,8 @@ def _scribble_grant(target, data: Input, **domid) -> None:
 
 def blkback(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/backends/blk/test_xen_blkback.py")
-    protocol = data.pick(module.PROTOCOLS)
-    guest = module.Guest(Path(_BLK_DIR.name), protocol, sectors=_BLK_SECTORS,
+    protocol = data.pick(PROTOCOLS)
+    guest = Blkfront(Path(_BLK_DIR.name), protocol, sectors=_BLK_SECTORS,
                          persistent=bool(data.u8() & 1), image_bytes=bytes(_BLK_SECTORS * 512))
     for _ in range(8):
         guest.page(bytes(PAGE))
@@ -262,9 +257,8 @@ def blkback(raw: bytes) -> None:
 
 def netback(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/backends/net/test_xen_netback.py")
     from pyvmm.xen.backends.net import netif
-    front = module.Frontend()
+    front = Netfront()
     try:
         for _ in range(8):
             front.page(bytes(PAGE))
@@ -303,8 +297,7 @@ def netback(raw: bytes) -> None:
         front.backend.detach()
         check(not front.table._pins.keys() - {m.ref for m in front.ring_maps}, "grants still mapped after detach")
     finally:
-        front.host.close()
-        front.tap_end.close()
+        front.close()
 
 
 # --- the xenbus handshake -------------------------------------------------------
@@ -320,10 +313,9 @@ _VALUES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "-1", "429496
 
 def xenbus(raw: bytes) -> None:
     data = Input(raw)
-    module = fakes("xen/backends/blk/test_xen_vbd.py")
     from pyvmm.xen.backends.blk.vbd import VbdDevice
     from pyvmm.xen.backends.net.vif import VifDevice
-    domain = module.Domain()
+    domain = Domain()
     loop = domain.loop  # the unit tests' event thread, plus what a vif asks of it
     loop.add_reader = lambda fd, callback: None
     loop.remove_reader = lambda fd: None

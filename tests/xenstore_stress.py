@@ -29,8 +29,6 @@ guest, which the checker reports with the ring's state).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import random
 import socket
@@ -43,6 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import partial
 
+from frontends.common import HostPages
 from pyvmm.core.eventloop import EventLoop
 from pyvmm.core import atomic
 from pyvmm.core.atomic import SharedWords
@@ -68,15 +67,6 @@ MASK32 = 0xFFFFFFFF
 
 class StressFailure(AssertionError):
     pass
-
-
-class _Page:
-    """A page of anonymous shared memory with its host address (what KVM would map)."""
-
-    def __init__(self) -> None:
-        self.map = mmap.mmap(-1, 4096)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-        self.view = memoryview(self.map)
 
 
 class _FakeKvmEvtchn:
@@ -411,7 +401,7 @@ class StressRig:
         self.mode = mode
         self.stats = Stats()
         self.loop = EventLoop()
-        self.ring, self.shared_info = _Page(), _Page()
+        self.ring, self.shared_info = HostPages(), HostPages()
         self.store = XenStore()
         self.dom0 = self.store.client(0)
         self.guest: FakeLinuxXenbus | None = None

@@ -12,6 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from frontends.xenstore import XenbusWire
 from pyvmm import cli
 from pyvmm.config import ConfigError, VmConfig, parse_limit_option
 from pyvmm.xen.hv.xen_platform import XenPlatformDevice
@@ -22,7 +23,6 @@ from pyvmm.xen.errors import EINVAL, ENOSPC, XenError
 from pyvmm.xen.hv.evtchn import EventChannels
 from pyvmm.xen.hv.gnttab import GrantTable
 from pyvmm.xen.xenstore import Access, Op, Permission, Quotas, XenStore
-from pyvmm.xen.xenstore.protocol import encode_message, iter_messages
 from pyvmm.xlcfg import XlConfigError, xl_config_from_text
 
 STILL = LogRate(clock=lambda: 0.0)  # full buckets and a clock that stands still
@@ -154,7 +154,7 @@ def test_cli_limit_help_and_one_line_errors(tmp_path):
 # --- each limit, set small, bounds the guest ---------------------------------------------
 
 
-class Guest:
+class Guest(XenbusWire):
     """Domain 1 talking the xenstore wire protocol, as over its ring."""
 
     def __init__(self, limits: Limits, clock=None):
@@ -162,23 +162,7 @@ class Guest:
         dom0 = self.store.client(0)
         dom0.mkdir("/local/domain/1")
         dom0.set_perms("/local/domain/1", [Permission(1, Access.NONE)])
-        self.conn = self.store.connect(1)
-        self.req = 0
-
-    def ask(self, op: Op, *args: bytes, tx: int = 0) -> tuple[str, bytes]:
-        """(the reply's type name, its payload)."""
-        self.req += 1
-        self.conn.feed(encode_message(op, self.req, tx, b"".join(arg + b"\0" for arg in args)))
-        replies = [(h, p) for h, p in iter_messages(self.conn.take_output(1 << 20)) if h.type != Op.WATCH_EVENT]
-        header, payload = replies[-1]
-        return ("ERROR" if header.type == Op.ERROR else Op(header.type).name), payload
-
-    def write(self, path: str, value: bytes = b"", tx: int = 0) -> tuple[str, bytes]:
-        self.req += 1
-        self.conn.feed(encode_message(Op.WRITE, self.req, tx, path.encode() + b"\0" + value))
-        replies = [(h, p) for h, p in iter_messages(self.conn.take_output(1 << 20)) if h.type != Op.WATCH_EVENT]
-        header, payload = replies[-1]
-        return ("ERROR" if header.type == Op.ERROR else Op(header.type).name), payload
+        super().__init__(self.store.connect(1))
 
 
 def error(name: str) -> tuple[str, bytes]:

@@ -1,5 +1,5 @@
 """Injected event-channel faults between the guest and a backend, and the
-evtchn trace, with the fake guest of test_xen_evtchn."""
+evtchn trace, with the fake guest of tests/frontends/evtchn.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import json
 
 from fault_rules import faults, trace  # noqa: F401 - fixtures
-from test_xen_evtchn import Rig
+from frontends.evtchn import Rig
 
 
 def connected(rig, notified):

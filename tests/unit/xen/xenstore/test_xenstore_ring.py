@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from frontends.xenstore import XenbusRing as Guest
 from pyvmm.xen.xenstore import Op, RingServer, XenStore, create_domain_nodes
-from pyvmm.xen.xenstore.protocol import PAYLOAD_MAX, encode_message, iter_messages
+from pyvmm.xen.xenstore.protocol import PAYLOAD_MAX, encode_message
 from pyvmm.xen.xenstore.ring import (
     CONNECTION,
     ERROR,
@@ -22,42 +23,6 @@ from pyvmm.xen.xenstore.ring import (
     RSP_PROD,
     SERVER_FEATURES,
 )
-
-
-class Guest:
-    """The guest's half of the ring, as a Linux xenbus driver would drive it."""
-
-    def __init__(self, page: memoryview):
-        self.page = page
-        self.received = b""
-
-    def u32(self, offset):
-        return struct.unpack_from("<I", self.page, offset)[0]
-
-    def set_u32(self, offset, value):
-        struct.pack_into("<I", self.page, offset, value & 0xFFFFFFFF)
-
-    def send(self, data: bytes) -> int:
-        """Write as much of data as fits; returns how much."""
-        prod, cons = self.u32(REQ_PROD), self.u32(REQ_CONS)
-        room = RING_SIZE - ((prod - cons) & 0xFFFFFFFF)
-        chunk = data[:room]
-        for i, byte in enumerate(chunk):
-            self.page[(prod + i) % RING_SIZE] = byte
-        self.set_u32(REQ_PROD, prod + len(chunk))
-        return len(chunk)
-
-    def receive(self) -> bytes:
-        cons, prod = self.u32(RSP_CONS), self.u32(RSP_PROD)
-        length = (prod - cons) & 0xFFFFFFFF
-        assert length <= RING_SIZE
-        data = bytes(self.page[RSP_OFFSET + (cons + i) % RING_SIZE] for i in range(length))
-        self.set_u32(RSP_CONS, cons + length)
-        self.received += data
-        return data
-
-    def messages(self):
-        return [(h.type, h.req_id, p) for h, p in iter_messages(self.received)]
 
 
 def make(start_index=0, **options):

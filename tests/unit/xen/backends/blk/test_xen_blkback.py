@@ -1,15 +1,15 @@
-"""The block backend against a fake frontend: real rings and grants in guest
-memory, an image file in tmp_path, checked by reading the file back."""
+"""The block backend against the fake blkfront of tests/frontends/blkfront.py:
+real rings and grants in guest memory, an image file in tmp_path, checked by
+reading the file back."""
 
-import ctypes
 import errno
 import os
-import random
 import struct
 
 import pytest
 
-from pyvmm.core.memory import GuestMemory
+from frontends.blkfront import DISK_SECTORS, PROTOCOLS, RAM_PAGES, Blkfront as Guest
+from frontends.common import PAGE, pattern
 from pyvmm.xen.backends.blk import blkback, blkif
 from pyvmm.xen.hv import gnttab
 from pyvmm.xen.backends.blk.blkback import BlockBackend, DiskImage, xenbus_backend_keys
@@ -23,107 +23,7 @@ from pyvmm.xen.backends.blk.blkif import (
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
 )
-from pyvmm.xen.hv.gnttab import GTF_permit_access, GTF_readonly, GrantTable
 from pyvmm.xen.backend.ring import REQ_PROD, FrontRing, RingBroken, ring_size
-
-PAGE = 4096
-RAM_PAGES = 2048
-GUEST_PAGES_START = 32  # data pages handed out from here on
-DISK_SECTORS = 2048  # 1 MiB
-PROTOCOLS = ["x86_64-abi", "x86_32-abi"]
-
-
-class Guest:
-    """A frontend: guest RAM, its grant table, a ring and a disk image."""
-
-    def __init__(self, tmp_path, protocol="x86_64-abi", *, ring_pages=1, sectors=DISK_SECTORS, readonly=False,
-                 sector_size=512, image_bytes=None, queue=0, persistent=False, **backend_options):
-        self.memory = GuestMemory([(0, RAM_PAGES * PAGE)])
-        self.table = GrantTable(self.memory, max_frames=8)
-        self.abi = blkif.abi_for_protocol(protocol)
-        self.protocol = protocol
-        self.next_ref = gnttab.GNTTAB_NR_RESERVED_ENTRIES
-        self.next_gfn = GUEST_PAGES_START
-        self.path = tmp_path / "disk.img"
-        if image_bytes is None:
-            image_bytes = random.Random(sectors).randbytes(sectors * 512)
-        self.path.write_bytes(image_bytes)
-        self.image = DiskImage(self.path, readonly=readonly, sector_size=sector_size)
-        self.notified = 0
-        self.backend = BlockBackend(self.image, self.table, self.notify, **backend_options)
-        # Ring pages at scattered frames (every other page), as a real frontend
-        # may have them; the backend maps each grant on its own.
-        ring_gfns = [2 + 2 * i for i in range(ring_pages)]
-        self.ring_refs = [self.grant(gfn) for gfn in ring_gfns]
-        self.front = FrontRing([self.memory.view(gfn * PAGE, PAGE) for gfn in ring_gfns], self.abi.entry_size)
-        self.ring_mappings = [self.table.map(ref, writable=True) for ref in self.ring_refs]
-        self.backend.attach_ring([m.view for m in self.ring_mappings], protocol, queue=queue, persistent=persistent)
-
-    def notify(self):
-        self.notified += 1
-
-    # --- grants and pages ----------------------------------------------------------
-
-    def grant(self, gfn, *, readonly=False, domid=0, flags=None):
-        ref = self.next_ref
-        self.next_ref += 1
-        self.set_entry(ref, gfn, readonly=readonly, domid=domid, flags=flags)
-        return ref
-
-    def set_entry(self, ref, gfn, *, readonly=False, domid=0, flags=None):
-        if flags is None:
-            flags = GTF_permit_access | (GTF_readonly if readonly else 0)
-        address = self.table.frame_host_address(ref // gnttab.ENTRIES_PER_FRAME) + (ref % gnttab.ENTRIES_PER_FRAME) * 8
-        ctypes.memmove(address, struct.pack("<HHI", flags, domid, gfn), 8)
-
-    def entry_flags(self, ref):
-        address = self.table.frame_host_address(ref // gnttab.ENTRIES_PER_FRAME) + (ref % gnttab.ENTRIES_PER_FRAME) * 8
-        return struct.unpack("<H", ctypes.string_at(address, 2))[0]
-
-    def page(self, data=None, *, readonly=False):
-        """A fresh guest page, granted; returns (ref, gfn)."""
-        gfn = self.next_gfn
-        self.next_gfn += 1
-        if data is not None:
-            self.memory.write(gfn * PAGE, data)
-        return self.grant(gfn, readonly=readonly), gfn
-
-    def page_bytes(self, gfn, first=0, last=7):
-        return self.memory.read(gfn * PAGE + first * 512, (last - first + 1) * 512)
-
-    # --- requests --------------------------------------------------------------------
-
-    def submit(self, *requests):
-        for request in requests:
-            self.front.put_request(request)
-        return self.front.push_requests()
-
-    def rw(self, op, request_id, sector, segments, **kw):
-        return blkif.pack_request(self.abi, op, request_id, sector, segments, **kw)
-
-    def run(self, *requests):
-        """Submit, let the backend process, return {id: (operation, status)}."""
-        if requests:
-            self.submit(*requests)
-        self.backend.process()
-        responses = {}
-        for raw in self.front.take_responses():
-            request_id, op, status = blkif.parse_response(raw, self.abi)
-            assert request_id not in responses
-            responses[request_id] = (op, status)
-        return responses
-
-    def disk(self, sector=0, count=None):
-        data = self.path.read_bytes()  # plain open(): what is really in the file
-        if count is None:
-            return data[sector * 512 :]
-        return data[sector * 512 : (sector + count) * 512]
-
-    def assert_grants_released(self):
-        for ref in range(gnttab.GNTTAB_NR_RESERVED_ENTRIES, self.next_ref):
-            if ref in self.ring_refs:
-                continue
-            assert not self.entry_flags(ref) & gnttab.GTF_IN_USE, f"grant {ref} still in use"
 
 
 @pytest.fixture(params=PROTOCOLS)
@@ -131,10 +31,6 @@ def guest(request, tmp_path):
     g = Guest(tmp_path, request.param)
     yield g
     g.image.close()
-
-
-def pattern(seed, length):
-    return random.Random(seed).randbytes(length)
 
 
 # --- data path ------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Injected faults in the block backend, against the fake frontend of
-test_xen_blkback: the outcome a rule gives, and nothing else changes."""
+"""Injected faults in the block backend, against the fake blkfront of
+tests/frontends/blkfront.py: the outcome a rule gives, and nothing else changes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from pyvmm.xen.backends.blk.blkif import (
 )
 
 from fault_rules import faults, trace  # noqa: F401 - fixtures
-from test_xen_blkback import Guest, pattern
+from frontends.blkfront import Blkfront as Guest
+from frontends.common import pattern
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
 """The primary PV console ring: both directions, wraparound, hostile indices."""
 
 import logging
-import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from frontends.console import ConsoleGuest as Guest
 from pyvmm.xen.backends.console.pvconsole import (
     CONNECTION,
     IN_CONS,
@@ -20,33 +20,6 @@ from pyvmm.xen.backends.console.pvconsole import (
 )
 
 MASK = 0xFFFF_FFFF
-
-
-class Guest:
-    """The guest's half of the rings, as hvc_xen drives them."""
-
-    def __init__(self, page):
-        self.page = page
-
-    def u32(self, offset):
-        return struct.unpack_from("<I", self.page, offset)[0]
-
-    def set_u32(self, offset, value):
-        struct.pack_into("<I", self.page, offset, value & MASK)
-
-    def write(self, data: bytes) -> int:
-        cons, prod = self.u32(OUT_CONS), self.u32(OUT_PROD)
-        count = min(len(data), OUT_SIZE - ((prod - cons) & MASK))
-        for i in range(count):
-            self.page[OUT_OFFSET + (prod + i) % OUT_SIZE] = data[i]
-        self.set_u32(OUT_PROD, prod + count)
-        return count
-
-    def read(self) -> bytes:
-        cons, prod = self.u32(IN_CONS), self.u32(IN_PROD)
-        data = bytes(self.page[(cons + i) % IN_SIZE] for i in range((prod - cons) & MASK))
-        self.set_u32(IN_CONS, prod)
-        return data
 
 
 class Host:

@@ -1,21 +1,17 @@
-"""The network backend against a fake frontend: real netif rings and grants
-in guest memory, and a SOCK_SEQPACKET socket pair standing in for the TAP
-device (one message per frame, virtio_net_hdr first, as a TAP has it)."""
+"""The network backend against the fake netfront of tests/frontends/netfront.py:
+real netif rings and grants in guest memory, and a SOCK_SEQPACKET socket pair
+standing in for the TAP device (one message per frame, virtio_net_hdr first,
+as a TAP has it)."""
 
-import ctypes
 import os
 import random
-import socket
-import struct
 
 import pytest
 
+from frontends.netfront import PAGE, Netfront as Frontend, tcp4_frame, tcp6_frame
 from pyvmm.xen.backends.net import tap as tapmod
-from pyvmm.core.memory import GuestMemory
-from pyvmm.xen.hv import gnttab
 from pyvmm.xen.backends.net import netback, netif
-from pyvmm.xen.hv.gnttab import GTF_permit_access, GTF_readonly, GrantTable
-from pyvmm.xen.backends.net.netback import GSO_RX_SLOTS, HEADER_PEEK, NetBackend, NetFeatures, checksum_position
+from pyvmm.xen.backends.net.netback import GSO_RX_SLOTS, HEADER_PEEK, NetFeatures, checksum_position
 from pyvmm.xen.backends.net.netif import (
     NETRXF_csum_blank,
     NETRXF_data_validated,
@@ -32,160 +28,12 @@ from pyvmm.xen.backends.net.netif import (
 )
 from pyvmm.xen.backend.ring import REQ_EVENT, REQ_PROD, BackRing, FrontRing, RingBroken
 
-PAGE = 4096
-RAM_PAGES = 1024
-GSO_FEATURES = NetFeatures(sg=True, csum=True, gso_tcpv4=True, gso_tcpv6=True)
-
-
-def tcp4_frame(payload=b"", *, tcp_options=b""):
-    """Ethernet + IPv4 (20 bytes) + TCP (20 + options) + payload."""
-    eth = bytes(6) + bytes.fromhex("00163e000001") + b"\x08\x00"
-    ip = bytes([0x45, 0]) + struct.pack(">H", 20 + 20 + len(tcp_options) + len(payload)) + bytes(5) + b"\x06" \
-        + bytes(10)
-    tcp = bytes(12) + bytes([(20 + len(tcp_options)) // 4 << 4]) + bytes(7) + tcp_options
-    return eth + ip + tcp + payload
-
-
-def tcp6_frame(payload=b"", *, hop_by_hop=False):
-    eth = bytes(12) + b"\x86\xdd"
-    next_header = 0 if hop_by_hop else 6
-    ip = b"\x60" + bytes(5) + bytes([next_header, 64]) + bytes(32)
-    extension = bytes([6, 0]) + bytes(6) if hop_by_hop else b""
-    tcp = bytes(12) + b"\x50" + bytes(7)
-    return eth + ip + extension + tcp + payload
-
-
-class Frontend:
-    """What xen-netfront does: rings, grants and pages in guest RAM."""
-
-    def __init__(self, features=GSO_FEATURES, **backend_options):
-        self.memory = GuestMemory([(0, RAM_PAGES * PAGE)])
-        self.table = GrantTable(self.memory, max_frames=8)
-        self.next_ref = gnttab.GNTTAB_NR_RESERVED_ENTRIES
-        self.next_gfn = 16
-        self.host, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        tap_end.setblocking(False)
-        self.host.settimeout(5)
-        self.tap_end = tap_end
-        self.watching = []
-        self.offload = []
-        self.notified = {"tx": 0, "rx": 0}
-        self.backend = NetBackend(tap_end.fileno(), self.table, watch_tap=self.watching.append,
-                                  set_offload=self.offload.append, name="test", **backend_options)
-        tx_gfn, rx_gfn = 2, 4
-        self.tx = FrontRing([self.memory.view(tx_gfn * PAGE, PAGE)], netif.TX_ENTRY_SIZE)
-        self.rx = FrontRing([self.memory.view(rx_gfn * PAGE, PAGE)], netif.RX_ENTRY_SIZE)
-        self.ring_maps = [self.table.map(self.grant(gfn), writable=True) for gfn in (tx_gfn, rx_gfn)]
-        self.backend.attach([self.ring_maps[0].view], [self.ring_maps[1].view], features,
-                            notify_tx=lambda: self._note("tx"), notify_rx=lambda: self._note("rx"))
-        self.rx_pages = {}  # rx request id -> gfn
-
-    def _note(self, what):
-        self.notified[what] += 1
-
-    def grant(self, gfn, *, readonly=False, domid=0, flags=None):
-        ref = self.next_ref
-        self.next_ref += 1
-        self.set_entry(ref, gfn, readonly=readonly, domid=domid, flags=flags)
-        return ref
-
-    def set_entry(self, ref, gfn, *, readonly=False, domid=0, flags=None):
-        """Write grant entry `ref` (a fresh grant of `gfn`, unless `flags` says otherwise)."""
-        if flags is None:
-            flags = GTF_permit_access | (GTF_readonly if readonly else 0)
-        address = self.table.frame_host_address(ref // gnttab.ENTRIES_PER_FRAME) + (ref % gnttab.ENTRIES_PER_FRAME) * 8
-        ctypes.memmove(address, struct.pack("<HHI", flags, domid, gfn), 8)
-
-    def page(self, data=b"", offset=0):
-        gfn = self.next_gfn
-        self.next_gfn += 1
-        self.memory.write(gfn * PAGE + offset, data)
-        return self.grant(gfn, readonly=True), gfn
-
-    # --- transmit ------------------------------------------------------------------
-
-    def send(self, frame, *, pieces=(), flags=0, gso=None, request_id=0):
-        """Queue `frame` as netfront does: the first slot carries the whole
-        size; `pieces` are the lengths of the later slots' fragments."""
-        first_length = len(frame) - sum(pieces)
-        offset = 100 if first_length <= PAGE - 100 else 0  # not always page-aligned, as in Linux
-        ref, _ = self.page(frame[:first_length], offset=offset)
-        more = NETTXF_more_data if pieces else 0
-        requests = [netif.pack_tx_request(ref, offset, flags | more | (NETTXF_extra_info if gso else 0), request_id,
-                                          len(frame))]
-        if gso:
-            requests.append(netif.pack_gso_extra(*gso) + bytes(4))
-        position = first_length
-        for index, length in enumerate(pieces):
-            ref, _ = self.page(frame[position : position + length])
-            last = index == len(pieces) - 1
-            requests.append(netif.pack_tx_request(ref, 0, 0 if last else NETTXF_more_data, request_id + 1 + index,
-                                                  length))
-            position += length
-        self.put_tx(*requests)
-
-    def put_tx(self, *requests):
-        for request in requests:
-            self.tx.put_request(request)
-        self.tx.push_requests()
-
-    def tx_responses(self):
-        self.backend.process_tx()
-        return [netif.parse_tx_response(raw) for raw in self.tx.take_responses()]
-
-    def tap_frame(self):
-        message = self.host.recv(1 << 17)
-        return tapmod.VNET_HDR.unpack(message[:10]), message[10:]
-
-    def tap_empty(self):
-        self.host.setblocking(False)
-        try:
-            self.host.recv(1 << 17)
-        except BlockingIOError:
-            return True
-        finally:
-            self.host.settimeout(5)
-        return False
-
-    # --- receive --------------------------------------------------------------------
-
-    def post_rx(self, count, *, bad=()):
-        for _ in range(count):
-            request_id = self.rx.req_prod_pvt & 0xFFFF
-            gfn = self.next_gfn
-            self.next_gfn += 1
-            ref = self.grant(gfn, readonly=request_id in bad)
-            self.rx_pages[request_id] = gfn
-            self.rx.put_request(netif.pack_rx_request(request_id, ref))
-        self.rx.push_requests()
-
-    def inject(self, frame, header=(0, 0, 0, 0, 0, 0)):
-        self.host.send(tapmod.VNET_HDR.pack(*header) + frame)
-
-    def rx_responses(self):
-        """[(id, offset, flags, status) or ('extra', bytes)] for what the backend answered."""
-        out, extra_next = [], False
-        for raw in self.rx.take_responses():
-            if extra_next:
-                out.append(("extra", raw))
-                extra_next = False
-                continue
-            response = netif.parse_rx_response(raw)
-            out.append(response)
-            extra_next = bool(response[2] & NETRXF_extra_info)
-        return out
-
-    def rx_data(self, responses):
-        return b"".join(self.memory.read(self.rx_pages[r[0]] * PAGE + r[1], r[3]) for r in responses
-                        if r[0] != "extra")
-
 
 @pytest.fixture
 def front():
     frontend = Frontend()
     yield frontend
-    frontend.host.close()
-    frontend.tap_end.close()
+    frontend.close()
 
 
 def assert_grants_released(front):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from fault_rules import faults, trace  # noqa: F401 - fixtures
-from test_xen_netback import Frontend, tcp4_frame
+from frontends.netfront import Netfront as Frontend, tcp4_frame
 
 from pyvmm.xen.backends.net.netback import GSO_RX_SLOTS
 from pyvmm.xen.backends.net.netif import XEN_NETIF_RSP_OKAY
@@ -15,8 +15,7 @@ def front(trace, faults):
     """The fake netfront, its backend given this test's tracer and injector."""
     frontend = Frontend(trace=trace, faults=faults)
     yield frontend
-    frontend.host.close()
-    frontend.tap_end.close()
+    frontend.close()
 
 
 def test_tx_drop_is_answered_as_sent_but_never_reaches_the_tap(front, faults):
