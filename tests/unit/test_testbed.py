@@ -364,3 +364,23 @@ def test_job_is_json_serializable(tmp_path):
     options = cli.parse_arguments(["--", "echo", "\udcff"])
     job = cli.build_job(options, [str(tmp_path)])
     assert json.loads(json.dumps(job))["argv"] == ["echo", "\udcff"]
+
+
+def test_the_agents_kvm_numbers_are_the_kernels():
+    """The agent is standard library only: its KVM ioctl numbers and struct
+    layout (for the VM that holds L1's static keys) must match pyvmm's."""
+    from pyvmm.kvm import uapi
+
+    assert agent.KVM_CREATE_VM == uapi.KVM_CREATE_VM
+    assert agent.KVM_CREATE_VCPU == uapi.KVM_CREATE_VCPU
+    assert agent.KVM_CREATE_IRQCHIP == uapi.KVM_CREATE_IRQCHIP
+    assert agent.KVM_XEN_HVM_CONFIG == uapi.KVM_XEN_HVM_CONFIG
+    assert agent.XEN_HVM_CONFIG.size == uapi.ffi.sizeof("struct kvm_xen_hvm_config")
+
+
+def test_holding_static_keys_gives_up_quietly_without_kvm(monkeypatch):
+    def no_kvm(path, flags):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(agent.os, "open", no_kvm)
+    assert agent.hold_static_keys() == []

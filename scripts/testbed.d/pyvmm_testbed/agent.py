@@ -33,6 +33,13 @@ KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_CHECK_EXTENSION = 0xAE03
 KVM_CAP_XEN_HVM = 38
+KVM_CREATE_VCPU = 0xAE41
+KVM_CREATE_IRQCHIP = 0xAE60
+# struct kvm_xen_hvm_config: flags, msr, blob_addr_32, blob_addr_64,
+# blob_size_32, blob_size_64, 30 bytes of padding (56 bytes).
+XEN_HVM_CONFIG = struct.Struct("<IIQQBB30x")
+KVM_XEN_HVM_CONFIG = 0x4000AE7A | (XEN_HVM_CONFIG.size << 16)
+XEN_HYPERCALL_MSR = 0x40000000
 
 
 class SetupError(Exception):
@@ -114,6 +121,37 @@ def prepare_filesystems(job):
         except OSError as error:
             raise SetupError("cannot create mount point %s: %s" % (path, error.strerror))
         mount("9p", tag, path, NINEP_RW_OPTIONS)
+
+
+def hold_static_keys():
+    """A VM that never runs, kept open for the whole testbed run: one vCPU
+    whose in-kernel LAPIC stays software-disabled, and Xen support on.
+
+    L1's KVM turns some of its code paths on and off with deferred static
+    keys (apic_sw_disabled, kvm_xen_enabled): when the last VM using one
+    goes away, or the guests enable their LAPICs, a second later the kernel
+    patches its own text (int3, then the new bytes) while other vCPU threads
+    run that code. Under QEMU's TCG that patching has killed L1 ("Oops:
+    int3" in kvm_arch_vcpu_ioctl_run, at the apic_sw_disabled site). With
+    this VM open, those keys never drop back to zero and that code is never
+    patched during a run. Returns the fds to keep open, or [] if KVM
+    refused (the testbed then runs as before)."""
+    fds = []
+    try:
+        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        fds.append(kvm)
+        vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+        fds.append(vm)
+        fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+        fds.append(fcntl.ioctl(vm, KVM_CREATE_VCPU, 0))
+        if fcntl.ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_XEN_HVM):
+            fcntl.ioctl(vm, KVM_XEN_HVM_CONFIG, XEN_HVM_CONFIG.pack(0, XEN_HYPERCALL_MSR, 0, 0, 0, 0))
+    except OSError as error:
+        log("cannot hold KVM's static keys (%s): running without" % error.strerror)
+        for fd in fds:
+            os.close(fd)
+        return []
+    return fds
 
 
 def check_kvm():
@@ -331,6 +369,7 @@ def main():
     if job["kind"] == "check":
         channel.send(wire.CHECK, json.dumps(check_kvm()).encode())
         return
+    kept_vm = hold_static_keys()  # noqa: F841 - open until L1 stops
     try:
         prepare_filesystems(job)
         command = Command(job)
