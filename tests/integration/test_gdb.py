@@ -99,7 +99,7 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
         assert "Cannot access memory" not in first, first
 
         address = int(guest.wait_for(r"gdb-target=([0-9a-f]{16})", BOOT_TIMEOUT).group(1), 16)
-        assert address >= 0xFFFFFFFF80000000, guest.tail()
+        assert address >= 0xFFFFFFFF80000000, str(guest)
         jiffies = int(guest.wait_for(r"gdb-watch=([0-9a-f]{16})", 60).group(1), 16)
 
         # 2. A running guest: gdb's breakpoint (in a debug register, see
@@ -128,7 +128,7 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
         guest.send(b"gdb-done\n")
         guest.wait_for(r"sync-loop-done", BOOT_TIMEOUT)
         guest.wait_for(r"pyvmm-guest: test exit 0", 120)
-        assert guest.proc.wait(timeout=300) == 0, guest.tail()
+        assert guest.proc.wait(timeout=300) == 0, str(guest)
     finally:
         guest.kill()
-        print(guest.tail())  # shown with a failure: the console and pyvmm's stderr
+        print(str(guest))  # shown with a failure: the console and pyvmm's stderr

@@ -72,11 +72,6 @@ def ctl(name, *args, options=()):
                           text=True, timeout=60, cwd=REPO)
 
 
-def errors(guest) -> str:
-    """The VMM's whole stderr so far (str(guest) shows only its end)."""
-    return guest.stderr
-
-
 def vmm_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as file:
         return dict(line.rstrip("\n").split(":\t", 1) for line in file if ":\t" in line)
@@ -123,7 +118,7 @@ def test_disk_net_console_sockets_and_gdb_under_the_sandbox_across_a_reboot(asse
     with LiveGuest(args, prefix=("ip", "netns", "exec", netns.name)) as guest:
         guest.wait_for(r"guest: ready")
         assert f"guest: disk says {KNOWN.decode().strip()}" in guest.stdout, str(guest)
-        stderr = errors(guest)
+        stderr = guest.stderr
         port = re.search(r"gdb stub listening on tcp:127\.0\.0\.1:(\d+)", stderr)
         assert port, stderr
         assert "sandbox: locked down as uid 65534" in stderr, stderr
@@ -132,13 +127,13 @@ def test_disk_net_console_sockets_and_gdb_under_the_sandbox_across_a_reboot(asse
         guest.wait_for(r"guest: second boot sees first boot")
         # The second boot serves the same sockets, on the kept listeners.
         status = ctl(name, "status", options=("--json",))
-        assert status.returncode == 0 and json.loads(status.stdout)["reboots"] == 1, (status, errors(guest)[-4000:])
+        assert status.returncode == 0 and json.loads(status.stdout)["reboots"] == 1, (status, guest.stderr[-4000:])
         check_from_outside(netns, name, xenstore_socket, int(port.group(1)))
         guest.send(b"go\n")
         guest.wait_for(r"guest: second boot done")
         guest.wait_for(r"pyvmm-guest: test exit 0")
         assert guest.finish() == 0, str(guest)
-        final = errors(guest)
+        final = guest.stderr
     assert "forbidden system call" not in final and "sandbox allows no new" not in final, final[-4000:]
     assert debugfs_cat(image, "/second.txt") == b"second boot\n"
     assert not xenstore_socket.exists(), "the xenstore socket was left behind"

@@ -122,9 +122,6 @@ class LiveGuest:
             return (f"status {self.proc.returncode}\n--- stdout\n{self._output[-4000:].decode(errors='replace')}"
                     f"\n--- stderr\n{self._errors[-4000:].decode(errors='replace')}")
 
-    def tail(self) -> str:
-        return str(self)
-
     def wait_for(self, pattern, timeout=BOOT_TIMEOUT, *, stderr: bool = False):
         """The first match of the regular expression `pattern` (bytes
         groups) on the console, or with `stderr` in pyvmm's log; fails the
