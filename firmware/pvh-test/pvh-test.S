@@ -11,7 +11,7 @@
  *   action=t   triple fault (an exception with an empty IDT)
  *   action=h   cli; hlt forever (a CPU that can never run again)
  *   action=p   report a panic on the pvpanic port, then cli; hlt
- *   action=l   loop forever (only --timeout stops it)
+ *   action=l   loop forever (only --timeout stops it), counting in spin_count
  *
  * The constants must match pyvmm/layout.py (a unit test checks them).
  */
@@ -91,6 +91,7 @@ loop_forever:
         movl    $msg_loop, %esi
         call    puts
 spin:
+        incl    spin_count              /* a host test watches it stop while paused */
         pause
         jmp     spin
 
@@ -216,3 +217,5 @@ empty_idt:      .word 0                 /* limit 0: no vector can be delivered *
         .balign 16
 stack:  .skip   512
 stack_top:
+        .globl  spin_count
+spin_count: .skip 4

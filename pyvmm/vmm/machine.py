@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
+PARK_WAIT = 2.0  # how long pause() waits for every vCPU to leave KVM_RUN
 
 
 class Machine:
@@ -89,6 +90,12 @@ class Machine:
         self._running.set()
         self._pause_lock = threading.Lock()
         self._paused_clock = None
+        # A paused vCPU thread waits on `_parking`, still serving the work
+        # queued for it. `_in_guest[i]` is True while vCPU i's thread is in
+        # KVM_RUN (written by that thread only), so pause() knows when no
+        # vCPU runs.
+        self._parking = threading.Condition()
+        self._in_guest = [False] * config.vcpus
         self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
@@ -113,7 +120,7 @@ class Machine:
                 return
             self.stop_reason = reason
             self.stop_detail = detail
-        self._running.set()  # a paused VM must be able to stop
+        self._set_running()  # a paused VM must be able to stop
         for vcpu in self._vcpus:
             if vcpu is not None:
                 vcpu.kick()
@@ -218,14 +225,20 @@ class Machine:
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
                              registers=lambda: read_registers(vcpu), trace=self.trace).handle
         work = self._vcpu_work[index]
+        in_guest = self._in_guest
         try:
             while self.stop_reason is None:
                 while work:
                     work.popleft()()
                 if not self._running.is_set():
-                    self._running.wait()
+                    self._park(work)
                     continue
-                reason = handle(vcpu.run())
+                in_guest[index] = True
+                try:
+                    vcpu_exit = vcpu.run()
+                finally:
+                    in_guest[index] = False
+                reason = handle(vcpu_exit)
                 if reason is not None:
                     self.request_stop(reason)
         except Exception:
@@ -272,6 +285,43 @@ class Machine:
     def _post(self, index: int, job) -> None:
         self._vcpu_work[index].append(job)
         self._vcpus[index].kick()
+        with self._parking:
+            self._parking.notify_all()  # a parked vCPU serves it too
+
+    def _park(self, work: collections.deque) -> None:
+        """Wait outside KVM_RUN until the VM runs again; the vCPU's own
+        thread. Work queued for the vCPU still runs meanwhile: a vCPU
+        blocked in a hypercall may be waiting for it (run_on_vcpu)."""
+        with self._parking:
+            while not self._running.is_set():
+                if work:
+                    self._parking.release()
+                    try:
+                        while work:
+                            work.popleft()()
+                    finally:
+                        self._parking.acquire()
+                    continue
+                self._parking.wait()
+
+    def _set_running(self) -> None:
+        self._running.set()
+        with self._parking:
+            self._parking.notify_all()
+
+    def _wait_out_of_guest(self, timeout: float) -> bool:
+        """Wait until no vCPU thread is inside KVM_RUN; False on timeout.
+        Once `_running` is clear and every vCPU kicked, a thread that enters
+        KVM_RUN after this has looked leaves it at once (immediate_exit)
+        without running a guest instruction, and parks."""
+        deadline = time.monotonic() + timeout
+        while any(self._in_guest):
+            if self.stop_reason is not None:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        return True
 
     # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
 
@@ -364,8 +414,15 @@ class Machine:
             for vcpu in self._vcpus:
                 if vcpu is not None:
                     vcpu.kick()
-            # Freeze kvmclock (and with it Xen's pvclock): on resume the guest
-            # sees time continue from where it stopped, as on QEMU's stop/cont.
+            # Freeze kvmclock (and with it Xen's pvclock) once no vCPU runs:
+            # on resume the guest sees time continue from where it stopped,
+            # as on QEMU's stop/cont. Read while a vCPU still ran, the clock
+            # would step back on resume under a guest that already saw later
+            # times. A kicked vCPU leaves KVM_RUN within microseconds; the
+            # wait is bounded all the same.
+            if not self._wait_out_of_guest(PARK_WAIT):
+                log.warning("pause: a vCPU did not leave KVM_RUN within %.0f s; its clock may step back on resume",
+                            PARK_WAIT)
             self._paused_clock = self.vm.get_clock().clock
 
     def resume(self) -> None:
@@ -375,7 +432,7 @@ class Machine:
             if self._paused_clock is not None:
                 self.vm.set_clock(self._paused_clock)
                 self._paused_clock = None
-            self._running.set()
+            self._set_running()
 
     def kick_vcpu(self, index: int) -> None:
         vcpu = self._vcpus[index]
