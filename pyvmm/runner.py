@@ -19,6 +19,7 @@ from .kvm import KvmError, KvmUnavailable
 from .core.memory import GuestMemoryError
 from .core.stop import StopReason
 from .core.trace import Tracer, open_trace
+from .core.stats import RunStats, format_report, write_json
 from .xen import backends as _backends  # noqa: F401 - the device kinds' trace categories and fault targets
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,36 @@ def run_vm(config: VmConfig) -> int:
         trace = open_trace(config.trace, config.trace_file)
     except OSError as error:
         raise RunError(f"--trace-file {str(config.trace_file)!r}: {error.strerror}") from None
+    stats = stats_file = None
     try:
+        if config.stats or config.stats_json is not None:
+            # Before the sandbox: it reads /proc and opens the file, which the lockdown refuses later.
+            stats = RunStats(config.vcpus)
+            if config.stats_json is not None:
+                try:
+                    stats_file = open(config.stats_json, "w", encoding="utf-8")
+                except OSError as error:
+                    raise RunError(f"--stats-json {str(config.stats_json)!r}: {error.strerror}") from None
         faults = FaultInjector.from_specs(config.faults, trace)
-        return _run_sandboxed(config, trace, faults)
+        return _run_sandboxed(config, trace, faults, stats)
     finally:
         trace.close()
+        if stats is not None:
+            _report_stats(config, stats, stats_file)
 
 
-def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector) -> int:
+def _report_stats(config: VmConfig, stats: RunStats, out) -> None:
+    """--stats and --stats-json, once every vCPU thread has been joined."""
+    report = stats.report()
+    if config.stats:
+        sys.stderr.write("".join(f"pyvmm: {line}\n" for line in format_report(report)))
+        sys.stderr.flush()
+    if out is not None:
+        with out:
+            write_json(report, out)
+
+
+def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector, stats: RunStats | None) -> int:
     sandbox = None
     if config.sandbox is not None and config.sandbox.enabled:
         # First, while the VMM is one thread: the monitor is forked here.
@@ -68,13 +91,13 @@ def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector) -> in
 
             config = dataclasses.replace(config, xenstore_socket=xenstore_socket_path(config.name))
     try:
-        return _run(config, sandbox, trace, faults)
+        return _run(config, sandbox, trace, faults, stats)
     finally:
         if sandbox is not None:
             sandbox.finish(KEPT.close())
 
 
-def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int:
+def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats: RunStats | None) -> int:
     from .vmm.builder import MachineBuilder
     from .vmm.machine import Machine
 
@@ -120,6 +143,7 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int
             machine = booting
             machine.control = control
             machine.run_counts = run_counts
+            machine.stats = stats
             machine_holder[:] = [machine]
             if sandbox is not None and not sandbox.locked:
                 # Everything the first boot opens is open; no thread runs yet.

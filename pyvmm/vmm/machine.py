@@ -28,12 +28,14 @@ from ..config import VmConfig
 from ..core.console import ConsoleOutput, EscapeFilter, RawTerminal
 from ..core.eventloop import EventLoop
 from .exit_handler import ExitHandler
+from .exit_stats import ExitCounters
 from .liveness import DeadGuestDetector
 from ..core.memory import GuestMemory
 from ..platform import Platform
 from ..core.stop import StopReason
 from ..core.faults import FaultInjector
 from ..core.trace import Tracer
+from ..core.stats import RunStats
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from ..vcpu_state import read_registers
 
@@ -92,6 +94,7 @@ class Machine:
         self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
+        self.stats: RunStats | None = None  # the whole run's with --stats, set by runner.py before run()
         self._xenstore_server = None
         self.xenstore_socket_path = None
         self._listening = False
@@ -147,6 +150,8 @@ class Machine:
 
     def run(self, deadline: float | None) -> StopReason:
         self.open_listeners()
+        if self.stats is not None:
+            self._count_into(self.stats)
         for index in range(self.config.vcpus):
             thread = threading.Thread(target=self._vcpu_thread, args=(index,), name=f"vcpu{index}", daemon=True)
             self._threads.append(thread)
@@ -171,6 +176,14 @@ class Machine:
             self.request_stop(StopReason.ERROR)
             self._join()
         return self.stop_reason
+
+    def _count_into(self, stats: RunStats) -> None:
+        # Before any thread starts: each vCPU's counters are handed to its
+        # thread by Thread.start(), and the event thread is this one.
+        for index in range(self.config.vcpus):
+            stats.vcpu(index)
+        if self.xen is not None:
+            self.xen.count_into(stats.event, stats.vcpus)
 
     # --- operator sockets ---------------------------------------------------------
 
@@ -218,6 +231,9 @@ class Machine:
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
                              registers=lambda: read_registers(vcpu), trace=self.trace).handle
         work = self._vcpu_work[index]
+        if self.stats is not None:  # chosen once: the plain loop below never tests it
+            self._counting_vcpu_loop(index, vcpu, handle, work)
+            return
         try:
             while self.stop_reason is None:
                 while work:
@@ -231,6 +247,44 @@ class Machine:
         except Exception:
             log.exception("vCPU %d failed", index)
             self.request_stop(StopReason.ERROR)
+
+    def _counting_vcpu_loop(self, index: int, vcpu, handle, work) -> None:
+        """The vCPU loop of a run with --stats: the plain loop, timed, each
+        exit counted by ExitCounters into this vCPU's VcpuStats (which only
+        this thread writes until the runner reads it after the join)."""
+        stats = self.stats.vcpu(index)
+        counters = ExitCounters(stats, self.pio, self.mmio)
+        slot_of = counters.slot
+        now = time.perf_counter_ns
+        if index == 0:
+            self.stats.note_first_run()
+        last = now()
+        try:
+            while self.stop_reason is None:
+                while work:
+                    work.popleft()()
+                if not self._running.is_set():
+                    self._running.wait()
+                    continue
+                entered = now()
+                exit = vcpu.run()
+                returned = now()
+                reason = handle(exit)
+                handled = now()
+                stats.vmm_ns += entered - last
+                stats.run_ns += returned - entered
+                stats.runs += 1
+                slot = slot_of(exit)
+                slot[0] += 1
+                slot[1] += handled - returned
+                last = returned
+                if reason is not None:
+                    self.request_stop(reason)
+        except Exception:
+            log.exception("vCPU %d failed", index)
+            self.request_stop(StopReason.ERROR)
+        finally:
+            stats.vmm_ns += now() - last
 
     def current_vcpu(self) -> int | None:
         """The index of the vCPU whose thread is calling, if any."""
