@@ -219,12 +219,12 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
 
 def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):
     """The sandbox's options; `user` is --user, else the xl.cfg file's device_model_user."""
-    from .sandbox import SandboxError, SandboxOptions
-
     if no_sandbox:
         if option_user is not None:
             raise ConfigError("--user is the sandbox's user: it cannot go with --no-sandbox")
         return None
+    from .sandbox import SandboxError, SandboxOptions
+
     if user is not None:
         try:
             SandboxOptions.parse_user(user)

@@ -148,7 +148,7 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats:
             if sandbox is not None and not sandbox.locked:
                 # Everything the first boot opens is open; no thread runs yet.
                 machine.open_listeners()
-                sandbox.lock(KEPT.unix_socket_paths())
+                sandbox.lock(KEPT.unix_socket_paths(), unused=_unused_subsystems(config))
                 _sandbox_test_call(machine)
             reason = machine.run(deadline)
             detail = machine.stop_detail
@@ -176,6 +176,15 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats:
         console.close()
         trace.close()
     return status
+
+
+def _unused_subsystems(config: VmConfig) -> tuple[str, ...]:
+    """What this run never imports after the sandbox's lockdown, so
+    preload() leaves it out (pyvmm/sandbox.py)."""
+    from .sandbox import GDB_STUB, STATS, XEN
+
+    uses = {GDB_STUB: config.gdb is not None, XEN: config.xen, STATS: config.stats or config.stats_json is not None}
+    return tuple(name for name, used in uses.items() if not used)
 
 
 # The suite's way to show that the sandbox stops a VMM thread: with this set,
@@ -256,13 +265,14 @@ def describe_failure(error: BaseException) -> str | None:
 
     if isinstance(error, RuntimeDirError):
         return str(error)
-    from .xen.hv.kvm_xen import XenUnavailable
-
-    if isinstance(error, XenUnavailable):
+    # Looked up, not imported: an error of a subsystem this run never
+    # loaded cannot be raised, and after the sandbox's lockdown the
+    # import itself would fail.
+    kvm_xen = sys.modules.get("pyvmm.xen.hv.kvm_xen")
+    if kvm_xen is not None and isinstance(error, kvm_xen.XenUnavailable):
         return str(error)
-    from .debug.gdbstub import GdbStubError
-
-    if isinstance(error, GdbStubError):
+    gdbstub = sys.modules.get("pyvmm.debug.gdbstub")
+    if gdbstub is not None and isinstance(error, gdbstub.GdbStubError):
         return str(error)
     if isinstance(error, BootError):
         return f"cannot boot the kernel: {error}"

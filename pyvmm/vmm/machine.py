@@ -28,7 +28,6 @@ from ..config import VmConfig
 from ..core.console import ConsoleOutput, EscapeFilter, RawTerminal
 from ..core.eventloop import EventLoop
 from .exit_handler import ExitHandler
-from .exit_stats import ExitCounters
 from .liveness import DeadGuestDetector
 from ..core.memory import GuestMemory
 from ..platform import Platform
@@ -252,6 +251,8 @@ class Machine:
         """The vCPU loop of a run with --stats: the plain loop, timed, each
         exit counted by ExitCounters into this vCPU's VcpuStats (which only
         this thread writes until the runner reads it after the join)."""
+        from .exit_stats import ExitCounters  # only with --stats (the sandbox preloads it)
+
         stats = self.stats.vcpu(index)
         counters = ExitCounters(stats, self.pio, self.mmio)
         slot_of = counters.slot
