@@ -50,13 +50,13 @@ def run_vm(config: VmConfig) -> int:
     stats = stats_file = None
     try:
         if config.stats or config.stats_json is not None:
-            # Before the sandbox: it reads /proc and opens the file, which the lockdown refuses later.
-            stats = RunStats(config.vcpus)
+            # Before the sandbox: the file is opened and /proc read now, which the lockdown refuses later.
             if config.stats_json is not None:
                 try:
                     stats_file = open(config.stats_json, "w", encoding="utf-8")
                 except OSError as error:
                     raise RunError(f"--stats-json {str(config.stats_json)!r}: {error.strerror}") from None
+            stats = RunStats(config.vcpus)
         faults = FaultInjector.from_specs(config.faults, trace)
         return _run_sandboxed(config, trace, faults, stats)
     finally:

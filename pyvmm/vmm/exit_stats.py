@@ -46,7 +46,10 @@ class ExitCounters:
         self.stats = stats
         self._pio = pio
         self._mmio = mmio
-        self._claims: dict[tuple[str, object], list[int]] = {}  # (bus, claim) -> slot
+        # id(claim) -> (claim, slot), per bus: a Claim's own hash costs more
+        # than the rest of the lookup; holding the claim keeps its id unique.
+        self._io_claims: dict[int, tuple[object, list[int]]] = {}
+        self._mmio_claims: dict[int, tuple[object, list[int]]] = {}
         self._hypercalls: dict[tuple[int, int], list[int]] = {}  # (number, op) -> slot
         self._by_type = {
             kx.IoExit: self._io,
@@ -66,19 +69,19 @@ class ExitCounters:
         return lambda exit: slot
 
     def _io(self, exit: kx.IoExit) -> list[int]:
-        return self._device("io", self._pio, exit.port, exit.size)
+        return self._device("io", self._io_claims, self._pio.find(exit.port, exit.size))
 
     def _mmio_exit(self, exit: kx.MmioExit) -> list[int]:
-        return self._device("mmio", self._mmio, exit.address, exit.length)
+        return self._device("mmio", self._mmio_claims, self._mmio.find(exit.address, exit.length))
 
-    def _device(self, kind: str, bus: Bus, address: int, size: int) -> list[int]:
-        # Looked up at each exit (a guest may move a PCI BAR), named once per claim.
-        claim = bus.find(address, size)
-        slot = self._claims.get((kind, claim))
-        if slot is None:
+    def _device(self, kind: str, cache: dict, claim) -> list[int]:
+        # The claim is looked up at each exit (a guest may move a PCI BAR)
+        # and named once.
+        entry = cache.get(id(claim))
+        if entry is None or entry[0] is not claim:
             detail = f"{claim.name} {claim.base:#x}-{claim.end - 1:#x}" if claim is not None else "unclaimed"
-            slot = self._claims[(kind, claim)] = self.stats.slot(kind, detail)
-        return slot
+            entry = cache[id(claim)] = (claim, self.stats.slot(kind, detail))
+        return entry[1]
 
     def _hypercall(self, exit: kx.XenHypercallExit) -> list[int]:
         mask = _U64 if exit.longmode else _U32
