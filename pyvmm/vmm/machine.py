@@ -257,8 +257,7 @@ class Machine:
         counters = ExitCounters(stats, self.pio, self.mmio)
         slot_of = counters.slot
         now = time.perf_counter_ns
-        if index == 0:
-            self.stats.note_first_run()
+        first = index == 0  # vCPU 0's first KVM_RUN ends the start-up (after any --gdb-wait)
         last = now()
         try:
             while self.stop_reason is None:
@@ -267,6 +266,9 @@ class Machine:
                 if not self._running.is_set():
                     self._running.wait()
                     continue
+                if first:
+                    self.stats.note_first_run()
+                    first = False
                 entered = now()
                 exit = vcpu.run()
                 returned = now()
