@@ -59,3 +59,22 @@ def test_without_stats_nothing_is_printed(kernel):
                        timeout=300)
     assert result.status == 0, result
     assert "run statistics" not in result.stderr and "KVM_RUN" not in result.stderr, result
+
+
+def test_stats_add_up_every_boot_of_the_run(kernel, tmp_path):
+    report_file = tmp_path / "stats.json"
+    # A triple fault resets the guest, which boots again: the pattern spans both boots.
+    result = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0 action=t",
+                       "--timeout", "120", "--expect", r"(?s)triple fault.*magic ok.*triple fault",
+                       "--stats-json", str(report_file), timeout=300)
+    assert result.status == 0 and result.stdout.count("magic ok") == 2, result
+    assert "run statistics" not in result.stderr  # --stats-json alone prints nothing
+    counters = {(c["kind"], c["detail"]): c["count"] for c in json.loads(report_file.read_text())["counters"]}
+    assert counters[("triple-fault", "")] == 1, counters  # the first boot's
+    # The same guest for one boot only (--no-reboot): it printed less, so it made fewer COM1 exits.
+    one_boot = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0 action=t",
+                         "--timeout", "120", "--no-reboot", "--stats-json", str(report_file), timeout=300)
+    assert one_boot.status == 6 and one_boot.stdout.count("magic ok") == 1, one_boot
+    single = {(c["kind"], c["detail"]): c["count"] for c in json.loads(report_file.read_text())["counters"]}
+    assert single[("triple-fault", "")] == 1, single
+    assert counters[("io", "COM1 0x3f8-0x3ff")] > single[("io", "COM1 0x3f8-0x3ff")], (counters, single)
