@@ -131,6 +131,11 @@ def main() -> None:
                    f"{', '.join(name for name in CATEGORIES if name not in ('fault', 'stop'))}, "
                    "or all) to --trace-file; see docs/FRONTEND-DEVELOPERS.md.")
 @click.option("--trace-file", type=click.Path(path_type=Path), help="Where --trace writes (JSON lines).")
+@click.option("--stats", "print_stats", is_flag=True,
+              help="At the end, print exit counts and the VMM's time per kind of exit, hypercall and "
+                   "xenstore request, and the start-up time, on stderr (docs/PROFILING.md).")
+@click.option("--stats-json", type=click.Path(path_type=Path), metavar="FILE",
+              help="Write the same statistics to FILE as JSON.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject a fault, e.g. blk:error,op=write,sectors=2048-4095 "
                    "(repeatable; docs/FRONTEND-DEVELOPERS.md).")
@@ -149,7 +154,8 @@ def main() -> None:
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
-        xen_accel, name, xenstore_socket, trace_categories, trace_file, faults, gdb, gdb_allow_remote,
+        xen_accel, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
+        gdb_allow_remote,
         gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
     """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
 
@@ -192,6 +198,8 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             # the file's limits, then --limit's (the last of a name wins)
             limits=VmConfig.limits_from({**values["limits"], **dict(map(parse_limit_option, limit_settings))}),
             **_tracing_and_faults(trace_categories, trace_file, faults),
+            stats=print_stats,
+            stats_json=stats_json,
         )
         config.validate()
         from .runner import run_vm
@@ -211,12 +219,12 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
 
 def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):
     """The sandbox's options; `user` is --user, else the xl.cfg file's device_model_user."""
-    from .sandbox import SandboxError, SandboxOptions
-
     if no_sandbox:
         if option_user is not None:
             raise ConfigError("--user is the sandbox's user: it cannot go with --no-sandbox")
         return None
+    from .sandbox import SandboxError, SandboxOptions
+
     if user is not None:
         try:
             SandboxOptions.parse_user(user)

@@ -151,6 +151,10 @@ class VmConfig:
     trace: frozenset[str] = frozenset()
     trace_file: Path | None = None
     faults: tuple[str, ...] = ()
+    # --stats (print the run's statistics on stderr at its end) and
+    # --stats-json (write them there); either makes the runner count.
+    stats: bool = False
+    stats_json: Path | None = None
 
     @staticmethod
     def limits_from(settings: dict) -> Limits:

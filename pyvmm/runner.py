@@ -19,6 +19,7 @@ from .kvm import KvmError, KvmUnavailable
 from .core.memory import GuestMemoryError
 from .core.stop import StopReason
 from .core.trace import Tracer, open_trace
+from .core.stats import RunStats, format_report, write_json
 from .xen import backends as _backends  # noqa: F401 - the device kinds' trace categories and fault targets
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,36 @@ def run_vm(config: VmConfig) -> int:
         trace = open_trace(config.trace, config.trace_file)
     except OSError as error:
         raise RunError(f"--trace-file {str(config.trace_file)!r}: {error.strerror}") from None
+    stats = stats_file = None
     try:
+        if config.stats or config.stats_json is not None:
+            # Before the sandbox: the file is opened and /proc read now, which the lockdown refuses later.
+            if config.stats_json is not None:
+                try:
+                    stats_file = open(config.stats_json, "w", encoding="utf-8")
+                except OSError as error:
+                    raise RunError(f"--stats-json {str(config.stats_json)!r}: {error.strerror}") from None
+            stats = RunStats(config.vcpus)
         faults = FaultInjector.from_specs(config.faults, trace)
-        return _run_sandboxed(config, trace, faults)
+        return _run_sandboxed(config, trace, faults, stats)
     finally:
         trace.close()
+        if stats is not None:
+            _report_stats(config, stats, stats_file)
 
 
-def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector) -> int:
+def _report_stats(config: VmConfig, stats: RunStats, out) -> None:
+    """--stats and --stats-json, once every vCPU thread has been joined."""
+    report = stats.report()
+    if config.stats:
+        sys.stderr.write("".join(f"pyvmm: {line}\n" for line in format_report(report)))
+        sys.stderr.flush()
+    if out is not None:
+        with out:
+            write_json(report, out)
+
+
+def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector, stats: RunStats | None) -> int:
     sandbox = None
     if config.sandbox is not None and config.sandbox.enabled:
         # First, while the VMM is one thread: the monitor is forked here.
@@ -68,13 +91,13 @@ def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector) -> in
 
             config = dataclasses.replace(config, xenstore_socket=xenstore_socket_path(config.name))
     try:
-        return _run(config, sandbox, trace, faults)
+        return _run(config, sandbox, trace, faults, stats)
     finally:
         if sandbox is not None:
             sandbox.finish(KEPT.close())
 
 
-def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int:
+def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats: RunStats | None) -> int:
     from .vmm.builder import MachineBuilder
     from .vmm.machine import Machine
 
@@ -120,11 +143,12 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int
             machine = booting
             machine.control = control
             machine.run_counts = run_counts
+            machine.stats = stats
             machine_holder[:] = [machine]
             if sandbox is not None and not sandbox.locked:
                 # Everything the first boot opens is open; no thread runs yet.
                 machine.open_listeners()
-                sandbox.lock(KEPT.unix_socket_paths())
+                sandbox.lock(KEPT.unix_socket_paths(), unused=_unused_subsystems(config))
                 _sandbox_test_call(machine)
             reason = machine.run(deadline)
             detail = machine.stop_detail
@@ -152,6 +176,15 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector) -> int
         console.close()
         trace.close()
     return status
+
+
+def _unused_subsystems(config: VmConfig) -> tuple[str, ...]:
+    """What this run never imports after the sandbox's lockdown, so
+    preload() leaves it out (pyvmm/sandbox.py)."""
+    from .sandbox import GDB_STUB, STATS, XEN
+
+    uses = {GDB_STUB: config.gdb is not None, XEN: config.xen, STATS: config.stats or config.stats_json is not None}
+    return tuple(name for name, used in uses.items() if not used)
 
 
 # The suite's way to show that the sandbox stops a VMM thread: with this set,
@@ -232,13 +265,14 @@ def describe_failure(error: BaseException) -> str | None:
 
     if isinstance(error, RuntimeDirError):
         return str(error)
-    from .xen.hv.kvm_xen import XenUnavailable
-
-    if isinstance(error, XenUnavailable):
+    # Looked up, not imported: an error of a subsystem this run never
+    # loaded cannot be raised, and after the sandbox's lockdown the
+    # import itself would fail.
+    kvm_xen = sys.modules.get("pyvmm.xen.hv.kvm_xen")
+    if kvm_xen is not None and isinstance(error, kvm_xen.XenUnavailable):
         return str(error)
-    from .debug.gdbstub import GdbStubError
-
-    if isinstance(error, GdbStubError):
+    gdbstub = sys.modules.get("pyvmm.debug.gdbstub")
+    if gdbstub is not None and isinstance(error, gdbstub.GdbStubError):
         return str(error)
     if isinstance(error, BootError):
         return f"cannot boot the kernel: {error}"

@@ -333,9 +333,11 @@ class Sandbox:
         self._monitor_pid = pid
         log.debug("sandbox: monitor is process %d", pid)
 
-    def lock(self, unix_sockets: list[str]) -> None:
-        """Drop privileges and load the filter; from here on the allow-list holds."""
-        preload()
+    def lock(self, unix_sockets: list[str], unused: tuple[str, ...] = ()) -> None:
+        """Drop privileges and load the filter; from here on the allow-list
+        holds. `unused`: the subsystems (GDB_STUB, XEN, STATS) this run never
+        imports, left out of preload()."""
+        preload(unused)
         _check_single_thread("the sandbox is locked down")
         self._send(b"P" + json.dumps([[path, *_inode(path)] for path in unix_sockets]).encode())
         import resource
@@ -495,14 +497,46 @@ _STDLIB_PRELOAD = (
 # Codecs are found by name and imported on first use; the trace's byte
 # summaries use unicode_escape.
 _CODECS_PRELOAD = ("ascii", "latin-1", "utf-8", "unicode_escape", "raw_unicode_escape")
-_PRELOAD_SKIP = ("pyvmm.__main__",)
+# What no run executes after its lockdown: the entry point, and the code of
+# the other commands (an xl.cfg file is read before the lockdown).
+NEVER_AFTER_LOCKDOWN = ("pyvmm.__main__", "pyvmm.xlcfg", "pyvmm.hostcheck", "pyvmm.debug.trace_show")
+# Subsystems a run that does not use them never imports after the lockdown,
+# skipped through preload(unused=...) (runner.py says which a run uses):
+GDB_STUB = "pyvmm.debug.gdbstub"  # only with --gdb
+XEN = "pyvmm.xen"  # only with Xen: a --no-xen run keeps the part it imported already (device kinds, specs)
+STATS = "pyvmm.vmm.exit_stats"  # only with --stats or --stats-json
 
 
-def preload() -> None:
+def pyvmm_modules() -> list[str]:
+    """Every module of the pyvmm package, by name, from its files: a
+    listing, much cheaper than pkgutil.walk_packages, which imports each
+    package to find its path."""
+    import pyvmm
+
+    root = os.path.dirname(pyvmm.__file__)
+    names = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if os.path.isfile(os.path.join(folder, d, "__init__.py")))
+        relative = os.path.relpath(folder, root)
+        package = ".".join(["pyvmm", *([] if relative == "." else relative.split(os.sep))])
+        for name in sorted(files):
+            if name.endswith(".py"):
+                stem = name[:-3]
+                names.append(package if stem == "__init__" else f"{package}.{stem}")
+    return names
+
+
+def _skipped(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def preload(unused: tuple[str, ...] = ()) -> None:
+    """Import what the run may import lazily after the lockdown: every pyvmm
+    module but those of NEVER_AFTER_LOCKDOWN and of the `unused` subsystems
+    (GDB_STUB, XEN, STATS) that are not imported already."""
     import codecs
     import importlib
     import linecache
-    import pkgutil
 
     import pyvmm
 
@@ -513,12 +547,13 @@ def preload() -> None:
             pass
     for name in _CODECS_PRELOAD:
         codecs.lookup(name)
-    for module in pkgutil.walk_packages(pyvmm.__path__, "pyvmm.", onerror=lambda name: None):
-        if module.name not in _PRELOAD_SKIP:
+    skipped = NEVER_AFTER_LOCKDOWN + tuple(unused)
+    for name in pyvmm_modules():
+        if name not in sys.modules and not _skipped(name, skipped):
             try:
-                importlib.import_module(module.name)
+                importlib.import_module(name)
             except Exception as error:  # noqa: BLE001 - a module this run cannot use is not needed by it
-                log.debug("sandbox: not preloading %s: %s", module.name, error)
+                log.debug("sandbox: not preloading %s: %s", name, error)
     # Tracebacks logged later show pyvmm's source lines (linecache keeps them).
     for module in list(sys.modules.values()):
         filename = getattr(module, "__file__", None) or ""

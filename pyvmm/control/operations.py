@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Callable
 from .server import ControlError
 from ..core.faults import FaultSpecError
 from ..core.stop import StopReason
-from ..xen.xenstore import XenStoreError
 
 if TYPE_CHECKING:
     from ..vmm.machine import Machine
@@ -92,8 +91,12 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
 
     def store_op(function):
         def command(args: dict):
+            client = store_client()
+            # Imported with a Xen VM only: a --no-xen run leaves the xenstore unloaded.
+            from ..xen.xenstore import XenStoreError
+
             try:
-                return function(store_client(), args)
+                return function(client, args)
             except XenStoreError as error:
                 raise ControlError("XenstoreError", f"{error.name}: {path_of(args)}") from None
 
@@ -145,14 +148,15 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
 
     def xenbus_state(args: dict) -> dict:
         """Move a backend device to Closing or Closed on demand."""
-        from ..xen.backend.xenbus_backend import XenbusState
-
-        states = {"closing": XenbusState.CLOSING, "closed": XenbusState.CLOSED}
         device, state = args.get("device"), args.get("state")
-        if state not in states:
+        if state not in ("closing", "closed"):
             raise ControlError("InvalidArgument", "'state' must be closing or closed")
         if machine.xen is None:
             raise ControlError("Unsupported", "this VM has no xenbus devices (--no-xen)")
+        # Only now: a --no-xen run's sandbox did not preload the Xen modules.
+        from ..xen.backend.xenbus_backend import XenbusState
+
+        states = {"closing": XenbusState.CLOSING, "closed": XenbusState.CLOSED}
         for backend in machine.xen.xenbus_devices:  # of every device kind
             if device in (backend.name, str(backend.devid), backend.backend_path):
                 backend.force_state(states[state])

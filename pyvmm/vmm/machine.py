@@ -34,6 +34,7 @@ from ..platform import Platform
 from ..core.stop import StopReason
 from ..core.faults import FaultInjector
 from ..core.trace import Tracer
+from ..core.stats import RunStats
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from ..vcpu_state import read_registers
 
@@ -99,6 +100,7 @@ class Machine:
         self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
+        self.stats: RunStats | None = None  # the whole run's with --stats, set by runner.py before run()
         self._xenstore_server = None
         self.xenstore_socket_path = None
         self._listening = False
@@ -154,6 +156,8 @@ class Machine:
 
     def run(self, deadline: float | None) -> StopReason:
         self.open_listeners()
+        if self.stats is not None:
+            self._count_into(self.stats)
         for index in range(self.config.vcpus):
             thread = threading.Thread(target=self._vcpu_thread, args=(index,), name=f"vcpu{index}", daemon=True)
             self._threads.append(thread)
@@ -178,6 +182,14 @@ class Machine:
             self.request_stop(StopReason.ERROR)
             self._join()
         return self.stop_reason
+
+    def _count_into(self, stats: RunStats) -> None:
+        # Before any thread starts: each vCPU's counters are handed to its
+        # thread by Thread.start(), and the event thread is this one.
+        for index in range(self.config.vcpus):
+            stats.vcpu(index)
+        if self.xen is not None:
+            self.xen.count_into(stats.event, stats.vcpus)
 
     # --- operator sockets ---------------------------------------------------------
 
@@ -226,6 +238,10 @@ class Machine:
                              registers=lambda: read_registers(vcpu), trace=self.trace).handle
         work = self._vcpu_work[index]
         in_guest = self._in_guest
+        run = vcpu.run
+        finish = None
+        if self.stats is not None:  # chosen once: without --stats nothing is timed or counted
+            run, handle, finish = self._counted(index, run, handle)
         try:
             while self.stop_reason is None:
                 while work:
@@ -235,7 +251,7 @@ class Machine:
                     continue
                 in_guest[index] = True
                 try:
-                    vcpu_exit = vcpu.run()
+                    vcpu_exit = run()
                 finally:
                     in_guest[index] = False
                 reason = handle(vcpu_exit)
@@ -244,6 +260,51 @@ class Machine:
         except Exception:
             log.exception("vCPU %d failed", index)
             self.request_stop(StopReason.ERROR)
+        finally:
+            if finish is not None:
+                finish()
+
+    def _counted(self, index: int, run, handle):
+        """`run` and `handle` for a run with --stats: timed, each exit counted
+        by ExitCounters into this vCPU's VcpuStats (which only this vCPU's
+        thread writes until the runner reads it after the join); and what
+        to call when the loop ends."""
+        from .exit_stats import ExitCounters  # only with --stats (the sandbox preloads it)
+
+        run_stats = self.stats
+        stats = run_stats.vcpu(index)
+        slot_of = ExitCounters(stats, self.pio, self.mmio).slot
+        now = time.perf_counter_ns
+        # [end of the last KVM_RUN, vCPU 0's first KVM_RUN still to come
+        # (it ends the start-up, after any --gdb-wait)]
+        state = [now(), index == 0]
+
+        def timed_run():
+            if state[1]:
+                run_stats.note_first_run()
+                state[1] = False
+            entered = now()
+            try:
+                return run()
+            finally:
+                returned = now()
+                stats.vmm_ns += entered - state[0]
+                stats.run_ns += returned - entered
+                stats.runs += 1
+                state[0] = returned
+
+        def counted_handle(vcpu_exit):
+            try:
+                return handle(vcpu_exit)
+            finally:
+                slot = slot_of(vcpu_exit)
+                slot[0] += 1
+                slot[1] += now() - state[0]
+
+        def finish():
+            stats.vmm_ns += now() - state[0]
+
+        return timed_run, counted_handle, finish
 
     def current_vcpu(self) -> int | None:
         """The index of the vCPU whose thread is calling, if any."""

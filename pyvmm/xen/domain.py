@@ -18,7 +18,7 @@ import os
 import threading
 import uuid
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from .. import diagnose
 from ..core import layout
@@ -27,6 +27,7 @@ from ..core.console import ConsoleOutput
 from ..core.eventloop import EventLoop, drain_eventfd
 from ..core.faults import FaultInjector
 from ..core.trace import Tracer
+from ..core.stats import Counters
 from ..kvm import CpuidEntry, Kvm, KvmError, MemslotError, Vm, uapi
 from ..kvm.cpuid import signature_leaf
 from .hv.xen_platform import XenPlatformDevice
@@ -290,6 +291,14 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             for fd in self._callback_fds:
                 os.close(fd)
             self._callback_fds = None
+
+    def count_into(self, event: Counters, vcpus: Sequence[Counters]) -> None:
+        """--stats, before any thread runs: the guest's xenstore requests by
+        type into `event` (the event thread serves them all) and the event
+        channel sends that reach the dispatcher into `vcpus[i]` (vCPU i's
+        thread makes them)."""
+        self.xenstore.connection.count_requests(event)
+        self.dispatcher.count_sends(vcpus)
 
     # --- hypercalls ------------------------------------------------------------------
 

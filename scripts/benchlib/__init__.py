@@ -23,6 +23,31 @@ REPO = Path(__file__).resolve().parents[2]
 QEMU_PEAK_RSS = re.compile(rb"qemu-xen: QEMU peak RSS (\d+) KiB")
 
 
+# Linux's printk line when it starts the first userspace program, with its
+# own timestamp (CONFIG_PRINTK_TIME): the guest's clock at /init, whatever
+# the VMM's start-up cost before the guest ran.
+GUEST_INIT_LINE = re.compile(r"^\[\s*(\d+\.\d+)\] Run (\S+) as init process", re.MULTILINE)
+
+
+def guest_clock_init_s(console: str) -> float | None:
+    """The guest kernel's timestamp (seconds of its own clock) of the line
+    `Run /init as init process`, or None if the console has none."""
+    found = GUEST_INIT_LINE.search(console)
+    return float(found.group(1)) if found else None
+
+
+def vmm_startup_s(stats_json: Path) -> float | None:
+    """pyvmm's start-up (process start to first KVM_RUN) from a `pyvmm run
+    --stats-json` file, or None when the file is missing or has none."""
+    import json
+
+    try:
+        startup = json.loads(stats_json.read_text()).get("startup_ns")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if startup is None else round(startup / 1e9, 3)
+
+
 def load_script(name: str) -> ModuleType:
     """A script under scripts/ (no .py suffix) as a module."""
     loader = importlib.machinery.SourceFileLoader(f"pyvmm_script_{name.replace('-', '_')}",

@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchlib import load_script, run_vmm  # noqa: E402
+from benchlib import guest_clock_init_s, load_script, run_vmm, vmm_startup_s  # noqa: E402
 
 CHILD = """
 import sys
@@ -45,6 +45,54 @@ def test_ratio_and_missing_values():
     assert bench.median_of([None, 3, 1, 2]) == 2
     assert bench.median_of([None]) is None
     assert list(bench.alternating(2)) == [(1, "pyvmm"), (1, "qemu"), (2, "qemu"), (2, "pyvmm")]
+
+
+# A Debian kernel's console around the first userspace program (hvc0, printk times on).
+CONSOLE = """\
+[    2.701203] Freeing unused kernel image (initmem) memory: 2916K
+[    2.712345] Write protecting the kernel read-only data: 26624k
+[    2.733518] Run /init as init process
+[    2.733521]   with arguments:
+pyvmm-guest: init started
+"""
+
+
+def test_guest_clock_at_init_is_the_kernels_own_timestamp():
+    assert guest_clock_init_s(CONSOLE) == 2.733518
+    assert guest_clock_init_s("[   12.5] Run /sbin/init as init process\n") == 12.5
+    # No printk times, or a kernel that never got there.
+    assert guest_clock_init_s("Run /init as init process\npyvmm-guest: init started\n") is None
+    assert guest_clock_init_s(CONSOLE.replace("Run /init", "Trying /init")) is None
+    # Only a line of its own: the init's own output quoting it is not the kernel's.
+    assert guest_clock_init_s("echo [ 1.0] Run /init as init process\n") is None
+
+
+def test_vmm_startup_from_the_stats_json(tmp_path):
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"startup_ns": 1234567890, "vcpus": [], "counters": []}')
+    assert vmm_startup_s(stats) == 1.235
+    stats.write_text('{"startup_ns": null}')
+    assert vmm_startup_s(stats) is None
+    stats.write_text("{broken")
+    assert vmm_startup_s(stats) is None
+    assert vmm_startup_s(tmp_path / "missing.json") is None
+
+
+def test_boot_rows_include_the_guest_clock_and_the_vmm_startup():
+    bench = load_script("bench")
+    boots = [{"vmm": "pyvmm", "status": 0, "init_s": 6.0, "first_output_s": 3.0, "guest_init_s": 2.7,
+              "vmm_startup_s": 1.9, "peak_rss_kib": 1024},
+             {"vmm": "pyvmm", "status": 5, "init_s": None, "first_output_s": 9.0, "guest_init_s": None,
+              "vmm_startup_s": 9.9, "peak_rss_kib": 1024},
+             {"vmm": "qemu", "status": 0, "init_s": 4.0, "first_output_s": 1.0, "guest_init_s": 2.1,
+              "vmm_startup_s": None, "peak_rss_kib": 2048}]
+    rows = {r["name"]: r for r in bench.summarize({"boot": boots, "latency": [], "blk": []}, {})
+            if r["name"].startswith(("boot", "VMM"))}
+    guest = rows["boot: guest clock at /init"]
+    assert (guest["pyvmm"], guest["qemu"], guest["ratio"]) == (2.7, 2.1, round(2.7 / 2.1, 3))
+    startup = rows["VMM start-up (process start to first KVM_RUN)"]
+    assert (startup["pyvmm"], startup["qemu"], startup["ratio"]) == (1.9, None, None)  # a failed boot is left out
+    assert rows["boot: VMM start to /init"]["pyvmm"] == 6.0
 
 
 SILENT_AFTER_SPAWNING = """

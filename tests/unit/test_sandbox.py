@@ -312,3 +312,94 @@ def test_what_runs_after_the_lockdown_needs_no_file_after_preload():
     """)
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_module_listing_finds_what_pkgutil_finds():
+    """preload() lists pyvmm's modules from its files, without importing
+    packages: the same modules as pkgutil.walk_packages, none missed."""
+    import pkgutil
+
+    import pyvmm
+    from pyvmm.sandbox import pyvmm_modules
+
+    walked = {module.name for module in pkgutil.walk_packages(pyvmm.__path__, "pyvmm.")} | {"pyvmm"}
+    assert set(pyvmm_modules()) == walked
+
+
+_PRUNED_CHILD = """
+import sys
+from pyvmm.sandbox import GDB_STUB, XEN, preload
+unused = tuple(name for name in sys.argv[1:])
+preload(unused)
+print(" ".join(sorted(name for name in sys.modules if name.startswith("pyvmm"))))
+"""
+
+
+def _preloaded(*unused: str) -> set[str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PRUNED_CHILD, *unused], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def test_preload_leaves_out_the_subsystems_a_run_does_not_use():
+    from pyvmm.sandbox import GDB_STUB, NEVER_AFTER_LOCKDOWN, STATS, XEN
+
+    everything = _preloaded()
+    pruned = _preloaded(GDB_STUB, XEN, STATS)
+    assert {"pyvmm.debug.gdbstub.server", "pyvmm.xen.domain", "pyvmm.xen.hv.hypercalls"} <= everything
+    assert not any(name == GDB_STUB or name.startswith(GDB_STUB + ".") for name in pruned)
+    assert "pyvmm.xen.domain" not in pruned and "pyvmm.xen.hv.hypercalls" not in pruned
+    # What every run may still import after the lockdown.
+    assert "pyvmm.vmm.exit_stats" in everything and "pyvmm.vmm.exit_stats" not in pruned
+    assert {"pyvmm.vmm.machine", "pyvmm.control.operations", "pyvmm.core.stats", "pyvmm.diagnose"} <= pruned
+    for name in NEVER_AFTER_LOCKDOWN:
+        assert name not in everything and name not in pruned
+
+
+def test_a_run_without_xen_or_gdb_needs_neither_after_the_lockdown():
+    """With Xen and the gdb stub left out of preload(), what such a run can
+    still do after the lockdown (control commands that name Xen, describing
+    a failure) must not try to import them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import sys
+        from types import SimpleNamespace
+        from pyvmm.sandbox import GDB_STUB, XEN, preload
+        preload((GDB_STUB, XEN))
+        sys.path[:] = []
+        sys.path_importer_cache.clear()
+        sys.meta_path[:] = [finder for finder in sys.meta_path if getattr(finder, "__name__", "") in ("BuiltinImporter", "FrozenImporter")]
+        from pyvmm.control.operations import machine_commands
+        from pyvmm.control.server import ControlError
+        from pyvmm.runner import describe_failure
+        commands = machine_commands(SimpleNamespace(xen=None))
+        for name, args in (("xenstore-read", {"path": "a"}), ("xenbus-state", {"device": "xvda", "state": "closed"}),
+                           ("evtchn-list", {})):
+            try:
+                commands[name](args)
+            except ControlError as error:
+                assert error.cls == "Unsupported", (name, error.cls)
+            else:
+                raise AssertionError(name)
+        assert describe_failure(ValueError("a bug")) is None
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_runner_names_the_subsystems_a_run_leaves_unused():
+    from pyvmm.config import GdbAddress, VmConfig
+    from pyvmm.runner import _unused_subsystems
+    from pyvmm.sandbox import GDB_STUB, STATS, XEN
+
+    assert _unused_subsystems(VmConfig(kernel=None)) == (GDB_STUB, STATS)
+    assert _unused_subsystems(VmConfig(kernel=None, xen=False)) == (GDB_STUB, XEN, STATS)
+    assert _unused_subsystems(VmConfig(kernel=None, gdb=GdbAddress.parse("tcp:1234"), stats=True)) == ()
+    assert _unused_subsystems(VmConfig(kernel=None, stats_json="s.json")) == (GDB_STUB,)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import enum
 import logging
 import struct
+import time
 from collections import Counter, deque
 from contextlib import AbstractContextManager
 from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.trace import NULL_TRACE, Tracer
+from pyvmm.core.stats import Counters
 from pyvmm.limits import Limits
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
 from .errors import QuotaError, XenStoreError
@@ -295,6 +297,26 @@ class Connection:
             Op.RESET_WATCHES: self._reset_watches,
             Op.DIRECTORY_PART: self._directory_part,
         }
+
+    def count_requests(self, counters: Counters) -> None:
+        """Count each request type's calls and handler time (--stats) into
+        `counters`, which the thread serving this connection owns: the
+        handlers are wrapped once, so a connection not counted runs as before."""
+        now = time.perf_counter_ns
+
+        def counted(slot: list[int], handler):
+            def run(tx: int, payload: bytes) -> bytes:
+                start = now()
+                try:
+                    return handler(tx, payload)
+                finally:
+                    slot[0] += 1
+                    slot[1] += now() - start
+
+            return run
+
+        self._handlers = {op: counted(counters.slot("xenstore", Op(op).name), handler)
+                          for op, handler in self._handlers.items()}
 
     @property
     def domid(self) -> int:

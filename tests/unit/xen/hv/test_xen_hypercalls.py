@@ -954,3 +954,38 @@ def test_hostile_hypercalls_always_get_an_answer(memory, number, params, longmod
     assert memory.read(READONLY, 64) == bytes(64)
     # Refusing is fine; tripping over our own code is not.
     assert not [key for key in dispatcher._complain._seen if isinstance(key, tuple) and key[0] == "crash"]
+
+
+# --- --stats: event-channel sends counted per vCPU ----------------------------------
+
+
+def test_counted_sends_go_to_the_sending_vcpus_counters(hc, domain, memory):
+    from pyvmm.core.stats import Counters
+
+    vcpus = [Counters(), Counters()]
+    hc.dispatcher.count_sends(vcpus)
+    put(memory, BUF, abi.EVTCHN_PORT, port=9)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF, vcpu=1) == 0
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF, vcpu=1) == 0
+    domain.evtchn.raises["send"] = XenError(EINVAL)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF, vcpu=0) == -EINVAL
+    assert [name for name in domain.evtchn.names() if name == "send"] == ["send"] * 3
+    assert vcpus[1].counters[("evtchn-send", "port 9: interdomain (to a backend)")][0] == 2
+    assert vcpus[0].counters[("evtchn-send", "port 9: interdomain (to a backend)")][0] == 1  # refused, still counted
+    # The other sub-ops are handled as before.
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_unmask, BUF) == 0
+    assert domain.evtchn.calls[-1] == ("unmask", 9)
+
+
+def test_counted_send_names_a_loopback_and_a_bad_port(hc, domain, memory):
+    from pyvmm.core.stats import Counters
+
+    vcpus = [Counters()]
+    hc.dispatcher.count_sends(vcpus)
+    domain.evtchn.results["status"] = SimpleNamespace(status=abi.EVTCHNSTAT_interdomain, vcpu=0, remote_dom=DOMID,
+                                                      remote_port=4, virq=0, pirq=0)
+    put(memory, BUF, abi.EVTCHN_PORT, port=3)
+    hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF)
+    domain.evtchn.raises["status"] = XenError(EINVAL)
+    hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF)
+    assert {detail for _, detail in vcpus[0].counters} == {"port 3: interdomain (loopback)", "invalid port"}

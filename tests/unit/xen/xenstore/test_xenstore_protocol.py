@@ -364,3 +364,17 @@ def test_arbitrary_messages_get_exactly_one_reply(msg_type, tx_id, payload):
     out = [(h.type, h.req_id) for h, _ in iter_messages(conn.take_output(1 << 20))
            if h.type != Op.WATCH_EVENT]
     assert len(out) == 1 and out[0][1] == 77
+
+
+def test_counted_requests_by_type_answer_as_before(guest):
+    from pyvmm.core.stats import Counters
+
+    counters = Counters()
+    guest.count_requests(counters)
+    assert ask(guest, Op.WRITE, b"data/x\0v")[0][0] == Op.WRITE
+    assert ask(guest, Op.READ, b"data/x\0") == [(Op.READ, 7, 0, b"v")]
+    error = ask(guest, Op.READ, b"data/missing\0")
+    assert error[0][0] == Op.ERROR
+    assert counters.counters[("xenstore", "READ")][0] == 2  # a request that failed counts too
+    assert counters.counters[("xenstore", "WRITE")][0] == 1
+    assert counters.counters[("xenstore", "DIRECTORY")] == [0, 0]
