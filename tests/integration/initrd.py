@@ -40,6 +40,21 @@ MARKER_READY = "pyvmm-guest: ready"
 MARKER_TEST_EXIT_PREFIX = "pyvmm-guest: test exit "
 
 
+# For a test's guest script: xs TYPE PATH [VALUE] sends one xenstore request
+# through the kernel's /dev/xen/xenbus (raw wire protocol built by busybox
+# printf, so the guest needs no xenstore tools) and prints the reply's
+# payload (an error reply prints its name, e.g. ENOENT). TYPE 2 reads, 11 writes.
+XS_SHELL = r"""
+xs() {
+    if [ $# -eq 3 ]; then len=$(( ${#2} + 1 + ${#3} )); body="$2\000$3"; else len=$(( ${#2} + 1 )); body="$2\000"; fi
+    exec 3<>/dev/xen/xenbus
+    printf "\\$(printf %03o $1)\000\000\000\000\000\000\000\000\000\000\000\\$(printf %03o $len)\000\000\000$body" >&3
+    dd bs=4096 count=1 <&3 2>/dev/null | tail -c +17 | tr -d '\000'
+    exec 3<&-
+}
+"""
+
+
 class GuestAssetsUnavailable(RuntimeError):
     """scripts/guest-assets could not build or find the guest assets
     (typically: no Debian package archive reachable). Tests may skip on it."""

@@ -18,13 +18,15 @@ gdb, and tests/integration/test_guest_debug_host.py against a real KVM.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from initrd import make_test_initrd
+from initrd import XS_SHELL, make_test_initrd
 from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
@@ -32,17 +34,20 @@ pytestmark = [pytest.mark.guest, pytest.mark.xen]
 BOOT_TIMEOUT = 900
 GDB_TIMEOUT = 600
 
-# sync(2) once a second until the test says (a line on COM1, the VMM's
-# stdin) that gdb is done, or for ten minutes at most.
-GUEST_SCRIPT = r"""
+# sync(2) once a second until the test says (a xenstore key it writes as
+# domain 0) that gdb is done, or for ten minutes at most. (A line sent to
+# the serial console did not do: the guest's tty echoed it, but busybox's
+# `read -t 1` on /dev/ttyS0 in this loop never returned it, so the loop
+# always ran its ten minutes.)
+GUEST_SCRIPT = XS_SHELL + r"""
 address=$(grep ' T __x64_sys_sync$' /proc/kallsyms | cut -d' ' -f1)
 echo "gdb-target=$address"
 echo "gdb-watch=$(grep -E ' [DdBb] jiffies_64$' /proc/kallsyms | cut -d' ' -f1)"
-exec 3</dev/ttyS0
 i=0
 while [ $i -lt 600 ]; do
     sync
-    if read -t 1 line <&3; then break; fi
+    if [ "$(xs 2 data/gdb-done)" = yes ]; then echo "gdb-done-seen"; break; fi
+    sleep 1
     i=$((i + 1))
 done
 echo "sync-loop-done"
@@ -79,11 +84,12 @@ def assets():
 
 def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", GUEST_SCRIPT)
+    name = f"gdbtest{os.getpid()}"
     guest = LiveGuest([
         "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
         "--append", "console=hvc0 panic=-1 nokaslr", "--vcpus", "2", "--no-reboot",
         "--timeout", str(BOOT_TIMEOUT), "--gdb", "tcp:127.0.0.1:0", "--gdb-wait",
-        "--gdb-breakpoints", "debugregs",
+        "--gdb-breakpoints", "debugregs", "--name", name,
     ])
     try:
         port = int(guest.wait_for(r"gdb stub listening on tcp:127\.0\.0\.1:(\d+) \(vCPUs wait", 120, stderr=True).group(1))
@@ -125,8 +131,11 @@ def test_gdb_reads_registers_and_hits_breakpoints(assets, tmp_path):
                             second)
         assert watched and int(watched.group(2)) > int(watched.group(1)), second
 
-        guest.send(b"gdb-done\n")
-        guest.wait_for(r"sync-loop-done", BOOT_TIMEOUT)
+        done = subprocess.run([sys.executable, "-m", "pyvmm", "ctl", name, "xenstore", "write",
+                               "/local/domain/1/data/gdb-done", "yes"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done
+        guest.wait_for(r"gdb-done-seen", 120)
+        guest.wait_for(r"sync-loop-done", 60)
         guest.wait_for(r"pyvmm-guest: test exit 0", 120)
         assert guest.proc.wait(timeout=300) == 0, str(guest)
     finally:

@@ -16,24 +16,12 @@ import time
 
 import pytest
 
-from initrd import make_test_initrd
+from initrd import XS_SHELL, make_test_initrd
 from vmm import REPO, LiveGuest, run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
 BOOT_TIMEOUT = 900
-
-# xs TYPE PATH [VALUE]: one request through /dev/xen/xenbus, prints the reply
-# payload (an error reply prints its name, e.g. ENOENT).
-XS_SHELL = r"""
-xs() {
-    if [ $# -eq 3 ]; then len=$(( ${#2} + 1 + ${#3} )); body="$2\000$3"; else len=$(( ${#2} + 1 )); body="$2\000"; fi
-    exec 3<>/dev/xen/xenbus
-    printf "\\$(printf %03o $1)\000\000\000\000\000\000\000\000\000\000\000\\$(printf %03o $len)\000\000\000$body" >&3
-    dd bs=4096 count=1 <&3 2>/dev/null | tail -c +17 | tr -d '\000'
-    exec 3<&-
-}
-"""
 
 GUEST_LOOP = XS_SHELL + r"""
 i=0
