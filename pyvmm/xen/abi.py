@@ -539,6 +539,9 @@ EVTCHN_PORT = Layout("evtchn_port", "port", "<I")  # close, send, unmask
 EVTCHN_STATUS = Layout("evtchn_status", "dom port status vcpu u0 u1", "<H2xIIIII")
 EVTCHN_BIND_VCPU = Layout("evtchn_bind_vcpu", "port vcpu", "<II")
 EVTCHN_RESET = Layout("evtchn_reset", "dom", "<H")
+EVTCHN_INIT_CONTROL = Layout("evtchn_init_control", "control_gfn offset vcpu link_bits", "<QIIB7x")
+# struct evtchn_fifo_control_block: ready, a reserved word, a head per queue (16).
+EVTCHN_FIFO_CONTROL_BLOCK_SIZE = 8 + 4 * 16
 
 # grant_table.h
 GNTTAB_SET_VERSION = Layout("gnttab_set_version", "version", "<I")
@@ -549,6 +552,7 @@ GNTTAB_QUERY_SIZE = Layout(
 
 # memory.h
 ADD_TO_PHYSMAP = Layout("xen_add_to_physmap", "domid size space idx gpfn", "<HHIQQ", "<HHIII")
+REMOVE_FROM_PHYSMAP = Layout("xen_remove_from_physmap", "domid gpfn", "<H6xQ", "<H2xI")
 ADD_TO_PHYSMAP_BATCH = Layout(
     "xen_add_to_physmap_batch", "domid space size res0 idxs gpfns errs", "<HHHHQQQ", "<HHHHIII"
 )

@@ -627,28 +627,68 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
     # --- grant frames ---------------------------------------------------------------
 
     def map_grant_frame(self, index: int, gpfn: int) -> None:
+        """Show grant frame `index` at guest page `gpfn`.
+
+        Anywhere the guest asks, as on Xen: in the xen-platform BAR, or over
+        one of its RAM pages. An overlaid RAM page is hidden, not lost: it is
+        back, with its contents, once the frame moves elsewhere or is removed
+        (XENMEM_remove_from_physmap), as with QEMU's Xen overlays. Splitting a
+        RAM slot is not atomic (pyvmm/kvm/memslots.py): another vCPU touching
+        that RAM in the same instant would see it missing.
+        """
         gpa = gpfn << PAGE_SHIFT
-        if self.memory.contains(gpa, PAGE_SIZE):
-            raise XenError(EINVAL, "grant frames go in the xen-platform BAR, not over RAM")
+        if gpfn == self.shared_info_gfn:
+            raise XenError(EINVAL, "a grant frame cannot replace the shared_info page")
         self.gnttab.note_frame_mapped(index)
         with self._lock:
             table = self.vm.memslots
             # A frame lives at one address: mapping it again moves it (as on
             # Xen), so a guest cannot pile up memslots by remapping.
-            old = self._grant_frame_gpa.pop(index, None)
+            old = self._grant_frame_gpa.get(index)
+            if old == gpa:
+                return
             if old is not None:
-                table.unmap(old, PAGE_SIZE)
-                self._grant_frame_at.pop(old, None)
-            displaced = self._grant_frame_at.pop(gpa, None)
-            if displaced is not None:
-                table.unmap(gpa, PAGE_SIZE)
-                self._grant_frame_gpa.pop(displaced, None)
+                self._unmap_grant_frame(old)
+            if gpa in self._grant_frame_at:
+                self._unmap_grant_frame(gpa)
+            over_ram = self.memory.contains(gpa, PAGE_SIZE)
             try:
-                table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
+                if over_ram:
+                    table.unmap(gpa, PAGE_SIZE)
+                try:
+                    table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
+                except (KvmError, MemslotError):
+                    if over_ram:
+                        self._restore_ram(gpa)
+                    raise
             except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
                 raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
+
+    def remove_from_physmap(self, gpfn: int) -> None:
+        """XENMEM_remove_from_physmap of an overlay page: the grant frame
+        there goes, and RAM it covered comes back. RAM itself is never given
+        up (there is no ballooning): EINVAL."""
+        gpa = gpfn << PAGE_SHIFT
+        with self._lock:
+            if gpa not in self._grant_frame_at:
+                raise XenError(EINVAL, f"no overlay page at {gpa:#x}")
+            self._unmap_grant_frame(gpa)
+
+    def _unmap_grant_frame(self, gpa: int) -> None:
+        """Take the grant frame at `gpa` away, putting back any RAM it hid (under _lock)."""
+        index = self._grant_frame_at.pop(gpa)
+        del self._grant_frame_gpa[index]
+        self.vm.memslots.unmap(gpa, PAGE_SIZE)
+        if self.memory.contains(gpa, PAGE_SIZE):
+            self._restore_ram(gpa)
+
+    def _restore_ram(self, gpa: int) -> None:
+        table = self.vm.memslots
+        table.map(gpa, PAGE_SIZE, self.memory.host_address(gpa))
+        region = next(r for r in self.memory.regions if r.gpa <= gpa < r.end)
+        table.coalesce(gpa, region.gpa, region.end)  # no slot left behind per move
 
     # --- backends' notifications ----------------------------------------------------
 

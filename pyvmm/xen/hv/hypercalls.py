@@ -114,6 +114,7 @@ class XenDomainOps(Protocol):
 
     def map_shared_info(self, gpfn: int) -> None: ...
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
+    def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
     def hvm_get_param(self, index: int) -> int: ...
     def hvm_set_param(self, index: int, value: int) -> None: ...
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None: ...
@@ -589,10 +590,23 @@ class HypercallDispatcher:
             abi.EVTCHNOP_status: self._evtchn_status,
             abi.EVTCHNOP_bind_vcpu: self._evtchn_bind_vcpu,
             abi.EVTCHNOP_reset: self._evtchn_reset,
-            abi.EVTCHNOP_init_control: fifo,
+            abi.EVTCHNOP_init_control: self._evtchn_init_control,
             abi.EVTCHNOP_expand_array: fifo,
             abi.EVTCHNOP_set_priority: fifo,
         }
+
+    def _evtchn_init_control(self, call: _Call, arg: int) -> int:
+        """FIFO event channels are not offered: a valid request is -ENOSYS
+        (Linux then stays with 2-level), but an invalid one gets Xen's own
+        answer first, as Xen checks the arguments before anything else."""
+        request = call.read(arg, abi.EVTCHN_INIT_CONTROL)
+        if request.offset % 8 or request.offset > abi.PAGE_SIZE - abi.EVTCHN_FIFO_CONTROL_BLOCK_SIZE:
+            return -EINVAL
+        self._check_vcpu(request.vcpu)
+        gfn = request.control_gfn
+        if gfn >= MAX_GPFN or not call.access.memory.contains(gfn << abi.PAGE_SHIFT, abi.PAGE_SIZE):
+            return -EINVAL  # Xen cannot map a control block there
+        return -ENOSYS
 
     def _evtchn_alloc_unbound(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.EVTCHN_ALLOC_UNBOUND, for_update=True)
@@ -719,7 +733,17 @@ class HypercallDispatcher:
             if op == abi.XENMEM_add_to_physmap:
                 return self._add_to_physmap(call, arg)
             return self._add_to_physmap_batch(call, arg)
+        if op == abi.XENMEM_remove_from_physmap:
+            return self._remove_from_physmap(call, arg)
         return self._unknown(abi.HYPERCALL_memory_op, op)
+
+    def _remove_from_physmap(self, call: _Call, arg: int) -> int:
+        request = call.read(arg, abi.REMOVE_FROM_PHYSMAP)
+        self._check_own_domain(request.domid)
+        if request.gpfn >= MAX_GPFN:
+            return -EINVAL
+        self.domain.remove_from_physmap(request.gpfn)
+        return 0
 
     def _add_to_physmap(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.ADD_TO_PHYSMAP)

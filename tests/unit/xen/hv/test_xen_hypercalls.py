@@ -705,6 +705,20 @@ def test_evtchn_fifo_and_unknown_ops(hc, domain, op):
     assert domain.evtchn.calls == []
 
 
+@pytest.mark.parametrize("gfn,offset,vcpu,expected", [
+    (0x10, 0, 0, -ENOSYS),  # valid: FIFO is simply not offered
+    ((1 << 64) - 2, 0, 0, -EINVAL),  # no such frame (XSA-188's probe)
+    (RAM >> 12, 0, 0, -EINVAL),  # beyond RAM
+    (0x10, 4, 0, -EINVAL),  # misaligned control block
+    (0x10, 4096 - 64, 0, -EINVAL),  # runs past the page
+    (0x10, 0, 2, -ENOENT),  # no such vCPU
+])
+def test_evtchn_init_control_checks_arguments_as_xen(hc, domain, memory, gfn, offset, vcpu, expected):
+    put(memory, BUF, abi.EVTCHN_INIT_CONTROL, control_gfn=gfn, offset=offset, vcpu=vcpu, link_bits=0)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_init_control, BUF) == expected
+    assert abi.EVTCHN_INIT_CONTROL.size(False) == abi.EVTCHN_INIT_CONTROL.size(True) == 24
+
+
 # --- grant_table_op ----------------------------------------------------------------------
 
 
@@ -816,6 +830,19 @@ def test_add_to_physmap_domain_errors_and_bad_pointer(hc, domain, memory):
     put(memory, BUF, abi.ADD_TO_PHYSMAP, domid=DOMID, size=0, space=abi.XENMAPSPACE_shared_info, idx=0, gpfn=1)
     assert hc(abi.HYPERCALL_memory_op, (1 << 16) << 6 | abi.XENMEM_add_to_physmap, BUF) == -errno.EDOM
     assert hc(abi.HYPERCALL_memory_op, (5 << 6) | abi.XENMEM_add_to_physmap, BUF) == 0
+
+
+@ABIS
+def test_remove_from_physmap(hc, domain, memory, compat):
+    put(memory, BUF, abi.REMOVE_FROM_PHYSMAP, compat, domid=abi.DOMID_SELF, gpfn=0x1234)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, BUF, longmode=not compat) == 0
+    assert domain.calls[-1] == ("remove_from_physmap", 0x1234)
+    domain.raises["remove_from_physmap"] = XenError(EINVAL)  # not an overlay page
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, BUF, longmode=not compat) == -EINVAL
+    put(memory, BUF, abi.REMOVE_FROM_PHYSMAP, compat, domid=0, gpfn=0x1234)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, BUF, longmode=not compat) == -ESRCH
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, UNMAPPED, longmode=not compat) == -EFAULT
+    assert abi.REMOVE_FROM_PHYSMAP.size(False) == 16 and abi.REMOVE_FROM_PHYSMAP.size(True) == 8
 
 
 @ABIS
