@@ -552,6 +552,10 @@ GNTTAB_QUERY_SIZE = Layout(
 
 # memory.h
 ADD_TO_PHYSMAP = Layout("xen_add_to_physmap", "domid size space idx gpfn", "<HHIQQ", "<HHIII")
+MEMORY_RESERVATION = Layout(
+    "xen_memory_reservation", "extent_start nr_extents extent_order mem_flags domid", "<QQIIH6x", "<IIIIH2x"
+)
+MAX_GUEST_EXTENT_ORDER = 9  # 2 MiB: the largest extent a guest may give back or ask for
 REMOVE_FROM_PHYSMAP = Layout("xen_remove_from_physmap", "domid gpfn", "<H6xQ", "<H2xI")
 ADD_TO_PHYSMAP_BATCH = Layout(
     "xen_add_to_physmap_batch", "domid space size res0 idxs gpfns errs", "<HHHHQQQ", "<HHHHIII"

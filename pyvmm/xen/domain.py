@@ -158,6 +158,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         self.params: dict[int, int] = {}
         self._grant_frame_gpa: dict[int, int] = {}  # grant frame index -> where the guest mapped it
         self._grant_frame_at: dict[int, int] = {}  # and back
+        self._ballooned: set[int] = set()  # RAM page frames the guest gave back
 
         self.evtchn = EventChannels(
             domid=self.domid,
@@ -651,7 +652,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
                 self._unmap_grant_frame(old)
             if gpa in self._grant_frame_at:
                 self._unmap_grant_frame(gpa)
-            over_ram = self.memory.contains(gpa, PAGE_SIZE)
+            over_ram = self.memory.contains(gpa, PAGE_SIZE) and gpfn not in self._ballooned
             try:
                 if over_ram:
                     table.unmap(gpa, PAGE_SIZE)
@@ -676,12 +677,58 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
                 raise XenError(EINVAL, f"no overlay page at {gpa:#x}")
             self._unmap_grant_frame(gpa)
 
+    # --- ballooning -----------------------------------------------------------------
+
+    def decrease_reservation(self, gpfn: int, order: int) -> bool:
+        """The guest gives back 2**order RAM pages from `gpfn`: they leave its
+        physical address space (KVM sees a hole there) and their contents are
+        cleared. False, changing nothing, for anything but mapped RAM pages
+        (a page given back already, an overlay, the shared_info page)."""
+        pages = range(gpfn, gpfn + (1 << order))
+        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+        with self._lock:
+            if not self.memory.contains(gpa, size) or self._pages_in_use(pages):
+                return False
+            try:
+                self.vm.memslots.unmap(gpa, size)
+            except (KvmError, MemslotError) as error:  # no slot left to split with
+                self._limited.warning("cannot take %#x+%#x out of the guest: %s", gpa, size, error)
+                return False
+            self.memory.fill(gpa, size)
+            self._ballooned.update(pages)
+        return True
+
+    def populate_physmap(self, gpfn: int, order: int) -> bool:
+        """The guest asks for 2**order pages at `gpfn`: pages it gave back
+        return (zeroed). RAM present already is left as it is; anywhere else
+        there is no memory to give (the domain never grows past its size)."""
+        pages = range(gpfn, gpfn + (1 << order))
+        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+        with self._lock:
+            if not self.memory.contains(gpa, size):
+                return False
+            for page in pages:
+                if page in self._ballooned:
+                    try:
+                        self._restore_ram(page << PAGE_SHIFT)
+                    except (KvmError, MemslotError) as error:
+                        self._limited.warning("cannot give page %#x back to the guest: %s", page, error)
+                        return False
+                    self._ballooned.discard(page)
+        return True
+
+    def _pages_in_use(self, pages: range) -> bool:
+        """Whether any of these frames is not plain mapped RAM (under _lock)."""
+        if self.shared_info_gfn in pages or any(p in self._ballooned for p in pages):
+            return True
+        return any((p << PAGE_SHIFT) in self._grant_frame_at for p in pages)
+
     def _unmap_grant_frame(self, gpa: int) -> None:
         """Take the grant frame at `gpa` away, putting back any RAM it hid (under _lock)."""
         index = self._grant_frame_at.pop(gpa)
         del self._grant_frame_gpa[index]
         self.vm.memslots.unmap(gpa, PAGE_SIZE)
-        if self.memory.contains(gpa, PAGE_SIZE):
+        if self.memory.contains(gpa, PAGE_SIZE) and (gpa >> PAGE_SHIFT) not in self._ballooned:
             self._restore_ram(gpa)
 
     def _restore_ram(self, gpa: int) -> None:

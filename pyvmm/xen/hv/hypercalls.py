@@ -115,6 +115,9 @@ class XenDomainOps(Protocol):
     def map_shared_info(self, gpfn: int) -> None: ...
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
+    # Ballooning, one extent of 2**order pages: False when it cannot be done.
+    def decrease_reservation(self, gpfn: int, order: int) -> bool: ...
+    def populate_physmap(self, gpfn: int, order: int) -> bool: ...
     def hvm_get_param(self, index: int) -> int: ...
     def hvm_set_param(self, index: int, value: int) -> None: ...
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None: ...
@@ -735,7 +738,34 @@ class HypercallDispatcher:
             return self._add_to_physmap_batch(call, arg)
         if op == abi.XENMEM_remove_from_physmap:
             return self._remove_from_physmap(call, arg)
+        if op == abi.XENMEM_decrease_reservation:
+            return self._reservation(call, arg, start_extent, self.domain.decrease_reservation, aligned=False)
+        if op == abi.XENMEM_populate_physmap:
+            return self._reservation(call, arg, start_extent, self.domain.populate_physmap, aligned=True)
         return self._unknown(abi.HYPERCALL_memory_op, op)
+
+    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int], bool],
+                     aligned: bool) -> int:
+        """decrease_reservation and populate_physmap: the number of extents
+        done (counting from Xen's continuation index), stopping at the first
+        that cannot be, or whose frame number cannot be read, as Xen."""
+        request = call.read(arg, abi.MEMORY_RESERVATION)
+        self._check_own_domain(request.domid)
+        if start_extent >= request.nr_extents or request.extent_order > abi.MAX_GUEST_EXTENT_ORDER:
+            return start_extent
+        item = abi.XEN_ULONG_SIZE[call.compat]
+        done = start_extent
+        while done < request.nr_extents:
+            try:
+                gpfn = call.access.read_array(request.extent_start + done * item, 1, item)[0]
+            except GuestFault:
+                break
+            if gpfn >= MAX_GPFN or (aligned and gpfn % (1 << request.extent_order)):
+                break
+            if not op(gpfn, request.extent_order):
+                break
+            done += 1
+        return done
 
     def _remove_from_physmap(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.REMOVE_FROM_PHYSMAP)
