@@ -139,3 +139,35 @@ def test_bad_arguments():
     with pytest.raises(SystemExit):
         xtf.parse_args(["--vmm", "xen"])
     assert xtf.parse_args(["--vmm", "qemu", "-j", "1"]).vmms == ["qemu"]
+
+
+def test_a_run_reusing_qemu_results_writes_the_report_and_checks_expected(tmp_path, monkeypatch):
+    for name in ("example", "fep"):
+        (tmp_path / "xtf" / "tests" / name).mkdir(parents=True)
+        (tmp_path / "xtf" / "tests" / name / f"test-hvm64-{name}").write_bytes(b"\x7fELF")
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"date": "then", "commit": "c0ffee", "results": {
+        "test-hvm64-example": {"qemu": {"result": "SUCCESS", "reason": ""}},
+        "test-hvm64-fep": {"qemu": {"result": "FAILURE", "reason": "no FEP"}}}}))
+    expected = tmp_path / "expected.json"
+    expected.write_text(json.dumps({"pyvmm": {"test-hvm64-example": "SUCCESS", "test-hvm64-fep": "SKIP"}}))
+    ran = []
+
+    def fake_run(vmm, test, timeout, logs):
+        ran.append((vmm, test["id"]))
+        return {"result": "SUCCESS" if "example" in test["id"] else "FAILURE", "reason": "", "wall_s": 1.0}
+
+    monkeypatch.setattr(xtf, "can_run_xen_here", lambda: True)
+    monkeypatch.setattr(xtf, "byte_compile_pyvmm", lambda: None)
+    monkeypatch.setattr(xtf, "run_one", fake_run)
+    out = tmp_path / "out"
+    args = ["--xtf-dir", str(tmp_path / "xtf"), "--out", str(out), "--vmm", "pyvmm", "--reuse", f"qemu={earlier}",
+            "--expected", str(expected), "--write-expected", str(tmp_path / "new.json")]
+    assert xtf.main(args) == 1  # fep: SKIP expected, FAILURE now
+    assert sorted(ran) == [("pyvmm", "test-hvm64-example"), ("pyvmm", "test-hvm64-fep")]
+    report = json.loads((out / "xtf.json").read_text())
+    assert report["vmms"] == ["pyvmm", "qemu"] and report["reused"]["qemu"]["commit"] == "c0ffee"
+    assert report["results"]["test-hvm64-fep"]["qemu"]["reason"] == "no FEP"
+    assert "QEMU's results are those of an earlier run (then, pyvmm commit c0ffee)." in (out / "xtf.md").read_text()
+    written = json.loads((tmp_path / "new.json").read_text())["pyvmm"]
+    assert written == {"test-hvm64-example": "SUCCESS", "test-hvm64-fep": "FAILURE"}
