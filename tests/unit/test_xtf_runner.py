@@ -69,7 +69,7 @@ def test_flagged_lines_are_preferred_and_the_title_is_left_out():
                "Test: two\nTest result: FAILURE\n")
     assert xtf.classify("pyvmm", 0, console, "")["reason"] == "Fail: xtf_init_grant_table(1) returned -5"
     console = "Environment: HVM 32bit\nTest availability of HVM forced emulation prefix\nTest result: FAILURE\n"
-    assert xtf.classify("qemu", 0, console, "")["reason"] == ""
+    assert xtf.classify("qemu", 0, console, "")["reason"] == "(no message from the test)"
 
 
 def test_skip_keeps_its_reason():
@@ -171,3 +171,29 @@ def test_a_run_reusing_qemu_results_writes_the_report_and_checks_expected(tmp_pa
     assert "QEMU's results are those of an earlier run (then, pyvmm commit c0ffee)." in (out / "xtf.md").read_text()
     written = json.loads((tmp_path / "new.json").read_text())["pyvmm"]
     assert written == {"test-hvm64-example": "SUCCESS", "test-hvm64-fep": "FAILURE"}
+
+
+def test_logs_are_read_back_and_a_cut_short_run_resumes(tmp_path, monkeypatch):
+    (tmp_path / "xtf" / "tests" / "example").mkdir(parents=True)
+    for variant in ("hvm64", "hvm32"):
+        (tmp_path / "xtf" / "tests" / "example" / f"test-{variant}-example").write_bytes(b"\x7fELF")
+    out = tmp_path / "out"
+    (out / "logs" / "pyvmm").mkdir(parents=True)
+    (out / "logs" / "pyvmm" / "test-hvm64-example.log").write_text(
+        "$ python3 -m pyvmm run --xen --kernel k\n--- console\nEnvironment: HVM\nExample\nFail: x\n"
+        "Test result: FAILURE\n\n--- stderr\npyvmm: WARNING: something\n\n--- status 0, 12.5 s, FAILURE\n")
+    ran = []
+    monkeypatch.setattr(xtf, "can_run_xen_here", lambda: True)
+    monkeypatch.setattr(xtf, "byte_compile_pyvmm", lambda: None)
+    monkeypatch.setattr(xtf, "run_one", lambda vmm, test, timeout, logs: ran.append(test["id"]) or
+                        {"result": "SUCCESS", "reason": "", "wall_s": 1.0})
+    assert xtf.main(["--xtf-dir", str(tmp_path / "xtf"), "--out", str(out), "--vmm", "pyvmm", "--resume"]) == 0
+    assert ran == ["test-hvm32-example"]
+    report = json.loads((out / "xtf.json").read_text())
+    assert report["complete"] and report["results"]["test-hvm64-example"]["pyvmm"]["reason"] == "Fail: x"
+    assert report["results"]["test-hvm64-example"]["pyvmm"]["wall_s"] == 12.5
+    ran.clear()
+    assert xtf.main(["--xtf-dir", str(tmp_path / "xtf"), "--out", str(tmp_path / "again"), "--vmm", "pyvmm",
+                     "--from-logs", str(out / "logs")]) == 0
+    assert ran == []
+    assert list(json.loads((tmp_path / "again" / "xtf.json").read_text())["results"]["test-hvm32-example"]) == []
