@@ -68,6 +68,9 @@ XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
 UPCALL_VECTOR_SINCE = (4 << 16) | 17
 MIN_PERIOD_NS = 1_000_000
 UPCALL_RECHECK_SECONDS = 0.1
+# The PV console's safety net: guest output left untouched for a whole
+# interval is taken without the event that should have announced it.
+CONSOLE_RECHECK_SECONDS = 1.0
 
 # Features Xen announces to HVM guests (XENVER_get_features submap 0).
 # supervisor_mode_kernel must stay clear: Linux would think it is PVH.
@@ -268,8 +271,25 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
 
     def start(self) -> None:
         self.xenstore.start()
+        self._console_waiting_at_last_check = None
+        self.console_lost_wakeups = 0
+        self.loop.call_later(CONSOLE_RECHECK_SECONDS, self._recheck_console)
         if not self.kvm_features.evtchn_send:
             self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
+
+    def _recheck_console(self) -> None:
+        """A guest that waits for its console output to be taken (XTF spins
+        until it is) would wait forever if the notification went missing."""
+        waiting = self.pv_console.output_waiting()
+        if waiting is not None and waiting == self._console_waiting_at_last_check:
+            self.console_lost_wakeups += 1
+            level = logging.WARNING if self.console_lost_wakeups == 1 else logging.DEBUG
+            log.log(level, "PV console: output waited %.0f s with no event announcing it (%d times so far)",
+                    CONSOLE_RECHECK_SECONDS, self.console_lost_wakeups)
+            self._console_notified()
+            waiting = self.pv_console.output_waiting()
+        self._console_waiting_at_last_check = waiting
+        self.loop.call_later(CONSOLE_RECHECK_SECONDS, self._recheck_console)
 
     def _recheck_upcalls(self) -> None:
         """Userspace delivery's safety net: an upcall the guest could not take
