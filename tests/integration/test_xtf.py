@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
 EXPECTED = REPO / "tests" / "xtf" / "expected.json"
 XTF_DIR = Path(os.environ.get("PYVMM_XTF_DIR", REPO.parent / "shared" / "xtf"))
-SECONDS_PER_TEST = 30
+SECONDS_PER_TEST = 60
 
 
 def test_fast_xtf_subset_has_no_regression(tmp_path):
