@@ -1,6 +1,7 @@
 """Xen's PVH boot ABI (docs/misc/pvh.pandoc) for ELF kernels.
 
-A PVH kernel is an ELF file with a XEN_ELFNOTE_PHYS32_ENTRY note. We load
+A PVH kernel is an ELF file (x86-64, or i386 in a 32-bit ELF) with a
+XEN_ELFNOTE_PHYS32_ENTRY note. We load
 its PT_LOAD segments at their physical addresses, describe the machine in an
 hvm_start_info structure and enter at the note's address in 32-bit protected
 mode with paging off and %ebx pointing at that structure.
@@ -126,8 +127,10 @@ def parse_pvh_elf(data: bytes) -> PvhImage:
         raise
     except Exception as exc:  # pyelftools reports damage with many exception types
         raise BootError(f"malformed ELF kernel: {exc}") from None
-    if machine != "EM_X86_64":
-        raise BootError(f"ELF kernel is for {machine}, not x86-64 (EM_X86_64)")
+    # The PVH entry is 32-bit code either way: an i386 kernel (EM_386, always
+    # ELFCLASS32) boots like an x86-64 one, as on Xen and QEMU.
+    if machine != "EM_X86_64" and not (machine == "EM_386" and elf.elfclass == 32):
+        raise BootError(f"ELF kernel is for {machine}, not x86 (EM_X86_64, or EM_386 in a 32-bit ELF)")
     entry = _phys32_entry(note_blobs)
     if entry is None:
         raise BootError("ELF kernel has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")

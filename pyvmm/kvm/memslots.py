@@ -107,6 +107,33 @@ class MemslotTable:
             offset = piece_gpa - old.gpa
             self._create(piece_gpa, piece_end - piece_gpa, old.host_address + offset, old.readonly)
 
+    def coalesce(self, gpa: int, low: int, high: int) -> Memslot | None:
+        """Merge the slot holding `gpa` with its neighbours inside [low, high)
+        that continue it both in the guest and in host memory (the pieces an
+        overlay page left of a RAM slot, once RAM is back under it). Returns
+        the slot now holding `gpa`, or None where nothing is mapped."""
+        slot = self.lookup(gpa)
+        if slot is None:
+            return None
+        index = self._slots.index(slot)
+
+        def continues(a: Memslot, b: Memslot) -> bool:
+            return (a.end == b.gpa and a.host_address + a.size == b.host_address
+                    and a.readonly == b.readonly and low <= a.gpa and b.end <= high)
+
+        first = last = index
+        while first > 0 and continues(self._slots[first - 1], self._slots[first]):
+            first -= 1
+        while last + 1 < len(self._slots) and continues(self._slots[last], self._slots[last + 1]):
+            last += 1
+        if first == last:
+            return slot
+        group = self._slots[first : last + 1]
+        for piece in group:
+            self._delete(piece)
+        head = group[0]
+        return self._create(head.gpa, group[-1].end - head.gpa, head.host_address, head.readonly)
+
     # --- internals ------------------------------------------------------------
 
     def _check_aligned(self, gpa: int, size: int, host_address: int) -> None:

@@ -539,6 +539,9 @@ EVTCHN_PORT = Layout("evtchn_port", "port", "<I")  # close, send, unmask
 EVTCHN_STATUS = Layout("evtchn_status", "dom port status vcpu u0 u1", "<H2xIIIII")
 EVTCHN_BIND_VCPU = Layout("evtchn_bind_vcpu", "port vcpu", "<II")
 EVTCHN_RESET = Layout("evtchn_reset", "dom", "<H")
+EVTCHN_INIT_CONTROL = Layout("evtchn_init_control", "control_gfn offset vcpu link_bits", "<QIIB7x")
+# struct evtchn_fifo_control_block: ready, a reserved word, a head per queue (16).
+EVTCHN_FIFO_CONTROL_BLOCK_SIZE = 8 + 4 * 16
 
 # grant_table.h
 GNTTAB_SET_VERSION = Layout("gnttab_set_version", "version", "<I")
@@ -549,6 +552,11 @@ GNTTAB_QUERY_SIZE = Layout(
 
 # memory.h
 ADD_TO_PHYSMAP = Layout("xen_add_to_physmap", "domid size space idx gpfn", "<HHIQQ", "<HHIII")
+MEMORY_RESERVATION = Layout(
+    "xen_memory_reservation", "extent_start nr_extents extent_order mem_flags domid", "<QQIIH6x", "<IIIIH2x"
+)
+MAX_GUEST_EXTENT_ORDER = 9  # 2 MiB: the largest extent a guest may give back or ask for
+REMOVE_FROM_PHYSMAP = Layout("xen_remove_from_physmap", "domid gpfn", "<H6xQ", "<H2xI")
 ADD_TO_PHYSMAP_BATCH = Layout(
     "xen_add_to_physmap_batch", "domid space size res0 idxs gpfns errs", "<HHHHQQQ", "<HHHHIII"
 )

@@ -69,6 +69,9 @@ XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
 UPCALL_VECTOR_SINCE = (4 << 16) | 17
 MIN_PERIOD_NS = 1_000_000
 UPCALL_RECHECK_SECONDS = 0.1
+# The PV console's safety net: guest output left untouched for a whole
+# interval is taken without the event that should have announced it.
+CONSOLE_RECHECK_SECONDS = 1.0
 
 # Features Xen announces to HVM guests (XENVER_get_features submap 0).
 # supervisor_mode_kernel must stay clear: Linux would think it is PVH.
@@ -159,6 +162,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         self.params: dict[int, int] = {}
         self._grant_frame_gpa: dict[int, int] = {}  # grant frame index -> where the guest mapped it
         self._grant_frame_at: dict[int, int] = {}  # and back
+        self._ballooned: set[int] = set()  # RAM page frames the guest gave back
 
         self.evtchn = EventChannels(
             domid=self.domid,
@@ -268,8 +272,25 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
 
     def start(self) -> None:
         self.xenstore.start()
+        self._console_waiting_at_last_check = None
+        self.console_lost_wakeups = 0
+        self.loop.call_later(CONSOLE_RECHECK_SECONDS, self._recheck_console)
         if not self.kvm_features.evtchn_send:
             self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
+
+    def _recheck_console(self) -> None:
+        """A guest that waits for its console output to be taken (XTF spins
+        until it is) would wait forever if the notification went missing."""
+        waiting = self.pv_console.output_waiting()
+        if waiting is not None and waiting == self._console_waiting_at_last_check:
+            self.console_lost_wakeups += 1
+            level = logging.WARNING if self.console_lost_wakeups == 1 else logging.DEBUG
+            log.log(level, "PV console: output waited %.0f s with no event announcing it (%d times so far)",
+                    CONSOLE_RECHECK_SECONDS, self.console_lost_wakeups)
+            self._console_notified()
+            waiting = self.pv_console.output_waiting()
+        self._console_waiting_at_last_check = waiting
+        self.loop.call_later(CONSOLE_RECHECK_SECONDS, self._recheck_console)
 
     def _recheck_upcalls(self) -> None:
         """Userspace delivery's safety net: an upcall the guest could not take
@@ -636,28 +657,114 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
     # --- grant frames ---------------------------------------------------------------
 
     def map_grant_frame(self, index: int, gpfn: int) -> None:
+        """Show grant frame `index` at guest page `gpfn`.
+
+        Anywhere the guest asks, as on Xen: in the xen-platform BAR, or over
+        one of its RAM pages. An overlaid RAM page is hidden, not lost: it is
+        back, with its contents, once the frame moves elsewhere or is removed
+        (XENMEM_remove_from_physmap), as with QEMU's Xen overlays. Splitting a
+        RAM slot is not atomic (pyvmm/kvm/memslots.py): another vCPU touching
+        that RAM in the same instant would see it missing.
+        """
         gpa = gpfn << PAGE_SHIFT
-        if self.memory.contains(gpa, PAGE_SIZE):
-            raise XenError(EINVAL, "grant frames go in the xen-platform BAR, not over RAM")
+        if gpfn == self.shared_info_gfn:
+            raise XenError(EINVAL, "a grant frame cannot replace the shared_info page")
         self.gnttab.note_frame_mapped(index)
         with self._lock:
             table = self.vm.memslots
             # A frame lives at one address: mapping it again moves it (as on
             # Xen), so a guest cannot pile up memslots by remapping.
-            old = self._grant_frame_gpa.pop(index, None)
+            old = self._grant_frame_gpa.get(index)
+            if old == gpa:
+                return
             if old is not None:
-                table.unmap(old, PAGE_SIZE)
-                self._grant_frame_at.pop(old, None)
-            displaced = self._grant_frame_at.pop(gpa, None)
-            if displaced is not None:
-                table.unmap(gpa, PAGE_SIZE)
-                self._grant_frame_gpa.pop(displaced, None)
+                self._unmap_grant_frame(old)
+            if gpa in self._grant_frame_at:
+                self._unmap_grant_frame(gpa)
+            over_ram = self.memory.contains(gpa, PAGE_SIZE) and gpfn not in self._ballooned
             try:
-                table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
+                if over_ram:
+                    table.unmap(gpa, PAGE_SIZE)
+                try:
+                    table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
+                except (KvmError, MemslotError):
+                    if over_ram:
+                        self._restore_ram(gpa)
+                    raise
             except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
                 raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
+
+    def remove_from_physmap(self, gpfn: int) -> None:
+        """XENMEM_remove_from_physmap of an overlay page: the grant frame
+        there goes, and RAM it covered comes back. RAM itself is never given
+        up (there is no ballooning): EINVAL."""
+        gpa = gpfn << PAGE_SHIFT
+        with self._lock:
+            if gpa not in self._grant_frame_at:
+                raise XenError(EINVAL, f"no overlay page at {gpa:#x}")
+            self._unmap_grant_frame(gpa)
+
+    # --- ballooning -----------------------------------------------------------------
+
+    def decrease_reservation(self, gpfn: int, order: int) -> bool:
+        """The guest gives back 2**order RAM pages from `gpfn`: they leave its
+        physical address space (KVM sees a hole there) and their contents are
+        cleared. False, changing nothing, for anything but mapped RAM pages
+        (a page given back already, an overlay, the shared_info page)."""
+        pages = range(gpfn, gpfn + (1 << order))
+        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+        with self._lock:
+            if not self.memory.contains(gpa, size) or self._pages_in_use(pages):
+                return False
+            try:
+                self.vm.memslots.unmap(gpa, size)
+            except (KvmError, MemslotError) as error:  # no slot left to split with
+                self._limited.warning("cannot take %#x+%#x out of the guest: %s", gpa, size, error)
+                return False
+            self.memory.fill(gpa, size)
+            self._ballooned.update(pages)
+        return True
+
+    def populate_physmap(self, gpfn: int, order: int) -> bool:
+        """The guest asks for 2**order pages at `gpfn`: pages it gave back
+        return (zeroed). RAM present already is left as it is; anywhere else
+        there is no memory to give (the domain never grows past its size)."""
+        pages = range(gpfn, gpfn + (1 << order))
+        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+        with self._lock:
+            if not self.memory.contains(gpa, size):
+                return False
+            for page in pages:
+                if page in self._ballooned:
+                    try:
+                        self._restore_ram(page << PAGE_SHIFT)
+                    except (KvmError, MemslotError) as error:
+                        self._limited.warning("cannot give page %#x back to the guest: %s", page, error)
+                        return False
+                    self._ballooned.discard(page)
+        return True
+
+    def _pages_in_use(self, pages: range) -> bool:
+        """Whether any of these frames is not plain mapped RAM (under _lock)."""
+        if self.shared_info_gfn in pages or any(p in self._ballooned for p in pages):
+            return True
+        return any((p << PAGE_SHIFT) in self._grant_frame_at for p in pages)
+
+    def _unmap_grant_frame(self, gpa: int) -> None:
+        """Take the grant frame at `gpa` away, putting back any RAM it hid (under _lock)."""
+        index = self._grant_frame_at.pop(gpa)
+        del self._grant_frame_gpa[index]
+        self.vm.memslots.unmap(gpa, PAGE_SIZE)
+        if self.memory.contains(gpa, PAGE_SIZE) and (gpa >> PAGE_SHIFT) not in self._ballooned:
+            self._restore_ram(gpa)
+
+    def _restore_ram(self, gpa: int) -> None:
+        table = self.vm.memslots
+        table.map(gpa, PAGE_SIZE, self.memory.host_address(gpa))
+        region = next(r for r in self.memory.regions if r.gpa <= gpa < r.end)
+        table.coalesce(gpa, region.gpa, region.end)  # no slot left behind per move
 
     # --- backends' notifications ----------------------------------------------------
 

@@ -284,6 +284,10 @@ class EventChannels(SavesNoStateYet):  # until its save_state() is written (core
         self._faults = faults  # the VM's (pyvmm/core/faults.py)
         self._lock = Lock()
         self._ports: dict[int, _Port] = {}
+        # Every port below this one is in use: the search for the lowest
+        # free port starts here (a guest allocating thousands of ports would
+        # otherwise cost quadratic time).
+        self._lowest_free = 1
         self._virqs: dict[tuple[int, int], int] = {}  # (virq, vcpu) -> port; global VIRQs on vCPU 0
         self._backends: dict[int, BackendChannel] = {}  # by dom0 port
 
@@ -578,8 +582,9 @@ class EventChannels(SavesNoStateYet):  # until its save_state() is written (core
         end = self._abi().max_ports
         if self.max_port is not None:
             end = min(end, self.max_port + 1)
-        for port in range(1, end):
+        for port in range(self._lowest_free, end):
             if port not in self._ports:
+                self._lowest_free = port
                 return port
         self._limited.warning("event channels: domain %d has no free port up to %d (limit max-event-channels): "
                               "answered -ENOSPC", self.domid, end - 1, key="max-event-channels")
@@ -600,6 +605,7 @@ class EventChannels(SavesNoStateYet):  # until its save_state() is written (core
         if record.in_kernel:
             self._kernel_call(self._kernel.deassign, port)
         del self._ports[port]
+        self._lowest_free = min(self._lowest_free, port)
         # Like Xen, so that the port's next user does not see a stale event.
         mapped = self._mapped()
         if mapped is not None and port < mapped[1].max_ports:

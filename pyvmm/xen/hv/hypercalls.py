@@ -119,6 +119,10 @@ class XenDomainOps(Protocol):
 
     def map_shared_info(self, gpfn: int) -> None: ...
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
+    def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
+    # Ballooning, one extent of 2**order pages: False when it cannot be done.
+    def decrease_reservation(self, gpfn: int, order: int) -> bool: ...
+    def populate_physmap(self, gpfn: int, order: int) -> bool: ...
     def hvm_get_param(self, index: int) -> int: ...
     def hvm_set_param(self, index: int, value: int) -> None: ...
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None: ...
@@ -626,10 +630,23 @@ class HypercallDispatcher:
             abi.EVTCHNOP_status: self._evtchn_status,
             abi.EVTCHNOP_bind_vcpu: self._evtchn_bind_vcpu,
             abi.EVTCHNOP_reset: self._evtchn_reset,
-            abi.EVTCHNOP_init_control: fifo,
+            abi.EVTCHNOP_init_control: self._evtchn_init_control,
             abi.EVTCHNOP_expand_array: fifo,
             abi.EVTCHNOP_set_priority: fifo,
         }
+
+    def _evtchn_init_control(self, call: _Call, arg: int) -> int:
+        """FIFO event channels are not offered: a valid request is -ENOSYS
+        (Linux then stays with 2-level), but an invalid one gets Xen's own
+        answer first, as Xen checks the arguments before anything else."""
+        request = call.read(arg, abi.EVTCHN_INIT_CONTROL)
+        if request.offset % 8 or request.offset > abi.PAGE_SIZE - abi.EVTCHN_FIFO_CONTROL_BLOCK_SIZE:
+            return -EINVAL
+        self._check_vcpu(request.vcpu)
+        gfn = request.control_gfn
+        if gfn >= MAX_GPFN or not call.access.memory.contains(gfn << abi.PAGE_SHIFT, abi.PAGE_SIZE):
+            return -EINVAL  # Xen cannot map a control block there
+        return -ENOSYS
 
     def _evtchn_alloc_unbound(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.EVTCHN_ALLOC_UNBOUND, for_update=True)
@@ -756,7 +773,44 @@ class HypercallDispatcher:
             if op == abi.XENMEM_add_to_physmap:
                 return self._add_to_physmap(call, arg)
             return self._add_to_physmap_batch(call, arg)
+        if op == abi.XENMEM_remove_from_physmap:
+            return self._remove_from_physmap(call, arg)
+        if op == abi.XENMEM_decrease_reservation:
+            return self._reservation(call, arg, start_extent, self.domain.decrease_reservation, aligned=False)
+        if op == abi.XENMEM_populate_physmap:
+            return self._reservation(call, arg, start_extent, self.domain.populate_physmap, aligned=True)
         return self._unknown(abi.HYPERCALL_memory_op, op)
+
+    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int], bool],
+                     aligned: bool) -> int:
+        """decrease_reservation and populate_physmap: the number of extents
+        done (counting from Xen's continuation index), stopping at the first
+        that cannot be, or whose frame number cannot be read, as Xen."""
+        request = call.read(arg, abi.MEMORY_RESERVATION)
+        self._check_own_domain(request.domid)
+        if start_extent >= request.nr_extents or request.extent_order > abi.MAX_GUEST_EXTENT_ORDER:
+            return start_extent
+        item = abi.XEN_ULONG_SIZE[call.compat]
+        done = start_extent
+        while done < request.nr_extents:
+            try:
+                gpfn = call.access.read_array(request.extent_start + done * item, 1, item)[0]
+            except GuestFault:
+                break
+            if gpfn >= MAX_GPFN or (aligned and gpfn % (1 << request.extent_order)):
+                break
+            if not op(gpfn, request.extent_order):
+                break
+            done += 1
+        return done
+
+    def _remove_from_physmap(self, call: _Call, arg: int) -> int:
+        request = call.read(arg, abi.REMOVE_FROM_PHYSMAP)
+        self._check_own_domain(request.domid)
+        if request.gpfn >= MAX_GPFN:
+            return -EINVAL
+        self.domain.remove_from_physmap(request.gpfn)
+        return 0
 
     def _add_to_physmap(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.ADD_TO_PHYSMAP)

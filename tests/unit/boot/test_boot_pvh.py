@@ -127,6 +127,16 @@ def test_load_kernel_prefers_pvh_for_elf(built):
 
 
 @needs_toolchain
+def test_i386_kernel_in_a_32_bit_elf_loads(built):
+    image = built["elf32"].read_bytes()
+    image = image[:18] + struct.pack("<H", 3) + image[20:]  # EM_386, as a 32-bit PVH kernel is built
+    assert pvh.parse_pvh_elf(image).entry == TEST_KERNEL_BASE
+    mem, e820 = guest()
+    state = pvh.load_pvh(mem, image, None, b"", RSDP, e820)
+    assert state.rip == TEST_KERNEL_BASE and state.rbx == layout.BOOT_PARAMS and state.efer == 0
+
+
+@needs_toolchain
 def test_note_found_through_sections_when_no_pt_note(built):
     image = built["elf64"].read_bytes()
     offsets, _ = phdrs(image)
@@ -148,7 +158,9 @@ def test_malformed_elf_kernels(built, variant):
         assert "\n" not in str(info.value)
 
     fails(image.replace(NOTE, struct.pack("<III", 4, 4, 17) + b"Xen\0"), "no Xen PVH entry note")
-    fails(image[:18] + struct.pack("<H", 3) + image[20:], "EM_386, not x86-64")
+    fails(image[:18] + struct.pack("<H", 40) + image[20:], "EM_ARM, not x86")
+    if variant == "elf64":  # i386 code only comes in 32-bit ELF files
+        fails(image[:18] + struct.pack("<H", 3) + image[20:], "EM_386, not x86")
     fails(image[:40], "malformed ELF|truncated")
     fails(image[:0x1010], "truncated")
     fails(patch_entry_note(image, 0x200000), "entry point 0x200000 is outside")

@@ -175,6 +175,28 @@ def test_remap_after_split_restores_the_page(table, kvm):
     assert table.lookup(16 * PAGE) is None
 
 
+def test_coalesce_merges_ram_back_into_one_slot(table, kvm):
+    table.map(0, 16 * PAGE, HOST)
+    table.unmap(5 * PAGE, PAGE)
+    overlay = table.map(5 * PAGE, PAGE, 0x1000_0000)  # another host buffer: never merged
+    assert table.coalesce(5 * PAGE, 0, 16 * PAGE) == overlay and len(table.slots) == 3
+    table.unmap(5 * PAGE, PAGE)
+    table.map(5 * PAGE, PAGE, HOST + 5 * PAGE)
+    merged = table.coalesce(5 * PAGE, 0, 16 * PAGE)
+    assert spans(table) == [(0, 16 * PAGE, HOST)] and merged == table.slots[0]
+    assert kvm.live == {merged.slot: (0, 16 * PAGE, HOST, 0)}
+    assert table.coalesce(20 * PAGE, 0, 32 * PAGE) is None
+
+
+def test_coalesce_stays_inside_its_bounds(table, kvm):
+    table.map(0, 4 * PAGE, HOST)
+    table.map(4 * PAGE, 4 * PAGE, HOST + 4 * PAGE)  # continues it, but another region
+    table.coalesce(0, 0, 4 * PAGE)
+    assert len(table.slots) == 2
+    table.coalesce(0, 0, 8 * PAGE)
+    assert spans(table) == [(0, 8 * PAGE, HOST)]
+
+
 def test_map_guest_memory_registers_every_region(table, kvm):
     memory = GuestMemory([(0, 4 * PAGE), (0x10_0000, 2 * PAGE)])
     try:

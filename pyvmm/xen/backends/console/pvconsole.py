@@ -78,6 +78,12 @@ class PvConsole:
             self._reported.add(ring)
             log.warning("PV console %s ring broken: indices %d bytes apart in a %d-byte ring", ring, distance, size)
 
+    def output_waiting(self) -> tuple[int, int] | None:
+        """(out_cons, out_prod) while the guest's output waits to be taken,
+        else None: what the domain's safety net compares between checks."""
+        cons, prod = self._load(OUT_CONS), self._load(OUT_PROD)
+        return (cons, prod) if cons != prod else None
+
     def process(self) -> None:
         """Pass the guest's output on and free the space (the guest notified us)."""
         cons = self._load(OUT_CONS)

@@ -82,6 +82,10 @@ def test_port_space_is_the_abi_limit(long_mode, limit):
     raises(EINVAL, ev.send, -1)
     ev.close(5)
     assert ev.bind_ipi(0) == 5  # the lowest free port is reused
+    ev.close(9)
+    ev.close(3)
+    assert [ev.alloc_unbound(DOMID_SELF, 0) for _ in range(2)] == [3, 9]
+    raises(ENOSPC, ev.alloc_unbound, DOMID_SELF, 0)
 
 
 def test_switching_to_compat_shrinks_the_port_space(rig):

@@ -210,8 +210,8 @@ def test_unexpected_exceptions_become_einval_and_are_logged(hc, domain, caplog):
 def test_unknown_subops_are_logged_with_their_name_and_rate_limited(hc, caplog):
     with caplog.at_level(logging.WARNING):
         for _ in range(100):
-            assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF) == -ENOSYS
-    lines = [r for r in caplog.records if "decrease_reservation" in r.getMessage()]
+            assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_get_pod_target, BUF) == -ENOSYS
+    lines = [r for r in caplog.records if "get_pod_target" in r.getMessage()]
     assert 1 <= len(lines) <= 8
 
 
@@ -705,6 +705,20 @@ def test_evtchn_fifo_and_unknown_ops(hc, domain, op):
     assert domain.evtchn.calls == []
 
 
+@pytest.mark.parametrize("gfn,offset,vcpu,expected", [
+    (0x10, 0, 0, -ENOSYS),  # valid: FIFO is simply not offered
+    ((1 << 64) - 2, 0, 0, -EINVAL),  # no such frame (XSA-188's probe)
+    (RAM >> 12, 0, 0, -EINVAL),  # beyond RAM
+    (0x10, 4, 0, -EINVAL),  # misaligned control block
+    (0x10, 4096 - 64, 0, -EINVAL),  # runs past the page
+    (0x10, 0, 2, -ENOENT),  # no such vCPU
+])
+def test_evtchn_init_control_checks_arguments_as_xen(hc, domain, memory, gfn, offset, vcpu, expected):
+    put(memory, BUF, abi.EVTCHN_INIT_CONTROL, control_gfn=gfn, offset=offset, vcpu=vcpu, link_bits=0)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_init_control, BUF) == expected
+    assert abi.EVTCHN_INIT_CONTROL.size(False) == abi.EVTCHN_INIT_CONTROL.size(True) == 24
+
+
 # --- grant_table_op ----------------------------------------------------------------------
 
 
@@ -819,6 +833,45 @@ def test_add_to_physmap_domain_errors_and_bad_pointer(hc, domain, memory):
 
 
 @ABIS
+def test_remove_from_physmap(hc, domain, memory, compat):
+    put(memory, BUF, abi.REMOVE_FROM_PHYSMAP, compat, domid=abi.DOMID_SELF, gpfn=0x1234)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, BUF, longmode=not compat) == 0
+    assert domain.calls[-1] == ("remove_from_physmap", 0x1234)
+    domain.raises["remove_from_physmap"] = XenError(EINVAL)  # not an overlay page
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, BUF, longmode=not compat) == -EINVAL
+    put(memory, BUF, abi.REMOVE_FROM_PHYSMAP, compat, domid=0, gpfn=0x1234)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, BUF, longmode=not compat) == -ESRCH
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_remove_from_physmap, UNMAPPED, longmode=not compat) == -EFAULT
+    assert abi.REMOVE_FROM_PHYSMAP.size(False) == 16 and abi.REMOVE_FROM_PHYSMAP.size(True) == 8
+
+
+@ABIS
+@pytest.mark.parametrize("op,method", [(abi.XENMEM_decrease_reservation, "decrease_reservation"),
+                                       (abi.XENMEM_populate_physmap, "populate_physmap")])
+def test_reservation_counts_extents_done(hc, domain, memory, compat, op, method):
+    item = "I" if compat else "Q"
+    memory.write(ARRAY, struct.pack(f"<4{item}", 0x20, 0x22, 0x24, 0x26))
+    domain.results[method] = lambda gpfn, order: gpfn != 0x24  # the third cannot be done
+
+    def call(nr, order=1, domid=abi.DOMID_SELF, start=0, extents=ARRAY):
+        put(memory, BUF, abi.MEMORY_RESERVATION, compat, extent_start=extents, nr_extents=nr,
+            extent_order=order, mem_flags=0, domid=domid)
+        return hc(abi.HYPERCALL_memory_op, start << 6 | op, BUF, longmode=not compat)
+
+    assert call(4) == 2
+    assert [c for c in domain.calls if c[0] == method] == [(method, 0x20, 1), (method, 0x22, 1), (method, 0x24, 1)]
+    assert call(2, start=1) == 2  # Xen's continuation index counts in the result
+    assert call(2, start=5) == 5  # nothing left to do
+    assert call(4, order=10) == 0  # larger than a guest may ask
+    assert call(4, extents=UNMAPPED) == 0  # an unreadable list stops at once, as in Xen
+    assert call(4, domid=0) == -ESRCH
+    if method == "populate_physmap":
+        memory.write(ARRAY, struct.pack(f"<{item}", 0x21))
+        assert call(1) == 0  # an extent is aligned to its size
+    assert abi.MEMORY_RESERVATION.size(False) == 32 and abi.MEMORY_RESERVATION.size(True) == 20
+
+
+@ABIS
 def test_add_to_physmap_batch(hc, domain, memory, compat):
     item = "I" if compat else "Q"
     memory.write(ARRAY, struct.pack(f"<3{item}", 0, 1, 7))
@@ -864,8 +917,7 @@ def test_add_to_physmap_batch_largest_size(hc, domain, memory):
 
 
 @pytest.mark.parametrize(
-    "op", [abi.XENMEM_increase_reservation, abi.XENMEM_decrease_reservation, abi.XENMEM_populate_physmap,
-           abi.XENMEM_memory_map, abi.XENMEM_maximum_ram_page, abi.XENMEM_current_reservation,
+    "op", [abi.XENMEM_increase_reservation, abi.XENMEM_memory_map, abi.XENMEM_maximum_ram_page, abi.XENMEM_current_reservation,
            abi.XENMEM_get_pod_target, abi.XENMEM_acquire_resource, 63]
 )
 def test_memory_ops_not_provided(hc, op):

@@ -59,6 +59,15 @@ def test_output_drained_and_notified():
     assert host.notifications == 1 and len(host.out) == 1
 
 
+def test_output_waiting_names_the_indices_until_taken():
+    host = Host(start_index=MASK - 1)
+    assert host.console.output_waiting() is None
+    host.guest.write(b"abc")
+    assert host.console.output_waiting() == (MASK - 1, (MASK - 1 + 3) & MASK)
+    host.console.process()
+    assert host.console.output_waiting() is None
+
+
 @pytest.mark.parametrize("start", [0, 1000, MASK - 5, MASK - 2047])
 def test_output_wraps_indices_and_ring(start):
     host = Host(start)

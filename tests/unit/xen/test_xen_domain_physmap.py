@@ -1,0 +1,118 @@
+"""XenDomain's guest-physical map: grant frames overlaid on RAM (and RAM back
+when they go), and ballooning. No KVM: the memory slots are a MemslotTable
+over a recorder that checks KVM's rules."""
+
+import logging
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from pyvmm.core.memory import GuestMemory
+from pyvmm.kvm.memslots import MemslotTable, map_guest_memory
+from pyvmm.xen.abi import PAGE_SHIFT, PAGE_SIZE
+from pyvmm.xen.domain import XenDomain
+from pyvmm.xen.errors import XenError
+
+RAM = 64 * PAGE_SIZE
+FRAME_HOST = 0x5000_0000_0000  # where the fake grant frames live on the host
+
+
+class FakeKvm:
+    def __init__(self):
+        self.live = {}
+
+    def set_region(self, slot, gpa, size, host_address, flags):
+        if size == 0:
+            del self.live[slot]
+            return
+        assert slot not in self.live
+        for other_gpa, other_size, _ in self.live.values():
+            assert gpa + size <= other_gpa or other_gpa + other_size <= gpa
+        self.live[slot] = (gpa, size, host_address)
+
+    def backing(self, gpa):
+        for base, size, host in self.live.values():
+            if base <= gpa < base + size:
+                return host + gpa - base
+        return None
+
+
+@pytest.fixture
+def rig():
+    kvm = FakeKvm()
+    memory = GuestMemory([(0, RAM)])
+    table = MemslotTable(kvm.set_region, 64, page_size=PAGE_SIZE)
+    map_guest_memory(table, memory)
+    domain = XenDomain.__new__(XenDomain)  # only the physical map, no VM
+    domain.memory = memory
+    domain.vm = SimpleNamespace(memslots=table)
+    domain.gnttab = SimpleNamespace(note_frame_mapped=lambda index: None,
+                                    frame_host_address=lambda index: FRAME_HOST + index * PAGE_SIZE)
+    domain._lock = threading.RLock()
+    domain.shared_info_gfn = None
+    domain._grant_frame_gpa, domain._grant_frame_at, domain._ballooned = {}, {}, set()
+    domain._limited = logging.getLogger("test")
+    yield SimpleNamespace(domain=domain, kvm=kvm, memory=memory, table=table)
+    memory.close()
+
+
+def ram(rig, gfn):
+    return rig.memory.host_address(gfn << PAGE_SHIFT)
+
+
+def test_grant_frame_over_ram_hides_it_and_gives_it_back(rig):
+    rig.memory.write(5 * PAGE_SIZE, b"kept")
+    rig.domain.map_grant_frame(0, 5)
+    assert rig.kvm.backing(5 * PAGE_SIZE) == FRAME_HOST
+    assert rig.kvm.backing(4 * PAGE_SIZE) == ram(rig, 4) and rig.kvm.backing(6 * PAGE_SIZE) == ram(rig, 6)
+    rig.domain.map_grant_frame(0, 9)  # moving it puts RAM back where it was
+    assert rig.kvm.backing(5 * PAGE_SIZE) == ram(rig, 5) and rig.kvm.backing(9 * PAGE_SIZE) == FRAME_HOST
+    assert rig.memory.read(5 * PAGE_SIZE, 4) == b"kept"
+    rig.domain.remove_from_physmap(9)
+    assert all(rig.kvm.backing(p * PAGE_SIZE) == ram(rig, p) for p in range(64))
+    assert len(rig.table.slots) == 1  # merged back: moves leave no slots behind
+    with pytest.raises(XenError):
+        rig.domain.remove_from_physmap(9)  # plain RAM is not given up that way
+
+
+def test_a_second_frame_on_the_same_page_displaces_the_first(rig):
+    rig.domain.map_grant_frame(0, 5)
+    rig.domain.map_grant_frame(1, 5)
+    assert rig.kvm.backing(5 * PAGE_SIZE) == FRAME_HOST + PAGE_SIZE
+    assert rig.domain._grant_frame_gpa == {1: 5 * PAGE_SIZE}
+    rig.domain.map_grant_frame(1, 5)  # again at the same place: nothing changes
+    assert rig.domain._grant_frame_at == {5 * PAGE_SIZE: 1}
+
+
+def test_a_frame_may_not_replace_shared_info(rig):
+    rig.domain.shared_info_gfn = 3
+    with pytest.raises(XenError):
+        rig.domain.map_grant_frame(0, 3)
+    assert rig.kvm.backing(3 * PAGE_SIZE) == ram(rig, 3)
+
+
+def test_ballooning_out_and_back_in(rig):
+    rig.memory.write(8 * PAGE_SIZE, b"secret")
+    assert rig.domain.decrease_reservation(8, 1)  # two pages
+    assert rig.kvm.backing(8 * PAGE_SIZE) is None and rig.kvm.backing(9 * PAGE_SIZE) is None
+    assert not rig.domain.decrease_reservation(8, 0)  # gone already
+    assert not rig.domain.decrease_reservation(RAM >> PAGE_SHIFT, 0)  # not RAM
+    rig.domain.shared_info_gfn = 20
+    assert not rig.domain.decrease_reservation(16, 3)  # holds shared_info
+    assert rig.domain.populate_physmap(8, 1)
+    assert rig.kvm.backing(8 * PAGE_SIZE) == ram(rig, 8)
+    assert rig.memory.read(8 * PAGE_SIZE, 6) == bytes(6)  # zeroed
+    assert rig.domain.populate_physmap(8, 0)  # present already: nothing to do
+    assert not rig.domain.populate_physmap(RAM >> PAGE_SHIFT, 0)
+    assert len(rig.table.slots) == 1
+
+
+def test_grant_frame_over_a_ballooned_page_leaves_a_hole_when_it_goes(rig):
+    assert rig.domain.decrease_reservation(7, 0)
+    rig.domain.map_grant_frame(0, 7)
+    assert rig.kvm.backing(7 * PAGE_SIZE) == FRAME_HOST
+    assert not rig.domain.decrease_reservation(7, 0)
+    rig.domain.remove_from_physmap(7)
+    assert rig.kvm.backing(7 * PAGE_SIZE) is None
+    assert rig.domain.populate_physmap(7, 0) and rig.kvm.backing(7 * PAGE_SIZE) == ram(rig, 7)
