@@ -20,7 +20,9 @@ import pytest
 
 from vmm import xen_guest_assets
 
-pytestmark = [pytest.mark.guest, pytest.mark.xen]
+# slow: scripts/test leaves it out unless PYVMM_SLOW_TESTS=1 (README, Tests);
+# run it when scripts/bench or what it drives changes.
+pytestmark = [pytest.mark.guest, pytest.mark.xen, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 
