@@ -15,7 +15,8 @@ passt ends with pyvmm whatever the way: with --fd it quits when the socket
 reaches end-of-file, which the kernel makes happen when pyvmm's end is
 closed, also by SIGKILL (pyvmm's end is close-on-exec, so no other program
 holds it). PR_SET_PDEATHSIG (SIGTERM) is asked for besides; passt loses it
-when it drops to user nobody, started as root.
+when it changes user. Started as root, passt is told to run as nobody
+(--runas), which is what it would do anyway.
 
 One passt serves a NIC for the whole run, across guest reboots: a reboot
 builds the next boot's devices before closing the last one's (runner.py),
@@ -69,9 +70,13 @@ class PasstError(OSError):
         return f"{self.filename}: {self.strerror}"
 
 
-def passt_command(spec: NicSpec, fd: int, pidfile: str, program: str = PASST) -> list[str]:
-    """passt's command line for a NIC `spec`, talking over descriptor `fd`."""
+def passt_command(spec: NicSpec, fd: int, pidfile: str, program: str = PASST,
+                  runas: tuple[int, int] | None = None) -> list[str]:
+    """passt's command line for a NIC `spec`, talking over descriptor `fd`
+    (`runas`: the user and group it drops to, started as root)."""
     command = [program, "--foreground", "--quiet", "--stderr", "--fd", str(fd), "--pid", pidfile]
+    if runas is not None:
+        command += ["--runas", f"{runas[0]}:{runas[1]}"]
     for forward in spec.hostfwd:
         command += forward.passt_option()
     return command
@@ -85,6 +90,17 @@ def _noise(line: str) -> bool:
 def passt_messages(text: str) -> list[str]:
     """passt's stderr, without its complaints about a missing syslog."""
     return [line.strip() for line in text.splitlines() if not _noise(line)]
+
+
+def unprivileged_user() -> tuple[int, int]:
+    """Who passt runs as when pyvmm is root: nobody, as passt itself would choose."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
 
 
 def _set_parent_death_signal() -> None:
@@ -147,7 +163,12 @@ def start_passt(spec: NicSpec, program: str = PASST) -> tuple[socket.socket, Pas
     stderr = tempfile.TemporaryFile()
     process = None
     try:
-        command = passt_command(spec, theirs.fileno(), pidfile, path)
+        runas = None
+        if os.geteuid() == 0:
+            # passt drops to this user before it writes its PID file: the directory must be its.
+            runas = unprivileged_user()
+            os.chown(directory, *runas)
+        command = passt_command(spec, theirs.fileno(), pidfile, path, runas)
         log.debug("starting %s", " ".join(command))
         on_main = threading.current_thread() is threading.main_thread()
         try:
