@@ -9,7 +9,10 @@ with the default route; the testbed's L1 has only loopback). pyvmm starts
 inside a private mount namespace where /root (not readable by nobody) is
 covered and only the Python installation under it is bound back, and
 /dev/kvm is a device node of the test's own, usable by anyone: nothing of
-the machine's own permissions changes. Then setpriv drops to nobody.
+the machine's own permissions changes. Then setpriv drops to nobody. (In
+the testbed, whose commands run chrooted, the chroot's root is first made
+the mount namespace's root: the kernel refuses a chrooted process the user
+namespace passt makes for itself.)
 
 The guest gets its lease by DHCP (MTU 65520, passt's), fetches a file from
 an HTTP server the test runs on the namespace's loopback (reached through
@@ -48,6 +51,11 @@ HOST_ADDRESS, GATEWAY = "10.79.0.2", "10.79.0.1"
 UNPRIVILEGED = r"""
 set -e
 work=$1; shift
+# Inside a chroot (the testbed runs commands chrooted into the host's root)
+# the kernel refuses user namespaces, which passt makes to sandbox itself:
+# make the chroot's root this mount namespace's root, where it is a mount point.
+cd /
+if pivot_root . . 2>/dev/null; then umount -l .; fi
 mkdir -p "$work/mnt"
 mount -t tmpfs -o mode=755 pyvmm-test-dev "$work/mnt"  # /tmp may be nodev: device nodes on a mount of our own
 mkdir "$work/mnt/pyenv"
