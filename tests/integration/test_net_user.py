@@ -54,8 +54,10 @@ work=$1; shift
 # Inside a chroot (the testbed runs commands chrooted into the host's root)
 # the kernel refuses user namespaces, which passt makes to sandbox itself:
 # make the chroot's root this mount namespace's root, where it is a mount point.
+here=$(pwd)
 cd /
 if pivot_root . . 2>/dev/null; then umount -l .; fi
+cd "$here"  # the work tree: `python -m pyvmm` runs its pyvmm
 mkdir -p "$work/mnt"
 mount -t tmpfs -o mode=755 pyvmm-test-dev "$work/mnt"  # /tmp may be nodev: device nodes on a mount of our own
 mkdir "$work/mnt/pyenv"
