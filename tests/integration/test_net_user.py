@@ -124,6 +124,7 @@ rm /tmp/fetched
 nc -l -p 5555 < /dev/null > /tmp/in &
 listener=$!
 sleep 1
+(sleep 90; echo "guest: still waiting"; cat /proc/net/tcp; ip -s link show eth0; ls -l /tmp/in) &
 echo "guest: listening"
 wait $listener
 echo "guest: received $(wc -c < /tmp/in) bytes sha $(sha256sum /tmp/in | cut -d' ' -f1)"
@@ -317,7 +318,11 @@ def test_unprivileged_dhcp_http_forward_and_64mib_each_way(assets, workdir, netn
         assert fetched.group(2).decode() == hashlib.sha256(body).hexdigest()
         guest.wait_for("guest: listening")
         to_guest = random.Random(1).randbytes(BIG)
-        in_namespace(netns, lambda: _send_all(forward_port, to_guest))
+        try:
+            in_namespace(netns, lambda: _send_all(forward_port, to_guest))
+        except OSError as error:
+            time.sleep(100)  # the guest's report on its side
+            pytest.fail(f"sending through the forwarded port: {error}\n{guest.stdout[-6000:]}\n{guest.stderr[-6000:]}")
         received = guest.wait_for(r"guest: received (\d+) bytes sha ([0-9a-f]{64})")
         assert int(received.group(1)) == BIG
         assert received.group(2).decode() == hashlib.sha256(to_guest).hexdigest()
@@ -348,7 +353,7 @@ def _send_all(port, data):
     deadline = time.monotonic() + 120
     while True:
         try:
-            connection = socket.create_connection(("127.0.0.1", port), timeout=600)
+            connection = socket.create_connection(("127.0.0.1", port), timeout=240)
             break
         except OSError:
             if time.monotonic() > deadline:
