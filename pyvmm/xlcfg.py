@@ -725,9 +725,10 @@ def _devices(keys: _Keys, xl: device_kinds.XlKey, warn) -> list[DeviceSpec]:
             warn(key, f"{key} {text!r}: {note}", line)
         if xl.unique is not None:
             what, value = xl.unique[0], xl.unique[1](device)
-            if value in seen:
-                raise keys.error(key, f"{what} {value} is used twice (also on line {seen[value]})", line)
-            seen[value] = line
+            if value is not None:  # None: nothing this entry could share (a vif on a user network)
+                if value in seen:
+                    raise keys.error(key, f"{what} {value} is used twice (also on line {seen[value]})", line)
+                seen[value] = line
         out.append(replace(device, origin=Origin(key, text, keys.filename, line)))
     return out
 

@@ -27,9 +27,12 @@ def _create(domain, specs):
 
 NET = DeviceKind(
     name="net",
-    summary="a Xen PV network interface (vif) on the host's TAP device",
-    option=CliOption("--net", "nets", "tap=IFNAME[,mac=MAC]",
-                     "A Xen PV network interface on a TAP device, created if missing (repeatable; needs root).",
+    summary="a Xen PV network interface (vif) on the host's TAP device or a user network (passt)",
+    option=CliOption("--net", "nets", "tap=IFNAME[,mac=MAC] | user[,mac=MAC][,hostfwd=[tcp|udp]:[HOSTADDR]:PORT-:PORT]...",
+                     "A Xen PV network interface (repeatable): on a TAP device, created if missing (needs root), "
+                     "or 'user': a user network through passt, no privilege needed, with host ports forwarded "
+                     "to the guest (hostfwd=, repeatable) or attached to a running passt (socket=PATH); "
+                     "docs/NETWORKING.md.",
                      parse_net_option),
     xl=XlKey("vif", "vifs", parse_vif_spec, unique=("vifname", lambda nic: nic.tap)),
     trace=(("net", "packets of the PV network backend: dir, vif, len, flags, slots, status, fault"),),

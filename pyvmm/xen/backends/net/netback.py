@@ -244,14 +244,23 @@ class _TxPacket:
 
 class NetBackend:
     """One vif's data path; `tap_fd` is a non-blocking TAP file descriptor
-    with a 10-byte virtio_net_hdr, `grants` the guest's grant table.
+    with a 10-byte virtio_net_hdr (or, with `readv`/`writev` given, the
+    descriptor of a transport that behaves as one), `grants` the guest's grant table.
     `watch_tap(on)` starts or stops calling process_rx() when the TAP is
     readable; `set_offload(flags)` is TUNSETOFFLOAD (None: nothing to tell)."""
 
     def __init__(self, tap_fd: int, grants: GrantTable, *, watch_tap: Callable[[bool], None],
                  set_offload: Callable[[int], None] | None = None, name: str = "vif",
-                 trace: Tracer = NULL_TRACE, faults: FaultInjector = NULL_FAULTS):
+                 trace: Tracer = NULL_TRACE, faults: FaultInjector = NULL_FAULTS,
+                 readv: Callable[[list], int] | None = None, writev: Callable[[list], int] | None = None,
+                 rx_frame_max: int = PAGE_SIZE):
         self.tap_fd = tap_fd
+        # The transport (vif.py): a TAP's own readv/writev, or a stream's that
+        # behave the same way (stream.py); rx_frame_max: the largest frame it
+        # gives without GSO.
+        self._readv = readv if readv is not None else lambda buffers: os.readv(self.tap_fd, buffers)
+        self._writev = writev if writev is not None else lambda parts: os.writev(self.tap_fd, parts)
+        self.rx_frame_max = rx_frame_max
         self._trace, self._faults = trace, faults  # the VM's
         self.grants = grants
         self.watch_tap = watch_tap
@@ -311,8 +320,16 @@ class NetBackend:
     def rx_slots_needed(self) -> int:
         """Receive buffers that must be at hand before a frame is read: the
         largest frame the TAP may give must fit."""
-        offload = self.features.tun_offload()
-        return GSO_RX_SLOTS if offload & (TUN_F_TSO4 | TUN_F_TSO6) else 1
+        if self._gso_layout:
+            return GSO_RX_SLOTS
+        if self.features.sg and self.rx_frame_max > PAGE_SIZE:
+            return min(MAX_SLOTS_PER_PACKET, (self.rx_frame_max + PAGE_SIZE - 1) // PAGE_SIZE)
+        return 1
+
+    @property
+    def _gso_layout(self) -> bool:
+        """GSO frames may come: receive buffers leave slot 1 for the extra-info entry."""
+        return bool(self.features.tun_offload() & (TUN_F_TSO4 | TUN_F_TSO6))
 
     def _start_reading(self) -> None:
         if not self._reading and self.attached:
@@ -441,7 +458,7 @@ class NetBackend:
             fault = self._faults.net_packet("tx", self.name, first.size) if self._faults.net else None
             try:
                 if fault is None:
-                    os.writev(self.tap_fd, [header, *frame])
+                    self._writev([header, *frame])
                 else:
                     self._send_faulty(fault, header, frame)
             except OSError as error:
@@ -468,15 +485,15 @@ class NetBackend:
         if fault.action == "delay":
             self._faults.call_later(fault.delay, lambda: self._write_late(data))
             return
-        os.write(self.tap_fd, data)
+        self._writev([data[:VNET_HDR_SIZE], data[VNET_HDR_SIZE:]])
         if fault.action == "duplicate":
-            os.write(self.tap_fd, data)
+            self._writev([data[:VNET_HDR_SIZE], data[VNET_HDR_SIZE:]])
 
     def _write_late(self, data: bytes) -> None:
         if self.tx_ring is None:
             return  # detached meanwhile
         try:
-            os.write(self.tap_fd, data)
+            self._writev([data[:VNET_HDR_SIZE], data[VNET_HDR_SIZE:]])
         except OSError as error:
             log.debug("%s: a delayed packet was refused: %s", self.name, error.strerror)
 
@@ -514,6 +531,7 @@ class NetBackend:
         if ring is None:
             return
         needed = self.rx_slots_needed
+        gso_layout = self._gso_layout
         try:
             for _ in range(RX_BATCH):
                 if not self._have_rx_buffers(needed):
@@ -522,7 +540,7 @@ class NetBackend:
                         self._start_reading()
                         continue
                     break
-                if not self._receive_one(needed):
+                if not self._receive_one(needed, gso_layout):
                     break
         finally:
             self._release_answered()
@@ -571,14 +589,15 @@ class NetBackend:
             self.grants.release_many(answered)
             answered.clear()
 
-    def _receive_one(self, needed: int) -> bool:
+    def _receive_one(self, needed: int, gso_layout: bool) -> bool:
         """Read one frame into the posted buffers; False when the TAP is empty."""
         posted = self._rx_posted
         pages = [posted[0].view]
-        if needed > 2:
-            pages.extend(map(_buffer_view, islice(posted, 2, needed)))
+        if needed > 1:
+            # With GSO possible, slot 1 is left for the extra-info entry.
+            pages.extend(map(_buffer_view, islice(posted, 2 if gso_layout else 1, needed)))
         try:
-            count = os.readv(self.tap_fd, [self._rx_header, *pages])
+            count = self._readv([self._rx_header, *pages])
         except BlockingIOError:
             return False
         except OSError as error:
@@ -608,8 +627,9 @@ class NetBackend:
             if needed == 1:
                 self.stats.rx_dropped += 1
                 return True
-            for slot in range(1, npages):  # close the gap left for an extra-info slot
-                posted[slot].view[:] = posted[slot + 1].view
+            if gso_layout:
+                for slot in range(1, npages):  # close the gap left for an extra-info slot
+                    posted[slot].view[:] = posted[slot + 1].view
         flags = 0
         if vnet_flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             flags |= NETRXF_csum_blank | NETRXF_data_validated
