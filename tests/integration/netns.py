@@ -32,31 +32,38 @@ class Namespace:
         self.run("ip", "tuntap", "add", "dev", name, "mode", "tap")
         self.run("ip", "addr", "add", f"{address}/24", "dev", name)
 
-    def listen(self, port):
-        """A TCP listening socket inside the namespace (made on a thread
-        that entered it; the socket stays there)."""
+    def inside(self, function):
+        """`function()` called on a thread that entered the namespace (what
+        it makes, e.g. a socket, stays there); its result or its exception."""
         result = {}
 
-        def enter_and_listen():
+        def enter_and_call():
             try:
                 with open(f"/run/netns/{self.name}") as handle:
                     if _libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
                         raise OSError(ctypes.get_errno(), "setns")
-                server = socket.socket()
-                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                server.bind(("0.0.0.0", port))
-                server.listen(1)
-                server.settimeout(600)
-                result["socket"] = server
+                result["value"] = function()
             except Exception as error:  # handed to the caller
                 result["error"] = error
 
-        thread = threading.Thread(target=enter_and_listen)
+        thread = threading.Thread(target=enter_and_call)
         thread.start()
         thread.join()
         if "error" in result:
             raise result["error"]
-        return result["socket"]
+        return result["value"]
+
+    def listen(self, port):
+        """A TCP listening socket inside the namespace."""
+        def listen():
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("0.0.0.0", port))
+            server.listen(1)
+            server.settimeout(600)
+            return server
+
+        return self.inside(listen)
 
     def close(self):
         subprocess.run(["ip", "netns", "del", self.name], check=False)

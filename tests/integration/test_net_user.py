@@ -42,7 +42,7 @@ import time
 import pytest
 
 from initrd import make_test_initrd
-from netns import CLONE_NEWNET, Namespace, Transfer, _libc
+from netns import Namespace, Transfer
 from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
@@ -179,27 +179,6 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def in_namespace(netns, function):
-    """function() on a thread inside the namespace; its result."""
-    result = {}
-
-    def enter():
-        try:
-            with open(f"/run/netns/{netns.name}") as handle:
-                if _libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError("setns failed")
-            result["value"] = function()
-        except Exception as error:
-            result["error"] = error
-
-    thread = threading.Thread(target=enter)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def serve_file(netns, body):
     """An HTTP server on the namespace's loopback that serves `body` once; its port."""
     def listen():
@@ -209,7 +188,7 @@ def serve_file(netns, body):
         server.settimeout(900)
         return server
 
-    server = in_namespace(netns, listen)
+    server = netns.inside(listen)
 
     def answer():
         with server:
@@ -339,10 +318,10 @@ def check_lease_and_fetch(guest, body):
 def test_unprivileged_forwarded_port_and_64mib_each_way(assets, workdir, netns):
     body = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
     http_port = serve_file(netns, body)
-    sink_server = in_namespace(netns, lambda: _listener(0))
+    sink_server = netns.listen(0)
     sink_port = sink_server.getsockname()[1]
     sink = Transfer(sink_server)
-    forward_port = in_namespace(netns, lambda: _free_port())
+    forward_port = netns.inside(lambda: _free_port())
     script = TRANSFER_SCRIPT.replace("@HTTP_PORT@", str(http_port)).replace("@SINK_PORT@", str(sink_port))
     net = f"user,mac=00:16:3e:00:00:42,hostfwd=tcp:127.0.0.1:{forward_port}-:5555"
     with launch(assets, workdir, netns, script, net) as guest:
@@ -351,7 +330,7 @@ def test_unprivileged_forwarded_port_and_64mib_each_way(assets, workdir, netns):
         guest.wait_for("guest: listening")
         to_guest = random.Random(1).randbytes(BIG)
         try:
-            in_namespace(netns, lambda: _send_all(forward_port, to_guest))
+            netns.inside(lambda: _send_all(forward_port, to_guest))
         except OSError as error:
             time.sleep(100)  # the guest's report on its side
             pytest.fail(f"sending through the forwarded port: {error}\n{guest.stdout[-6000:]}\n{guest.stderr[-6000:]}")
@@ -364,15 +343,6 @@ def test_unprivileged_forwarded_port_and_64mib_each_way(assets, workdir, netns):
         guest.wait_for("pyvmm-guest: test exit 0")
         assert guest.finish() == 0, str(guest)
     assert passt_gone(pid), "passt outlived pyvmm after poweroff"
-
-
-def _listener(port):
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", port))
-    server.listen(1)
-    server.settimeout(1500)
-    return server
 
 
 def _free_port():
