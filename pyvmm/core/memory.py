@@ -62,6 +62,10 @@ class GuestMemory:
             raise GuestMemoryError(f"guest physical address {gpa:#x} is not RAM")
         return index
 
+    def region(self, gpa: int) -> MemoryRegion:
+        """The RAM region holding `gpa`; GuestMemoryError if it is not RAM."""
+        return self.regions[self._locate(gpa)]
+
     def _pieces(self, gpa: int, length: int):
         """Yield (view, offset, count) covering [gpa, gpa+length), or raise."""
         if length < 0 or gpa < 0:

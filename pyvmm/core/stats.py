@@ -1,10 +1,10 @@
 """Run statistics (`pyvmm run --stats`): what the guest made the VMM do, and at what cost.
 
 Nothing here runs unless --stats is given: the parts that count are
-swapped in when a VM is set up (a counting vCPU loop, counting wrappers
-around the xenstore's request handlers and the hypercall sub-ops that
-send event channels), so a run without it executes exactly the code it
-did before.
+swapped in when a VM is set up (timed wrappers around each vCPU's KVM_RUN
+and exit handler, counting wrappers around the xenstore's request
+handlers and the hypercall sub-ops that send event channels), so a run
+without it executes exactly the code it did before.
 
 Ownership, with no lock on any counting path:
 

@@ -4,7 +4,7 @@
 and detail in one vCPU's `VcpuStats`: port I/O and MMIO by the device
 claiming the address (its name and range on the bus), hypercalls by name
 and, for those that take a command, the sub-op, the rest by kind. Only the
-counting vCPU loop (machine.py, with --stats) calls it, after the exit is
+vCPU loop's counting exit handler (machine.py, with --stats) calls it, after the exit is
 handled; names are worked out once per device, hypercall and sub-op.
 """
 

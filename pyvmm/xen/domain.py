@@ -698,8 +698,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
 
     def remove_from_physmap(self, gpfn: int) -> None:
         """XENMEM_remove_from_physmap of an overlay page: the grant frame
-        there goes, and RAM it covered comes back. RAM itself is never given
-        up (there is no ballooning): EINVAL."""
+        there goes, and RAM it covered comes back. Anything else, RAM
+        included, is EINVAL (RAM is given back by decrease_reservation)."""
         gpa = gpfn << PAGE_SHIFT
         with self._lock:
             if gpa not in self._grant_frame_at:
@@ -763,7 +763,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
     def _restore_ram(self, gpa: int) -> None:
         table = self.vm.memslots
         table.map(gpa, PAGE_SIZE, self.memory.host_address(gpa))
-        region = next(r for r in self.memory.regions if r.gpa <= gpa < r.end)
+        region = self.memory.region(gpa)
         table.coalesce(gpa, region.gpa, region.end)  # no slot left behind per move
 
     # --- backends' notifications ----------------------------------------------------

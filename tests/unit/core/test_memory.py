@@ -74,3 +74,14 @@ def test_ram_ranges_split_around_the_pci_hole():
     assert layout.ram_ranges(4 * layout.GiB) == [(0, low), (layout.HIGH_RAM_START, 4 * layout.GiB - low)]
     with pytest.raises(ValueError):
         layout.ram_ranges(0)
+
+
+def test_region_is_the_one_holding_the_address():
+    memory = GuestMemory([(0, 0x10000), (0x100000, 0x10000)])
+    try:
+        assert memory.region(0x100000 + 0x1234) is memory.regions[1]
+        assert memory.region(0xFFFF) is memory.regions[0]
+        with pytest.raises(GuestMemoryError):
+            memory.region(0x10000)  # the gap between them
+    finally:
+        memory.close()
