@@ -1,6 +1,7 @@
 """Command line of scripts/testbed (see docs/TESTBED.md)."""
 
 import argparse
+import fcntl
 import os
 import sys
 import time
@@ -11,6 +12,7 @@ EXIT_TIMEOUT = 124
 EXIT_TESTBED_FAILED = 125
 EXIT_USAGE = 2
 DEFAULT_BOOT_TIMEOUT = 300
+DEFAULT_RUN_LOCK = "/tmp/pyvmm-testbed-run.lock"  # one L1 at a time per host
 
 
 def parse_arguments(argv):
@@ -98,6 +100,21 @@ def build_job(options, writable):
     }
 
 
+def take_run_lock(path):
+    """Waits until no other testbed runs on this host, and returns the held lock.
+
+    Two L1s under TCG on a small host halve each other's speed and push
+    both past their timeouts, so runs take turns. The lock dies with the
+    process, whatever way it exits."""
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say("waiting for another testbed run on this host to end (lock %s)" % path)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
 def report_check(result):
     print("L1 kernel:        %s" % result.get("release"))
     if "error" in result:
@@ -134,6 +151,7 @@ def main(argv=None):
         job["modules"] = artifacts.extra_modules(options.modules)
         job.setdefault("tmp_size", "%dm" % (options.memory // 2))
         job.setdefault("mounts", [])
+        run_lock = take_run_lock(os.environ.get("PYVMM_TESTBED_LOCK", DEFAULT_RUN_LOCK))  # noqa: F841 held until exit
         run = host.Run(artifacts, job, options.memory, options.cpus, writable, options.timeout,
                        boot_timeout(), say, options.verbose)
         status = run.execute()
