@@ -86,7 +86,7 @@ from ..abi import (
     NR_VIRQS,
 )
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
-from pyvmm.core.snapshot import SavesNoStateYet
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ DOM0 = 0
 # Bound once per vCPU and never moved; every other VIRQ is global (x86 has
 # no per-vCPU arch VIRQs): bound on vCPU 0 once, movable with bind_vcpu.
 PER_VCPU_VIRQS = frozenset({VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU})
+
+STATE_VERSION = 1
+_STATE_OF_NAME = {"unbound": EVTCHNSTAT_unbound, "interdomain": EVTCHNSTAT_interdomain,
+                  "virq": EVTCHNSTAT_virq, "ipi": EVTCHNSTAT_ipi}
 
 
 class KernelEvtchn(Protocol):
@@ -237,7 +241,7 @@ class BackendChannel:
         self.on_notify()
 
 
-class EventChannels(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class EventChannels:
     def __init__(
         self,
         *,
@@ -290,6 +294,10 @@ class EventChannels(SavesNoStateYet):  # until its save_state() is written (core
         self._lowest_free = 1
         self._virqs: dict[tuple[int, int], int] = {}  # (virq, vcpu) -> port; global VIRQs on vCPU 0
         self._backends: dict[int, BackendChannel] = {}  # by dom0 port
+        # Between restore_state() and finish_restore(): the restored backend
+        # channels no backend has claimed yet (claim_backend), by dom0 port.
+        self._restoring = False
+        self._unclaimed: set[int] = set()
 
     # --- guest operations (EVTCHNOP_*) ---------------------------------------------
 
@@ -528,6 +536,172 @@ class EventChannels(SavesNoStateYet):  # until its save_state() is written (core
                     entry["masked"] = self._test_bit(shared_info + abi.evtchn_mask, port)
                 records.append(entry)
         return records
+
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """Every port in use and the dom0 ends of the backend channels.
+
+        Pending and mask bits live in shared_info (guest RAM) and are not
+        here; nor is which ports KVM delivers itself: finish_restore()
+        registers them again, as the restored VM's kernel support allows."""
+        with self._lock:
+            ports = []
+            for port in sorted(self._ports):
+                record = self._ports[port]
+                entry = {"port": port, "state": self._STATE_NAMES[record.state], "vcpu": record.vcpu}
+                if record.state in (EVTCHNSTAT_unbound, EVTCHNSTAT_interdomain):
+                    entry["remote_dom"] = record.remote_dom
+                if record.state == EVTCHNSTAT_interdomain:
+                    entry["remote_port"] = record.remote_port
+                if record.state == EVTCHNSTAT_virq:
+                    entry["virq"] = record.virq
+                ports.append(entry)
+            backends = [{"dom0_port": dom0_port, "guest_port": channel._guest_port}
+                        for dom0_port, channel in sorted(self._backends.items())]
+        return versioned(STATE_VERSION, ports=ports, backends=backends)
+
+    def restore_state(self, state: dict) -> None:
+        """Take back the port table (before any vCPU runs; no kernel call yet).
+
+        The backend channels this part was built with (the xenstore's and the
+        console's, made by connect_backend) keep their objects and take back
+        their guest ports. Every other saved backend channel waits for its
+        backend to claim_backend() it; finish_restore() then registers the
+        in-kernel ports and checks that none was left unclaimed."""
+        check_version(state, "EventChannels", STATE_VERSION)
+        ports, virqs, backends = self._checked_state(state)
+        with self._transaction():
+            built = set(self._backends)
+            if not built <= set(backends):
+                raise SnapshotError(f"EventChannels: backend channel(s) {sorted(built - set(backends))} "
+                                    "of this VM are not in the snapshot")
+            for record in ports.values():
+                record.in_kernel = False
+            self._ports, self._virqs = ports, virqs
+            self._lowest_free = 1
+            for dom0_port, guest_port in backends.items():
+                channel = self._backends.get(dom0_port)
+                if channel is None:
+                    # A placeholder until its backend claims it: sends the guest
+                    # makes before that are not possible (no vCPU runs yet).
+                    channel = BackendChannel(self, dom0_port, lambda: None, None)
+                    self._backends[dom0_port] = channel
+                    self._unclaimed.add(dom0_port)
+                channel._guest_port = guest_port
+                channel._notify_scheduled = False
+            self._restoring = True
+
+    def claim_backend(self, dom0_port: int, on_notify: Callable[[], None], *,
+                      own_eventfd: bool = False) -> BackendChannel:
+        """A backend's restore_state() takes back its channel (the dom0 port
+        it saved), as bind_backend() gave it the first time."""
+        with self._lock:
+            if not self._restoring or dom0_port not in self._unclaimed:
+                raise SnapshotError(f"EventChannels: no restored backend channel at dom0 port {dom0_port!r} to claim")
+            self._unclaimed.discard(dom0_port)
+            channel = self._backends[dom0_port]
+            channel.on_notify = on_notify
+            channel._loop_reads_eventfd = not own_eventfd
+        if self._kernel is not None:
+            channel._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            if channel._loop_reads_eventfd:
+                self._add_reader(channel._eventfd, channel._eventfd_ready)
+        return channel
+
+    def finish_restore(self) -> None:
+        """After every part's restore_state() and after the machine restored
+        KVM's own Xen attributes: register with KVM the ports it delivers
+        itself (IPIs, backend channels' eventfds), as binding them did, and
+        wake every connected backend once (a notification that was queued
+        when the VM was saved is not in the snapshot; a spare one is harmless)."""
+        with self._transaction() as after:
+            if not self._restoring:
+                raise SnapshotError("EventChannels: finish_restore() without restore_state()")
+            if self._unclaimed:
+                raise SnapshotError(f"EventChannels: backend channel(s) at dom0 port(s) {sorted(self._unclaimed)} "
+                                    "were not claimed by any backend (a device missing from this VM?)")
+            self._restoring = False
+            if self._kernel is not None:
+                self._kernel_call(self._kernel.reset)  # what the freshly built part registered
+                for port, record in sorted(self._ports.items()):
+                    if record.state == EVTCHNSTAT_ipi:
+                        record.in_kernel = self._kernel_call(self._kernel.assign_ipi, port, record.vcpu)
+            for channel in self._backends.values():
+                if channel._guest_port is not None:
+                    self._route_to_eventfd(channel._guest_port, channel)
+                    after.append(partial(self._schedule, channel.on_notify))
+
+    def _checked_state(self, state: dict) -> tuple[dict[int, _Port], dict[tuple[int, int], int], dict[int, int | None]]:
+        """The port table, VIRQ index and backends of a saved state, every
+        field checked; SnapshotError for anything a running table could not hold."""
+        def fail(why: str):
+            raise SnapshotError(f"EventChannels: {why}")
+
+        def number(entry: dict, key: str, low: int, high: int) -> int:
+            value = entry.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+                fail(f"{key} {value!r} of {entry!r:.120} is not in {low}..{high - 1}")
+            return value
+
+        end = layout(True).max_ports  # the wider ABI: a compat guest's table is a subset
+        if self.max_port is not None:
+            end = min(end, self.max_port + 1)
+        raw_ports, raw_backends = state.get("ports"), state.get("backends")
+        if not isinstance(raw_ports, list) or not isinstance(raw_backends, list):
+            fail("no port or backend list")
+        backends: dict[int, int | None] = {}
+        for entry in raw_backends:
+            if not isinstance(entry, dict):
+                fail(f"backend {entry!r:.80} is not a record")
+            dom0_port = number(entry, "dom0_port", 1, 1 << 31)
+            guest_port = None if entry.get("guest_port") is None else number(entry, "guest_port", 1, end)
+            if dom0_port in backends:
+                fail(f"dom0 port {dom0_port} twice")
+            backends[dom0_port] = guest_port
+        ports: dict[int, _Port] = {}
+        virqs: dict[tuple[int, int], int] = {}
+        for entry in raw_ports:
+            if not isinstance(entry, dict):
+                fail(f"port {entry!r:.80} is not a record")
+            port = number(entry, "port", 1, end)
+            kind = _STATE_OF_NAME.get(entry.get("state"))
+            if kind is None:
+                fail(f"port {port}: no state {entry.get('state')!r:.40}")
+            if port in ports:
+                fail(f"port {port} twice")
+            record = _Port(kind, vcpu=number(entry, "vcpu", 0, self.vcpu_count))
+            if kind in (EVTCHNSTAT_unbound, EVTCHNSTAT_interdomain):
+                record.remote_dom = entry.get("remote_dom")
+                if record.remote_dom not in (DOM0, self.domid) or isinstance(record.remote_dom, bool):
+                    fail(f"port {port}: remote domain {record.remote_dom!r:.40}")
+            if kind == EVTCHNSTAT_interdomain:
+                record.remote_port = number(entry, "remote_port", 1, 1 << 31)
+            if kind == EVTCHNSTAT_virq:
+                record.virq = number(entry, "virq", 0, NR_VIRQS)
+                key = self._virq_key(record.virq, record.vcpu)
+                if key in virqs:
+                    fail(f"VIRQ {record.virq} bound twice")
+                virqs[key] = port
+            ports[port] = record
+        # Both ends of every channel must agree.
+        for port, record in ports.items():
+            if record.state != EVTCHNSTAT_interdomain:
+                continue
+            if record.remote_dom == DOM0:
+                if backends.get(record.remote_port, -1) != port:
+                    fail(f"port {port}: dom0 port {record.remote_port} does not name it")
+            else:
+                peer = ports.get(record.remote_port)
+                if (peer is None or peer.state != EVTCHNSTAT_interdomain or peer.remote_dom != self.domid
+                        or peer.remote_port != port or record.remote_port == port):
+                    fail(f"port {port}: its loopback peer {record.remote_port} does not name it")
+        for dom0_port, guest_port in backends.items():
+            record = ports.get(guest_port) if guest_port is not None else None
+            if guest_port is not None and (record is None or record.state != EVTCHNSTAT_interdomain
+                                           or record.remote_dom != DOM0 or record.remote_port != dom0_port):
+                fail(f"dom0 port {dom0_port}: guest port {guest_port} is not its other end")
+        return ports, virqs, backends
 
     # --- internals -------------------------------------------------------------
 
