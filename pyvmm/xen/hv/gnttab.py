@@ -33,6 +33,7 @@ a frame that is not guest RAM), which is all the backends ever look at.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import logging
 import mmap
@@ -64,7 +65,7 @@ from ..abi import (
     GNTST_eagain,
     GNTST_no_space,
 )
-from pyvmm.core.snapshot import SavesNoStateYet
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
@@ -93,6 +94,7 @@ _STATUS_ERRNO = {GNTST_permission_denied: EACCES}
 CMPXCHG_ATTEMPTS = 5
 
 _ENTRY = struct.Struct("<HHI")
+STATE_VERSION = 1
 _MASK32 = 0xFFFF_FFFF
 
 
@@ -104,7 +106,7 @@ class GrantError(XenError):
         self.status = status
 
 
-class GrantTable(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class GrantTable:
     def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0,
                  log_rate: LogRate = DEFAULT_LOG_RATE, trace: Tracer = NULL_TRACE):
         if not 1 <= max_frames <= 1 << 16:
@@ -282,6 +284,70 @@ class GrantTable(SavesNoStateYet):  # until its save_state() is written (core/sn
                 return None
             return bytes(mapping.view[offset : offset + length])
 
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """The version in force, the frames the guest mapped, the reserved
+        refs, and the table's entries: its frames are this part's memory, not
+        guest RAM. Only frames holding a non-zero byte are saved.
+
+        Where the guest mapped each frame is XenDomain's state. The backends'
+        mappings (the pins) are saved by them; the in-use bits they set are
+        saved as they are and cleared again on restore for the refs that
+        were pinned, since the backends map those afresh."""
+        with self._lock:
+            used = max(self.frame_count, 1)  # frame 0 holds the reserved refs from boot on
+            frames = {}
+            for index in range(used):
+                data = bytes(self._table[index * PAGE_SIZE:(index + 1) * PAGE_SIZE])
+                if any(data):
+                    frames[str(index)] = base64.b64encode(data).decode("ascii")
+            pins = {str(ref): list(counts) for ref, counts in sorted(self._pins.items())}
+            return versioned(STATE_VERSION, grant_version=1, frame_count=self.frame_count,
+                             reserved={str(ref): gfn for ref, gfn in sorted(self._reserved.items())},
+                             frames=frames, pins=pins)
+
+    def restore_state(self, state: dict) -> None:
+        """Take the entries back into the freshly built table (no backend has
+        mapped anything yet). max_frames comes from the config: a snapshot
+        that used more frames than this VM allows is refused."""
+        check_version(state, "GrantTable", STATE_VERSION)
+        if state.get("grant_version") != 1:
+            raise SnapshotError(f"GrantTable: grant table version {state.get('grant_version')!r} is not supported")
+        frame_count, frames, reserved, pins = (state.get(key) for key in ("frame_count", "frames", "reserved", "pins"))
+        if not _count(frame_count) or frame_count > self.max_frames:
+            raise SnapshotError(f"GrantTable: {frame_count!r} frames in use, this VM allows {self.max_frames}")
+        if not all(isinstance(value, dict) for value in (frames, reserved, pins)):
+            raise SnapshotError("GrantTable: frames, reserved refs or pins are missing")
+        contents = {}
+        for key, text in frames.items():
+            index = _index(key, max(frame_count, 1))
+            try:
+                data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+            except ValueError:
+                data = b""
+            if index is None or len(data) != PAGE_SIZE:
+                raise SnapshotError(f"GrantTable: bad frame {key!r:.20}")
+            contents[index] = data
+        if {_index(ref, GNTTAB_NR_RESERVED_ENTRIES): gfn for ref, gfn in reserved.items()} != self._reserved:
+            raise SnapshotError("GrantTable: the snapshot's reserved refs are not this VM's")
+        pinned = []
+        for key in pins:
+            ref = _index(key, self._nr_entries)
+            if ref is None:
+                raise SnapshotError(f"GrantTable: bad pinned ref {key!r:.20}")
+            pinned.append(ref)
+        with self._lock:
+            if self._pins:
+                raise SnapshotError("GrantTable: restored after a backend mapped a grant")
+            self._table[:] = bytes(len(self._table))
+            for index, data in contents.items():
+                self._table[index * PAGE_SIZE:(index + 1) * PAGE_SIZE] = data
+            for ref in pinned:
+                # Our bits: the backends that held them set them again as they re-map.
+                self._entry_halves.fetch_and(4 * ref, 0xFFFF & ~GTF_IN_USE)
+            self.frame_count = frame_count
+
     # --- internals --------------------------------------------------------------
 
     def _check_frame_index(self, index: int) -> None:
@@ -354,6 +420,18 @@ class GrantTable(SavesNoStateYet):  # until its save_state() is written (core/sn
         if mapping.generation == self._generation:
             self._unpin(mapping.ref, mapping.writable)
         return True
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _index(key, end: int) -> int | None:
+    """A saved dict key that must be a decimal index below `end`, or None."""
+    if not isinstance(key, str) or not key.isdecimal() or len(key) > 10:
+        return None
+    value = int(key)
+    return value if value < end else None
 
 
 def _trace_map(trace: Tracer, ref: int, writable: bool, result: "GrantMapping | GrantError") -> None:
