@@ -14,6 +14,7 @@ one before arming the new.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from functools import partial
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from pyvmm.core.eventloop import EventLoop, TimerHandle
 
 STATE_VERSION = 1
+# A restored period below the shortest one Xen lets a guest set (1 ms,
+# domain.MIN_PERIOD_NS) would have the event thread do nothing but fire it.
+MIN_PERIOD_SECONDS = 0.001
 
 
 class _Wish(NamedTuple):
@@ -105,10 +109,11 @@ class UserTimer:
             self.stop()
             return
         remaining, period = state.get("remaining"), state.get("period")
-        if not _seconds(remaining) or not (period is None or (_seconds(period) and period > 0)):
+        if not _seconds(remaining) or not (period is None or (_seconds(period) and period >= MIN_PERIOD_SECONDS)):
             raise SnapshotError(f"UserTimer: bad remaining {remaining!r} or period {period!r}")
         self.arm(remaining, period)
 
 
 def _seconds(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    # JSON readers accept Infinity and NaN: neither is a delay.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0

@@ -35,7 +35,7 @@ from typing import Callable
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from pyvmm.devices import all_ones
 from pyvmm.devices.pci import BarKind, PciDevice
-from pyvmm.core.snapshot import SavesNoStateYet
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,12 @@ UNPLUG_NVME_DISKS = 1 << 3
 
 PLATFORM_FLAG_ROM_LOCK = 1  # the only platform flag that reads back
 
+STATE_VERSION = 1
 LOG_LINE_MAX = 512  # a longer "line" is cut here and goes on as the next one
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-class XenPlatformDevice(PciDevice, SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class XenPlatformDevice(PciDevice):
     def __init__(
         self,
         *,
@@ -116,6 +117,34 @@ class XenPlatformDevice(PciDevice, SavesNoStateYet):  # until its save_state() i
         """Drive INTA for the event-channel callback (GSI/INTx method)."""
         self.set_intx(asserted)
 
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """Its registers, what the guest unplugged and a log line it has not
+        finished. Its PCI config space (BARs as placed, INTx) is PciHost's."""
+        with self._lock:
+            partial_line = self._log_buffer.hex()
+        return versioned(STATE_VERSION, platform_flags=self.platform_flags, product_number=self.product_number,
+                         driver_version=self.driver_version, unplugged=self.unplugged, log_buffer=partial_line)
+
+    def restore_state(self, state: dict) -> None:
+        """Unplugging is not done again: what it caused is in the restored
+        VM already (the snapshot holds the guest's view of it)."""
+        check_version(state, "XenPlatformDevice", STATE_VERSION)
+        flags, product, version, unplugged, text = (state.get(key) for key in (
+            "platform_flags", "product_number", "driver_version", "unplugged", "log_buffer"))
+        try:
+            line = bytes.fromhex(text) if isinstance(text, str) else None
+        except ValueError:
+            line = None
+        if (not _fits(flags, PLATFORM_FLAG_ROM_LOCK + 1) or not _fits(unplugged, 1 << 16)
+                or not (product is None or _fits(product, 1 << 16)) or not (version is None or _fits(version, 1 << 32))
+                or line is None or len(line) >= LOG_LINE_MAX):
+            raise SnapshotError(f"XenPlatformDevice: bad state {state!r:.200}")
+        with self._lock:
+            self._log_buffer[:] = line
+        self.platform_flags, self.product_number, self.driver_version, self.unplugged = flags, product, version, unplugged
+
     # --- guest-facing behaviour shared by both register windows -------------
 
     def _unplug(self, mask: int) -> None:
@@ -160,6 +189,10 @@ class XenPlatformDevice(PciDevice, SavesNoStateYet):  # until its save_state() i
                 self._unplug(UNPLUG_ALL_NICS)
             else:
                 self._log_byte(value)
+
+
+def _fits(value, end: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < end
 
 
 class _FixedPorts:

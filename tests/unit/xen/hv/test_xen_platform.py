@@ -204,3 +204,43 @@ def test_a_long_line_is_cut(caplog):
             device.fixed_ports().write(2, 1, ord("y"))
     lines = [record.getMessage() for record in caplog.records if record.name == xen_platform.__name__]
     assert lines and all(len(line) <= LOG_LINE_MAX + 100 for line in lines)
+
+
+# --- snapshot ----------------------------------------------------------------------
+
+
+def test_state_round_trips_through_json():
+    import json
+
+    lines, unplugs = [], []
+    device = XenPlatformDevice(on_log=lines.append, on_unplug=unplugs.append)
+    ports = device.fixed_ports()
+    ports.write(0, 2, UNPLUG_ALL_NICS)
+    ports.write(2, 2, 0xBEEF)
+    ports.write(0, 4, 0x1234)
+    ports.write(0, 1, 1)
+    for byte in b"half a li":
+        ports.write(2, 1, byte)
+    state = json.loads(json.dumps(device.save_state()))
+    new_lines, new_unplugs = [], []
+    fresh = XenPlatformDevice(on_log=new_lines.append, on_unplug=new_unplugs.append)
+    fresh.restore_state(state)
+    assert (fresh.unplugged, fresh.product_number, fresh.driver_version) == (UNPLUG_ALL_NICS, 0xBEEF, 0x1234)
+    assert fresh.fixed_ports().read(0, 1) == 1 and new_unplugs == []  # restored, not unplugged again
+    for byte in b"ne\n":
+        fresh.fixed_ports().write(2, 1, byte)
+    assert new_lines == ["half a line"]  # the line the guest had begun goes on
+
+
+@pytest.mark.parametrize("change", [
+    {"version": 2}, {"platform_flags": 2}, {"unplugged": -1}, {"product_number": "x"},
+    {"driver_version": 1 << 32}, {"log_buffer": "zz"}, {"log_buffer": "00" * LOG_LINE_MAX}, {"unplugged": True},
+])
+def test_bad_states_are_refused(change):
+    from pyvmm.core.snapshot import SnapshotError
+
+    state = dict(XenPlatformDevice().save_state(), **change)
+    fresh = XenPlatformDevice()
+    with pytest.raises(SnapshotError):
+        fresh.restore_state(state)
+    assert fresh.save_state() == XenPlatformDevice().save_state()

@@ -73,6 +73,9 @@ def test_state_saved_and_restored_as_time_left():
 @pytest.mark.parametrize("state", [{}, {"version": 2, "armed": False}, {"version": True, "armed": False},
                                    {"version": 1, "armed": True, "remaining": -1, "period": None},
                                    {"version": 1, "armed": True, "remaining": 1.0, "period": 0},
+                                   {"version": 1, "armed": True, "remaining": 1.0, "period": 1e-9},
+                                   {"version": 1, "armed": True, "remaining": float("inf"), "period": None},
+                                   {"version": 1, "armed": True, "remaining": float("nan"), "period": None},
                                    {"version": 1, "armed": True, "remaining": "1", "period": None}])
 def test_bad_states_are_refused(state):
     loop = EventLoop()
