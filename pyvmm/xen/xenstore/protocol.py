@@ -29,6 +29,7 @@ from pyvmm.limits import Limits
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, RateLimitedLog
 from .errors import QuotaError, XenStoreError
 from .perms import Permission
+from pyvmm.core.snapshot import SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,8 @@ class StoreClient(Protocol):
     def set_target(self, domid: int, target: int) -> None: ...
     def control(self, command: str, args: Sequence[str] = ()) -> str: ...
     def close(self) -> None: ...
+    def save_state(self) -> dict: ...
+    def restore_state(self, state: dict, deliver: Callable[[str, str], None]) -> None: ...
 
 
 class Connection:
@@ -589,6 +592,67 @@ class Connection:
         self._out_bytes -= len(data)
         self._client.account_output(-len(data))
         return data
+
+    # -- snapshot ----------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """A request not yet complete, replies and watch events not yet taken
+        (the first maybe in part), whether it is broken, and its client's
+        watches and transactions (Client.save_state)."""
+        return {
+            "partial_request": bytes(self._decoder._buffer).hex(),
+            "output": [[message.hex(), is_event] for message, is_event in self._out],
+            "head_sent": self._head_sent,
+            "broken": self.broken,
+            "error": self.error,
+            "requests_answered": self.requests_answered,
+            "client": self._client.save_state(),
+        }
+
+    def restore_state(self, state: dict) -> None:
+        """Into a fresh connection, after the store's tree is restored."""
+        if not isinstance(state, dict):
+            raise SnapshotError("xenstore connection: no state")
+        partial, output, head_sent, broken, error, answered = (state.get(key) for key in (
+            "partial_request", "output", "head_sent", "broken", "error", "requests_answered"))
+        try:
+            pending = bytes.fromhex(partial) if isinstance(partial, str) else None
+            messages = [(bytes.fromhex(item[0]), item[1]) for item in output] if isinstance(output, list) else None
+        except (ValueError, TypeError, IndexError, KeyError):
+            pending = messages = None
+        if pending is None or messages is None:
+            raise SnapshotError("xenstore connection: bad buffered bytes")
+        if len(pending) >= HEADER_SIZE + PAYLOAD_MAX or (
+                len(pending) >= HEADER_SIZE and Header._make(HEADER.unpack_from(pending)).length > PAYLOAD_MAX):
+            raise SnapshotError("xenstore connection: the partial request is no request")
+        for message, is_event in messages:
+            if (not isinstance(is_event, bool) or len(message) < HEADER_SIZE
+                    or Header._make(HEADER.unpack_from(message)).length != len(message) - HEADER_SIZE
+                    or len(message) > HEADER_SIZE + PAYLOAD_MAX):
+                raise SnapshotError("xenstore connection: a queued message is no message")
+        total = sum(len(message) for message, _ in messages)
+        if total > self._event_backlog_bytes + 2 * INPUT_PAUSE_BYTES:
+            raise SnapshotError(f"xenstore connection: {total} bytes queued, more than it can hold")
+        if (not isinstance(head_sent, int) or isinstance(head_sent, bool) or head_sent < 0
+                or head_sent >= (len(messages[0][0]) if messages else 1)):
+            raise SnapshotError(f"xenstore connection: bad head_sent {head_sent!r:.40}")
+        if not isinstance(broken, bool) or error not in (RING_ERROR_NONE, RING_ERROR_COMM, RING_ERROR_RINGIDX,
+                                                           RING_ERROR_PROTO) or isinstance(error, bool):
+            raise SnapshotError("xenstore connection: bad broken state")
+        if not isinstance(answered, int) or isinstance(answered, bool) or answered < 0:
+            raise SnapshotError("xenstore connection: bad request count")
+        if self._out or self._decoder.buffered:
+            raise SnapshotError("xenstore connection: not fresh")
+        self._client.restore_state(state.get("client"), self._queue_watch_event)
+        self._decoder.push(pending)
+        for index, (message, is_event) in enumerate(messages):
+            self._out.append((message, is_event))
+            if is_event and not (index == 0 and head_sent):  # one begun is no longer "unsent"
+                self._unsent_events[message] += 1
+        self._out_bytes = total - head_sent
+        self._client.account_output(self._out_bytes)
+        self._head_sent = head_sent
+        self.broken, self.error, self.requests_answered = broken, error, answered
 
     # -- lifetime ----------------------------------------------------------
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 
 from pyvmm.core.atomic import SharedWords
+from pyvmm.core.snapshot import SnapshotError
 from .protocol import RING_ERROR_NONE, RING_ERROR_PROTO, RING_ERROR_RINGIDX, Connection
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 
@@ -95,6 +96,20 @@ class RingServer:
             "queued": self.connection.pending_output(),
             "answered": self.connection.requests_answered,
         }
+
+    # -- snapshot (GuestStoreService) ----------------------------------------
+
+    def save_state(self) -> dict:
+        """What the server trusts of the indexes it publishes (the page may
+        say otherwise: the guest can write it) and its error."""
+        return {"req_cons": self._req_cons, "rsp_prod": self._rsp_prod, "error": self.error}
+
+    def restore_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or not all(
+                isinstance(state.get(key), int) and not isinstance(state.get(key), bool)
+                and 0 <= state[key] <= _MASK32 for key in ("req_cons", "rsp_prod", "error")):
+            raise SnapshotError(f"xenstore ring: bad state {state!r:.100}")
+        self._req_cons, self._rsp_prod, self.error = state["req_cons"], state["rsp_prod"], state["error"]
 
     # -- page access -------------------------------------------------------
 

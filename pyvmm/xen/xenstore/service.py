@@ -34,15 +34,16 @@ from typing import Callable
 from .protocol import Connection
 from .ring import RingServer
 from .store import XenStore
-from ...core.snapshot import SavesNoStateYet
+from ...core.snapshot import SnapshotError, check_version, versioned
 
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
+STATE_VERSION = 1
 DEBUG_THREADS = os.environ.get("PYVMM_DEBUG_THREADS") == "1"
 
 
-class GuestStoreService(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class GuestStoreService:
     def __init__(self, loop, store: XenStore, domid: int, page: memoryview, *,
                  recheck_seconds: float | None = RECHECK_SECONDS, check_threads: bool = DEBUG_THREADS):
         self._loop = loop
@@ -70,6 +71,30 @@ class GuestStoreService(SavesNoStateYet):  # until its save_state() is written (
         """Arm the safety net (on the event thread, or before the loop runs)."""
         if self._recheck_seconds is not None:
             self._loop.call_later(self._recheck_seconds, self._recheck)
+
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """The guest connection (partial request, queued replies and watch
+        events, its watches and transactions) and the server's own copies of
+        the ring indexes it publishes. The ring itself (the guest's indexes
+        and bytes) is guest RAM. Event thread, VM paused: no request is half
+        served, each one is answered as soon as it is whole."""
+        if self.ring._busy:
+            raise SnapshotError("GuestStoreService: saved while serving the ring")
+        return versioned(STATE_VERSION, connection=self.connection.save_state(), ring=self.ring.save_state(),
+                         lost_wakeups=self.lost_wakeups)
+
+    def restore_state(self, state: dict) -> None:
+        """After XenStore.restore_state(). The ring is served again at the
+        first notification, which EventChannels.finish_restore() makes."""
+        check_version(state, "GuestStoreService", STATE_VERSION)
+        lost = state.get("lost_wakeups")
+        if not isinstance(lost, int) or isinstance(lost, bool) or lost < 0:
+            raise SnapshotError("GuestStoreService: bad lost_wakeups")
+        self.ring.restore_state(state.get("ring"))  # checked first: it changes nothing it refuses
+        self.connection.restore_state(state.get("connection"))
+        self.lost_wakeups = lost
 
     # --- event thread ------------------------------------------------------------
 

@@ -37,6 +37,7 @@ Threads
 
 from __future__ import annotations
 
+import base64
 import logging
 import string
 import time
@@ -54,7 +55,7 @@ from pyvmm.limits import Limits
 from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from pyvmm.core.trace import NULL_TRACE, Tracer
-from pyvmm.core.snapshot import SavesNoStateYet
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Quotas:
 MEMORY_OVERSHOOT = 3072 + 3072 + 2048
 
 PERM_BYTES = 8  # a permission entry's cost in node_size(), as xenstored stores it
+STATE_VERSION = 1
 
 
 def node_size(value: bytes, children: tuple[str, ...], perms: tuple) -> int:
@@ -210,6 +212,12 @@ class _Tree:
 
     def items(self):
         return self._nodes.items()
+
+    def load(self, path: str, node: Node) -> None:
+        """Put a restored node in as it was, generation included."""
+        self._owned[node.owner] += 1
+        self._owned_bytes[node.owner] += _node_bytes(path, node)
+        self._nodes[path] = node
 
 
 @dataclass
@@ -310,6 +318,44 @@ class _Transaction:
         return any(_generation_of(self._tree.get(path)) != entry.seen_generation
                    for path, entry in self._accessed.items())
 
+    def save_state(self, now: float) -> dict:
+        return {
+            "id": self.id, "age": max(0.0, now - self.started), "expired": self.expired,
+            "accessed": [[path, entry.seen_generation, _perms_state(entry.original_perms), _node_state(entry.node),
+                          entry.modified] for path, entry in self._accessed.items()],
+            "owned_delta": {str(domid): count for domid, count in self._owned_delta.items() if count},
+            "events": [[path, exact] for path, exact in self.events.items()],
+        }
+
+    def load(self, state: dict) -> None:
+        """Take back save_state()'s copies into this new, empty transaction
+        (SnapshotError for a malformed one); charged as they were."""
+        accessed, owned, events = state.get("accessed"), state.get("owned_delta"), state.get("events")
+        if not isinstance(accessed, list) or not isinstance(owned, dict) or not isinstance(events, list):
+            raise SnapshotError("XenStore: a transaction without its copies")
+        self.expired = state.get("expired") is True
+        memory = 0
+        for item in accessed:
+            if not isinstance(item, list) or len(item) != 5 or not isinstance(item[4], bool):
+                raise SnapshotError(f"XenStore: bad transaction entry {item!r:.100}")
+            path, seen, perms, node, modified = item
+            _check_path(path)
+            if seen is not None and not _count(seen):
+                raise SnapshotError(f"XenStore: bad generation {seen!r:.40}")
+            entry = _Access(seen, _perms_from(perms), _node_from(node), modified)
+            self._accessed[path] = entry
+            memory += len(path) + (_node_bytes(path, entry.node) if modified else 0)
+        for key, count in owned.items():
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise SnapshotError(f"XenStore: bad owned count {count!r:.40}")
+            self._owned_delta[_domid(key)] = count
+        for item in events:
+            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], bool):
+                raise SnapshotError(f"XenStore: bad transaction event {item!r:.100}")
+            _check_path(item[0])
+            self.events[item[0]] = item[1]
+        self._charge(memory)
+
     def apply(self) -> None:
         for path, entry in self._accessed.items():
             if not entry.modified:
@@ -355,7 +401,7 @@ class _DeferredEvents:
             store._deliver_deferred()
 
 
-class XenStore(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class XenStore:
     """The tree, the known domains and every client's watches and transactions."""
 
     def __init__(self, quotas: Quotas | None = None, observer: Observer | None = None,
@@ -408,7 +454,9 @@ class XenStore(SavesNoStateYet):  # until its save_state() is written (core/snap
         Unlike client(), it is unprivileged unless asked, even for domain 0.
         Its watch-event backlog is Quotas.event_backlog unless given."""
         backlog = self.quotas.event_backlog if event_backlog_bytes is None else event_backlog_bytes
-        return Connection(self.client(domid, privileged), event_backlog_bytes=backlog,
+        client = self.client(domid, privileged)
+        client.wire = True
+        return Connection(client, event_backlog_bytes=backlog,
                           limited_log=self.log_rate.limited(logging.getLogger(Connection.__module__)),
                           trace=self.trace, faults=self.faults)
 
@@ -580,31 +628,151 @@ class XenStore(SavesNoStateYet):  # until its save_state() is written (core/snap
                 expired += client._expire_transactions()
         return expired
 
+    # -- snapshot (pyvmm/core/snapshot.py) --------------------------------
+
+    def save_state(self) -> dict:
+        """The tree (every node with its value, permissions, children and
+        generation, and the tree's generation counter), the introduced
+        domains and targets.
+
+        Clients are not here: the VMM's own (the domain, the backends) are
+        made again with their watches when the VM is built, and the guest's
+        connection is saved by GuestStoreService (Connection.save_state).
+        Quota accounting is not saved either: it follows from the tree and
+        from what the restored clients hold."""
+        if self._depth or self._deferred or self._delivering:
+            raise SnapshotError("XenStore: saved in the middle of an operation")
+        for client in self._clients:
+            if client._transactions and not client.wire:
+                raise SnapshotError(f"XenStore: {client!r} holds a transaction open")
+        nodes = [[path, *_node_state(node)] for path, node in self._tree.items()]
+        return versioned(STATE_VERSION, generation=self._tree._generation, nodes=nodes,
+                         introduced=sorted(self._introduced),
+                         targets={str(domid): target for domid, target in sorted(self._targets.items())})
+
+    def restore_state(self, state: dict) -> None:
+        """Replace the tree the VM was built with by the saved one, before
+        any client restores its watches and transactions into it. Refused,
+        changing nothing, unless the saved tree is whole and consistent."""
+        check_version(state, "XenStore", STATE_VERSION)
+        generation, nodes, introduced, targets = (state.get(key) for key in (
+            "generation", "nodes", "introduced", "targets"))
+        if not _count(generation) or not isinstance(nodes, list) or not isinstance(introduced, list) \
+                or not isinstance(targets, dict):
+            raise SnapshotError("XenStore: no tree, generation or domains")
+        tree = _Tree()
+        for item in nodes:
+            if not isinstance(item, list) or len(item) != 5:
+                raise SnapshotError(f"XenStore: bad node {item!r:.100}")
+            path = item[0]
+            _check_path(path)
+            if tree.get(path) is not None:
+                raise SnapshotError(f"XenStore: node {path!r:.80} twice")
+            node = _node_from(item[1:])
+            if node.generation > generation:
+                raise SnapshotError(f"XenStore: {path!r:.80} is newer than the tree")
+            tree.load(path, node)
+        tree._generation = generation
+        problems = _tree_problems(tree)
+        if tree.get("/") is None or problems:
+            raise SnapshotError(f"XenStore: inconsistent tree: {(problems or ['no root'])[:3]}")
+        restored_introduced = {_domid(domid) for domid in introduced}
+        restored_targets = {_domid(domid): _domid(target) for domid, target in targets.items()}
+        if any(client._transactions for client in self._clients):
+            raise SnapshotError("XenStore: restored while a client holds a transaction")
+        self._tree = tree
+        self._introduced = restored_introduced | {0}
+        self._targets = restored_targets
+
     # -- self check --------------------------------------------------------
 
     def check(self) -> list[str]:
         """Inconsistencies in the tree (an empty list when healthy)."""
-        problems = []
-        owned: Counter[int] = Counter()
-        for path, node in self._tree.items():
-            owned[node.owner] += 1
-            if not node.perms:
-                problems.append(f"{path}: no permissions")
-            if path == "/" or path.startswith("@"):
-                continue
-            parent = self._tree.get(parent_of(path))
-            if parent is None or _basename(path) not in parent.children:
-                problems.append(f"{path}: not listed by its parent")
-        for path, node in self._tree.items():
-            for name in node.children:
-                if self._tree.get(child_path(path, name)) is None:
-                    problems.append(f"{path}: lists missing child {name}")
-            if len(set(node.children)) != len(node.children):
-                problems.append(f"{path}: duplicate children")
-        for domid, count in owned.items():
-            if self._tree.owned_by(domid) != count:
-                problems.append(f"domain {domid}: owns {count} nodes, counted {self._tree.owned_by(domid)}")
-        return problems
+        return _tree_problems(self._tree)
+
+
+def _tree_problems(tree: _Tree) -> list[str]:
+    problems = []
+    owned: Counter[int] = Counter()
+    for path, node in tree.items():
+        owned[node.owner] += 1
+        if not node.perms:
+            problems.append(f"{path}: no permissions")
+        if path == "/" or path.startswith("@"):
+            continue
+        parent = tree.get(parent_of(path))
+        if parent is None or _basename(path) not in parent.children:
+            problems.append(f"{path}: not listed by its parent")
+    for path, node in tree.items():
+        for name in node.children:
+            if tree.get(child_path(path, name)) is None:
+                problems.append(f"{path}: lists missing child {name}")
+        if len(set(node.children)) != len(node.children):
+            problems.append(f"{path}: duplicate children")
+    for domid, count in owned.items():
+        if tree.owned_by(domid) != count:
+            problems.append(f"domain {domid}: owns {count} nodes, counted {tree.owned_by(domid)}")
+    return problems
+
+
+# --- saved forms (snapshots) ---------------------------------------------
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _domid(value) -> int:
+    """A domid saved as an int or as a dict key's text."""
+    if isinstance(value, str) and value.isdecimal() and len(value) <= 5:
+        value = int(value)
+    if not _count(value) or value >= DOMID_FIRST_RESERVED:
+        raise SnapshotError(f"XenStore: bad domid {value!r:.40}")
+    return value
+
+
+def _check_path(path) -> None:
+    if (not isinstance(path, str) or not path or not _PATH_CHARS.issuperset(path) or len(path) > ABS_PATH_MAX
+            or not (path.startswith("/") or path in SPECIAL_PATHS) or "//" in path
+            or (path.endswith("/") and path != "/")):
+        raise SnapshotError(f"XenStore: bad path {path!r:.80}")
+
+
+def _perms_state(perms: tuple[Permission, ...] | None) -> list[str] | None:
+    return None if perms is None else [str(perm) for perm in perms]
+
+
+def _perms_from(texts) -> tuple[Permission, ...] | None:
+    if texts is None:
+        return None
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise SnapshotError(f"XenStore: bad permissions {texts!r:.80}")
+    try:
+        return tuple(Permission.parse(text) for text in texts)
+    except XenStoreError:
+        raise SnapshotError(f"XenStore: bad permissions {texts!r:.80}") from None
+
+
+def _node_state(node: Node | None) -> list | None:
+    if node is None:
+        return None
+    return [base64.b64encode(node.value).decode("ascii"), _perms_state(node.perms), list(node.children),
+            node.generation]
+
+
+def _node_from(item) -> Node | None:
+    if item is None:
+        return None
+    if not isinstance(item, list) or len(item) != 4:
+        raise SnapshotError(f"XenStore: bad node {item!r:.100}")
+    value, perms, children, generation = item
+    try:
+        data = base64.b64decode(value, validate=True) if isinstance(value, str) else None
+    except ValueError:
+        data = None
+    if data is None or not _count(generation) or not isinstance(children, list) or not all(
+            isinstance(name, str) and name and _PATH_CHARS.issuperset(name) and "/" not in name for name in children):
+        raise SnapshotError(f"XenStore: bad node {item!r:.100}")
+    return Node(data, _perms_from(perms), tuple(children), generation)
 
 
 # --- clients --------------------------------------------------------------
@@ -624,6 +792,7 @@ class Client:
         self._transactions: dict[int, _Transaction] = {}
         self._next_tx = 1
         self.closed = False
+        self.wire = False  # a protocol Connection's (XenStore.connect): its owner saves it
 
     def __repr__(self) -> str:
         return f"<xenstore client dom{self.domid}{' privileged' if self.privileged else ''}>"
@@ -1055,6 +1224,65 @@ class Client:
                 return "check\nprint <text>\nhelp\n"
             raise XenStoreError("EINVAL", f"unknown control command {command!r}")
         return self._run("CONTROL", None, command.encode("latin-1", "replace"), 0, action)
+
+    # -- snapshot ----------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """Its watches (path, token, how much of the path to strip) and open
+        transactions, for the owner of its connection to save."""
+        now = self._store.clock()
+        return {
+            "watches": [[watch.path, watch.token, watch.prefix_len] for watch in self.watches.values()],
+            "transactions": [transaction.save_state(now) for transaction in self._transactions.values()],
+            "next_tx": self._next_tx,
+        }
+
+    def restore_state(self, state: dict, deliver: WatchCallback) -> None:
+        """Take back save_state()'s watches (their events go to `deliver`; the
+        event a new watch fires at once was sent before the save) and
+        transactions, into the restored tree. A client that holds anything
+        already, or a malformed state, is refused."""
+        store = self._store
+        watches, transactions, next_tx = (state.get(key) if isinstance(state, dict) else None
+                                          for key in ("watches", "transactions", "next_tx"))
+        if not isinstance(watches, list) or not isinstance(transactions, list) or not _count(next_tx) \
+                or next_tx > 0xFFFFFFFF:
+            raise SnapshotError("XenStore client: no watches, transactions or next transaction id")
+        if self.watches or self._transactions or self.closed:
+            raise SnapshotError(f"XenStore: {self!r} is not fresh")
+        prefix = len(domain_path(self.domid)) + 1
+        restored_watches = {}
+        for item in watches:
+            if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[1], str)
+                    or item[2] not in (0, prefix) or (item[0], item[1]) in restored_watches):
+                raise SnapshotError(f"XenStore: bad watch {item!r:.100}")
+            _check_path(item[0])
+            restored_watches[(item[0], item[1])] = _Watch(item[0], item[1], item[2], deliver)
+        restored_transactions = {}
+        limit = None if self.privileged else store.quotas.transaction_nodes
+        over_quota = None if self.privileged else self._over_memory_quota_by
+        now = store.clock()
+        try:
+            for item in transactions:
+                tx_id, age = (item.get("id"), item.get("age")) if isinstance(item, dict) else (None, None)
+                if (not _count(tx_id) or not 0 < tx_id <= 0xFFFFFFFF or tx_id in restored_transactions
+                        or not isinstance(age, (int, float)) or isinstance(age, bool) or not 0 <= age < 1e9):
+                    raise SnapshotError(f"XenStore: bad transaction {item!r:.100}")
+                transaction = _Transaction(store._tree, tx_id, limit, store._transaction_bytes, self.domid,
+                                           now - age, over_quota)
+                restored_transactions[tx_id] = transaction
+                transaction.load(item)
+        except SnapshotError:
+            for transaction in restored_transactions.values():
+                transaction.expire()  # gives back what load() charged
+            raise
+        for watch in restored_watches.values():
+            store._watch_counts[self.domid] += 1
+            store._watch_bytes[self.domid] += len(watch.path) + len(watch.token)
+        self.watches = restored_watches
+        self._transactions = restored_transactions
+        store._transaction_counts[self.domid] += len(restored_transactions)
+        self._next_tx = next_tx
 
     # -- lifetime ----------------------------------------------------------
 
