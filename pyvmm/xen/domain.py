@@ -49,7 +49,7 @@ from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
 from ..core.memory import GuestMemory
 from ..core.stop import StopReason
-from ..core.snapshot import SavesNoStateYet
+from ..core.snapshot import SnapshotError, check_version, versioned
 
 if TYPE_CHECKING:
     from ..config import VmConfig
@@ -72,6 +72,7 @@ UPCALL_RECHECK_SECONDS = 0.1
 # The PV console's safety net: guest output left untouched for a whole
 # interval is taken without the event that should have announced it.
 CONSOLE_RECHECK_SECONDS = 1.0
+STATE_VERSION = 1
 
 # Features Xen announces to HVM guests (XENVER_get_features submap 0).
 # supervisor_mode_kernel must stay clear: Linux would think it is PVH.
@@ -129,7 +130,7 @@ class XenHost(Protocol):
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
 
 
-class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class XenDomain:
     def __init__(self, machine: XenHost):
         self.machine = machine
         self.vm, self.memory, self.loop = machine.vm, machine.memory, machine.loop
@@ -772,6 +773,189 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         self.pv_console.process()
         self.machine.platform.input_wanted()  # the guest may have made room for input
 
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """The domain's own state and, under their names, every Xen part's
+        (platform device, grant table, event channels, xenstore, the guest's
+        store connection, each backend device by kind, in config order).
+
+        The domain's own: the guest's uuid, long mode, where shared_info and
+        each vcpu_info are, the per-vCPU upcall vectors, the HVM params (the
+        callback among them), where each grant frame is mapped, the pages
+        given back by ballooning, the userspace timers and the ports of the
+        timers KVM runs. These are pyvmm's copies; KVM's own Xen attributes
+        (shared_info, vcpu_info, time info, runstate, timers, upcall
+        vectors, long mode) are saved by the machine through KVM.
+
+        VM paused, event thread. A backend that cannot be drained refuses."""
+        with self._lock:
+            own = {
+                "xen_version": self.version,
+                "vcpus": self.vcpu_count,
+                "uuid": self.uuid,
+                "long_mode": self.long_mode,
+                "shared_info_gfn": self.shared_info_gfn,
+                "vcpu_info_gpa": list(self._vcpu_info_gpa),
+                "upcall_vectors": list(self._per_vcpu_vector),
+                "params": {str(index): value for index, value in sorted(self.params.items())},
+                "grant_frames": {str(index): gpa for index, gpa in sorted(self._grant_frame_gpa.items())},
+                "ballooned": _runs(self._ballooned),
+                "timer_ports": list(self._timer_ports),
+            }
+        own["singleshot_timers"] = [timer.save_state() for timer in self._singleshot]
+        own["periodic_timers"] = [timer.save_state() for timer in self._periodic]
+        return versioned(
+            STATE_VERSION, domain=own,
+            platform=self.platform_device.save_state(),
+            gnttab=self.gnttab.save_state(),
+            evtchn=self.evtchn.save_state(),
+            store=self.store.save_state(),
+            xenstore=self.xenstore.save_state(),
+            backends={kind: [device.save_state() for device in devices] for kind, devices in self.backends.items()},
+        )
+
+    def restore_state(self, state: dict) -> None:
+        """On the domain MachineBuilder just built, after the machine put the
+        guest's RAM back and before any vCPU or worker thread runs. Parts in
+        order: the platform device, the grant table and the frames' places
+        in the guest's physical map, the domain's copies, event channels, the
+        xenstore tree, the guest's store connection, then the backends
+        (which map their rings and grants and claim their event channels).
+        KVM's own Xen attributes come next (the machine's), then
+        finish_restore()."""
+        check_version(state, "XenDomain", STATE_VERSION)
+        own = state.get("domain")
+        if not isinstance(own, dict):
+            raise SnapshotError("XenDomain: no domain state")
+        if own.get("xen_version") != self.version or own.get("vcpus") != self.vcpu_count:
+            raise SnapshotError(f"XenDomain: the snapshot is of Xen {own.get('xen_version')!r} with "
+                                f"{own.get('vcpus')!r} vCPUs; this VM is {self.version:#x} with {self.vcpu_count}")
+        backends = state.get("backends")
+        if not isinstance(backends, dict) or {kind: len(devices) if isinstance(devices, list) else None
+                                              for kind, devices in backends.items()} != \
+                {kind: len(devices) for kind, devices in self.backends.items()}:
+            raise SnapshotError("XenDomain: the snapshot's devices are not this VM's")
+        copies = self._checked_copies(own)
+        self.platform_device.restore_state(state.get("platform"))
+        self.gnttab.restore_state(state.get("gnttab"))
+        for timer, saved in zip(self._singleshot + self._periodic,
+                                _list(own, "singleshot_timers", self.vcpu_count) + _list(own, "periodic_timers",
+                                                                                        self.vcpu_count)):
+            timer.restore_state(saved)
+        with self._lock:
+            (self.long_mode, self.shared_info_gfn, self._vcpu_info_gpa, self._per_vcpu_vector, params,
+             self._timer_ports, ballooned, frames) = copies
+            self._restore_physmap(ballooned, frames)
+            self.params = params
+            self._restore_callback(params.get(abi.HVM_PARAM_CALLBACK_IRQ, 0))
+        self.evtchn.restore_state(state.get("evtchn"))
+        self.store.restore_state(state.get("store"))
+        self.uuid = own["uuid"]
+        self.handle = uuid.UUID(self.uuid).bytes
+        self.xenstore.restore_state(state.get("xenstore"))
+        for kind, devices in self.backends.items():
+            for device, saved in zip(devices, backends[kind]):
+                device.restore_state(saved)
+
+    def finish_restore(self) -> None:
+        """After restore_state() and after the machine restored KVM's own
+        state (vCPUs, irqchip, clock, its Xen attributes), before the vCPUs
+        and ring workers start: the event channels KVM delivers are
+        registered again, every backend is woken once, and a pending GSI
+        callback is raised."""
+        self.evtchn.finish_restore()
+        for device in self.xenbus_devices:
+            resume = getattr(device, "finish_restore", None)
+            if resume is not None:
+                resume()
+        if self.callback is Callback.GSI:
+            self._assert_callback_if_pending()
+
+    def _checked_copies(self, own: dict) -> tuple:
+        """The domain's saved copies, each checked against this VM (SnapshotError)."""
+        def fail(what: str):
+            raise SnapshotError(f"XenDomain: bad {what}")
+
+        long_mode = own.get("long_mode")
+        if long_mode not in (None, True, False):
+            fail("long_mode")
+        text = own.get("uuid")
+        try:
+            uuid.UUID(text)
+        except (TypeError, ValueError, AttributeError):
+            fail("uuid")
+        gfn = own.get("shared_info_gfn")
+        if gfn is not None and (not _natural(gfn) or not self.memory.contains(gfn << PAGE_SHIFT, PAGE_SIZE)):
+            fail("shared_info_gfn")
+        vcpu_info = _list(own, "vcpu_info_gpa", self.vcpu_count)
+        if not all(gpa is None or (_natural(gpa) and self.memory.contains(gpa, VCPU_INFO_SIZE)
+                                   and (gpa & (PAGE_SIZE - 1)) + VCPU_INFO_SIZE <= PAGE_SIZE) for gpa in vcpu_info):
+            fail("vcpu_info_gpa")
+        vectors = _list(own, "upcall_vectors", self.vcpu_count)
+        if not all(vector == 0 or (_natural(vector) and 0x10 <= vector <= 0xFF) for vector in vectors):
+            fail("upcall_vectors")
+        ports = _list(own, "timer_ports", self.vcpu_count)
+        if not all(port is None or (_natural(port) and 0 < port < 4096) for port in ports):
+            fail("timer_ports")
+        raw = own.get("params")
+        if not isinstance(raw, dict):
+            fail("params")
+        params = {}
+        for key, value in raw.items():
+            if not (isinstance(key, str) and key.isdecimal() and int(key) < abi.HVM_NR_PARAMS and _natural(value)
+                    and value < 1 << 64):
+                fail(f"HVM param {key!r:.20}")
+            params[int(key)] = value
+        for index in (abi.HVM_PARAM_STORE_PFN, abi.HVM_PARAM_STORE_EVTCHN, abi.HVM_PARAM_CONSOLE_PFN,
+                      abi.HVM_PARAM_CONSOLE_EVTCHN):
+            if params.get(index) != self.params.get(index):
+                fail(f"HVM param {index} (the toolstack's: {params.get(index)!r}, this VM {self.params.get(index)!r})")
+        ballooned = set()
+        for run in own.get("ballooned") if isinstance(own.get("ballooned"), list) else fail("ballooned"):
+            if not (isinstance(run, list) and len(run) == 2 and _natural(run[0]) and _natural(run[1]) and run[1] > 0
+                    and self.memory.contains(run[0] << PAGE_SHIFT, run[1] << PAGE_SHIFT)):
+                fail("ballooned pages")
+            ballooned.update(range(run[0], run[0] + run[1]))
+        raw_frames = own.get("grant_frames")
+        if not isinstance(raw_frames, dict):
+            fail("grant_frames")
+        frames = {}
+        for key, gpa in raw_frames.items():
+            if not (isinstance(key, str) and key.isdecimal() and int(key) < self.gnttab.max_frames and _natural(gpa)
+                    and not gpa & (PAGE_SIZE - 1) and gpa < 1 << 52 and gpa not in frames.values()):
+                fail(f"grant frame {key!r:.20}")
+            frames[int(key)] = gpa
+        return long_mode, gfn, vcpu_info, vectors, params, ports, ballooned, frames
+
+    def _restore_physmap(self, ballooned: set[int], frames: dict[int, int]) -> None:
+        """Take ballooned pages out of the guest's map again and put the grant
+        frames back where the guest had them (under _lock)."""
+        try:
+            for start, count in _runs(ballooned):
+                self.vm.memslots.unmap(start << PAGE_SHIFT, count << PAGE_SHIFT)
+            self._ballooned = set(ballooned)
+            for index, gpa in sorted(frames.items()):
+                self.map_grant_frame(index, gpa >> PAGE_SHIFT)
+        except (KvmError, MemslotError, XenError) as error:
+            raise SnapshotError(f"XenDomain: cannot rebuild the guest's physical map: {error}") from None
+
+    def _restore_callback(self, value: int) -> None:
+        """The callback method the guest chose (HVM_PARAM_CALLBACK_IRQ): a
+        GSI's irqfd is this process's and is made again; the vector lives in
+        KVM (restored by the machine)."""
+        kind, data = value >> 56, value & ((1 << 56) - 1)
+        if value == 0:
+            self.callback = Callback.NONE
+        elif kind == abi.HVM_PARAM_CALLBACK_TYPE_VECTOR and 0x10 <= data & 0xFF:
+            self.callback = Callback.VECTOR
+        elif kind == abi.HVM_PARAM_CALLBACK_TYPE_GSI and 0 < data < layout.IOAPIC_PINS:
+            self._start_gsi_callback(data)
+        elif kind == abi.HVM_PARAM_CALLBACK_TYPE_PCI_INTX:
+            self._start_gsi_callback(self._platform_intx_gsi)
+        else:
+            raise SnapshotError(f"XenDomain: bad callback {value:#x}")
+
     # --- diagnosis ------------------------------------------------------------------
 
     def diagnostics(self) -> list[str]:
@@ -784,6 +968,28 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
         ]
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _list(state: dict, key: str, length: int) -> list:
+    value = state.get(key)
+    if not isinstance(value, list) or len(value) != length:
+        raise SnapshotError(f"XenDomain: {key} is not a list of {length}")
+    return value
+
+
+def _runs(pages) -> list[list[int]]:
+    """Sorted page numbers as [first, count] runs."""
+    runs: list[list[int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1][1] += 1
+        else:
+            runs.append([page, 1])
+    return runs
 
 
 def primary_console(cmdline: str) -> str:
