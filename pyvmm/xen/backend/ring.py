@@ -236,6 +236,20 @@ class BackRing:
             done += run
 
     @property
+    def requests_unanswered(self) -> int:
+        """Requests taken off the ring and not answered yet."""
+        return (self.req_cons - self.rsp_prod_pvt) & _MASK32
+
+    def resume_taken(self, count: int) -> None:
+        """Just attached (a restore): the backend had taken `count` requests
+        past the last response and holds them (netback's posted receive
+        buffers); consume them again without reading them."""
+        waiting = (self.shared.load(REQ_PROD) - self.req_cons) & _MASK32
+        if not 0 <= count <= min(waiting, self.size) or self.rsp_prod_pvt != self._rsp_published:
+            raise RingBroken(f"cannot hold {count} requests: {waiting} published on a ring of {self.size}")
+        self.req_cons = (self.req_cons + count) & _MASK32
+
+    @property
     def responses_pending(self) -> int:
         """Responses written but not yet published."""
         return (self.rsp_prod_pvt - self._rsp_published) & _MASK32

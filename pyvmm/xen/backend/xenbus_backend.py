@@ -55,6 +55,7 @@ import logging
 
 from typing import TYPE_CHECKING
 
+from pyvmm.core.snapshot import SnapshotError
 from ..errors import XenError
 from ..hv.gnttab import GrantError
 from ..xenstore import Access, Client, Permission, XenStore, XenStoreError
@@ -183,6 +184,40 @@ class XenbusBackendDevice:
             channel.close()
         for mapping in mappings:
             mapping.release()
+
+    # --- snapshot helpers (the subclasses' save_state/restore_state) -------------------
+
+    def xenbus_state(self) -> dict:
+        """What this part says on xenbus: the state it published, whether the
+        rings are attached, why it failed."""
+        return {"devid": self.devid, "state": int(self.state), "connected": self.connected, "failed": self.failed}
+
+    def restore_xenbus_state(self, saved) -> bool:
+        """Take back xenbus_state() into a device that was just started (its
+        nodes are in the restored store already); returns `connected`, which
+        the subclass makes true by attaching again."""
+        if not isinstance(saved, dict) or saved.get("devid") != self.devid:
+            raise SnapshotError(f"{self.backend_path}: the snapshot's device is {saved!r:.80}")
+        state, connected, failed = saved.get("state"), saved.get("connected"), saved.get("failed")
+        if (not isinstance(state, int) or isinstance(state, bool) or state not in set(XenbusState)
+                or not isinstance(connected, bool) or not (failed is None or isinstance(failed, str))):
+            raise SnapshotError(f"{self.backend_path}: bad xenbus state {saved!r:.120}")
+        if self.connected or self._channels or self._mappings or self.closed:
+            raise SnapshotError(f"{self.backend_path}: restored into a device that is not fresh")
+        self.state = XenbusState(state)
+        self.failed = failed
+        return connected
+
+    def claim_channel(self, what: str, guest_port: int | None, dom0_port: int, callback,
+                      **options) -> "BackendChannel":
+        """bind_channel() for a restore: the channel the event channels took
+        back at `dom0_port`, still joined to `guest_port` (None: the guest had
+        closed its end). Closed by release_connection() like a bound one."""
+        channel = self.evtchn.claim_backend(dom0_port, callback, **options)
+        self._channels.append(channel)
+        if channel.guest_port != guest_port:
+            raise SnapshotError(f"{self.backend_path}: {what} is guest port {channel.guest_port}, saved {guest_port}")
+        return channel
 
     def read_frontend(self, key: str) -> str | None:
         """A frontend key, or None if it does not exist."""

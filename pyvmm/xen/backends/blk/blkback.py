@@ -379,6 +379,30 @@ class BlockBackend:
         q = self._queues.get(queue)
         return len(q.persistent) if q and q.persistent else 0
 
+    def drained(self, queue: int) -> bool:
+        """No request of `queue` is in flight: each one taken off the ring is
+        answered and published, none waits for an injected delay (a snapshot
+        saves only a drained ring; the caller has stopped its thread)."""
+        q = self._queues.get(queue)
+        return q is None or (not q.late and not q.ring.requests_unanswered and not q.ring.responses_pending)
+
+    def persistent_refs(self, queue: int) -> list[int]:
+        """The grefs `queue` keeps mapped for reuse (feature-persistent)."""
+        q = self._queues.get(queue)
+        return sorted(q.persistent) if q and q.persistent else []
+
+    def adopt_persistent(self, queue: int, refs: Sequence[int]) -> None:
+        """Map these grefs for reuse again (a restore); one that cannot be
+        mapped now is mapped per request instead, as beyond the cache's size."""
+        q = self._queues[queue]
+        if q.persistent is None:
+            return
+        for ref in list(refs)[: self.max_persistent_grants]:
+            try:
+                q.persistent[ref] = self.grants.map(ref, writable=True)
+            except GrantError:
+                pass
+
     @property
     def connected(self) -> bool:
         return bool(self._queues)

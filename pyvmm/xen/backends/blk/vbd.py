@@ -43,7 +43,7 @@ from pyvmm.xen.backend.ring import RingBroken
 from pyvmm.xen.backend.ring_worker import RingWorker
 from pyvmm.xen.backend.xenbus_backend import FrontendError, XenbusBackendDevice
 from pyvmm.xen.xenstore import XenStore
-from pyvmm.core.snapshot import SavesNoStateYet
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 if TYPE_CHECKING:
     from pyvmm.xen.hv.evtchn import EventChannels
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 XENVBD_MAJOR = 202
 EXTENDED_VDEV = 1 << 28
 MAX_QUEUES = 4  # Linux's blkfront asks for at most min(4, CPUs)
+STATE_VERSION = 1
 
 _VDEV = re.compile(r"xvd([a-z]{1,3})")
 
@@ -77,7 +78,7 @@ def vdev_to_devid(vdev: str) -> int:
     return EXTENDED_VDEV | index << 8
 
 
-class VbdDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class VbdDevice(XenbusBackendDevice):
     device_type = "vbd"
 
     def __init__(self, store: XenStore, domid: int, image: DiskImage, grants: GrantTable, evtchn: "EventChannels",
@@ -101,6 +102,8 @@ class VbdDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state()
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self.queues = 0
         self.ring_pages = 0
+        self._plan: dict | None = None  # what connect() attached (saved by a snapshot)
+        self._queue_channels: list = []  # each queue's BackendChannel
 
     @classmethod
     def open(cls, store: XenStore, domid: int, path: str | os.PathLike, grants: GrantTable, evtchn: "EventChannels",
@@ -149,34 +152,149 @@ class VbdDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state()
         order = 0 if single else self.read_frontend_uint("ring-page-order")
         if order > backend.max_ring_page_order:
             raise FrontendError(f"ring-page-order = {order}; offered up to {backend.max_ring_page_order}")
-        self._generation += 1
-        generation = self._generation
-        ports = []
+        plan = {"protocol": protocol, "persistent": persistent, "single": single, "queues": []}
         for queue in range(queues):
             prefix = f"queue-{queue}/" if queues > 1 else ""
             if single:
                 refs = [self.read_frontend_uint(f"{prefix}ring-ref")]
             else:
                 refs = [self.read_frontend_uint(f"{prefix}ring-ref{i}") for i in range(1 << order)]
-            port = self.read_frontend_uint(f"{prefix}event-channel")
-            pages = [self.map_ring_page(f"{prefix}ring-ref", ref) for ref in refs]
-            channel = self.bind_channel(f"{prefix}event-channel", port, partial(self._notified, queue, generation),
-                                        own_eventfd=True)
+            plan["queues"].append({"refs": refs, "port": self.read_frontend_uint(f"{prefix}event-channel")})
+        self._attach(plan)
+        for worker in self._workers:
+            worker.start()
+        self._limited.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
+                      self.vdev, self.image.path, "ro" if self.image.readonly else "rw", queues, self.ring_pages,
+                      protocol or "native", ", ".join(str(q["port"]) for q in plan["queues"]),
+                      ", persistent grants" if persistent else "")
+
+    def _attach(self, plan: dict, saved_channels: list | None = None) -> None:
+        """Map the rings, bind (or, restoring, claim) each queue's channel and
+        attach; the workers are made, not started."""
+        backend = self.backend
+        self._generation += 1
+        generation = self._generation
+        queues = len(plan["queues"])
+        for queue, info in enumerate(plan["queues"]):
+            prefix = f"queue-{queue}/" if queues > 1 else ""
+            pages = [self.map_ring_page(f"{prefix}ring-ref", ref) for ref in info["refs"]]
+            callback = partial(self._notified, queue, generation)
+            if saved_channels is None:
+                channel = self.bind_channel(f"{prefix}event-channel", info["port"], callback, own_eventfd=True)
+            else:
+                saved = saved_channels[queue]
+                channel = self.claim_channel(f"{prefix}event-channel", saved["guest_port"], saved["dom0_port"],
+                                             callback, own_eventfd=True)
+            self._queue_channels.append(channel)
             try:
-                backend.attach_ring(pages, protocol, queue=queue, notify=channel.notify, persistent=persistent)
+                backend.attach_ring(pages, plan["protocol"], queue=queue, notify=channel.notify,
+                                    persistent=plan["persistent"])
             except (ValueError, RingBroken) as error:  # BlkifError is a ValueError
                 raise FrontendError(f"ring of queue {queue}: {error}") from None
+        self._make_workers(generation)
+        self.queues, self.ring_pages = queues, len(plan["queues"][0]["refs"])
+        self._plan = plan
+
+    def _make_workers(self, generation: int) -> None:
+        for queue, channel in enumerate(self._queue_channels):
             self._workers.append(RingWorker(
                 f"{self.vdev}-q{queue}", partial(self._serve, queue),
                 partial(self._worker_failed, queue, generation), eventfd=channel.eventfd,
                 accept=channel.guest_sent))
-            ports.append(port)
+
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self) -> dict:
+        """Its xenbus state and, while connected, what it attached: the
+        protocol, each queue's ring refs and event channel (both ends),
+        the grants it keeps mapped for reuse (feature-persistent).
+
+        Nothing in flight is saved: the queues' workers are stopped first
+        (each finishes the batch it holds: every request taken off a ring is
+        answered in guest RAM), the rings checked drained, and the workers
+        started again. Requests the guest queued after that wait in its
+        ring (guest RAM) and are served after a restore as after a resume.
+        A ring that is not drained (an injected delay holds a response) or
+        a queue whose worker died refuses the snapshot."""
+        connection = None
+        if self.connected and self._plan is not None:
+            if not all(worker.alive for worker in self._workers):
+                raise SnapshotError(f"{self.vdev}: a queue failed and its failure is not handled yet")
+            workers, self._workers = self._workers, []
+            for worker in workers:
+                worker.stop()
+            try:
+                for queue in range(self.queues):
+                    if not self.backend.drained(queue):
+                        raise SnapshotError(f"{self.vdev}: queue {queue} has a request in flight")
+                connection = dict(self._plan, channels=[
+                    {"guest_port": channel.guest_port, "dom0_port": channel.dom0_port}
+                    for channel in self._queue_channels],
+                    persistent_refs=[self.backend.persistent_refs(queue) for queue in range(self.queues)])
+            finally:
+                self._make_workers(self._generation)
+                for queue, worker in enumerate(self._workers):
+                    worker.start()
+                    worker.wake()  # whatever arrived, or was left at a budget, while it was stopped
+        return versioned(STATE_VERSION, xenbus=self.xenbus_state(), connection=connection)
+
+    def restore_state(self, state: dict) -> None:
+        """Into the device just built and started, after the grant table,
+        event channels and xenstore are restored: the rings are mapped and
+        attached again (at the indexes in guest RAM), the channels claimed,
+        the persistent grants mapped again. Its workers start in
+        finish_restore()."""
+        check_version(state, "VbdDevice", STATE_VERSION)
+        if not self.restore_xenbus_state(state.get("xenbus")):
+            if state.get("connection") is not None:
+                raise SnapshotError(f"{self.vdev}: a connection saved for a device that was not connected")
+            return
+        plan = self._checked_plan(state.get("connection"))
+        try:
+            self._attach(plan, plan["channels"])
+            for queue, refs in enumerate(plan["persistent_refs"]):
+                self.backend.adopt_persistent(queue, refs)
+        except FrontendError as error:
+            self._disconnect()
+            raise SnapshotError(f"{self.vdev}: cannot attach the saved rings again: {error}") from None
+        except SnapshotError:
+            self._disconnect()
+            raise
+        self.connected = True
+
+    def finish_restore(self) -> None:
+        """The VM is about to run again: start the queues' workers."""
         for worker in self._workers:
-            worker.start()
-        self.queues, self.ring_pages = queues, 1 if single else 1 << order
-        self._limited.info("%s (%s, %s): connected, %d queue(s) of %d ring page(s), protocol %s, event channel(s) %s%s",
-                      self.vdev, self.image.path, "ro" if self.image.readonly else "rw", queues, self.ring_pages,
-                      protocol or "native", ", ".join(map(str, ports)), ", persistent grants" if persistent else "")
+            if not worker.alive:
+                worker.start()
+                worker.wake()
+
+    def _checked_plan(self, plan) -> dict:
+        def natural(value, end=1 << 32) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < end
+
+        if not isinstance(plan, dict):
+            raise SnapshotError(f"{self.vdev}: connected, but no connection saved")
+        queues, channels, persistent_refs = plan.get("queues"), plan.get("channels"), plan.get("persistent_refs")
+        protocol, persistent, single = plan.get("protocol"), plan.get("persistent"), plan.get("single")
+        ok = (isinstance(queues, list) and 1 <= len(queues) <= self.backend.max_queues
+              and isinstance(channels, list) and len(channels) == len(queues)
+              and isinstance(persistent_refs, list) and len(persistent_refs) == len(queues)
+              and (protocol is None or isinstance(protocol, str)) and isinstance(persistent, bool)
+              and isinstance(single, bool))
+        if ok:
+            pages = len(queues[0]["refs"]) if isinstance(queues[0], dict) and isinstance(queues[0].get("refs"), list) else 0
+            ok = pages >= 1 and not pages & (pages - 1) and (pages == 1 or not single)
+            for info, channel, refs in zip(queues, channels, persistent_refs):
+                ok = ok and isinstance(info, dict) and isinstance(info.get("refs"), list) \
+                    and len(info["refs"]) == pages and all(natural(ref) for ref in info["refs"]) \
+                    and natural(info.get("port")) and isinstance(channel, dict) \
+                    and (channel.get("guest_port") is None or natural(channel["guest_port"])) \
+                    and natural(channel.get("dom0_port")) and isinstance(refs, list) \
+                    and all(natural(ref) for ref in refs)
+        if not ok:
+            raise SnapshotError(f"{self.vdev}: bad saved connection {plan!r:.200}")
+        return plan
 
     def disconnect(self) -> None:
         self._generation += 1
@@ -185,6 +303,8 @@ class VbdDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state()
             worker.stop()
         self.backend.detach_ring()
         self.release_connection()
+        self._queue_channels = []
+        self._plan = None
         if self.queues:
             self._limited.info("%s: disconnected", self.vdev)
         self.queues = self.ring_pages = 0
