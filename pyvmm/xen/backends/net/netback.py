@@ -209,10 +209,11 @@ def checksum_position(header: bytes) -> tuple[int, int, int] | None:
 class _RxBuffer:
     """A receive buffer the frontend posted, taken off the ring."""
 
-    __slots__ = ("id", "mapping", "view", "error")
+    __slots__ = ("id", "ref", "mapping", "view", "error")
 
-    def __init__(self, request_id: int, mapping: GrantMapping | None, error: str = ""):
+    def __init__(self, request_id: int, mapping: GrantMapping | None, error: str = "", ref: int | None = None):
         self.id = request_id
+        self.ref = mapping.ref if mapping is not None else ref  # its grant (kept for a snapshot)
         self.mapping = mapping  # None: its grant could not be mapped (error says why)
         self.view = mapping.view if mapping is not None else None
         self.error = error
@@ -315,6 +316,36 @@ class NetBackend:
                 self.set_offload(0)  # nobody to take offloaded frames
             except OSError:
                 pass
+
+    # --- snapshot (vif.py's save_state/restore_state) -----------------------------------
+
+    def posted_rx_buffers(self) -> list[list[int]]:
+        """The receive buffers taken off the ring and not answered yet, in
+        ring order, as [id, gref]: a snapshot saves them (they are posted
+        buffers the guest sees as given to the backend). None may be in
+        flight: between two event-loop callbacks every round is complete
+        (responses written and published), which is checked."""
+        rings = (self.tx_ring, self.rx_ring)
+        if any(ring is None for ring in rings) or self._rx_answered or self._rx_responses:
+            raise ValueError("a receive round is in progress")
+        if self.tx_ring.requests_unanswered or any(ring.responses_pending for ring in rings):
+            raise ValueError("a transmit request or a response is in flight")
+        if self.rx_ring.requests_unanswered != len(self._rx_posted):
+            raise ValueError("the receive ring and the posted buffers disagree")
+        return [[buffer.id, buffer.ref] for buffer in self._rx_posted]
+
+    def repost_rx_buffers(self, posted: Sequence[tuple[int, int]]) -> None:
+        """Just attached again (a restore): the buffers posted_rx_buffers()
+        listed are taken off the ring again and their grants mapped, as when
+        they were first taken. Raises RingBroken if the ring cannot hold them."""
+        self.rx_ring.resume_taken(len(posted))
+        mappings = self.grants.map_many([gref for _, gref in posted], writable=True)
+        for (request_id, gref), mapping in zip(posted, mappings):
+            if isinstance(mapping, GrantError):
+                self._rx_posted.append(_RxBuffer(request_id, None, f"rx grant {gref}: {mapping}", gref))
+                self._rx_unusable += 1
+            else:
+                self._rx_posted.append(_RxBuffer(request_id, mapping))
 
     @property
     def rx_slots_needed(self) -> int:
@@ -578,7 +609,7 @@ class NetBackend:
         posted = self._rx_posted
         for (request_id, gref), mapping in zip(parsed, mappings):
             if isinstance(mapping, GrantError):
-                posted.append(_RxBuffer(request_id, None, f"rx grant {gref}: {mapping}"))
+                posted.append(_RxBuffer(request_id, None, f"rx grant {gref}: {mapping}", gref))
                 self._rx_unusable += 1
             else:
                 posted.append(_RxBuffer(request_id, mapping))

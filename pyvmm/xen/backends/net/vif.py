@@ -55,7 +55,7 @@ from .netback import NetBackend, NetFeatures
 from pyvmm.xen.backend.ring import RingBroken
 from pyvmm.xen.backend.xenbus_backend import FrontendError, XenbusBackendDevice
 from pyvmm.xen.xenstore import XenStore
-from pyvmm.core.snapshot import SavesNoStateYet
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 if TYPE_CHECKING:
     from pyvmm.core.eventloop import EventLoop
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 XEN_OUI = (0x00, 0x16, 0x3E)
+STATE_VERSION = 1
 FLUSH_RETRY = 0.001  # seconds between tries to send the rest of a frame the stream took in part
 
 
@@ -73,7 +74,7 @@ def generated_mac(vm_name: str, index: int) -> str:
     return ":".join(f"{octet:02x}" for octet in (*XEN_OUI, digest[0] & 0x7F, digest[1], digest[2]))
 
 
-class VifDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class VifDevice(XenbusBackendDevice):
     device_type = "vif"
     reopen_as_connected = False  # netfront waits for Closed when it unloads
 
@@ -99,6 +100,7 @@ class VifDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state()
         self._flush_timer = None
         self._generation = 0  # bumped at every (dis)connect: stale callbacks do nothing
         self._tx_scheduled = False
+        self._plan: dict | None = None  # what connect() attached (saved by a snapshot)
 
     # --- xenbus ---------------------------------------------------------------------
 
@@ -133,35 +135,112 @@ class VifDevice(XenbusBackendDevice, SavesNoStateYet):  # until its save_state()
         features = NetFeatures(sg=self._flag("feature-sg"), csum=not self._flag("feature-no-csum-offload"),
                                gso_tcpv4=gso and self._flag("feature-gso-tcpv4"),
                                gso_tcpv6=gso and self._flag("feature-gso-tcpv6"))
-        tx_page = self._map_ring("tx-ring-ref")
-        rx_page = self._map_ring("rx-ring-ref")
+        split = self.read_frontend("event-channel-tx") is not None
+        plan = {"tx_ref": self.read_frontend_uint("tx-ring-ref"), "rx_ref": self.read_frontend_uint("rx-ring-ref"),
+                "features": {"sg": bool(features.sg), "csum": bool(features.csum), "gso_tcpv4": bool(features.gso_tcpv4),
+                             "gso_tcpv6": bool(features.gso_tcpv6)},
+                "ports": ([self.read_frontend_uint("event-channel-tx"), self.read_frontend_uint("event-channel-rx")]
+                          if split else [self.read_frontend_uint("event-channel")])}
+        self._attach(plan)
+        self._tx_notified(self._generation)  # anything queued before we looked
+
+    def _attach(self, plan: dict, saved_channels: list | None = None) -> None:
+        """Map both rings, bind (or, restoring, claim) the channel(s), attach."""
+        tx_page = self.map_ring_page("tx-ring-ref", plan["tx_ref"])
+        rx_page = self.map_ring_page("rx-ring-ref", plan["rx_ref"])
         self._generation += 1
         generation = self._generation
-        if self.read_frontend("event-channel-tx") is not None:
-            tx_channel = self._bind("event-channel-tx", partial(self._tx_notified, generation))
-            rx_channel = self._bind("event-channel-rx", partial(self._rx_notified, generation))
-        else:
-            tx_channel = rx_channel = self._bind("event-channel", partial(self._notified, generation))
+        split = len(plan["ports"]) == 2
+        keys = ("event-channel-tx", "event-channel-rx") if split else ("event-channel",)
+        callbacks = ((partial(self._tx_notified, generation), partial(self._rx_notified, generation)) if split
+                     else (partial(self._notified, generation),))
+        channels = []
+        for index, (key, callback) in enumerate(zip(keys, callbacks)):
+            if saved_channels is None:
+                channels.append(self.bind_channel(key, plan["ports"][index], callback))
+            else:
+                saved = saved_channels[index]
+                channels.append(self.claim_channel(key, saved["guest_port"], saved["dom0_port"], callback))
+        tx_channel, rx_channel = channels[0], channels[-1]
+        features = NetFeatures(**plan["features"])
         try:
             self.backend.attach([tx_page], [rx_page], features, notify_tx=tx_channel.notify,
                                 notify_rx=rx_channel.notify)
         except (ValueError, RingBroken) as error:
             raise FrontendError(f"rings: {error}") from None
+        self._plan = plan
         self._limited.info("%s: connected to %s (mac %s, %s, offload %#x)", self.backend.name, self.tap.name, self.mac,
-                      "split event channels" if tx_channel is not rx_channel else "one event channel",
-                      features.tun_offload())
-        self._tx_notified(generation)  # anything queued before we looked
+                      "split event channels" if split else "one event channel", features.tun_offload())
 
-    def _map_ring(self, key: str) -> memoryview:
-        return self.map_ring_page(key, self.read_frontend_uint(key))
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
 
-    def _bind(self, key: str, callback: Callable[[], None]) -> "BackendChannel":
-        return self.bind_channel(key, self.read_frontend_uint(key), callback)
+    def save_state(self) -> dict:
+        """Its xenbus state and, while connected, what it attached: ring refs,
+        channel(s) (both ends), the features the frontend asked for, and the
+        receive buffers the guest posted that no frame has filled yet.
+        Everything runs on the event thread, so between two callbacks no
+        transmit request or response is in flight (checked). Frames on their
+        way in the host's transport (the TAP, passt's socket) are not the
+        guest's: they are not saved, as a real NIC's cable loses them."""
+        connection = None
+        if self.connected and self._plan is not None:
+            try:
+                posted = self.backend.posted_rx_buffers()
+            except ValueError as error:
+                raise SnapshotError(f"{self.backend.name}: {error}") from None
+            connection = dict(self._plan, posted_rx=posted, channels=[
+                {"guest_port": channel.guest_port, "dom0_port": channel.dom0_port} for channel in self._channels])
+        return versioned(STATE_VERSION, xenbus=self.xenbus_state(), connection=connection)
+
+    def restore_state(self, state: dict) -> None:
+        """Into the device just built and started, after the grant table,
+        event channels and xenstore are restored: both rings are attached
+        again at the indexes in guest RAM, the channels claimed and the
+        posted receive buffers taken back."""
+        check_version(state, "VifDevice", STATE_VERSION)
+        if not self.restore_xenbus_state(state.get("xenbus")):
+            if state.get("connection") is not None:
+                raise SnapshotError(f"{self.backend.name}: a connection saved for a device that was not connected")
+            return
+        plan = self._checked_plan(state.get("connection"))
+        try:
+            self._attach(plan, plan["channels"])
+            self.backend.repost_rx_buffers([tuple(buffer) for buffer in plan["posted_rx"]])
+        except (FrontendError, RingBroken) as error:
+            self._disconnect()
+            raise SnapshotError(f"{self.backend.name}: cannot attach the saved rings again: {error}") from None
+        except SnapshotError:
+            self._disconnect()
+            raise
+        self.connected = True
+
+    def _checked_plan(self, plan) -> dict:
+        def natural(value, end=1 << 32) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < end
+
+        ok = isinstance(plan, dict)
+        if ok:
+            ports, channels, posted, features = (plan.get(key) for key in ("ports", "channels", "posted_rx",
+                                                                            "features"))
+            ok = (natural(plan.get("tx_ref")) and natural(plan.get("rx_ref")) and isinstance(ports, list)
+                  and len(ports) in (1, 2) and all(natural(port) for port in ports)
+                  and isinstance(channels, list) and len(channels) == len(ports)
+                  and all(isinstance(c, dict) and natural(c.get("dom0_port"))
+                          and (c.get("guest_port") is None or natural(c["guest_port"])) for c in channels)
+                  and isinstance(posted, list) and len(posted) <= netif.PAGE_SIZE // netif.RX_ENTRY_SIZE
+                  and all(isinstance(b, list) and len(b) == 2 and natural(b[0], 1 << 16) and natural(b[1])
+                          for b in posted)
+                  and isinstance(features, dict) and set(features) == {"sg", "csum", "gso_tcpv4", "gso_tcpv6"}
+                  and all(isinstance(value, bool) for value in features.values()))
+        if not ok:
+            raise SnapshotError(f"{self.backend.name}: bad saved connection {plan!r:.200}")
+        return plan
 
     def disconnect(self) -> None:
         self._generation += 1
         self.backend.detach()
         self.release_connection()
+        self._plan = None
 
     def close(self) -> None:
         super().close()
