@@ -35,7 +35,12 @@ The rules:
   one with SnapshotError rather than guess.
 - **Refusing.** A part that cannot be saved in its present state (a request
   it cannot drain) raises SnapshotError saying why; the snapshot fails and
-  the VM resumes as it was.
+  the VM resumes as it was. A restore that raises SnapshotError leaves the
+  freshly built machine half restored: it is discarded, never run.
+- **The Xen parts** are saved and restored through `XenDomain` alone, whose
+  state nests theirs, in the order docs/ARCHITECTURE.md gives ("The Xen
+  side"): guest RAM first, then `XenDomain.restore_state()`, then KVM's
+  state, then `XenDomain.finish_restore()`.
 
 The parts that must keep the contract are `STATEFUL` below (and in
 docs/ARCHITECTURE.md); tests/unit/core/test_snapshot.py checks that each of

@@ -49,6 +49,8 @@ def test_parts_not_written_yet_refuse():
 def test_written_ones_are_not_marked_as_waiting():
     written = [entry for entry in STATEFUL if not issubclass(stateful_class(entry), SavesNoStateYet)]
     assert "pyvmm.xen.hv.timers:UserTimer" in written
+    assert [entry for entry in STATEFUL if entry.startswith("pyvmm.xen.")] == \
+        [entry for entry in written if entry.startswith("pyvmm.xen.")]  # every Xen part is written
 
 
 def test_versions():
