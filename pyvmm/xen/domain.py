@@ -788,7 +788,9 @@ class XenDomain:
         (shared_info, vcpu_info, time info, runstate, timers, upcall
         vectors, long mode) are saved by the machine through KVM.
 
-        VM paused, event thread. A backend that cannot be drained refuses."""
+        VM paused, event thread. A backend that cannot be drained refuses.
+        The disks' queues stay quiesced afterwards: call resume_after_save()
+        once guest RAM is saved if the VM goes on."""
         with self._lock:
             own = {
                 "xen_version": self.version,
@@ -805,15 +807,31 @@ class XenDomain:
             }
         own["singleshot_timers"] = [timer.save_state() for timer in self._singleshot]
         own["periodic_timers"] = [timer.save_state() for timer in self._periodic]
-        return versioned(
-            STATE_VERSION, domain=own,
-            platform=self.platform_device.save_state(),
-            gnttab=self.gnttab.save_state(),
-            evtchn=self.evtchn.save_state(),
-            store=self.store.save_state(),
-            xenstore=self.xenstore.save_state(),
-            backends={kind: [device.save_state() for device in devices] for kind, devices in self.backends.items()},
-        )
+        try:
+            # The backends first: they quiesce, so that nothing changes the
+            # grant table (or guest RAM) while the rest is saved.
+            backends = {kind: [device.save_state() for device in devices] for kind, devices in self.backends.items()}
+            return versioned(
+                STATE_VERSION, domain=own,
+                platform=self.platform_device.save_state(),
+                gnttab=self.gnttab.save_state(),
+                evtchn=self.evtchn.save_state(),
+                store=self.store.save_state(),
+                xenstore=self.xenstore.save_state(),
+                backends=backends,
+            )
+        except BaseException:
+            self.resume_after_save()
+            raise
+
+    def resume_after_save(self) -> None:
+        """The saved VM goes on (after the machine saved guest RAM and KVM's
+        state): the backends quiesced by save_state() work again. Not needed
+        after a save that raised (save_state() resumes them itself)."""
+        for device in self.xenbus_devices:
+            resume = getattr(device, "resume_after_save", None)
+            if resume is not None:
+                resume()
 
     def restore_state(self, state: dict) -> None:
         """On the domain MachineBuilder just built, after the machine put the

@@ -104,6 +104,7 @@ class VbdDevice(XenbusBackendDevice):
         self.ring_pages = 0
         self._plan: dict | None = None  # what connect() attached (saved by a snapshot)
         self._queue_channels: list = []  # each queue's BackendChannel
+        self._quiesced = False  # its workers were stopped for a save (save_state)
 
     @classmethod
     def open(cls, store: XenStore, domid: int, path: str | os.PathLike, grants: GrantTable, evtchn: "EventChannels",
@@ -211,11 +212,14 @@ class VbdDevice(XenbusBackendDevice):
 
         Nothing in flight is saved: the queues' workers are stopped first
         (each finishes the batch it holds: every request taken off a ring is
-        answered in guest RAM), the rings checked drained, and the workers
-        started again. Requests the guest queued after that wait in its
-        ring (guest RAM) and are served after a restore as after a resume.
-        A ring that is not drained (an injected delay holds a response) or
-        a queue whose worker died refuses the snapshot."""
+        answered in guest RAM) and the rings checked drained. The workers
+        stay stopped, so that neither guest RAM nor the grant table changes
+        before the machine has saved them, until resume_after_save() (the
+        VM goes on) or the device is closed. Requests the guest queued and
+        the workers did not take wait in its ring (guest RAM) and are served
+        after a restore, or after the resume. A ring that is not drained (an
+        injected delay holds a response) or a queue whose worker died
+        refuses the snapshot, and the workers go on at once."""
         connection = None
         if self.connected and self._plan is not None:
             if not all(worker.alive for worker in self._workers):
@@ -223,20 +227,28 @@ class VbdDevice(XenbusBackendDevice):
             workers, self._workers = self._workers, []
             for worker in workers:
                 worker.stop()
-            try:
-                for queue in range(self.queues):
-                    if not self.backend.drained(queue):
-                        raise SnapshotError(f"{self.vdev}: queue {queue} has a request in flight")
-                connection = dict(self._plan, channels=[
-                    {"guest_port": channel.guest_port, "dom0_port": channel.dom0_port}
-                    for channel in self._queue_channels],
-                    persistent_refs=[self.backend.persistent_refs(queue) for queue in range(self.queues)])
-            finally:
-                self._make_workers(self._generation)
-                for queue, worker in enumerate(self._workers):
-                    worker.start()
-                    worker.wake()  # whatever arrived, or was left at a budget, while it was stopped
+            self._quiesced = True
+            for queue in range(self.queues):
+                if not self.backend.drained(queue):
+                    self.resume_after_save()
+                    raise SnapshotError(f"{self.vdev}: queue {queue} has a request in flight")
+            connection = dict(self._plan, channels=[
+                {"guest_port": channel.guest_port, "dom0_port": channel.dom0_port}
+                for channel in self._queue_channels],
+                persistent_refs=[self.backend.persistent_refs(queue) for queue in range(self.queues)])
         return versioned(STATE_VERSION, xenbus=self.xenbus_state(), connection=connection)
+
+    def resume_after_save(self) -> None:
+        """The VM goes on after a save (or the save failed): the queues'
+        workers start again and look at their rings."""
+        if not self._quiesced:
+            return
+        self._quiesced = False
+        if self.connected and not self._workers:
+            self._make_workers(self._generation)
+            for worker in self._workers:
+                worker.start()
+                worker.wake()  # whatever arrived, or was left at a budget, while they were stopped
 
     def restore_state(self, state: dict) -> None:
         """Into the device just built and started, after the grant table,
@@ -298,6 +310,7 @@ class VbdDevice(XenbusBackendDevice):
 
     def disconnect(self) -> None:
         self._generation += 1
+        self._quiesced = False
         workers, self._workers = self._workers, []
         for worker in workers:  # first: nothing may touch a ring being taken away
             worker.stop()

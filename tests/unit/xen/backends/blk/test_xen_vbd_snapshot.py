@@ -85,7 +85,10 @@ def test_a_restored_disk_serves_the_waiting_request_and_the_next_ones(image):
     rsp_cons = fe.rings[0].rsp_cons  # the guest's, as saved with its RAM
     persistent = state["vbd"]["connection"]["persistent_refs"][0]
     assert kept in persistent and len(persistent) == 2  # the read's grant and the write's
-    # The saved VM goes on too (its workers restarted): both are answered there.
+    # The saved VM's queues stay quiesced (guest RAM is saved after this)
+    # until it goes on; then both requests are answered there.
+    assert not device._workers
+    device.resume_after_save()
     other_ref = old.grant(old.page())
     request = blkif.pack_request(fe.abi, BLKIF_OP_READ, 4, 0, [(other_ref, 0, 7)])
     assert fe.request(0, request, expect=2) == {3: BLKIF_RSP_OKAY, 4: BLKIF_RSP_OKAY}
