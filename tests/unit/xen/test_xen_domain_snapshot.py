@@ -185,3 +185,62 @@ def corrupt(change):
 def test_corrupt_states_are_refused(change):
     with pytest.raises(SnapshotError):
         built().domain.restore_state(corrupt(change))
+
+
+class Backend:
+    """A device that records what the domain asks of it."""
+
+    def __init__(self, calls, name, refuse=False):
+        self.calls, self.name, self.refuse = calls, name, refuse
+
+    def save_state(self):
+        self.calls.append(("save", self.name))
+        if self.refuse:
+            raise SnapshotError(f"{self.name}: a request in flight")
+        return {"version": 1, "name": self.name}
+
+    def restore_state(self, state):
+        self.calls.append(("restore", state["name"]))
+
+    def finish_restore(self):
+        self.calls.append(("finish", self.name))
+
+    def resume_after_save(self):
+        self.calls.append(("resume", self.name))
+
+
+def test_backends_are_saved_first_restored_last_and_resumed():
+    vm = built()
+    calls = []
+    vm.domain.backends = {"vbd": [Backend(calls, "xvda"), Backend(calls, "xvdb")], "vif": [Backend(calls, "vif0")]}
+    state = json.loads(json.dumps(vm.domain.save_state()))
+    assert calls == [("save", "xvda"), ("save", "xvdb"), ("save", "vif0")]
+    vm.domain.resume_after_save()
+    assert calls[3:] == [("resume", "xvda"), ("resume", "xvdb"), ("resume", "vif0")]
+
+    new = built()
+    restored = []
+    new.domain.backends = {"vbd": [Backend(restored, "a"), Backend(restored, "b")], "vif": [Backend(restored, "c")]}
+    new.domain.restore_state(state)
+    assert restored == [("restore", "xvda"), ("restore", "xvdb"), ("restore", "vif0")]  # in config order
+    new.domain.finish_restore()
+    assert restored[3:] == [("finish", "a"), ("finish", "b"), ("finish", "c")]
+
+
+def test_a_refused_save_resumes_the_backends_already_quiesced():
+    vm = built()
+    calls = []
+    vm.domain.backends = {"vbd": [Backend(calls, "xvda"), Backend(calls, "xvdb", refuse=True)]}
+    with pytest.raises(SnapshotError, match="in flight"):
+        vm.domain.save_state()
+    assert ("resume", "xvda") in calls
+
+
+def test_a_snapshot_with_other_devices_is_refused():
+    vm = built()
+    vm.domain.backends = {"vbd": [Backend([], "xvda")]}
+    state = json.loads(json.dumps(vm.domain.save_state()))
+    new = built()
+    new.domain.backends = {"vbd": [Backend([], "xvda"), Backend([], "xvdb")]}
+    with pytest.raises(SnapshotError, match="devices"):
+        new.domain.restore_state(state)
