@@ -77,6 +77,8 @@ def passt_command(spec: NicSpec, fd: int, pidfile: str, program: str = PASST,
     command = [program, "--foreground", "--quiet", "--stderr", "--fd", str(fd), "--pid", pidfile]
     if runas is not None:
         command += ["--runas", f"{runas[0]}:{runas[1]}"]
+    if spec.pcap:
+        command += ["--pcap", os.path.abspath(spec.pcap)]
     for forward in spec.hostfwd:
         command += forward.passt_option()
     return command

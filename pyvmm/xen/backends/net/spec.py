@@ -1,10 +1,11 @@
 """A PV network interface as `pyvmm run --net` and xl.cfg's `vif = [...]` describe it: NicSpec.
 
 Two grammars, one spec: `--net tap=IFNAME[,mac=MAC]` or
-`--net user[,mac=MAC][,hostfwd=...]...[,socket=PATH]` (parse_net_option)
-and xl's vif syntax, xl-network-configuration(5) (parse_vif_spec), of
-which pyvmm honours vifname= (the host's TAP device) and mac=, plus its own
-extension type=user with hostfwd= and socket= (real xl refuses those).
+`--net user[,mac=MAC][,hostfwd=...]...[,socket=PATH][,pcap=FILE]`
+(parse_net_option) and xl's vif syntax, xl-network-configuration(5)
+(parse_vif_spec), of which pyvmm honours vifname= (the host's TAP device)
+and mac=, plus its own extension type=user with hostfwd=, socket= and pcap=
+(real xl refuses those).
 
 A user network is one passt process (docs/NETWORKING.md): pyvmm starts it,
 or attaches to one started beforehand (socket=PATH). A host forward, as
@@ -93,6 +94,7 @@ class NicSpec(DeviceSpec):
     mac: str | None = None  # "00:16:3e:12:34:56"; None: a stable one made from the VM's name
     hostfwd: tuple[HostForward, ...] = ()
     socket: str | None = None  # a passt started by the user: its UNIX socket
+    pcap: str | None = None  # the passt pyvmm starts writes the guest's frames here (passt --pcap)
     origin: Origin | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -101,7 +103,8 @@ class NicSpec(DeviceSpec):
 
     def _user_options(self) -> str:
         return "".join([*(f",hostfwd={forward}" for forward in self.hostfwd),
-                        *([f",socket={self.socket}"] if self.socket else [])])
+                        *([f",socket={self.socket}"] if self.socket else []),
+                        *([f",pcap={self.pcap}"] if self.pcap else [])])
 
     def option_text(self) -> str:
         """The network option of `pyvmm run`: tap=IFNAME[,mac=MAC] or user[,...]."""
@@ -128,8 +131,8 @@ class NicSpec(DeviceSpec):
 
 
 def parse_net_option(text: str, index: int = 0) -> NicSpec:
-    """One `--net tap=IFNAME[,mac=MAC]` or `--net user[,mac=MAC][,hostfwd=...]...[,socket=PATH]`."""
-    tap = mac = socket = None
+    """One `--net tap=IFNAME[,mac=MAC]` or `--net user[,mac=MAC][,hostfwd=...]...[,socket=PATH][,pcap=FILE]`."""
+    tap = mac = socket = pcap = None
     user = False
     forwards: list[HostForward] = []
     for position, option in enumerate(text.split(",")):
@@ -145,16 +148,18 @@ def parse_net_option(text: str, index: int = 0) -> NicSpec:
                 forwards.append(parse_hostfwd(value))
             elif key == "socket" and user and value:
                 socket = value
+            elif key == "pcap" and user and value:
+                pcap = value
             else:
                 raise ConfigError(f"unknown or bad option {option!r} (tap=IFNAME or user, mac=MAC; "
-                                  "with user: hostfwd=..., socket=PATH)")
+                                  "with user: hostfwd=..., socket=PATH, pcap=FILE)")
         except ConfigError as error:
             raise ConfigError(f"--net {text!r}: {error}") from None
     if user and tap is not None:
         raise ConfigError(f"--net {text!r}: user and tap= exclude each other")
     if user:
         try:
-            return _user_nic(mac, forwards, socket, Origin("--net", text))
+            return _user_nic(mac, forwards, socket, pcap, Origin("--net", text))
         except ConfigError as error:
             raise ConfigError(f"--net {text!r}: {error}") from None
     if tap is None:
@@ -162,11 +167,14 @@ def parse_net_option(text: str, index: int = 0) -> NicSpec:
     return NicSpec(tap, mac, origin=Origin("--net", text))
 
 
-def _user_nic(mac, forwards, socket, origin: Origin) -> NicSpec:
+def _user_nic(mac, forwards, socket, pcap, origin: Origin) -> NicSpec:
     """The user network's spec; raises ConfigError (its message without the origin)."""
     if socket is not None and forwards:
         raise ConfigError("hostfwd= forwards are set up by the passt pyvmm "
                           "starts; for one started beforehand (socket=), give them to it (passt -t/-u)")
+    if socket is not None and pcap is not None:
+        raise ConfigError("pcap= is written by the passt pyvmm starts; for one started beforehand "
+                          "(socket=), give it --pcap FILE")
     seen: dict[tuple[str, str, int], HostForward] = {}
     for forward in forwards:
         # One host port can be bound once: the same one on all addresses and on one of them clash too.
@@ -177,7 +185,7 @@ def _user_nic(mac, forwards, socket, origin: Origin) -> NicSpec:
                 raise ConfigError(f"hostfwd {forward} and {other} forward the "
                                   "same host port")
         seen[(forward.protocol, forward.host_address, forward.host_port)] = forward
-    return NicSpec(None, mac, tuple(forwards), socket, origin=origin)
+    return NicSpec(None, mac, tuple(forwards), socket, pcap, origin=origin)
 
 
 class _SpecError(Exception):
@@ -219,7 +227,7 @@ def parse_vif_spec(spec: str) -> tuple[NicSpec, list[str]]:
 
 
 def _parse_vif(spec: str) -> tuple[NicSpec, list[str]]:
-    tap = mac = socket = None
+    tap = mac = socket = pcap = None
     bridge = None
     user = False
     forwards: list[HostForward] = []
@@ -260,6 +268,10 @@ def _parse_vif(spec: str) -> tuple[NicSpec, list[str]]:
             if not value:
                 raise _SpecError("socket= needs the path of passt's socket")
             socket = value
+        elif key == "pcap":
+            if not value:
+                raise _SpecError("pcap= needs the path of the capture file")
+            pcap = value
         elif key == "model":
             warnings.append(f"model={value} is ignored: pyvmm emulates no network card, the guest must use "
                             "its Xen PV network driver (netfront)")
@@ -270,13 +282,13 @@ def _parse_vif(spec: str) -> tuple[NicSpec, list[str]]:
             raise _SpecError(f"{key}= is not supported by pyvmm")
         else:
             raise _SpecError(f"unknown vif parameter {key}=")
-    if (forwards or socket) and not user:
-        raise _SpecError("hostfwd= and socket= belong to a user network: add type=user")
+    if (forwards or socket or pcap) and not user:
+        raise _SpecError("hostfwd=, socket= and pcap= belong to a user network: add type=user")
     if user:
         if tap is not None or bridge is not None:
             raise _SpecError("type=user is a user network through passt: it has no vifname= or bridge=")
         try:
-            return _user_nic(mac, forwards, socket, Origin("vif", spec)), warnings
+            return _user_nic(mac, forwards, socket, pcap, Origin("vif", spec)), warnings
         except ConfigError as error:
             raise _SpecError(str(error)) from None
     if tap is None:

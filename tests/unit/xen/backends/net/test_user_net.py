@@ -78,6 +78,9 @@ def test_bad_hostfwd(text, message):
     "tap=t0,socket=/x",
     "user,socket=",
     "user,socket=/x,hostfwd=tcp::1-:1",
+    "user,socket=/x,pcap=/tmp/p.pcap",
+    "user,pcap=",
+    "tap=t0,pcap=/tmp/p.pcap",
     "user,hostfwd=tcp::80-:1,hostfwd=tcp:127.0.0.1:80-:2",
     "user,bogus=1",
     "mac=00:16:3e:00:00:01,user",
@@ -96,6 +99,8 @@ def test_same_port_over_tcp_and_udp_is_fine():
     ("hostfwd=tcp::1-:1,vifname=t0", "add type=user"),
     ("type=user,hostfwd=tcp::1", "expected"),
     ("type=bogus", "expected vif, ioemu"),
+    ("vifname=t0,pcap=/tmp/p.pcap", "add type=user"),
+    ("type=user,pcap=", "needs the path"),
 ])
 def test_bad_xl_user_vifs(text, message):
     with pytest.raises(ConfigError, match=message):
@@ -126,6 +131,16 @@ def test_passt_command_line():
     assert command[command.index("--pid") + 1] == "/run/x/passt.pid"
     assert {"--foreground", "--quiet", "--stderr"} <= set(command)
     assert command[-4:] == ["-t", "127.0.0.1/8080:80", "-u", "5353:53"]
+
+
+def test_pcap_goes_to_passt_and_round_trips(tmp_path):
+    nic = parse_net_option(f"user,hostfwd=tcp::8080-:80,pcap={tmp_path}/guest.pcap")
+    assert nic.pcap == f"{tmp_path}/guest.pcap"
+    assert parse_net_option(nic.option_text()) == nic
+    assert parse_vif_spec(nic.to_xl()) == (nic, [])
+    command = passt_command(nic, 7, "/run/x/passt.pid", "/usr/bin/passt")
+    assert command[command.index("--pcap") + 1] == f"{tmp_path}/guest.pcap"
+    assert "--pcap" not in passt_command(parse_net_option("user"), 7, "/p", "/usr/bin/passt")
 
 
 def test_passt_messages_drop_the_syslog_noise():
