@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.machinery
 import importlib.util
+import io
+import os
 import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -374,3 +377,76 @@ def test_root_uuid_and_disk_id_follow_the_key():
     assert base.root_uuid() == make_inputs().root_uuid() != other.root_uuid()
     assert 0 < base.disk_id() <= 0xFFFFFFFF
     assert base.disk_id() != other.disk_id()
+
+
+# ---------------------------------------------------------------- filesystem
+
+guest_image_helpers = _load_script(REPO_ROOT / "tests" / "integration" / "guest_image.py",
+                                   "pyvmm_test_guest_image")
+needs_e2fsprogs = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("debugfs") is None,
+                                     reason="needs e2fsprogs")
+
+
+def debugfs_stat(disk: Path, path: str) -> str:
+    return subprocess.run(["debugfs", "-R", f"stat {path}", f"{disk}?offset={1 << 20}"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@needs_e2fsprogs
+@pytest.mark.parametrize("as_root", [
+    pytest.param(True, marks=pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root")),
+    pytest.param(False, marks=pytest.mark.skipif(
+        shutil.which("fakeroot") is None, reason="needs fakeroot")),
+], ids=["root", "fakeroot"])
+def test_make_filesystem_keeps_owners_modes_and_devices(tmp_path, as_root):
+    tarball = tmp_path / "root.tar"
+    with tarfile.open(tarball, "w") as archive:
+        def add(name, kind=tarfile.REGTYPE, data=b"", mode=0o644, uid=0, **extra):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid, info.size = kind, mode, uid, uid, len(data)
+            for key, value in extra.items():
+                setattr(info, key, value)
+            archive.addfile(info, io.BytesIO(data) if data else None)
+        add("etc", tarfile.DIRTYPE, mode=0o755)
+        add("etc/hello", data=b"hello from the image\n", mode=0o640)
+        add("srv", tarfile.DIRTYPE, mode=0o755)
+        add("srv/owned", data=b"x", uid=100)
+        add("dev", tarfile.DIRTYPE, mode=0o755)
+        add("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3)
+        add("vmlinuz", tarfile.SYMTYPE, linkname="boot/vmlinuz-1")
+    layout = image.disk_layout(64)
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as stream:
+        stream.truncate(layout.size)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    image.make_filesystem(tarball, disk, layout, "6a1f0b34-4f5c-4bd3-9f0e-2d1c3c0d7e11", scratch,
+                          as_root=as_root)
+
+    assert disk.stat().st_size == layout.size       # nothing written past the partition
+    assert disk.read_bytes()[:1 << 20] == bytes(1 << 20)   # nor before it
+    read = guest_image_helpers.read_image_file
+    assert read(disk, "/etc/hello") == b"hello from the image\n"
+    with pytest.raises(FileNotFoundError):
+        read(disk, "/etc/missing")
+    hello = debugfs_stat(disk, "/etc/hello")
+    assert "User:     0" in hello and "Mode:  0640" in hello
+    assert "User:   100" in debugfs_stat(disk, "/srv/owned")
+    null = debugfs_stat(disk, "/dev/null")
+    assert "Type: character special" in null and "Device major/minor number: 01:03" in null
+    assert 'Fast link dest: "boot/vmlinuz-1"' in debugfs_stat(disk, "/vmlinuz")
+    super_block = subprocess.run(["dumpe2fs", "-h", f"{disk}?offset={1 << 20}"], capture_output=True,
+                                 text=True, check=True).stdout
+    assert "6a1f0b34-4f5c-4bd3-9f0e-2d1c3c0d7e11" in super_block
+    assert image.FS_LABEL in super_block
+
+
+def test_check_report_parses_the_last_marker():
+    console = ("noise\r\npyvmm-check: ok root=/dev/sda1 fstype=ext4 disks=sda boot=1\r\n"
+               "[  5.1] pyvmm-check[230]: pyvmm-check: ok root=/dev/xvda1 fstype=ext4 "
+               "disks=xvda hypervisor=xen boot=2\r\n")
+    assert guest_image_helpers.check_report(console) == {
+        "root": "/dev/xvda1", "fstype": "ext4", "disks": "xvda", "hypervisor": "xen", "boot": "2"}
+    assert guest_image_helpers.check_report("nothing here") is None
+    assert guest_image_helpers.MARKER_CHECK_OK.strip() == image.CHECK_MARKER + " ok"
