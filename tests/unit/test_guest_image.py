@@ -450,3 +450,29 @@ def test_check_report_parses_the_last_marker():
         "root": "/dev/xvda1", "fstype": "ext4", "disks": "xvda", "hypervisor": "xen", "boot": "2"}
     assert guest_image_helpers.check_report("nothing here") is None
     assert guest_image_helpers.MARKER_CHECK_OK.strip() == image.CHECK_MARKER + " ok"
+
+
+# ---------------------------------------------------------------- mmdebstrap mode
+
+def test_has_subid(tmp_path):
+    subuid = tmp_path / "subuid"
+    subuid.write_text("alice:100000:65536\nbob:165536:65536\n")
+    assert image.has_subid("bob", subuid)
+    assert not image.has_subid("carol", subuid)
+    assert not image.has_subid("bob", tmp_path / "missing")
+
+
+@pytest.mark.parametrize("euid, unshare_works, subids, fakechroot, mode", [
+    (0, True, False, "/usr/bin/fakechroot", "unshare"),
+    (0, False, False, "/usr/bin/fakechroot", "fakechroot"),   # a container without CAP_SYS_ADMIN
+    (0, False, False, None, "unshare"),                        # mmdebstrap then says why not
+    (1000, False, True, "/usr/bin/fakechroot", "unshare"),
+    (1000, False, False, "/usr/bin/fakechroot", "fakechroot"),
+])
+def test_default_mode(monkeypatch, euid, unshare_works, subids, fakechroot, mode):
+    monkeypatch.setattr(image.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(image.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0 if unshare_works else 1))
+    monkeypatch.setattr(image, "has_subid", lambda name, path: subids)
+    monkeypatch.setattr(image.shutil, "which", lambda name: fakechroot)
+    assert image.default_mode() == mode
