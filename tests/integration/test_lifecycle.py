@@ -53,32 +53,32 @@ def test_xen_wdt_watchdog_stops_the_vm_when_not_petted_and_not_while_paused(asse
     with LiveGuest(["run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
                     "--append", "console=hvc0 panic=-1", "--vcpus", "2", "--name", name,
                     "--no-reboot", "--timeout", "800", "-v"], stdin=False) as guest:
-        guest.wait_for("pet 1")
-        # Petted for twelve seconds with a ten-second timeout: still running.
+        # Paused while it pets, for longer than its timeout: the guest's
+        # clock stands still, and so does its watchdog.
+        guest.wait_for("pet 3")
+        seen = time.monotonic()
+        pause = pyvmm("ctl", name, "pause")
+        paused_at = time.monotonic()
+        timings = f"pet 3 seen, `ctl pause` returned {paused_at - seen:.1f} s later"
+        assert pause.returncode == 0, f"{timings}: {pause.stderr}\n{guest}"
+        time.sleep(PAUSED_FOR)
+        assert guest.proc.poll() is None, f"{timings}: the watchdog fired while the VM was paused:\n{guest}"
+        resume = pyvmm("ctl", name, "resume")
+        assert resume.returncode == 0, f"{timings}: {resume.stderr}\n{guest}"
+        # It pets on, then stops: the watchdog runs out one timeout later.
         guest.wait_for("petting stopped", timeout=120)
         stopped_petting = time.monotonic()
-        # Paused for longer than the time left: the guest's clock stands still, and so does its watchdog.
-        assert pyvmm("ctl", name, "pause").returncode == 0
-        paused_at = time.monotonic()
-        time.sleep(PAUSED_FOR)
-        assert guest.proc.poll() is None, f"the watchdog fired while the VM was paused:\n{guest}"
-        assert pyvmm("ctl", name, "resume").returncode == 0
-        paused_for = time.monotonic() - paused_at
-        running_before_pause = paused_at - stopped_petting
         status = guest.finish(timeout=120)
-        ran = time.monotonic() - stopped_petting - paused_for
-    assert status == 7, guest
+        ran = time.monotonic() - stopped_petting
+    assert status == 7, f"{timings}\n{guest}"
     log = guest.stderr
     assert re.search(r"WARNING: pyvmm\.xen\.domain: Xen watchdog 1 of domain 1 expired: the guest did not pet "
                      rf"it within {WATCHDOG_TIMEOUT} s", log), guest
     assert "guest stopped: watchdog (watchdog 1)" in log, guest
-    assert "still running" not in guest.stdout, guest
-    # The watchdog ran out one timeout of running time after the last pet
-    # (the time paused not counted; the console and `pyvmm ctl` add some
-    # seconds of slack in the testbed).
-    assert running_before_pause < WATCHDOG_TIMEOUT, guest
-    assert "pet 12" in guest.stdout, guest
-    assert WATCHDOG_TIMEOUT - 4 <= ran <= WATCHDOG_TIMEOUT + 10, (ran, str(guest))
+    assert "pet 12" in guest.stdout and "still running" not in guest.stdout, guest
+    # One timeout after the last pet, give or take the console's and the
+    # testbed's delays.
+    assert WATCHDOG_TIMEOUT - 4 <= ran <= WATCHDOG_TIMEOUT + 10, (ran, timings, str(guest))
 
 
 # --- kexec: SHUTDOWN_soft_reset ---------------------------------------------------------
