@@ -8,6 +8,7 @@ Exit status of `pyvmm run`:
   4   the VM was destroyed (pyvmm ctl NAME destroy)
   5   the guest ended without printing the --expect pattern
   6   the guest triple-faulted (an unexpected CPU reset) under --no-reboot
+  7   a Xen watchdog expired (SCHEDOP_watchdog), or the guest shut down with SHUTDOWN_watchdog
   124 --timeout expired
   128+N  stopped by signal N (or 130 for the console escape Ctrl-A x)
   159 (128+SIGSYS) the sandbox stopped the VMM at a forbidden system call; the line
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import click
 
-from .config import (ConfigError, DeviceSpec, GdbAddress, SerialSpec, VmConfig, parse_limit_option, parse_size,
-                     parse_xen_version)
+from .config import (WATCHDOG_ACTIONS, ConfigError, DeviceSpec, GdbAddress, SerialSpec, VmConfig,
+                     parse_limit_option, parse_size, parse_xen_version)
 from .core.trace import CATEGORIES
 from .xen import backends as _backends  # noqa: F401 - registers the device kinds
 from .xen.backend import kind as device_kinds
@@ -38,6 +39,7 @@ EXIT_REBOOTED = 2
 EXIT_CRASHED = 3
 EXIT_NO_EXPECT = 5
 EXIT_TRIPLE_FAULT = 6
+EXIT_WATCHDOG = 7
 EXIT_TIMEOUT = 124
 
 
@@ -116,6 +118,9 @@ def main() -> None:
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--serial", default="stdio", show_default=True, help="stdio | file:PATH | none")
 @click.option("--no-reboot", is_flag=True, help="Exit with status 2 when the guest reboots.")
+@click.option("--on-watchdog", type=click.Choice(WATCHDOG_ACTIONS), default="destroy", show_default=True,
+              help="When a Xen watchdog expires: stop (status 7), boot again (status 7 under --no-reboot), "
+                   "or keep the VM paused until destroyed.")
 @click.option("--timeout", type=float, help="Stop the guest after SECONDS (status 124).")
 @click.option("--expect", type=_Regex(), help="Stop with status 0 once the console prints REGEX (5 if it never does).")
 @click.option("--xen/--no-xen", default=True, show_default=True,
@@ -153,7 +158,8 @@ def main() -> None:
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
+def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, on_watchdog, timeout, expect, xen,
+        xen_version,
         xen_accel, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
         gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
@@ -168,7 +174,8 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
     try:
         ctx = click.get_current_context()
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
-                      no_reboot=no_reboot, xen=xen, name=name, limits={}, sandbox_user=sandbox_user)
+                      no_reboot=no_reboot, on_watchdog=on_watchdog, xen=xen, name=name, limits={},
+                      sandbox_user=sandbox_user)
         file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
         if config_file is not None:
             values.update(_xl_config_values(config_file, ctx, file_devices))
@@ -182,6 +189,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             vcpus=values["vcpus"],
             serial=SerialSpec.parse(values["serial"]),
             no_reboot=values["no_reboot"],
+            on_watchdog=values["on_watchdog"],
             timeout=timeout,
             expect=expect,
             xen=values["xen"],

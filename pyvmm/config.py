@@ -121,6 +121,9 @@ class GdbAddress:
         return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else f"tcp:{self.host}:{self.port}"
 
 
+WATCHDOG_ACTIONS = ("destroy", "restart", "preserve")
+
+
 @dataclass(frozen=True)
 class VmConfig:
     kernel: Path
@@ -130,6 +133,10 @@ class VmConfig:
     vcpus: int = 1
     serial: SerialSpec = field(default_factory=lambda: SerialSpec("stdio"))
     no_reboot: bool = False
+    # What a Xen watchdog's expiry (or SHUTDOWN_watchdog) does: "destroy"
+    # (stop, status 7), "restart" (boot again; stop under no_reboot) or
+    # "preserve" (keep the VM paused until it is destroyed). xl.cfg's on_watchdog.
+    on_watchdog: str = "destroy"
     timeout: float | None = None
     expect: re.Pattern[bytes] | None = None
     xen: bool = True
@@ -176,6 +183,8 @@ class VmConfig:
             raise ConfigError("--memory must be a multiple of 2M")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
+        if self.on_watchdog not in WATCHDOG_ACTIONS:
+            raise ConfigError(f"--on-watchdog {self.on_watchdog!r}: expected {', '.join(WATCHDOG_ACTIONS)}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
         self._validate_devices()

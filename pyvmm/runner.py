@@ -30,6 +30,7 @@ STATUS_FOR_REASON = {
     StopReason.REBOOT: 2,
     StopReason.CRASH: 3,
     StopReason.TRIPLE_FAULT: 6,
+    StopReason.WATCHDOG: 7,
     StopReason.TIMEOUT: 124,
     StopReason.DESTROYED: 4,
     StopReason.ERROR: 1,
@@ -155,13 +156,14 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats:
             log.info("guest stopped: %s%s", reason.value, f" ({detail})" if detail else "")
             if reason is StopReason.TRIPLE_FAULT:
                 run_counts["triple_faults"] += 1
-            if reason in RESETS and not config.no_reboot and not stop_signal:
+            if _boots_again(config, reason) and not stop_signal:
                 # A triple fault resets a PC, so the guest boots again; the
                 # warning (exit_handler.py) and the count say it happened.
+                # So does a watchdog under --on-watchdog restart.
                 run_counts["reboots"] += 1
-                control.broadcast("RESET", {"reason": reason.value})
+                control.broadcast("RESET", _with_detail({"reason": reason.value}, detail))
                 continue
-            if reason in (StopReason.POWEROFF, StopReason.CRASH):
+            if reason in (StopReason.POWEROFF, StopReason.CRASH, StopReason.WATCHDOG):
                 control.broadcast("SHUTDOWN", _with_detail({"reason": reason.value}, detail))
             break
     finally:
@@ -176,6 +178,14 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats:
         console.close()
         trace.close()
     return status
+
+
+def _boots_again(config: VmConfig, reason: StopReason) -> bool:
+    """Whether this stop starts the next boot: a reset, or a watchdog under
+    --on-watchdog restart, unless --no-reboot."""
+    if config.no_reboot:
+        return False
+    return reason in RESETS or (reason is StopReason.WATCHDOG and config.on_watchdog == "restart")
 
 
 def _unused_subsystems(config: VmConfig) -> tuple[str, ...]:

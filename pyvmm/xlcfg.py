@@ -361,6 +361,7 @@ class XlConfig:
     devices: tuple[DeviceSpec, ...] = ()  # of every kind, each with its Origin (file, line)
     serial: str | None = None  # pyvmm's --serial text: "stdio", "none" or "file:PATH"
     on_reboot: str = "restart"  # "restart" or "destroy"
+    on_watchdog: str | None = None  # "destroy", "restart" or "preserve"; None: not given (xl's default: destroy)
     device_model_user: str | None = None  # the sandbox's user (pyvmm run --user)
     limits: tuple[tuple[str, float], ...] = ()  # (pyvmm.limits name, value) for the limit keys given
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -376,7 +377,7 @@ class XlConfig:
         """Keyword values for `pyvmm run`, for the settings the file gives.
 
         Keys: name, xen (always), kernel and initrd (Path), cmdline, memory
-        (bytes), vcpus, serial (text), no_reboot (from on_reboot), each
+        (bytes), vcpus, serial (text), no_reboot (from on_reboot), on_watchdog, each
         device kind's specs under its xl key's attribute (disks: DiskSpecs,
         vifs: NicSpecs) when the file has any, limits ({name: value},
         pyvmm.limits) when it sets any. Options the person gives on the
@@ -395,6 +396,8 @@ class XlConfig:
         if self.serial is not None:
             options["serial"] = self.serial
         options["no_reboot"] = self.on_reboot == "destroy"
+        if self.on_watchdog is not None:
+            options["on_watchdog"] = self.on_watchdog
         for kind in device_kinds.with_xl_key():
             specs = getattr(self, kind.xl.attr)
             if specs:
@@ -427,7 +430,7 @@ _FIXED_BOOLEANS = {
 }
 
 _KNOWN_KEYS = {"name", "type", "builder", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "ramdisk",
-               "cmdline", "root", "extra", "on_poweroff", "on_reboot", "on_crash", "serial",
+               "cmdline", "root", "extra", "on_poweroff", "on_reboot", "on_crash", "on_watchdog", "serial",
                "boot", "vga", "dm_restrict", "device_model_user"} | set(_FIXED_BOOLEANS) \
               | {spec.xl_key for spec in _LIMIT_SPECS.values()}
 
@@ -547,6 +550,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
     for key in ("on_poweroff", "on_crash"):
         _action(keys, key, {"destroy"})
     on_reboot = _action(keys, "on_reboot", {"destroy", "restart"}) or "restart"
+    on_watchdog = _action(keys, "on_watchdog", {"destroy", "restart", "preserve"})
     serial = _serial(keys)
 
     for key, (wanted, why) in _FIXED_BOOLEANS.items():
@@ -598,6 +602,7 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
         devices=tuple(devices),
         serial=serial,
         on_reboot=on_reboot,
+        on_watchdog=on_watchdog,
         device_model_user=device_model_user,
         limits=limits,
         warnings=tuple(warnings),
@@ -672,6 +677,8 @@ def _action(keys: _Keys, key: str, supported: set[str]) -> str | None:
         "on_poweroff": "pyvmm ends (status 0) when the guest powers off",
         "on_crash": "pyvmm ends (status 3) when the guest crashes",
         "on_reboot": "pyvmm restarts the guest, or ends with status 2 under on_reboot=\"destroy\"",
+        "on_watchdog": "pyvmm ends (status 7), boots the guest again or keeps it paused when a Xen watchdog "
+                       "expires",
     }[key]
     choices = " or ".join(f'"{a}"' for a in sorted(supported))
     raise keys.error(key, f"{key}={action!r} is not supported: {meaning}; use {choices}")

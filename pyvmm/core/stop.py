@@ -1,6 +1,7 @@
 """Why a VM stopped: the one vocabulary of every part that can stop it.
 
-Devices (reset and power registers, pvpanic), the Xen domain (SCHEDOP_shutdown),
+Devices (reset and power registers, pvpanic), the Xen domain (SCHEDOP_shutdown,
+its watchdogs),
 the exit handler (a triple fault, an internal error) and the operator all ask
 the machine to stop with a `StopReason`; runner.py maps the first one of the
 last boot to pyvmm's exit status.
@@ -15,6 +16,7 @@ class StopReason(enum.Enum):
     POWEROFF = "poweroff"
     REBOOT = "reboot"
     CRASH = "crash"
+    WATCHDOG = "watchdog"  # a Xen domain watchdog ran out, or the guest shut down with SHUTDOWN_watchdog
     TRIPLE_FAULT = "triple-fault"  # a CPU reset the guest did not ask for
     EXPECT_MATCHED = "expect-matched"
     TIMEOUT = "timeout"

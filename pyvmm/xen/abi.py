@@ -525,6 +525,7 @@ VCPU_SET_PERIODIC_TIMER = Layout("vcpu_set_periodic_timer", "period_ns", "<Q")
 SCHED_SHUTDOWN = Layout("sched_shutdown", "reason", "<I")
 SCHED_POLL = Layout("sched_poll", "ports nr_ports timeout", "<QI4xQ", "<IIQ")
 SCHED_REMOTE_SHUTDOWN = Layout("sched_remote_shutdown", "domain_id reason", "<H2xI")
+SCHED_WATCHDOG = Layout("sched_watchdog", "id timeout", "<II")
 
 # event_channel.h: only 16/32-bit fields, so one layout serves both ABIs.
 EVTCHN_ALLOC_UNBOUND = Layout("evtchn_alloc_unbound", "dom remote_dom port", "<HHI")

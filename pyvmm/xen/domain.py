@@ -42,6 +42,7 @@ from .hv.guest_access import GuestAccess
 from .hv.hypercalls import HypercallDispatcher
 from .hv.kvm_xen import KernelEvtchn, XenFeatures
 from .hv.timers import UserTimer
+from .hv.watchdog import Expiry, WatchdogTimers
 from .backend import kind as device_kinds
 from . import backends as _backends  # noqa: F401 - registers the device kinds
 from .xenstore import Access, Permission, Quotas, XenStore
@@ -68,6 +69,8 @@ XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
 # callback vector instead, which is how `--xen-version 4.16` selects it.
 UPCALL_VECTOR_SINCE = (4 << 16) | 17
 MIN_PERIOD_NS = 1_000_000
+# How long a soft reset's vCPU waits for the event thread's part.
+EVENT_THREAD_WAIT = 10.0
 UPCALL_RECHECK_SECONDS = 0.1
 # The PV console's safety net: guest output left untouched for a whole
 # interval is taken without the event that should have announced it.
@@ -128,6 +131,10 @@ class XenHost(Protocol):
     def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
+    @property
+    def paused(self) -> bool: ...
+    def pause(self) -> None: ...
+    def control_event(self, name: str, data: dict) -> None: ...
 
 
 class XenDomain:
@@ -160,10 +167,13 @@ class XenDomain:
         self._callback_fds: tuple[int, int] | None = None  # the GSI callback's (trigger, resample)
         self._callback_gsi = 0
         self._init_timers()
+        self.watchdogs = WatchdogTimers(self.loop, clock=self._guest_time_ns, paused=lambda: machine.paused,
+                                        expire=self._watchdog_expired)
         self.params: dict[int, int] = {}
         self._grant_frame_gpa: dict[int, int] = {}  # grant frame index -> where the guest mapped it
         self._grant_frame_at: dict[int, int] = {}  # and back
         self._ballooned: set[int] = set()  # RAM page frames the guest gave back
+        self.soft_resets = 0  # SHUTDOWN_soft_reset done (kexec, kdump)
 
         self.evtchn = EventChannels(
             domid=self.domid,
@@ -228,26 +238,36 @@ class XenDomain:
                               trace=self.trace, faults=self.faults)
         self.dom0 = self.store.client(0)  # the VMM's own requests (operators', shutdown): one client
         self.xenstore = GuestStoreService(self.loop, self.store, self.domid, self.memory.view(store_pfn << PAGE_SHIFT, PAGE_SIZE))
-        self.console_channel = self.evtchn.connect_backend(self._console_notified)
-        self.store_channel = self.evtchn.connect_backend(self.xenstore.notified)
-        self.xenstore.attach(self.store_channel.notify)
-        self.pv_console = PvConsole(self.memory.view(console_pfn << PAGE_SHIFT, PAGE_SIZE), self.console_channel.notify,
-                                    machine.console.write, trace=self.trace)
+        self._store_pfn, self._console_pfn = store_pfn, console_pfn
+        self._connect_special_channels()
+        # Through the attribute: a soft reset gives the console a new channel.
+        self.pv_console = PvConsole(self.memory.view(console_pfn << PAGE_SHIFT, PAGE_SIZE),
+                                    lambda: self.console_channel.notify(), machine.console.write, trace=self.trace)
         if primary_console(machine.config.cmdline).startswith("hvc"):
             machine.platform.input_sink = self.pv_console
 
-        create_domain_nodes(
-            self.store, self.domid, machine.config.name,
-            store_port=self.store_channel.guest_port, store_ring_ref=store_pfn,
-            console_port=self.console_channel.guest_port, console_ring_ref=console_pfn, client=self.dom0,
-        )
         self._publish_vm_node(machine.config.name)
-        self.params.update({
-            abi.HVM_PARAM_STORE_PFN: store_pfn,
-            abi.HVM_PARAM_STORE_EVTCHN: self.store_channel.guest_port,
-            abi.HVM_PARAM_CONSOLE_PFN: console_pfn,
-            abi.HVM_PARAM_CONSOLE_EVTCHN: self.console_channel.guest_port,
-        })
+        self._create_domain_nodes()
+        self.params.update({abi.HVM_PARAM_STORE_PFN: store_pfn, abi.HVM_PARAM_CONSOLE_PFN: console_pfn})
+
+    def _connect_special_channels(self) -> None:
+        """The xenstore's and the console's event channels, each a new guest
+        port bound to domain 0, as the toolstack sets them up; their ports
+        go into the HVM params the guest reads."""
+        self.console_channel = self.evtchn.connect_backend(self._console_notified)
+        self.store_channel = self.evtchn.connect_backend(self.xenstore.notified)
+        self.xenstore.attach(self.store_channel.notify)
+        self.params[abi.HVM_PARAM_STORE_EVTCHN] = self.store_channel.guest_port
+        self.params[abi.HVM_PARAM_CONSOLE_EVTCHN] = self.console_channel.guest_port
+
+    def _create_domain_nodes(self) -> None:
+        """/local/domain/<domid> as the toolstack makes it for a new domain."""
+        create_domain_nodes(
+            self.store, self.domid, self.machine.config.name,
+            store_port=self.store_channel.guest_port, store_ring_ref=self._store_pfn,
+            console_port=self.console_channel.guest_port, console_ring_ref=self._console_pfn, client=self.dom0,
+        )
+        self.dom0.write(f"/local/domain/{self.domid}/vm", f"/vm/{self.uuid}")
 
     def _publish_vm_node(self, name: str) -> None:
         """/vm/<uuid>, as the toolstack makes it; Linux reads it for /sys/hypervisor/uuid."""
@@ -260,7 +280,6 @@ class XenDomain:
         dom0.set_perms(vm_path, [Permission(0, Access.READ)])
         dom0.set_perms(f"{vm_path}/uuid", [Permission(0, Access.READ)])
         dom0.set_perms(f"{vm_path}/name", [Permission(0, Access.READ)])
-        dom0.write(f"/local/domain/{self.domid}/vm", vm_path)
         log.info("guest uuid %s", self.uuid)
 
     def cpuid_leaves(self, index: int) -> list[CpuidEntry]:
@@ -631,18 +650,198 @@ class XenDomain:
         # answered like a yield, which Xen permits (spurious wake-ups).
         os.sched_yield()
 
-    def shutdown(self, reason: int) -> None:
+    def shutdown(self, reason: int) -> int:
+        """SCHEDOP_shutdown (on the calling vCPU's thread); the result for
+        the guest when it runs on."""
+        if reason == abi.SHUTDOWN_suspend:
+            # Suspending means saving the domain for a later restore, which
+            # pyvmm cannot do yet (so control/feature-suspend is not filled
+            # in for the guest: xenstore/domain.py). Xen's toolstack answers
+            # a suspend it cannot complete by resuming the domain in place
+            # with the hypercall returning 1, "suspend cancelled"
+            # (xc_domain_resume's cooperative resume); Linux then resumes its
+            # devices and runs on.
+            self._limited.warning("the guest asked to suspend (SHUTDOWN_suspend), which pyvmm cannot do yet (no "
+                                  "save and restore): answered 1, suspend cancelled; the guest runs on")
+            return 1
+        if reason == abi.SHUTDOWN_soft_reset:
+            self.soft_reset()
+            return 0
+        if reason == abi.SHUTDOWN_watchdog:
+            self._limited.warning("the guest shut itself down with SHUTDOWN_watchdog")
+            self._watchdog_shutdown("shutdown")
+            return 0
         stop = {
             abi.SHUTDOWN_poweroff: StopReason.POWEROFF,
             abi.SHUTDOWN_reboot: StopReason.REBOOT,
-            abi.SHUTDOWN_soft_reset: StopReason.REBOOT,
             abi.SHUTDOWN_crash: StopReason.CRASH,
-            abi.SHUTDOWN_watchdog: StopReason.CRASH,
         }.get(reason)
         if stop is None:
             raise XenError(EINVAL, f"shutdown reason {reason} is not supported")
         self._limited.info("guest asked for shutdown: %s", stop.value)
         self.machine.request_stop(stop)
+        return 0
+
+    # --- the domain's watchdogs (hv/watchdog.py) -----------------------------------
+
+    def watchdog(self, wid: int, timeout: int) -> int:
+        """SCHEDOP_watchdog, on a vCPU thread."""
+        return self.watchdogs.op(wid, timeout)
+
+    def _watchdog_expired(self, expiry: Expiry) -> None:
+        """A watchdog ran out (event thread): Xen shuts the domain down with SHUTDOWN_watchdog."""
+        log.warning("Xen watchdog %d of domain %d expired: the guest did not pet it within %d s",
+                    expiry.id, self.domid, expiry.timeout)
+        self._watchdog_shutdown(f"watchdog {expiry.id}")
+
+    def _watchdog_shutdown(self, detail: str) -> None:
+        """The domain shut down for its watchdog: what on_watchdog says
+        (--on-watchdog; xl.cfg's on_watchdog). "destroy" and "restart" stop
+        this boot with StopReason.WATCHDOG (runner.py boots again for
+        "restart" unless --no-reboot); "preserve" keeps the VM paused for
+        inspection until it is destroyed."""
+        if self.trace.stop:
+            self.trace.emit("stop", "watchdog", detail=detail)
+        if self.machine.config.on_watchdog == "preserve":
+            self.loop.call_soon_threadsafe(partial(self._preserve_after_watchdog, detail))
+            return
+        self.machine.request_stop(StopReason.WATCHDOG, detail=detail)
+
+    def _preserve_after_watchdog(self, detail: str) -> None:
+        self.machine.pause()
+        log.warning("on_watchdog=preserve: the VM is kept paused (pyvmm ctl %s diagnose, then destroy)",
+                    self.machine.config.name)
+        self.machine.control_event("SHUTDOWN", {"reason": StopReason.WATCHDOG.value, "detail": detail,
+                                                "preserved": True})
+
+    # --- soft reset (kexec and kdump) -------------------------------------------------
+
+    def soft_reset(self) -> None:
+        """SHUTDOWN_soft_reset, on the calling vCPU's thread.
+
+        Linux in an HVM guest asks for it as the last step before kexec or
+        kdump jump to the next kernel (xen_hvm_shutdown and
+        xen_hvm_crash_shutdown, arch/x86/xen/enlighten_hvm.c) and goes on
+        when the hypercall returns 0 (anything else is a BUG()). On Xen the
+        domain pauses, xl's soft-reset action tears its devices down, Xen's
+        domain_soft_reset() closes every event channel and unmaps
+        shared_info and each vCPU's vcpu_info, time and runstate areas, and
+        the toolstack makes the domain's xenstore directory, xenstore
+        connection, console and devices anew before unpausing it, so that
+        the vCPU goes on where it was. QEMU's Xen emulation
+        (kvm_xen_soft_reset) also resets the grant table, the callback and
+        each vCPU's upcall vector and timers. pyvmm does all of that, so the
+        next kernel finds a domain as at boot and nothing of "Xen" writes
+        into memory the old kernel once handed it; guest memory and every
+        vCPU's registers stay as they are. Grant frames leave the guest's
+        physical map (RAM they hid comes back) and pages given back by
+        ballooning return, so the next kernel has the memory map it is
+        told of. The domain's watchdogs are kept, as on Xen.
+
+        If any step fails the domain crashes (StopReason.CRASH), as Xen's
+        domain_crash() after a failed arch_domain_soft_reset()."""
+        log.info("the guest asked for a soft reset (kexec or kdump): resetting its Xen state, keeping its "
+                 "memory and vCPUs")
+        if self.trace.stop:
+            self.trace.emit("stop", "soft-reset")
+        try:
+            # First nothing may write into guest memory any more...
+            self._reset_vcpus()
+            self._reset_vm_wide()
+            # ...then the parts the event thread owns.
+            self._on_event_thread(self._reset_host_side)
+        except Exception as error:
+            log.error("soft reset failed: %s; the domain crashes", error, exc_info=True)
+            self.machine.request_stop(StopReason.CRASH, detail="soft-reset")
+            raise XenError(EINVAL, "soft reset failed") from None
+        self.soft_resets += 1
+
+    def _reset_vcpus(self) -> None:
+        """Each vCPU's Xen state as at boot: no vcpu_info, time or runstate
+        area, no upcall vector, timers stopped (KVM's on the vCPU's thread)."""
+        for index in range(self.vcpu_count):
+            self._singleshot[index].stop()
+            self._periodic[index].stop()
+            self._vcpu_info_gpa[index] = None
+            self._per_vcpu_vector[index] = 0
+            self._stale_upcalls[index] = False
+            self._timer_ports[index] = None
+            self.machine.run_on_vcpu(index, self._reset_vcpu_attrs)
+
+    def _reset_vcpu_attrs(self, vcpu) -> None:
+        for kind in (uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_TIME_INFO):
+            kvm_xen.set_vcpu_attr(vcpu, kind, gpa=abi.INVALID_GPA)
+        if self.kvm_features.runstate:
+            kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR, gpa=abi.INVALID_GPA)
+        if self.kvm_features.vcpu_attrs:
+            kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_UPCALL_VECTOR, vector=0)
+            # Port 0: KVM no longer runs this vCPU's timer (nor its hypercalls).
+            kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER,
+                                  timer={"port": 0, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": 0})
+
+    def _reset_vm_wide(self) -> None:
+        """No callback, no shared_info, no grant frame in the guest's
+        physical map, every RAM page back."""
+        with self._lock:
+            self._stop_gsi_callback()
+            self.callback = Callback.NONE
+            self.params.pop(abi.HVM_PARAM_CALLBACK_IRQ, None)
+            kvm_xen.set_hvm_upcall_vector(self.vm, 0)
+            if self.shared_info_gfn is not None:
+                kvm_xen.clear_shared_info(self.vm, self.kvm_features)
+                self.shared_info_gfn = None
+            for gpa in list(self._grant_frame_at):
+                self._unmap_grant_frame(gpa)
+            for page in sorted(self._ballooned):
+                self._restore_ram(page << PAGE_SHIFT)  # cleared when it was given back
+            self._ballooned.clear()
+
+    def _reset_host_side(self) -> None:
+        """The event thread's part: as xl's soft-reset, the devices let go
+        of the guest, then Xen closes every event channel; the grant table
+        is emptied (its reserved entries stay), the xenstore connection and
+        the console get new channels, the domain's xenstore directory is
+        made anew and every device starts over in InitWait."""
+        for device in self.xenbus_devices:
+            device.drop_connection()
+        self.evtchn.reset(self.domid)
+        old_channels = (self.store_channel, self.console_channel)
+        self.gnttab.reset()
+        self.xenstore.reset()
+        self._connect_special_channels()
+        for channel in old_channels:
+            channel.close()
+        self.dom0.rm(f"/local/domain/{self.domid}")
+        self._create_domain_nodes()
+        for device in self.xenbus_devices:
+            device.restart()
+        log.info("soft reset done: xenstore on port %d, console on port %d", self.store_channel.guest_port,
+                 self.console_channel.guest_port)
+        self.machine.control_event("RESET", {"reason": "soft-reset"})
+
+    def _on_event_thread(self, function: Callable[[], None], timeout: float = EVENT_THREAD_WAIT) -> None:
+        """Run `function` on the event thread and wait for it (at most
+        `timeout`): the calling vCPU stays in its hypercall meanwhile, as a
+        Xen domain stays paused while the toolstack works."""
+        if self.loop.on_owner_thread():
+            function()
+            return
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def job():
+            try:
+                function()
+            except BaseException as error:  # handed to the waiting vCPU
+                failure.append(error)
+            finally:
+                done.set()
+
+        self.loop.call_soon_threadsafe(job)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the event thread did not run {function.__name__} within {timeout:.0f} s")
+        if failure:
+            raise failure[0]
 
     def request_guest_shutdown(self, kind: str = "poweroff") -> None:
         """Ask the guest to shut down in order, as xl shutdown does (any thread)."""

@@ -315,6 +315,7 @@ def test_unknown_keys_are_listed_with_lines():
     (HVM + 'on_crash = "coredump-destroy"\n', "coredump-destroy"),
     (HVM + 'on_reboot = "rename-restart"\n', 'use "destroy" or "restart"'),
     (HVM + 'on_reboot = "explode"\n', "is not an xl action"),
+    (HVM + 'on_watchdog = "coredump-restart"\n', 'use "destroy" or "preserve" or "restart"'),
     (HVM + "acpi = 0\n", "acpi=0: pyvmm always gives the guest ACPI tables; set acpi=1"),
     (HVM + "xen_platform_pci = 0\n", "--no-xen"),
     (HVM + "vnc = 1\n", "no graphical console"),
@@ -530,3 +531,14 @@ def test_parser_only_raises_config_errors(text):
         parse_xl(text)
     except XlConfigError as error:
         assert error.line is not None and 1 <= error.line <= text.count("\n") + 1
+
+
+@pytest.mark.parametrize("action", ["destroy", "restart", "preserve"])
+def test_on_watchdog(tmp_path, action):
+    config = load(HVM + f'on_watchdog = "{action}"\n', tmp_path)
+    assert config.on_watchdog == action
+    assert config.to_run_options()["on_watchdog"] == action
+
+
+def test_on_watchdog_absent_leaves_the_command_lines_default(tmp_path):
+    assert "on_watchdog" not in load(HVM, tmp_path).to_run_options()

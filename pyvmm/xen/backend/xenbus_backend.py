@@ -248,6 +248,37 @@ class XenbusBackendDevice:
     def start(self) -> None:
         """Create both directories, advertise, enter InitWait, watch the frontend."""
         self.client = self.store.client(self.backend_domid)
+        self._publish()
+        # Fires once at once: a frontend already past Initialising is handled.
+        self.client.watch(f"{self.frontend_path}/state", self._token, self._frontend_changed)
+
+    def drop_connection(self) -> None:
+        """Let go of the frontend's rings and channels now, whatever the
+        states say: the domain is being soft-reset, and the toolstack takes
+        its backends down before Xen resets the domain's event channels and
+        grants. restart() follows."""
+        self._disconnect()
+
+    def restart(self) -> None:
+        """Start over as a newly made device (after the domain's soft reset,
+        as xl's soft-reset makes the devices anew): disconnected, both
+        directories written afresh, the frontend's at Initialising and ours
+        in InitWait. The host's side (an image, a TAP) stays open."""
+        if self.closed or self.client is None:
+            return
+        self._disconnect()
+        self.failed = None
+        for path in (self.frontend_path, self.backend_path):
+            try:
+                self.client.rm(path)
+            except XenStoreError as error:
+                if error.name != "ENOENT":
+                    raise
+        self.state = XenbusState.UNKNOWN
+        self._publish()
+
+    def _publish(self) -> None:
+        """Both directories as at creation, then InitWait."""
         frontend_perms = (Permission(self.frontend_domid, Access.NONE), Permission(self.backend_domid, Access.READ))
         backend_perms = (Permission(self.backend_domid, Access.NONE), Permission(self.frontend_domid, Access.READ))
         frontend = {
@@ -280,8 +311,6 @@ class XenbusBackendDevice:
                     raise
         self.state = XenbusState.INITIALISING
         self.switch_state(XenbusState.INIT_WAIT)
-        # Fires once at once: a frontend already past Initialising is handled.
-        self.client.watch(f"{self.frontend_path}/state", self._token, self._frontend_changed)
 
     def close(self) -> None:
         """The VMM is done with the device (the domain goes away)."""

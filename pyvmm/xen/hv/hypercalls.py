@@ -136,7 +136,11 @@ class XenDomainOps(Protocol):
     def set_periodic_timer(self, vcpu: int, period_ns: int) -> None: ...
     def stop_periodic_timer(self, vcpu: int) -> None: ...
     def set_timer_op(self, vcpu: int, timeout_abs_ns: int) -> None: ...  # 0 stops
-    def shutdown(self, reason: int) -> None: ...
+    # SCHEDOP_shutdown: the hypercall's result when the guest runs on (0;
+    # SHUTDOWN_suspend answers 1, "suspend cancelled"); None means 0.
+    def shutdown(self, reason: int) -> int | None: ...
+    # SCHEDOP_watchdog (hv/watchdog.py): a new watchdog's id, or 0.
+    def watchdog(self, wid: int, timeout: int) -> int: ...
     def sched_yield(self, vcpu: int) -> None: ...
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None: ...  # 0: none
     def console_write(self, data: bytes) -> None: ...
@@ -565,6 +569,7 @@ class HypercallDispatcher:
             abi.SCHEDOP_shutdown_code: self._sched_shutdown_code,
             abi.SCHEDOP_remote_shutdown: self._sched_remote_shutdown,
             abi.SCHEDOP_poll: self._sched_poll,
+            abi.SCHEDOP_watchdog: self._sched_watchdog,
         }
 
     def _sched_yield(self, call: _Call, arg: int) -> int:
@@ -579,9 +584,12 @@ class HypercallDispatcher:
 
     def _shutdown(self, reason: int) -> int:
         # A code recorded earlier (SCHEDOP_shutdown_code) wins, as in Xen.
-        code = self._shutdown_code
-        self.domain.shutdown(reason if code is None else code)
-        return 0
+        if self._shutdown_code is not None:
+            reason = self._shutdown_code
+        result = self.domain.shutdown(reason) or 0
+        if reason in (abi.SHUTDOWN_suspend, abi.SHUTDOWN_soft_reset):
+            self._shutdown_code = None  # the domain runs on: Xen's domain_resume() forgets the code
+        return result
 
     def _sched_shutdown(self, call: _Call, arg: int) -> int:
         return self._shutdown(self._shutdown_reason(call.read(arg, abi.SCHED_SHUTDOWN).reason))
@@ -600,6 +608,10 @@ class HypercallDispatcher:
         if request.domain_id == 0:
             return -EPERM  # the backends' domain exists, but is not ours to stop
         return -ESRCH
+
+    def _sched_watchdog(self, call: _Call, arg: int) -> int:
+        request = call.read(arg, abi.SCHED_WATCHDOG)
+        return self.domain.watchdog(request.id, request.timeout)
 
     def _sched_poll(self, call: _Call, arg: int) -> int:
         poll = call.read(arg, abi.SCHED_POLL)

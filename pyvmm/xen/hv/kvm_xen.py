@@ -97,6 +97,15 @@ def set_shared_info(vm, features: XenFeatures, gfn: int, host_address: int) -> N
         vm.xen_hvm_set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_SHARED_INFO, "u": {"shared_info": {"gfn": gfn}}})
 
 
+def clear_shared_info(vm, features: XenFeatures) -> None:
+    """KVM stops using the shared_info page (a soft reset)."""
+    if features.shared_info_hva:
+        vm.xen_hvm_set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_SHARED_INFO_HVA, "u": {"shared_info": {"hva": 0}}})
+    else:
+        vm.xen_hvm_set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_SHARED_INFO,
+                             "u": {"shared_info": {"gfn": uapi.KVM_XEN_INVALID_GFN}}})
+
+
 def set_hvm_upcall_vector(vm, vector: int) -> None:
     vm.xen_hvm_set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_UPCALL_VECTOR, "u": {"vector": vector}})
 

@@ -233,7 +233,15 @@ class RingServer:
 
     def _reconnect(self) -> None:
         self._limited.info("xenstore ring of domain %d: reconnection requested", self.connection.domid)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh: the connection's watches, transactions and queued
+        messages are dropped and the ring is empty and healthy (a guest's
+        reconnection request, or the domain's soft reset: its next kernel
+        finds a quiescent ring, as after a toolstack's new introduce)."""
         self.connection.reset()
+        self.work_pending = False
         self._req_cons = self._rsp_prod = 0
         for offset in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):
             self._store_u32(offset, 0)

@@ -67,6 +67,17 @@ class GuestStoreService:
         """The guest's end of the store channel: notify_guest() raises it."""
         self._notify_guest = notify_guest
 
+    def reset(self) -> None:
+        """The domain's soft reset (event thread): the guest's connection
+        starts over on an empty ring, as after the toolstack released and
+        introduced the domain again; its watches and transactions are gone.
+        attach() the new store channel afterwards."""
+        if self._check_threads:
+            self._loop.assert_owner("the guest's xenstore")
+        self.ring.reset()
+        self._progress_at_last_check = (self.requests_served, 0)
+        self._work_at_last_check = self._unread_at_last_check = False
+
     def start(self) -> None:
         """Arm the safety net (on the event thread, or before the loop runs)."""
         if self._recheck_seconds is not None:

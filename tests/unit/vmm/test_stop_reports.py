@@ -79,10 +79,36 @@ def config(**changes):
         (StopReason.REBOOT, {"expect": re.compile(b"login:")}, 5),
         (StopReason.CRASH, {}, 3),
         (StopReason.TIMEOUT, {}, 124),
+        (StopReason.WATCHDOG, {}, 7),
+        (StopReason.WATCHDOG, {"expect": re.compile(b"login:")}, 7),
+        (StopReason.WATCHDOG, {"on_watchdog": "restart", "no_reboot": True}, 7),
     ],
 )
 def test_exit_status_of_each_reason(reason, options, status):
     assert _exit_status(config(**options), reason, []) == status
+
+
+def test_no_two_reasons_share_a_status_but_the_ones_that_mean_success():
+    statuses = [STATUS_FOR_REASON[reason] for reason in StopReason if reason is not StopReason.QUIT]
+    assert len(set(statuses)) == len(statuses) - 1  # poweroff and expect-matched are both 0
+
+
+@pytest.mark.parametrize(
+    "reason,options,again",
+    [
+        (StopReason.REBOOT, {}, True),
+        (StopReason.REBOOT, {"no_reboot": True}, False),
+        (StopReason.TRIPLE_FAULT, {}, True),
+        (StopReason.WATCHDOG, {}, False),  # on_watchdog destroy, xl's default
+        (StopReason.WATCHDOG, {"on_watchdog": "restart"}, True),
+        (StopReason.WATCHDOG, {"on_watchdog": "restart", "no_reboot": True}, False),
+        (StopReason.CRASH, {}, False),
+    ],
+)
+def test_which_stops_boot_again(reason, options, again):
+    from pyvmm.runner import _boots_again
+
+    assert _boots_again(config(**options), reason) is again
 
 
 def test_no_other_reason_shares_the_triple_fault_status():

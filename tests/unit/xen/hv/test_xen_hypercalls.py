@@ -66,7 +66,7 @@ class Recorder:
 
 class FakeDomain(Recorder):
     def __init__(self):
-        super().__init__(features=lambda submap: 0x305, hvm_get_param=lambda index: 0xFEFF9)
+        super().__init__(features=lambda submap: 0x305, hvm_get_param=lambda index: 0xFEFF9, watchdog=0)
         self.domid = DOMID
         self.vcpu_count = 2
         self.version = (4 << 16) | 17
@@ -601,8 +601,45 @@ def test_sched_poll_max_ports_and_negative_timeout(hc, domain, memory):
 
 
 def test_sched_other_ops(hc):
-    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_watchdog, BUF) == -ENOSYS
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_pin_override, BUF) == -ENOSYS
     assert hc(abi.HYPERCALL_sched_op, 0x1234, BUF) == -ENOSYS
+
+
+@ABIS
+def test_sched_watchdog_goes_to_the_domain(hc, domain, memory, compat):
+    # struct sched_watchdog {uint32_t id, timeout}: the same in both ABIs.
+    domain.results["watchdog"] = lambda wid, timeout: 2 if wid == 0 else 0
+    put(memory, BUF, abi.SCHED_WATCHDOG, id=0, timeout=30)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_watchdog, BUF, longmode=not compat) == 2
+    put(memory, BUF, abi.SCHED_WATCHDOG, id=2, timeout=0)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_watchdog, BUF, longmode=not compat) == 0
+    assert [call for call in domain.calls if call[0] == "watchdog"] == [("watchdog", 0, 30), ("watchdog", 2, 0)]
+    domain.raises["watchdog"] = XenError(EINVAL)
+    put(memory, BUF, abi.SCHED_WATCHDOG, id=0xFFFFFFFF, timeout=0)  # Linux's xen_wdt probes so
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_watchdog, BUF, longmode=not compat) == -EINVAL
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_watchdog, UNMAPPED, longmode=not compat) == -EFAULT
+
+
+def test_sched_shutdown_returns_the_domains_answer(hc, domain, memory):
+    # A suspend pyvmm cannot carry out is answered 1, "suspend cancelled".
+    domain.results["shutdown"] = lambda reason: 1 if reason == abi.SHUTDOWN_suspend else None
+    put(memory, BUF, abi.SCHED_SHUTDOWN, reason=abi.SHUTDOWN_suspend)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_shutdown, BUF) == 1
+    put(memory, BUF, abi.SCHED_SHUTDOWN, reason=abi.SHUTDOWN_soft_reset)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_shutdown, BUF) == 0
+
+
+@pytest.mark.parametrize("runs_on", [abi.SHUTDOWN_suspend, abi.SHUTDOWN_soft_reset])
+def test_a_domain_that_runs_on_forgets_its_shutdown_code(hc, domain, memory, runs_on):
+    # Xen's domain_resume() clears the code: after a cancelled suspend or a
+    # soft reset (kexec) the next kernel's own shutdown reason counts.
+    put(memory, BUF, abi.SCHED_SHUTDOWN, reason=runs_on)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_shutdown_code, BUF) == 0
+    put(memory, BUF, abi.SCHED_SHUTDOWN, reason=abi.SHUTDOWN_poweroff)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_shutdown, BUF) == 0
+    assert domain.calls[-1] == ("shutdown", runs_on)
+    assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_shutdown, BUF) == 0
+    assert domain.calls[-1] == ("shutdown", abi.SHUTDOWN_poweroff)
 
 
 # --- event_channel_op --------------------------------------------------------------------

@@ -207,6 +207,26 @@ def test_reconnect_resets_everything():
     assert guest.messages() == [(Op.READ, 9, b"1")]
 
 
+def test_reset_by_the_vmm_leaves_a_quiescent_ring_and_a_fresh_connection():
+    # The domain's soft reset (kexec): the next kernel finds an empty ring
+    # and none of the old kernel's watches or transactions.
+    store, guest, server = make(start_index=500)
+    guest.send(request(Op.WATCH, b"data\0t\0"))
+    guest.send(request(Op.TRANSACTION_START, b"\0", req_id=2))
+    guest.send(request(Op.READ, b"domid\0")[:9])  # a partial packet
+    server.process()
+    guest.set_u32(ERROR, 1)
+    server.reset()
+    assert [guest.u32(o) for o in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, ERROR, CONNECTION)] == [0] * 6
+    assert not server.connection.client.watches
+    assert not server.connection.client.has_transaction(1)
+    guest.received = b""
+    guest.send(request(Op.READ, b"domid\0", req_id=9))
+    server.process()
+    guest.receive()
+    assert guest.messages() == [(Op.READ, 9, b"1")]
+
+
 def test_reconnect_recovers_a_broken_ring():
     _, guest, server = make()
     guest.set_u32(REQ_PROD, 5000)

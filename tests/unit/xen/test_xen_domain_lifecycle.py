@@ -1,0 +1,317 @@
+"""XenDomain's lifecycle hypercalls without KVM: SHUTDOWN_suspend (answered
+"suspend cancelled"), the watchdog's shutdown and its on_watchdog actions,
+and SHUTDOWN_soft_reset (kexec), which undoes every Xen interface the guest
+set up while guest memory stays as it is.
+
+The domain is a real XenDomain on a recording stand-in for KVM's VM and
+vCPUs: its event channels (userspace delivery), grant table, xenstore and
+console are the real ones."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pyvmm.config import VmConfig
+from pyvmm.core import layout
+from pyvmm.core.bus import Bus
+from pyvmm.core.eventloop import EventLoop
+from pyvmm.core.memory import GuestMemory
+from pyvmm.core.stop import StopReason
+from pyvmm.kvm import uapi
+from pyvmm.kvm.memslots import MemslotTable, map_guest_memory
+from pyvmm.xen import abi
+from pyvmm.xen.abi import PAGE_SHIFT, PAGE_SIZE
+from pyvmm.xen.backend.xenbus_backend import XenbusBackendDevice, XenbusState
+from pyvmm.xen.domain import Callback, XenDomain
+from pyvmm.xen.errors import XenError
+from pyvmm.xen.hv import kvm_xen
+from pyvmm.xen.hv.gnttab import GNTTAB_RESERVED_XENSTORE, GTF_permit_access
+from pyvmm.xen.hv.watchdog import Expiry
+
+RAM = 16 << 20
+SHARED_INFO_GFN = 0x800
+FRAME_GFN = 0x900  # a grant frame laid over RAM, as XTF does
+
+
+class FakeVm:
+    """What XenDomain asks of KVM's VM, recorded."""
+
+    def __init__(self):
+        self.attrs = []
+        self.regions = {}
+        self.memslots = MemslotTable(self._set_region, 64, page_size=PAGE_SIZE)
+
+    def _set_region(self, slot, gpa, size, host_address, flags):
+        if size == 0:
+            del self.regions[slot]
+        else:
+            self.regions[slot] = (gpa, size, host_address)
+
+    def backing(self, gpa):
+        for base, size, host in self.regions.values():
+            if base <= gpa < base + size:
+                return host + gpa - base
+        return None
+
+    def xen_hvm_config(self, flags, msr):
+        pass
+
+    def xen_hvm_set_attr(self, attr):
+        self.attrs.append(attr)
+
+    def get_clock(self):
+        return SimpleNamespace(clock=123 * 10**9)
+
+
+class FakeMachine:
+    def __init__(self, config: VmConfig):
+        self.config = config
+        self.kvm = SimpleNamespace(xen_capabilities=lambda: (uapi.KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL
+                                                              | uapi.KVM_XEN_HVM_CONFIG_SHARED_INFO))
+        self.vm = FakeVm()
+        ranges = layout.ram_ranges(config.memory) + [(layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE)]
+        self.memory = GuestMemory(ranges)
+        map_guest_memory(self.vm.memslots, self.memory)
+        self.loop = EventLoop()
+        self.pio = Bus("pio", 1 << 16)
+        self.platform = SimpleNamespace(pci=SimpleNamespace(add=lambda device: 3), input_sink=None,
+                                        input_wanted=lambda: None)
+        self.console = SimpleNamespace(write=lambda data: None)
+        from pyvmm.core.faults import NULL_FAULTS
+        from pyvmm.core.trace import NULL_TRACE
+
+        self.trace, self.faults = NULL_TRACE, NULL_FAULTS
+        self.paused = False
+        self.stops = []
+        self.events = []
+        self.vcpu_attrs = []  # (vCPU index, attribute type, values), on the vCPU's "thread"
+
+    def run_on_vcpu(self, index, function, timeout=10.0):
+        return function(SimpleNamespace(
+            index=index, xen_vcpu_set_attr=lambda attr: self.vcpu_attrs.append((index, attr["type"], attr["u"]))))
+
+    def kick_vcpu(self, index):
+        pass
+
+    def request_stop(self, reason, detail=None):
+        self.stops.append((reason, detail))
+
+    def pause(self):
+        self.paused = True
+
+    def control_event(self, name, data):
+        self.events.append((name, data))
+
+
+class Device(XenbusBackendDevice):
+    """A PV device that takes one ring page and one event channel."""
+
+    device_type = "vtest"
+
+    def __init__(self, domain):
+        super().__init__(domain.store, domain.domid, 0)
+        self.evtchn, self.grants = domain.evtchn, domain.gnttab
+        self.connects = 0
+
+    def connect(self):
+        self.map_ring_page("ring-ref", self.read_frontend_uint("ring-ref"))
+        self.bind_channel("event-channel", self.read_frontend_uint("event-channel"), lambda: None)
+        self.connects += 1
+
+    def disconnect(self):
+        self.release_connection()
+
+
+@pytest.fixture
+def machine():
+    config = VmConfig(kernel=Path("/nonexistent"), memory=RAM, vcpus=2, name="lifecycle", cmdline="console=hvc0")
+    machine = FakeMachine(config)
+    yield machine
+    machine.loop.close()
+    machine.memory.close()
+
+
+@pytest.fixture
+def domain(machine):
+    domain = XenDomain(machine)
+    yield domain
+    domain.close()
+
+
+def guest_path(domain, relative=""):
+    return f"/local/domain/{domain.domid}/{relative}".rstrip("/")
+
+
+# --- SHUTDOWN_suspend ------------------------------------------------------------------------
+
+
+def test_suspend_is_cancelled_and_the_guest_runs_on(domain, machine, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert domain.shutdown(abi.SHUTDOWN_suspend) == 1
+    assert machine.stops == []
+    assert "SHUTDOWN_suspend" in caplog.text and "suspend cancelled" in caplog.text
+
+
+def test_feature_suspend_is_left_to_the_guest(domain):
+    guest = domain.store.client(domain.domid)
+    assert guest.read(guest_path(domain, "control/feature-suspend")) == b""
+    guest.write(guest_path(domain, "control/feature-suspend"), "1")  # Linux's own announcement
+
+
+# --- the watchdog's shutdown ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["destroy", "restart"])
+def test_an_expired_watchdog_stops_the_boot(machine, action, caplog):
+    machine.config = VmConfig(kernel=Path("/nonexistent"), memory=RAM, name="w", on_watchdog=action)
+    domain = XenDomain(machine)
+    try:
+        with caplog.at_level(logging.WARNING):
+            domain._watchdog_expired(Expiry(2, 30))
+        assert machine.stops == [(StopReason.WATCHDOG, "watchdog 2")]
+        assert "Xen watchdog 2 of domain 1 expired" in caplog.text and "30 s" in caplog.text
+    finally:
+        domain.close()
+
+
+def test_shutdown_watchdog_from_the_guest_stops_the_boot_too(domain, machine):
+    assert domain.shutdown(abi.SHUTDOWN_watchdog) == 0
+    assert machine.stops == [(StopReason.WATCHDOG, "shutdown")]
+
+
+def test_on_watchdog_preserve_keeps_the_vm_paused(machine):
+    machine.config = VmConfig(kernel=Path("/nonexistent"), memory=RAM, name="w", on_watchdog="preserve")
+    domain = XenDomain(machine)
+    try:
+        domain._watchdog_expired(Expiry(1, 5))
+        machine.loop.call_soon_threadsafe(machine.loop.stop)
+        machine.loop.run()
+        assert machine.stops == [] and machine.paused
+        assert machine.events == [("SHUTDOWN", {"reason": "watchdog", "detail": "watchdog 1", "preserved": True})]
+    finally:
+        domain.close()
+
+
+def test_watchdog_hypercall_reaches_the_domains_watchdogs(domain):
+    assert domain.watchdog(0, 60) == 1
+    assert list(domain.watchdogs.in_use()) == [1]
+
+
+# --- SHUTDOWN_soft_reset ---------------------------------------------------------------------
+
+
+def set_up_like_linux(domain, machine):
+    """What a Linux guest sets up: shared_info, per-vCPU vcpu_info and
+    upcall vectors, the callback, IPIs and a VIRQ, a grant frame, a
+    connected PV device, a xenstore watch, a node of its own."""
+    domain.map_shared_info(SHARED_INFO_GFN)
+    domain.register_vcpu_info(1, 0x700_040)
+    domain.set_evtchn_upcall_vector(0, 0xF3)
+    domain.hvm_set_param(abi.HVM_PARAM_CALLBACK_IRQ, (abi.HVM_PARAM_CALLBACK_TYPE_VECTOR << 56) | 0xF3)
+    ipi = domain.evtchn.bind_ipi(1)
+    timer = domain.evtchn.bind_virq(abi.VIRQ_TIMER, 0)
+    domain.map_grant_frame(0, FRAME_GFN)
+    frame_ref = 8
+    struct_at = domain.gnttab.frame_host_address(0)
+    ctypes.memmove(struct_at + frame_ref * 8, bytes([GTF_permit_access, 0, 0, 0]) + (0x123).to_bytes(4, "little"), 8)
+    domain.decrease_reservation(0x950, 0)
+    # The PV device: the guest offers a ring and a channel, and connects.
+    device = domain.backends.setdefault("vtest", [Device(domain)])[0]
+    device.start()
+    guest = domain.store.client(domain.domid)
+    port = domain.evtchn.alloc_unbound(domain.domid, 0)
+    guest.write(f"{device.frontend_path}/ring-ref", str(frame_ref))
+    guest.write(f"{device.frontend_path}/event-channel", str(port))
+    guest.write(f"{device.frontend_path}/state", str(int(XenbusState.CONNECTED)))
+    assert device.connected and device.state == XenbusState.CONNECTED
+    guest.write(guest_path(domain, "data/old-kernel"), "was here")
+    return SimpleNamespace(device=device, ipi=ipi, timer=timer, device_port=port)
+
+
+def test_soft_reset_leaves_a_domain_as_at_boot_and_memory_as_it_was(domain, machine):
+    old = set_up_like_linux(domain, machine)
+    machine.memory.write(0x100000, b"the next kernel")  # what kexec loaded
+    machine.vcpu_attrs.clear()
+    machine.vm.attrs.clear()
+
+    assert domain.shutdown(abi.SHUTDOWN_soft_reset) == 0
+    assert machine.stops == [] and domain.soft_resets == 1
+
+    # Guest memory is untouched; the grant frame left the RAM it hid, and
+    # the ballooned page is back.
+    assert machine.memory.read(0x100000, 15) == b"the next kernel"
+    assert machine.vm.backing(FRAME_GFN << PAGE_SHIFT) == machine.memory.host_address(FRAME_GFN << PAGE_SHIFT)
+    assert machine.vm.backing(0x950 << PAGE_SHIFT) == machine.memory.host_address(0x950 << PAGE_SHIFT)
+    # Nothing of Xen writes into it any more: no shared_info, no callback,
+    # each vCPU's areas, upcall vector and timer gone in KVM.
+    assert domain.shared_info_gfn is None and domain.callback is Callback.NONE
+    assert {"type": uapi.KVM_XEN_ATTR_TYPE_SHARED_INFO,
+            "u": {"shared_info": {"gfn": uapi.KVM_XEN_INVALID_GFN}}} in machine.vm.attrs
+    assert {"type": uapi.KVM_XEN_ATTR_TYPE_UPCALL_VECTOR, "u": {"vector": 0}} in machine.vm.attrs
+    for index in (0, 1):
+        reset = {kind: values for vcpu, kind, values in machine.vcpu_attrs if vcpu == index}
+        assert reset[uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO] == {"gpa": abi.INVALID_GPA}
+        assert reset[uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_TIME_INFO] == {"gpa": abi.INVALID_GPA}
+    assert domain._vcpu_info_gpa == [None, None] and domain._per_vcpu_vector == [0, 0]
+    assert domain.hvm_get_param(abi.HVM_PARAM_CALLBACK_IRQ) == 0
+    # Every event channel the guest had is closed; xenstore and the console
+    # have new ones, in the params and the domain's nodes.
+    ports = {entry["port"]: entry for entry in domain.evtchn.snapshot()}
+    assert set(ports) == {domain.store_channel.guest_port, domain.console_channel.guest_port}
+    assert all(entry["state"] == "interdomain" and entry["backend"] for entry in ports.values())
+    assert domain.hvm_get_param(abi.HVM_PARAM_STORE_EVTCHN) == domain.store_channel.guest_port
+    assert domain.hvm_get_param(abi.HVM_PARAM_CONSOLE_EVTCHN) == domain.console_channel.guest_port
+    guest = domain.store.client(domain.domid)
+    assert guest.read(guest_path(domain, "store/port")) == str(domain.store_channel.guest_port).encode()
+    assert guest.read(guest_path(domain, "console/port")) == str(domain.console_channel.guest_port).encode()
+    assert guest.read(guest_path(domain, "vm")) == f"/vm/{domain.uuid}".encode()
+    assert "old-kernel" not in guest.directory(guest_path(domain, "data"))  # the directory is made anew
+    # The grant table is empty but for the toolstack's reserved entries.
+    assert domain.gnttab.query_size()[0] == 0
+    table = ctypes.string_at(domain.gnttab.frame_host_address(0), 16 * 8)
+    assert table[8 * 8:9 * 8] == bytes(8)
+    assert table[GNTTAB_RESERVED_XENSTORE * 8] == GTF_permit_access
+    # The device let go of the guest and starts over for the next kernel.
+    assert not old.device.connected and old.device.state == XenbusState.INIT_WAIT
+    assert guest.read(f"{old.device.frontend_path}/state") == str(int(XenbusState.INITIALISING)).encode()
+    assert "ring-ref" not in guest.directory(old.device.frontend_path)
+    assert machine.events == [("RESET", {"reason": "soft-reset"})]
+
+
+def test_the_next_kernel_sets_the_domain_up_again(domain, machine):
+    old = set_up_like_linux(domain, machine)
+    domain.shutdown(abi.SHUTDOWN_soft_reset)
+    # The next kernel: shared_info elsewhere, its callback, a device again.
+    domain.map_shared_info(SHARED_INFO_GFN + 1)
+    domain.hvm_set_param(abi.HVM_PARAM_CALLBACK_IRQ, (abi.HVM_PARAM_CALLBACK_TYPE_VECTOR << 56) | 0xF3)
+    assert domain.evtchn.bind_virq(abi.VIRQ_TIMER, 0) > 0  # bound afresh: no EEXIST
+    domain.map_grant_frame(0, FRAME_GFN)
+    guest = domain.store.client(domain.domid)
+    port = domain.evtchn.alloc_unbound(domain.domid, 0)
+    guest.write(f"{old.device.frontend_path}/ring-ref", "8")
+    guest.write(f"{old.device.frontend_path}/event-channel", str(port))
+    ctypes.memmove(domain.gnttab.frame_host_address(0) + 8 * 8, bytes([GTF_permit_access, 0, 0, 0])
+                   + (0x123).to_bytes(4, "little"), 8)
+    guest.write(f"{old.device.frontend_path}/state", str(int(XenbusState.INITIALISED)))
+    assert old.device.connected and old.device.connects == 2
+
+
+def test_a_soft_reset_that_fails_crashes_the_domain(domain, machine, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(22, "KVM said no")
+
+    monkeypatch.setattr(kvm_xen, "set_hvm_upcall_vector", refuse)
+    with pytest.raises(XenError):
+        domain.shutdown(abi.SHUTDOWN_soft_reset)
+    assert machine.stops == [(StopReason.CRASH, "soft-reset")]
+
+
+def test_soft_reset_keeps_the_watchdogs_as_xen_does(domain):
+    domain.watchdog(0, 60)
+    domain.shutdown(abi.SHUTDOWN_soft_reset)
+    assert list(domain.watchdogs.in_use()) == [1]
