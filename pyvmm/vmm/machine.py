@@ -448,10 +448,13 @@ class Machine:
                 self.post_to_vcpu(index, partial(self._sample_vcpu, self._liveness_round, index))
         self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
 
-    @staticmethod
-    def _sample_vcpu(round_: list, index: int, vcpu) -> None:
+    def _sample_vcpu(self, round_: list, index: int, vcpu) -> None:
         try:
-            round_[index] = liveness.sample_vcpu(vcpu)
+            sample = liveness.sample_vcpu(vcpu)
+            if sample.halted and self.xen is not None and self.xen.vcpu_blocked(index):
+                sample = liveness.VcpuSample(sample.mp_state, sample.rip, interrupts_enabled=sample.interrupts_enabled,
+                                             nmi_armed=sample.nmi_armed, event_wakes=True)
+            round_[index] = sample
         except Exception as error:  # an unanswered round only means "alive"
             log.debug("vCPU %d: liveness probe failed: %s", index, error)
 

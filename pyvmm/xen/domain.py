@@ -41,6 +41,7 @@ from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantT
 from .hv.guest_access import GuestAccess
 from .hv.hypercalls import HypercallDispatcher
 from .hv.kvm_xen import KernelEvtchn, XenFeatures
+from .hv.poll import ANY_PORT, Pollers
 from .hv.timers import UserTimer
 from .backend import kind as device_kinds
 from . import backends as _backends  # noqa: F401 - registers the device kinds
@@ -125,6 +126,7 @@ class XenHost(Protocol):
     faults: FaultInjector
 
     def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
+    def post_to_vcpu(self, index: int, function: Callable) -> None: ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
 
@@ -172,6 +174,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             vcpu_info_address=self._vcpu_info_address,
             upcall=self._upcall,
             kernel=_GsiAwareKernelEvtchn(self) if self.kvm_features.evtchn_send else None,
+            on_pending=self._port_pending,
             schedule=self.loop.call_soon_threadsafe,
             add_reader=self.loop.add_reader,
             remove_reader=self.loop.remove_reader,
@@ -545,6 +548,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
 
     def _upcall(self, vcpu: int) -> None:
         """Userspace just set `vcpu`'s upcall_pending: make the guest take it."""
+        self.pollers.vcpu_event(vcpu)  # Xen wakes a polling or blocked vCPU for any event
         vector = self._per_vcpu_vector[vcpu]
         if vector:
             # A fixed-delivery MSI to that vCPU's APIC (APIC ID = index).
@@ -561,6 +565,9 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         self._singleshot = [UserTimer(self.loop, partial(self._timer_fired, i)) for i in range(self.vcpu_count)]
         self._periodic = [UserTimer(self.loop, partial(self._timer_fired, i)) for i in range(self.vcpu_count)]
         self._timer_ports: list[int | None] = [None] * self.vcpu_count  # KVM runs the singleshot timer
+        # SCHEDOP_poll's timeout, one per vCPU (hv/poll.py).
+        poll_timers = [UserTimer(self.loop, partial(self._poll_expired, i)) for i in range(self.vcpu_count)]
+        self.pollers = Pollers(self.vcpu_count, self._unhalt, poll_timers)
 
     def _guest_time_ns(self) -> int:
         return kvm_xen.clock_ns(self.vm)
@@ -626,9 +633,65 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         os.sched_yield()
 
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None:
-        # KVM handles SCHEDOP_poll itself when it can; what reaches us is
-        # answered like a yield, which Xen permits (spurious wake-ups).
-        os.sched_yield()
+        """SCHEDOP_poll that reached userspace (KVM polls in the kernel when
+        its event-channel acceleration is on): the vCPU halts until one of
+        `ports` is pending, an event is raised for it, or the timeout (Xen
+        system time; 0: none) passes. On the vCPU's own thread."""
+        timeout_s = None
+        if timeout_abs_ns:
+            timeout_s = (timeout_abs_ns - self._guest_time_ns()) / 1e9
+            if timeout_s <= 0:
+                return  # Xen's timer fires at once
+        self.pollers.start(vcpu, ports, timeout_s)
+        try:
+            pending = self.evtchn.any_pending(ports)
+        except BaseException:
+            self.pollers.cancel(vcpu)
+            raise
+        if pending:
+            self.pollers.cancel(vcpu)
+            return
+        self._halt(vcpu)
+
+    def block(self, vcpu: int) -> None:
+        """SCHEDOP_block (KVM never handles it): halt until an event for the
+        vCPU. An upcall the guest can take with interrupts on wakes it inside
+        KVM; pyvmm's own deliveries wake it through the pollers."""
+        self.pollers.start(vcpu, ANY_PORT, None)
+        self._halt(vcpu)
+
+    def _halt(self, vcpu: int) -> None:
+        # The hypercall completes on the next KVM_RUN, which then halts the
+        # vCPU as a HLT would: woken by interrupts, KVM's deliveries, kicks.
+        self.machine.run_on_vcpu(vcpu, lambda v: v.set_mp_state(uapi.KVM_MP_STATE_HALTED))
+
+    def _unhalt(self, vcpu: int) -> None:
+        """End a poll or block: on the vCPU's thread, once it left KVM_RUN."""
+        def runnable(v) -> None:
+            try:
+                if v.get_mp_state() == uapi.KVM_MP_STATE_HALTED:
+                    v.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+            except KvmError as error:  # never end the vCPU thread over a wake-up
+                self._limited.warning("vCPU %d: cannot end its SCHEDOP_poll: %s", vcpu, error)
+
+        self.machine.post_to_vcpu(vcpu, runnable)
+
+    def _poll_expired(self, vcpu: int) -> None:
+        self.pollers.expired(vcpu)
+
+    def _port_pending(self, port: int) -> None:
+        """pyvmm made `port` pending itself (EventChannels' on_pending)."""
+        self.pollers.port_pending(port)
+        if self.kvm_features.evtchn_send:
+            # KVM refused this delivery, so a vCPU polling inside KVM was not
+            # told: a kick ends its poll (a spurious wake-up; it checks again).
+            for index in range(self.vcpu_count):
+                self.machine.kick_vcpu(index)
+
+    def vcpu_blocked(self, index: int) -> bool:
+        """Whether vCPU `index` may be halted in SCHEDOP_poll/block by pyvmm:
+        an event can still wake it, even with interrupts off."""
+        return self.pollers.waiting(index)
 
     def shutdown(self, reason: int) -> None:
         stop = {

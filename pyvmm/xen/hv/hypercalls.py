@@ -138,7 +138,9 @@ class XenDomainOps(Protocol):
     def set_timer_op(self, vcpu: int, timeout_abs_ns: int) -> None: ...  # 0 stops
     def shutdown(self, reason: int) -> None: ...
     def sched_yield(self, vcpu: int) -> None: ...
+    # Both halt the vCPU once the hypercall completes, until an event (or the timeout) wakes it.
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None: ...  # 0: none
+    def block(self, vcpu: int) -> None: ...
     def console_write(self, data: bytes) -> None: ...
 
 
@@ -560,7 +562,7 @@ class HypercallDispatcher:
     def _sched_ops(self) -> dict[int, SubHandler]:
         return {
             abi.SCHEDOP_yield: self._sched_yield,
-            abi.SCHEDOP_block: self._sched_yield,  # the upcall wakes it either way
+            abi.SCHEDOP_block: self._sched_block,
             abi.SCHEDOP_shutdown: self._sched_shutdown,
             abi.SCHEDOP_shutdown_code: self._sched_shutdown_code,
             abi.SCHEDOP_remote_shutdown: self._sched_remote_shutdown,
@@ -569,6 +571,10 @@ class HypercallDispatcher:
 
     def _sched_yield(self, call: _Call, arg: int) -> int:
         self.domain.sched_yield(call.vcpu)
+        return 0
+
+    def _sched_block(self, call: _Call, arg: int) -> int:
+        self.domain.block(call.vcpu)
         return 0
 
     @staticmethod

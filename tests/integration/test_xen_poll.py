@@ -1,0 +1,44 @@
+"""SCHEDOP_poll and SCHEDOP_block in a real non-Linux guest.
+
+XTF's self test reads xenstore keys and waits for each reply with
+SCHEDOP_poll on the store port, interrupts off. With --no-xen-accel that
+poll reaches pyvmm (KVM polls in the kernel otherwise): pyvmm halts the vCPU
+and the xenstore's reply, delivered by pyvmm, must wake it. Both ABIs, since
+the compat SCHEDOP_poll structure differs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from vmm import REPO, run_pyvmm
+
+pytestmark = [pytest.mark.guest, pytest.mark.xen]
+
+XTF_DIR = Path(os.environ.get("PYVMM_XTF_DIR", REPO.parent / "shared" / "xtf"))
+
+
+@pytest.mark.parametrize("test_id", ["test-hvm64-selftest", "test-hvm32-selftest"])
+@pytest.mark.parametrize("accel", [False, True], ids=["userspace", "in-kernel"])
+def test_xtf_selftest_waits_for_xenstore_replies_with_sched_op_poll(test_id, accel):
+    from pyvmm.hostcheck import probe
+
+    kernel = XTF_DIR / "tests" / "selftest" / test_id
+    if not kernel.is_file():
+        pytest.skip(f"no built XTF at {XTF_DIR} (set PYVMM_XTF_DIR)")
+    if not probe().can_run_xen:
+        pytest.skip("this host's KVM cannot run Xen guests")
+    args = ["run", "--xen", "--kernel", str(kernel), "--append", "", "--memory", "128M", "--no-reboot",
+            "--timeout", "60", "--stats"]
+    if not accel:
+        args.append("--no-xen-accel")
+    result = run_pyvmm(*args, timeout=120)
+    assert "Test result: SUCCESS" in result.stdout, result
+    assert result.status == 0, result
+    if not accel:
+        # The polls reached pyvmm, which halted the vCPU rather than spinning.
+        assert re.search(r"sched_op:poll\s+[1-9]", result.stdout + result.stderr), result
