@@ -349,6 +349,18 @@ class Machine:
         with self._parking:
             self._parking.notify_all()  # a parked vCPU serves it too
 
+    def preempt_point(self, index: int) -> bool:
+        """For a long hypercall, between its items, on vCPU `index`'s own
+        thread: run the work queued for it and wait out a pause, as the vCPU
+        loop would between two KVM_RUNs. True when the VM is stopping (the
+        hypercall should end at once)."""
+        work = self._vcpu_work[index]
+        while work:
+            work.popleft()()
+        if not self._running.is_set():
+            self._park(work)
+        return self.stop_reason is not None
+
     def _park(self, work: collections.deque) -> None:
         """Wait outside KVM_RUN until the VM runs again; the vCPU's own
         thread. Work queued for the vCPU still runs meanwhile: a vCPU

@@ -48,7 +48,7 @@ from . import backends as _backends  # noqa: F401 - registers the device kinds
 from .xenstore import Access, Permission, Quotas, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
-from ..core.memory import GuestMemory
+from ..core.memory import GuestMemory, GuestMemoryError
 from ..core.stop import StopReason
 from ..core.snapshot import SavesNoStateYet
 
@@ -127,6 +127,7 @@ class XenHost(Protocol):
 
     def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
     def post_to_vcpu(self, index: int, function: Callable) -> None: ...
+    def preempt_point(self, index: int) -> bool: ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
 
@@ -716,6 +717,21 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
 
     def console_write(self, data: bytes) -> None:
         self.machine.console.write(data)
+
+    def preempt(self, vcpu: int) -> bool:
+        return self.machine.preempt_point(vcpu)
+
+    def ram_page(self, gfn: int) -> memoryview | None:
+        """The RAM page the guest sees at `gfn`, for a copy the guest asks
+        for: None where no RAM shows (ballooned out, under an overlay)."""
+        gpa = gfn << PAGE_SHIFT
+        with self._lock:
+            if gfn in self._ballooned or gpa in self._grant_frame_at:
+                return None
+        try:
+            return self.memory.view(gpa, PAGE_SIZE)
+        except GuestMemoryError:
+            return None
 
     # --- grant frames ---------------------------------------------------------------
 

@@ -1041,3 +1041,25 @@ def test_counted_send_names_a_loopback_and_a_bad_port(hc, domain, memory):
     domain.evtchn.raises["status"] = XenError(EINVAL)
     hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF)
     assert {detail for _, detail in vcpus[0].counters} == {"port 3: interdomain (loopback)", "invalid port"}
+
+
+def test_reservation_refuses_more_extents_than_xen_can_count(hc, domain, memory):
+    domain.results["decrease_reservation"] = True
+    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=(0xFFFF_FFFF >> 6) + 1,
+        extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF) == 0
+    assert "decrease_reservation" not in domain.names()
+
+
+def test_a_long_reservation_stops_for_a_pause_and_ends_when_the_vm_stops(hc, domain, memory):
+    memory.write(ARRAY, struct.pack("<300Q", *range(0x40, 0x40 + 300)))
+    domain.results["populate_physmap"] = True
+    stopping = []
+    domain.results["preempt"] = lambda vcpu: len(stopping) > 0
+    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=300,
+        extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF, vcpu=1) == 300
+    assert domain.names().count("preempt") == 300 // 64  # every 64 extents, on the calling vCPU
+    assert ("preempt", 1) in domain.calls
+    stopping.append(True)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF) == 64
