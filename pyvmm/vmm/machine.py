@@ -97,6 +97,8 @@ class Machine:
         # vCPU runs.
         self._parking = threading.Condition()
         self._in_guest = [False] * config.vcpus
+        # VCPUOP_down: vCPU i parks like a paused one until VCPUOP_up.
+        self._vcpu_down = [False] * config.vcpus
         self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
@@ -246,8 +248,8 @@ class Machine:
             while self.stop_reason is None:
                 while work:
                     work.popleft()()
-                if not self._running.is_set():
-                    self._park(work)
+                if not self._running.is_set() or self._vcpu_down[index]:
+                    self._park(work, index)
                     continue
                 in_guest[index] = True
                 try:
@@ -358,15 +360,16 @@ class Machine:
         while work:
             work.popleft()()
         if not self._running.is_set():
-            self._park(work)
+            self._park(work, index)
         return self.stop_reason is not None
 
-    def _park(self, work: collections.deque) -> None:
-        """Wait outside KVM_RUN until the VM runs again; the vCPU's own
-        thread. Work queued for the vCPU still runs meanwhile: a vCPU
-        blocked in a hypercall may be waiting for it (run_on_vcpu)."""
+    def _park(self, work: collections.deque, index: int) -> None:
+        """Wait outside KVM_RUN until the VM runs again (and this vCPU is
+        up); the vCPU's own thread. Work queued for the vCPU still runs
+        meanwhile: a vCPU blocked in a hypercall may be waiting for it
+        (run_on_vcpu)."""
         with self._parking:
-            while not self._running.is_set():
+            while self.stop_reason is None and (not self._running.is_set() or self._vcpu_down[index]):
                 if work:
                     self._parking.release()
                     try:
@@ -509,6 +512,18 @@ class Machine:
                 self.vm.set_clock(self._paused_clock)
                 self._paused_clock = None
             self._set_running()
+
+    def set_vcpu_down(self, index: int, down: bool) -> None:
+        """VCPUOP_down / VCPUOP_up: vCPU `index` stops running guest code (its
+        thread parks, still serving queued work) or runs again; any thread."""
+        with self._parking:
+            self._vcpu_down[index] = down
+            self._parking.notify_all()
+        if down:
+            self.kick_vcpu(index)
+
+    def vcpu_down(self, index: int) -> bool:
+        return self._vcpu_down[index]
 
     def kick_vcpu(self, index: int) -> None:
         vcpu = self._vcpus[index]

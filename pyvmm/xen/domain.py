@@ -128,6 +128,8 @@ class XenHost(Protocol):
     def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
     def post_to_vcpu(self, index: int, function: Callable) -> None: ...
     def preempt_point(self, index: int) -> bool: ...
+    def set_vcpu_down(self, index: int, down: bool) -> None: ...
+    def vcpu_down(self, index: int) -> bool: ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
 
@@ -176,6 +178,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             upcall=self._upcall,
             kernel=_GsiAwareKernelEvtchn(self) if self.kvm_features.evtchn_send else None,
             on_pending=self._port_pending,
+            on_virq_closed=self._virq_closed,
             schedule=self.loop.call_soon_threadsafe,
             add_reader=self.loop.add_reader,
             remove_reader=self.loop.remove_reader,
@@ -615,6 +618,18 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             timer={"port": port, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": deadline_ns},
         )
 
+    def _virq_closed(self, virq: int, vcpu: int, port: int) -> None:
+        """The guest closed a VIRQ's port. KVM, once given a vCPU's timer
+        port, runs its timer hypercalls itself and would keep raising the
+        closed port: a CPU taken offline and back (Linux closes and binds
+        VIRQ_TIMER again, maybe at another port) would get no more ticks.
+        Port 0 hands the timer back to pyvmm until the next timer call
+        names the new port."""
+        if virq != abi.VIRQ_TIMER or self._timer_ports[vcpu] != port:
+            return
+        self._timer_ports[vcpu] = None
+        self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, 0, 0))
+
     def _timer_fired(self, vcpu: int) -> None:
         self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
 
@@ -693,6 +708,35 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         """Whether vCPU `index` may be halted in SCHEDOP_poll/block by pyvmm:
         an event can still wake it, even with interrupts off."""
         return self.pollers.waiting(index)
+
+    def vcpu_is_up(self, vcpu: int) -> bool:
+        """VCPUOP_is_up: not taken down by VCPUOP_down, and started (an
+        application processor is down until the guest's INIT/SIPI, as on Xen)."""
+        self._check_vcpu(vcpu)
+        return not self.machine.vcpu_down(vcpu) and self._started(vcpu)
+
+    def vcpu_up(self, vcpu: int) -> None:
+        """VCPUOP_up: only a vCPU that ran before (EINVAL otherwise, as Xen
+        answers for one never initialised); its INIT/SIPI start is the guest's."""
+        self._check_vcpu(vcpu)
+        if not self.machine.vcpu_down(vcpu) and not self._started(vcpu):
+            raise XenError(EINVAL, f"vCPU {vcpu} was never started")
+        self.machine.set_vcpu_down(vcpu, False)
+
+    def vcpu_down(self, vcpu: int) -> None:
+        """VCPUOP_down: the vCPU stops until VCPUOP_up (its own, or another's).
+        Taking down the last vCPU still up powers the domain off, as Xen does."""
+        self._check_vcpu(vcpu)
+        others_up = any(not self.machine.vcpu_down(other) and self._started(other)
+                        for other in range(self.vcpu_count) if other != vcpu)
+        if not others_up:
+            self.shutdown(abi.SHUTDOWN_poweroff)
+            return
+        self.machine.set_vcpu_down(vcpu, True)
+
+    def _started(self, vcpu: int) -> bool:
+        state = self.machine.run_on_vcpu(vcpu, lambda v: v.get_mp_state())
+        return state not in (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_INIT_RECEIVED)
 
     def shutdown(self, reason: int) -> None:
         stop = {

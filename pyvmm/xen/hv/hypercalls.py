@@ -147,6 +147,10 @@ class XenDomainOps(Protocol):
     def stop_periodic_timer(self, vcpu: int) -> None: ...
     def set_timer_op(self, vcpu: int, timeout_abs_ns: int) -> None: ...  # 0 stops
     def shutdown(self, reason: int) -> None: ...
+    # VCPUOP_is_up, VCPUOP_up (XenError(EINVAL): never started), VCPUOP_down.
+    def vcpu_is_up(self, vcpu: int) -> bool: ...
+    def vcpu_up(self, vcpu: int) -> None: ...
+    def vcpu_down(self, vcpu: int) -> None: ...
     def sched_yield(self, vcpu: int) -> None: ...
     # Both halt the vCPU once the hypercall completes, until an event (or the timeout) wakes it.
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None: ...  # 0: none
@@ -524,7 +528,13 @@ class HypercallDispatcher:
         self._check_vcpu(target)  # Xen checks the vCPU before the command
         domain = self.domain
         if cmd == abi.VCPUOP_is_up:
-            return 1  # every vCPU we created runs
+            return int(domain.vcpu_is_up(target))
+        if cmd == abi.VCPUOP_up:
+            domain.vcpu_up(target)
+            return 0
+        if cmd == abi.VCPUOP_down:
+            domain.vcpu_down(target)
+            return 0
         if cmd == abi.VCPUOP_register_vcpu_info:
             return self._register_vcpu_info(call, target, arg)
         if cmd == abi.VCPUOP_register_vcpu_time_memory_area:

@@ -392,6 +392,7 @@ def test_hvm_other_ops(hc, domain, memory):
 
 
 def test_vcpu_op_checks_the_vcpu_first(hc, domain):
+    domain.results["vcpu_is_up"] = True
     for op in (abi.VCPUOP_is_up, abi.VCPUOP_stop_periodic_timer, 99):
         assert hc(abi.HYPERCALL_vcpu_op, op, 2, 0) == -ENOENT
     assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_is_up, (1 << 32) | 1, 0) == 1  # unsigned int vcpuid
@@ -1063,3 +1064,15 @@ def test_a_long_reservation_stops_for_a_pause_and_ends_when_the_vm_stops(hc, dom
     assert ("preempt", 1) in domain.calls
     stopping.append(True)
     assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF) == 64
+
+
+def test_vcpu_up_down_is_up(hc, domain):
+    domain.results["vcpu_is_up"] = lambda vcpu: vcpu == 0
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_is_up, 0, 0) == 1
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_is_up, 1, 0) == 0
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_down, 1, 0) == 0
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_up, 1, 0, vcpu=0) == 0
+    assert [c for c in domain.calls if c[0] in ("vcpu_down", "vcpu_up")] == [("vcpu_down", 1), ("vcpu_up", 1)]
+    domain.raises["vcpu_up"] = XenError(EINVAL)
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_up, 1, 0) == -EINVAL
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_down, 5, 0) == -ENOENT
