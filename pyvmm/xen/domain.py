@@ -246,6 +246,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             self.store, self.domid, machine.config.name,
             store_port=self.store_channel.guest_port, store_ring_ref=store_pfn,
             console_port=self.console_channel.guest_port, console_ring_ref=console_pfn, client=self.dom0,
+            memory_kib=machine.config.memory >> 10,
         )
         self._publish_vm_node(machine.config.name)
         self.params.update({
@@ -750,6 +751,27 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             raise XenError(EINVAL, f"shutdown reason {reason} is not supported")
         self._limited.info("guest asked for shutdown: %s", stop.value)
         self.machine.request_stop(stop)
+
+    def set_memory_target(self, target_kib: int) -> None:
+        """The balloon target, as `xl mem-set` sets it: memory/target in KiB.
+        The guest's balloon driver gives pages back (decrease_reservation)
+        or takes them again (populate_physmap) until it holds that much;
+        it never grows past its RAM (memory/static-max). Event thread."""
+        if not 0 < target_kib <= self.machine.config.memory >> 10:
+            raise ValueError(f"memory target {target_kib} KiB is not in 1..{self.machine.config.memory >> 10} KiB")
+        self.dom0.write(f"/local/domain/{self.domid}/memory/target", str(target_kib))
+
+    def memory_target_kib(self) -> int | None:
+        """What memory/target says now (event thread)."""
+        try:
+            return int(self.dom0.read(f"/local/domain/{self.domid}/memory/target"))
+        except Exception:  # removed or rewritten by someone: no target to report
+            return None
+
+    def ballooned_pages(self) -> int:
+        """Pages the guest has given back and not taken again."""
+        with self._lock:
+            return len(self._ballooned)
 
     def request_guest_shutdown(self, kind: str = "poweroff") -> None:
         """Ask the guest to shut down in order, as xl shutdown does (any thread)."""
