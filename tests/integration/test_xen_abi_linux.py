@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,10 +80,8 @@ def mem_total(guest: LiveGuest, after: int) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def wait_mem(guest: LiveGuest, line: int, test, timeout: float = 240) -> tuple[int, int]:
+def wait_mem(guest: LiveGuest, line: int, test, timeout: float = 400) -> tuple[int, int]:
     """Follow the guest's MemTotal lines until `test(kB)` holds."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line, kb = mem_total(guest, line)
@@ -94,18 +93,22 @@ def wait_mem(guest: LiveGuest, line: int, test, timeout: float = 240) -> tuple[i
 def test_balloon_target_from_the_control_socket_moves_memtotal(assets, tmp_path):
     initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", BALLOON)
     guest = LiveGuest(["run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd), "--append", "console=hvc0",
-                       "--memory", "384M", "--name", "balloon", "--timeout", "800"], stdin=False)
+                       "--vcpus", "2", "--name", "balloon", "--timeout", "800"], stdin=False)
     with guest:
         line, full = mem_total(guest, int(guest.wait_for(r"mem (\d+) ", timeout=BOOT_TIMEOUT).group(1)))
-        lowered = pyvmm("ctl", "balloon", "mem-set", "320M")
+        started = time.monotonic()
+        lowered = pyvmm("ctl", "balloon", "mem-set", "448M")
         assert lowered.returncode == 0, lowered
         assert pyvmm("ctl", "balloon", "xenstore", "read", "/local/domain/1/memory/target").stdout.strip() == str(
-            320 * MIB_KB)
+            448 * MIB_KB)
         line, low = wait_mem(guest, line, lambda kb: kb <= full - 60 * MIB_KB)
+        lowered_in = time.monotonic() - started
         info = pyvmm("ctl", "--json", "balloon", "mem-info")
         assert info.returncode == 0 and '"ballooned"' in info.stdout, info
-        raised = pyvmm("ctl", "balloon", "mem-set", "384M")
+        started = time.monotonic()
+        raised = pyvmm("ctl", "balloon", "mem-set", "512M")
         assert raised.returncode == 0, raised
         line, back = wait_mem(guest, line, lambda kb: kb >= full - MIB_KB)
-        print(f"MemTotal {full} kB -> {low} kB -> {back} kB; {info.stdout}")
+        print(f"MemTotal {full} kB -> {low} kB ({lowered_in:.0f} s) -> {back} kB "
+              f"({time.monotonic() - started:.0f} s); {info.stdout}")
         guest.wait_for(rf"mem {line + 2} ", timeout=60)  # still alive
