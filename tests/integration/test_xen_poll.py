@@ -1,10 +1,12 @@
 """SCHEDOP_poll and SCHEDOP_block in a real non-Linux guest.
 
 XTF's self test reads xenstore keys and waits for each reply with
-SCHEDOP_poll on the store port, interrupts off. With --no-xen-accel that
-poll reaches pyvmm (KVM polls in the kernel otherwise): pyvmm halts the vCPU
-and the xenstore's reply, delivered by pyvmm, must wake it. Both ABIs, since
-the compat SCHEDOP_poll structure differs.
+SCHEDOP_poll on the store port, interrupts off. With KVM's event-channel
+acceleration KVM blocks the vCPU in the kernel and the xenstore's reply,
+sent by pyvmm through KVM, must wake it; with --no-xen-accel KVM answers
+the poll as a yield (since Linux 6.0; older KVMs leave it to pyvmm, which
+halts the vCPU: docs/XEN.md). Both ABIs, since the compat SCHEDOP_poll
+structure differs.
 """
 
 from __future__ import annotations
