@@ -650,8 +650,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         os.sched_yield()
 
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None:
-        """SCHEDOP_poll that reached userspace (KVM polls in the kernel when
-        its event-channel acceleration is on): the vCPU halts until one of
+        """SCHEDOP_poll that reached userspace (KVM 6.0 and later answer it in
+        the kernel, docs/XEN.md; an older KVM leaves it here): the vCPU halts until one of
         `ports` is pending, an event is raised for it, or the timeout (Xen
         system time; 0: none) passes. On the vCPU's own thread."""
         timeout_s = None
