@@ -853,43 +853,63 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
 
     # --- ballooning -----------------------------------------------------------------
 
-    def decrease_reservation(self, gpfn: int, order: int) -> bool:
-        """The guest gives back 2**order RAM pages from `gpfn`: they leave its
-        physical address space (KVM sees a hole there) and their contents are
-        cleared. False, changing nothing, for anything but mapped RAM pages
-        (a page given back already, an overlay, the shared_info page)."""
-        pages = range(gpfn, gpfn + (1 << order))
-        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+    def decrease_reservation(self, gpfn: int, order: int, extents: int = 1) -> int:
+        """The guest gives back `extents` neighbouring extents of 2**order RAM
+        pages from `gpfn`: they leave its physical address space (KVM sees a
+        hole there) and their contents are cleared. Returns how many, from
+        the first, were given back: it stops before the first that is not
+        all mapped RAM (a page given back already, an overlay, the
+        shared_info page). A run of neighbours costs one memslot change, not
+        one per page: Linux's balloon driver gives back runs of pages."""
+        per_extent = 1 << order
         with self._lock:
-            if not self.memory.contains(gpa, size) or self._pages_in_use(pages):
-                return False
+            done = 0
+            while done < extents:
+                first = gpfn + done * per_extent
+                if (not self.memory.contains(first << PAGE_SHIFT, per_extent << PAGE_SHIFT)
+                        or self._pages_in_use(range(first, first + per_extent))):
+                    break
+                done += 1
+            if not done:
+                return 0
+            gpa, size = gpfn << PAGE_SHIFT, (done * per_extent) << PAGE_SHIFT
             try:
                 self.vm.memslots.unmap(gpa, size)
             except (KvmError, MemslotError) as error:  # no slot left to split with
                 self._limited.warning("cannot take %#x+%#x out of the guest: %s", gpa, size, error)
-                return False
+                return 0
             self.memory.fill(gpa, size)
-            self._ballooned.update(pages)
-        return True
+            self._ballooned.update(range(gpfn, gpfn + done * per_extent))
+        return done
 
-    def populate_physmap(self, gpfn: int, order: int) -> bool:
-        """The guest asks for 2**order pages at `gpfn`: pages it gave back
-        return (zeroed). RAM present already is left as it is; anywhere else
-        there is no memory to give (the domain never grows past its size)."""
-        pages = range(gpfn, gpfn + (1 << order))
-        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+    def populate_physmap(self, gpfn: int, order: int, extents: int = 1) -> int:
+        """The guest asks for `extents` neighbouring extents of 2**order pages
+        from `gpfn`: pages it gave back return (zeroed), each run of them with
+        one memslot change. RAM present already is left as it is; anywhere
+        else there is no memory to give (the domain never grows past its
+        size). Returns how many extents, from the first, are done."""
+        per_extent = 1 << order
         with self._lock:
-            if not self.memory.contains(gpa, size):
-                return False
-            for page in pages:
-                if page in self._ballooned:
-                    try:
-                        self._restore_ram(page << PAGE_SHIFT)
-                    except (KvmError, MemslotError) as error:
-                        self._limited.warning("cannot give page %#x back to the guest: %s", page, error)
-                        return False
-                    self._ballooned.discard(page)
-        return True
+            done = 0
+            while done < extents and self.memory.contains((gpfn + done * per_extent) << PAGE_SHIFT,
+                                                          per_extent << PAGE_SHIFT):
+                done += 1
+            page, end = gpfn, gpfn + done * per_extent
+            while page < end:
+                if page not in self._ballooned:
+                    page += 1
+                    continue
+                run_end = page + 1
+                while run_end < end and run_end in self._ballooned:
+                    run_end += 1
+                try:
+                    self._restore_ram(page << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
+                except (KvmError, MemslotError) as error:  # a grant frame mapped there meanwhile
+                    self._limited.warning("cannot give %#x+%d pages back to the guest: %s", page, run_end - page, error)
+                    return (page - gpfn) // per_extent
+                self._ballooned.difference_update(range(page, run_end))
+                page = run_end
+        return done
 
     def _pages_in_use(self, pages: range) -> bool:
         """Whether any of these frames is not plain mapped RAM (under _lock)."""
@@ -905,9 +925,9 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         if self.memory.contains(gpa, PAGE_SIZE) and (gpa >> PAGE_SHIFT) not in self._ballooned:
             self._restore_ram(gpa)
 
-    def _restore_ram(self, gpa: int) -> None:
+    def _restore_ram(self, gpa: int, size: int = PAGE_SIZE) -> None:
         table = self.vm.memslots
-        table.map(gpa, PAGE_SIZE, self.memory.host_address(gpa))
+        table.map(gpa, size, self.memory.host_address(gpa))
         region = self.memory.region(gpa)
         table.coalesce(gpa, region.gpa, region.end)  # no slot left behind per move
 

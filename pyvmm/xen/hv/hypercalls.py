@@ -130,9 +130,10 @@ class XenDomainOps(Protocol):
     def map_shared_info(self, gpfn: int) -> None: ...
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
-    # Ballooning, one extent of 2**order pages: False when it cannot be done.
-    def decrease_reservation(self, gpfn: int, order: int) -> bool: ...
-    def populate_physmap(self, gpfn: int, order: int) -> bool: ...
+    # Ballooning, `extents` neighbouring extents of 2**order pages from `gpfn`:
+    # how many, from the first, were done.
+    def decrease_reservation(self, gpfn: int, order: int, extents: int) -> int: ...
+    def populate_physmap(self, gpfn: int, order: int, extents: int) -> int: ...
     def hvm_get_param(self, index: int) -> int: ...
     def hvm_set_param(self, index: int, value: int) -> None: ...
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None: ...
@@ -203,6 +204,18 @@ class _Throttle:
         if count & (count - 1) == 0:
             suffix = f" (x{count})" if count > 1 else ""
             log.log(level, message + suffix, *args, exc_info=exc_info)
+
+
+def _runs(gpfns: list[int], step: int) -> list[tuple[int, int]]:
+    """The list as (first, count) runs of extents that follow each other
+    (each `step` frames after the one before), in the list's order."""
+    runs: list[tuple[int, int]] = []
+    for gpfn in gpfns:
+        if runs and runs[-1][0] + runs[-1][1] * step == gpfn:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((gpfn, 1))
+    return runs
 
 
 class _MappedPage:
@@ -887,11 +900,13 @@ class HypercallDispatcher:
             return self._reservation(call, arg, start_extent, self.domain.populate_physmap, aligned=True)
         return self._unknown(abi.HYPERCALL_memory_op, op)
 
-    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int], bool],
+    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int, int], int],
                      aligned: bool) -> int:
         """decrease_reservation and populate_physmap: the number of extents
         done (counting from Xen's continuation index), stopping at the first
-        that cannot be, or whose frame number cannot be read, as Xen."""
+        that cannot be, or whose frame number cannot be read, as Xen. The
+        frame numbers are read a batch at a time and neighbouring extents
+        handed to the domain together (one memslot change per run)."""
         request = call.read(arg, abi.MEMORY_RESERVATION)
         self._check_own_domain(request.domid)
         # Xen's cap: more extents than its continuation can count are refused whole.
@@ -900,19 +915,29 @@ class HypercallDispatcher:
         if start_extent >= request.nr_extents or request.extent_order > abi.MAX_GUEST_EXTENT_ORDER:
             return start_extent
         item = abi.XEN_ULONG_SIZE[call.compat]
+        per_extent = 1 << request.extent_order
         done = start_extent
         while done < request.nr_extents:
-            if done > start_extent and (done - start_extent) % PREEMPT_BATCH == 0 and self.domain.preempt(call.vcpu):
+            if done > start_extent and self.domain.preempt(call.vcpu):
                 break  # the VM is stopping
-            try:
-                gpfn = call.access.read_array(request.extent_start + done * item, 1, item)[0]
-            except GuestFault:
+            batch, valid = [], True
+            for index in range(done, min(done + PREEMPT_BATCH, request.nr_extents)):
+                try:
+                    gpfn = call.access.read_array(request.extent_start + index * item, 1, item)[0]
+                except GuestFault:
+                    valid = False
+                    break
+                if gpfn >= MAX_GPFN or (aligned and gpfn % per_extent):
+                    valid = False
+                    break
+                batch.append(gpfn)
+            for start, count in _runs(batch, per_extent):
+                finished = op(start, request.extent_order, count)
+                done += finished
+                if finished < count:
+                    return done
+            if not valid:
                 break
-            if gpfn >= MAX_GPFN or (aligned and gpfn % (1 << request.extent_order)):
-                break
-            if not op(gpfn, request.extent_order):
-                break
-            done += 1
         return done
 
     def _remove_from_physmap(self, call: _Call, arg: int) -> int:
