@@ -99,6 +99,10 @@ class Machine:
         self._in_guest = [False] * config.vcpus
         # VCPUOP_down: vCPU i parks like a paused one until VCPUOP_up.
         self._vcpu_down = [False] * config.vcpus
+        # others_held(): the vCPU whose thread holds every other one parked
+        # (None: no holder); one holder at a time.
+        self._holder: int | None = None
+        self._hold_lock = threading.Lock()
         self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
@@ -248,7 +252,7 @@ class Machine:
             while self.stop_reason is None:
                 while work:
                     work.popleft()()
-                if not self._running.is_set() or self._vcpu_down[index]:
+                if self._must_park(index):
                     self._park(work, index)
                     continue
                 in_guest[index] = True
@@ -369,7 +373,7 @@ class Machine:
         meanwhile: a vCPU blocked in a hypercall may be waiting for it
         (run_on_vcpu)."""
         with self._parking:
-            while self.stop_reason is None and (not self._running.is_set() or self._vcpu_down[index]):
+            while self.stop_reason is None and self._must_park(index):
                 if work:
                     self._parking.release()
                     try:
@@ -512,6 +516,39 @@ class Machine:
                 self.vm.set_clock(self._paused_clock)
                 self._paused_clock = None
             self._set_running()
+
+    def _must_park(self, index: int) -> bool:
+        holder = self._holder
+        return not self._running.is_set() or self._vcpu_down[index] or (holder is not None and holder != index)
+
+    @contextlib.contextmanager
+    def others_held(self):
+        """Every vCPU but the calling one parked outside KVM_RUN for the
+        block (any thread; from the event thread, every vCPU). For changes
+        KVM cannot make atomically under running vCPUs: splitting a RAM
+        memslot deletes it before re-creating its parts, and a vCPU touching
+        that RAM meanwhile would fetch or read nothing. The clock runs on:
+        the block is short."""
+        me = self.current_vcpu()
+        with self._hold_lock:
+            self._holder = -1 if me is None else me
+            try:
+                for index, vcpu in enumerate(self._vcpus):
+                    if vcpu is not None and index != me:
+                        vcpu.kick()
+                deadline = time.monotonic() + PARK_WAIT
+                while any(inside for index, inside in enumerate(self._in_guest) if index != me):
+                    if self.stop_reason is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        log.warning("a vCPU did not leave KVM_RUN within %.0f s for a memory map change", PARK_WAIT)
+                        break
+                    time.sleep(0.0002)
+                yield
+            finally:
+                with self._parking:
+                    self._holder = None
+                    self._parking.notify_all()
 
     def set_vcpu_down(self, index: int, down: bool) -> None:
         """VCPUOP_down / VCPUOP_up: vCPU `index` stops running guest code (its

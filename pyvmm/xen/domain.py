@@ -12,6 +12,7 @@ thread running it, so per-vCPU attributes go through Machine.run_on_vcpu.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -129,6 +130,7 @@ class XenHost(Protocol):
     def post_to_vcpu(self, index: int, function: Callable) -> None: ...
     def preempt_point(self, index: int) -> bool: ...
     def set_vcpu_down(self, index: int, down: bool) -> None: ...
+    def others_held(self) -> contextlib.AbstractContextManager: ...
     def vcpu_down(self, index: int) -> bool: ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
@@ -874,7 +876,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
                 return 0
             gpa, size = gpfn << PAGE_SHIFT, (done * per_extent) << PAGE_SHIFT
             try:
-                self.vm.memslots.unmap(gpa, size)
+                with self.machine.others_held():  # the RAM slot is gone for an instant
+                    self.vm.memslots.unmap(gpa, size)
             except (KvmError, MemslotError) as error:  # no slot left to split with
                 self._limited.warning("cannot take %#x+%#x out of the guest: %s", gpa, size, error)
                 return 0
@@ -903,7 +906,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
                 while run_end < end and run_end in self._ballooned:
                     run_end += 1
                 try:
-                    self._restore_ram(page << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
+                    with self.machine.others_held():  # merging slots deletes them for an instant
+                        self._restore_ram(page << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
                 except (KvmError, MemslotError) as error:  # a grant frame mapped there meanwhile
                     self._limited.warning("cannot give %#x+%d pages back to the guest: %s", page, run_end - page, error)
                     return (page - gpfn) // per_extent

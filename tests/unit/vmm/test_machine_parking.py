@@ -76,3 +76,18 @@ def test_preempt_point_waits_out_a_pause_and_reports_a_stop():
     m.loop.stop = lambda: None
     m.request_stop(StopReason.DESTROYED)
     assert m.preempt_point(0) is True
+
+
+def test_others_held_parks_every_other_vcpu_for_the_block():
+    m = machine(3)
+    me = threading.get_ident()
+    m._vcpu_of_thread[me] = 1  # the caller is vCPU 1's thread
+    with m.others_held():
+        assert m._must_park(0) and m._must_park(2) and not m._must_park(1)
+        assert [v.kicks for v in m._vcpus] == [1, 0, 1]
+        done = parked_thread(m, 0)
+        assert not done.wait(0.1)
+    assert done.wait(5) and not any(m._must_park(i) for i in range(3))
+    del m._vcpu_of_thread[me]
+    with m.others_held():  # from the event thread: all of them
+        assert all(m._must_park(i) for i in range(3))

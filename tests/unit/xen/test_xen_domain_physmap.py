@@ -2,6 +2,7 @@
 when they go), and ballooning. No KVM: the memory slots are a MemslotTable
 over a recorder that checks KVM's rules."""
 
+import contextlib
 import logging
 import threading
 from types import SimpleNamespace
@@ -53,7 +54,9 @@ def rig():
     domain.shared_info_gfn = None
     domain._grant_frame_gpa, domain._grant_frame_at, domain._ballooned = {}, {}, set()
     domain._limited = logging.getLogger("test")
-    yield SimpleNamespace(domain=domain, kvm=kvm, memory=memory, table=table)
+    holds = []
+    domain.machine = SimpleNamespace(others_held=lambda: holds.append(1) or contextlib.nullcontext())
+    yield SimpleNamespace(domain=domain, kvm=kvm, memory=memory, table=table, holds=holds)
     memory.close()
 
 
@@ -124,6 +127,7 @@ def test_a_run_of_neighbouring_extents_costs_one_memslot_change(rig):
     rig.table._set_region = lambda *args: (changes.append(args), set_region(*args))
     assert rig.domain.decrease_reservation(10, 0, 20) == 20  # 20 pages in one go
     assert len(changes) <= 3  # delete the RAM slot, re-create what is left either side
+    assert rig.holds == [1]  # with every other vCPU out of KVM_RUN meanwhile
     assert all(rig.kvm.backing(p * PAGE_SIZE) is None for p in range(10, 30))
     assert rig.kvm.backing(9 * PAGE_SIZE) == ram(rig, 9) and rig.kvm.backing(30 * PAGE_SIZE) == ram(rig, 30)
     changes.clear()
