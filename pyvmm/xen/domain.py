@@ -810,8 +810,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         one of its RAM pages. An overlaid RAM page is hidden, not lost: it is
         back, with its contents, once the frame moves elsewhere or is removed
         (XENMEM_remove_from_physmap), as with QEMU's Xen overlays. Splitting a
-        RAM slot is not atomic (pyvmm/kvm/memslots.py): another vCPU touching
-        that RAM in the same instant would see it missing.
+        RAM slot is not atomic (pyvmm/kvm/memslots.py), so the other vCPUs
+        are held out of KVM_RUN meanwhile.
         """
         gpa = gpfn << PAGE_SHIFT
         if gpfn == self.shared_info_gfn:
@@ -824,22 +824,23 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             old = self._grant_frame_gpa.get(index)
             if old == gpa:
                 return
-            if old is not None:
-                self._unmap_grant_frame(old)
-            if gpa in self._grant_frame_at:
-                self._unmap_grant_frame(gpa)
-            over_ram = self.memory.contains(gpa, PAGE_SIZE) and gpfn not in self._ballooned
-            try:
-                if over_ram:
-                    table.unmap(gpa, PAGE_SIZE)
+            with self.machine.others_held():
+                if old is not None:
+                    self._unmap_grant_frame(old)
+                if gpa in self._grant_frame_at:
+                    self._unmap_grant_frame(gpa)
+                over_ram = self.memory.contains(gpa, PAGE_SIZE) and gpfn not in self._ballooned
                 try:
-                    table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
-                except (KvmError, MemslotError):
                     if over_ram:
-                        self._restore_ram(gpa)
-                    raise
-            except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
-                raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
+                        table.unmap(gpa, PAGE_SIZE)
+                    try:
+                        table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
+                    except (KvmError, MemslotError):
+                        if over_ram:
+                            self._restore_ram(gpa)
+                        raise
+                except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
+                    raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
 
@@ -851,7 +852,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         with self._lock:
             if gpa not in self._grant_frame_at:
                 raise XenError(EINVAL, f"no overlay page at {gpa:#x}")
-            self._unmap_grant_frame(gpa)
+            with self.machine.others_held():
+                self._unmap_grant_frame(gpa)
 
     # --- ballooning -----------------------------------------------------------------
 
