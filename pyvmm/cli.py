@@ -384,6 +384,28 @@ def ctl_status(ctx) -> None:
     _print(ctx, result)
 
 
+@ctl.command("mem-set")
+@click.argument("size", type=_Size())
+@click.pass_context
+def ctl_mem_set(ctx, size) -> None:
+    """Set the guest's balloon target, as `xl mem-set` (SIZE with a K/M/G suffix; MiB without).
+
+    pyvmm writes memory/target (in KiB) to the guest's xenstore directory; the
+    guest's balloon driver gives memory back, or takes it again, up to its RAM."""
+    client, result = _control_call(ctx, "mem-set", target=size)
+    client.close()
+    _print(ctx, result)
+
+
+@ctl.command("mem-info")
+@click.pass_context
+def ctl_mem_info(ctx) -> None:
+    """Show the guest's RAM, its balloon target and what it has given back (bytes)."""
+    client, result = _control_call(ctx, "mem-info")
+    client.close()
+    _print(ctx, result)
+
+
 @ctl.command("diagnose")
 @click.pass_context
 def ctl_diagnose(ctx) -> None:

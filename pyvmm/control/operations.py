@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 COMMAND_NAMES = (
     "status", "diagnose", "shutdown", "reboot", "destroy", "pause", "resume",
     "xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm", "evtchn-list",
-    "fault-add", "fault-list", "fault-clear", "xenbus-state",
+    "fault-add", "fault-list", "fault-clear", "xenbus-state", "mem-set", "mem-info",
 )
+
+MEM_SET_MIN = 1 << 20  # below a MiB no guest runs: surely a unit mistake
 
 
 def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
@@ -164,8 +166,31 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         raise ControlError("InvalidArgument", f"no device {device!r} (a backend device's name, e.g. a disk's vdev, "
                                               "its devid or its backend path)")
 
+    def mem_set(args: dict) -> dict:
+        """The balloon target, as `xl mem-set`: memory/target in KiB."""
+        target = args.get("target")
+        if not isinstance(target, int) or isinstance(target, bool):
+            raise ControlError("InvalidArgument", "'target' must be a number of bytes")
+        if machine.xen is None:
+            raise ControlError("Unsupported", "ballooning needs a Xen guest (--no-xen has no balloon driver)")
+        if not MEM_SET_MIN <= target <= machine.config.memory:
+            raise ControlError("InvalidArgument",
+                               f"'target' must be between {MEM_SET_MIN} and the guest's {machine.config.memory} bytes")
+        machine.xen.set_memory_target(target >> 10)
+        return {"target": (target >> 10) << 10}
+
+    def mem_info(args: dict) -> dict:
+        if machine.xen is None:
+            raise ControlError("Unsupported", "ballooning needs a Xen guest")
+        target = machine.xen.memory_target_kib()
+        ballooned = machine.xen.ballooned_pages()
+        return {"memory": machine.config.memory, "target": None if target is None else target << 10,
+                "ballooned": ballooned << 12, "present": machine.config.memory - (ballooned << 12)}
+
     return {
         "status": status,
+        "mem-set": mem_set,
+        "mem-info": mem_info,
         "diagnose": diagnose,
         "shutdown": orderly("poweroff"),
         "reboot": orderly("reboot"),

@@ -16,7 +16,8 @@ two consecutive rounds find every vCPU stuck at the same instruction:
 - an application processor still waiting for INIT/SIPI (only another,
   running, CPU could start it),
 
-and at least one vCPU halted. Only an NMI, SMI or INIT could wake such a
+and at least one vCPU halted. A vCPU pyvmm halted for SCHEDOP_poll or
+SCHEDOP_block is not stuck: an event channel wakes it. Only an NMI, SMI or INIT could wake such a
 CPU. pyvmm never injects NMIs or SMIs, and every CPU that could send an
 INIT or NMI IPI is itself stuck; the LAPIC's own NMI sources are LINT0 (the
 PIT-driven NMI watchdog) and the performance counter (a perf NMI watchdog),
@@ -53,6 +54,7 @@ class VcpuSample:
     rip: int = 0
     interrupts_enabled: bool = True
     nmi_armed: bool = False
+    event_wakes: bool = False  # halted in SCHEDOP_poll/block: an event channel can wake it
 
     @property
     def halted(self) -> bool:
@@ -63,7 +65,7 @@ class VcpuSample:
         """Nothing but another CPU could ever make this vCPU run again."""
         if self.mp_state in WAITING_FOR_SIPI:
             return True
-        return self.halted and not self.interrupts_enabled and not self.nmi_armed
+        return self.halted and not self.interrupts_enabled and not self.nmi_armed and not self.event_wakes
 
 
 def lapic_can_raise_nmi(lapic: bytes) -> bool:

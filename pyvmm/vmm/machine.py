@@ -97,6 +97,12 @@ class Machine:
         # vCPU runs.
         self._parking = threading.Condition()
         self._in_guest = [False] * config.vcpus
+        # VCPUOP_down: vCPU i parks like a paused one until VCPUOP_up.
+        self._vcpu_down = [False] * config.vcpus
+        # others_held(): the vCPU whose thread holds every other one parked
+        # (None: no holder); one holder at a time.
+        self._holder: int | None = None
+        self._hold_lock = threading.Lock()
         self.started_at = time.monotonic()  # the builder stamps it again once the machine is built
         self.control = None  # the run's ControlServer (runner.py), kept across reboots
         self.run_counts = {"reboots": 0, "triple_faults": 0}  # the whole run's, set by runner.py
@@ -246,8 +252,8 @@ class Machine:
             while self.stop_reason is None:
                 while work:
                     work.popleft()()
-                if not self._running.is_set():
-                    self._park(work)
+                if self._must_park(index):
+                    self._park(work, index)
                     continue
                 in_guest[index] = True
                 try:
@@ -349,12 +355,25 @@ class Machine:
         with self._parking:
             self._parking.notify_all()  # a parked vCPU serves it too
 
-    def _park(self, work: collections.deque) -> None:
-        """Wait outside KVM_RUN until the VM runs again; the vCPU's own
-        thread. Work queued for the vCPU still runs meanwhile: a vCPU
-        blocked in a hypercall may be waiting for it (run_on_vcpu)."""
+    def preempt_point(self, index: int) -> bool:
+        """For a long hypercall, between its items, on vCPU `index`'s own
+        thread: run the work queued for it and wait out a pause, as the vCPU
+        loop would between two KVM_RUNs. True when the VM is stopping (the
+        hypercall should end at once)."""
+        work = self._vcpu_work[index]
+        while work:
+            work.popleft()()
+        if not self._running.is_set():
+            self._park(work, index)
+        return self.stop_reason is not None
+
+    def _park(self, work: collections.deque, index: int) -> None:
+        """Wait outside KVM_RUN until the VM runs again (and this vCPU is
+        up); the vCPU's own thread. Work queued for the vCPU still runs
+        meanwhile: a vCPU blocked in a hypercall may be waiting for it
+        (run_on_vcpu)."""
         with self._parking:
-            while not self._running.is_set():
+            while self.stop_reason is None and self._must_park(index):
                 if work:
                     self._parking.release()
                     try:
@@ -448,10 +467,13 @@ class Machine:
                 self.post_to_vcpu(index, partial(self._sample_vcpu, self._liveness_round, index))
         self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
 
-    @staticmethod
-    def _sample_vcpu(round_: list, index: int, vcpu) -> None:
+    def _sample_vcpu(self, round_: list, index: int, vcpu) -> None:
         try:
-            round_[index] = liveness.sample_vcpu(vcpu)
+            sample = liveness.sample_vcpu(vcpu)
+            if sample.halted and self.xen is not None and self.xen.vcpu_blocked(index):
+                sample = liveness.VcpuSample(sample.mp_state, sample.rip, interrupts_enabled=sample.interrupts_enabled,
+                                             nmi_armed=sample.nmi_armed, event_wakes=True)
+            round_[index] = sample
         except Exception as error:  # an unanswered round only means "alive"
             log.debug("vCPU %d: liveness probe failed: %s", index, error)
 
@@ -494,6 +516,51 @@ class Machine:
                 self.vm.set_clock(self._paused_clock)
                 self._paused_clock = None
             self._set_running()
+
+    def _must_park(self, index: int) -> bool:
+        holder = self._holder
+        return not self._running.is_set() or self._vcpu_down[index] or (holder is not None and holder != index)
+
+    @contextlib.contextmanager
+    def others_held(self):
+        """Every vCPU but the calling one parked outside KVM_RUN for the
+        block (any thread; from the event thread, every vCPU). For changes
+        KVM cannot make atomically under running vCPUs: splitting a RAM
+        memslot deletes it before re-creating its parts, and a vCPU touching
+        that RAM meanwhile would fetch or read nothing. The clock runs on:
+        the block is short."""
+        me = self.current_vcpu()
+        with self._hold_lock:
+            self._holder = -1 if me is None else me
+            try:
+                for index, vcpu in enumerate(self._vcpus):
+                    if vcpu is not None and index != me:
+                        vcpu.kick()
+                deadline = time.monotonic() + PARK_WAIT
+                while any(inside for index, inside in enumerate(self._in_guest) if index != me):
+                    if self.stop_reason is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        log.warning("a vCPU did not leave KVM_RUN within %.0f s for a memory map change", PARK_WAIT)
+                        break
+                    time.sleep(0.0002)
+                yield
+            finally:
+                with self._parking:
+                    self._holder = None
+                    self._parking.notify_all()
+
+    def set_vcpu_down(self, index: int, down: bool) -> None:
+        """VCPUOP_down / VCPUOP_up: vCPU `index` stops running guest code (its
+        thread parks, still serving queued work) or runs again; any thread."""
+        with self._parking:
+            self._vcpu_down[index] = down
+            self._parking.notify_all()
+        if down:
+            self.kick_vcpu(index)
+
+    def vcpu_down(self, index: int) -> bool:
+        return self._vcpu_down[index]
 
     def kick_vcpu(self, index: int) -> None:
         vcpu = self._vcpus[index]

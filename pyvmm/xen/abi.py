@@ -547,6 +547,15 @@ EVTCHN_FIFO_CONTROL_BLOCK_SIZE = 8 + 4 * 16
 # grant_table.h
 GNTTAB_SET_VERSION = Layout("gnttab_set_version", "version", "<I")
 GNTTAB_GET_VERSION = Layout("gnttab_get_version", "dom version", "<H2xI")
+# struct gnttab_copy: two gnttab_copy_ptr {ref or gmfn (xen_pfn_t), domid, offset}, len, flags, status.
+GNTTAB_COPY = Layout(
+    "gnttab_copy", "source_u source_domid source_offset dest_u dest_domid dest_offset len flags status",
+    "<QHH4xQHH4xHHh2x", "<IHHIHHHHh2x",
+)
+GNTTAB_COPY_STATUS_OFFSET = {False: 36, True: 20}  # Xen writes back only the status
+GNTCOPY_source_gref = 1 << 0
+GNTCOPY_dest_gref = 1 << 1
+
 GNTTAB_QUERY_SIZE = Layout(
     "gnttab_query_size", "dom nr_frames max_nr_frames status", "<H2xIIh2x"
 )

@@ -12,6 +12,7 @@ thread running it, so per-vCPU attributes go through Machine.run_on_vcpu.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -41,6 +42,7 @@ from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantT
 from .hv.guest_access import GuestAccess
 from .hv.hypercalls import HypercallDispatcher
 from .hv.kvm_xen import KernelEvtchn, XenFeatures
+from .hv.poll import ANY_PORT, Pollers
 from .hv.timers import UserTimer
 from .hv.watchdog import Expiry, WatchdogTimers
 from .backend import kind as device_kinds
@@ -48,7 +50,7 @@ from . import backends as _backends  # noqa: F401 - registers the device kinds
 from .xenstore import Access, Permission, Quotas, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
-from ..core.memory import GuestMemory
+from ..core.memory import GuestMemory, GuestMemoryError
 from ..core.stop import StopReason
 from ..core.snapshot import SnapshotError, check_version, versioned
 
@@ -129,6 +131,11 @@ class XenHost(Protocol):
     faults: FaultInjector
 
     def run_on_vcpu(self, index: int, function: Callable, timeout: float = 10.0): ...
+    def post_to_vcpu(self, index: int, function: Callable) -> None: ...
+    def preempt_point(self, index: int) -> bool: ...
+    def set_vcpu_down(self, index: int, down: bool) -> None: ...
+    def others_held(self) -> contextlib.AbstractContextManager: ...
+    def vcpu_down(self, index: int) -> bool: ...
     def kick_vcpu(self, index: int) -> None: ...
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
     @property
@@ -183,6 +190,8 @@ class XenDomain:
             vcpu_info_address=self._vcpu_info_address,
             upcall=self._upcall,
             kernel=_GsiAwareKernelEvtchn(self) if self.kvm_features.evtchn_send else None,
+            on_pending=self._port_pending,
+            on_virq_closed=self._virq_closed,
             schedule=self.loop.call_soon_threadsafe,
             add_reader=self.loop.add_reader,
             remove_reader=self.loop.remove_reader,
@@ -266,6 +275,7 @@ class XenDomain:
             self.store, self.domid, self.machine.config.name,
             store_port=self.store_channel.guest_port, store_ring_ref=self._store_pfn,
             console_port=self.console_channel.guest_port, console_ring_ref=self._console_pfn, client=self.dom0,
+            memory_kib=self.machine.config.memory >> 10,
         )
         self.dom0.write(f"/local/domain/{self.domid}/vm", f"/vm/{self.uuid}")
 
@@ -565,6 +575,7 @@ class XenDomain:
 
     def _upcall(self, vcpu: int) -> None:
         """Userspace just set `vcpu`'s upcall_pending: make the guest take it."""
+        self.pollers.vcpu_event(vcpu)  # Xen wakes a polling or blocked vCPU for any event
         vector = self._per_vcpu_vector[vcpu]
         if vector:
             # A fixed-delivery MSI to that vCPU's APIC (APIC ID = index).
@@ -581,6 +592,9 @@ class XenDomain:
         self._singleshot = [UserTimer(self.loop, partial(self._timer_fired, i)) for i in range(self.vcpu_count)]
         self._periodic = [UserTimer(self.loop, partial(self._timer_fired, i)) for i in range(self.vcpu_count)]
         self._timer_ports: list[int | None] = [None] * self.vcpu_count  # KVM runs the singleshot timer
+        # SCHEDOP_poll's timeout, one per vCPU (hv/poll.py).
+        poll_timers = [UserTimer(self.loop, partial(self._poll_expired, i)) for i in range(self.vcpu_count)]
+        self.pollers = Pollers(self.vcpu_count, self._unhalt, poll_timers)
 
     def _guest_time_ns(self) -> int:
         return kvm_xen.clock_ns(self.vm)
@@ -627,6 +641,18 @@ class XenDomain:
             timer={"port": port, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": deadline_ns},
         )
 
+    def _virq_closed(self, virq: int, vcpu: int, port: int) -> None:
+        """The guest closed a VIRQ's port. KVM, once given a vCPU's timer
+        port, runs its timer hypercalls itself and would keep raising the
+        closed port: a CPU taken offline and back (Linux closes and binds
+        VIRQ_TIMER again, maybe at another port) would get no more ticks.
+        Port 0 hands the timer back to pyvmm until the next timer call
+        names the new port."""
+        if virq != abi.VIRQ_TIMER or self._timer_ports[vcpu] != port:
+            return
+        self._timer_ports[vcpu] = None
+        self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, 0, 0))
+
     def _timer_fired(self, vcpu: int) -> None:
         self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
 
@@ -646,9 +672,94 @@ class XenDomain:
         os.sched_yield()
 
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None:
-        # KVM handles SCHEDOP_poll itself when it can; what reaches us is
-        # answered like a yield, which Xen permits (spurious wake-ups).
-        os.sched_yield()
+        """SCHEDOP_poll that reached userspace (KVM 6.0 and later answer it in
+        the kernel, docs/XEN.md; an older KVM leaves it here): the vCPU halts until one of
+        `ports` is pending, an event is raised for it, or the timeout (Xen
+        system time; 0: none) passes. On the vCPU's own thread."""
+        timeout_s = None
+        if timeout_abs_ns:
+            timeout_s = (timeout_abs_ns - self._guest_time_ns()) / 1e9
+            if timeout_s <= 0:
+                return  # Xen's timer fires at once
+        self.pollers.start(vcpu, ports, timeout_s)
+        try:
+            pending = self.evtchn.any_pending(ports)
+        except BaseException:
+            self.pollers.cancel(vcpu)
+            raise
+        if pending:
+            self.pollers.cancel(vcpu)
+            return
+        self._halt(vcpu)
+
+    def block(self, vcpu: int) -> None:
+        """SCHEDOP_block (KVM never handles it): halt until an event for the
+        vCPU. An upcall the guest can take with interrupts on wakes it inside
+        KVM; pyvmm's own deliveries wake it through the pollers."""
+        self.pollers.start(vcpu, ANY_PORT, None)
+        self._halt(vcpu)
+
+    def _halt(self, vcpu: int) -> None:
+        # The hypercall completes on the next KVM_RUN, which then halts the
+        # vCPU as a HLT would: woken by interrupts, KVM's deliveries, kicks.
+        self.machine.run_on_vcpu(vcpu, lambda v: v.set_mp_state(uapi.KVM_MP_STATE_HALTED))
+
+    def _unhalt(self, vcpu: int) -> None:
+        """End a poll or block: on the vCPU's thread, once it left KVM_RUN."""
+        def runnable(v) -> None:
+            try:
+                if v.get_mp_state() == uapi.KVM_MP_STATE_HALTED:
+                    v.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+            except KvmError as error:  # never end the vCPU thread over a wake-up
+                self._limited.warning("vCPU %d: cannot end its SCHEDOP_poll: %s", vcpu, error)
+
+        self.machine.post_to_vcpu(vcpu, runnable)
+
+    def _poll_expired(self, vcpu: int) -> None:
+        self.pollers.expired(vcpu)
+
+    def _port_pending(self, port: int) -> None:
+        """pyvmm made `port` pending itself (EventChannels' on_pending)."""
+        self.pollers.port_pending(port)
+        if self.kvm_features.evtchn_send:
+            # KVM refused this delivery, so a vCPU polling inside KVM was not
+            # told: a kick ends its poll (a spurious wake-up; it checks again).
+            for index in range(self.vcpu_count):
+                self.machine.kick_vcpu(index)
+
+    def vcpu_blocked(self, index: int) -> bool:
+        """Whether vCPU `index` may be halted in SCHEDOP_poll/block by pyvmm:
+        an event can still wake it, even with interrupts off."""
+        return self.pollers.waiting(index)
+
+    def vcpu_is_up(self, vcpu: int) -> bool:
+        """VCPUOP_is_up: not taken down by VCPUOP_down, and started (an
+        application processor is down until the guest's INIT/SIPI, as on Xen)."""
+        self._check_vcpu(vcpu)
+        return not self.machine.vcpu_down(vcpu) and self._started(vcpu)
+
+    def vcpu_up(self, vcpu: int) -> None:
+        """VCPUOP_up: only a vCPU that ran before (EINVAL otherwise, as Xen
+        answers for one never initialised); its INIT/SIPI start is the guest's."""
+        self._check_vcpu(vcpu)
+        if not self.machine.vcpu_down(vcpu) and not self._started(vcpu):
+            raise XenError(EINVAL, f"vCPU {vcpu} was never started")
+        self.machine.set_vcpu_down(vcpu, False)
+
+    def vcpu_down(self, vcpu: int) -> None:
+        """VCPUOP_down: the vCPU stops until VCPUOP_up (its own, or another's).
+        Taking down the last vCPU still up powers the domain off, as Xen does."""
+        self._check_vcpu(vcpu)
+        others_up = any(not self.machine.vcpu_down(other) and self._started(other)
+                        for other in range(self.vcpu_count) if other != vcpu)
+        if not others_up:
+            self.shutdown(abi.SHUTDOWN_poweroff)
+            return
+        self.machine.set_vcpu_down(vcpu, True)
+
+    def _started(self, vcpu: int) -> bool:
+        state = self.machine.run_on_vcpu(vcpu, lambda v: v.get_mp_state())
+        return state not in (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_INIT_RECEIVED)
 
     def shutdown(self, reason: int) -> int:
         """SCHEDOP_shutdown (on the calling vCPU's thread); the result for
@@ -843,6 +954,27 @@ class XenDomain:
         if failure:
             raise failure[0]
 
+    def set_memory_target(self, target_kib: int) -> None:
+        """The balloon target, as `xl mem-set` sets it: memory/target in KiB.
+        The guest's balloon driver gives pages back (decrease_reservation)
+        or takes them again (populate_physmap) until it holds that much;
+        it never grows past its RAM (memory/static-max). Event thread."""
+        if not 0 < target_kib <= self.machine.config.memory >> 10:
+            raise ValueError(f"memory target {target_kib} KiB is not in 1..{self.machine.config.memory >> 10} KiB")
+        self.dom0.write(f"/local/domain/{self.domid}/memory/target", str(target_kib))
+
+    def memory_target_kib(self) -> int | None:
+        """What memory/target says now (event thread)."""
+        try:
+            return int(self.dom0.read(f"/local/domain/{self.domid}/memory/target"))
+        except Exception:  # removed or rewritten by someone: no target to report
+            return None
+
+    def ballooned_pages(self) -> int:
+        """Pages the guest has given back and not taken again."""
+        with self._lock:
+            return len(self._ballooned)
+
     def request_guest_shutdown(self, kind: str = "poweroff") -> None:
         """Ask the guest to shut down in order, as xl shutdown does (any thread)."""
 
@@ -854,6 +986,21 @@ class XenDomain:
     def console_write(self, data: bytes) -> None:
         self.machine.console.write(data)
 
+    def preempt(self, vcpu: int) -> bool:
+        return self.machine.preempt_point(vcpu)
+
+    def ram_page(self, gfn: int) -> memoryview | None:
+        """The RAM page the guest sees at `gfn`, for a copy the guest asks
+        for: None where no RAM shows (ballooned out, under an overlay)."""
+        gpa = gfn << PAGE_SHIFT
+        with self._lock:
+            if gfn in self._ballooned or gpa in self._grant_frame_at:
+                return None
+        try:
+            return self.memory.view(gpa, PAGE_SIZE)
+        except GuestMemoryError:
+            return None
+
     # --- grant frames ---------------------------------------------------------------
 
     def map_grant_frame(self, index: int, gpfn: int) -> None:
@@ -863,8 +1010,8 @@ class XenDomain:
         one of its RAM pages. An overlaid RAM page is hidden, not lost: it is
         back, with its contents, once the frame moves elsewhere or is removed
         (XENMEM_remove_from_physmap), as with QEMU's Xen overlays. Splitting a
-        RAM slot is not atomic (pyvmm/kvm/memslots.py): another vCPU touching
-        that RAM in the same instant would see it missing.
+        RAM slot is not atomic (pyvmm/kvm/memslots.py), so the other vCPUs
+        are held out of KVM_RUN meanwhile.
         """
         gpa = gpfn << PAGE_SHIFT
         if gpfn == self.shared_info_gfn:
@@ -877,22 +1024,23 @@ class XenDomain:
             old = self._grant_frame_gpa.get(index)
             if old == gpa:
                 return
-            if old is not None:
-                self._unmap_grant_frame(old)
-            if gpa in self._grant_frame_at:
-                self._unmap_grant_frame(gpa)
-            over_ram = self.memory.contains(gpa, PAGE_SIZE) and gpfn not in self._ballooned
-            try:
-                if over_ram:
-                    table.unmap(gpa, PAGE_SIZE)
+            with self.machine.others_held():
+                if old is not None:
+                    self._unmap_grant_frame(old)
+                if gpa in self._grant_frame_at:
+                    self._unmap_grant_frame(gpa)
+                over_ram = self.memory.contains(gpa, PAGE_SIZE) and gpfn not in self._ballooned
                 try:
-                    table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
-                except (KvmError, MemslotError):
                     if over_ram:
-                        self._restore_ram(gpa)
-                    raise
-            except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
-                raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
+                        table.unmap(gpa, PAGE_SIZE)
+                    try:
+                        table.map(gpa, PAGE_SIZE, self.gnttab.frame_host_address(index))
+                    except (KvmError, MemslotError):
+                        if over_ram:
+                            self._restore_ram(gpa)
+                        raise
+                except (KvmError, MemslotError) as error:  # an address KVM refuses, or no slot left
+                    raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
 
@@ -904,47 +1052,70 @@ class XenDomain:
         with self._lock:
             if gpa not in self._grant_frame_at:
                 raise XenError(EINVAL, f"no overlay page at {gpa:#x}")
-            self._unmap_grant_frame(gpa)
+            with self.machine.others_held():
+                self._unmap_grant_frame(gpa)
 
     # --- ballooning -----------------------------------------------------------------
 
-    def decrease_reservation(self, gpfn: int, order: int) -> bool:
-        """The guest gives back 2**order RAM pages from `gpfn`: they leave its
-        physical address space (KVM sees a hole there) and their contents are
-        cleared. False, changing nothing, for anything but mapped RAM pages
-        (a page given back already, an overlay, the shared_info page)."""
-        pages = range(gpfn, gpfn + (1 << order))
-        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+    def decrease_reservation(self, gpfn: int, order: int, extents: int = 1) -> int:
+        """The guest gives back `extents` neighbouring extents of 2**order RAM
+        pages from `gpfn`: they leave its physical address space (KVM sees a
+        hole there) and their contents are cleared. Returns how many, from
+        the first, were given back: it stops before the first that is not
+        all mapped RAM (a page given back already, an overlay, the
+        shared_info page). A run of neighbours costs one memslot change, not
+        one per page: Linux's balloon driver gives back runs of pages."""
+        per_extent = 1 << order
         with self._lock:
-            if not self.memory.contains(gpa, size) or self._pages_in_use(pages):
-                return False
+            done = 0
+            while done < extents:
+                first = gpfn + done * per_extent
+                if (not self.memory.contains(first << PAGE_SHIFT, per_extent << PAGE_SHIFT)
+                        or self._pages_in_use(range(first, first + per_extent))):
+                    break
+                done += 1
+            if not done:
+                return 0
+            gpa, size = gpfn << PAGE_SHIFT, (done * per_extent) << PAGE_SHIFT
             try:
-                self.vm.memslots.unmap(gpa, size)
+                with self.machine.others_held():  # the RAM slot is gone for an instant
+                    self.vm.memslots.unmap(gpa, size)
             except (KvmError, MemslotError) as error:  # no slot left to split with
                 self._limited.warning("cannot take %#x+%#x out of the guest: %s", gpa, size, error)
-                return False
+                return 0
             self.memory.fill(gpa, size)
-            self._ballooned.update(pages)
-        return True
+            self._ballooned.update(range(gpfn, gpfn + done * per_extent))
+        return done
 
-    def populate_physmap(self, gpfn: int, order: int) -> bool:
-        """The guest asks for 2**order pages at `gpfn`: pages it gave back
-        return (zeroed). RAM present already is left as it is; anywhere else
-        there is no memory to give (the domain never grows past its size)."""
-        pages = range(gpfn, gpfn + (1 << order))
-        gpa, size = gpfn << PAGE_SHIFT, len(pages) << PAGE_SHIFT
+    def populate_physmap(self, gpfn: int, order: int, extents: int = 1) -> int:
+        """The guest asks for `extents` neighbouring extents of 2**order pages
+        from `gpfn`: pages it gave back return (zeroed), each run of them with
+        one memslot change. RAM present already is left as it is; anywhere
+        else there is no memory to give (the domain never grows past its
+        size). Returns how many extents, from the first, are done."""
+        per_extent = 1 << order
         with self._lock:
-            if not self.memory.contains(gpa, size):
-                return False
-            for page in pages:
-                if page in self._ballooned:
-                    try:
-                        self._restore_ram(page << PAGE_SHIFT)
-                    except (KvmError, MemslotError) as error:
-                        self._limited.warning("cannot give page %#x back to the guest: %s", page, error)
-                        return False
-                    self._ballooned.discard(page)
-        return True
+            done = 0
+            while done < extents and self.memory.contains((gpfn + done * per_extent) << PAGE_SHIFT,
+                                                          per_extent << PAGE_SHIFT):
+                done += 1
+            page, end = gpfn, gpfn + done * per_extent
+            while page < end:
+                if page not in self._ballooned:
+                    page += 1
+                    continue
+                run_end = page + 1
+                while run_end < end and run_end in self._ballooned:
+                    run_end += 1
+                try:
+                    with self.machine.others_held():  # merging slots deletes them for an instant
+                        self._restore_ram(page << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
+                except (KvmError, MemslotError) as error:  # a grant frame mapped there meanwhile
+                    self._limited.warning("cannot give %#x+%d pages back to the guest: %s", page, run_end - page, error)
+                    return (page - gpfn) // per_extent
+                self._ballooned.difference_update(range(page, run_end))
+                page = run_end
+        return done
 
     def _pages_in_use(self, pages: range) -> bool:
         """Whether any of these frames is not plain mapped RAM (under _lock)."""
@@ -960,9 +1131,9 @@ class XenDomain:
         if self.memory.contains(gpa, PAGE_SIZE) and (gpa >> PAGE_SHIFT) not in self._ballooned:
             self._restore_ram(gpa)
 
-    def _restore_ram(self, gpa: int) -> None:
+    def _restore_ram(self, gpa: int, size: int = PAGE_SIZE) -> None:
         table = self.vm.memslots
-        table.map(gpa, PAGE_SIZE, self.memory.host_address(gpa))
+        table.map(gpa, size, self.memory.host_address(gpa))
         region = self.memory.region(gpa)
         table.coalesce(gpa, region.gpa, region.end)  # no slot left behind per move
 

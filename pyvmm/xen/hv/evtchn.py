@@ -256,6 +256,7 @@ class EventChannels:
         add_reader: Callable[[int, Callable[[], None]], None],
         remove_reader: Callable[[int], None],
         on_pending: Callable[[int], None] | None = None,
+        on_virq_closed: Callable[[int, int, int], None] | None = None,
         max_port: int | None = None,
         log_rate: LogRate = DEFAULT_LOG_RATE,
         trace: Tracer = NULL_TRACE,
@@ -263,6 +264,8 @@ class EventChannels:
     ):
         """`on_pending(port)`, if given, is called when userspace delivery
         made a port pending, masked or not: wake vCPUs in SCHEDOP_poll.
+        `on_virq_closed(virq, vcpu, port)`, if given, is called when the
+        guest closes a VIRQ's port (a CPU going offline closes its timer's).
         `max_port`: the highest port the guest may allocate (Xen's
         max_evtchn_port, xl's max_event_channels); None: all the ABI has."""
         if not 0 < domid < DOMID_FIRST_RESERVED:
@@ -280,6 +283,7 @@ class EventChannels:
         self._add_reader = add_reader
         self._remove_reader = remove_reader
         self._on_pending = on_pending
+        self._on_virq_closed = on_virq_closed
         if max_port is not None and max_port < 1:
             raise ValueError(f"max_port {max_port} leaves the guest no port")
         self.max_port = max_port
@@ -366,8 +370,10 @@ class EventChannels:
         return port
 
     def close(self, port: int) -> None:
-        with self._transaction():
-            self._close(port, self._bound(port))
+        with self._transaction() as after:
+            record = self._bound(port)
+            self._close(port, record)
+            self._note_virq_closed(port, record, after)
         if self._trace.evtchn:
             self._trace.emit("evtchn", "close", port=port)
 
@@ -435,7 +441,7 @@ class EventChannels:
     def reset(self, dom: int) -> None:
         """EVTCHNOP_reset: close every port (kexec, soft reset)."""
         self._check_own_domain(dom)
-        with self._transaction():
+        with self._transaction() as after:
             if self._kernel is not None:
                 for record in self._ports.values():
                     record.in_kernel = False
@@ -444,6 +450,7 @@ class EventChannels:
                 record = self._ports.get(port)
                 if record is not None:  # a loopback peer's close may have changed it, not freed it
                     self._close(port, record)
+                    self._note_virq_closed(port, record, after)
 
     def is_pending(self, port: int) -> bool:
         """For SCHEDOP_poll: EINVAL for a port beyond the ABI's limit."""
@@ -784,6 +791,10 @@ class EventChannels:
         mapped = self._mapped()
         if mapped is not None and port < mapped[1].max_ports:
             atomic.test_and_clear_bit(mapped[0] + mapped[1].evtchn_pending, port)
+
+    def _note_virq_closed(self, port: int, record: _Port, after: list) -> None:
+        if record.state == EVTCHNSTAT_virq and self._on_virq_closed is not None:
+            after.append(partial(self._on_virq_closed, record.virq, record.vcpu, port))
 
     def _kernel_call(self, method, *args) -> bool:
         try:

@@ -202,16 +202,18 @@ class GrantTable:
             self._reserved[ref] = frame_gfn
             _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, GTF_permit_access, self.backend_domid, frame_gfn)
 
-    def map(self, ref: int, writable: bool) -> "GrantMapping":
+    def map(self, ref: int, writable: bool, *, grantee: int | None = None) -> "GrantMapping":
         """Map the page granted by `ref`; raises GrantError.
 
         Release the mapping (or use it as a context manager) when done: the
-        guest cannot revoke the grant while it is held.
+        guest cannot revoke the grant while it is held. `grantee`: the
+        domain the entry must name (the backends' by default; the guest's
+        own for its GNTTABOP_copy through a grant to itself).
         """
         writable = bool(writable)
         try:
             with self._lock:
-                mapping = self._map(ref, writable, self._generation)
+                mapping = self._map(ref, writable, self._generation, grantee)
         except GrantError as error:
             if self._trace.grant:
                 _trace_map(self._trace, ref, writable, error)
@@ -250,11 +252,11 @@ class GrantTable:
         for mapping in mappings:
             mapping._release_view()
 
-    def _map(self, ref: int, writable: bool, generation: int) -> "GrantMapping":
+    def _map(self, ref: int, writable: bool, generation: int, grantee: int | None = None) -> "GrantMapping":
         """One mapping; the caller holds the lock."""
         if not isinstance(ref, int) or not 0 <= ref < self._nr_entries:
             raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
-        self._pin(ref, writable)
+        self._pin(ref, writable, self.backend_domid if grantee is None else grantee)
         gfn = self._words[2 * ref + 1]  # read after the entry is pinned, as Xen does
         try:
             view = self._page_view(gfn)
@@ -358,16 +360,19 @@ class GrantTable:
         """flags | domid << 16 of entry `ref`, as one 32-bit word."""
         return self._words[2 * ref]
 
-    def _pin(self, ref: int, writable: bool) -> None:
+    def _pin(self, ref: int, writable: bool, grantee: int) -> None:
         pins = self._pins.get(ref)
         if pins is None or (writable and not pins[1]):
-            self._set_in_use(ref, writable)
+            self._set_in_use(ref, writable, grantee)
+        elif grantee != self.backend_domid and self._load_combo(ref) >> 16 != grantee:
+            # Pinned already, by a backend: the guest's own copy must not ride on that pin.
+            raise GrantError(GNTST_permission_denied, f"grant ref {ref} is not for domain {grantee}")
         if pins is None:
             pins = self._pins[ref] = [0, 0]
         pins[0] += 1
         pins[1] += writable
 
-    def _set_in_use(self, ref: int, writable: bool) -> None:
+    def _set_in_use(self, ref: int, writable: bool, grantee: int) -> None:
         # Flags and domid are swapped as one word, so the guest cannot slip a
         # change of either between our check and our update.
         seen = self._load_combo(ref)
@@ -375,7 +380,7 @@ class GrantTable:
             flags, domid = seen & 0xFFFF, seen >> 16
             if flags & GTF_type_mask != GTF_permit_access:
                 raise GrantError(GNTST_permission_denied, f"grant ref {ref} does not permit access")
-            if domid != self.backend_domid:
+            if domid != grantee:
                 raise GrantError(GNTST_permission_denied, f"grant ref {ref} is for domain {domid}")
             if writable and flags & GTF_readonly:
                 raise GrantError(GNTST_permission_denied, f"grant ref {ref} is read-only")

@@ -16,6 +16,7 @@ in both ABIs, as in Xen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import time
@@ -28,6 +29,7 @@ from ..errors import (
     EDOM,
     EEXIST,
     EFAULT,
+    EINTR,
     EINVAL,
     ENOENT,
     ENOSYS,
@@ -36,6 +38,7 @@ from ..errors import (
     ESRCH,
     XenError,
 )
+from .gnttab import ENTRY_SIZE as GRANT_ENTRY_SIZE, GrantError
 from .guest_access import GuestAccess, GuestFault
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,11 @@ TIMER_OP_FALLBACK_NS = 100 * MS
 
 CONSOLE_WRITE_MAX = 64 * 1024  # bytes in one CONSOLEIO_write
 MAX_GPFN = 1 << 40  # 52-bit guest-physical addresses
+# A long batch (GNTTABOP_copy, ballooning) lets a pause or a stop in every so many items.
+PREEMPT_BATCH = 64
+# XENMEM_{decrease,increase}_reservation, populate_physmap: Xen refuses more
+# extents than fit its continuation's count (UINT_MAX >> MEMOP_EXTENT_SHIFT).
+MEMOP_MAX_EXTENTS = 0xFFFF_FFFF >> abi.MEMOP_EXTENT_SHIFT
 
 # What XENVER_* reports about "this Xen" apart from its version number.
 XEN_EXTRAVERSION = b".0"
@@ -96,6 +104,8 @@ class GrantTableOps(Protocol):
     def set_version(self, version: int) -> int: ...  # the version now in use
     def get_version(self) -> int: ...
     def query_size(self) -> tuple[int, int]: ...  # (nr_frames, max_nr_frames)
+    # The page granted by `ref` to `grantee`, pinned until released; raises GrantError.
+    def map(self, ref: int, writable: bool, *, grantee: int | None = None): ...
 
 
 class XenDomainOps(Protocol):
@@ -120,9 +130,10 @@ class XenDomainOps(Protocol):
     def map_shared_info(self, gpfn: int) -> None: ...
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
-    # Ballooning, one extent of 2**order pages: False when it cannot be done.
-    def decrease_reservation(self, gpfn: int, order: int) -> bool: ...
-    def populate_physmap(self, gpfn: int, order: int) -> bool: ...
+    # Ballooning, `extents` neighbouring extents of 2**order pages from `gpfn`:
+    # how many, from the first, were done.
+    def decrease_reservation(self, gpfn: int, order: int, extents: int) -> int: ...
+    def populate_physmap(self, gpfn: int, order: int, extents: int) -> int: ...
     def hvm_get_param(self, index: int) -> int: ...
     def hvm_set_param(self, index: int, value: int) -> None: ...
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None: ...
@@ -141,9 +152,20 @@ class XenDomainOps(Protocol):
     def shutdown(self, reason: int) -> int | None: ...
     # SCHEDOP_watchdog (hv/watchdog.py): a new watchdog's id, or 0.
     def watchdog(self, wid: int, timeout: int) -> int: ...
+    # VCPUOP_is_up, VCPUOP_up (XenError(EINVAL): never started), VCPUOP_down.
+    def vcpu_is_up(self, vcpu: int) -> bool: ...
+    def vcpu_up(self, vcpu: int) -> None: ...
+    def vcpu_down(self, vcpu: int) -> None: ...
     def sched_yield(self, vcpu: int) -> None: ...
+    # Both halt the vCPU once the hypercall completes, until an event (or the timeout) wakes it.
     def poll(self, vcpu: int, ports: list[int], timeout_abs_ns: int) -> None: ...  # 0: none
+    def block(self, vcpu: int) -> None: ...
     def console_write(self, data: bytes) -> None: ...
+    # The guest's RAM page at `gfn` (None: no RAM there now: ballooned, an overlay, MMIO).
+    def ram_page(self, gfn: int) -> memoryview | None: ...
+    # Between the items of a long batch, on the calling vCPU's thread: serve
+    # a pause (waiting it out) and queued work; True when the VM is stopping.
+    def preempt(self, vcpu: int) -> bool: ...
 
 
 # --- one hypercall in flight ----------------------------------------------------------
@@ -186,6 +208,31 @@ class _Throttle:
         if count & (count - 1) == 0:
             suffix = f" (x{count})" if count > 1 else ""
             log.log(level, message + suffix, *args, exc_info=exc_info)
+
+
+def _runs(gpfns: list[int], step: int) -> list[tuple[int, int]]:
+    """The list as (first, count) runs of extents that follow each other
+    (each `step` frames after the one before), in the list's order."""
+    runs: list[tuple[int, int]] = []
+    for gpfn in gpfns:
+        if runs and runs[-1][0] + runs[-1][1] * step == gpfn:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((gpfn, 1))
+    return runs
+
+
+class _MappedPage:
+    """A grant mapping as a context manager giving its page, released on exit."""
+
+    def __init__(self, mapping):
+        self._mapping = mapping
+
+    def __enter__(self) -> memoryview:
+        return self._mapping.view
+
+    def __exit__(self, *exc) -> None:
+        self._mapping.release()
 
 
 def _signed64(value: int) -> int:
@@ -498,7 +545,13 @@ class HypercallDispatcher:
         self._check_vcpu(target)  # Xen checks the vCPU before the command
         domain = self.domain
         if cmd == abi.VCPUOP_is_up:
-            return 1  # every vCPU we created runs
+            return int(domain.vcpu_is_up(target))
+        if cmd == abi.VCPUOP_up:
+            domain.vcpu_up(target)
+            return 0
+        if cmd == abi.VCPUOP_down:
+            domain.vcpu_down(target)
+            return 0
         if cmd == abi.VCPUOP_register_vcpu_info:
             return self._register_vcpu_info(call, target, arg)
         if cmd == abi.VCPUOP_register_vcpu_time_memory_area:
@@ -564,7 +617,7 @@ class HypercallDispatcher:
     def _sched_ops(self) -> dict[int, SubHandler]:
         return {
             abi.SCHEDOP_yield: self._sched_yield,
-            abi.SCHEDOP_block: self._sched_yield,  # the upcall wakes it either way
+            abi.SCHEDOP_block: self._sched_block,
             abi.SCHEDOP_shutdown: self._sched_shutdown,
             abi.SCHEDOP_shutdown_code: self._sched_shutdown_code,
             abi.SCHEDOP_remote_shutdown: self._sched_remote_shutdown,
@@ -574,6 +627,10 @@ class HypercallDispatcher:
 
     def _sched_yield(self, call: _Call, arg: int) -> int:
         self.domain.sched_yield(call.vcpu)
+        return 0
+
+    def _sched_block(self, call: _Call, arg: int) -> int:
+        self.domain.block(call.vcpu)
         return 0
 
     @staticmethod
@@ -726,6 +783,8 @@ class HypercallDispatcher:
         cmd, uop, count = call.args[0] & _U32, call.args[1], call.args[2] & _U32
         if cmd & ~abi.GNTTABOP_CMD_MASK or count >= 1 << 31:
             return -EINVAL  # continuation bits, or a negative count, as Xen
+        if cmd == abi.GNTTABOP_copy:
+            return self._gnttab_copy(call, uop, count)
         handler = {
             abi.GNTTABOP_set_version: self._gnttab_set_version,
             abi.GNTTABOP_get_version: self._gnttab_get_version,
@@ -738,6 +797,66 @@ class HypercallDispatcher:
         if count != 1:  # each of these takes exactly one structure
             return -EINVAL
         return handler(call, uop)
+
+    def _gnttab_copy(self, call: _Call, uop: int, count: int) -> int:
+        """GNTTABOP_copy: `count` copies, each answered in its own status
+        field, as Xen. A structure that cannot be read or answered ends the
+        call with -EFAULT (those before it are done). Xen preempts a long
+        batch with a continuation the guest never sees; here the vCPU thread
+        stops at every PREEMPT_BATCH copies to serve a pause or a stop, so a
+        count of 2**31 costs the guest's own vCPU time and holds nothing else."""
+        size = abi.GNTTAB_COPY.size(call.compat)
+        status_at = abi.GNTTAB_COPY_STATUS_OFFSET[call.compat]
+        for index in range(count):
+            if index and index % PREEMPT_BATCH == 0 and self.domain.preempt(call.vcpu):
+                return -EINTR  # the VM is stopping: nobody reads this
+            at = uop + index * size
+            status = self._copy_one(call.read(at, abi.GNTTAB_COPY, for_update=True))
+            call.access.write(at + status_at, struct.pack("<h", status))
+        return 0
+
+    def _copy_one(self, op) -> int:
+        """One gnttab_copy: its GNTST_* status. Xen's order of checks: both
+        domains, then the source, then the destination, then the ranges."""
+        source_gref = bool(op.flags & abi.GNTCOPY_source_gref)
+        dest_gref = bool(op.flags & abi.GNTCOPY_dest_gref)
+        for domid, gref in ((op.source_domid, source_gref), (op.dest_domid, dest_gref)):
+            if domid != abi.DOMID_SELF and not gref:
+                return abi.GNTST_permission_denied  # only DOMID_SELF names a frame directly
+            if domid not in (abi.DOMID_SELF, self.domain.domid, 0):
+                return abi.GNTST_bad_domain
+        try:
+            with self._copy_buffer(op.source_u, op.source_domid, source_gref, writable=False) as source, \
+                    self._copy_buffer(op.dest_u, op.dest_domid, dest_gref, writable=True) as dest:
+                if op.source_offset + op.len > abi.PAGE_SIZE or op.dest_offset + op.len > abi.PAGE_SIZE:
+                    return abi.GNTST_bad_copy_arg
+                data = bytes(source[op.source_offset:op.source_offset + op.len])  # the two may overlap
+                dest[op.dest_offset:op.dest_offset + op.len] = data
+        except GrantError as error:
+            return error.status
+        return abi.GNTST_okay
+
+    def _copy_buffer(self, pointer: int, domid: int, gref: bool, writable: bool):
+        """A context manager giving the page one side of a copy names."""
+        if not gref:
+            view = self.domain.ram_page(pointer) if pointer < MAX_GPFN else None
+            if view is None:
+                raise GrantError(abi.GNTST_bad_page, f"gfn {pointer:#x} is not guest RAM")
+            return contextlib.nullcontext(view)
+        if domid == 0:
+            # Domain 0 exists, but the VMM grants the guest nothing.
+            raise GrantError(abi.GNTST_general_error, "domain 0 grants the guest nothing")
+        gnttab = self.domain.gnttab
+        frames = max(gnttab.query_size()[0], 1)  # Xen: entries of the frames the table has grown to
+        if pointer >= frames * abi.PAGE_SIZE // GRANT_ENTRY_SIZE:
+            raise GrantError(abi.GNTST_bad_gntref, f"grant ref {pointer} is beyond the table")
+        try:
+            mapping = gnttab.map(pointer, writable, grantee=self.domain.domid)
+        except GrantError as error:
+            # Xen answers every entry it cannot pin (flags, domain, read-only) so.
+            raise GrantError(abi.GNTST_general_error if error.status == abi.GNTST_permission_denied
+                             else error.status, str(error)) from None
+        return _MappedPage(mapping)
 
     def _gnttab_set_version(self, call: _Call, uop: int) -> int:
         request = call.read(uop, abi.GNTTAB_SET_VERSION, for_update=True)
@@ -793,27 +912,44 @@ class HypercallDispatcher:
             return self._reservation(call, arg, start_extent, self.domain.populate_physmap, aligned=True)
         return self._unknown(abi.HYPERCALL_memory_op, op)
 
-    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int], bool],
+    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int, int], int],
                      aligned: bool) -> int:
         """decrease_reservation and populate_physmap: the number of extents
         done (counting from Xen's continuation index), stopping at the first
-        that cannot be, or whose frame number cannot be read, as Xen."""
+        that cannot be, or whose frame number cannot be read, as Xen. The
+        frame numbers are read a batch at a time and neighbouring extents
+        handed to the domain together (one memslot change per run)."""
         request = call.read(arg, abi.MEMORY_RESERVATION)
         self._check_own_domain(request.domid)
+        # Xen's cap: more extents than its continuation can count are refused whole.
+        if request.nr_extents > MEMOP_MAX_EXTENTS:
+            return start_extent
         if start_extent >= request.nr_extents or request.extent_order > abi.MAX_GUEST_EXTENT_ORDER:
             return start_extent
         item = abi.XEN_ULONG_SIZE[call.compat]
+        per_extent = 1 << request.extent_order
         done = start_extent
         while done < request.nr_extents:
-            try:
-                gpfn = call.access.read_array(request.extent_start + done * item, 1, item)[0]
-            except GuestFault:
+            if done > start_extent and self.domain.preempt(call.vcpu):
+                break  # the VM is stopping
+            batch, valid = [], True
+            for index in range(done, min(done + PREEMPT_BATCH, request.nr_extents)):
+                try:
+                    gpfn = call.access.read_array(request.extent_start + index * item, 1, item)[0]
+                except GuestFault:
+                    valid = False
+                    break
+                if gpfn >= MAX_GPFN or (aligned and gpfn % per_extent):
+                    valid = False
+                    break
+                batch.append(gpfn)
+            for start, count in _runs(batch, per_extent):
+                finished = op(start, request.extent_order, count)
+                done += finished
+                if finished < count:
+                    return done
+            if not valid:
                 break
-            if gpfn >= MAX_GPFN or (aligned and gpfn % (1 << request.extent_order)):
-                break
-            if not op(gpfn, request.extent_order):
-                break
-            done += 1
         return done
 
     def _remove_from_physmap(self, call: _Call, arg: int) -> int:

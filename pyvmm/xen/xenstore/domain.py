@@ -26,11 +26,19 @@ def _guest_owned(domid: int) -> tuple[Permission, ...]:
 
 
 def default_domain_nodes(domid: int, name: str, store_port: int, store_ring_ref: int,
-                         console_port: int, console_ring_ref: int,
+                         console_port: int, console_ring_ref: int, memory_kib: int | None = None,
                          ) -> list[tuple[str, str, tuple[Permission, ...]]]:
-    """(relative path, value, permissions) for every default node, parents first."""
+    """(relative path, value, permissions) for every default node, parents
+    first. `memory_kib`: the guest's RAM, for memory/static-max and
+    memory/target (the balloon driver's target, which `xl mem-set` moves)."""
     read_only = _read_only(domid)
     guest = _guest_owned(domid)
+    memory = [] if memory_kib is None else [
+        ("memory", "", read_only),
+        ("memory/static-max", str(memory_kib), read_only),
+        ("memory/target", str(memory_kib), read_only),
+        ("memory/videoram", "0", read_only),
+    ]
     return [
         ("", "", read_only),
         ("domid", str(domid), read_only),
@@ -68,12 +76,12 @@ def default_domain_nodes(domid: int, name: str, store_port: int, store_ring_ref:
         ("drivers", "", guest),
         ("error", "", guest),
         ("feature", "", guest),
-    ]
+    ] + memory
 
 
 def create_domain_nodes(store: XenStore, domid: int, name: str, store_port: int,
                         store_ring_ref: int, console_port: int, console_ring_ref: int,
-                        *, client: Client | None = None) -> str:
+                        *, client: Client | None = None, memory_kib: int | None = None) -> str:
     """Create a guest's default nodes in one transaction, then introduce the
     domain (firing @introduceDomain).  Returns the domain's path.
 
@@ -87,7 +95,7 @@ def create_domain_nodes(store: XenStore, domid: int, name: str, store_port: int,
         raise ValueError("default domain nodes need a privileged client")
     base = domain_path(domid)
     nodes = default_domain_nodes(domid, name, store_port, store_ring_ref,
-                                 console_port, console_ring_ref)
+                                 console_port, console_ring_ref, memory_kib)
     try:
         for attempt in range(_MAX_COMMIT_ATTEMPTS):
             try:

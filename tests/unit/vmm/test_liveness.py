@@ -123,3 +123,11 @@ def test_sampling_a_halted_vcpu_reads_if_then_the_lapic_only_when_if_is_off():
 def test_describe_names_every_vcpu():
     assert describe([dead(0xABC), VcpuSample(WAIT_SIPI)]) == (
         "vCPU 0 halted at rip=0xabc with interrupts off, vCPU 1 waiting for INIT/SIPI")
+
+
+def test_a_vcpu_halted_in_sched_op_poll_is_not_stuck():
+    # pyvmm halted it for SCHEDOP_poll/block: an event channel wakes it, even with IF clear.
+    polling = VcpuSample(uapi.KVM_MP_STATE_HALTED, 0x1000, interrupts_enabled=False, event_wakes=True)
+    detector = DeadGuestDetector()
+    assert not polling.stuck
+    assert not detector.observe([polling]) and not detector.observe([polling])

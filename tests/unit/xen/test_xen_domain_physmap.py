@@ -2,6 +2,7 @@
 when they go), and ballooning. No KVM: the memory slots are a MemslotTable
 over a recorder that checks KVM's rules."""
 
+import contextlib
 import logging
 import threading
 from types import SimpleNamespace
@@ -53,7 +54,9 @@ def rig():
     domain.shared_info_gfn = None
     domain._grant_frame_gpa, domain._grant_frame_at, domain._ballooned = {}, {}, set()
     domain._limited = logging.getLogger("test")
-    yield SimpleNamespace(domain=domain, kvm=kvm, memory=memory, table=table)
+    holds = []
+    domain.machine = SimpleNamespace(others_held=lambda: holds.append(1) or contextlib.nullcontext())
+    yield SimpleNamespace(domain=domain, kvm=kvm, memory=memory, table=table, holds=holds)
     memory.close()
 
 
@@ -116,3 +119,28 @@ def test_grant_frame_over_a_ballooned_page_leaves_a_hole_when_it_goes(rig):
     rig.domain.remove_from_physmap(7)
     assert rig.kvm.backing(7 * PAGE_SIZE) is None
     assert rig.domain.populate_physmap(7, 0) and rig.kvm.backing(7 * PAGE_SIZE) == ram(rig, 7)
+
+
+def test_a_run_of_neighbouring_extents_costs_one_memslot_change(rig):
+    changes = []
+    set_region = rig.kvm.set_region
+    rig.table._set_region = lambda *args: (changes.append(args), set_region(*args))
+    assert rig.domain.decrease_reservation(10, 0, 20) == 20  # 20 pages in one go
+    assert len(changes) <= 3  # delete the RAM slot, re-create what is left either side
+    assert rig.holds == [1]  # with every other vCPU out of KVM_RUN meanwhile
+    assert all(rig.kvm.backing(p * PAGE_SIZE) is None for p in range(10, 30))
+    assert rig.kvm.backing(9 * PAGE_SIZE) == ram(rig, 9) and rig.kvm.backing(30 * PAGE_SIZE) == ram(rig, 30)
+    changes.clear()
+    assert rig.domain.populate_physmap(10, 0, 20) == 20
+    assert all(rig.kvm.backing(p * PAGE_SIZE) == ram(rig, p) for p in range(10, 30))
+    assert len(changes) <= 5 and len(rig.table.slots) == 1  # mapped once, merged back into one slot
+
+
+def test_a_run_stops_at_the_first_extent_that_cannot_be_done(rig):
+    rig.domain.shared_info_gfn = 14
+    assert rig.domain.decrease_reservation(10, 1, 5) == 2  # 10-11, 12-13; 14-15 holds shared_info
+    assert rig.domain._ballooned == set(range(10, 14))
+    assert rig.domain.decrease_reservation(12, 0, 3) == 0  # 12 is gone already
+    assert rig.domain.populate_physmap(8, 1, 3) == 3  # 8-9 present, 10-13 come back
+    assert not rig.domain._ballooned
+    assert rig.domain.populate_physmap(62, 0, 4) == 2  # 64 is beyond RAM

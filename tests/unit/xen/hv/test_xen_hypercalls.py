@@ -392,6 +392,7 @@ def test_hvm_other_ops(hc, domain, memory):
 
 
 def test_vcpu_op_checks_the_vcpu_first(hc, domain):
+    domain.results["vcpu_is_up"] = True
     for op in (abi.VCPUOP_is_up, abi.VCPUOP_stop_periodic_timer, 99):
         assert hc(abi.HYPERCALL_vcpu_op, op, 2, 0) == -ENOENT
     assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_is_up, (1 << 32) | 1, 0) == 1  # unsigned int vcpuid
@@ -532,7 +533,7 @@ def test_singleshot_timer_rules(hc, domain, memory):
 def test_sched_yield_and_block(hc, domain):
     assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_yield, 0, vcpu=1) == 0
     assert hc(abi.HYPERCALL_sched_op, abi.SCHEDOP_block, 0, vcpu=0) == 0
-    assert domain.calls[1:] == [("sched_yield", 1), ("note_long_mode", True), ("sched_yield", 0)]
+    assert domain.calls[1:] == [("sched_yield", 1), ("note_long_mode", True), ("block", 0)]
 
 
 @ABIS
@@ -888,7 +889,14 @@ def test_remove_from_physmap(hc, domain, memory, compat):
 def test_reservation_counts_extents_done(hc, domain, memory, compat, op, method):
     item = "I" if compat else "Q"
     memory.write(ARRAY, struct.pack(f"<4{item}", 0x20, 0x22, 0x24, 0x26))
-    domain.results[method] = lambda gpfn, order: gpfn != 0x24  # the third cannot be done
+
+    def extents_done(gpfn, order, count):  # the extent at 0x24 cannot be done
+        done = 0
+        while done < count and gpfn + (done << order) != 0x24:
+            done += 1
+        return done
+
+    domain.results[method] = extents_done
 
     def call(nr, order=1, domid=abi.DOMID_SELF, start=0, extents=ARRAY):
         put(memory, BUF, abi.MEMORY_RESERVATION, compat, extent_start=extents, nr_extents=nr,
@@ -896,7 +904,7 @@ def test_reservation_counts_extents_done(hc, domain, memory, compat, op, method)
         return hc(abi.HYPERCALL_memory_op, start << 6 | op, BUF, longmode=not compat)
 
     assert call(4) == 2
-    assert [c for c in domain.calls if c[0] == method] == [(method, 0x20, 1), (method, 0x22, 1), (method, 0x24, 1)]
+    assert [c for c in domain.calls if c[0] == method] == [(method, 0x20, 1, 4)]  # neighbours go together
     assert call(2, start=1) == 2  # Xen's continuation index counts in the result
     assert call(2, start=5) == 5  # nothing left to do
     assert call(4, order=10) == 0  # larger than a guest may ask
@@ -1078,3 +1086,54 @@ def test_counted_send_names_a_loopback_and_a_bad_port(hc, domain, memory):
     domain.evtchn.raises["status"] = XenError(EINVAL)
     hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_send, BUF)
     assert {detail for _, detail in vcpus[0].counters} == {"port 3: interdomain (loopback)", "invalid port"}
+
+
+def test_reservation_refuses_more_extents_than_xen_can_count(hc, domain, memory):
+    domain.results["decrease_reservation"] = lambda gpfn, order, count: count
+    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=(0xFFFF_FFFF >> 6) + 1,
+        extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF) == 0
+    assert "decrease_reservation" not in domain.names()
+
+
+def test_a_long_reservation_stops_for_a_pause_and_ends_when_the_vm_stops(hc, domain, memory):
+    memory.write(ARRAY, struct.pack("<300Q", *range(0x40, 0x40 + 300)))
+    domain.results["populate_physmap"] = lambda gpfn, order, count: count
+    stopping = []
+    domain.results["preempt"] = lambda vcpu: len(stopping) > 0
+    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=300,
+        extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF, vcpu=1) == 300
+    assert domain.names().count("preempt") == 300 // 64  # every 64 extents, on the calling vCPU
+    assert ("preempt", 1) in domain.calls
+    stopping.append(True)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF) == 64
+
+
+def test_vcpu_up_down_is_up(hc, domain):
+    domain.results["vcpu_is_up"] = lambda vcpu: vcpu == 0
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_is_up, 0, 0) == 1
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_is_up, 1, 0) == 0
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_down, 1, 0) == 0
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_up, 1, 0, vcpu=0) == 0
+    assert [c for c in domain.calls if c[0] in ("vcpu_down", "vcpu_up")] == [("vcpu_down", 1), ("vcpu_up", 1)]
+    domain.raises["vcpu_up"] = XenError(EINVAL)
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_up, 1, 0) == -EINVAL
+    assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_down, 5, 0) == -ENOENT
+
+
+def test_reservation_runs_of_extents():
+    from pyvmm.xen.hv.hypercalls import _runs
+
+    assert _runs([], 1) == []
+    assert _runs([5, 6, 7, 9, 10, 4, 4], 1) == [(5, 3), (9, 2), (4, 1), (4, 1)]
+    assert _runs([0, 2, 4, 5], 2) == [(0, 3), (5, 1)]
+
+
+def test_a_reservation_list_with_a_bad_entry_stops_there(hc, domain, memory):
+    memory.write(ARRAY, struct.pack("<4Q", 0x10, 0x11, 1 << 41, 0x12))
+    domain.results["decrease_reservation"] = lambda gpfn, order, count: count
+    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=4,
+        extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF) == 2
+    assert [c for c in domain.calls if c[0] == "decrease_reservation"] == [("decrease_reservation", 0x10, 0, 2)]
