@@ -111,6 +111,8 @@ def main() -> None:
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage or PVH ELF kernel.")
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
+@click.option("--firmware", type=click.Path(path_type=Path),
+              help="BIOS image for a boot without --kernel (default: SeaBIOS, /usr/share/seabios/bios-256k.bin).")
 @click.option("--append", "cmdline", default="", help="Kernel command line.")
 @click.option("--memory", "-m", type=_Size(), default="512M", show_default=True, help="Guest RAM (K/M/G suffix).")
 @click.option("--vcpus", type=int, default=1, show_default=True)
@@ -153,11 +155,12 @@ def main() -> None:
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
+def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, no_reboot, timeout, expect, xen, xen_version,
         xen_accel, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
         gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
-    """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
+    """Boot a guest kernel, a disk image through firmware (--disk without --kernel), or the guest an
+    xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
     logging.basicConfig(
@@ -172,8 +175,6 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
         file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
         if config_file is not None:
             values.update(_xl_config_values(config_file, ctx, file_devices))
-        if values["kernel"] is None:
-            raise ConfigError("no kernel: give --kernel, or kernel= in an xl.cfg file")
         config = VmConfig(
             kernel=values["kernel"],
             initrd=values["initrd"],
@@ -200,6 +201,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             **_tracing_and_faults(trace_categories, trace_file, faults),
             stats=print_stats,
             stats_json=stats_json,
+            firmware=firmware,
         )
         config.validate()
         from .runner import run_vm

@@ -123,7 +123,9 @@ class GdbAddress:
 
 @dataclass(frozen=True)
 class VmConfig:
-    kernel: Path
+    # No kernel: the guest boots from its first disk through BIOS firmware
+    # (`firmware`, default Debian's SeaBIOS; pyvmm/boot/firmware.py).
+    kernel: Path | None
     initrd: Path | None = None
     cmdline: str = ""
     memory: int = 512 * layout.MiB
@@ -155,6 +157,12 @@ class VmConfig:
     # --stats-json (write them there); either makes the runner count.
     stats: bool = False
     stats_json: Path | None = None
+    firmware: Path | None = None  # --firmware: the BIOS image of a firmware boot
+
+    @property
+    def firmware_boot(self) -> bool:
+        """Whether the guest starts in firmware (no --kernel) rather than in a kernel."""
+        return self.kernel is None
 
     @staticmethod
     def limits_from(settings: dict) -> Limits:
@@ -165,7 +173,15 @@ class VmConfig:
             raise ConfigError(f"--limit: {error}") from None
 
     def validate(self) -> None:
-        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+        if self.kernel is None:
+            if self.initrd is not None or self.cmdline:
+                raise ConfigError("--initrd and --append need --kernel (a firmware boot takes them from the disk)")
+            if not any(device.kind == "blk" for device in self.devices):
+                raise ConfigError("no kernel and no disk: give --kernel, or --disk IMAGE to boot the image "
+                                  "through firmware (or kernel= or disk= in an xl.cfg file)")
+        elif self.firmware is not None:
+            raise ConfigError("--firmware boots a disk image; it does not go with --kernel")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd), ("firmware", self.firmware)):
             if path is None:
                 continue
             if not path.is_file():

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from .boot.errors import BootError
+from .boot.errors import BootError, FirmwareError
 from .config import VmConfig
 from .core.console import ConsoleOutput, ExpectWatcher
 from .core.faults import FaultInjector
@@ -275,7 +275,8 @@ def describe_failure(error: BaseException) -> str | None:
     if gdbstub is not None and isinstance(error, gdbstub.GdbStubError):
         return str(error)
     if isinstance(error, BootError):
-        return f"cannot boot the kernel: {error}"
+        what = "the disk image" if isinstance(error, FirmwareError) else "the kernel"
+        return f"cannot boot {what}: {error}"
     if isinstance(error, GuestMemoryError):
         return f"guest memory: {error}"
     if isinstance(error, KvmError):

@@ -87,6 +87,10 @@ PCI_IO_START = 0xC000  # above every legacy ISA port we emulate
 HOST_BRIDGE_VENDOR_ID = 0x1B36
 HOST_BRIDGE_DEVICE_ID = 0x0008
 CLASS_HOST_BRIDGE = 0x06_00_00
+# The subsystem QEMU gives its host bridges: SeaBIOS takes its QEMU path
+# (fw_cfg, its own PCI set-up and tables) only when 00:00.0 carries it.
+QEMU_SUBSYSTEM_VENDOR_ID = 0x1AF4
+QEMU_SUBSYSTEM_ID = 0x1100
 
 
 class BarKind(enum.Enum):
@@ -319,8 +323,10 @@ class PciDevice:
 
 
 class HostBridge(PciDevice):
-    def __init__(self) -> None:
-        super().__init__(HOST_BRIDGE_VENDOR_ID, HOST_BRIDGE_DEVICE_ID, CLASS_HOST_BRIDGE, name="host-bridge")
+    def __init__(self, qemu_subsystem: bool = False) -> None:
+        subsystem = (QEMU_SUBSYSTEM_VENDOR_ID, QEMU_SUBSYSTEM_ID) if qemu_subsystem else (0, 0)
+        super().__init__(HOST_BRIDGE_VENDOR_ID, HOST_BRIDGE_DEVICE_ID, CLASS_HOST_BRIDGE, name="host-bridge",
+                         subsystem_vendor_id=subsystem[0], subsystem_id=subsystem[1])
 
 
 class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
@@ -331,7 +337,8 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
     a GSI; it is called once per GSI that some device's INTx pin uses.
     """
 
-    def __init__(self, pio_bus: Bus, mmio_bus: Bus, irq_for_gsi: Callable[[int], IrqLine]):
+    def __init__(self, pio_bus: Bus, mmio_bus: Bus, irq_for_gsi: Callable[[int], IrqLine], *,
+                 qemu_subsystem: bool = False):
         self._pio = pio_bus
         self._mmio = mmio_bus
         self._irq_for_gsi = irq_for_gsi
@@ -345,7 +352,7 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
         self._lines: dict[int, IrqLine] = {}
         self._asserting: dict[int, set[int]] = {}  # GSI -> slots driving it
         self._reported: set[tuple] = set()
-        self.host_bridge = HostBridge()
+        self.host_bridge = HostBridge(qemu_subsystem)
         self.add(self.host_bridge, slot=0)
 
     # --- VMM side ------------------------------------------------------------
