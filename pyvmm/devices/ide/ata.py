@@ -279,6 +279,40 @@ class AtaChannel:
                 return self._status
             return self._task_file(offset)
 
+    def read_string(self, offset: int, size: int, count: int) -> bytes | None:
+        """A REP INSW/INSD on the data port, served a block at a time rather
+        than a word at a time (what makes a BIOS's PIO reads bearable)."""
+        if offset != DATA or size not in (2, 4):
+            return None
+        with self._lock:
+            wanted = size * count
+            out = bytearray()
+            while len(out) < wanted and self._status & DRQ and self._buffer and self._present(self._selected) \
+                    and (self._transfer is None or self._transfer[0] == "read"):
+                take = min(wanted - len(out), len(self._buffer) - self._buffer_pos)
+                take -= take % size
+                if take <= 0:
+                    break
+                out += self._buffer[self._buffer_pos : self._buffer_pos + take]
+                self._buffer_pos += take
+                if self._buffer_pos >= len(self._buffer):
+                    self._buffer, self._buffer_pos = b"", 0
+                    if self._transfer is not None and self._transfer[2]:
+                        self._next_read_block()
+                    else:
+                        self._transfer = None
+                        self._status = DRDY | DSC
+            return bytes(out.ljust(wanted, b"\0"))
+
+    def write_string(self, offset: int, size: int, data: bytes) -> bool:
+        """A REP OUTSW/OUTSD on the data port: the words, in order."""
+        if offset != DATA or size not in (2, 4):
+            return False
+        with self._lock:
+            for at in range(0, len(data) - size + 1, size):
+                self._write_data(size, int.from_bytes(data[at : at + size], "little"))
+        return True
+
     def _task_file(self, offset: int) -> int:
         if offset == ERROR_FEATURES:
             return self._error

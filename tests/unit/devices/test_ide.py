@@ -239,3 +239,22 @@ def test_hostile_register_traffic_never_raises(tmp_path_factory, accesses):
             rig.channel.write(offset, size, value)
             assert 0 <= rig.channel.read(offset, size) < 1 << (8 * size)
     disk.close()
+
+
+def test_string_reads_cross_blocks_like_single_words(image):
+    rig = Rig(image)
+    rig.command(ata.CMD_READ_SECTORS, lba=3, count=3)
+    # REP INSW of a sector and a half, then the rest a word at a time.
+    first = rig.bus.read_string(BASE, 2, 384)
+    rest = rig.read_words(256 * 3 - 384)
+    assert first + rest == bytes([3]) * 512 + bytes([4]) * 512 + bytes([5]) * 512
+    assert rig.status() == ata.DRDY | ata.DSC
+    assert rig.bus.read_string(BASE, 2, 4) == bytes(8)  # no DRQ: zeros
+    assert rig.bus.read_string(BASE + 7, 1, 4) is None  # not the data port
+
+
+def test_string_writes(image):
+    rig = Rig(image)
+    rig.command(ata.CMD_WRITE_SECTORS, lba=20, count=2)
+    assert rig.bus.write_string(BASE, 4, b"\x11" * 1024)
+    assert image.read(20 * 512, 1024) == b"\x11" * 1024 and rig.status() == ata.DRDY | ata.DSC
