@@ -159,8 +159,8 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
         xen_accel, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
         gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
-    """Boot a guest kernel, a disk image through firmware (--disk without --kernel), or the guest an
-    xl.cfg CONFIG_FILE describes.
+    """Boot a guest kernel, a disk image through firmware (--disk without --kernel, or an IMAGE
+    given as CONFIG_FILE), or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
     logging.basicConfig(
@@ -173,6 +173,11 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
                       no_reboot=no_reboot, xen=xen, name=name, limits={}, sandbox_user=sandbox_user)
         file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
+        if config_file is not None and _is_disk_image(config_file):
+            # `pyvmm run IMAGE`: the image is the first disk, booted through firmware.
+            dest = next(kind.option.dest for kind in device_kinds.with_option() if kind.name == "blk")
+            device_options[dest] = (str(config_file), *device_options.get(dest, ()))
+            config_file = None
         if config_file is not None:
             values.update(_xl_config_values(config_file, ctx, file_devices))
         config = VmConfig(
@@ -217,6 +222,14 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
             raise
         _fail(message)
     sys.exit(status)
+
+
+def _is_disk_image(path: Path) -> bool:
+    """Whether `path` is a disk image rather than an xl.cfg file (text)."""
+    from .config import foreign_image, read_header
+
+    header = read_header(path, 4096)
+    return path.is_block_device() or b"\0" in header or foreign_image(header) is not None
 
 
 def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):

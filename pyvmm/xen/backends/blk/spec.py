@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pyvmm.config import ConfigError, DeviceSpec, Origin
+from pyvmm.config import ConfigError, DeviceSpec, Origin, foreign_image, read_header
 
 # The guest's names pyvmm serves: Xen PV disks, whole ones.
 _PV_VDEV = re.compile(r"xvd[a-z]{1,2}")
@@ -51,6 +51,10 @@ class DiskSpec(DeviceSpec):
             raise self.error(f"{str(path)!r} is not a file or block device")
         if not os.access(path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
             raise self.error(f"{str(path)!r} is not {'readable' if self.readonly else 'writable'}")
+        what = foreign_image(read_header(path))
+        if what is not None:
+            raise self.error(f"{str(path)!r} is {what}; pyvmm serves raw images and block devices only "
+                             f"(convert it: qemu-img convert -O raw {path} {path}.raw)")
 
     def _check_vdev(self) -> None:
         vdev = self.vdev
