@@ -40,6 +40,11 @@ EXIT_ESCAPE = 130
 
 
 def run_vm(config: VmConfig) -> int:
+    if config.firmware_boot:
+        # A firmware image that cannot boot is one line before anything starts.
+        from .boot.firmware import DEFAULT_FIRMWARE, read_firmware
+
+        read_firmware(config.firmware or DEFAULT_FIRMWARE)
     # The VM's tracer and fault injector, for the whole run (every boot's
     # Machine gets these two): the trace file is opened first, as the user
     # who ran pyvmm, before the sandbox exists.
