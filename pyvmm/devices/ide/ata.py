@@ -27,6 +27,8 @@ import struct
 import threading
 from typing import Callable, Protocol
 
+from ...core.kept import KEPT
+
 log = logging.getLogger(__name__)
 
 SECTOR = 512
@@ -112,7 +114,8 @@ class ImageFile:
     def __init__(self, path, readonly: bool = False):
         self.path = os.fspath(path)
         self.readonly = readonly
-        self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        # Kept across reboots under the sandbox (pyvmm/core/kept.py); pread/pwrite need no offset.
+        self.fd = KEPT.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         size = os.lseek(self.fd, 0, os.SEEK_END)
         self.sectors = size // SECTOR
 
