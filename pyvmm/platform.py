@@ -136,8 +136,10 @@ class Platform:
         """The PIIX3 IDE controller, the first disk as primary master: the
         disk the firmware boots, on the same image the PV disk serves."""
         disks = machine.config.devices_of("blk")
-        if disks:
-            self.ide_image = ImageFile(disks[0].path, readonly=disks[0].readonly)
+        # xl.cfg's hda when there is one (an HVM image's usual boot disk), else the first disk.
+        boot = next((disk for disk in disks if getattr(disk, "vdev", None) == "hda"), disks[0] if disks else None)
+        if boot is not None:
+            self.ide_image = ImageFile(boot.path, readonly=boot.readonly)
         masters = (BusMaster(machine.memory), BusMaster(machine.memory))
         for index, (base, control, irq) in enumerate(layout.IDE_CHANNELS):
             line = self.gsi(irq)

@@ -79,3 +79,19 @@ def test_an_iso_is_not_a_boot_disk(tmp_path, monkeypatch):
     (tmp_path / "debian.iso").write_bytes(bytes(iso))
     status, stderr, _ = run(tmp_path, monkeypatch, "--disk", "debian.iso")
     assert status == 1 and "is an ISO 9660 image (a CD-ROM)" in stderr
+
+
+def test_xl_cfg_hda_is_the_ide_boot_disk_and_the_pv_disk_xvda(tmp_path, monkeypatch):
+    from pyvmm.xen.backends.blk.vbd import vdev_to_devid
+
+    (tmp_path / "disk.img").write_bytes(MBR_DISK)
+    (tmp_path / "data.img").write_bytes(MBR_DISK)
+    (tmp_path / "vm.cfg").write_text('name = "g"\ntype = "hvm"\ndisk = [ "data.img,raw,xvdb,w", "disk.img,raw,hda,w" ]\n')
+    status, stderr, config = run(tmp_path, monkeypatch, "vm.cfg")
+    assert status == 0, stderr
+    assert [d.vdev for d in config.devices_of("blk")] == ["xvdb", "hda"]
+    assert vdev_to_devid("hda") == 768 and vdev_to_devid("hdd") == 22 << 8 | 64
+    # hda is xvda in the guest: the two names cannot both be given.
+    (tmp_path / "vm.cfg").write_text('name = "g"\ntype = "hvm"\ndisk = [ "data.img,raw,xvda,w", "disk.img,raw,hda,w" ]\n')
+    status, stderr, _ = run(tmp_path, monkeypatch, "vm.cfg")
+    assert status == 1 and "share a vdev: xvda" in stderr
