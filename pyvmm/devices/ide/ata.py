@@ -328,6 +328,7 @@ class AtaChannel:
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
+            value &= (1 << (8 * max(0, min(size, 8)))) - 1
             if offset == DATA and size in (2, 4):
                 self._write_data(size, value)
                 return
