@@ -15,7 +15,7 @@ time. The sector range of every command is checked against the disk
 completes, and FLUSH CACHE is fsync.
 
 `unplugged` (the Xen unplug protocol, pyvmm/xen/hv/xen_platform.py): the
-channel then answers as one with no drive, floating bus included, so the
+channel then answers as one with no drive (zeros, as QEMU's do), so the
 guest's ATA driver finds nothing.
 """
 
@@ -46,7 +46,10 @@ ABRT, IDNF, UNC = 0x04, 0x10, 0x40
 # Device control (the control block's write side).
 NIEN, SRST, HOB = 0x02, 0x04, 0x80
 DEVICE_LBA, DEVICE_DRV = 0x40, 0x10
-FLOATING = 0xFF  # a bus with no drive reads all-ones (pulled up)
+# What a channel without a drive answers on every register: 0, as QEMU
+# does. A real floating bus reads 0xFF, whose BSY bit a BIOS waits out for
+# its full timeout (SeaBIOS: 32 s a drive) before giving up on the channel.
+FLOATING = 0x00
 
 CMD_RECALIBRATE = 0x10
 CMD_READ_SECTORS, CMD_READ_SECTORS_NORETRY = 0x20, 0x21
@@ -271,9 +274,9 @@ class AtaChannel:
             if size != 1 or not 0 < offset < COMMAND_BLOCK_PORTS:
                 return (1 << (8 * max(0, min(size, 8)))) - 1
             if not self._present(self._selected):
-                # No drive at all reads as a floating bus; a missing slave
-                # behind a present master reads zeros (the master answers),
-                # but for the device register both drives latch.
+                # No drive at all: FLOATING. A missing slave behind a present
+                # master reads zeros too (the master answers), but for the
+                # device register, which both drives latch.
                 if not self._present(0):
                     return FLOATING
                 return self._device | 0xA0 if offset == DEVICE else 0

@@ -145,7 +145,7 @@ def test_nien_masks_the_line(image):
     assert rig.levels[-1] is True
 
 
-def test_no_drive_floats_and_a_missing_slave_reads_zero(image):
+def test_no_drive_and_a_missing_slave_read_zero(image):
     empty = AtaChannel(None, lambda level: None)
     assert empty.read(7, 1) == ata.FLOATING
     rig = Rig(image)
