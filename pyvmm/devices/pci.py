@@ -322,6 +322,14 @@ class PciDevice:
             self._host._drive_intx(self, effective)
 
 
+def _sizing_pattern(bar: Bar) -> int:
+    """What a BAR's address reads after all ones were written to it."""
+    if bar.is_io:
+        return 0xFFFF_FFFC & ~(bar.size - 1)
+    width = 64 if bar.kind is BarKind.MEM64 else 32
+    return ((1 << width) - 1) & ~(bar.size - 1) & ~0xF
+
+
 class HostBridge(PciDevice):
     def __init__(self, qemu_subsystem: bool = False) -> None:
         subsystem = (QEMU_SUBSYSTEM_VENDOR_ID, QEMU_SUBSYSTEM_ID) if qemu_subsystem else (0, 0)
@@ -470,15 +478,19 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
             if bar.kind is BarKind.MEM64:
                 device._put(offset + 4, 4, base >> 32)
 
-    def _update_mappings(self, device: PciDevice) -> None:
+    def _update_mappings(self, device: PciDevice, retry: bool = True) -> None:
         """Make the bus mappings of `device` match its COMMAND and BARs."""
         command = device.command
+        released = False
         for bar in device.bars:
             if bar is None:
                 continue
             enabled = command & (COMMAND_IO if bar.is_io else COMMAND_MEMORY)
             address = device._bar_register_address(bar)
-            want = address if enabled and address else None
+            # All address bits set is what firmware writes to size a BAR
+            # (decoding often left on): not a place, so nothing is mapped.
+            sizing = address == _sizing_pattern(bar)
+            want = address if enabled and address and not sizing else None
             have = bar.claim.base if bar.claim is not None else None
             if want == have:
                 continue
@@ -486,6 +498,7 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
             if bar.claim is not None:
                 bus.unregister(bar.claim)
                 bar.claim = None
+                released = True
             if want is None:
                 continue
             try:
@@ -496,7 +509,13 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
                 key = (device.slot, bar.index, want)
                 if key not in self._reported and len(self._reported) < 1024:
                     self._reported.add(key)
-                    log.warning("PCI %02x.0 BAR%d not mapped: %s", device.slot or 0, bar.index, error)
+                    log.info("PCI %02x.0 BAR%d not mapped (yet): %s", device.slot or 0, bar.index, error)
+        if released and retry:
+            # Firmware moves BARs one at a time: a BAR refused because another
+            # device's BAR was still in the way gets its place once that moved.
+            for other in self._slots:
+                if other is not None and other is not device:
+                    self._update_mappings(other, retry=False)
 
     # --- INTx ------------------------------------------------------------------
 
