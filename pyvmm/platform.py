@@ -108,6 +108,7 @@ class Platform:
         self.pci = pci.PciHost(pio, machine.mmio, self.gsi, qemu_subsystem=firmware)
         self.ide: list[AtaChannel] = []
         self.ide_image: ImageFile | None = None
+        self.ide_slot: int | None = None
         if firmware:
             self._add_ide(machine)
         pio.register(layout.PCI_CONFIG_ADDRESS_PORT, pci.CONFIG_PORT_COUNT, self.pci, "PCI config")
@@ -149,7 +150,7 @@ class Platform:
             machine.pio.register(base, COMMAND_BLOCK_PORTS, channel, f"IDE{index}")
             machine.pio.register(control, 1, channel.control_port(), f"IDE{index} control")
             self.ide.append(channel)
-        self.pci.add(PiixIde(*masters))
+        self.ide_slot = self.pci.add(PiixIde(*masters))
 
     def unplug_ide_disks(self, keep_primary_master: bool = False) -> None:
         """The guest's PV drivers took over (xen-platform's unplug protocol):

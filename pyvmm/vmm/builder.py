@@ -167,6 +167,10 @@ class MachineBuilder:
         for name, data in build_loader_files(config.vcpus).items():
             fw_cfg.add_file(name, data)
         fw_cfg.add_file("etc/boot-fail-wait", struct.pack("<I", 5))
+        # Boot the IDE disk and nothing else: without a boot order SeaBIOS
+        # also tries a floppy drive it reads of in the CMOS.
+        slot = machine.platform.ide_slot
+        fw_cfg.add_file("bootorder", f"/pci@i0cf8/ide@{slot:x}/drive@0/disk@0\nHALT".encode())
         assert low > layout.LOW_RESERVED_END  # VmConfig's minimum memory guarantees it
         machine.boot_state = reset_state()
 
