@@ -113,6 +113,8 @@ def main() -> None:
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
 @click.option("--kernel", type=click.Path(path_type=Path), help="bzImage or PVH ELF kernel.")
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
+@click.option("--firmware", type=click.Path(path_type=Path),
+              help="BIOS image for a boot without --kernel (default: SeaBIOS, /usr/share/seabios/bios-256k.bin).")
 @click.option("--append", "cmdline", default="", help="Kernel command line.")
 @click.option("--memory", "-m", type=_Size(), default="512M", show_default=True, help="Guest RAM (K/M/G suffix).")
 @click.option("--vcpus", type=int, default=1, show_default=True)
@@ -158,12 +160,13 @@ def main() -> None:
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, on_watchdog, timeout, expect, xen,
-        xen_version,
+def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, no_reboot, on_watchdog, timeout,
+        expect, xen, xen_version,
         xen_accel, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
         gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
-    """Boot a guest kernel, or the guest an xl.cfg CONFIG_FILE describes.
+    """Boot a guest kernel, a disk image through firmware (--disk without --kernel, or an IMAGE
+    given as CONFIG_FILE), or the guest an xl.cfg CONFIG_FILE describes.
 
     Options given on the command line override the file's values."""
     logging.basicConfig(
@@ -177,10 +180,13 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
                       no_reboot=no_reboot, on_watchdog=on_watchdog, xen=xen, name=name, limits={},
                       sandbox_user=sandbox_user)
         file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
+        if config_file is not None and _is_disk_image(config_file):
+            # `pyvmm run IMAGE`: the image is the first disk, booted through firmware.
+            dest = next(kind.option.dest for kind in device_kinds.with_option() if kind.name == "blk")
+            device_options[dest] = (str(config_file), *device_options.get(dest, ()))
+            config_file = None
         if config_file is not None:
             values.update(_xl_config_values(config_file, ctx, file_devices))
-        if values["kernel"] is None:
-            raise ConfigError("no kernel: give --kernel, or kernel= in an xl.cfg file")
         config = VmConfig(
             kernel=values["kernel"],
             initrd=values["initrd"],
@@ -208,6 +214,7 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             **_tracing_and_faults(trace_categories, trace_file, faults),
             stats=print_stats,
             stats_json=stats_json,
+            firmware=firmware,
         )
         config.validate()
         from .runner import run_vm
@@ -223,6 +230,14 @@ def run(config_file, kernel, initrd, cmdline, memory, vcpus, serial, no_reboot, 
             raise
         _fail(message)
     sys.exit(status)
+
+
+def _is_disk_image(path: Path) -> bool:
+    """Whether `path` is a disk image rather than an xl.cfg file (text)."""
+    from .config import foreign_image, read_header
+
+    header = read_header(path, 4096)
+    return path.is_block_device() or b"\0" in header or foreign_image(header) is not None
 
 
 def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):

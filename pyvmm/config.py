@@ -126,7 +126,9 @@ WATCHDOG_ACTIONS = ("destroy", "restart", "preserve")
 
 @dataclass(frozen=True)
 class VmConfig:
-    kernel: Path
+    # No kernel: the guest boots from its first disk through BIOS firmware
+    # (`firmware`, default Debian's SeaBIOS; pyvmm/boot/firmware.py).
+    kernel: Path | None
     initrd: Path | None = None
     cmdline: str = ""
     memory: int = 512 * layout.MiB
@@ -162,6 +164,12 @@ class VmConfig:
     # --stats-json (write them there); either makes the runner count.
     stats: bool = False
     stats_json: Path | None = None
+    firmware: Path | None = None  # --firmware: the BIOS image of a firmware boot
+
+    @property
+    def firmware_boot(self) -> bool:
+        """Whether the guest starts in firmware (no --kernel) rather than in a kernel."""
+        return self.kernel is None
 
     @staticmethod
     def limits_from(settings: dict) -> Limits:
@@ -172,7 +180,20 @@ class VmConfig:
             raise ConfigError(f"--limit: {error}") from None
 
     def validate(self) -> None:
-        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+        if self.kernel is None:
+            if self.initrd is not None or self.cmdline:
+                raise ConfigError("--initrd and --append need --kernel (a firmware boot takes them from the disk)")
+            disks = self.devices_of("blk")
+            if not disks:
+                raise ConfigError("no kernel and no disk: give --kernel, or --disk IMAGE to boot the image "
+                                  "through firmware (or kernel= or disk= in an xl.cfg file)")
+            header = read_header(disks[0].path)
+            if is_iso9660(header) and header[510:512] != b"\x55\xaa":
+                raise disks[0].error(f"{str(disks[0].path)!r} is an ISO 9660 image (a CD-ROM); pyvmm boots "
+                                     "disk images only and has no CD-ROM drive yet")
+        elif self.firmware is not None:
+            raise ConfigError("--firmware boots a disk image; it does not go with --kernel")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd), ("firmware", self.firmware)):
             if path is None:
                 continue
             if not path.is_file():
@@ -210,6 +231,40 @@ class VmConfig:
     def devices_of(self, kind: str) -> tuple[DeviceSpec, ...]:
         """The specs of one device kind, in the order given."""
         return tuple(device for device in self.devices if device.kind == kind)
+
+# Image formats pyvmm does not serve, by their magic: a disk is raw bytes
+# (a file or a block device), and serving a format's own bytes as a disk
+# would hand the guest garbage.
+FOREIGN_IMAGES = [
+    (0, b"QFI\xfb", "a qcow2 image"),
+    (0, b"KDMV", "a VMDK image"),
+    (0, b"conectix", "a VHD image"),
+    (0, b"vhdxfile", "a VHDX image"),
+    (0x40, b"<<< Oracle VM VirtualBox Disk Image >>>", "a VDI image"),
+]
+ISO9660_MAGIC = (0x8001, b"CD001")
+
+
+def foreign_image(header: bytes) -> str | None:
+    """What a disk image whose first 64 KiB are `header` is, if not a raw disk."""
+    for offset, magic, what in FOREIGN_IMAGES:
+        if header[offset : offset + len(magic)] == magic:
+            return what
+    return None
+
+
+def is_iso9660(header: bytes) -> bool:
+    offset, magic = ISO9660_MAGIC
+    return header[offset : offset + len(magic)] == magic
+
+
+def read_header(path: Path, size: int = 64 * 1024) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
 
 def parse_limit_option(text: str) -> tuple[str, float]:
     """One --limit NAME=VALUE: (the limit's name, its value)."""

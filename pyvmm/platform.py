@@ -19,7 +19,11 @@ from .core.bus import Bus
 from .core.console import ConsoleOutput, EscapeFilter
 from .devices import pci
 from .devices.acpi_pm import AcpiPm
-from .devices.debugcon import DebugCon
+from .devices.debugcon import DebugCon, LineLog
+from .devices.fw_cfg import PORT_COUNT as FW_CFG_PORTS
+from .devices.fw_cfg import FwCfg
+from .devices.ide.ata import COMMAND_BLOCK_PORTS, AtaChannel, ImageFile
+from .devices.ide.piix import BusMaster, PiixIde
 from .devices.i8042 import I8042
 from .devices.pvpanic import PANICKED, PvPanic
 from .devices.rtc import CmosRtc
@@ -84,11 +88,29 @@ class Platform:
             log_rate=log_rate,
         )
         pio.register(layout.ACPI_PM_BASE, layout.ACPI_PM_BLOCK_SIZE, self.acpi_pm, "ACPI PM")
-        self.debugcon = DebugCon(console.write)
+        firmware = machine.config.firmware_boot
+        self.fw_cfg: FwCfg | None = None
+        if firmware:
+            # SeaBIOS prints its debug log on 0x402 (QEMU's port), or on 0xE9
+            # once it has seen Xen's CPUID leaves: both go to pyvmm's log,
+            # never to the guest's console.
+            firmware_log = LineLog(logging.getLogger("pyvmm.firmware"), "firmware: ", on_line=self._firmware_said)
+            self.debugcon = DebugCon(firmware_log)
+            self.firmware_debug = DebugCon(firmware_log)
+            pio.register(layout.FIRMWARE_DEBUG_PORT, 1, self.firmware_debug, "firmware debug port")
+            self.fw_cfg = FwCfg(machine.memory)
+            pio.register(layout.FW_CFG_PORT, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
+        else:
+            self.debugcon = DebugCon(console.write)
         pio.register(layout.DEBUGCON_PORT, 1, self.debugcon, "debug console")
         self.pvpanic = PvPanic(self._guest_panicked)
         pio.register(layout.PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
-        self.pci = pci.PciHost(pio, machine.mmio, self.gsi)
+        self.pci = pci.PciHost(pio, machine.mmio, self.gsi, qemu_subsystem=firmware)
+        self.ide: list[AtaChannel] = []
+        self.ide_image: ImageFile | None = None
+        self.ide_slot: int | None = None
+        if firmware:
+            self._add_ide(machine)
         pio.register(layout.PCI_CONFIG_ADDRESS_PORT, pci.CONFIG_PORT_COUNT, self.pci, "PCI config")
 
         # Where typed input goes: COM1 unless a Xen PV console takes over.
@@ -110,6 +132,39 @@ class Platform:
             # CRASH_LOADED: the guest is booting its crash kernel, which is
             # worth letting finish (it powers off or reboots when done).
             self._limited.warning("guest reported a panic (pvpanic) and is starting its crash kernel")
+
+    def _add_ide(self, machine: Board) -> None:
+        """The PIIX3 IDE controller, the first disk as primary master: the
+        disk the firmware boots, on the same image the PV disk serves."""
+        disks = machine.config.devices_of("blk")
+        # xl.cfg's hda when there is one (an HVM image's usual boot disk), else the first disk.
+        boot = next((disk for disk in disks if getattr(disk, "vdev", None) == "hda"), disks[0] if disks else None)
+        if boot is not None:
+            self.ide_image = ImageFile(boot.path, readonly=boot.readonly)
+        masters = (BusMaster(machine.memory), BusMaster(machine.memory))
+        for index, (base, control, irq) in enumerate(layout.IDE_CHANNELS):
+            line = self.gsi(irq)
+            channel = AtaChannel(self.ide_image if index == 0 else None, line.set_level, dma=masters[index],
+                                 on_error=self._limited.warning)
+            masters[index].attach(channel)
+            machine.pio.register(base, COMMAND_BLOCK_PORTS, channel, f"IDE{index}")
+            machine.pio.register(control, 1, channel.control_port(), f"IDE{index} control")
+            self.ide.append(channel)
+        self.ide_slot = self.pci.add(PiixIde(*masters))
+
+    def unplug_ide_disks(self, keep_primary_master: bool = False) -> None:
+        """The guest's PV drivers took over (xen-platform's unplug protocol):
+        the emulated disks they replace stop answering, as on Xen and QEMU."""
+        for index, channel in enumerate(self.ide):
+            if channel.disk is not None and not (keep_primary_master and index == 0) and not channel.unplugged:
+                channel.unplug()
+                log.info("emulated IDE disk %d unplugged: the guest uses its PV disk now", index)
+
+    def _firmware_said(self, line: str) -> None:
+        # SeaBIOS's last word when no disk boots; it would retry every minute.
+        if line.startswith("No bootable device"):
+            log.error("the firmware found nothing to boot: %s", line)
+            self.machine.request_stop(StopReason.ERROR, detail="no bootable device")
 
     def gsi(self, number: int) -> GsiLine:
         line = self._lines.get(number)
@@ -194,3 +249,5 @@ class Platform:
 
     def close(self) -> None:
         self._stop_reading()
+        if self.ide_image is not None:
+            self.ide_image.close()

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from .boot.errors import BootError
+from .boot.errors import BootError, FirmwareError
 from .config import VmConfig
 from .core.console import ConsoleOutput, ExpectWatcher
 from .core.faults import FaultInjector
@@ -41,6 +41,11 @@ EXIT_ESCAPE = 130
 
 
 def run_vm(config: VmConfig) -> int:
+    if config.firmware_boot:
+        # A firmware image that cannot boot is one line before anything starts.
+        from .boot.firmware import DEFAULT_FIRMWARE, read_firmware
+
+        read_firmware(config.firmware or DEFAULT_FIRMWARE)
     # The VM's tracer and fault injector, for the whole run (every boot's
     # Machine gets these two): the trace file is opened first, as the user
     # who ran pyvmm, before the sandbox exists.
@@ -285,7 +290,8 @@ def describe_failure(error: BaseException) -> str | None:
     if gdbstub is not None and isinstance(error, gdbstub.GdbStubError):
         return str(error)
     if isinstance(error, BootError):
-        return f"cannot boot the kernel: {error}"
+        what = "the disk image" if isinstance(error, FirmwareError) else "the kernel"
+        return f"cannot boot {what}: {error}"
     if isinstance(error, GuestMemoryError):
         return f"guest memory: {error}"
     if isinstance(error, KvmError):

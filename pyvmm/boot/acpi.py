@@ -224,3 +224,82 @@ def build_acpi(memory, num_cpus: int) -> int:
     for address, blob in tables.values():
         memory.write(address, blob)
     return tables[b"RSDP"][0]
+
+
+# --- The same tables for firmware, through fw_cfg's table loader ------------------
+
+# SeaBIOS (and OVMF) place tables they are handed as fw_cfg files: the
+# "etc/table-loader" file is a list of 128-byte commands that allocate each
+# file in guest RAM, patch the pointers between them with the addresses they
+# got, and fix the checksums those pointers changed.
+LOADER_FILE = "etc/table-loader"
+LOADER_TABLES = "etc/acpi/tables"
+LOADER_RSDP = "etc/acpi/rsdp"
+LOADER_ENTRY_SIZE = 128
+LOADER_NAME_SIZE = 56
+LOADER_ALLOCATE, LOADER_ADD_POINTER, LOADER_ADD_CHECKSUM = 1, 2, 3
+ZONE_HIGH, ZONE_FSEG = 1, 2  # top of low RAM; the BIOS area, where the RSDP is searched for
+
+
+def _loader_entry(command: int, body: bytes) -> bytes:
+    return struct.pack("<I", command) + body.ljust(LOADER_ENTRY_SIZE - 4, b"\0")
+
+
+def _name(file: str) -> bytes:
+    return file.encode().ljust(LOADER_NAME_SIZE, b"\0")
+
+
+def loader_allocate(file: str, align: int, zone: int) -> bytes:
+    return _loader_entry(LOADER_ALLOCATE, _name(file) + struct.pack("<IB", align, zone))
+
+
+def loader_add_pointer(dest: str, src: str, offset: int, size: int) -> bytes:
+    """Add src's address to the `size`-byte little-endian integer at dest+offset."""
+    return _loader_entry(LOADER_ADD_POINTER, _name(dest) + _name(src) + struct.pack("<IB", offset, size))
+
+
+def loader_add_checksum(file: str, offset: int, start: int, length: int) -> bytes:
+    """Fix the byte at file+offset so that [start, start+length) sums to zero."""
+    return _loader_entry(LOADER_ADD_CHECKSUM, _name(file) + struct.pack("<III", offset, start, length))
+
+
+def build_loader_files(num_cpus: int) -> dict[str, bytes]:
+    """The fw_cfg files that make firmware install pyvmm's ACPI tables.
+
+    The tables are those build_acpi() writes for a kernel boot, laid out in
+    one blob whose pointers hold offsets into it; the loader adds the blob's
+    address to each of them and then fixes every checksum.
+    """
+    if not 1 <= num_cpus <= MAX_CPUS:
+        raise BootError(f"{num_cpus} vCPUs: the MADT describes 1 to {MAX_CPUS}")
+    blobs = {b"FACS": facs(), b"DSDT": dsdt(), b"APIC": madt(num_cpus)}
+    sizes = {b"FACP": FADT_SIZE, b"XSDT": HEADER_SIZE + 16, **{sig: len(b) for sig, b in blobs.items()}}
+    offsets, cursor = {}, 0
+    for sig in (b"FACS", b"DSDT", b"FACP", b"APIC", b"XSDT"):  # the FACS first: 64-byte aligned
+        cursor = (cursor + 15) // 16 * 16
+        offsets[sig] = cursor
+        cursor += sizes[sig]
+    blobs[b"FACP"] = fadt(offsets[b"FACS"], offsets[b"DSDT"])
+    blobs[b"XSDT"] = xsdt([offsets[b"FACP"], offsets[b"APIC"]])
+    tables = bytearray(cursor)
+    for sig, offset in offsets.items():
+        tables[offset : offset + len(blobs[sig])] = blobs[sig]
+
+    commands = [
+        loader_allocate(LOADER_RSDP, 16, ZONE_FSEG),
+        loader_allocate(LOADER_TABLES, 64, ZONE_HIGH),
+        loader_add_pointer(LOADER_RSDP, LOADER_TABLES, 24, 8),  # XsdtAddress
+        loader_add_pointer(LOADER_TABLES, LOADER_TABLES, offsets[b"FACP"] + 40, 4),  # DSDT
+        loader_add_pointer(LOADER_TABLES, LOADER_TABLES, offsets[b"FACP"] + 132, 8),  # X_FIRMWARE_CTRL
+        loader_add_pointer(LOADER_TABLES, LOADER_TABLES, offsets[b"FACP"] + 140, 8),  # X_DSDT
+        loader_add_pointer(LOADER_TABLES, LOADER_TABLES, offsets[b"XSDT"] + HEADER_SIZE, 8),
+        loader_add_pointer(LOADER_TABLES, LOADER_TABLES, offsets[b"XSDT"] + HEADER_SIZE + 8, 8),
+    ]
+    for sig in (b"DSDT", b"FACP", b"APIC", b"XSDT"):  # the FACS has no checksum
+        offset = offsets[sig]
+        commands.append(loader_add_checksum(LOADER_TABLES, offset + CHECKSUM_OFFSET, offset, sizes[sig]))
+    commands += [
+        loader_add_checksum(LOADER_RSDP, 8, 0, 20),  # the ACPI 1.0 part first: the whole covers it
+        loader_add_checksum(LOADER_RSDP, 32, 0, RSDP_SIZE),
+    ]
+    return {LOADER_RSDP: rsdp(offsets[b"XSDT"]), LOADER_TABLES: bytes(tables), LOADER_FILE: b"".join(commands)}

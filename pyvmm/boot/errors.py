@@ -8,3 +8,7 @@ class BootError(Exception):
 
     The message is a single line meant to be shown to the user as is.
     """
+
+
+class FirmwareError(BootError):
+    """A firmware image (--firmware) that cannot boot a disk image."""

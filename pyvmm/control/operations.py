@@ -43,7 +43,7 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
             "uptime": round(time.monotonic() - machine.started_at, 3),
             "pid": os.getpid(),
             "xenstore_socket": str(machine.xenstore_socket_path) if machine.xenstore_socket_path else None,
-            "kernel": str(config.kernel),
+            "kernel": str(config.kernel) if config.kernel is not None else None,
             "reboots": machine.run_counts["reboots"],
             "triple_faults": machine.run_counts["triple_faults"],
         }

@@ -108,6 +108,26 @@ class Bus:
             return
         claim.device.write(address - claim.base, size, value & ((1 << (8 * size)) - 1))
 
+    def read_string(self, address: int, size: int, count: int) -> bytes | None:
+        """`count` reads of `size` bytes at one address (a REP INS), in one
+        call when the device offers `read_string(offset, size, count)`;
+        None when it does not (the caller reads one at a time)."""
+        claim = self.find(address, size)
+        reader = getattr(claim.device, "read_string", None) if claim is not None else None
+        if reader is None:
+            return None
+        data = reader(address - claim.base, size, count)
+        return data if data is not None and len(data) == size * count else None
+
+    def write_string(self, address: int, size: int, data: bytes) -> bool:
+        """A REP OUTS of len(data) // size writes, in one call when the device
+        offers `write_string(offset, size, data)`; False when it does not."""
+        claim = self.find(address, size)
+        writer = getattr(claim.device, "write_string", None) if claim is not None else None
+        if writer is None:
+            return False
+        return bool(writer(address - claim.base, size, data))
+
     def _report_unclaimed(self, address: int, size: int, write: bool) -> None:
         key = (address, write)
         if key in self._reported or len(self._reported) > 4096:

@@ -47,6 +47,12 @@ LAPIC_BASE = 0xFEE0_0000
 XEN_SPECIAL_PAGES = 0xFEFF_8000
 XEN_SPECIAL_PAGES_SIZE = 0x4000
 
+# Firmware boot: the BIOS image ends at 4 GiB (where the CPU's first fetch,
+# 0xFFFFFFF0, lands) and a copy ends at 1 MiB, where real-mode code at
+# F000:xxxx runs (boot/firmware.py).
+FIRMWARE_TOP = 4 * GiB
+FIRMWARE_MAX_SIZE = 256 * KiB  # what fits above KVM's pages below, and above 0xC0000
+
 # KVM needs three pages for the VMX TSS and one for the identity map; they
 # must sit in the hole, below 4 GiB, where no RAM or device lives.
 KVM_TSS_ADDR = 0xFFFB_D000
@@ -76,6 +82,10 @@ PCI_CONFIG_ADDRESS_PORT = 0xCF8  # config mechanism #1: 0xCF8 address, 0xCFC..0x
 PCI_CONFIG_DATA_PORT = 0xCFC
 XEN_PLATFORM_IO_PORT = 0x10  # xen-platform unplug/log ports 0x10..0x13
 DEBUGCON_PORT = 0xE9  # early debug output (Xen guests print here)
+FIRMWARE_DEBUG_PORT = 0x402  # SeaBIOS's debug output under QEMU
+FW_CFG_PORT = 0x510  # QEMU's firmware configuration: 0x510..0x51B (devices/fw_cfg.py)
+# The PIIX3 IDE channels in legacy mode: (command block, control block, IRQ).
+IDE_CHANNELS = ((0x1F0, 0x3F6, 14), (0x170, 0x376, 15))
 PVPANIC_PORT = 0x505  # pvpanic: the guest reports panics (the port QEMU uses too)
 
 # ACPI fixed hardware, non-reduced model: PM1a event and control blocks, the

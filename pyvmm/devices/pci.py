@@ -87,6 +87,10 @@ PCI_IO_START = 0xC000  # above every legacy ISA port we emulate
 HOST_BRIDGE_VENDOR_ID = 0x1B36
 HOST_BRIDGE_DEVICE_ID = 0x0008
 CLASS_HOST_BRIDGE = 0x06_00_00
+# The subsystem QEMU gives its host bridges: SeaBIOS takes its QEMU path
+# (fw_cfg, its own PCI set-up and tables) only when 00:00.0 carries it.
+QEMU_SUBSYSTEM_VENDOR_ID = 0x1AF4
+QEMU_SUBSYSTEM_ID = 0x1100
 
 
 class BarKind(enum.Enum):
@@ -318,9 +322,19 @@ class PciDevice:
             self._host._drive_intx(self, effective)
 
 
+def _sizing_pattern(bar: Bar) -> int:
+    """What a BAR's address reads after all ones were written to it."""
+    if bar.is_io:
+        return 0xFFFF_FFFC & ~(bar.size - 1)
+    width = 64 if bar.kind is BarKind.MEM64 else 32
+    return ((1 << width) - 1) & ~(bar.size - 1) & ~0xF
+
+
 class HostBridge(PciDevice):
-    def __init__(self) -> None:
-        super().__init__(HOST_BRIDGE_VENDOR_ID, HOST_BRIDGE_DEVICE_ID, CLASS_HOST_BRIDGE, name="host-bridge")
+    def __init__(self, qemu_subsystem: bool = False) -> None:
+        subsystem = (QEMU_SUBSYSTEM_VENDOR_ID, QEMU_SUBSYSTEM_ID) if qemu_subsystem else (0, 0)
+        super().__init__(HOST_BRIDGE_VENDOR_ID, HOST_BRIDGE_DEVICE_ID, CLASS_HOST_BRIDGE, name="host-bridge",
+                         subsystem_vendor_id=subsystem[0], subsystem_id=subsystem[1])
 
 
 class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
@@ -331,7 +345,8 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
     a GSI; it is called once per GSI that some device's INTx pin uses.
     """
 
-    def __init__(self, pio_bus: Bus, mmio_bus: Bus, irq_for_gsi: Callable[[int], IrqLine]):
+    def __init__(self, pio_bus: Bus, mmio_bus: Bus, irq_for_gsi: Callable[[int], IrqLine], *,
+                 qemu_subsystem: bool = False):
         self._pio = pio_bus
         self._mmio = mmio_bus
         self._irq_for_gsi = irq_for_gsi
@@ -345,7 +360,7 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
         self._lines: dict[int, IrqLine] = {}
         self._asserting: dict[int, set[int]] = {}  # GSI -> slots driving it
         self._reported: set[tuple] = set()
-        self.host_bridge = HostBridge()
+        self.host_bridge = HostBridge(qemu_subsystem)
         self.add(self.host_bridge, slot=0)
 
     # --- VMM side ------------------------------------------------------------
@@ -463,15 +478,19 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
             if bar.kind is BarKind.MEM64:
                 device._put(offset + 4, 4, base >> 32)
 
-    def _update_mappings(self, device: PciDevice) -> None:
+    def _update_mappings(self, device: PciDevice, retry: bool = True) -> None:
         """Make the bus mappings of `device` match its COMMAND and BARs."""
         command = device.command
+        released = False
         for bar in device.bars:
             if bar is None:
                 continue
             enabled = command & (COMMAND_IO if bar.is_io else COMMAND_MEMORY)
             address = device._bar_register_address(bar)
-            want = address if enabled and address else None
+            # All address bits set is what firmware writes to size a BAR
+            # (decoding often left on): not a place, so nothing is mapped.
+            sizing = address == _sizing_pattern(bar)
+            want = address if enabled and address and not sizing else None
             have = bar.claim.base if bar.claim is not None else None
             if want == have:
                 continue
@@ -479,6 +498,7 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
             if bar.claim is not None:
                 bus.unregister(bar.claim)
                 bar.claim = None
+                released = True
             if want is None:
                 continue
             try:
@@ -489,7 +509,13 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
                 key = (device.slot, bar.index, want)
                 if key not in self._reported and len(self._reported) < 1024:
                     self._reported.add(key)
-                    log.warning("PCI %02x.0 BAR%d not mapped: %s", device.slot or 0, bar.index, error)
+                    log.info("PCI %02x.0 BAR%d not mapped (yet): %s", device.slot or 0, bar.index, error)
+        if released and retry:
+            # Firmware moves BARs one at a time: a BAR refused because another
+            # device's BAR was still in the way gets its place once that moved.
+            for other in self._slots:
+                if other is not None and other is not device:
+                    self._update_mappings(other, retry=False)
 
     # --- INTx ------------------------------------------------------------------
 

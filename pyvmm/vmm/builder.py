@@ -11,7 +11,8 @@ boot (the runner makes one per boot: a guest reboot gets a new one):
                    (event channels, grant table, xenstore, backends): each
                    given the VM's Tracer and FaultInjector
 4. `load_guest`    the E820 map, the ACPI tables and the kernel; what vCPU 0
-                   starts with (`Machine.boot_state`)
+                   starts with (`Machine.boot_state`); without a kernel, the
+                   BIOS firmware and its fw_cfg items instead
 5. `add_debugger`  the gdb stub, when --gdb asks for one
 
 Nothing here listens on a socket or starts a thread: `Machine.open_listeners()`
@@ -25,17 +26,22 @@ in pyvmm/core/snapshot.py).
 
 from __future__ import annotations
 
+import struct
 import time
 
 from ..boot.acpi import build_acpi
 from ..boot.e820 import build_e820
+from ..boot.acpi import build_loader_files
+from ..boot.firmware import DEFAULT_FIRMWARE, firmware_e820, low_placement, read_firmware, reset_state, rom_placement
 from ..boot.loader import load_kernel
+from ..devices.rom import Rom
+from ..devices.fw_cfg import BOOT_MENU, MAX_CPUS, NB_CPUS, NOGRAPHIC, RAM_SIZE, UUID
 from ..config import VmConfig
 from ..core import layout
 from ..core.bus import Bus
 from ..core.console import ConsoleOutput
 from ..core.faults import FaultInjector
-from ..core.memory import GuestMemory
+from ..core.memory import GuestMemory, MemoryRegion
 from ..core.trace import Tracer
 from ..kvm import Kvm, map_guest_memory, pc_irqchip_routes
 from ..platform import Platform
@@ -126,11 +132,47 @@ class MachineBuilder:
     def load_guest(self) -> None:
         """4. The firmware tables and the kernel: vCPU 0's first state."""
         machine, config = self.machine, self.config
+        if config.firmware_boot:
+            self._load_firmware()
+            return
         e820 = build_e820(config.memory)
         rsdp = build_acpi(machine.memory, config.vcpus)
         machine.boot_state = load_kernel(
             machine.memory, config.kernel, config.initrd, config.cmdline, rsdp_address=rsdp, e820=e820
         )
+
+    def _load_firmware(self) -> None:
+        """Without a kernel: BIOS firmware, and what it learns through fw_cfg."""
+        machine, config = self.machine, self.config
+        image = read_firmware(config.firmware or DEFAULT_FIRMWARE)
+        gpa, rom = rom_placement(image)
+        # The top copy is ROM (a write exits and is dropped by the bus); the
+        # copy below 1 MiB is RAM, as a BIOS leaves its shadow after it has
+        # unlocked it: SeaBIOS keeps its variables there.
+        machine.firmware_rom = region = MemoryRegion.allocate(gpa, len(rom))
+        region.mapping[:] = rom
+        machine.vm.memslots.map(gpa, len(rom), region.host_address, readonly=True)
+        machine.mmio.register(gpa, len(rom), Rom(rom), "firmware ROM")
+        machine.memory.write(*low_placement(image))
+
+        fw_cfg = machine.platform.fw_cfg
+        low = layout.ram_ranges(config.memory)[0][1]
+        fw_cfg.add_item(RAM_SIZE, struct.pack("<Q", config.memory))
+        fw_cfg.add_item(NB_CPUS, struct.pack("<H", config.vcpus))
+        fw_cfg.add_item(MAX_CPUS, struct.pack("<H", config.vcpus))
+        fw_cfg.add_item(NOGRAPHIC, struct.pack("<H", 1))  # SeaBIOS's console goes to COM1
+        fw_cfg.add_item(BOOT_MENU, struct.pack("<H", 0))
+        fw_cfg.add_item(UUID, bytes(16))
+        fw_cfg.add_file("etc/e820", firmware_e820(config.memory, config.xen))
+        for name, data in build_loader_files(config.vcpus).items():
+            fw_cfg.add_file(name, data)
+        fw_cfg.add_file("etc/boot-fail-wait", struct.pack("<I", 5))
+        # Boot the IDE disk and nothing else: without a boot order SeaBIOS
+        # also tries a floppy drive it reads of in the CMOS.
+        slot = machine.platform.ide_slot
+        fw_cfg.add_file("bootorder", f"/pci@i0cf8/ide@{slot:x}/drive@0/disk@0\nHALT".encode())
+        assert low > layout.LOW_RESERVED_END  # VmConfig's minimum memory guarantees it
+        machine.boot_state = reset_state()
 
     def add_debugger(self) -> None:
         """5. The gdb stub (it listens and starts with the machine, not here)."""

@@ -53,12 +53,19 @@ class ExitHandler:
 
     def _io(self, exit: kx.IoExit) -> None:
         size, port, data = exit.size, exit.port, exit.data
+        count = exit.count
         if exit.is_write:
-            for i in range(exit.count):
-                self.pio.write(port, size, int.from_bytes(data[i * size : (i + 1) * size], "little"))
+            # A string write (REP OUTS) goes in one call where the device takes it.
+            if count == 1 or not self.pio.write_string(port, size, bytes(data[: size * count])):
+                for i in range(count):
+                    self.pio.write(port, size, int.from_bytes(data[i * size : (i + 1) * size], "little"))
         else:
-            for i in range(exit.count):
-                data[i * size : (i + 1) * size] = self.pio.read(port, size).to_bytes(size, "little")
+            block = self.pio.read_string(port, size, count) if count > 1 else None
+            if block is not None:  # a REP INS the device served whole (an IDE data port)
+                data[: size * count] = block
+            else:
+                for i in range(count):
+                    data[i * size : (i + 1) * size] = self.pio.read(port, size).to_bytes(size, "little")
         if self._trace.io:
             self._trace.emit("io", "pio", port=port, size=size, dir="out" if exit.is_write else "in", count=exit.count,
                        value=hex(int.from_bytes(data[:size], "little")))

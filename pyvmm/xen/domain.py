@@ -31,7 +31,7 @@ from ..core.trace import Tracer
 from ..core.stats import Counters
 from ..kvm import CpuidEntry, Kvm, KvmError, MemslotError, Vm, uapi
 from ..kvm.cpuid import signature_leaf
-from .hv.xen_platform import XenPlatformDevice
+from .hv.xen_platform import UNPLUG_AUX_IDE_DISKS, UNPLUG_IDE_SCSI_DISKS, XenPlatformDevice
 from . import abi
 from .hv import kvm_xen
 from .abi import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
@@ -203,7 +203,9 @@ class XenDomain:
         self.gnttab = GrantTable(self.memory, max_frames=limits.max_grant_frames, log_rate=limits.log_rate,
                                  trace=self.trace)
 
-        self.platform_device = XenPlatformDevice(log_rate=limits.log_rate)  # it logs what the guest says there, rate-limited
+        # It logs what the guest says there, rate-limited; unplug masks take
+        # the emulated disks away (a firmware boot's IDE disk).
+        self.platform_device = XenPlatformDevice(log_rate=limits.log_rate, on_unplug=self._unplug)
         slot = machine.platform.pci.add(self.platform_device)
         self._platform_intx_gsi = layout.pci_intx_gsi(slot, 0)  # its INTA
         machine.pio.register(layout.XEN_PLATFORM_IO_PORT, 4, self.platform_device.fixed_ports(), "xen-platform ports")
@@ -294,6 +296,16 @@ class XenDomain:
 
     def cpuid_leaves(self, index: int) -> list[CpuidEntry]:
         return xen_cpuid_leaves(self.version, index)
+
+    def _unplug(self, mask: int) -> None:
+        """The guest's unplug mask (docs/misc/hvm-emulated-unplug in Xen):
+        bit 0 all IDE disks, bit 2 all but the primary master; NICs (bit 1)
+        have no emulated device to take away."""
+        self._limited.info("guest unplugged emulated devices (mask %#x)", mask)
+        if mask & UNPLUG_IDE_SCSI_DISKS:
+            self.machine.platform.unplug_ide_disks()
+        elif mask & UNPLUG_AUX_IDE_DISKS:
+            self.machine.platform.unplug_ide_disks(keep_primary_master=True)
 
     def configure_vcpu(self, vcpu, index: int) -> None:
         """Per-vCPU Xen state, on the vCPU's own thread before it first runs."""

@@ -33,10 +33,10 @@ def cfg(tmp_path, text):
 
 
 @pytest.mark.parametrize("vdev, message", [
-    ("hda", "vm.cfg:4: disk 'vdev=hda, target=disk.img': vdev hda names an emulated IDE disk; pyvmm has no disk "
-            "controller and gives the guest Xen PV disks only, named xvda, xvdb, ... (vdev=xvda)"),
-    ("sdb", "vm.cfg:4: disk 'vdev=sdb, target=disk.img': vdev sdb names an emulated SCSI disk; pyvmm has no disk "
-            "controller and gives the guest Xen PV disks only, named xvda, xvdb, ... (vdev=xvdb)"),
+    ("hde", "vm.cfg:4: disk 'vdev=hde, target=disk.img': vdev hde: an IDE controller has four disks, hda to hdd; "
+            "name further disks as Xen PV disks (vdev=xvde)"),
+    ("sdb", "vm.cfg:4: disk 'vdev=sdb, target=disk.img': vdev sdb names an emulated SCSI disk; pyvmm has no SCSI "
+            "controller and gives the guest Xen PV disks, named xvda, xvdb, ... (vdev=xvdb)"),
     ("xvdb1", "vm.cfg:4: disk 'vdev=xvdb1, target=disk.img': vdev xvdb1 is a partition; pyvmm gives the guest "
               "whole disks only (vdev=xvdb)"),
 ])

@@ -15,10 +15,19 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pyvmm.config import ConfigError, DeviceSpec, Origin
+from pyvmm.config import ConfigError, DeviceSpec, Origin, foreign_image, read_header
 
-# The guest's names pyvmm serves: Xen PV disks, whole ones.
+# The guest's names pyvmm serves: Xen PV disks, whole ones, and the four IDE
+# names of an HVM guest's xl.cfg (hda..hdd): on Xen such a disk is both an
+# emulated IDE disk and a PV disk, which Linux calls xvda..xvdd once it has
+# unplugged the emulated one (a firmware boot's IDE disk: docs/FIRMWARE.md).
 _PV_VDEV = re.compile(r"xvd[a-z]{1,2}")
+_IDE_VDEV = re.compile(r"hd[a-d]")
+
+
+def guest_name(vdev: str) -> str:
+    """The name Linux's blkfront gives the disk: hda -> xvda, xvdb -> xvdb."""
+    return "xvd" + vdev[2:] if _IDE_VDEV.fullmatch(vdev) else vdev
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class DiskSpec(DeviceSpec):
         return f"format=raw, vdev={self.vdev}, access={access}, target={self.path}"
 
     def unique(self) -> tuple[str, str]:
-        return ("vdev", self.vdev)
+        return ("vdev", guest_name(self.vdev))
 
     def check(self) -> None:
         self._check_vdev()
@@ -51,19 +60,25 @@ class DiskSpec(DeviceSpec):
             raise self.error(f"{str(path)!r} is not a file or block device")
         if not os.access(path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
             raise self.error(f"{str(path)!r} is not {'readable' if self.readonly else 'writable'}")
+        what = foreign_image(read_header(path))
+        if what is not None:
+            raise self.error(f"{str(path)!r} is {what}; pyvmm serves raw images and block devices only "
+                             f"(convert it: qemu-img convert -O raw {path} {path}.raw)")
 
     def _check_vdev(self) -> None:
         vdev = self.vdev
-        if _PV_VDEV.fullmatch(vdev):
+        if _PV_VDEV.fullmatch(vdev) or _IDE_VDEV.fullmatch(vdev):
             return
         whole = re.fullmatch(r"(xvd|hd|sd)([a-z]+)([0-9]*)", vdev)
         if whole and whole.group(3):
             raise self.error(f"vdev {vdev} is a partition; pyvmm gives the guest whole disks only "
                              f"(vdev={whole.group(1)}{whole.group(2)})")
+        if whole and whole.group(1) == "hd":
+            raise self.error(f"vdev {vdev}: an IDE controller has four disks, hda to hdd; name further disks "
+                             f"as Xen PV disks (vdev=xvd{whole.group(2)})")
         if whole and whole.group(1) != "xvd":
-            raise self.error(f"vdev {vdev} names an emulated {'IDE' if whole.group(1) == 'hd' else 'SCSI'} disk; "
-                             f"pyvmm has no disk controller and gives the guest Xen PV disks only, named "
-                             f"xvda, xvdb, ... (vdev=xvd{whole.group(2)})")
+            raise self.error(f"vdev {vdev} names an emulated SCSI disk; pyvmm has no SCSI controller and gives "
+                             f"the guest Xen PV disks, named xvda, xvdb, ... (vdev=xvd{whole.group(2)})")
         raise self.error(f"vdev {vdev}: pyvmm's disks are named xvda to xvdzz")
 
 
@@ -75,7 +90,7 @@ def parse_disk_option(text: str, index: int) -> DiskSpec:
     vdev, readonly = f"xvd{chr(ord('a') + index)}", False
     for option in options:
         key, _, value = option.partition("=")
-        if key == "vdev" and _PV_VDEV.fullmatch(value):
+        if key == "vdev" and (_PV_VDEV.fullmatch(value) or _IDE_VDEV.fullmatch(value)):
             vdev = value
         elif key in ("readonly", "ro") and value in ("on", "off", "yes", "no", "1", "0", "true", "false", ""):
             readonly = value in ("on", "yes", "1", "true", "")

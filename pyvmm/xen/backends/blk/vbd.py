@@ -69,7 +69,14 @@ def vdev_index(vdev: str) -> int:
     return index - 1
 
 
+# Xen's numbers for the IDE names: major 3 (hda, hdb) and 22 (hdc, hdd),
+# 64 minors a disk. Linux's blkfront names them xvda..xvdd.
+IDE_DEVIDS = {"hda": 3 << 8, "hdb": 3 << 8 | 64, "hdc": 22 << 8, "hdd": 22 << 8 | 64}
+
+
 def vdev_to_devid(vdev: str) -> int:
+    if vdev in IDE_DEVIDS:
+        return IDE_DEVIDS[vdev]
     index = vdev_index(vdev)
     if index < 16:
         return XENVBD_MAJOR << 8 | index << 4
