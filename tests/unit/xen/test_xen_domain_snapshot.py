@@ -4,6 +4,7 @@ parts in one state; a restored domain has the saved guest-physical map
 KVM: the domain is put together from its parts over fakes, as the physmap
 tests do."""
 
+import contextlib
 import json
 import logging
 import threading
@@ -79,7 +80,7 @@ def built():
     domain.irqfds = []
     domain.vm = SimpleNamespace(memslots=table, irqfd=lambda fd, gsi, resample_fd: domain.irqfds.append(gsi),
                                 signal_msi=lambda *args: None)
-    domain.machine = SimpleNamespace(kick_vcpu=lambda index: None)
+    domain.machine = SimpleNamespace(kick_vcpu=lambda index: None, others_held=contextlib.nullcontext)
     domain._lock = threading.RLock()
     domain._limited = logging.getLogger("test")
     domain.version, domain.vcpu_count, domain.domid = (4 << 16) | 17, VCPUS, 1

@@ -66,7 +66,8 @@ class Recorder:
 
 class FakeDomain(Recorder):
     def __init__(self):
-        super().__init__(features=lambda submap: 0x305, hvm_get_param=lambda index: 0xFEFF9, watchdog=0)
+        super().__init__(features=lambda submap: 0x305, hvm_get_param=lambda index: 0xFEFF9, watchdog=0,
+                         vcpu_is_up=False)
         self.domid = DOMID
         self.vcpu_count = 2
         self.version = (4 << 16) | 17
