@@ -542,6 +542,8 @@ EVTCHN_RESET = Layout("evtchn_reset", "dom", "<H")
 EVTCHN_INIT_CONTROL = Layout("evtchn_init_control", "control_gfn offset vcpu link_bits", "<QIIB7x")
 # struct evtchn_fifo_control_block: ready, a reserved word, a head per queue (16).
 EVTCHN_FIFO_CONTROL_BLOCK_SIZE = 8 + 4 * 16
+EVTCHN_EXPAND_ARRAY = Layout("evtchn_expand_array", "array_gfn", "<Q")
+EVTCHN_SET_PRIORITY = Layout("evtchn_set_priority", "port priority", "<II")
 
 # grant_table.h
 GNTTAB_SET_VERSION = Layout("gnttab_set_version", "version", "<I")

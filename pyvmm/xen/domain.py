@@ -176,6 +176,9 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             add_reader=self.loop.add_reader,
             remove_reader=self.loop.remove_reader,
             max_port=limits.max_event_channels,
+            fifo=config.xen_fifo,
+            page_address=self._fifo_page_address,
+            on_abi_change=self._event_abi_changed,
             log_rate=limits.log_rate,
             trace=self.trace,
             faults=self.faults,
@@ -591,7 +594,8 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
         self._arm_timer(vcpu, timeout_abs_ns, self._guest_time_ns())
 
     def _arm_timer(self, vcpu: int, deadline_ns: int, now_ns: int) -> None:
-        port = self.evtchn.virq_port(abi.VIRQ_TIMER, vcpu) if self.kvm_features.evtchn_send else None
+        kernel = self.kvm_features.evtchn_send and not self.evtchn.fifo_active  # KVM raises 2-level only
+        port = self.evtchn.virq_port(abi.VIRQ_TIMER, vcpu) if kernel else None
         if port is not None:
             # From now on KVM runs this vCPU's timer hypercalls itself.
             self._timer_ports[vcpu] = port
@@ -606,6 +610,52 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             vcpu_object, uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER,
             timer={"port": port, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": deadline_ns},
         )
+
+    def _take_kernel_timer(self, vcpu_object, vcpu: int) -> None:
+        """On vCPU `vcpu`'s thread: KVM stops running its timer (port 0 turns
+        KVM's timer hypercalls off) and a userspace timer takes its deadline.
+        One KVM raised just before went to 2-level bits the guest no longer
+        reads, so the userspace timer fires at least once: a spurious timer
+        event is harmless, a lost one could leave the vCPU idle for good."""
+        attr = vcpu_object.xen_vcpu_get_attr(uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER)
+        deadline = attr.u.timer.expires_ns
+        kvm_xen.set_vcpu_attr(vcpu_object, uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER,
+                              timer={"port": 0, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": 0})
+        self._timer_ports[vcpu] = None
+        now = self._guest_time_ns()
+        self._singleshot[vcpu].arm(max(0.0, ((deadline or now) - now) / 1e9))
+
+    def _event_abi_changed(self, fifo: bool) -> None:
+        """The guest switched to FIFO event channels (or back to 2-level with
+        EVTCHNOP_reset), on the vCPU thread of that hypercall. KVM's
+        in-kernel paths raise 2-level events only, so under FIFO: its
+        SCHEDOP_poll, which would wait on 2-level bits nobody sets, becomes
+        a yield (KVM_XEN_HVM_CONFIG without EVTCHN_SEND) and its timers come
+        back to userspace. Guests' sends to backends keep their eventfds."""
+        if not self.kvm_features.evtchn_send:
+            return  # every path is pyvmm's already
+        with self._lock:
+            kvm_xen.enable(self.vm, self.kvm_features, evtchn_send=not fifo)
+        if not fifo:
+            return  # timers go back to KVM at their next setting
+        for vcpu, port in enumerate(self._timer_ports):
+            if port is not None:
+                try:
+                    self.machine.run_on_vcpu(vcpu, partial(self._take_kernel_timer, vcpu=vcpu))
+                except (OSError, TimeoutError) as error:
+                    log.warning("vCPU %d: could not take its timer back from KVM: %s", vcpu, error)
+
+    def _fifo_page_address(self, gfn: int) -> int | None:
+        """A RAM page the guest may hand over for FIFO event channels (an
+        event array page, a control block): not an overlay, not given back,
+        not shared_info. Its host address stays valid for the VM's life."""
+        gpa = gfn << PAGE_SHIFT
+        if gfn >= 1 << 40 or not self.memory.contains(gpa, PAGE_SIZE):
+            return None
+        with self._lock:
+            if gfn == self.shared_info_gfn or gfn in self._ballooned or gpa in self._grant_frame_at:
+                return None
+        return self.memory.host_address(gpa)
 
     def _timer_fired(self, vcpu: int) -> None:
         self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)

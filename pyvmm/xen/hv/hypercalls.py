@@ -90,6 +90,11 @@ class EventChannelOps(Protocol):
     def status(self, dom: int, port: int) -> EvtchnStatus: ...
     def bind_vcpu(self, port: int, vcpu: int) -> None: ...
     def reset(self, dom: int) -> None: ...
+    # FIFO: -ENOSYS / -EOPNOTSUPP when not offered or not in use.
+    fifo_offered: bool
+    def init_control(self, vcpu: int, gfn: int, offset: int) -> int: ...  # the link bits
+    def expand_array(self, gfn: int) -> None: ...
+    def set_priority(self, port: int, priority: int) -> None: ...
 
 
 class GrantTableOps(Protocol):
@@ -618,7 +623,6 @@ class HypercallDispatcher:
     # --- event_channel_op (int cmd, void *arg) ----------------------------------------
 
     def _evtchn_ops(self) -> dict[int, SubHandler]:
-        fifo = lambda call, arg: -ENOSYS  # noqa: E731 - Linux then uses 2-level
         return {
             abi.EVTCHNOP_alloc_unbound: self._evtchn_alloc_unbound,
             abi.EVTCHNOP_bind_interdomain: self._evtchn_bind_interdomain,
@@ -631,22 +635,36 @@ class HypercallDispatcher:
             abi.EVTCHNOP_bind_vcpu: self._evtchn_bind_vcpu,
             abi.EVTCHNOP_reset: self._evtchn_reset,
             abi.EVTCHNOP_init_control: self._evtchn_init_control,
-            abi.EVTCHNOP_expand_array: fifo,
-            abi.EVTCHNOP_set_priority: fifo,
+            abi.EVTCHNOP_expand_array: self._evtchn_expand_array,
+            abi.EVTCHNOP_set_priority: self._evtchn_set_priority,
         }
 
     def _evtchn_init_control(self, call: _Call, arg: int) -> int:
-        """FIFO event channels are not offered: a valid request is -ENOSYS
-        (Linux then stays with 2-level), but an invalid one gets Xen's own
-        answer first, as Xen checks the arguments before anything else."""
-        request = call.read(arg, abi.EVTCHN_INIT_CONTROL)
-        if request.offset % 8 or request.offset > abi.PAGE_SIZE - abi.EVTCHN_FIFO_CONTROL_BLOCK_SIZE:
-            return -EINVAL
-        self._check_vcpu(request.vcpu)
+        """Checked as Xen does (vCPU, offset, then the frame), also when FIFO
+        is not offered: then a valid request is -ENOSYS and Linux stays with
+        2-level. The link bits are written back only on success, as Xen."""
+        request = call.read(arg, abi.EVTCHN_INIT_CONTROL, for_update=True)
         gfn = request.control_gfn
-        if gfn >= MAX_GPFN or not call.access.memory.contains(gfn << abi.PAGE_SHIFT, abi.PAGE_SIZE):
-            return -EINVAL  # Xen cannot map a control block there
-        return -ENOSYS
+        evtchn = self.domain.evtchn
+        if not evtchn.fifo_offered:
+            self._check_vcpu(request.vcpu)
+            if request.offset % 8 or request.offset > abi.PAGE_SIZE - abi.EVTCHN_FIFO_CONTROL_BLOCK_SIZE:
+                return -EINVAL
+            if gfn >= MAX_GPFN or not call.access.memory.contains(gfn << abi.PAGE_SHIFT, abi.PAGE_SIZE):
+                return -EINVAL  # Xen cannot map a control block there
+            return -ENOSYS
+        link_bits = evtchn.init_control(request.vcpu, gfn, request.offset)
+        call.write(arg, abi.EVTCHN_INIT_CONTROL, request._replace(link_bits=link_bits))
+        return 0
+
+    def _evtchn_expand_array(self, call: _Call, arg: int) -> int:
+        self.domain.evtchn.expand_array(call.read(arg, abi.EVTCHN_EXPAND_ARRAY).array_gfn)
+        return 0
+
+    def _evtchn_set_priority(self, call: _Call, arg: int) -> int:
+        request = call.read(arg, abi.EVTCHN_SET_PRIORITY)
+        self.domain.evtchn.set_priority(request.port, request.priority)
+        return 0
 
     def _evtchn_alloc_unbound(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.EVTCHN_ALLOC_UNBOUND, for_update=True)
