@@ -548,6 +548,10 @@ EVTCHN_SET_PRIORITY = Layout("evtchn_set_priority", "port priority", "<II")
 # grant_table.h
 GNTTAB_SET_VERSION = Layout("gnttab_set_version", "version", "<I")
 GNTTAB_GET_VERSION = Layout("gnttab_get_version", "dom version", "<H2xI")
+# frame_list is a handle to uint64_t frames in both ABIs.
+GNTTAB_GET_STATUS_FRAMES = Layout(
+    "gnttab_get_status_frames", "nr_frames dom status frame_list", "<IHhQ", "<IHhI"
+)
 GNTTAB_QUERY_SIZE = Layout(
     "gnttab_query_size", "dom nr_frames max_nr_frames status", "<H2xIIh2x"
 )

@@ -37,7 +37,7 @@ from .abi import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .backends.console.pvconsole import PvConsole
 from .errors import EINVAL, EPERM, ETIME, XenError
 from .hv.evtchn import EventChannels
-from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTable
+from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, XENMAPIDX_grant_table_status, GrantTable
 from .hv.guest_access import GuestAccess
 from .hv.hypercalls import HypercallDispatcher
 from .hv.kvm_xen import KernelEvtchn, XenFeatures
@@ -184,7 +184,7 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
             faults=self.faults,
         )
         self.gnttab = GrantTable(self.memory, max_frames=limits.max_grant_frames, log_rate=limits.log_rate,
-                                 trace=self.trace)
+                                 trace=self.trace, on_status_frames_gone=self._grant_status_frames_gone)
 
         self.platform_device = XenPlatformDevice(log_rate=limits.log_rate)  # it logs what the guest says there, rate-limited
         slot = machine.platform.pci.add(self.platform_device)
@@ -745,6 +745,21 @@ class XenDomain(SavesNoStateYet):  # until its save_state() is written (core/sna
                 raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
+
+    def grant_status_gfns(self, count: int) -> list[int]:
+        """GNTTABOP_get_status_frames: where the guest put status frames
+        0..count-1 (Xen's INVALID_GFN, all ones, for one not mapped)."""
+        with self._lock:
+            return [self._grant_frame_gpa.get(XENMAPIDX_grant_table_status | index, abi.INVALID_GPA << PAGE_SHIFT)
+                    >> PAGE_SHIFT for index in range(count)]
+
+    def _grant_status_frames_gone(self) -> None:
+        """The guest went back to grant table v1: its status frames leave its
+        physical address space (RAM they covered comes back), as on Xen."""
+        with self._lock:
+            for index, gpa in list(self._grant_frame_gpa.items()):
+                if index & XENMAPIDX_grant_table_status:
+                    self._unmap_grant_frame(gpa)
 
     def remove_from_physmap(self, gpfn: int) -> None:
         """XENMEM_remove_from_physmap of an overlay page: the grant frame

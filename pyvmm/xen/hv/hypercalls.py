@@ -100,6 +100,7 @@ class EventChannelOps(Protocol):
 class GrantTableOps(Protocol):
     def set_version(self, version: int) -> int: ...  # the version now in use
     def get_version(self) -> int: ...
+    def nr_status_frames(self) -> int: ...  # 0 under version 1
     def query_size(self) -> tuple[int, int]: ...  # (nr_frames, max_nr_frames)
 
 
@@ -123,7 +124,8 @@ class XenDomainOps(Protocol):
     gnttab: GrantTableOps
 
     def map_shared_info(self, gpfn: int) -> None: ...
-    def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
+    def map_grant_frame(self, idx: int, gpfn: int) -> None: ...  # idx may carry XENMAPIDX_grant_table_status
+    def grant_status_gfns(self, count: int) -> list[int]: ...  # where status frames 0.. are; INVALID_GFN if nowhere
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
     # Ballooning, one extent of 2**order pages: False when it cannot be done.
     def decrease_reservation(self, gpfn: int, order: int) -> bool: ...
@@ -736,6 +738,7 @@ class HypercallDispatcher:
             abi.GNTTABOP_set_version: self._gnttab_set_version,
             abi.GNTTABOP_get_version: self._gnttab_get_version,
             abi.GNTTABOP_query_size: self._gnttab_query_size,
+            abi.GNTTABOP_get_status_frames: self._gnttab_get_status_frames,
             # HVM guests map their frames with add_to_physmap instead.
             abi.GNTTABOP_setup_table: lambda call, uop: -ENOSYS,
         }.get(cmd)
@@ -765,6 +768,27 @@ class HypercallDispatcher:
             return -EPERM if dom == 0 else -ESRCH
         version = self.domain.gnttab.get_version()
         call.write(uop, abi.GNTTAB_GET_VERSION, request._replace(version=version & _U32))
+        return 0
+
+    def _gnttab_get_status_frames(self, call: _Call, uop: int) -> int:
+        """Where the guest mapped its v2 status frames. Xen answers through
+        the status field: GNTST_general_error for more frames than the
+        table has (any under version 1), GNTST_bad_virt_addr for a list it
+        cannot write (an HVM guest's handle is not checked beforehand)."""
+        request = call.read(uop, abi.GNTTAB_GET_STATUS_FRAMES, for_update=True)
+        dom = self._domid(request.dom)
+        if dom != self.domain.domid:
+            status = abi.GNTST_permission_denied if dom == 0 else abi.GNTST_bad_domain
+        elif request.nr_frames > self.domain.gnttab.nr_status_frames():
+            status = abi.GNTST_general_error  # so the loop below is bounded by the table's size
+        else:
+            status = abi.GNTST_okay
+            for index, gfn in enumerate(self.domain.grant_status_gfns(request.nr_frames)):
+                try:
+                    call.access.write(request.frame_list + 8 * index, struct.pack("<Q", gfn))
+                except GuestFault:
+                    status = abi.GNTST_bad_virt_addr
+        call.write(uop, abi.GNTTAB_GET_STATUS_FRAMES, request._replace(status=status))
         return 0
 
     def _gnttab_query_size(self, call: _Call, uop: int) -> int:

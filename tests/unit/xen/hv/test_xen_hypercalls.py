@@ -799,6 +799,24 @@ def test_gnttab_refusals(hc, domain, memory, cmd, count, expected):
     assert get(memory, BUF, abi.GNTTAB_QUERY_SIZE).status == 5
 
 
+@ABIS
+def test_gnttab_get_status_frames(hc, domain, memory, compat):
+    domain.gnttab.results["nr_status_frames"] = 2
+    domain.results["grant_status_gfns"] = lambda count: [0x1234, (1 << 64) - 1][:count]
+    ok = dict(nr_frames=2, dom=abi.DOMID_SELF, status=5, frame_list=ARRAY)
+    put(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat, **ok)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, BUF, 1, longmode=not compat) == 0
+    assert get(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat).status == abi.GNTST_okay
+    assert struct.unpack("<2Q", bytes(memory.view(ARRAY, 16))) == (0x1234, (1 << 64) - 1)
+    for fields, status in [(dict(nr_frames=3), abi.GNTST_general_error),  # more than the table has
+                           (dict(dom=0), abi.GNTST_permission_denied), (dict(dom=9), abi.GNTST_bad_domain),
+                           (dict(frame_list=READONLY), abi.GNTST_bad_virt_addr)]:
+        put(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat, **{**ok, **fields})
+        assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, BUF, 1, longmode=not compat) == 0
+        assert get(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat).status == status, fields
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, READONLY, 1) == -EFAULT
+
+
 def test_gnttab_bad_pointers(hc, domain):
     for op in (abi.GNTTABOP_set_version, abi.GNTTABOP_get_version, abi.GNTTABOP_query_size):
         assert hc(abi.HYPERCALL_grant_table_op, op, READONLY, 1) == -EFAULT
