@@ -5,6 +5,8 @@ events as Linux's events_fifo.c does, and EventChannels switched to FIFO."""
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from frontends.common import PAGE, HostPages
 from frontends.evtchn import FakeKernel, Rig
@@ -391,3 +393,37 @@ def test_snapshot_shows_fifo_state(guest):
     rig.ev.send(port)
     entry = next(entry for entry in rig.ev.snapshot() if entry["port"] == port)
     assert entry["pending"] is True and entry["masked"] is False and entry["priority"] == 3
+
+
+# --- raising and consuming in any order ---------------------------------------------------
+
+PORTS = range(1, 41)
+
+
+@settings(max_examples=200, deadline=None)
+@given(priorities=st.lists(st.integers(0, 15), min_size=len(PORTS), max_size=len(PORTS)),
+       ops=st.lists(st.one_of(st.tuples(st.just("raise"), st.sampled_from(PORTS)),
+                              st.tuples(st.just("consume"), st.integers(0, 1)),
+                              st.tuples(st.just("move"), st.sampled_from(PORTS))), max_size=120))
+def test_every_raised_event_is_consumed_once_on_its_vcpu(priorities, ops):
+    guest = FifoGuest()
+    fifo = fifo_for(guest)
+    vcpu_of = {port: port % 2 for port in PORTS}
+    for port, priority in zip(PORTS, priorities):
+        fifo.set_priority(port, priority)
+    outstanding: dict[int, int] = {}  # port -> the vCPU it was queued on
+    for op, arg in ops:
+        if op == "raise":
+            outstanding.setdefault(arg, vcpu_of[arg])
+            fifo.set_pending(arg, vcpu_of[arg])
+        elif op == "move":
+            vcpu_of[arg] ^= 1  # EVTCHNOP_bind_vcpu: later events go to the other vCPU
+        else:
+            handled = guest.consume(arg)
+            assert len(handled) == len(set(handled))
+            assert set(handled) == {port for port, vcpu in outstanding.items() if vcpu == arg}
+            for port in handled:
+                del outstanding[port]
+    for vcpu in (0, 1):
+        handled = guest.consume(vcpu)
+        assert set(handled) == {port for port, v in outstanding.items() if v == vcpu}
