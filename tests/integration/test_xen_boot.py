@@ -88,7 +88,8 @@ def test_xen_guest_detects_xen_and_runs_on_the_pv_console(assets, tmp_path):
     check_interrupts_flow(check_xen_guest(result), result)
 
 
-@pytest.mark.parametrize("extra", [(), ("--no-xen-accel",)], ids=["accel", "no-xen-accel"])
+@pytest.mark.parametrize("extra", [(), pytest.param(("--no-xen-accel",), marks=pytest.mark.slow)],
+                         ids=["accel", "no-xen-accel"])  # 51 s and 73 s in the testbed
 def test_fifo_event_channels_when_offered(assets, tmp_path, extra):
     """Linux takes FIFO when offered: its timers, IPIs, xenstore and console
     then go through pyvmm's FIFO queues (with KVM's 2-level paths taken back)."""
