@@ -130,6 +130,9 @@ def main() -> None:
 @click.option("--xen-version", default="4.17", show_default=True, help="Xen version the guest sees.")
 @click.option("--xen-accel/--no-xen-accel", default=True, show_default=True,
               help="Use KVM's in-kernel event-channel paths where the host has them.")
+@click.option("--xen-fifo/--no-xen-fifo", default=False, show_default=True,
+              help="Offer FIFO event channels (Linux then takes them); their delivery is all in pyvmm, "
+                   "not KVM (docs/XEN.md).")
 @click.option("--name", help="The VM's name: its control socket and xenstore name (default: from the config file, else pyvmm-PID).")
 @click.option("--xenstore-socket", type=click.Path(path_type=Path),
               help="Serve the VM's xenstore to dom0 tools here (default: in the runtime directory).")
@@ -162,7 +165,7 @@ def main() -> None:
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
 def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, no_reboot, on_watchdog, timeout,
         expect, xen, xen_version,
-        xen_accel, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
+        xen_accel, xen_fifo, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
         gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
     """Boot a guest kernel, a disk image through firmware (--disk without --kernel, or an IMAGE
@@ -201,6 +204,7 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
             xen=values["xen"],
             xen_version=parse_xen_version(xen_version),
             xen_accel=xen_accel,
+            xen_fifo=xen_fifo,
             name=values["name"] or f"pyvmm-{os.getpid()}",
             xenstore_socket=xenstore_socket,
             devices=_device_specs(ctx, device_options, file_devices),

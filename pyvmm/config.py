@@ -144,6 +144,7 @@ class VmConfig:
     xen: bool = True
     xen_version: int = (4 << 16) | 17
     xen_accel: bool = True  # use KVM's in-kernel event-channel paths when present
+    xen_fifo: bool = False  # offer FIFO event channels (all their delivery is then in userspace)
     name: str = "pyvmm"
     xenstore_socket: Path | None = None  # default: in the runtime directory
     devices: tuple[DeviceSpec, ...] = ()  # disks, NICs, ...: one spec per device, of the registered kinds

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping
 from .core.ratelimit import BURST, PER_SECOND, LogRate
 
 MAX_EVENT_CHANNEL_PORT = 4095  # the 2-level ABI's last port for a 64-bit guest (1023 in compat mode)
+MAX_FIFO_EVENT_CHANNEL_PORT = (1 << 17) - 1  # the FIFO ABI's last port (--xen-fifo)
 MAX_GRANT_FRAMES = 1024  # grant frames are mapped into the platform device's 16 MiB BAR1
 
 
@@ -138,8 +139,9 @@ class LimitSpec:
 
 _XS = "cxenstored: "
 SPECS: dict[str, LimitSpec] = {spec.name: spec for spec in (
-    LimitSpec("max-event-channels", "max_event_channels", "ports", 1, MAX_EVENT_CHANNEL_PORT,
-              "Xen: xl.cfg max_event_channels = 1023", "event channel ports the guest may allocate: 1 to N"),
+    LimitSpec("max-event-channels", "max_event_channels", "ports", 1, MAX_FIFO_EVENT_CHANNEL_PORT,
+              "Xen: xl.cfg max_event_channels = 1023",
+              "event channel ports the guest may allocate: 1 to N (beyond 4095 only under FIFO)"),
     LimitSpec("max-grant-frames", "max_grant_frames", "frames", 1, MAX_GRANT_FRAMES,
               "Xen: xl.cfg max_grant_frames = 64", "grant table frames, 512 entries each"),
     LimitSpec("xenstore-nodes", "xenstore_nodes", "nodes", 1, 1 << 30, _XS + "-Q nodes = 1000",

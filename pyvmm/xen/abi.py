@@ -543,6 +543,8 @@ EVTCHN_RESET = Layout("evtchn_reset", "dom", "<H")
 EVTCHN_INIT_CONTROL = Layout("evtchn_init_control", "control_gfn offset vcpu link_bits", "<QIIB7x")
 # struct evtchn_fifo_control_block: ready, a reserved word, a head per queue (16).
 EVTCHN_FIFO_CONTROL_BLOCK_SIZE = 8 + 4 * 16
+EVTCHN_EXPAND_ARRAY = Layout("evtchn_expand_array", "array_gfn", "<Q")
+EVTCHN_SET_PRIORITY = Layout("evtchn_set_priority", "port priority", "<II")
 
 # grant_table.h
 GNTTAB_SET_VERSION = Layout("gnttab_set_version", "version", "<I")
@@ -556,6 +558,10 @@ GNTTAB_COPY_STATUS_OFFSET = {False: 36, True: 20}  # Xen writes back only the st
 GNTCOPY_source_gref = 1 << 0
 GNTCOPY_dest_gref = 1 << 1
 
+# frame_list is a handle to uint64_t frames in both ABIs.
+GNTTAB_GET_STATUS_FRAMES = Layout(
+    "gnttab_get_status_frames", "nr_frames dom status frame_list", "<IHhQ", "<IHhI"
+)
 GNTTAB_QUERY_SIZE = Layout(
     "gnttab_query_size", "dom nr_frames max_nr_frames status", "<H2xIIh2x"
 )

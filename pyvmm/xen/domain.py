@@ -38,7 +38,7 @@ from .abi import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .backends.console.pvconsole import PvConsole
 from .errors import EINVAL, EPERM, ETIME, XenError
 from .hv.evtchn import EventChannels
-from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, GrantTable
+from .hv.gnttab import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, XENMAPIDX_grant_table_status, GrantTable
 from .hv.guest_access import GuestAccess
 from .hv.hypercalls import HypercallDispatcher
 from .hv.kvm_xen import KernelEvtchn, XenFeatures
@@ -196,12 +196,15 @@ class XenDomain:
             add_reader=self.loop.add_reader,
             remove_reader=self.loop.remove_reader,
             max_port=limits.max_event_channels,
+            fifo=config.xen_fifo,
+            page_address=self._fifo_page_address,
+            on_abi_change=self._event_abi_changed,
             log_rate=limits.log_rate,
             trace=self.trace,
             faults=self.faults,
         )
         self.gnttab = GrantTable(self.memory, max_frames=limits.max_grant_frames, log_rate=limits.log_rate,
-                                 trace=self.trace)
+                                 trace=self.trace, on_status_frames_gone=self._grant_status_frames_gone)
 
         # It logs what the guest says there, rate-limited; unplug masks take
         # the emulated disks away (a firmware boot's IDE disk).
@@ -637,7 +640,8 @@ class XenDomain:
         self._arm_timer(vcpu, timeout_abs_ns, self._guest_time_ns())
 
     def _arm_timer(self, vcpu: int, deadline_ns: int, now_ns: int) -> None:
-        port = self.evtchn.virq_port(abi.VIRQ_TIMER, vcpu) if self.kvm_features.evtchn_send else None
+        kernel = self.kvm_features.evtchn_send and not self.evtchn.fifo_active  # KVM raises 2-level only
+        port = self.evtchn.virq_port(abi.VIRQ_TIMER, vcpu) if kernel else None
         if port is not None:
             # From now on KVM runs this vCPU's timer hypercalls itself.
             self._timer_ports[vcpu] = port
@@ -664,6 +668,51 @@ class XenDomain:
             return
         self._timer_ports[vcpu] = None
         self.machine.run_on_vcpu(vcpu, lambda v: self._kernel_timer(v, 0, 0))
+    def _take_kernel_timer(self, vcpu_object, vcpu: int) -> None:
+        """On vCPU `vcpu`'s thread: KVM stops running its timer (port 0 turns
+        KVM's timer hypercalls off) and a userspace timer takes its deadline.
+        One KVM raised just before went to 2-level bits the guest no longer
+        reads, so the userspace timer fires at least once: a spurious timer
+        event is harmless, a lost one could leave the vCPU idle for good."""
+        attr = vcpu_object.xen_vcpu_get_attr(uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER)
+        deadline = attr.u.timer.expires_ns
+        kvm_xen.set_vcpu_attr(vcpu_object, uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER,
+                              timer={"port": 0, "priority": kvm_xen.EVTCHN_PRIORITY_2LEVEL, "expires_ns": 0})
+        self._timer_ports[vcpu] = None
+        now = self._guest_time_ns()
+        self._singleshot[vcpu].arm(max(0.0, ((deadline or now) - now) / 1e9))
+
+    def _event_abi_changed(self, fifo: bool) -> None:
+        """The guest switched to FIFO event channels (or back to 2-level with
+        EVTCHNOP_reset), on the vCPU thread of that hypercall. KVM's
+        in-kernel paths raise 2-level events only, so under FIFO: its
+        SCHEDOP_poll, which would wait on 2-level bits nobody sets, becomes
+        a yield (KVM_XEN_HVM_CONFIG without EVTCHN_SEND) and its timers come
+        back to userspace. Guests' sends to backends keep their eventfds."""
+        if not self.kvm_features.evtchn_send:
+            return  # every path is pyvmm's already
+        with self._lock:
+            kvm_xen.enable(self.vm, self.kvm_features, evtchn_send=not fifo)
+        if not fifo:
+            return  # timers go back to KVM at their next setting
+        for vcpu, port in enumerate(self._timer_ports):
+            if port is not None:
+                try:
+                    self.machine.run_on_vcpu(vcpu, partial(self._take_kernel_timer, vcpu=vcpu))
+                except (OSError, TimeoutError) as error:
+                    log.warning("vCPU %d: could not take its timer back from KVM: %s", vcpu, error)
+
+    def _fifo_page_address(self, gfn: int) -> int | None:
+        """A RAM page the guest may hand over for FIFO event channels (an
+        event array page, a control block): not an overlay, not given back,
+        not shared_info. Its host address stays valid for the VM's life."""
+        gpa = gfn << PAGE_SHIFT
+        if gfn >= 1 << 40 or not self.memory.contains(gpa, PAGE_SIZE):
+            return None
+        with self._lock:
+            if gfn == self.shared_info_gfn or gfn in self._ballooned or gpa in self._grant_frame_at:
+                return None
+        return self.memory.host_address(gpa)
 
     def _timer_fired(self, vcpu: int) -> None:
         self.evtchn.send_virq(abi.VIRQ_TIMER, vcpu)
@@ -1055,6 +1104,21 @@ class XenDomain:
                     raise XenError(EINVAL, f"cannot map grant frame {index} at {gpa:#x}: {error}") from None
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
+
+    def grant_status_gfns(self, count: int) -> list[int]:
+        """GNTTABOP_get_status_frames: where the guest put status frames
+        0..count-1 (Xen's INVALID_GFN, all ones, for one not mapped)."""
+        with self._lock:
+            return [self._grant_frame_gpa.get(XENMAPIDX_grant_table_status | index, abi.INVALID_GPA << PAGE_SHIFT)
+                    >> PAGE_SHIFT for index in range(count)]
+
+    def _grant_status_frames_gone(self) -> None:
+        """The guest went back to grant table v1: its status frames leave its
+        physical address space (RAM they covered comes back), as on Xen."""
+        with self._lock:
+            for index, gpa in list(self._grant_frame_gpa.items()):
+                if index & XENMAPIDX_grant_table_status:
+                    self._unmap_grant_frame(gpa)
 
     def remove_from_physmap(self, gpfn: int) -> None:
         """XENMEM_remove_from_physmap of an overlay page: the grant frame

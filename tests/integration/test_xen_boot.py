@@ -70,12 +70,12 @@ def interrupt_counts(stdout: str, phase: str) -> dict[str, list[int]]:
     return counts
 
 
-def check_xen_guest(result):
+def check_xen_guest(result, abi="2-level ABI"):
     assert result.status == 0, result
     out = result.stdout
     assert "hypervisor=xen" in out, result
     assert "Grant table initialized" in out, result
-    assert "xen:events: Using 2-level ABI" in out, result
+    assert f"xen:events: Using {abi}" in out, result
     uuid = re.search(r"uuid=([0-9a-f-]{36})", out)
     assert uuid and uuid.group(1) != "00000000-0000-0000-0000-000000000000", result
     assert "xenstore-domid=1" in out, result
@@ -85,7 +85,21 @@ def check_xen_guest(result):
 
 def test_xen_guest_detects_xen_and_runs_on_the_pv_console(assets, tmp_path):
     result = boot(assets, tmp_path, REPORT + "poweroff -f\n")
-    out = check_xen_guest(result)
+    check_interrupts_flow(check_xen_guest(result), result)
+
+
+@pytest.mark.parametrize("extra", [(), pytest.param(("--no-xen-accel",), marks=pytest.mark.slow)],
+                         ids=["accel", "no-xen-accel"])  # 51 s and 73 s in the testbed
+def test_fifo_event_channels_when_offered(assets, tmp_path, extra):
+    """Linux takes FIFO when offered: its timers, IPIs, xenstore and console
+    then go through pyvmm's FIFO queues (with KVM's 2-level paths taken back)."""
+    result = boot(assets, tmp_path, REPORT + "poweroff -f\n", "", "--xen-fifo", "-v", *extra)
+    out = check_xen_guest(result, abi="FIFO-based ABI")
+    assert "the guest switched to the FIFO ABI" in result.stderr, result
+    check_interrupts_flow(out, result)
+
+
+def check_interrupts_flow(out, result):
     assert "console=/dev/hvc0" in out, result
     before, after = interrupt_counts(out, "before"), interrupt_counts(out, "after")
     # Both CPUs take Xen timer interrupts and IPIs, and the counts rise.

@@ -69,7 +69,7 @@ def test_limit_assignments(text, name, value):
     ("xenstore-nodes=lots", "--limit 'xenstore-nodes=lots': expected a whole number"),
     ("xenstore-nodes=-1", "--limit 'xenstore-nodes=-1': expected a whole number"),
     ("xenstore-nodes=0", "--limit 'xenstore-nodes=0': must be between 1 and 1073741824 nodes"),
-    ("max-event-channels=4096", "--limit 'max-event-channels=4096': must be between 1 and 4095 ports"),
+    ("max-event-channels=131072", "--limit 'max-event-channels=131072': must be between 1 and 131071 ports"),
     ("max-grant-frames=2000", "--limit 'max-grant-frames=2000': must be between 1 and 1024 frames"),
     ("xenstore-memory=1T", "--limit 'xenstore-memory=1T': expected a number of bytes"),
     ("log-lines-per-second=0", "--limit 'log-lines-per-second=0': must be between 0.001 and 1e+06 lines/s"),

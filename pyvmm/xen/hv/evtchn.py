@@ -1,4 +1,5 @@
-"""Event channels: Xen's 2-level ABI for one guest, with the VMM as domain 0.
+"""Event channels: Xen's 2-level ABI for one guest, with the VMM as domain 0;
+the FIFO ABI (evtchn_fifo.py) when offered and the guest asks for it.
 
 The guest (domain `domid`, 1 by default) owns ports 1 .. max_ports-1
 (4096 ports for a 64-bit guest, 1024 in compat mode; the mode is asked for
@@ -36,6 +37,15 @@ on_pending - is queued and run after the lock is released. on_notify
 itself always runs on the event thread (through schedule, or as the
 eventfd's reader).
 
+FIFO: once the guest's first EVTCHNOP_init_control succeeds, every port is
+raised through FifoQueues (evtchn_fifo.py), under the same lock, until
+EVTCHNOP_reset takes the guest back to 2-level. KVM's in-kernel delivery
+knows only 2-level, so then nothing is raised by the kernel: IPI ports are
+taken back from KVM (their sends exit to us) and KVM_XEN_HVM_EVTCHN_SEND is
+not used; `on_abi_change(fifo)`, run after the lock, tells the domain, which
+takes the timers back too. A guest's sends to a backend keep going to the
+backend's eventfd in the kernel: that path does not touch the guest's bits.
+
 A guest's sends to a backend that reach userspace are merged: while one
 notification is scheduled and has not started, more sends add nothing
 (the eventfd merges the kernel path's the same way). The flag is cleared,
@@ -57,8 +67,9 @@ from pyvmm.core.eventloop import drain_eventfd
 from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.trace import NULL_TRACE, Tracer
 from pyvmm.core import atomic
-from ..errors import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
+from ..errors import EEXIST, EINVAL, ENOENT, ENOSPC, ENOSYS, EOPNOTSUPP, EPERM, ESRCH, XenError
 from .shared_info import SharedInfoLayout, layout
+from .evtchn_fifo import EVTCHN_FIFO_LINK_BITS, EVTCHN_FIFO_NR_CHANNELS, FifoQueues
 from ..abi import (
     DOMID_FIRST_RESERVED,
     DOMID_SELF,
@@ -258,6 +269,9 @@ class EventChannels:
         on_pending: Callable[[int], None] | None = None,
         on_virq_closed: Callable[[int, int, int], None] | None = None,
         max_port: int | None = None,
+        fifo: bool = False,
+        page_address: Callable[[int], int | None] | None = None,
+        on_abi_change: Callable[[bool], None] | None = None,
         log_rate: LogRate = DEFAULT_LOG_RATE,
         trace: Tracer = NULL_TRACE,
         faults: FaultInjector = NULL_FAULTS,
@@ -267,7 +281,10 @@ class EventChannels:
         `on_virq_closed(virq, vcpu, port)`, if given, is called when the
         guest closes a VIRQ's port (a CPU going offline closes its timer's).
         `max_port`: the highest port the guest may allocate (Xen's
-        max_evtchn_port, xl's max_event_channels); None: all the ABI has."""
+        max_evtchn_port, xl's max_event_channels); None: all the ABI has.
+        `fifo`: offer the FIFO ABI; `page_address(gfn)` is then the host
+        address of a RAM page the guest may hand over (None otherwise), and
+        `on_abi_change(fifo)` is told when the guest switches ABI."""
         if not 0 < domid < DOMID_FIRST_RESERVED:
             raise ValueError(f"domid {domid} cannot be a guest's")
         if vcpu_count < 1:
@@ -302,6 +319,12 @@ class EventChannels:
         # channels no backend has claimed yet (claim_backend), by dom0 port.
         self._restoring = False
         self._unclaimed: set[int] = set()
+        if fifo and page_address is None:
+            raise ValueError("FIFO event channels need the guest's pages")
+        self.fifo_offered = fifo
+        self._page_address = page_address
+        self._on_abi_change = on_abi_change
+        self._fifo: FifoQueues | None = None  # the guest's FIFO queues, once it switched
 
     # --- guest operations (EVTCHNOP_*) ---------------------------------------------
 
@@ -363,7 +386,7 @@ class EventChannels:
         with self._transaction():
             port = self._free_port()
             record = self._ports[port] = _Port(EVTCHNSTAT_ipi, vcpu=vcpu)
-            if self._kernel is not None:
+            if self._kernel is not None and self._fifo is None:
                 record.in_kernel = self._kernel_call(self._kernel.assign_ipi, port, vcpu)
         if self._trace.evtchn:
             self._trace.emit("evtchn", "bind_ipi", port=port, kernel=self._ports[port].in_kernel, target_vcpu=vcpu)
@@ -399,6 +422,11 @@ class EventChannels:
         signalled the way a fresh one would be (Xen's evtchn_2l_unmask)."""
         with self._transaction() as after:
             self._check_port(port)
+            if self._fifo is not None:
+                record = self._ports.get(port)
+                self._fifo_raised(port, record.vcpu if record else 0,
+                                  self._fifo.unmask(port, record.vcpu if record else 0), after)
+                return
             mapped = self._mapped()
             if mapped is None:
                 return
@@ -438,8 +466,89 @@ class EventChannels:
                 raise XenError(EINVAL, f"port {port} cannot change vCPU")
             record.vcpu = vcpu
 
+    # --- the FIFO ABI (EVTCHNOP_init_control, expand_array, set_priority) ----------
+
+    @property
+    def fifo_active(self) -> bool:
+        return self._fifo is not None
+
+    def init_control(self, vcpu: int, gfn: int, offset: int) -> int:
+        """EVTCHNOP_init_control: `vcpu`'s control block at `offset` in guest
+        page `gfn`; the first one switches the guest to FIFO. Returns the
+        link bits. -ENOSYS (after Xen's argument checks) when not offered."""
+        FifoQueues.check_control(self.vcpu_count, vcpu, offset)
+        if not self.fifo_offered:
+            raise XenError(ENOSYS, "FIFO event channels are not offered (--xen-fifo)")
+        with self._transaction() as after:
+            fifo = self._fifo
+            if fifo is not None:
+                fifo.map_control_block(vcpu, gfn, offset)
+                return EVTCHN_FIFO_LINK_BITS
+            fifo = FifoQueues(self.vcpu_count, self._page_address)
+            fifo.map_control_block(vcpu, gfn, offset)  # may refuse: still 2-level then
+            self._switch_to_fifo(fifo, after)
+        log.info("event channels: the guest switched to the FIFO ABI")
+        if self._trace.evtchn:
+            self._trace.emit("evtchn", "init_control", vcpu=vcpu, gfn=gfn, offset=offset)
+        return EVTCHN_FIFO_LINK_BITS
+
+    def _switch_to_fifo(self, fifo: FifoQueues, after: list) -> None:
+        """Lock held. Ports pending under 2-level are raised again once the
+        event array covers them (Xen's setup_ports); KVM gives back the ports
+        it raised itself."""
+        mapped = self._mapped()
+        if mapped is not None:
+            shared_info, abi = mapped
+            fifo.carry_over(port for port in self._ports
+                            if port < abi.max_ports and self._test_bit(shared_info + abi.evtchn_pending, port))
+        if self._kernel is not None:
+            for port, record in self._ports.items():
+                if record.in_kernel and record.state == EVTCHNSTAT_ipi:
+                    self._kernel_call(self._kernel.deassign, port)
+                    record.in_kernel = False
+        self._fifo = fifo
+        if self._on_abi_change is not None:
+            after.append(partial(self._on_abi_change, True))
+
+    def expand_array(self, gfn: int) -> None:
+        """EVTCHNOP_expand_array: one more page of the event array."""
+        with self._transaction() as after:
+            fifo = self._fifo
+            if fifo is None:
+                raise XenError(EOPNOTSUPP, "the guest has not switched to FIFO")
+            for port in fifo.add_array_page(gfn):
+                record = self._ports.get(port)
+                if record is not None:
+                    self._fifo_raised(port, record.vcpu, fifo.set_pending(port, record.vcpu), after)
+
+    def set_priority(self, port: int, priority: int) -> None:
+        """EVTCHNOP_set_priority: -ENOSYS under 2-level, which has none."""
+        with self._lock:
+            self._check_port(port)
+            if self._fifo is None:
+                raise XenError(ENOSYS, "2-level event channels have no priorities")
+            self._fifo.set_priority(port, priority)
+
+    def _fifo_raised(self, port: int, vcpu: int, outcome: tuple[bool, bool], after: list) -> None:
+        """What a FIFO set_pending asked for (lock held)."""
+        newly_pending, upcall = outcome
+        if newly_pending and self._on_pending is not None:
+            after.append(partial(self._on_pending, port))
+        if upcall:
+            self._mark_events_pending(vcpu, after)
+
+    def _mark_events_pending(self, vcpu: int, after: list) -> None:
+        """Xen's vcpu_mark_events_pending: upcall_pending, and the upcall when it was clear."""
+        mapped = self._mapped()
+        if mapped is None:
+            return  # no vcpu_info yet: register_vcpu_info marks everything pending later
+        vcpu_info = self._vcpu_info(vcpu, *mapped)
+        if vcpu_info is not None and atomic.exchange(vcpu_info + mapped[1].upcall_pending, 1, 1) == 0:
+            after.append(partial(self._upcall, vcpu))
+
     def reset(self, dom: int) -> None:
-        """EVTCHNOP_reset: close every port (kexec, soft reset)."""
+        """EVTCHNOP_reset: close every port (kexec, soft reset); a FIFO
+        guest is back on 2-level."""
         self._check_own_domain(dom)
         with self._transaction() as after:
             if self._kernel is not None:
@@ -451,10 +560,18 @@ class EventChannels:
                 if record is not None:  # a loopback peer's close may have changed it, not freed it
                     self._close(port, record)
                     self._note_virq_closed(port, record, after)
+            if self._fifo is not None:  # back to 2-level, as Xen's evtchn_reset
+                self._fifo = None
+                self._lowest_free = 1
+                if self._on_abi_change is not None:
+                    after.append(partial(self._on_abi_change, False))
 
     def is_pending(self, port: int) -> bool:
         """For SCHEDOP_poll: EINVAL for a port beyond the ABI's limit."""
         self._check_port(port)
+        fifo = self._fifo
+        if fifo is not None:
+            return fifo.is_pending(port)
         mapped = self._mapped()
         return mapped is not None and self._test_bit(mapped[0] + mapped[1].evtchn_pending, port)
 
@@ -516,7 +633,8 @@ class EventChannels:
     def snapshot(self) -> list[dict]:
         """Every port in use, in port order, as plain JSON-ready records (for
         `evtchn-list` on the control socket); changes nothing. `pending` and
-        `masked` are None while the guest has not mapped shared_info."""
+        `masked` are None while the guest has not mapped shared_info (or,
+        under FIFO, while its event array does not cover the port)."""
         records = []
         with self._lock:
             mapped = self._mapped()
@@ -537,7 +655,12 @@ class EventChannels:
                     entry["backend"] = record.remote_dom == DOM0
                 if record.state == EVTCHNSTAT_virq:
                     entry["virq"] = record.virq
-                if mapped is not None and port < mapped[1].max_ports:
+                if self._fifo is not None:
+                    entry["priority"] = self._fifo.priority(port)
+                    if port < self._fifo.nr_ports:
+                        entry["pending"] = self._fifo.is_pending(port)
+                        entry["masked"] = self._fifo.is_masked(port)
+                elif mapped is not None and port < mapped[1].max_ports:
                     shared_info, abi = mapped
                     entry["pending"] = self._test_bit(shared_info + abi.evtchn_pending, port)
                     entry["masked"] = self._test_bit(shared_info + abi.evtchn_mask, port)
@@ -727,8 +850,11 @@ class EventChannels:
     def _abi(self) -> SharedInfoLayout:
         return layout(self._long_mode())
 
+    def _max_ports(self) -> int:
+        return EVTCHN_FIFO_NR_CHANNELS if self._fifo is not None else self._abi().max_ports
+
     def _in_range(self, port: int) -> bool:
-        return 0 <= port < self._abi().max_ports
+        return 0 <= port < self._max_ports()
 
     def _check_port(self, port: int) -> None:
         if not self._in_range(port):
@@ -760,7 +886,7 @@ class EventChannels:
         return dom
 
     def _free_port(self) -> int:
-        end = self._abi().max_ports
+        end = self._max_ports()
         if self.max_port is not None:
             end = min(end, self.max_port + 1)
         for port in range(self._lowest_free, end):
@@ -788,6 +914,9 @@ class EventChannels:
         del self._ports[port]
         self._lowest_free = min(self._lowest_free, port)
         # Like Xen, so that the port's next user does not see a stale event.
+        if self._fifo is not None:
+            self._fifo.clear_pending(port)
+            return
         mapped = self._mapped()
         if mapped is not None and port < mapped[1].max_ports:
             atomic.test_and_clear_bit(mapped[0] + mapped[1].evtchn_pending, port)
@@ -818,6 +947,9 @@ class EventChannels:
         record = self._ports[port]
         if not self._in_range(port):
             return  # left over from a wider ABI: unreachable until reset
+        if self._fifo is not None:
+            self._fifo_raised(port, record.vcpu, self._fifo.set_pending(port, record.vcpu), after)
+            return
         if try_kernel and self._send_in_kernel(port):
             return
         mapped = self._mapped()
@@ -880,7 +1012,8 @@ class EventChannels:
         after.append(partial(self._schedule, channel.on_notify))
 
     def _route_to_eventfd(self, guest_port: int, channel: BackendChannel) -> None:
-        if self._kernel is not None and channel._eventfd is not None:
+        # KVM takes only 2-level port numbers (a FIFO port beyond: served here).
+        if self._kernel is not None and channel._eventfd is not None and guest_port < self._abi().max_ports:
             self._ports[guest_port].in_kernel = self._kernel_call(
                 self._kernel.assign_eventfd, guest_port, channel._eventfd
             )
@@ -888,12 +1021,13 @@ class EventChannels:
     def _send_in_kernel(self, port: int) -> bool:
         """KVM raises `port` on its vCPU (lock held); False without the
         kernel path or when KVM refused."""
-        return self._kernel is not None and self._kernel_call(self._kernel.send, port, self._ports[port].vcpu)
+        return (self._kernel is not None and self._fifo is None
+                and self._kernel_call(self._kernel.send, port, self._ports[port].vcpu))
 
     def _notify_guest(self, channel: BackendChannel) -> None:
         # The common case, kept short (backends notify after every batch):
         # KVM raises the port itself and nothing is left to run after the lock.
-        in_kernel = self._kernel is not None
+        in_kernel = self._kernel is not None and self._fifo is None
         if in_kernel:
             with self._lock:
                 port = channel._guest_port

@@ -1,4 +1,4 @@
-"""The guest's grant table (version 1), and grant mapping for the VMM's backends.
+"""The guest's grant table (versions 1 and 2), and grant mapping for the VMM's backends.
 
 The guest shares pages with its backends by writing grant entries into a
 table whose frames it maps into its own physical address space
@@ -7,6 +7,24 @@ table whose frames it maps into its own physical address space
     0  u16 flags    GTF_* (type in bits 0-1, readonly, reading, writing, ...)
     2  u16 domid    the domain allowed to use the grant
     4  u32 frame    the guest frame number being shared
+
+A version 2 entry (GNTTABOP_set_version(2)) is 16 bytes, 256 to a frame:
+
+    0  u16 flags    as v1, plus GTF_sub_page; never GTF_reading/GTF_writing
+    2  u16 domid
+    4  u16 page_off, 6 u16 length   (GTF_sub_page: the part of the page granted)
+    8  u64 frame
+
+and the in-use bits live apart, in *status frames*: one u16 per entry
+(2048 to a frame, GTF_reading | GTF_writing), which the guest maps with
+XENMAPIDX_grant_table_status (and finds with GNTTABOP_get_status_frames).
+Taking a v2 grant sets the status bits first, then reads the entry again
+and backs out if the guest changed it meanwhile (Linux revokes by clearing
+the flags, then looks at the status): either the guest sees the grant in
+use, or the backend sees it revoked. Switching versions wipes the table but
+for the toolstack's reserved entries (0-7), which are converted, and is
+refused (-EBUSY) while any other entry is mapped, as in Xen; going back to
+version 1 takes the status frames out of the guest (`on_status_frames_gone`).
 
 The table lives in one anonymous mapping of `max_frames` pages that belongs
 to the VMM, so the domain can put frame i into the guest with a KVM memslot
@@ -21,9 +39,9 @@ compare-and-swap only when neither bit is set) either wins, and the map
 fails, or finds the grant busy. The bits are cleared when the last mapping
 of that kind is released.
 
-Only version 1 is implemented. set_version(2) fails with ENOSYS, which is
-what Xen answers when version 2 is disabled ("behave as before set_version
-was introduced"); guests then keep using version 1.
+Backends map full pages: a v2 sub-page grant can only be copied from or
+to (inside its part of the page), as Xen allows; transitive grants (a
+grant of a grant) are refused.
 
 Errors reported to backends carry Xen's GNTST_* status. Xen answers every
 bad entry with GNTST_general_error; the statuses here are more precise
@@ -39,13 +57,13 @@ import logging
 import mmap
 import struct
 import threading
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from pyvmm.core.memory import GuestMemory, GuestMemoryError
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from pyvmm.core.trace import NULL_TRACE, Tracer
 from pyvmm.core import atomic
-from ..errors import EACCES, EINVAL, ENOSYS, XenError
+from ..errors import EACCES, EBUSY, EINVAL, ERANGE, XenError
 
 log = logging.getLogger(__name__)
 from ..abi import (
@@ -69,7 +87,12 @@ from pyvmm.core.snapshot import SnapshotError, check_version, versioned
 
 ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
+ENTRY_SIZE_V2 = 16
+ENTRIES_PER_FRAME_V2 = PAGE_SIZE // ENTRY_SIZE_V2
+STATUS_PER_FRAME = PAGE_SIZE // 2  # u16 each
 DEFAULT_MAX_FRAMES = 64
+# XENMAPSPACE_grant_table's index for status frame i (v2 only).
+XENMAPIDX_grant_table_status = 0x8000_0000
 
 # Grant entry flags (grant_table.h).
 GTF_invalid = 0
@@ -80,6 +103,8 @@ GTF_readonly = 1 << 2
 GTF_reading = 1 << 3
 GTF_writing = 1 << 4
 GTF_IN_USE = GTF_reading | GTF_writing
+GTF_transitive = 3  # a type, v2 only
+GTF_sub_page = 1 << 8  # v2 only
 
 # References the toolstack fills in before the guest boots.
 GNTTAB_NR_RESERVED_ENTRIES = 8
@@ -95,6 +120,7 @@ CMPXCHG_ATTEMPTS = 5
 
 _ENTRY = struct.Struct("<HHI")
 STATE_VERSION = 1
+_ENTRY_V2 = struct.Struct("<HHIQ")  # flags, domid, sub-page (page_off | length << 16), frame
 _MASK32 = 0xFFFF_FFFF
 
 
@@ -108,7 +134,11 @@ class GrantError(XenError):
 
 class GrantTable:
     def __init__(self, memory: GuestMemory, *, max_frames: int = DEFAULT_MAX_FRAMES, backend_domid: int = 0,
-                 log_rate: LogRate = DEFAULT_LOG_RATE, trace: Tracer = NULL_TRACE):
+                 log_rate: LogRate = DEFAULT_LOG_RATE, trace: Tracer = NULL_TRACE,
+                 on_status_frames_gone: Callable[[], None] | None = None):
+        """`on_status_frames_gone`: the guest went back to version 1 (called
+        after the table's lock is released): take its status frames out of
+        its physical address space, as Xen does."""
         if not 1 <= max_frames <= 1 << 16:
             raise ValueError(f"max_frames {max_frames} is not in 1..65536")
         if not 0 <= backend_domid <= 0xFFFF:
@@ -129,6 +159,13 @@ class GrantTable:
         self._entry_words = atomic.AtomicArray(self._base, 4)
         self._entry_halves = atomic.AtomicArray(self._base, 2)
         self._nr_entries = max_frames * ENTRIES_PER_FRAME
+        self.version = 1
+        self.max_status_frames = -(-max_frames * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME)
+        self._status_mapping = mmap.mmap(-1, self.max_status_frames * PAGE_SIZE,
+                                         flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._status_base = ctypes.addressof(ctypes.c_char.from_buffer(self._status_mapping))
+        self._status = memoryview(self._status_mapping).cast("H")
+        self._on_status_frames_gone = on_status_frames_gone
         self._reserved: dict[int, int] = {}
         # ref -> [mappings, writable mappings]; guarded by _lock. The
         # generation tells mappings made before a reset() from later ones.
@@ -138,17 +175,36 @@ class GrantTable:
 
     @property
     def nr_entries(self) -> int:
-        return self.max_frames * ENTRIES_PER_FRAME
+        return self._nr_entries
 
     # --- for the domain and the hypercall layer -----------------------------
 
     def frame_host_address(self, index: int) -> int:
-        """Host address of table frame `index`, for a KVM memslot."""
+        """Host address of table frame `index`, or of status frame i for
+        `XENMAPIDX_grant_table_status | i`, for a KVM memslot."""
+        if isinstance(index, int) and index & XENMAPIDX_grant_table_status:
+            status = index & ~XENMAPIDX_grant_table_status
+            self._check_status_index(status)
+            return self._status_base + status * PAGE_SIZE
         self._check_frame_index(index)
         return self._base + index * PAGE_SIZE
 
+    def nr_status_frames(self) -> int:
+        """Status frames the table has (Xen's nr_status_frames): none in v1."""
+        if self.version != 2:
+            return 0
+        return -(-self.frame_count * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME)
+
     def note_frame_mapped(self, index: int) -> None:
-        """The guest maps frame `index` (add_to_physmap): -EINVAL beyond max_frames."""
+        """The guest maps frame `index` (add_to_physmap): -EINVAL beyond max_frames.
+        A status frame (v2 only) grows the table to the frames it covers."""
+        if isinstance(index, int) and index & XENMAPIDX_grant_table_status:
+            status = index & ~XENMAPIDX_grant_table_status
+            with self._lock:
+                self._check_status_index(status)
+                covered = (status + 1) * STATUS_PER_FRAME // ENTRIES_PER_FRAME_V2
+                self.frame_count = max(self.frame_count, min(self.max_frames, covered))
+            return
         if isinstance(index, int) and not 0 <= index < self.max_frames:
             self._limited.warning("grant table: the guest asked for frame %d, beyond its %d (limit "
                                   "max-grant-frames): answered -EINVAL", index, self.max_frames,
@@ -163,14 +219,51 @@ class GrantTable:
         Whatever the outcome, the caller writes get_version() back into the
         guest's argument, as Xen does.
         """
-        if version == 1:
-            return 1
-        if version == 2:
-            raise XenError(ENOSYS, "grant table version 2 is not supported")
-        raise XenError(EINVAL, f"no grant table version {version}")
+        if version not in (1, 2):
+            raise XenError(EINVAL, f"no grant table version {version}")
+        with self._lock:
+            old = self.version
+            if version == old:
+                return version
+            busy = [ref for ref in self._pins if ref >= GNTTAB_NR_RESERVED_ENTRIES]
+            if busy:
+                raise XenError(EBUSY, f"grant refs {busy[:4]} are mapped: the version cannot change")
+            kept = [self._entry(ref) for ref in range(GNTTAB_NR_RESERVED_ENTRIES)]
+            if version == 1 and any(flags & GTF_type_mask == GTF_transitive
+                                    or (flags & GTF_type_mask == GTF_permit_access and frame >> 32)
+                                    for flags, _, frame in kept):
+                raise XenError(ERANGE, "a reserved v2 entry has no v1 form")
+            self._table[:] = bytes(len(self._table))
+            self._status_mapping[:] = bytes(len(self._status_mapping))
+            self.version = version
+            self._nr_entries = self.max_frames * (ENTRIES_PER_FRAME if version == 1 else ENTRIES_PER_FRAME_V2)
+            for ref, (flags, domid, frame) in enumerate(kept):
+                if flags & GTF_type_mask == GTF_permit_access:
+                    self._write_entry(ref, flags, domid, frame)
+        self._limited.info("grant table: the guest switched to version %d", version)
+        if old == 2 and self._on_status_frames_gone is not None:
+            self._on_status_frames_gone()
+        return version
 
     def get_version(self) -> int:
-        return 1
+        return self.version
+
+    def _entry(self, ref: int) -> tuple[int, int, int]:
+        """(flags with the in-use bits, domid, frame) of entry `ref`, in either version (lock held)."""
+        if self.version == 1:
+            combo, frame = self._words[2 * ref], self._words[2 * ref + 1]
+            return combo & 0xFFFF, combo >> 16, frame
+        combo = self._words[4 * ref]
+        frame = self._words[4 * ref + 2] | self._words[4 * ref + 3] << 32
+        return (combo & 0xFFFF) | self._status[ref], combo >> 16, frame
+
+    def _write_entry(self, ref: int, flags: int, domid: int, frame: int) -> None:
+        """Entry `ref` in the current version; v2 keeps the in-use bits apart (lock held)."""
+        if self.version == 1:
+            _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, flags, domid, frame)
+        else:
+            _ENTRY_V2.pack_into(self._table, ref * ENTRY_SIZE_V2, flags & ~GTF_IN_USE, domid, 0, frame)
+            self._status[ref] = flags & GTF_IN_USE
 
     def query_size(self) -> tuple[int, int]:
         """GNTTABOP_query_size: (frames the guest has mapped, max_frames)."""
@@ -184,6 +277,9 @@ class GrantTable:
         """
         with self._lock:
             self._table[:] = bytes(len(self._table))
+            self._status_mapping[:] = bytes(len(self._status_mapping))
+            self.version = 1
+            self._nr_entries = self.max_frames * ENTRIES_PER_FRAME
             self.frame_count = 0
             self._pins.clear()
             self._generation += 1
@@ -200,7 +296,7 @@ class GrantTable:
             raise ValueError(f"gfn {frame_gfn:#x} does not fit a version 1 entry")
         with self._lock:
             self._reserved[ref] = frame_gfn
-            _ENTRY.pack_into(self._table, ref * ENTRY_SIZE, GTF_permit_access, self.backend_domid, frame_gfn)
+            self._write_entry(ref, GTF_permit_access, self.backend_domid, frame_gfn)
 
     def map(self, ref: int, writable: bool, *, grantee: int | None = None) -> "GrantMapping":
         """Map the page granted by `ref`; raises GrantError.
@@ -252,12 +348,15 @@ class GrantTable:
         for mapping in mappings:
             mapping._release_view()
 
-    def _map(self, ref: int, writable: bool, generation: int, grantee: int | None = None) -> "GrantMapping":
-        """One mapping; the caller holds the lock."""
+    def _map(self, ref: int, writable: bool, generation: int, grantee: int | None = None,
+             sub_page: bool = False) -> "GrantMapping":
+        """One mapping; the caller holds the lock. `grantee`: who takes the
+        grant (default: the backends' domain 0). `sub_page`: a v2 sub-page
+        grant may be taken (for a copy inside its part of the page)."""
         if not isinstance(ref, int) or not 0 <= ref < self._nr_entries:
             raise GrantError(GNTST_bad_gntref, f"grant ref {ref!r} is outside the table")
-        self._pin(ref, writable, self.backend_domid if grantee is None else grantee)
-        gfn = self._words[2 * ref + 1]  # read after the entry is pinned, as Xen does
+        self._pin(ref, writable, self.backend_domid if grantee is None else grantee, sub_page)
+        gfn = self._entry(ref)[2]  # read after the entry is pinned, as Xen does
         try:
             view = self._page_view(gfn)
         except GrantError:
@@ -280,7 +379,17 @@ class GrantTable:
             raise TypeError("copying to the guest needs data, not a length")
         if self._trace.grant:
             self._trace.emit("grant", "copy", ref=ref, offset=offset, length=length, to_guest=to_guest)
-        with self.map(ref, writable=to_guest) as mapping:
+        try:
+            with self._lock:
+                mapping = self._map(ref, to_guest, self._generation, sub_page=True)
+                part = self._sub_page(ref)
+        except GrantError as error:
+            if self._trace.grant:
+                _trace_map(self._trace, ref, to_guest, error)
+            raise
+        with mapping:
+            if part is not None and not (part[0] <= offset and offset + length <= part[0] + part[1]):
+                raise GrantError(GNTST_general_error, f"grant ref {ref} grants bytes {part[0]}+{part[1]} only")
             if to_guest:
                 mapping.view[offset : offset + length] = memoryview(data_or_length).cast("B")
                 return None
@@ -352,18 +461,32 @@ class GrantTable:
 
     # --- internals --------------------------------------------------------------
 
+    def _check_status_index(self, index: int) -> None:
+        if self.version != 2 or not 0 <= index < self.max_status_frames:
+            raise XenError(EINVAL, f"no grant status frame {index} (version {self.version})")
+
     def _check_frame_index(self, index: int) -> None:
         if not isinstance(index, int) or not 0 <= index < self.max_frames:
             raise XenError(EINVAL, f"grant table frame {index!r} is not below {self.max_frames}")
 
     def _load_combo(self, ref: int) -> int:
-        """flags | domid << 16 of entry `ref`, as one 32-bit word."""
-        return self._words[2 * ref]
+        """flags | domid << 16 of entry `ref`, as one 32-bit word (both versions start so)."""
+        return self._words[(4 if self.version == 2 else 2) * ref]
 
-    def _pin(self, ref: int, writable: bool, grantee: int) -> None:
+    def _sub_page(self, ref: int) -> tuple[int, int] | None:
+        """(page_off, length) of a v2 sub-page grant (lock held)."""
+        if self.version != 2 or not self._words[4 * ref] & GTF_sub_page:
+            return None
+        word = self._words[4 * ref + 1]
+        return word & 0xFFFF, word >> 16
+
+    def _pin(self, ref: int, writable: bool, grantee: int, sub_page: bool = False) -> None:
         pins = self._pins.get(ref)
         if pins is None or (writable and not pins[1]):
-            self._set_in_use(ref, writable, grantee)
+            if self.version == 2:
+                self._set_in_use_v2(ref, writable, pins is not None, sub_page, grantee)
+            else:
+                self._set_in_use(ref, writable, grantee)
         elif grantee != self.backend_domid and self._load_combo(ref) >> 16 != grantee:
             # Pinned already, by a backend: the guest's own copy must not ride on that pin.
             raise GrantError(GNTST_permission_denied, f"grant ref {ref} is not for domain {grantee}")
@@ -390,6 +513,35 @@ class GrantTable:
                 return
         raise GrantError(GNTST_general_error, f"grant ref {ref} keeps changing")
 
+    def _grant_refusal(self, ref: int, combo: int, writable: bool, sub_page: bool, grantee: int) -> str | None:
+        """Why a v2 entry (flags | domid << 16) cannot be used by `grantee`, or None."""
+        flags, domid = combo & 0xFFFF, combo >> 16
+        if flags & GTF_type_mask != GTF_permit_access:
+            return f"grant ref {ref} does not permit access"
+        if domid != grantee:
+            return f"grant ref {ref} is for domain {domid}"
+        if writable and flags & GTF_readonly:
+            return f"grant ref {ref} is read-only"
+        if flags & GTF_sub_page and not sub_page:
+            return f"grant ref {ref} grants part of a page: it cannot be mapped"
+        return None
+
+    def _set_in_use_v2(self, ref: int, writable: bool, reading_held: bool, sub_page: bool, grantee: int) -> None:
+        # Status first, then the entry again: a guest revoking at the same
+        # time clears the flags and then looks at the status, so one of us
+        # sees the other.
+        why = self._grant_refusal(ref, self._words[4 * ref], writable, sub_page, grantee)
+        if why is not None:
+            raise GrantError(GNTST_permission_denied, why)
+        bits = GTF_reading | (GTF_writing if writable else 0)
+        address = self._status_base + 2 * ref
+        atomic.fetch_or(address, 2, bits)
+        why = self._grant_refusal(ref, self._words[4 * ref], writable, sub_page, grantee)
+        if why is not None:
+            taken = GTF_writing if reading_held else bits
+            atomic.fetch_and(address, 2, 0xFFFF & ~taken)
+            raise GrantError(GNTST_general_error, f"{why} (changed while being taken)")
+
     def _unpin(self, ref: int, writable: bool) -> None:
         pins = self._pins[ref]
         pins[0] -= 1
@@ -400,7 +552,9 @@ class GrantTable:
         if not pins[0]:
             clear |= GTF_reading
             del self._pins[ref]
-        if clear:
+        if clear and self.version == 2:
+            atomic.fetch_and(self._status_base + 2 * ref, 2, 0xFFFF & ~clear)
+        elif clear:
             self._entry_halves.fetch_and(4 * ref, 0xFFFF & ~clear)
 
     def _page_view(self, gfn: int) -> memoryview:

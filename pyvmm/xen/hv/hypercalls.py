@@ -98,11 +98,17 @@ class EventChannelOps(Protocol):
     def status(self, dom: int, port: int) -> EvtchnStatus: ...
     def bind_vcpu(self, port: int, vcpu: int) -> None: ...
     def reset(self, dom: int) -> None: ...
+    # FIFO: -ENOSYS / -EOPNOTSUPP when not offered or not in use.
+    fifo_offered: bool
+    def init_control(self, vcpu: int, gfn: int, offset: int) -> int: ...  # the link bits
+    def expand_array(self, gfn: int) -> None: ...
+    def set_priority(self, port: int, priority: int) -> None: ...
 
 
 class GrantTableOps(Protocol):
     def set_version(self, version: int) -> int: ...  # the version now in use
     def get_version(self) -> int: ...
+    def nr_status_frames(self) -> int: ...  # 0 under version 1
     def query_size(self) -> tuple[int, int]: ...  # (nr_frames, max_nr_frames)
     # The page granted by `ref` to `grantee`, pinned until released; raises GrantError.
     def map(self, ref: int, writable: bool, *, grantee: int | None = None): ...
@@ -128,7 +134,8 @@ class XenDomainOps(Protocol):
     gnttab: GrantTableOps
 
     def map_shared_info(self, gpfn: int) -> None: ...
-    def map_grant_frame(self, idx: int, gpfn: int) -> None: ...
+    def map_grant_frame(self, idx: int, gpfn: int) -> None: ...  # idx may carry XENMAPIDX_grant_table_status
+    def grant_status_gfns(self, count: int) -> list[int]: ...  # where status frames 0.. are; INVALID_GFN if nowhere
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
     # Ballooning, `extents` neighbouring extents of 2**order pages from `gpfn`:
     # how many, from the first, were done.
@@ -687,7 +694,6 @@ class HypercallDispatcher:
     # --- event_channel_op (int cmd, void *arg) ----------------------------------------
 
     def _evtchn_ops(self) -> dict[int, SubHandler]:
-        fifo = lambda call, arg: -ENOSYS  # noqa: E731 - Linux then uses 2-level
         return {
             abi.EVTCHNOP_alloc_unbound: self._evtchn_alloc_unbound,
             abi.EVTCHNOP_bind_interdomain: self._evtchn_bind_interdomain,
@@ -700,22 +706,36 @@ class HypercallDispatcher:
             abi.EVTCHNOP_bind_vcpu: self._evtchn_bind_vcpu,
             abi.EVTCHNOP_reset: self._evtchn_reset,
             abi.EVTCHNOP_init_control: self._evtchn_init_control,
-            abi.EVTCHNOP_expand_array: fifo,
-            abi.EVTCHNOP_set_priority: fifo,
+            abi.EVTCHNOP_expand_array: self._evtchn_expand_array,
+            abi.EVTCHNOP_set_priority: self._evtchn_set_priority,
         }
 
     def _evtchn_init_control(self, call: _Call, arg: int) -> int:
-        """FIFO event channels are not offered: a valid request is -ENOSYS
-        (Linux then stays with 2-level), but an invalid one gets Xen's own
-        answer first, as Xen checks the arguments before anything else."""
-        request = call.read(arg, abi.EVTCHN_INIT_CONTROL)
-        if request.offset % 8 or request.offset > abi.PAGE_SIZE - abi.EVTCHN_FIFO_CONTROL_BLOCK_SIZE:
-            return -EINVAL
-        self._check_vcpu(request.vcpu)
+        """Checked as Xen does (vCPU, offset, then the frame), also when FIFO
+        is not offered: then a valid request is -ENOSYS and Linux stays with
+        2-level. The link bits are written back only on success, as Xen."""
+        request = call.read(arg, abi.EVTCHN_INIT_CONTROL, for_update=True)
         gfn = request.control_gfn
-        if gfn >= MAX_GPFN or not call.access.memory.contains(gfn << abi.PAGE_SHIFT, abi.PAGE_SIZE):
-            return -EINVAL  # Xen cannot map a control block there
-        return -ENOSYS
+        evtchn = self.domain.evtchn
+        if not evtchn.fifo_offered:
+            self._check_vcpu(request.vcpu)
+            if request.offset % 8 or request.offset > abi.PAGE_SIZE - abi.EVTCHN_FIFO_CONTROL_BLOCK_SIZE:
+                return -EINVAL
+            if gfn >= MAX_GPFN or not call.access.memory.contains(gfn << abi.PAGE_SHIFT, abi.PAGE_SIZE):
+                return -EINVAL  # Xen cannot map a control block there
+            return -ENOSYS
+        link_bits = evtchn.init_control(request.vcpu, gfn, request.offset)
+        call.write(arg, abi.EVTCHN_INIT_CONTROL, request._replace(link_bits=link_bits))
+        return 0
+
+    def _evtchn_expand_array(self, call: _Call, arg: int) -> int:
+        self.domain.evtchn.expand_array(call.read(arg, abi.EVTCHN_EXPAND_ARRAY).array_gfn)
+        return 0
+
+    def _evtchn_set_priority(self, call: _Call, arg: int) -> int:
+        request = call.read(arg, abi.EVTCHN_SET_PRIORITY)
+        self.domain.evtchn.set_priority(request.port, request.priority)
+        return 0
 
     def _evtchn_alloc_unbound(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.EVTCHN_ALLOC_UNBOUND, for_update=True)
@@ -789,6 +809,7 @@ class HypercallDispatcher:
             abi.GNTTABOP_set_version: self._gnttab_set_version,
             abi.GNTTABOP_get_version: self._gnttab_get_version,
             abi.GNTTABOP_query_size: self._gnttab_query_size,
+            abi.GNTTABOP_get_status_frames: self._gnttab_get_status_frames,
             # HVM guests map their frames with add_to_physmap instead.
             abi.GNTTABOP_setup_table: lambda call, uop: -ENOSYS,
         }.get(cmd)
@@ -878,6 +899,27 @@ class HypercallDispatcher:
             return -EPERM if dom == 0 else -ESRCH
         version = self.domain.gnttab.get_version()
         call.write(uop, abi.GNTTAB_GET_VERSION, request._replace(version=version & _U32))
+        return 0
+
+    def _gnttab_get_status_frames(self, call: _Call, uop: int) -> int:
+        """Where the guest mapped its v2 status frames. Xen answers through
+        the status field: GNTST_general_error for more frames than the
+        table has (any under version 1), GNTST_bad_virt_addr for a list it
+        cannot write (an HVM guest's handle is not checked beforehand)."""
+        request = call.read(uop, abi.GNTTAB_GET_STATUS_FRAMES, for_update=True)
+        dom = self._domid(request.dom)
+        if dom != self.domain.domid:
+            status = abi.GNTST_permission_denied if dom == 0 else abi.GNTST_bad_domain
+        elif request.nr_frames > self.domain.gnttab.nr_status_frames():
+            status = abi.GNTST_general_error  # so the loop below is bounded by the table's size
+        else:
+            status = abi.GNTST_okay
+            for index, gfn in enumerate(self.domain.grant_status_gfns(request.nr_frames)):
+                try:
+                    call.access.write(request.frame_list + 8 * index, struct.pack("<Q", gfn))
+                except GuestFault:
+                    status = abi.GNTST_bad_virt_addr
+        call.write(uop, abi.GNTTAB_GET_STATUS_FRAMES, request._replace(status=status))
         return 0
 
     def _gnttab_query_size(self, call: _Call, uop: int) -> int:

@@ -68,9 +68,13 @@ def require_xen(bits: int) -> None:
         )
 
 
-def enable(vm, features: XenFeatures) -> None:
+def enable(vm, features: XenFeatures, evtchn_send: bool = True) -> None:
+    """Also called again at run time: `evtchn_send` False (FIFO event
+    channels) turns KVM's SCHEDOP_poll, which reads 2-level bits, into a
+    yield; its eventfd and IPI ports and EVTCHN_SEND ioctl do not look at
+    this flag."""
     flags = uapi.KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL
-    if features.evtchn_send:
+    if features.evtchn_send and evtchn_send:
         flags |= uapi.KVM_XEN_HVM_CONFIG_EVTCHN_SEND
     # A nonzero MSR is needed even when intercepting: KVM gates hypercall
     # interception on it. Old guests also write it to get the hypercall page.

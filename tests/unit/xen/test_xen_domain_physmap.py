@@ -144,3 +144,27 @@ def test_a_run_stops_at_the_first_extent_that_cannot_be_done(rig):
     assert rig.domain.populate_physmap(8, 1, 3) == 3  # 8-9 present, 10-13 come back
     assert not rig.domain._ballooned
     assert rig.domain.populate_physmap(62, 0, 4) == 2  # 64 is beyond RAM
+
+
+def test_status_frames_leave_with_version_1_and_are_found_by_get_status_frames(rig):
+    status = 0x8000_0000  # XENMAPIDX_grant_table_status
+    rig.domain.gnttab.frame_host_address = lambda index: FRAME_HOST + (index & 0xFFFF) * PAGE_SIZE + (
+        0x1000_0000 if index & status else 0)
+    rig.memory.write(7 * PAGE_SIZE, b"ram7")
+    rig.domain.map_grant_frame(0, 6)
+    rig.domain.map_grant_frame(status | 0, 7)
+    assert rig.kvm.backing(7 * PAGE_SIZE) == FRAME_HOST + 0x1000_0000
+    assert rig.domain.grant_status_gfns(2) == [7, (1 << 64) - 1]
+    rig.domain._grant_status_frames_gone()
+    assert rig.kvm.backing(7 * PAGE_SIZE) == ram(rig, 7) and rig.memory.read(7 * PAGE_SIZE, 4) == b"ram7"
+    assert rig.kvm.backing(6 * PAGE_SIZE) == FRAME_HOST  # the shared frame stays
+    assert rig.domain.grant_status_gfns(1) == [(1 << 64) - 1]
+
+
+def test_fifo_pages_must_be_plain_ram_of_the_guest(rig):
+    rig.domain.map_grant_frame(0, 5)
+    rig.domain.shared_info_gfn = 3
+    rig.domain._ballooned.add(8)
+    page = rig.domain._fifo_page_address
+    assert page(4) == ram(rig, 4)
+    assert [page(gfn) for gfn in (3, 5, 8, 64, 1 << 40, (1 << 64) - 2)] == [None] * 6

@@ -36,7 +36,7 @@ def timer_domain(monkeypatch, timer_ports, loop=None, *, in_kernel=True):
     domain.machine = SimpleNamespace(run_on_vcpu=lambda index, function: function(f"vcpu{index}"))
     domain.kvm_features = SimpleNamespace(evtchn_send=in_kernel)
     domain._guest_time_ns = lambda: 1_000 * SECOND
-    domain.evtchn = SimpleNamespace(virq_port=lambda virq, vcpu: None,
+    domain.evtchn = SimpleNamespace(virq_port=lambda virq, vcpu: None, fifo_active=False,
                                     send_virq=lambda virq, vcpu: calls.append(("virq", virq, vcpu)))
     return domain, calls
 
@@ -120,3 +120,44 @@ def test_a_periodic_period_below_a_millisecond_is_refused(monkeypatch, loop):
     with pytest.raises(XenError):
         domain.set_periodic_timer(0, MIN_PERIOD_NS - 1)
     assert len(loop._calls) == 0
+
+
+class _TimerVcpu:
+    """A vCPU whose KVM timer has `expires_ns` armed."""
+
+    def __init__(self, name, expires_ns):
+        self.name = name
+        self.expires_ns = expires_ns
+
+    def xen_vcpu_get_attr(self, kind):
+        assert kind == uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER
+        return SimpleNamespace(u=SimpleNamespace(timer=SimpleNamespace(expires_ns=self.expires_ns)))
+
+    def __repr__(self):
+        return self.name
+
+
+def test_fifo_takes_the_timers_back_from_kvm(monkeypatch, loop):
+    import threading
+    domain, calls = timer_domain(monkeypatch, [5, None], loop)
+    vcpus = [_TimerVcpu("vcpu0", 1_000 * SECOND + SECOND // 2), _TimerVcpu("vcpu1", 0)]
+    domain.machine = SimpleNamespace(run_on_vcpu=lambda index, function: function(vcpus[index]))
+    configs = []
+    monkeypatch.setattr(domain_module.kvm_xen, "enable", lambda vm, features, evtchn_send: configs.append(evtchn_send))
+    domain._lock = threading.RLock()
+    domain.vm = None
+    domain._event_abi_changed(True)
+    assert configs == [False]  # KVM's SCHEDOP_poll would wait on 2-level bits: a yield now
+    assert calls == [(vcpus[0], uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER,
+                      {"timer": {"port": 0, "priority": domain_module.kvm_xen.EVTCHN_PRIORITY_2LEVEL,
+                                 "expires_ns": 0}})]
+    assert domain._timer_ports == [None, None]
+    assert domain._singleshot[0].armed and domain._singleshot[1].armed is False
+    # From now on the timer hypercalls are pyvmm's, on userspace timers.
+    domain.evtchn.fifo_active = True
+    domain.evtchn.virq_port = lambda virq, vcpu: 5
+    calls.clear()
+    domain.set_timer_op(0, 1_001 * SECOND)
+    assert calls == []
+    domain._event_abi_changed(False)
+    assert configs == [False, True]

@@ -75,7 +75,9 @@ class FakeDomain(Recorder):
         self.evtchn = Recorder(
             alloc_unbound=11, bind_interdomain=12, bind_virq=13, bind_ipi=14,
             status=SimpleNamespace(status=abi.EVTCHNSTAT_interdomain, vcpu=1, remote_dom=0, remote_port=77, virq=0, pirq=0),
+            init_control=17,
         )
+        self.evtchn.fifo_offered = False
         self.gnttab = Recorder(set_version=lambda v: v, get_version=1, query_size=(4, 64))
 
 
@@ -736,10 +738,9 @@ def test_evtchn_read_only_struct_faults_before_allocating(hc, domain):
 
 
 @pytest.mark.parametrize(
-    "op", [abi.EVTCHNOP_init_control, abi.EVTCHNOP_expand_array, abi.EVTCHNOP_set_priority,
-           abi.EVTCHNOP_bind_pirq, abi.EVTCHNOP_reset_cont, 15, 0xFFFFFFFF]
+    "op", [abi.EVTCHNOP_init_control, abi.EVTCHNOP_bind_pirq, abi.EVTCHNOP_reset_cont, 15, 0xFFFFFFFF]
 )
-def test_evtchn_fifo_and_unknown_ops(hc, domain, op):
+def test_evtchn_fifo_not_offered_and_unknown_ops(hc, domain, op):
     assert hc(abi.HYPERCALL_event_channel_op, op, BUF) == -ENOSYS
     assert domain.evtchn.calls == []
 
@@ -756,6 +757,25 @@ def test_evtchn_init_control_checks_arguments_as_xen(hc, domain, memory, gfn, of
     put(memory, BUF, abi.EVTCHN_INIT_CONTROL, control_gfn=gfn, offset=offset, vcpu=vcpu, link_bits=0)
     assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_init_control, BUF) == expected
     assert abi.EVTCHN_INIT_CONTROL.size(False) == abi.EVTCHN_INIT_CONTROL.size(True) == 24
+
+
+def test_evtchn_fifo_ops_reach_the_event_channels(hc, domain, memory):
+    domain.evtchn.fifo_offered = True
+    put(memory, BUF, abi.EVTCHN_INIT_CONTROL, control_gfn=0x1234, offset=64, vcpu=1, link_bits=0)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_init_control, BUF) == 0
+    assert get(memory, BUF, abi.EVTCHN_INIT_CONTROL).link_bits == 17
+    put(memory, BUF, abi.EVTCHN_EXPAND_ARRAY, array_gfn=0x5678)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_expand_array, BUF) == 0
+    put(memory, BUF, abi.EVTCHN_SET_PRIORITY, port=9, priority=3)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_set_priority, BUF) == 0
+    assert domain.evtchn.calls == [("init_control", 1, 0x1234, 64), ("expand_array", 0x5678), ("set_priority", 9, 3)]
+    domain.evtchn.raises["expand_array"] = XenError(EOPNOTSUPP)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_expand_array, BUF) == -EOPNOTSUPP
+    # A refused init_control leaves the guest's structure alone.
+    domain.evtchn.raises["init_control"] = XenError(EINVAL)
+    put(memory, BUF, abi.EVTCHN_INIT_CONTROL, control_gfn=0x1234, offset=64, vcpu=1, link_bits=0)
+    assert hc(abi.HYPERCALL_event_channel_op, abi.EVTCHNOP_init_control, BUF) == -EINVAL
+    assert get(memory, BUF, abi.EVTCHN_INIT_CONTROL).link_bits == 0
 
 
 # --- grant_table_op ----------------------------------------------------------------------
@@ -816,6 +836,24 @@ def test_gnttab_refusals(hc, domain, memory, cmd, count, expected):
     assert hc(abi.HYPERCALL_grant_table_op, cmd, BUF, count) == expected
     assert domain.gnttab.calls == []
     assert get(memory, BUF, abi.GNTTAB_QUERY_SIZE).status == 5
+
+
+@ABIS
+def test_gnttab_get_status_frames(hc, domain, memory, compat):
+    domain.gnttab.results["nr_status_frames"] = 2
+    domain.results["grant_status_gfns"] = lambda count: [0x1234, (1 << 64) - 1][:count]
+    ok = dict(nr_frames=2, dom=abi.DOMID_SELF, status=5, frame_list=ARRAY)
+    put(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat, **ok)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, BUF, 1, longmode=not compat) == 0
+    assert get(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat).status == abi.GNTST_okay
+    assert struct.unpack("<2Q", bytes(memory.view(ARRAY, 16))) == (0x1234, (1 << 64) - 1)
+    for fields, status in [(dict(nr_frames=3), abi.GNTST_general_error),  # more than the table has
+                           (dict(dom=0), abi.GNTST_permission_denied), (dict(dom=9), abi.GNTST_bad_domain),
+                           (dict(frame_list=READONLY), abi.GNTST_bad_virt_addr)]:
+        put(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat, **{**ok, **fields})
+        assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, BUF, 1, longmode=not compat) == 0
+        assert get(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat).status == status, fields
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, READONLY, 1) == -EFAULT
 
 
 def test_gnttab_bad_pointers(hc, domain):
