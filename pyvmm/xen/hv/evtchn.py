@@ -676,6 +676,8 @@ class EventChannels:
         here; nor is which ports KVM delivers itself: finish_restore()
         registers them again, as the restored VM's kernel support allows."""
         with self._lock:
+            if self._fifo is not None:  # its queues and control blocks are not saved yet
+                raise SnapshotError("the guest uses FIFO event channels, which a snapshot cannot save yet")
             ports = []
             for port in sorted(self._ports):
                 record = self._ports[port]

@@ -407,6 +407,9 @@ class GrantTable:
         saved as they are and cleared again on restore for the refs that
         were pinned, since the backends map those afresh."""
         with self._lock:
+            if self.version != 1:  # v2 entries and status frames are not saved yet
+                raise SnapshotError(f"the guest uses grant table v{self.version}, which a snapshot cannot "
+                                    "save yet")
             used = max(self.frame_count, 1)  # frame 0 holds the reserved refs from boot on
             frames = {}
             for index in range(used):

@@ -427,3 +427,15 @@ def test_every_raised_event_is_consumed_once_on_its_vcpu(priorities, ops):
     for vcpu in (0, 1):
         handled = guest.consume(vcpu)
         assert set(handled) == {port for port, v in outstanding.items() if v == vcpu}
+
+
+def test_fifo_refuses_a_snapshot_until_its_queues_are_saved(guest):
+    from pyvmm.core.snapshot import SnapshotError
+
+    rig = FifoRig(guest)
+    rig.ev.save_state()  # 2-level: saved
+    rig.switch()
+    with pytest.raises(SnapshotError, match="FIFO"):
+        rig.ev.save_state()
+    rig.ev.reset(DOMID_SELF)
+    rig.ev.save_state()

@@ -118,3 +118,12 @@ def test_corrupt_states_are_refused(change):
     with pytest.raises(SnapshotError):
         new.restore_state(corrupt(change))
     assert entry(new, gnttab.GNTTAB_RESERVED_CONSOLE)[2] == 3  # left as built
+
+
+def test_a_table_switched_to_version_2_refuses_to_be_saved():
+    table = built()
+    assert table.set_version(2) == 2
+    with pytest.raises(SnapshotError, match="grant table v2"):
+        table.save_state()
+    assert table.set_version(1) == 1
+    assert table.save_state()["version"] >= 1
