@@ -12,12 +12,20 @@
  *   action=h   cli; hlt forever (a CPU that can never run again)
  *   action=p   report a panic on the pvpanic port, then cli; hlt
  *   action=l   loop forever (only --timeout stops it), counting in spin_count
+ *   action=c   count in spin_count to COUNT_END, reading COM1's scratch
+ *              register at each step (an exit to the VMM: the count goes at
+ *              the VMM's pace on any host), printing "count N" at every
+ *              multiple of COUNT_STEP, then power off: what a snapshot
+ *              restored mid-way must finish from where it was
  *
  * The constants must match pyvmm/layout.py (a unit test checks them).
  */
 
 #define COM1_PORT           0x3f8
 #define COM1_LSR            (COM1_PORT + 5)
+#define COM1_SCR            (COM1_PORT + 7)
+#define COUNT_STEP          1024
+#define COUNT_END           (64 * COUNT_STEP)
 #define LSR_THRE            0x20
 #define ACPI_PM1A_CNT_BLK   0x604
 #define ACPI_S5_SLP_TYP     5
@@ -85,6 +93,8 @@ pvh_start:
         je      report_panic
         cmpb    $'l', %al
         je      loop_forever
+        cmpb    $'c', %al
+        je      count_up
         jmp     poweroff
 
 loop_forever:
@@ -94,6 +104,28 @@ spin:
         incl    spin_count              /* a host test watches it stop while paused */
         pause
         jmp     spin
+
+count_up:
+        movl    $msg_counting, %esi
+        call    puts
+count_step:
+        incl    spin_count
+        movw    $COM1_SCR, %dx
+        inb     %dx, %al                /* an exit to the VMM at every step */
+        movl    spin_count, %eax
+        testl   $(COUNT_STEP - 1), %eax
+        jnz     count_step
+        movl    $msg_count, %esi
+        call    puts
+        movl    spin_count, %eax
+        call    putdec
+        movb    $'\n', %al
+        call    putc
+        cmpl    $COUNT_END, spin_count
+        jb      count_step
+        movl    $msg_counted, %esi
+        call    puts
+        jmp     poweroff
 
 triple_fault:
         movl    $msg_triple, %esi
@@ -208,6 +240,9 @@ msg_triple:     .asciz "pyvmm-pvh-test: triple fault\n"
 msg_panic:      .asciz "pyvmm-pvh-test: pvpanic\n"
 msg_halt:       .asciz "pyvmm-pvh-test: halting with interrupts off\n"
 msg_loop:       .asciz "pyvmm-pvh-test: looping forever\n"
+msg_counting:   .asciz "pyvmm-pvh-test: counting\n"
+msg_count:      .asciz "pyvmm-pvh-test: count "
+msg_counted:    .asciz "pyvmm-pvh-test: counted, powering off\n"
 action_key:     .asciz "action="
         .balign 8
 empty_idt:      .word 0                 /* limit 0: no vector can be delivered */

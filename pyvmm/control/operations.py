@@ -6,12 +6,14 @@ docs/CONTROL.md) and returns a JSON-able result or raises ControlError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING, Callable
 
 from .server import ControlError
 from ..core.faults import FaultSpecError
+from ..core.snapshot import SnapshotError
 from ..core.stop import StopReason
 
 if TYPE_CHECKING:
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 COMMAND_NAMES = (
     "status", "diagnose", "shutdown", "reboot", "destroy", "pause", "resume",
     "xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm", "evtchn-list",
-    "fault-add", "fault-list", "fault-clear", "xenbus-state",
+    "fault-add", "fault-list", "fault-clear", "xenbus-state", "snapshot",
 )
 
 
@@ -164,6 +166,45 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         raise ControlError("InvalidArgument", f"no device {device!r} (a backend device's name, e.g. a disk's vdev, "
                                               "its devid or its backend path)")
 
+    def snapshot(args: dict) -> dict:
+        """Write the whole VM into the file sent with the request (or `path`)."""
+        stop = args.get("stop", False)
+        if not isinstance(stop, bool):
+            raise ControlError("InvalidArgument", "'stop' must be true or false")
+        path = args.get("path")
+        if path is not None and (not isinstance(path, str) or not path):
+            raise ControlError("InvalidArgument", "'path' must be a non-empty string")
+        fd = machine.control.take_fd() if machine.control is not None else None
+        if (fd is None) == (path is None):
+            if fd is not None:
+                os.close(fd)
+            raise ControlError("InvalidArgument", "give the snapshot's file either as a descriptor sent with the "
+                                                  "request (SCM_RIGHTS: pyvmm ctl NAME snapshot FILE does) or as "
+                                                  "'path', not both")
+        if machine.stop_reason is not None:
+            if fd is not None:
+                os.close(fd)
+            raise ControlError("InvalidState", "the VM is stopping")
+        created = fd is None
+        if created:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except PermissionError:
+                raise ControlError("InvalidArgument", f"{path}: the VMM may not create it (its sandbox opens no "
+                                                      "file once the guest runs): send a descriptor instead, as "
+                                                      "pyvmm ctl NAME snapshot FILE does") from None
+            except OSError as error:
+                raise ControlError("InvalidArgument", f"{path}: {error.strerror}") from None
+        try:
+            return machine.snapshot_to(fd, stop=stop)
+        except SnapshotError as error:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise ControlError("SnapshotError", str(error)) from None
+        finally:
+            os.close(fd)
+
     return {
         "status": status,
         "diagnose": diagnose,
@@ -181,5 +222,6 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         "fault-list": lambda args: machine.faults.rules(),
         "fault-clear": fault_clear,
         "xenbus-state": xenbus_state,
+        "snapshot": snapshot,
     }
 
