@@ -1,12 +1,13 @@
 """The `pyvmm` command line.
 
 Exit status of `pyvmm run`:
-  0   the guest powered off (or --expect matched; the guest is then stopped)
+  0   the guest powered off (or --expect matched; the guest is then stopped), or the VM
+      stopped after its snapshot (ctl NAME snapshot --stop, --snapshot-on REGEX,stop)
   1   VMM or usage error (one line on stderr, no traceback)
   2   the guest rebooted under --no-reboot
   3   the guest crashed
   4   the VM was destroyed (pyvmm ctl NAME destroy)
-  5   the guest ended without printing the --expect pattern
+  5   the guest ended without printing the --expect pattern (or --snapshot-on REGEX,stop's)
   6   the guest triple-faulted (an unexpected CPU reset) under --no-reboot
   124 --timeout expired
   128+N  stopped by signal N (or 130 for the console escape Ctrl-A x)

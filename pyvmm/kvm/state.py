@@ -25,6 +25,7 @@ import base64
 import errno
 import logging
 
+from ..core.snapshot import SnapshotError
 from . import uapi
 from .cpuid import CpuidEntry
 from .ioctl import KvmError
@@ -48,7 +49,7 @@ IRQCHIPS = {"pic_master": uapi.KVM_IRQCHIP_PIC_MASTER, "pic_slave": uapi.KVM_IRQ
             "ioapic": uapi.KVM_IRQCHIP_IOAPIC}
 
 
-class KvmStateError(Exception):
+class KvmStateError(SnapshotError):
     """A saved KVM state that this KVM does not take back."""
 
 

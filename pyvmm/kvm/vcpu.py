@@ -98,6 +98,18 @@ class Vcpu:
 
     def run(self) -> VcpuExit:
         """Enter the guest until its next exit and return that exit, decoded."""
+        return self._enter()
+
+    def settle(self) -> VcpuExit:
+        """Complete what the last exit left half done (the data of a port or
+        MMIO read, a hypercall's result: KVM finishes them only when KVM_RUN
+        is entered again) without running a guest instruction: KVM_RUN with
+        immediate_exit. Returns InterruptedExit, or the exit a string I/O
+        instruction still needs the VMM for. Own thread."""
+        self._run.immediate_exit = 1
+        return self._enter()
+
+    def _enter(self) -> VcpuExit:
         run = self._run
         try:
             ioctl(self.fd, uapi.KVM_RUN, retry_on_eintr=False)
@@ -119,12 +131,6 @@ class Vcpu:
         self._run.immediate_exit = 1
         if self._thread.is_alive():
             signal.pthread_kill(self._thread_ident, KICK_SIGNAL)
-
-    def request_immediate_exit(self) -> None:
-        """Make the next run() return InterruptedExit without running the
-        guest, after completing what the last exit left half done (the data
-        of a port or MMIO read, a hypercall's result); own thread."""
-        self._run.immediate_exit = 1
 
     @property
     def immediate_exit(self) -> bool:

@@ -89,6 +89,7 @@ class MachineBuilder:
         is the restored VM's (vmm/snapshot.py: restored_config); `state` the
         snapshot's state if it was read already. SnapshotError, in one
         line, when this host, the disks or the NICs cannot take it."""
+        started = time.monotonic()
         state = snapshot.state() if state is None else state
         builder = cls(config, console, trace=trace, faults=faults)
         try:
@@ -97,6 +98,7 @@ class MachineBuilder:
             builder.add_memory(snapshot)
             builder.add_devices()
             builder.restore_parts(snapshot.path, state)
+            builder.machine.restore_plan.started = started
             builder.add_debugger()
         except BaseException:
             builder.abandon()

@@ -234,8 +234,11 @@ class Machine:
             if self.restore_plan is not None:
                 if self.xen is not None:
                     self.xen.configure_vcpu(vcpu, index)
-                warnings = kvm_state.restore_vcpu(vcpu, self.restore_plan.vcpu_state(index),
-                                                  self.vcpu_capabilities())
+                try:
+                    warnings = kvm_state.restore_vcpu(vcpu, self.restore_plan.vcpu_state(index),
+                                                      self.vcpu_capabilities())
+                except SnapshotError as error:
+                    raise SnapshotError(f"{self.restore_plan.path}: vCPU {index}: {error}") from None
                 for warning in warnings:
                     log.warning("restore: vCPU %d: %s", index, warning)
             elif self.xen is not None:
@@ -261,6 +264,7 @@ class Machine:
             debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
                              registers=lambda: read_registers(vcpu), trace=self.trace).handle
+        settle_handle = handle  # a settling vCPU's rare exits are not counted by --stats
         work = self._vcpu_work[index]
         in_guest = self._in_guest
         run = vcpu.run
@@ -272,7 +276,7 @@ class Machine:
                 if not self._running.is_set():
                     # Settled before anything queued for the paused vCPU
                     # runs: what reads its state reads it whole.
-                    self._settle(vcpu, run, handle)
+                    self._settle(vcpu, settle_handle)
                     self._park(work)
                     continue
                 while work:
@@ -292,24 +296,22 @@ class Machine:
             if finish is not None:
                 finish()
 
-    def _settle(self, vcpu, run, handle) -> None:
+    def _settle(self, vcpu, handle) -> None:
         """Complete what KVM left half done at the vCPU's last exit before
         it parks: KVM finishes a port or MMIO read (its data), a hypercall
         (its result) or a string I/O instruction only when KVM_RUN is next
         entered, and keeps that in no state it lets anyone read. A KVM_RUN
         with immediate_exit completes it and runs no guest instruction
-        (KVM's API documentation, KVM_RUN). A `rep ins` may need the VMM
-        again before it is done: its exits are handled as usual."""
-        vcpu.request_immediate_exit()
+        (KVM's API documentation, KVM_RUN; Vcpu.settle). A `rep ins` may
+        need the VMM again before it is done: its exits are handled as usual."""
         for _ in range(SETTLE_RUNS):
-            vcpu_exit = run()
+            vcpu_exit = vcpu.settle()
             if isinstance(vcpu_exit, InterruptedExit):
                 return
             reason = handle(vcpu_exit)
             if reason is not None:
                 self.request_stop(reason)
                 return
-            vcpu.request_immediate_exit()
         log.warning("vCPU %s: an instruction was still not complete after %d runs; its state may be mid-way",
                     getattr(vcpu, "index", "?"), SETTLE_RUNS)
 
@@ -513,7 +515,8 @@ class Machine:
             if finish is not None:
                 finish()
         self.restore_plan = None
-        log.info("restored from %s", plan.path)
+        log.info("restored from %s: the machine rebuilt and its state back in %.1f ms", plan.path,
+                 (time.monotonic() - plan.started) * 1000)
 
     # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
 

@@ -375,7 +375,7 @@ class RestorePlan:
     path: str
     kvm: dict
     parts: dict = field(default_factory=dict)  # name -> part, for finish_restore()
-    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)  # when the builder began (for the log)
 
     def vcpu_state(self, index: int) -> dict:
         return self.kvm["vcpus"][index]
