@@ -100,10 +100,6 @@ class _Snapshots:
 
                 self.restore = open_snapshot(config.restore)
                 self.state = self.restore.state()
-                # A reboot boots the kernel the guest was booted with: kept for it now.
-                for path in (config.kernel, config.initrd):
-                    if path is not None and os.path.isfile(path):
-                        os.close(KEPT.open(path, os.O_RDONLY | os.O_CLOEXEC))
             if config.snapshot_file is not None:
                 try:
                     self.out_fd = os.open(config.snapshot_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
@@ -113,6 +109,20 @@ class _Snapshots:
         except BaseException:
             self.close()
             raise
+
+    def keep_kernel(self, config: VmConfig) -> None:
+        """A restored guest's reboot boots the kernel it was booted with:
+        under the sandbox it is read now, to be kept (KEPT is active), and
+        its parser imported. A kernel gone or changed since only warns: the
+        guest runs without it until it reboots."""
+        if self.restore is None:
+            return
+        from .boot.loader import check_kernel
+
+        try:
+            check_kernel(config.kernel, config.initrd)
+        except BootError as error:
+            log.warning("the restored guest cannot reboot: its kernel: %s", error)
 
     def restored(self) -> None:
         """The first boot has mapped what it needs of the snapshot."""
@@ -141,6 +151,7 @@ def _run_with_sandbox(config: VmConfig, trace: Tracer, faults: FaultInjector, st
         sandbox = Sandbox(config.sandbox)
         sandbox.start()
         KEPT.activate()
+        snapshots.keep_kernel(config)
         if config.xen and config.xenstore_socket is None:
             # Named once: a reboot under the sandbox cannot look at the runtime directory.
             from .core.runtime import xenstore_socket_path

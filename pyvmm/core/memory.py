@@ -58,6 +58,7 @@ class MemoryRegion:
         _check_aligned(gpa, size)
         if offset % mmap.PAGESIZE:
             raise ValueError(f"region {gpa:#x} would start at file offset {offset:#x}, which is not page aligned")
+        _open_pagemap()  # for a reboot's fresh RAM, after the sandbox's lockdown
         mapping = mmap.mmap(fd, size, flags=_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         return cls._of(gpa, size, mapping, False)
 

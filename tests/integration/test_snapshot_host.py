@@ -279,3 +279,17 @@ def test_measure(counting_snapshot, kernel, tmp_path):
     assert result.status == 0
     print(f"\nrestore and run to the end: {time.monotonic() - started:.2f} s; "
           f"stats: {json.loads((tmp_path / 'stats.json').read_text()).get('startup')}")
+
+
+def test_a_restored_guest_that_resets_boots_its_kernel_again(kernel, tmp_path):
+    """Under the sandbox, which opens no file once the guest runs: the kernel
+    is kept for a reboot from the start of the restore."""
+    path = tmp_path / "fault.snap"
+    first = run_pyvmm("run", "--no-xen", "--kernel", str(kernel), "--append", "action=t", "--memory", "64M",
+                      "--snapshot-on", "magic ok,stop", "--snapshot-file", str(path), "--timeout", TIMEOUT,
+                      timeout=900)
+    assert first.status == 0 and "triple fault" not in first.stdout, first
+    restored = run_pyvmm("run", "--restore", str(path), "--expect", "magic ok", "--timeout", TIMEOUT, timeout=900)
+    assert restored.status == 0, restored  # the restored guest triple-faulted, and its kernel booted again
+    assert "triple fault" in restored.stdout and "magic ok" in restored.stdout, restored
+    assert restored.stdout.index("triple fault") < restored.stdout.index("magic ok")
