@@ -550,7 +550,8 @@ def snapshot_group() -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the header as JSON.")
 def snapshot_info(file, as_json) -> None:
-    """Check FILE and say what it holds; exit 1 (with why) if it cannot be restored here."""
+    """Check FILE and say what it holds, and whether this host can restore
+    it (its CPU and KVM; the disks are checked by the restore): exit 1 if not."""
     from .core.snapfile import open_snapshot
     from .vmm.snapshot import describe
 
@@ -561,14 +562,16 @@ def snapshot_info(file, as_json) -> None:
         _fail(str(error))
     if as_json:
         click.echo(json.dumps(info, indent=2))
-        return
-    for key, value in info.items():
-        if isinstance(value, list):
-            click.echo(f"{key}:")
-            for item in value:
-                click.echo(f"  {item}")
-        else:
-            click.echo(f"{key}: {value}")
+    else:
+        for key, value in info.items():
+            if isinstance(value, list):
+                click.echo(f"{key}:")
+                for item in value:
+                    click.echo(f"  {item}")
+            else:
+                click.echo(f"{key}: {value}")
+    if info["restorable_here"] is False:
+        sys.exit(EXIT_VMM_ERROR)
 
 
 @ctl.group("xenstore")

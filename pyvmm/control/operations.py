@@ -44,6 +44,7 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
             "pid": os.getpid(),
             "xenstore_socket": str(machine.xenstore_socket_path) if machine.xenstore_socket_path else None,
             "kernel": str(config.kernel),
+            "restored_from": str(config.restore) if config.restore is not None else None,
             "reboots": machine.run_counts["reboots"],
             "triple_faults": machine.run_counts["triple_faults"],
         }

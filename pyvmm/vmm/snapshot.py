@@ -445,4 +445,21 @@ def describe(snapshot: SnapshotFile) -> dict:
                   for d in header.get("disks", [])],
         "nics": [f"{n['index']}: mac {n['mac']}" for n in header.get("nics", [])],
         "parts": sorted(state.get("parts", {})),
+        **_restorable_here(snapshot),
     }
+
+
+def _restorable_here(snapshot: SnapshotFile) -> dict:
+    """{"restorable_here": True, False or None (no KVM to ask), "why": ...}."""
+    from ..kvm import Kvm, KvmUnavailable
+
+    try:
+        with Kvm() as kvm:
+            current = host_identity(kvm)
+    except KvmUnavailable as error:
+        return {"restorable_here": None, "why": str(error)}
+    try:
+        check_host(snapshot.header.get("host"), current, snapshot.path)
+    except SnapshotError as error:
+        return {"restorable_here": False, "why": str(error)}
+    return {"restorable_here": True}

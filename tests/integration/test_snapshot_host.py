@@ -251,6 +251,12 @@ def test_snapshot_info(counting_snapshot, tmp_path):
     assert info.status == 0, info
     described = json.loads(info.stdout)
     assert described["memory"] == 512 << 20 and described["parts"] == ["acpi_pm", "i8042", "pci", "rtc", "serial"]
+    assert described["restorable_here"] is True
+    other = copy(counting_snapshot, tmp_path / "other-host.snap")
+    rewrite_header(other, lambda header: {**header, "host": {**header["host"], "kvm": "kvm_other"}})
+    elsewhere = run_pyvmm("snapshot", "info", str(other))
+    assert elsewhere.status == 1 and "restorable_here: False" in elsewhere.stdout, elsewhere
+    assert "taken under kvm_other" in elsewhere.stdout
     truncated = copy(counting_snapshot, tmp_path / "t.snap")
     os.truncate(truncated, 4096)
     bad = run_pyvmm("snapshot", "info", str(truncated))
