@@ -142,7 +142,7 @@ def test_ctl_snapshot_of_a_running_vm_then_with_stop(kernel, tmp_path):
         assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
         status = run_pyvmm("ctl", "--json", "counter", "status")
         assert json.loads(status.stdout)["state"] == "running", status  # it runs on
-        guest.wait_for(r"count \d*[13579]\d{2}8\b|count [3-9]\d{4}", timeout=300)  # some counting later
+        guest.wait_for("count 6144", timeout=300)  # some counting later
         stopped = run_pyvmm("ctl", "counter", "snapshot", "--stop", str(second))
         assert stopped.status == 0 and "the VM stopped" in stopped.stdout, stopped
         assert guest.finish(timeout=120) == 0, guest  # a VM stopped after its snapshot exits 0
@@ -299,3 +299,46 @@ def test_a_restored_guest_that_resets_boots_its_kernel_again(kernel, tmp_path):
     assert restored.status == 0, restored  # the restored guest triple-faulted, and its kernel booted again
     assert "triple fault" in restored.stdout and "magic ok" in restored.stdout, restored
     assert restored.stdout.index("triple fault") < restored.stdout.index("magic ok")
+
+
+# The Xen domain saves no state yet (the snapshot issue's other half): a
+# Xen-mode PVH guest, which never talks to Xen (its domain's state is what a
+# fresh build has), with the domain's two methods stubbed, tests the
+# machine's Xen side meanwhile: KVM's Xen attributes saved and restored in a
+# whole machine, the Xen vCPU set-up of a restore. Drop the stub once
+# XenDomain implements them.
+STUBBED_DOMAIN = """
+import sys
+from pyvmm.xen import domain
+domain.XenDomain.save_state = lambda self: {"version": 1}
+domain.XenDomain.restore_state = lambda self, state: None
+from pyvmm.cli import main
+sys.argv[0] = "pyvmm"
+main()
+"""
+
+
+@pytest.mark.guest  # scripts/test runs it in the testbed, whose KVM emulates Xen; no Linux guest
+@pytest.mark.xen
+def test_a_xen_mode_guest_with_its_domain_stubbed(kernel, tmp_path):
+    from pyvmm.hostcheck import probe
+
+    if not probe().can_run_xen:
+        pytest.skip("this host's KVM cannot run Xen guests")
+    path = tmp_path / "xen.snap"
+
+    def pyvmm(*args):
+        return subprocess.run([sys.executable, "-c", STUBBED_DOMAIN, *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+
+    first = pyvmm("run", "--kernel", str(kernel), "--append", "action=c", "--memory", "256M",
+                  "--snapshot-on", "count 2048,stop", "--snapshot-file", str(path), "--timeout", TIMEOUT)
+    assert first.returncode == 0 and "snapshot written" in first.stderr, first
+    with open_snapshot(path) as snapshot:
+        state = snapshot.state()
+    xen = state["kvm"]["xen"]
+    assert xen["vm"]["version"] == 1 and len(xen["vcpus"]) == 1
+    restored = pyvmm("run", "--restore", str(path), "--timeout", TIMEOUT)
+    assert restored.returncode == 0, restored
+    assert counts(restored.stdout)[0] == (spin_count(path, kernel) // STEP + 1) * STEP, restored
+    assert counts(restored.stdout)[-1] == END
