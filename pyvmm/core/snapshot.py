@@ -48,7 +48,11 @@ docs/SNAPSHOTS.md), through the parts `Machine.stateful_parts()` names
 (the PC devices, and the Xen domain, which calls its own parts). A part
 may also have `finish_restore()`: the machine calls it after every part's
 restore_state() and after KVM's own state (vCPUs, clock, KVM's Xen
-attributes) is back, before any vCPU runs, for what needs KVM first.
+attributes) is back, before any vCPU runs, for what needs KVM first. And
+`resume_after_save()`: a part that keeps something still after its
+save_state() (so that guest RAM does not change before the machine has
+saved it) is called once the snapshot is written (unless the VM stops),
+or when the snapshot fails after the part was saved.
 """
 
 from __future__ import annotations

@@ -468,7 +468,7 @@ class Machine:
             raise SnapshotError("the VM is stopping")
         was_paused = self.paused
         try:
-            taken = take(self, fd)
+            taken = take(self, fd, stopping=stop)
         except SnapshotError:
             if not was_paused:
                 self.resume()

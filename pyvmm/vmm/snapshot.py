@@ -309,31 +309,50 @@ class Taken:
     paused_seconds: float  # how long the guest stood still for it
 
 
-def take(machine, fd: int) -> Taken:
+def take(machine, fd: int, *, stopping: bool = False) -> Taken:
     """Pause `machine`, save all of it into `fd` (an empty regular file),
-    and leave it paused: the caller resumes or stops it. Event thread.
-    SnapshotError (nothing useful written) when a part cannot save its
-    state; the VM is then still paused, as the caller found it or left it."""
+    and leave it paused: the caller resumes or stops it (`stopping`).
+    Event thread. SnapshotError (nothing useful written) when a part
+    cannot save its state; the VM is then still paused, as the caller found
+    it or left it.
+
+    A part whose save_state() holds something still until guest RAM is
+    saved (the Xen domain's disks keep their queues quiesced) has
+    `resume_after_save()`: called once the file is written, unless the VM
+    stops, and whenever the snapshot fails after that part was saved."""
     from ..core.snapfile import check_empty_file
 
     check_empty_file(fd)
     started = time.monotonic()
     machine.pause()
     paused = time.monotonic()
-    header, state = capture(machine)
-    written = write_snapshot(fd, header, state, machine.memory)
+    saved: list = []
+    failed = True
+    try:
+        header, state = capture(machine, saved)
+        written = write_snapshot(fd, header, state, machine.memory)
+        failed = False
+    finally:
+        if failed or not stopping:
+            for part in saved:
+                resume = getattr(part, "resume_after_save", None)
+                if resume is not None:
+                    resume()
     done = time.monotonic()
     return Taken(written, done - started, done - paused)
 
 
-def capture(machine) -> tuple[dict, dict]:
-    """The header and state of a snapshot of `machine`, which is paused."""
+def capture(machine, saved: list | None = None) -> tuple[dict, dict]:
+    """The header and state of a snapshot of `machine`, which is paused;
+    each part whose state was saved is added to `saved`."""
     if not machine.paused:
         raise SnapshotError("the VM must be paused for a snapshot")
     config = machine.config
     parts = {}
     for name, part in machine.stateful_parts().items():
         parts[name] = part.save_state()  # SnapshotError from a part not written yet, or one that cannot now
+        if saved is not None:
+            saved.append(part)
     caps = machine.vcpu_capabilities()
     vcpus = []
     for index in range(config.vcpus):

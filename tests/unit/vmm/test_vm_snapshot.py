@@ -148,3 +148,46 @@ def test_shape_options_are_refused_with_restore():
 def test_a_snapshot_of_an_unknown_device_kind_is_refused():
     with pytest.raises(SnapshotError, match="kind 'floppy'"):
         snap.saved_devices({"devices": [{"kind": "floppy", "option": "a.img"}]})
+
+
+class HoldingPart:
+    """A part that keeps something still after save_state() (as the Xen domain's disks do)."""
+
+    def __init__(self):
+        self.resumed = 0
+
+    def resume_after_save(self):
+        self.resumed += 1
+
+
+def test_a_part_held_for_the_save_is_resumed_unless_the_vm_stops(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from pyvmm.core.snapfile import Written
+
+    part = HoldingPart()
+
+    def capture(machine, saved):
+        saved.append(part)
+        return {}, {}
+
+    written = []
+    monkeypatch.setattr(snap, "capture", capture)
+    monkeypatch.setattr(snap, "write_snapshot", lambda fd, header, state, memory: written.append(fd) or Written(1, 0, 0))
+    machine = SimpleNamespace(pause=lambda: None, memory=None)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        snap.take(machine, fd)
+        assert part.resumed == 1  # the VM goes on
+        snap.take(machine, fd, stopping=True)
+        assert part.resumed == 1  # the VM stops: nothing to resume
+
+        def fail(*args):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(snap, "write_snapshot", fail)
+        with pytest.raises(OSError):
+            snap.take(machine, fd, stopping=True)
+        assert part.resumed == 2  # a failed snapshot: the VM goes on as it was
+    finally:
+        os.close(fd)
