@@ -93,11 +93,11 @@ def test_a_restored_guest_shell_goes_on(assets, tmp_path):
         pytest.skip(f"a part of the Xen domain cannot save its state yet: {first.stderr.strip().splitlines()[-1]}")
     assert first.status == 0 and "snapshot written" in first.stderr, first
     saved_uptime = float(re.search(r"ready uptime=([\d.]+)", first.stdout).group(1))
-    time.sleep(10)  # on disk for a while: the guest's monotonic clock must not see it
+    time.sleep(30)  # on disk for a while: the guest's monotonic clock must not see it
     with LiveGuest(["run", "--restore", str(path), "--timeout", "600"]) as restored:
         restored.send(b"echo after=$(cut -d' ' -f1 /proc/uptime)\n")
         after = float(restored.wait_for(r"after=([\d.]+)", timeout=300).group(1).decode())
-        assert saved_uptime <= after < saved_uptime + 8, (saved_uptime, after)
+        assert saved_uptime <= after < saved_uptime + 20, (saved_uptime, after)
         restored.wait_for("tick 3", timeout=120)
         restored.send(b"poweroff -f\n")
         assert restored.finish(timeout=300) == 0, restored
