@@ -342,3 +342,18 @@ def test_a_xen_mode_guest_with_its_domain_stubbed(kernel, tmp_path):
     assert restored.returncode == 0, restored
     assert counts(restored.stdout)[0] == (spin_count(path, kernel) // STEP + 1) * STEP, restored
     assert counts(restored.stdout)[-1] == END
+
+
+def test_a_guest_with_a_vcpu_still_waiting_for_its_sipi(kernel, tmp_path):
+    """vCPU 1 never started (the PVH test kernel starts no AP): it is saved
+    and restored waiting, and the guest counts on on vCPU 0."""
+    path = tmp_path / "two.snap"
+    first = run_pyvmm("run", "--no-xen", "--kernel", str(kernel), "--append", "action=c", "--memory", "128M",
+                      "--vcpus", "2", "--snapshot-on", "count 2048,stop", "--snapshot-file", str(path),
+                      "--timeout", TIMEOUT, timeout=900)
+    assert first.status == 0, first
+    with open_snapshot(path) as snapshot:
+        vcpus = snapshot.state()["kvm"]["vcpus"]
+    assert [vcpu["mp_state"] for vcpu in vcpus][1] != 0  # not runnable: waiting for INIT/SIPI
+    restored = run_pyvmm("run", "--restore", str(path), "--timeout", TIMEOUT, timeout=900)
+    assert restored.status == 0 and counts(restored.stdout)[-1] == END, restored
