@@ -276,8 +276,12 @@ def xen_restore_vm(vm, state: dict, capabilities: int, host_address) -> None:
     set_attr({"type": uapi.KVM_XEN_ATTR_TYPE_UPCALL_VECTOR, "u": {"vector": state["upcall_vector"]}})
 
 
-def xen_save_vcpu(vcpu, capabilities: int, gpa_of_host_address) -> dict:
-    """A vCPU's Xen attributes (its thread, outside KVM_RUN)."""
+def xen_save_vcpu(vcpu, capabilities: int, gpa_of_host_address, clock: int | None = None) -> dict:
+    """A vCPU's Xen attributes (its thread, outside KVM_RUN). `clock`: the
+    guest clock the snapshot holds (the pause froze it; KVM's own went on,
+    and may have dated a runstate change later): the runstate is brought
+    back to it, as KVM takes a runstate only if it does not start in the
+    future and its times add up to its entry time."""
     state: dict = {"version": XEN_STATE_VERSION}
     get = vcpu.xen_vcpu_get_attr
     for key, attr in (("vcpu_info", uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO),
@@ -292,8 +296,8 @@ def xen_save_vcpu(vcpu, capabilities: int, gpa_of_host_address) -> dict:
         state["vcpu_info_hva_gpa"] = _gpa_of(hva or 0, gpa_of_host_address, "vcpu_info")
     if capabilities & uapi.KVM_XEN_HVM_CONFIG_RUNSTATE and state.get("runstate_addr") is not None:
         runstate = get(uapi.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA).u.runstate
-        state["runstate"] = {name: getattr(runstate, name) for name in (
-            "state", "state_entry_time", "time_running", "time_runnable", "time_blocked", "time_offline")}
+        state["runstate"] = clamp_runstate({name: getattr(runstate, name) for name in (
+            "state", "state_entry_time", "time_running", "time_runnable", "time_blocked", "time_offline")}, clock)
     if capabilities & uapi.KVM_XEN_HVM_CONFIG_EVTCHN_SEND:
         state["vcpu_id"] = get(uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_ID).u.vcpu_id
         timer = get(uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER).u.timer
@@ -329,6 +333,25 @@ def xen_restore_vcpu(vcpu, state: dict, capabilities: int, host_address) -> None
         set_attr({"type": uapi.KVM_XEN_VCPU_ATTR_TYPE_UPCALL_VECTOR, "u": {"vector": state["upcall_vector"]}})
     if "timer" in state:
         set_attr({"type": uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER, "u": {"timer": state["timer"]}})
+
+
+RUNSTATE_TIMES = ("time_running", "time_runnable", "time_blocked", "time_offline")  # by RUNSTATE_* number
+
+
+def clamp_runstate(runstate: dict, clock: int | None) -> dict:
+    """`runstate` entered no later than `clock`: time past it is taken off
+    the current state's time (else off the others), so the times still add
+    up to the entry time."""
+    excess = runstate["state_entry_time"] - clock if clock is not None else 0
+    if excess <= 0:
+        return runstate
+    runstate = dict(runstate, state_entry_time=clock)
+    current = RUNSTATE_TIMES[runstate["state"]] if runstate["state"] < len(RUNSTATE_TIMES) else RUNSTATE_TIMES[0]
+    for name in (current, *RUNSTATE_TIMES):
+        taken = min(excess, runstate[name])
+        runstate[name] -= taken
+        excess -= taken
+    return runstate
 
 
 _INVALID = (1 << 64) - 1  # KVM_XEN_INVALID_GFN / INVALID_GPA

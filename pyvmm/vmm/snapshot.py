@@ -366,7 +366,8 @@ def capture(machine, saved: list | None = None) -> tuple[dict, dict]:
         gpa_of = machine.memory.gpa_of_host_address
         kvm["xen"] = {
             "vm": kvm_state.xen_save_vm(machine.vm, bits, gpa_of),
-            "vcpus": [machine.run_on_vcpu(index, lambda vcpu: kvm_state.xen_save_vcpu(vcpu, bits, gpa_of))
+            "vcpus": [machine.run_on_vcpu(index, lambda vcpu: kvm_state.xen_save_vcpu(vcpu, bits, gpa_of,
+                                                                                       machine.paused_clock))
                       for index in range(config.vcpus)],
         }
     state = {"version": STATE_VERSION, "config": config_state(config), "parts": parts, "kvm": kvm}

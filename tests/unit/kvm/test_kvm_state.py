@@ -183,3 +183,16 @@ def test_the_irqchips_and_pit_go_through_json():
     kvm_state.restore_vm(vm, state)
     assert vm.chips == FakeVm().chips
     assert vm.pit.channels[0].count == 65536 and vm.pit.channels[0].mode == 2 and vm.pit.flags == 1
+
+
+def test_a_runstate_dated_after_the_frozen_clock_is_brought_back_to_it():
+    runstate = {"state": 0, "state_entry_time": 1000, "time_running": 600, "time_runnable": 300,
+                "time_blocked": 100, "time_offline": 0}
+    assert kvm_state.clamp_runstate(runstate, 1000) == runstate
+    assert kvm_state.clamp_runstate(runstate, None) == runstate
+    clamped = kvm_state.clamp_runstate(runstate, 950)
+    assert clamped["state_entry_time"] == 950 and clamped["time_running"] == 550
+    assert sum(clamped[name] for name in kvm_state.RUNSTATE_TIMES) == 950
+    blocked = kvm_state.clamp_runstate({**runstate, "state": 2}, 850)  # RUNSTATE_blocked: its own time first
+    assert (blocked["time_blocked"], blocked["time_running"]) == (0, 550)
+    assert sum(blocked[name] for name in kvm_state.RUNSTATE_TIMES) == 850
