@@ -92,13 +92,19 @@ class MachineBuilder:
         started = time.monotonic()
         state = snapshot.state() if state is None else state
         builder = cls(config, console, trace=trace, faults=faults)
+        steps = []
         try:
             builder.create_vm()
             check_restore(snapshot, state, config, builder.machine.kvm)
+            steps.append(("VM and checks", time.monotonic()))
             builder.add_memory(snapshot)
+            steps.append(("RAM mapped", time.monotonic()))
             builder.add_devices()
+            steps.append(("devices built", time.monotonic()))
             builder.restore_parts(snapshot.path, state)
-            builder.machine.restore_plan.started = started
+            steps.append(("parts restored", time.monotonic()))
+            plan = builder.machine.restore_plan
+            plan.started, plan.steps = started, steps
             builder.add_debugger()
         except BaseException:
             builder.abandon()

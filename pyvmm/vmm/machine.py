@@ -170,6 +170,7 @@ class Machine:
             self._count_into(self.stats)
         held = self.paused  # --gdb-wait: until gdb says continue
         if self.restore_plan is not None:
+            self.restore_plan.step("the run's set-up (listeners, the sandbox's lockdown)")
             self.vcpu_capabilities()  # before the vCPU threads ask for it
             self._running.clear()  # the guest waits until every part of it is back
         for index in range(self.config.vcpus):
@@ -502,6 +503,7 @@ class Machine:
         shared_info; a Xen timer's expiry is in guest time); then each
         part's finish_restore(), for what needs KVM's state back first."""
         plan = self.restore_plan
+        plan.step("vCPUs restored")
         self.vm.set_clock(plan.kvm["clock"])
         if self.xen is not None:
             bits = self.kvm.xen_capabilities()
@@ -510,13 +512,15 @@ class Machine:
             for index, saved in enumerate(plan.kvm["xen"]["vcpus"]):
                 self.run_on_vcpu(index, partial(kvm_state.xen_restore_vcpu, state=saved, capabilities=bits,
                                                 host_address=host_address))
+        plan.step("clock and KVM's Xen attributes")
         for part in plan.parts.values():
             finish = getattr(part, "finish_restore", None)
             if finish is not None:
                 finish()
+        plan.step("parts finished")
         self.restore_plan = None
-        log.info("restored from %s: the machine rebuilt and its state back in %.1f ms", plan.path,
-                 (time.monotonic() - plan.started) * 1000)
+        log.info("restored from %s: the machine rebuilt and its state back in %.1f ms (%s)", plan.path,
+                 (time.monotonic() - plan.started) * 1000, plan.timings())
 
     # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
 

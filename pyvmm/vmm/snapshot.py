@@ -396,6 +396,18 @@ class RestorePlan:
     kvm: dict
     parts: dict = field(default_factory=dict)  # name -> part, for finish_restore()
     started: float = field(default_factory=time.monotonic)  # when the builder began (for the log)
+    steps: list = field(default_factory=list)  # (what, when it ended): the restore's log line
+
+    def step(self, what: str) -> None:
+        self.steps.append((what, time.monotonic()))
+
+    def timings(self) -> str:
+        """'checks 2 ms, memory 1 ms, ...': each step's time, in order."""
+        parts, last = [], self.started
+        for what, when in self.steps:
+            parts.append(f"{what} {(when - last) * 1000:.0f} ms")
+            last = when
+        return ", ".join(parts)
 
     def vcpu_state(self, index: int) -> dict:
         return self.kvm["vcpus"][index]
