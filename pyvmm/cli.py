@@ -1,12 +1,13 @@
 """The `pyvmm` command line.
 
 Exit status of `pyvmm run`:
-  0   the guest powered off (or --expect matched; the guest is then stopped)
+  0   the guest powered off (or --expect matched; the guest is then stopped), or the VM
+      stopped after its snapshot (ctl NAME snapshot --stop, --snapshot-on REGEX,stop)
   1   VMM or usage error (one line on stderr, no traceback)
   2   the guest rebooted under --no-reboot
   3   the guest crashed
   4   the VM was destroyed (pyvmm ctl NAME destroy)
-  5   the guest ended without printing the --expect pattern
+  5   the guest ended without printing the --expect pattern (or --snapshot-on REGEX,stop's)
   6   the guest triple-faulted (an unexpected CPU reset) under --no-reboot
   7   a Xen watchdog expired (SCHEDOP_watchdog), or the guest shut down with SHUTDOWN_watchdog
   124 --timeout expired
@@ -29,6 +30,7 @@ import click
 
 from .config import (WATCHDOG_ACTIONS, ConfigError, DeviceSpec, GdbAddress, SerialSpec, VmConfig,
                      parse_limit_option, parse_size, parse_xen_version)
+from .core.snapshot import SnapshotError
 from .core.trace import CATEGORIES
 from .xen import backends as _backends  # noqa: F401 - registers the device kinds
 from .xen.backend import kind as device_kinds
@@ -158,6 +160,14 @@ def main() -> None:
               help="How gdb's breakpoints are set: int3 in guest memory, or debug registers (four at most).")
 @click.option("--limit", "limit_settings", multiple=True, metavar="NAME=VALUE", callback=_limit_help, is_eager=True,
               help="Set a per-domain limit (repeatable); --limit help lists them.")
+@click.option("--restore", type=click.Path(path_type=Path), metavar="FILE",
+              help="Resume the guest of snapshot FILE instead of booting a kernel; --disk and --net give it "
+                   "its disks (the same images) and NICs, by default the snapshot's (docs/SNAPSHOTS.md).")
+@click.option("--snapshot-on", "snapshot_on", metavar="REGEX[,stop]",
+              help="Write a snapshot to --snapshot-file when the console first prints REGEX; with ',stop' "
+                   "the VM then stops (status 0).")
+@click.option("--snapshot-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Where --snapshot-on writes (created, or emptied, when pyvmm starts).")
 @click.option("--no-sandbox", is_flag=True,
               help="Run without the sandbox (unprivileged user, no capabilities, seccomp); for debugging.")
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
@@ -167,9 +177,10 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
         expect, xen, xen_version,
         xen_accel, xen_fifo, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
-        gdb_wait, gdb_breakpoints, limit_settings, no_sandbox, sandbox_user, verbose, **device_options) -> None:
+        gdb_wait, gdb_breakpoints, limit_settings, restore, snapshot_on, snapshot_file, no_sandbox, sandbox_user,
+        verbose, **device_options) -> None:
     """Boot a guest kernel, a disk image through firmware (--disk without --kernel, or an IMAGE
-    given as CONFIG_FILE), or the guest an xl.cfg CONFIG_FILE describes.
+    given as CONFIG_FILE), the guest an xl.cfg CONFIG_FILE describes, or a snapshot's (--restore).
 
     Options given on the command line override the file's values."""
     logging.basicConfig(
@@ -183,6 +194,9 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
                       no_reboot=no_reboot, on_watchdog=on_watchdog, xen=xen, name=name, limits={},
                       sandbox_user=sandbox_user)
         file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
+        saved = None
+        if restore is not None:
+            saved = _restore_values(restore, ctx, config_file, values)
         if config_file is not None and _is_disk_image(config_file):
             # `pyvmm run IMAGE`: the image is the first disk, booted through firmware.
             dest = next(kind.option.dest for kind in device_kinds.with_option() if kind.name == "blk")
@@ -190,6 +204,7 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
             config_file = None
         if config_file is not None:
             values.update(_xl_config_values(config_file, ctx, file_devices))
+        snapshot_pattern, snapshot_stop = _snapshot_on(snapshot_on)
         config = VmConfig(
             kernel=values["kernel"],
             initrd=values["initrd"],
@@ -219,12 +234,22 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
             stats=print_stats,
             stats_json=stats_json,
             firmware=firmware,
+            restore=restore,
+            snapshot_on=snapshot_pattern,
+            snapshot_stop=snapshot_stop,
+            snapshot_file=snapshot_file,
         )
+        if saved is not None:
+            from .vmm.snapshot import restored_config
+
+            config = restored_config(restore, *saved, config, _kinds_given(ctx))
         config.validate()
         from .runner import run_vm
 
         status = run_vm(config)
     except ConfigError as error:
+        _fail(str(error))
+    except SnapshotError as error:
         _fail(str(error))
     except Exception as error:  # the runner turns known failures into ConfigError-like messages
         from .runner import describe_failure
@@ -242,6 +267,51 @@ def _is_disk_image(path: Path) -> bool:
 
     header = read_header(path, 4096)
     return path.is_block_device() or b"\0" in header or foreign_image(header) is not None
+
+
+# The options that give a guest its shape, which a restore takes from the snapshot.
+SHAPE_OPTIONS = {"kernel": "--kernel", "initrd": "--initrd", "cmdline": "--append", "memory": "--memory",
+                 "vcpus": "--vcpus", "xen": "--xen/--no-xen", "xen_version": "--xen-version",
+                 "xen_accel": "--xen-accel/--no-xen-accel", "limit_settings": "--limit"}
+
+
+def _restore_values(path: Path, ctx: click.Context, config_file, values: dict) -> tuple[dict, dict]:
+    """--restore: the snapshot's header and state (checked as a file), its
+    shape put into `values`; options that would change the shape refused."""
+    from click.core import ParameterSource
+
+    from .vmm.snapshot import read_config, refuse_shape_options
+
+    given = {option: ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE
+             for param, option in SHAPE_OPTIONS.items()}
+    if config_file is not None:
+        given["an xl.cfg file"] = True
+    refuse_shape_options(given)
+    header, state = read_config(path)
+    saved = state["config"]
+    values.update(kernel=Path(saved["kernel"]), initrd=Path(saved["initrd"]) if saved.get("initrd") else None,
+                  cmdline=saved["cmdline"], memory=saved["memory"], vcpus=saved["vcpus"], xen=saved["xen"])
+    return header, state
+
+
+def _kinds_given(ctx: click.Context) -> set[str]:
+    """The device kinds whose option (--disk, --net) the command line gives."""
+    from click.core import ParameterSource
+
+    return {kind.name for kind in device_kinds.with_option()
+            if ctx.get_parameter_source(kind.option.dest) is ParameterSource.COMMANDLINE}
+
+
+def _snapshot_on(text: str | None) -> tuple[re.Pattern[bytes] | None, bool]:
+    """--snapshot-on REGEX[,stop]: (the pattern, whether to stop after)."""
+    if text is None:
+        return None, False
+    stop = text.endswith(",stop")
+    pattern = text[: -len(",stop")] if stop else text
+    try:
+        return re.compile(pattern.encode()), stop
+    except re.error as error:
+        raise ConfigError(f"--snapshot-on {text!r}: {pattern!r} is not a valid regular expression: {error}")
 
 
 def _sandbox_options(no_sandbox: bool, option_user: str | None, user: str | None):
@@ -466,6 +536,91 @@ for _name, _help, _wait in (
     ("resume", "Let a paused VM run again.", ()),
 ):
     ctl.command(_name, help=_help)(_ctl_simple(_name, _wait))
+
+
+@ctl.command("snapshot")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--stop", is_flag=True, help="Stop the VM once the snapshot is written (its run exits with status 0).")
+@click.pass_context
+def ctl_snapshot(ctx, file, stop) -> None:
+    """Write the whole VM to FILE: RAM, vCPUs, devices (docs/SNAPSHOTS.md).
+
+    The guest pauses while it is written, then runs on (or stops, with
+    --stop). FILE appears only once the snapshot is complete; `pyvmm run
+    --restore FILE` resumes the guest from it."""
+    from .control.server import ControlClient, ControlConnectionError, ControlError
+    from .core.runtime import RuntimeDirError, control_socket_path
+
+    # Written beside FILE under another name, then renamed: FILE is never half a
+    # snapshot, and a VM restored from an older FILE keeps mapping its own copy.
+    partial = file.parent / f".{file.name}.{os.getpid()}.partial"
+    try:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise click.ClickException(f"{partial}: {error.strerror}")
+    done = False
+    try:
+        try:
+            client = ControlClient(control_socket_path(ctx.obj["name"]), timeout=ctx.obj["timeout"])
+        except (ControlConnectionError, ControlError, RuntimeDirError, OSError) as error:
+            raise click.ClickException(str(error))
+        try:
+            result = client.execute_with_fds("snapshot", [fd], stop=stop)
+        except (ControlError, ControlConnectionError, TimeoutError) as error:
+            raise click.ClickException(str(error))
+        finally:
+            client.close()
+        os.replace(partial, file)
+        done = True
+    finally:
+        os.close(fd)
+        if not done:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+    if ctx.obj["json"]:
+        click.echo(json.dumps({"file": str(file), **result}, indent=2))
+        return
+    click.echo(f"{file}: {_mib(result['bytes'])} ({_mib(result['data_bytes'])} of it RAM data), written in "
+               f"{result['seconds']:.3f} s{'; the VM stopped' if result.get('stopped') else ''}")
+
+
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"
+
+
+@cli.group("snapshot")
+def snapshot_group() -> None:
+    """Look at snapshot files (pyvmm ctl NAME snapshot writes them)."""
+
+
+@snapshot_group.command("info")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the header as JSON.")
+def snapshot_info(file, as_json) -> None:
+    """Check FILE and say what it holds, and whether this host can restore
+    it (its CPU and KVM; the disks are checked by the restore): exit 1 if not."""
+    from .core.snapfile import open_snapshot
+    from .vmm.snapshot import describe
+
+    try:
+        with open_snapshot(file) as snapshot:
+            info = describe(snapshot)
+    except SnapshotError as error:
+        _fail(str(error))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if isinstance(value, list):
+                click.echo(f"{key}:")
+                for item in value:
+                    click.echo(f"  {item}")
+            else:
+                click.echo(f"{key}: {value}")
+    if info["restorable_here"] is False:
+        sys.exit(EXIT_VMM_ERROR)
 
 
 @ctl.group("xenstore")

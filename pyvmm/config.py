@@ -171,6 +171,13 @@ class VmConfig:
     def firmware_boot(self) -> bool:
         """Whether the guest starts in firmware (no --kernel) rather than in a kernel."""
         return self.kernel is None
+    # --restore FILE: resume the guest of a snapshot instead of booting the
+    # kernel (which a reboot boots); --snapshot-on REGEX[,stop] with
+    # --snapshot-file FILE: write one when the console prints REGEX.
+    restore: Path | None = None
+    snapshot_on: re.Pattern[bytes] | None = None
+    snapshot_stop: bool = False
+    snapshot_file: Path | None = None
 
     @staticmethod
     def limits_from(settings: dict) -> Limits:
@@ -195,7 +202,8 @@ class VmConfig:
         elif self.firmware is not None:
             raise ConfigError("--firmware boots a disk image; it does not go with --kernel")
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd), ("firmware", self.firmware)):
-            if path is None:
+            if path is None or (self.restore is not None and what != "firmware"):
+                # a restored guest needs its kernel only to reboot
                 continue
             if not path.is_file():
                 raise ConfigError(f"{what} {str(path)!r} is not a readable file")
@@ -210,6 +218,8 @@ class VmConfig:
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
         self._validate_devices()
+        if (self.snapshot_on is None) != (self.snapshot_file is None):
+            raise ConfigError("--snapshot-on and --snapshot-file go together")
         if (self.gdb_wait or self.gdb_breakpoints != "int3" or self.gdb_allow_remote) and self.gdb is None:
             raise ConfigError("--gdb-wait, --gdb-breakpoints and --gdb-allow-remote need --gdb tcp:PORT")
         if self.gdb is not None and not self.gdb.is_loopback and not self.gdb_allow_remote:

@@ -16,7 +16,7 @@ from .vcpu_state import RFLAGS_IF, mp_state_name
 
 MAX_VCPU_LINES = 16
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_KVM_RUN_FRAMES = (("kvm/ioctl.py", "ioctl"), ("kvm/vcpu.py", "run"))
+_KVM_RUN_FRAMES = (("kvm/ioctl.py", "ioctl"), ("kvm/vcpu.py", "_enter"))  # Vcpu.run and Vcpu.settle
 _HYPERCALL_FILES = ("xen/hv/hypercalls.py",)
 
 

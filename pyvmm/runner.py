@@ -17,6 +17,7 @@ from .core.faults import FaultInjector
 from .core.kept import KEPT, NotKept
 from .kvm import KvmError, KvmUnavailable
 from .core.memory import GuestMemoryError
+from .core.snapshot import SnapshotError
 from .core.stop import StopReason
 from .core.trace import Tracer, open_trace
 from .core.stats import RunStats, format_report, write_json
@@ -33,6 +34,7 @@ STATUS_FOR_REASON = {
     StopReason.WATCHDOG: 7,
     StopReason.TIMEOUT: 124,
     StopReason.DESTROYED: 4,
+    StopReason.SNAPSHOT: 0,
     StopReason.ERROR: 1,
 }
 EXIT_NO_EXPECT = 5
@@ -83,6 +85,70 @@ def _report_stats(config: VmConfig, stats: RunStats, out) -> None:
 
 
 def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector, stats: RunStats | None) -> int:
+    snapshots = _Snapshots(config)  # files opened now, as the user who ran pyvmm, before the sandbox
+    try:
+        return _run_with_sandbox(config, trace, faults, stats, snapshots)
+    finally:
+        snapshots.close()
+
+
+class _Snapshots:
+    """The run's snapshot files: the one --restore resumes (its state read,
+    its RAM mapped by the first boot, then closed) and the one --snapshot-on
+    writes (created or emptied now: the sandbox opens no file later)."""
+
+    def __init__(self, config: VmConfig):
+        self.restore = self.state = None
+        self.out_fd: int | None = None
+        try:
+            if config.restore is not None:
+                from .core.snapfile import open_snapshot
+
+                self.restore = open_snapshot(config.restore)
+                self.state = self.restore.state()
+            if config.snapshot_file is not None:
+                try:
+                    self.out_fd = os.open(config.snapshot_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                          0o600)
+                except OSError as error:
+                    raise RunError(f"--snapshot-file {str(config.snapshot_file)!r}: {error.strerror}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def keep_kernel(self, config: VmConfig) -> None:
+        """A restored guest's reboot boots the kernel it was booted with:
+        under the sandbox it is read now, to be kept (KEPT is active), and
+        its parser imported. A kernel gone or changed since only warns: the
+        guest runs without it until it reboots."""
+        if self.restore is None:
+            return
+        from .boot.loader import check_kernel
+
+        try:
+            check_kernel(config.kernel, config.initrd)
+        except BootError as error:
+            log.warning("the restored guest cannot reboot: its kernel: %s", error)
+
+    def restored(self) -> None:
+        """The first boot has mapped what it needs of the snapshot."""
+        if self.restore is not None:
+            self.restore.close()
+            self.restore = self.state = None
+
+    def take_out_fd(self) -> int | None:
+        fd, self.out_fd = self.out_fd, None
+        return fd
+
+    def close(self) -> None:
+        self.restored()
+        fd = self.take_out_fd()
+        if fd is not None:
+            os.close(fd)
+
+
+def _run_with_sandbox(config: VmConfig, trace: Tracer, faults: FaultInjector, stats: RunStats | None,
+                      snapshots: "_Snapshots") -> int:
     sandbox = None
     if config.sandbox is not None and config.sandbox.enabled:
         # First, while the VMM is one thread: the monitor is forked here.
@@ -91,25 +157,33 @@ def _run_sandboxed(config: VmConfig, trace: Tracer, faults: FaultInjector, stats
         sandbox = Sandbox(config.sandbox)
         sandbox.start()
         KEPT.activate()
+        snapshots.keep_kernel(config)
         if config.xen and config.xenstore_socket is None:
             # Named once: a reboot under the sandbox cannot look at the runtime directory.
             from .core.runtime import xenstore_socket_path
 
             config = dataclasses.replace(config, xenstore_socket=xenstore_socket_path(config.name))
     try:
-        return _run(config, sandbox, trace, faults, stats)
+        return _run(config, sandbox, trace, faults, stats, snapshots)
     finally:
         if sandbox is not None:
             sandbox.finish(KEPT.close())
 
 
-def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats: RunStats | None) -> int:
+def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats: RunStats | None,
+         snapshots: "_Snapshots") -> int:
     from .vmm.builder import MachineBuilder
     from .vmm.machine import Machine
 
     watchers = []
     if config.expect is not None:
         watchers.append(ExpectWatcher(config.expect, lambda: machine_holder[0].request_stop(StopReason.EXPECT_MATCHED)))
+    if config.snapshot_on is not None:
+        def at_marker() -> None:  # a vCPU's thread, or the event thread: the snapshot is the event thread's
+            machine = machine_holder[0]
+            machine.loop.call_soon_threadsafe(lambda: _snapshot_at_marker(config, machine, snapshots))
+
+        watchers.append(ExpectWatcher(config.snapshot_on, at_marker))
     console = ConsoleOutput(_open_serial_output(config), watchers)
     deadline = time.monotonic() + config.timeout if config.timeout else None
     stop_signal: list[int] = []
@@ -138,7 +212,12 @@ def _run(config: VmConfig, sandbox, trace: Tracer, faults: FaultInjector, stats:
     run_counts = {"reboots": 0, "triple_faults": 0}
     try:
         while True:
-            booting = MachineBuilder.for_boot(config, console, trace=trace, faults=faults)
+            if snapshots.restore is not None:
+                booting = MachineBuilder.from_snapshot(snapshots.restore, config, console, trace=trace, faults=faults,
+                                                       state=snapshots.state)
+                snapshots.restored()
+            else:
+                booting = MachineBuilder.for_boot(config, console, trace=trace, faults=faults)
             faults.use_loop(booting.loop)
             if control is None:
                 control = _start_control_server(config, booting, machine_holder)
@@ -193,6 +272,29 @@ def _boots_again(config: VmConfig, reason: StopReason) -> bool:
     return reason in RESETS or (reason is StopReason.WATCHDOG and config.on_watchdog == "restart")
 
 
+def _snapshot_at_marker(config: VmConfig, machine, snapshots: "_Snapshots") -> None:
+    """--snapshot-on: the console printed the marker (event thread)."""
+    from .core.snapshot import SnapshotError
+
+    fd = snapshots.take_out_fd()
+    if fd is None or machine.stop_reason is not None:
+        if fd is not None:
+            os.close(fd)
+        return
+    try:
+        summary = machine.snapshot_to(fd, stop=config.snapshot_stop)
+    except SnapshotError as error:
+        log.error("--snapshot-on: no snapshot written to %s: %s", config.snapshot_file, error)
+        if config.snapshot_stop:
+            machine.request_stop(StopReason.ERROR, detail="snapshot failed")
+        return
+    finally:
+        os.close(fd)
+    sys.stderr.write(f"pyvmm: snapshot written to {config.snapshot_file} ({summary['bytes']} bytes, "
+                     f"{summary['data_bytes']} of RAM data, in {summary['seconds']:.3f} s)\n")
+    sys.stderr.flush()
+
+
 def _unused_subsystems(config: VmConfig) -> tuple[str, ...]:
     """What this run never imports after the sandbox's lockdown, so
     preload() leaves it out (pyvmm/sandbox.py)."""
@@ -229,6 +331,9 @@ def _exit_status(config: VmConfig, reason: StopReason, stop_signal: list[int]) -
     # A triple fault keeps its own status under --expect: it says more than
     # "the pattern never came".
     if config.expect is not None and reason in (StopReason.POWEROFF, StopReason.REBOOT):
+        return EXIT_NO_EXPECT
+    # As --expect: a run that was to stop at its snapshot ended without the marker.
+    if config.snapshot_on is not None and config.snapshot_stop and reason in (StopReason.POWEROFF, StopReason.REBOOT):
         return EXIT_NO_EXPECT
     return STATUS_FOR_REASON[reason]
 
@@ -268,7 +373,7 @@ def _open_serial_output(config: VmConfig):
 
 def describe_failure(error: BaseException) -> str | None:
     """A one-line message for failures a user can act on; None for bugs."""
-    if isinstance(error, (KvmUnavailable, RunError)):
+    if isinstance(error, (KvmUnavailable, RunError, SnapshotError)):
         return str(error)
     from .sandbox import SandboxError
 

@@ -12,12 +12,23 @@
  *   action=h   cli; hlt forever (a CPU that can never run again)
  *   action=p   report a panic on the pvpanic port, then cli; hlt
  *   action=l   loop forever (only --timeout stops it), counting in spin_count
+ *   action=c   count in spin_count to COUNT_END, reading COM1's scratch
+ *              register at each step (an exit to the VMM: the count goes at
+ *              the VMM's pace on any host), printing "count N" at every
+ *              multiple of COUNT_STEP, then power off: what a snapshot
+ *              restored mid-way must finish from where it was
+ *   action=f   fill the RAM above 2 MiB (of the memory map's entry that
+ *              holds 1 MiB) with 0x5a, then count as action=c: a guest
+ *              whose memory is all data, for snapshot timings
  *
  * The constants must match pyvmm/layout.py (a unit test checks them).
  */
 
 #define COM1_PORT           0x3f8
 #define COM1_LSR            (COM1_PORT + 5)
+#define COM1_SCR            (COM1_PORT + 7)
+#define COUNT_STEP          1024
+#define COUNT_END           (64 * COUNT_STEP)
 #define LSR_THRE            0x20
 #define ACPI_PM1A_CNT_BLK   0x604
 #define ACPI_S5_SLP_TYP     5
@@ -29,7 +40,11 @@
 /* hvm_start_info field offsets */
 #define SI_VERSION          4
 #define SI_CMDLINE          24
+#define SI_MEMMAP_PADDR     40
 #define SI_MEMMAP_ENTRIES   48
+#define MEMMAP_ENTRY_SIZE   24                  /* addr u64, size u64, type u32, reserved u32 */
+#define MEMMAP_TYPE_RAM     1
+#define FILL_START          0x200000
 
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 
@@ -85,6 +100,10 @@ pvh_start:
         je      report_panic
         cmpb    $'l', %al
         je      loop_forever
+        cmpb    $'c', %al
+        je      count_up
+        cmpb    $'f', %al
+        je      fill_memory
         jmp     poweroff
 
 loop_forever:
@@ -94,6 +113,58 @@ spin:
         incl    spin_count              /* a host test watches it stop while paused */
         pause
         jmp     spin
+
+fill_memory:
+        movl    SI_MEMMAP_PADDR(%ebx), %esi    /* below 4 GiB */
+        movl    SI_MEMMAP_ENTRIES(%ebx), %ecx
+fill_find:
+        testl   %ecx, %ecx
+        jz      count_up                        /* no such entry: nothing to fill */
+        cmpl    $MEMMAP_TYPE_RAM, 16(%esi)
+        jne     fill_next
+        cmpl    $0x100000, (%esi)
+        ja      fill_next
+        movl    (%esi), %edx
+        addl    8(%esi), %edx                   /* the entry's end */
+        cmpl    $0x100000, %edx
+        jbe     fill_next
+        cmpl    $FILL_START, %edx
+        jbe     count_up
+        movl    $FILL_START, %edi
+        movl    %edx, %ecx
+        subl    %edi, %ecx
+        shrl    $2, %ecx
+        movl    $0x5a5a5a5a, %eax
+        rep stosl
+        movl    $msg_filled, %esi
+        call    puts
+        jmp     count_up
+fill_next:
+        addl    $MEMMAP_ENTRY_SIZE, %esi
+        decl    %ecx
+        jmp     fill_find
+
+count_up:
+        movl    $msg_counting, %esi
+        call    puts
+count_step:
+        incl    spin_count
+        movw    $COM1_SCR, %dx
+        inb     %dx, %al                /* an exit to the VMM at every step */
+        movl    spin_count, %eax
+        testl   $(COUNT_STEP - 1), %eax
+        jnz     count_step
+        movl    $msg_count, %esi
+        call    puts
+        movl    spin_count, %eax
+        call    putdec
+        movb    $'\n', %al
+        call    putc
+        cmpl    $COUNT_END, spin_count
+        jb      count_step
+        movl    $msg_counted, %esi
+        call    puts
+        jmp     poweroff
 
 triple_fault:
         movl    $msg_triple, %esi
@@ -208,6 +279,10 @@ msg_triple:     .asciz "pyvmm-pvh-test: triple fault\n"
 msg_panic:      .asciz "pyvmm-pvh-test: pvpanic\n"
 msg_halt:       .asciz "pyvmm-pvh-test: halting with interrupts off\n"
 msg_loop:       .asciz "pyvmm-pvh-test: looping forever\n"
+msg_counting:   .asciz "pyvmm-pvh-test: counting\n"
+msg_filled:     .asciz "pyvmm-pvh-test: memory filled\n"
+msg_count:      .asciz "pyvmm-pvh-test: count "
+msg_counted:    .asciz "pyvmm-pvh-test: counted, powering off\n"
 action_key:     .asciz "action="
         .balign 8
 empty_idt:      .word 0                 /* limit 0: no vector can be delivered */

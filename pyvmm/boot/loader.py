@@ -12,10 +12,10 @@ import os
 from pyvmm.core.kept import KEPT
 from pyvmm.core.memory import GuestMemoryError
 
-from .bzimage import is_bzimage, load_bzimage
+from .bzimage import is_bzimage, load_bzimage, parse_setup_header
 from .cpustate import BootCpuState
 from .errors import BootError
-from .pvh import is_elf, load_pvh
+from .pvh import is_elf, load_pvh, parse_pvh_elf
 
 # Leading bytes of files people pass by mistake, to say what we saw.
 _KNOWN_MAGICS = [
@@ -86,4 +86,22 @@ def load_kernel(
         raise BootError(f"{os.fspath(kernel_path)}: {exc}") from None
     except GuestMemoryError as exc:
         # The memory map promised RAM the guest memory does not have.
+        raise BootError(f"{os.fspath(kernel_path)}: {exc}") from None
+
+
+def check_kernel(kernel_path, initrd_path) -> None:
+    """Read and parse the kernel (and read the initrd) as load_kernel()
+    does, loading nothing; BootError if it could not boot. A restored guest
+    has not booted its kernel, which a reboot of it will: under the sandbox,
+    this opens the files to be kept and imports the parser while it still
+    may (pyvmm/core/kept.py, pyvmm/sandbox.py)."""
+    image = _read(kernel_path, "kernel")
+    if initrd_path:
+        _read(initrd_path, "initrd")
+    try:
+        if detect_format(image) == "pvh-elf":
+            parse_pvh_elf(image)
+        else:
+            parse_setup_header(image)
+    except BootError as exc:
         raise BootError(f"{os.fspath(kernel_path)}: {exc}") from None

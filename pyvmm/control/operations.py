@@ -6,12 +6,14 @@ docs/CONTROL.md) and returns a JSON-able result or raises ControlError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING, Callable
 
 from .server import ControlError
 from ..core.faults import FaultSpecError
+from ..core.snapshot import SnapshotError
 from ..core.stop import StopReason
 
 if TYPE_CHECKING:
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 COMMAND_NAMES = (
     "status", "diagnose", "shutdown", "reboot", "destroy", "pause", "resume",
     "xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm", "evtchn-list",
-    "fault-add", "fault-list", "fault-clear", "xenbus-state", "mem-set", "mem-info",
+    "fault-add", "fault-list", "fault-clear", "xenbus-state", "mem-set", "mem-info", "snapshot",
 )
 
 MEM_SET_MIN = 1 << 20  # below a MiB no guest runs: surely a unit mistake
@@ -44,6 +46,7 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
             "pid": os.getpid(),
             "xenstore_socket": str(machine.xenstore_socket_path) if machine.xenstore_socket_path else None,
             "kernel": str(config.kernel) if config.kernel is not None else None,
+            "restored_from": str(config.restore) if config.restore is not None else None,
             "reboots": machine.run_counts["reboots"],
             "triple_faults": machine.run_counts["triple_faults"],
         }
@@ -187,6 +190,45 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         return {"memory": machine.config.memory, "target": None if target is None else target << 10,
                 "ballooned": ballooned << 12, "present": machine.config.memory - (ballooned << 12)}
 
+    def snapshot(args: dict) -> dict:
+        """Write the whole VM into the file sent with the request (or `path`)."""
+        stop = args.get("stop", False)
+        if not isinstance(stop, bool):
+            raise ControlError("InvalidArgument", "'stop' must be true or false")
+        path = args.get("path")
+        if path is not None and (not isinstance(path, str) or not path):
+            raise ControlError("InvalidArgument", "'path' must be a non-empty string")
+        fd = machine.control.take_fd() if machine.control is not None else None
+        if (fd is None) == (path is None):
+            if fd is not None:
+                os.close(fd)
+            raise ControlError("InvalidArgument", "give the snapshot's file either as a descriptor sent with the "
+                                                  "request (SCM_RIGHTS: pyvmm ctl NAME snapshot FILE does) or as "
+                                                  "'path', not both")
+        if machine.stop_reason is not None:
+            if fd is not None:
+                os.close(fd)
+            raise ControlError("InvalidState", "the VM is stopping")
+        created = fd is None
+        if created:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except PermissionError:
+                raise ControlError("InvalidArgument", f"{path}: the VMM may not create it (its sandbox opens no "
+                                                      "file once the guest runs): send a descriptor instead, as "
+                                                      "pyvmm ctl NAME snapshot FILE does") from None
+            except OSError as error:
+                raise ControlError("InvalidArgument", f"{path}: {error.strerror}") from None
+        try:
+            return machine.snapshot_to(fd, stop=stop)
+        except SnapshotError as error:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise ControlError("SnapshotError", str(error)) from None
+        finally:
+            os.close(fd)
+
     return {
         "status": status,
         "mem-set": mem_set,
@@ -206,5 +248,6 @@ def machine_commands(machine: "Machine") -> dict[str, Callable[[dict], object]]:
         "fault-list": lambda args: machine.faults.rules(),
         "fault-clear": fault_clear,
         "xenbus-state": xenbus_state,
+        "snapshot": snapshot,
     }
 

@@ -47,6 +47,7 @@ from ..core.unix_server import Client, UnixStreamServer
 log = logging.getLogger(__name__)
 
 LINE_MAX = 64 * 1024            # a request line longer than this is refused
+MAX_FDS = 4                     # file descriptors a connection may have waiting for a command
 OUTPUT_LIMIT = 4 * 1024 * 1024  # a client with more unsent output is disconnected
 MAX_CLIENTS = 64
 _RECV_SIZE = 64 * 1024
@@ -62,6 +63,7 @@ INTERNAL_ERROR = "InternalError"
 UNSUPPORTED = "Unsupported"
 INVALID_STATE = "InvalidState"
 XENSTORE_ERROR = "XenstoreError"
+SNAPSHOT_ERROR = "SnapshotError"
 
 _REQUEST_KEYS = frozenset({"execute", "arguments", "id"})
 
@@ -120,6 +122,7 @@ class _Client(Client):
     outbuf: bytearray = field(default_factory=bytearray)
     discarding: bool = False     # skipping the rest of an oversized line
     eof: bool = False            # the client has finished sending; close once flushed
+    fds: list = field(default_factory=list)  # descriptors it sent (SCM_RIGHTS), for the command they came with
 
 
 class ControlServer(UnixStreamServer):
@@ -150,6 +153,17 @@ class ControlServer(UnixStreamServer):
         super().__init__(path, loop)
         self._commands = dict(commands)
         self._greeting = dict(greeting)
+        self._answering: _Client | None = None  # whose request a command is running for
+
+    def take_fd(self) -> int | None:
+        """For a command, while it runs: a file descriptor its client sent
+        with the request (SCM_RIGHTS), now the command's to close; None if
+        none came. A client's descriptors that no command takes are closed
+        once its request lines are answered."""
+        client = self._answering
+        if client is None or not client.fds:
+            return None
+        return client.fds.pop(0)
 
     def close(self, flush_timeout: float = 0.5) -> None:
         """Stop listening, unlink the socket, give clients up to
@@ -198,6 +212,24 @@ class ControlServer(UnixStreamServer):
     def _disconnected(self, client: _Client) -> None:
         client.inbuf.clear()
         client.outbuf.clear()
+        self._close_fds(client)
+
+    @staticmethod
+    def _close_fds(client: _Client) -> None:
+        fds, client.fds = client.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _receive(self, client: _Client) -> bytes:
+        data, fds, _, _ = socket.recv_fds(client.sock, self.read_size, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+        if fds:
+            client.fds += fds
+            while len(client.fds) > MAX_FDS:
+                os.close(client.fds.pop(0))
+        return data
 
     def _eof(self, client: _Client) -> None:
         # Answer what was sent before the end; _flushed closes the connection after.
@@ -212,6 +244,13 @@ class ControlServer(UnixStreamServer):
     # -- requests --------------------------------------------------------------
 
     def _received(self, client: _Client, data: bytes) -> None:
+        try:
+            self._received_lines(client, data)
+        finally:
+            if not client.inbuf:  # every line answered: what no command took is closed
+                self._close_fds(client)
+
+    def _received_lines(self, client: _Client, data: bytes) -> None:
         start = 0
         while not client.closed:
             newline = data.find(b"\n", start)
@@ -245,7 +284,11 @@ class ControlServer(UnixStreamServer):
                                         f"request line longer than {LINE_MAX} bytes", None, False))
 
     def _request(self, client: _Client, line: bytes) -> None:
-        reply = self._answer(line)
+        self._answering = client
+        try:
+            reply = self._answer(line)
+        finally:
+            self._answering = None
         if reply is not None:
             self._send(client, reply)
 
@@ -391,12 +434,17 @@ class ControlClient:
 
     def execute(self, command: str, /, **arguments) -> Any:
         """Run `command` and return its result; an error reply raises ControlError."""
+        return self.execute_with_fds(command, [], **arguments)
+
+    def execute_with_fds(self, command: str, fds: list[int], /, **arguments) -> Any:
+        """execute(), the request carrying open file descriptors `fds` (SCM_RIGHTS):
+        `snapshot` writes into the file its client opened."""
         request_id = self._next_id
         self._next_id += 1
         request: dict = {"execute": command, "id": request_id}
         if arguments:
             request["arguments"] = arguments
-        self._send_line(_encode_json(request))
+        self._send_line(_encode_json(request), fds)
         deadline = self._deadline(self.timeout)
         while True:
             message = self._read_message(deadline)
@@ -449,9 +497,14 @@ class ControlClient:
     def _deadline(timeout: float | None) -> float | None:
         return None if timeout is None else time.monotonic() + timeout
 
-    def _send_line(self, data: bytes) -> None:
+    def _send_line(self, data: bytes, fds: list[int] = ()) -> None:
         try:
             self._sock.settimeout(self.timeout)
+            if fds:
+                # The descriptors ride on the first byte of the line (as the
+                # server reads them, before the line is complete).
+                sent = socket.send_fds(self._sock, [data], list(fds))
+                data = data[sent:]
             self._sock.sendall(data)
         except socket.timeout:
             raise TimeoutError(f"timed out sending to {self.path}") from None

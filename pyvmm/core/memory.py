@@ -1,9 +1,18 @@
-"""Guest physical memory: RAM regions backed by anonymous shared mappings.
+"""Guest physical memory: RAM regions backed by private mappings.
 
 Every access is checked against the whole range [gpa, gpa + length): an access
 that runs past the end of RAM fails with GuestMemoryError, it is never
 silently truncated. An access may span adjacent regions only when they are
 physically contiguous; the 32-bit PCI hole is not RAM.
+
+A fresh boot's RAM is anonymous memory; a restored VM's is mapped from its
+snapshot file (`GuestMemory.from_file`), privately: pages are read from the
+file when the guest first touches them and copied when it first writes them,
+so the file is never changed and any number of VMs can map it at once. Both
+are private mappings, whose untouched pages read as the kernel's shared zero
+page (a snapshot reads every page without making the guest any bigger), and
+neither is inherited by a child process (MADV_DONTFORK: a helper started by
+fork-and-exec never shares the guest's pages copy-on-write with it).
 """
 
 from __future__ import annotations
@@ -11,8 +20,13 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import os
+import re
 import struct
+import threading
 from dataclasses import dataclass, field
+
+_PRIVATE = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)  # a 4 GiB guest costs only the pages it touches
 
 
 class GuestMemoryError(Exception):
@@ -25,6 +39,7 @@ class MemoryRegion:
     size: int
     mapping: mmap.mmap = field(repr=False)
     host_address: int = field(repr=False)
+    anonymous: bool = True  # False: mapped from a file (whose pages may hold data before they are touched)
 
     @property
     def end(self) -> int:
@@ -32,18 +47,90 @@ class MemoryRegion:
 
     @classmethod
     def allocate(cls, gpa: int, size: int) -> "MemoryRegion":
-        if gpa % mmap.PAGESIZE or size % mmap.PAGESIZE or size <= 0:
-            raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
-        # MAP_NORESERVE: a 4 GiB guest costs only the pages it touches.
-        flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        _check_aligned(gpa, size)
+        _open_pagemap()  # now, while files may still be opened (pyvmm/sandbox.py)
+        mapping = mmap.mmap(-1, size, flags=_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return cls._of(gpa, size, mapping, True)
+
+    @classmethod
+    def map_file(cls, gpa: int, size: int, fd: int, offset: int) -> "MemoryRegion":
+        """`size` bytes of file `fd` from `offset` (page aligned), copy-on-write."""
+        _check_aligned(gpa, size)
+        if offset % mmap.PAGESIZE:
+            raise ValueError(f"region {gpa:#x} would start at file offset {offset:#x}, which is not page aligned")
+        _open_pagemap()  # for a reboot's fresh RAM, after the sandbox's lockdown
+        mapping = mmap.mmap(fd, size, flags=_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        return cls._of(gpa, size, mapping, False)
+
+    @classmethod
+    def _of(cls, gpa: int, size: int, mapping: mmap.mmap, anonymous: bool) -> "MemoryRegion":
+        if hasattr(mmap, "MADV_DONTFORK"):
+            mapping.madvise(mmap.MADV_DONTFORK)
         address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        return cls(gpa, size, mapping, address)
+        return cls(gpa, size, mapping, address, anonymous)
+
+    def touched_runs(self):
+        """(start, end) offsets of the runs of pages that may hold anything
+        but zeros: for anonymous memory, the pages the process's page
+        tables hold or that are swapped out (/proc/self/pagemap); a page
+        never touched is zero and is never read, so scanning a big idle
+        guest costs no page faults. A file's pages may all hold data."""
+        pagemap = _open_pagemap()
+        if not self.anonymous or pagemap is None:
+            yield 0, self.size
+            return
+        page = mmap.PAGESIZE
+        pages = self.size // page
+        first = self.host_address // page
+        done = 0
+        while done < pages:  # in slices: 8 bytes of pagemap per page
+            count = min(pages - done, 1 << 18)
+            entries = os.pread(pagemap, count * 8, (first + done) * 8)
+            if len(entries) != count * 8:
+                yield done * page, self.size  # cannot tell: all of the rest may hold data
+                return
+            # Bits 63 (present) and 62 (swapped) are in each little-endian entry's last byte.
+            flags = entries[7::8].translate(_PRESENT_OR_SWAPPED)
+            for run in _ONES.finditer(flags):
+                yield (done + run.start()) * page, (done + run.end()) * page
+            done += count
+
+
+_PRESENT_OR_SWAPPED = bytes(1 if byte & 0xC0 else 0 for byte in range(256))
+_ONES = re.compile(b"\x01+")
+_pagemap_lock = threading.Lock()
+_pagemap: list[int | None] = []  # opened once per process: [fd], [None] where it cannot be
+
+
+def _open_pagemap() -> int | None:
+    with _pagemap_lock:
+        if not _pagemap:
+            try:
+                _pagemap.append(os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                _pagemap.append(None)
+        return _pagemap[0]
+
+
+def _check_aligned(gpa: int, size: int) -> None:
+    if gpa % mmap.PAGESIZE or size % mmap.PAGESIZE or size <= 0:
+        raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
 
 
 class GuestMemory:
     def __init__(self, ranges: list[tuple[int, int]]):
-        regions = sorted((MemoryRegion.allocate(g, s) for g, s in ranges), key=lambda r: r.gpa)
+        """Fresh RAM: zeroed anonymous memory for each (gpa, size) range."""
+        self._take([MemoryRegion.allocate(g, s) for g, s in ranges])
+
+    @classmethod
+    def from_file(cls, fd: int, regions: list[tuple[int, int, int]]) -> "GuestMemory":
+        """RAM mapped from file `fd`: each (gpa, size, file offset), copy-on-write."""
+        memory = cls.__new__(cls)
+        memory._take([MemoryRegion.map_file(g, s, fd, o) for g, s, o in regions])
+        return memory
+
+    def _take(self, regions: list[MemoryRegion]) -> None:
+        regions = sorted(regions, key=lambda r: r.gpa)
         for a, b in zip(regions, regions[1:]):
             if a.end > b.gpa:
                 raise ValueError(f"RAM regions {a.gpa:#x} and {b.gpa:#x} overlap")
@@ -137,6 +224,13 @@ class GuestMemory:
 
     def write_struct(self, gpa: int, fmt: str, *values) -> None:
         self.write(gpa, struct.pack(fmt, *values))
+
+    def gpa_of_host_address(self, address: int) -> int | None:
+        """The guest-physical address a host address inside RAM stands for."""
+        for region in self.regions:
+            if region.host_address <= address < region.host_address + region.size:
+                return region.gpa + (address - region.host_address)
+        return None
 
     def host_address(self, gpa: int) -> int:
         """Host virtual address of guest-physical `gpa` (for KVM and iovecs)."""

@@ -46,9 +46,18 @@ The parts that must keep the contract are `STATEFUL` below (and in
 docs/ARCHITECTURE.md); tests/unit/core/test_snapshot.py checks that each of
 them declares both methods. A part that does not implement them yet says so
 by deriving from `SavesNoStateYet`, whose methods raise: a snapshot of a VM
-that holds one fails loudly instead of leaving its state out. Saving and
-restoring a whole VM is the snapshot and restore issue's; the machine's side
-waits in `MachineBuilder.from_snapshot` (pyvmm/vmm/builder.py).
+that holds one fails loudly instead of leaving its state out.
+
+A whole VM is saved and restored by the machine (pyvmm/vmm/snapshot.py,
+docs/SNAPSHOTS.md), through the parts `Machine.stateful_parts()` names
+(the PC devices, and the Xen domain, which calls its own parts). A part
+may also have `finish_restore()`: the machine calls it after every part's
+restore_state() and after KVM's own state (vCPUs, clock, KVM's Xen
+attributes) is back, before any vCPU runs, for what needs KVM first. And
+`resume_after_save()`: a part that keeps something still after its
+save_state() (so that guest RAM does not change before the machine has
+saved it) is called once the snapshot is written (unless the VM stops),
+or when the snapshot fails after the part was saved.
 """
 
 from __future__ import annotations

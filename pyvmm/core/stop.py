@@ -22,4 +22,5 @@ class StopReason(enum.Enum):
     TIMEOUT = "timeout"
     QUIT = "quit"  # the operator asked (console escape, signal)
     DESTROYED = "destroyed"  # `pyvmm ctl NAME destroy`
+    SNAPSHOT = "snapshot"  # stopped once a snapshot was written (`ctl NAME snapshot --stop`, `--snapshot-on RE,stop`)
     ERROR = "error"  # the VMM failed

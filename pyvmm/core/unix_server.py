@@ -8,6 +8,8 @@ subclass supplies the protocol through a few hooks:
 
     _new_client(sock)        the per-connection state (a Client subclass)
     _connected(client)       a connection was accepted
+    _receive(client)         read what the client sent (default: recv; the
+                             control socket also takes file descriptors)
     _received(client, data)  bytes arrived (the output is flushed after it)
     _eof(client)             the client finished sending (default: drop it)
     _disconnected(client)    the client is being dropped: release its state
@@ -134,6 +136,9 @@ class UnixStreamServer:
     def _connected(self, client: Client) -> None:
         pass
 
+    def _receive(self, client: Client) -> bytes:
+        return client.sock.recv(self.read_size)
+
     def _received(self, client: Client, data: bytes) -> None:
         raise NotImplementedError
 
@@ -224,7 +229,7 @@ class UnixStreamServer:
             return
         try:
             try:
-                data = client.sock.recv(self.read_size)
+                data = self._receive(client)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:

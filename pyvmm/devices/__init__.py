@@ -41,3 +41,73 @@ def write_bytewise(write_byte: Callable[[int, int], None], offset: int, size: in
     """Write `size` consecutive byte registers starting at `offset`, low byte first."""
     for i in range(access_size(size)):
         write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+
+
+# --- reading a saved state (pyvmm/core/snapshot.py) --------------------------------------
+
+
+class SavedState:
+    """A device's saved state, read field by field: each read checks the
+    field's type and range and raises SnapshotError naming the device and
+    the field, so a damaged or foreign state never reaches a register."""
+
+    def __init__(self, kind: str, state: dict, newest: int):
+        from ..core.snapshot import check_version
+
+        self.kind = kind
+        self.version = check_version(state, kind, newest)
+        self._state = state
+
+    def fail(self, message: str):
+        from ..core.snapshot import SnapshotError
+
+        raise SnapshotError(f"{self.kind}: {message}")
+
+    def _get(self, key: str):
+        if key not in self._state:
+            self.fail(f"the saved state has no {key!r}")
+        return self._state[key]
+
+    def int(self, key: str, low: int, high: int) -> int:
+        value = self._get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            self.fail(f"{key} is {value!r}, not a whole number from {low} to {high}")
+        return value
+
+    def optional_int(self, key: str, low: int, high: int) -> int | None:
+        return None if self._get(key) is None else self.int(key, low, high)
+
+    def bool(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            self.fail(f"{key} is {value!r}, not true or false")
+        return value
+
+    def float(self, key: str) -> float:
+        value = self._get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) > 1e12:
+            self.fail(f"{key} is {value!r}, not a number")
+        return float(value)
+
+    def optional_float(self, key: str) -> float | None:
+        return None if self._get(key) is None else self.float(key)
+
+    def bytes(self, key: str, length: int | None = None, maximum: int | None = None) -> bytes:
+        value = self._get(key)
+        try:
+            data = bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            data = None
+        if data is None:
+            self.fail(f"{key} is not hex text")
+        if length is not None and len(data) != length:
+            self.fail(f"{key} has {len(data)} bytes, not {length}")
+        if maximum is not None and len(data) > maximum:
+            self.fail(f"{key} has {len(data)} bytes, more than {maximum}")
+        return data
+
+    def list(self, key: str, maximum: int) -> list:
+        value = self._get(key)
+        if not isinstance(value, list) or len(value) > maximum:
+            self.fail(f"{key} is not a list of at most {maximum} entries")
+        return value

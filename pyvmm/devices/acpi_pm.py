@@ -31,7 +31,8 @@ from ..core import layout
 from ..core.bus import IrqLine
 from . import read_bytewise, write_bytewise
 from ..core.ratelimit import DEFAULT_LOG_RATE, LogRate
-from ..core.snapshot import SavesNoStateYet
+from ..core.snapshot import versioned
+from . import SavedState
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ CNT_STORED = CNT_BM_RLD | CNT_SLP_TYP_MASK
 
 PM_TIMER_HZ = 3_579_545
 PM_TIMER_MASK = 0xFF_FFFF
+STATE_VERSION = 1
 
 
-class AcpiPm(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class AcpiPm:
     """`monotonic_ns()` drives the PM timer (time.monotonic_ns by default)."""
 
     def __init__(
@@ -139,6 +141,32 @@ class AcpiPm(SavesNoStateYet):  # until its save_state() is written (core/snapsh
         """Signal the fixed-feature power button (an orderly shutdown request)."""
         with self._lock:
             self._status |= STS_PWRBTN
+            self._update_sci()
+
+    # --- snapshot (pyvmm/core/snapshot.py) -----------------------------------
+
+    def save_state(self) -> dict:
+        """PM1 status, enable and control, and the PM timer as the time it
+        has counted (it goes on from there when restored, in another
+        process whose monotonic clock has another origin)."""
+        with self._lock:
+            return versioned(STATE_VERSION, status=self._status, enable=self._enable, control=self._control,
+                             timer_ns=self._monotonic_ns() - self._epoch)
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState("AcpiPm", state, STATE_VERSION)
+        status = saved.int("status", 0, 0xFFFF)
+        enable = saved.int("enable", 0, EN_WRITABLE)
+        if enable & ~EN_WRITABLE:
+            saved.fail(f"enable {enable:#x} sets bits the guest cannot")
+        control = saved.int("control", 0, CNT_STORED)
+        if control & ~CNT_STORED:
+            saved.fail(f"control {control:#x} holds bits that are never stored")
+        timer_ns = saved.int("timer_ns", 0, 1 << 63)
+        with self._lock:
+            self._status, self._enable, self._control = status, enable, control
+            self._epoch = self._monotonic_ns() - timer_ns
+            self._sci_level = False
             self._update_sci()
 
     # --- internals (lock held) ---------------------------------------------

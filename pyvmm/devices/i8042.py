@@ -23,8 +23,8 @@ from typing import Callable
 from ..core import layout
 from ..core.bus import IrqLine
 from ..core.ratelimit import DEFAULT_LOG_RATE, LogRate
-from . import read_bytewise, write_bytewise
-from ..core.snapshot import SavesNoStateYet
+from . import SavedState, read_bytewise, write_bytewise
+from ..core.snapshot import versioned
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ CMD_WRITE_AUX_BUFFER = 0xD3
 CMD_WRITE_AUX = 0xD4
 
 OUTPUT_QUEUE_LIMIT = 16
+STATE_VERSION = 1
 
 
-class I8042(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class I8042:
     """The controller. The two ports are not adjacent (0x61 is someone
     else's), so it is registered twice, one port each:
     `bus.register(DATA_PORT, 1, kbc.data_port())` and
@@ -123,6 +124,38 @@ class I8042(SavesNoStateYet):  # until its save_state() is written (core/snapsho
         if reset:
             self._limited.info("i8042: guest pulsed the reset line")
             self._on_reset()
+
+    # --- snapshot (pyvmm/core/snapshot.py) -----------------------------------------
+
+    def save_state(self) -> dict:
+        """The controller's RAM (the command byte first), the output port,
+        the last port written, a command waiting for its parameter and the
+        bytes waiting in the output buffer; the interrupt lines follow."""
+        with self._lock:
+            return versioned(STATE_VERSION, ram=bytes(self._ram).hex(), output_port=self._output_port,
+                             status_cmd=self._status_cmd, pending_command=self._pending_command,
+                             queue=[[value, aux, timeout] for value, aux, timeout in self._queue])
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState("I8042", state, STATE_VERSION)
+        ram = bytearray(saved.bytes("ram", len(self._ram)))
+        output_port = saved.int("output_port", 0, 0xFF)
+        status_cmd = saved.int("status_cmd", 0, STATUS_CMD)
+        if status_cmd not in (0, STATUS_CMD):
+            saved.fail(f"status_cmd {status_cmd:#x} is neither 0 nor {STATUS_CMD:#x}")
+        pending = saved.optional_int("pending_command", 0, 0xFF)
+        queue = collections.deque()
+        for entry in saved.list("queue", OUTPUT_QUEUE_LIMIT):
+            if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], int)
+                    or isinstance(entry[0], bool) or not 0 <= entry[0] <= 0xFF
+                    or not all(isinstance(flag, bool) for flag in entry[1:])):
+                saved.fail(f"an output buffer entry is {entry!r}, not [byte, from_aux, timeout]")
+            queue.append((entry[0], entry[1], entry[2]))
+        with self._lock:
+            self._ram, self._output_port, self._status_cmd = ram, output_port, status_cmd
+            self._pending_command, self._queue = pending, queue
+            self._levels = [False, False]
+            self._update_irqs()
 
     # --- internals (lock held) ---------------------------------------------------
 

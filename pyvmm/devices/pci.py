@@ -25,8 +25,8 @@ from typing import Callable
 
 from ..core import layout
 from ..core.bus import Bus, BusError, Claim, IrqLine
-from . import all_ones
-from ..core.snapshot import SavesNoStateYet
+from . import SavedState, all_ones
+from ..core.snapshot import versioned
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ CLASS_HOST_BRIDGE = 0x06_00_00
 # (fw_cfg, its own PCI set-up and tables) only when 00:00.0 carries it.
 QEMU_SUBSYSTEM_VENDOR_ID = 0x1AF4
 QEMU_SUBSYSTEM_ID = 0x1100
+
+STATE_VERSION = 1
 
 
 class BarKind(enum.Enum):
@@ -337,7 +339,7 @@ class HostBridge(PciDevice):
                          subsystem_vendor_id=subsystem[0], subsystem_id=subsystem[1])
 
 
-class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class PciHost:
     """Configuration mechanism #1 and the devices of bus 0.
 
     Register it on the PIO bus at layout.PCI_CONFIG_ADDRESS_PORT with
@@ -405,6 +407,52 @@ class PciHost(SavesNoStateYet):  # until its save_state() is written (core/snaps
 
     def device(self, slot: int) -> PciDevice | None:
         return self._slots[slot] if 0 <= slot < SLOTS else None
+
+    # --- snapshot (pyvmm/core/snapshot.py) ---------------------------------------
+
+    def save_state(self) -> dict:
+        """The address register and, for each device by slot, its identity,
+        its whole configuration space (COMMAND, BARs as the guest placed
+        them, capabilities) and its INTx pin's level. A device's own
+        registers beyond its configuration space are its own to save."""
+        with self._lock:
+            devices = [{"slot": device.slot, "vendor": device._get(VENDOR_ID, 2), "device": device._get(DEVICE_ID, 2),
+                        "config": bytes(device.config).hex(), "intx": device._intx_level}
+                       for device in self._slots if device is not None]
+            return versioned(STATE_VERSION, address=self._address, devices=devices)
+
+    def restore_state(self, state: dict) -> None:
+        """On a bus built with the same devices in the same slots: each takes
+        back its configuration space, its BARs are mapped where the guest
+        had put them and its INTx line is driven as it was."""
+        saved = SavedState("PciHost", state, STATE_VERSION)
+        address = saved.int("address", 0, ADDRESS_MASK)
+        if address & ~ADDRESS_MASK:
+            saved.fail(f"address {address:#x} sets reserved bits")
+        plan = {}
+        for entry in saved.list("devices", SLOTS):
+            device_state = SavedState("PciHost", {"version": STATE_VERSION, **entry}
+                                      if isinstance(entry, dict) else {"version": STATE_VERSION}, STATE_VERSION)
+            slot = device_state.int("slot", 0, SLOTS - 1)
+            device = self._slots[slot]
+            ids = (device_state.int("vendor", 0, 0xFFFF), device_state.int("device", 0, 0xFFFF))
+            if device is None or (device._get(VENDOR_ID, 2), device._get(DEVICE_ID, 2)) != ids:
+                saved.fail(f"slot {slot} held {ids[0]:04x}:{ids[1]:04x}; this VM has "
+                           f"{'nothing' if device is None else device.name} there")
+            if slot in plan:
+                saved.fail(f"slot {slot} is saved twice")
+            plan[slot] = (device_state.bytes("config", CONFIG_SPACE_SIZE), device_state.bool("intx"))
+        missing = [device.name for device in self._slots if device is not None and device.slot not in plan]
+        if missing:
+            saved.fail(f"this VM has device(s) the snapshot lacks: {', '.join(missing)}")
+        with self._lock:
+            self._address = address
+            for slot, (config, intx) in plan.items():
+                device = self._slots[slot]
+                device.config[:] = config
+                device._intx_level = intx
+                self._update_mappings(device)
+                device._refresh_intx()
 
     # --- BusDevice: the configuration ports ------------------------------------
 

@@ -29,8 +29,8 @@ import time
 from typing import Callable
 
 from ..core.bus import IrqLine
-from . import read_bytewise, write_bytewise
-from ..core.snapshot import SavesNoStateYet
+from . import SavedState, read_bytewise, write_bytewise
+from ..core.snapshot import versioned
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches anything
 UIP_LEAD = 244e-6
 MAX_ALARM_CATCHUP = 3600
 
+STATE_VERSION = 1
+
 # Clamp guest time to what the registers can express (years 1..9999).
 _MIN_TIME = calendar.timegm((1, 1, 1, 0, 0, 0))
 _MAX_TIME = calendar.timegm((9999, 12, 31, 23, 59, 59))
@@ -97,7 +99,7 @@ def _from_bcd(value: int) -> int:
     return (value >> 4) * 10 + (value & 0x0F)
 
 
-class CmosRtc(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+class CmosRtc:
     """The RTC/CMOS. `clock()` returns host UTC time in seconds (time.time)."""
 
     def __init__(self, irq: IrqLine, clock: Callable[[], float] = time.time):
@@ -147,6 +149,38 @@ class CmosRtc(SavesNoStateYet):  # until its save_state() is written (core/snaps
             if b & B_PIE and period:
                 deadlines.append((int(self._last / period) + 1) * period)
             return min(deadlines, default=None)
+
+    # --- snapshot (pyvmm/core/snapshot.py) -----------------------------------
+
+    def save_state(self) -> dict:
+        """The CMOS bytes, the index, the pending flags (brought up to now)
+        and the guest's clock as its offset from the host's UTC clock: a
+        restored RTC keeps telling real time, as a PC's battery-backed clock
+        goes on while the machine is off. A frozen clock (SET, divider
+        reset) keeps its registers and its phase."""
+        with self._lock:
+            self._advance(self._clock())
+            return versioned(STATE_VERSION, cmos=bytes(self._cmos).hex(), index=self._index,
+                             nmi_disabled=self.nmi_disabled, offset=self._offset,
+                             frozen_phase=self._frozen_phase, flags=self._flags)
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState("CmosRtc", state, STATE_VERSION)
+        cmos = bytearray(saved.bytes("cmos", CMOS_SIZE))
+        index = saved.int("index", 0, CMOS_SIZE - 1)
+        nmi_disabled = saved.bool("nmi_disabled")
+        offset = saved.float("offset")
+        frozen_phase = saved.optional_float("frozen_phase")
+        if frozen_phase is not None and not 0.0 <= frozen_phase < 1.0:
+            saved.fail(f"frozen_phase {frozen_phase} is not a fraction of a second")
+        flags = saved.int("flags", 0, C_PF | C_AF | C_UF)
+        with self._lock:
+            self._cmos, self._index, self.nmi_disabled = cmos, index, nmi_disabled
+            self._cmos[REG_A] &= ~A_UIP
+            self._offset, self._frozen_phase, self._flags = offset, frozen_phase, flags
+            self._last = self._clock()
+            self._irq_level = False
+            self._update_irq()
 
     # --- ports (lock held) ---------------------------------------------------
 

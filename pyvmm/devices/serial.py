@@ -26,8 +26,8 @@ import threading
 from typing import Callable
 
 from ..core.bus import IrqLine
-from . import read_bytewise, write_bytewise
-from ..core.snapshot import SavesNoStateYet
+from . import SavedState, read_bytewise, write_bytewise
+from ..core.snapshot import versioned
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,10 @@ MSR_DCD = 0x80
 # a guest using hardware flow control (CRTSCTS) or waiting for carrier sends.
 HOST_MODEM_LINES = MSR_DCD | MSR_DSR | MSR_CTS
 
+STATE_VERSION = 1
 
-class Serial16550(SavesNoStateYet):  # until its save_state() is written (core/snapshot.py)
+
+class Serial16550:
     """A 16550A with its interrupt on `irq` and transmitted bytes to `output`.
 
     `input_wanted`, if given, is called (without the lock held) when the
@@ -159,6 +161,42 @@ class Serial16550(SavesNoStateYet):  # until its save_state() is written (core/s
     def wants_input(self) -> bool:
         with self._lock:
             return not self._mcr & MCR_LOOP and len(self._rx) < self._rx_capacity()
+
+    # --- snapshot (pyvmm/core/snapshot.py) -----------------------------------
+
+    def save_state(self) -> dict:
+        """Registers, the RX FIFO's bytes and the pending THRE event; the
+        interrupt line's level follows from them. Nothing waits to be
+        transmitted: a byte written to THR leaves at once."""
+        with self._lock:
+            return versioned(
+                STATE_VERSION, rx=bytes(self._rx).hex(), ier=self._ier, fifo_enabled=self._fifo_enabled,
+                rx_trigger=self._rx_trigger, lcr=self._lcr, mcr=self._mcr, overrun=self._overrun,
+                msr_delta=self._msr_delta, msr_lines=self._msr_lines, scr=self._scr, dll=self._dll,
+                dlm=self._dlm, thr_pending=self._thr_pending)
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState("Serial16550", state, STATE_VERSION)
+        fifo_enabled = saved.bool("fifo_enabled")
+        rx_trigger = saved.int("rx_trigger", 1, FIFO_SIZE)
+        if rx_trigger not in RX_TRIGGER_LEVELS:
+            saved.fail(f"rx_trigger {rx_trigger} is not one of {RX_TRIGGER_LEVELS}")
+        registers = {
+            "_rx": collections.deque(saved.bytes("rx", maximum=FIFO_SIZE if fifo_enabled else 1)),
+            "_ier": saved.int("ier", 0, IER_MASK), "_fifo_enabled": fifo_enabled, "_rx_trigger": rx_trigger,
+            "_lcr": saved.int("lcr", 0, 0xFF), "_mcr": saved.int("mcr", 0, MCR_MASK),
+            "_overrun": saved.bool("overrun"), "_msr_delta": saved.int("msr_delta", 0, 0x0F),
+            "_msr_lines": saved.int("msr_lines", 0, 0xF0), "_scr": saved.int("scr", 0, 0xFF),
+            "_dll": saved.int("dll", 0, 0xFF), "_dlm": saved.int("dlm", 0, 0xFF),
+            "_thr_pending": saved.bool("thr_pending"),
+        }
+        with self._lock:
+            for name, value in registers.items():
+                setattr(self, name, value)
+            self._tx = bytearray()
+            self._wake_input = False
+            self._irq_level = False
+            self._update_irq()  # a pending interrupt raises the fresh line again
 
     # --- registers (lock held) ---------------------------------------------
 

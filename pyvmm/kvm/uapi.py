@@ -99,6 +99,80 @@ DECLARATIONS = """
         char regs[1024];
     };
 
+    /* --- what a snapshot saves of a vCPU beyond kvm_regs/kvm_sregs ------- */
+    struct kvm_sregs2 {
+        struct kvm_segment cs, ds, es, fs, gs, ss;
+        struct kvm_segment tr, ldt;
+        struct kvm_dtable gdt, idt;
+        uint64_t cr0, cr2, cr3, cr4, cr8;
+        uint64_t efer;
+        uint64_t apic_base;
+        uint64_t flags;
+        uint64_t pdptrs[4];
+    };
+
+    struct kvm_xsave {
+        uint32_t region[1024];
+        uint32_t extra[];
+    };
+
+    struct kvm_xcr {
+        uint32_t xcr;
+        uint32_t reserved;
+        uint64_t value;
+    };
+
+    struct kvm_xcrs {
+        uint32_t nr_xcrs;
+        uint32_t flags;
+        struct kvm_xcr xcrs[16];
+        uint64_t padding[16];
+    };
+
+    struct kvm_vcpu_events {
+        struct {
+            uint8_t injected;
+            uint8_t nr;
+            uint8_t has_error_code;
+            uint8_t pending;
+            uint32_t error_code;
+        } exception;
+        struct {
+            uint8_t injected;
+            uint8_t nr;
+            uint8_t soft;
+            uint8_t shadow;
+        } interrupt;
+        struct {
+            uint8_t injected;
+            uint8_t pending;
+            uint8_t masked;
+            uint8_t pad;
+        } nmi;
+        uint32_t sipi_vector;
+        uint32_t flags;
+        struct {
+            uint8_t smm;
+            uint8_t pending;
+            uint8_t smm_inside_nmi;
+            uint8_t latched_init;
+        } smi;
+        struct {
+            uint8_t pending;
+        } triple_fault;
+        uint8_t reserved[26];
+        uint8_t exception_has_payload;
+        uint64_t exception_payload;
+    };
+
+    struct kvm_debugregs {
+        uint64_t db[4];
+        uint64_t dr6;
+        uint64_t dr7;
+        uint64_t flags;
+        uint64_t reserved[9];
+    };
+
     struct kvm_mp_state {
         uint32_t mp_state;
     };
@@ -175,6 +249,37 @@ DECLARATIONS = """
         uint32_t flags;
         uint64_t args[4];
         uint8_t pad[64];
+    };
+
+    /* The in-kernel PIC and IOAPIC (chip_id KVM_IRQCHIP_*), saved as they are. */
+    struct kvm_irqchip {
+        uint32_t chip_id;
+        uint32_t pad;
+        union {
+            char dummy[512];
+        } chip;
+    };
+
+    struct kvm_pit_channel_state {
+        uint32_t count;
+        uint16_t latched_count;
+        uint8_t count_latched;
+        uint8_t status_latched;
+        uint8_t status;
+        uint8_t read_state;
+        uint8_t write_state;
+        uint8_t write_latch;
+        uint8_t rw_mode;
+        uint8_t mode;
+        uint8_t bcd;
+        uint8_t gate;
+        int64_t count_load_time;
+    };
+
+    struct kvm_pit_state2 {
+        struct kvm_pit_channel_state channels[3];
+        uint32_t flags;
+        uint32_t reserved[9];
     };
 
     struct kvm_clock_data {
@@ -483,6 +588,10 @@ KVM_IOEVENTFD = _iow("KVM_IOEVENTFD", 0x79, "struct kvm_ioeventfd")
 KVM_XEN_HVM_CONFIG = _iow("KVM_XEN_HVM_CONFIG", 0x7A, "struct kvm_xen_hvm_config")
 KVM_SET_CLOCK = _iow("KVM_SET_CLOCK", 0x7B, "struct kvm_clock_data")
 KVM_GET_CLOCK = _ior("KVM_GET_CLOCK", 0x7C, "struct kvm_clock_data")
+KVM_GET_IRQCHIP = _iowr("KVM_GET_IRQCHIP", 0x62, "struct kvm_irqchip")
+KVM_SET_IRQCHIP = _ior("KVM_SET_IRQCHIP", 0x63, "struct kvm_irqchip")  # (sic) _IOR in the kernel's header
+KVM_GET_PIT2 = _ior("KVM_GET_PIT2", 0x9F, "struct kvm_pit_state2")
+KVM_SET_PIT2 = _iow("KVM_SET_PIT2", 0xA0, "struct kvm_pit_state2")
 KVM_ENABLE_CAP = _iow("KVM_ENABLE_CAP", 0xA3, "struct kvm_enable_cap")
 KVM_SIGNAL_MSI = _iow("KVM_SIGNAL_MSI", 0xA5, "struct kvm_msi")
 KVM_X86_SET_MSR_FILTER = _iow("KVM_X86_SET_MSR_FILTER", 0xC6, "struct kvm_msr_filter")
@@ -508,6 +617,19 @@ KVM_GET_CPUID2 = _iowr("KVM_GET_CPUID2", 0x91, "struct kvm_cpuid2")
 KVM_GET_MP_STATE = _ior("KVM_GET_MP_STATE", 0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow("KVM_SET_MP_STATE", 0x99, "struct kvm_mp_state")
 KVM_SET_GUEST_DEBUG = _iow("KVM_SET_GUEST_DEBUG", 0x9B, "struct kvm_guest_debug")
+KVM_GET_VCPU_EVENTS = _ior("KVM_GET_VCPU_EVENTS", 0x9F, "struct kvm_vcpu_events")
+KVM_SET_VCPU_EVENTS = _iow("KVM_SET_VCPU_EVENTS", 0xA0, "struct kvm_vcpu_events")
+KVM_GET_DEBUGREGS = _ior("KVM_GET_DEBUGREGS", 0xA1, "struct kvm_debugregs")
+KVM_SET_DEBUGREGS = _iow("KVM_SET_DEBUGREGS", 0xA2, "struct kvm_debugregs")
+KVM_SET_TSC_KHZ = _io("KVM_SET_TSC_KHZ", 0xA2)
+KVM_GET_TSC_KHZ = _io("KVM_GET_TSC_KHZ", 0xA3)
+KVM_GET_XSAVE = _ior("KVM_GET_XSAVE", 0xA4, "struct kvm_xsave")
+KVM_SET_XSAVE = _iow("KVM_SET_XSAVE", 0xA5, "struct kvm_xsave")
+KVM_GET_XCRS = _ior("KVM_GET_XCRS", 0xA6, "struct kvm_xcrs")
+KVM_SET_XCRS = _iow("KVM_SET_XCRS", 0xA7, "struct kvm_xcrs")
+KVM_GET_SREGS2 = _ior("KVM_GET_SREGS2", 0xCC, "struct kvm_sregs2")
+KVM_SET_SREGS2 = _iow("KVM_SET_SREGS2", 0xCD, "struct kvm_sregs2")
+KVM_GET_XSAVE2 = _ior("KVM_GET_XSAVE2", 0xCF, "struct kvm_xsave")
 KVM_XEN_VCPU_GET_ATTR = _iowr("KVM_XEN_VCPU_GET_ATTR", 0xCA, "struct kvm_xen_vcpu_attr")
 KVM_XEN_VCPU_SET_ATTR = _iow("KVM_XEN_VCPU_SET_ATTR", 0xCB, "struct kvm_xen_vcpu_attr")
 
@@ -535,7 +657,13 @@ KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_XEN_HVM = 38
 KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_INTERNAL_ERROR_DATA = 40
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
 KVM_CAP_ENABLE_CAP = 54
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_READONLY_MEM = 81
@@ -548,6 +676,8 @@ KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_SET_GUEST_DEBUG2 = 195  # the KVM_GUESTDBG_* flags this KVM accepts
+KVM_CAP_SREGS2 = 200
+KVM_CAP_XSAVE2 = 208  # the kvm_xsave size KVM_GET_XSAVE2 fills (>= 4096)
 
 # Exit reasons (kvm_run.exit_reason)
 KVM_EXIT_UNKNOWN = 0
@@ -629,6 +759,15 @@ KVM_IRQ_ROUTING_MSI = 2
 KVM_IRQ_ROUTING_HV_SINT = 4
 KVM_IRQ_ROUTING_XEN_EVTCHN = 5
 KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL = 0xFFFF_FFFF
+
+KVM_SREGS2_FLAGS_PDPTRS_VALID = 1 << 0
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 1 << 0
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 1 << 1
+KVM_VCPUEVENT_VALID_SHADOW = 1 << 2
+KVM_VCPUEVENT_VALID_SMM = 1 << 3
+KVM_VCPUEVENT_VALID_PAYLOAD = 1 << 4
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 1 << 5
 
 KVM_CLOCK_TSC_STABLE = 1 << 1
 KVM_CLOCK_REALTIME = 1 << 2

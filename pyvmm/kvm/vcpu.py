@@ -98,6 +98,18 @@ class Vcpu:
 
     def run(self) -> VcpuExit:
         """Enter the guest until its next exit and return that exit, decoded."""
+        return self._enter()
+
+    def settle(self) -> VcpuExit:
+        """Complete what the last exit left half done (the data of a port or
+        MMIO read, a hypercall's result: KVM finishes them only when KVM_RUN
+        is entered again) without running a guest instruction: KVM_RUN with
+        immediate_exit. Returns InterruptedExit, or the exit a string I/O
+        instruction still needs the VMM for. Own thread."""
+        self._run.immediate_exit = 1
+        return self._enter()
+
+    def _enter(self) -> VcpuExit:
         run = self._run
         try:
             ioctl(self.fd, uapi.KVM_RUN, retry_on_eintr=False)
@@ -145,11 +157,83 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         ioctl(self.fd, uapi.KVM_SET_FPU, as_struct("struct kvm_fpu *", fpu))
 
+    def get_sregs2(self):
+        """A `struct kvm_sregs2 *` (KVM_CAP_SREGS2): kvm_sregs with the PAE
+        PDPTRs and without the pending-interrupt bitmap (in the vCPU events)."""
+        return self._get("struct kvm_sregs2 *", uapi.KVM_GET_SREGS2)
+
+    def set_sregs2(self, sregs) -> None:
+        ioctl(self.fd, uapi.KVM_SET_SREGS2, as_struct("struct kvm_sregs2 *", sregs))
+
+    def get_xsave(self, size: int = 4096) -> bytes:
+        """The XSAVE area, `size` bytes: 4096, or KVM_CAP_XSAVE2's size
+        (KVM_GET_XSAVE2) when the guest's features need more."""
+        if size < 4096:
+            raise ValueError(f"an XSAVE area is at least 4096 bytes, not {size}")
+        area = ffi.new("char[]", size)
+        ioctl(self.fd, uapi.KVM_GET_XSAVE2 if size > 4096 else uapi.KVM_GET_XSAVE, ffi.cast("struct kvm_xsave *", area))
+        return bytes(ffi.buffer(area))
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM reads as many bytes as the vCPU's XSAVE area holds (4096 or
+        KVM_CAP_XSAVE2's size), so `area` must be that long."""
+        if len(area) < 4096:
+            raise ValueError(f"an XSAVE area is at least 4096 bytes, not {len(area)}")
+        buffer = ffi.new("char[]", bytes(area))
+        ioctl(self.fd, uapi.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buffer))
+
+    def get_xcrs(self) -> dict[int, int]:
+        """The extended control registers (XCR0), {index: value}."""
+        xcrs = self._get("struct kvm_xcrs *", uapi.KVM_GET_XCRS)
+        return {entry.xcr: entry.value for entry in xcrs.xcrs[0 : xcrs.nr_xcrs]}
+
+    def set_xcrs(self, values: Mapping[int, int]) -> None:
+        pairs = sorted(values.items())
+        xcrs = ffi.new("struct kvm_xcrs *", {"nr_xcrs": len(pairs),
+                                             "xcrs": [{"xcr": xcr, "value": value} for xcr, value in pairs]})
+        ioctl(self.fd, uapi.KVM_SET_XCRS, xcrs)
+
+    def get_vcpu_events(self):
+        """A `struct kvm_vcpu_events *`: pending and injected exceptions,
+        interrupts, NMIs and SMIs, the interrupt shadow, the SIPI vector."""
+        return self._get("struct kvm_vcpu_events *", uapi.KVM_GET_VCPU_EVENTS)
+
+    def set_vcpu_events(self, events) -> None:
+        ioctl(self.fd, uapi.KVM_SET_VCPU_EVENTS, as_struct("struct kvm_vcpu_events *", events))
+
+    def get_debugregs(self):
+        return self._get("struct kvm_debugregs *", uapi.KVM_GET_DEBUGREGS)
+
+    def set_debugregs(self, debugregs) -> None:
+        ioctl(self.fd, uapi.KVM_SET_DEBUGREGS, as_struct("struct kvm_debugregs *", debugregs))
+
+    def get_tsc_khz(self) -> int:
+        """The guest's TSC frequency (KVM_CAP_GET_TSC_KHZ)."""
+        return ioctl(self.fd, uapi.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Needs KVM_CAP_TSC_CONTROL (TSC scaling) unless `khz` is the host's."""
+        ioctl(self.fd, uapi.KVM_SET_TSC_KHZ, khz)
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         indices = list(indices)
         msrs = _msrs_struct([(index, 0) for index in indices])
         self._all_msrs(uapi.KVM_GET_MSRS, msrs, indices)
         return {entry.index: entry.data for entry in msrs.entries[0 : len(indices)]}
+
+    def get_msrs_available(self, indices: Iterable[int]) -> dict[int, int]:
+        """The MSRs of `indices` this vCPU lets the host read, in their
+        order; those KVM refuses (a feature this guest's CPUID lacks, say)
+        are left out, as KVM_GET_MSRS stops at the first one it refuses."""
+        remaining = list(indices)
+        values: dict[int, int] = {}
+        while remaining:
+            msrs = _msrs_struct([(index, 0) for index in remaining])
+            done = ioctl(self.fd, uapi.KVM_GET_MSRS, msrs)
+            for entry in msrs.entries[0:done]:
+                values[entry.index] = entry.data
+            remaining = remaining[done + 1 :]  # past the refused one
+        return values
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         pairs = list(values.items())

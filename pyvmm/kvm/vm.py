@@ -98,6 +98,9 @@ def _fill_route(entry, route: Route) -> None:
     entry.gsi = route.gsi
 
 
+IRQCHIP_STATE_SIZE = 512  # kvm_irqchip's union: a PIC's or the IOAPIC's state
+
+
 @dataclass(frozen=True)
 class ClockData:
     """KVM_GET_CLOCK: kvmclock in ns; realtime/host_tsc valid per `flags`."""
@@ -152,6 +155,30 @@ class Vm:
     def create_pit2(self, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
         """In-kernel i8254; the dummy speaker port (0x61) stays in the kernel too."""
         ioctl(self.fd, uapi.KVM_CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": flags}))
+
+    def get_irqchip(self, chip: int) -> bytes:
+        """The in-kernel PIC master, PIC slave or IOAPIC (`chip`: KVM_IRQCHIP_*)
+        as KVM's 512-byte kvm_irqchip union holds it."""
+        state = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+        ioctl(self.fd, uapi.KVM_GET_IRQCHIP, state)
+        return bytes(ffi.buffer(state.chip.dummy))
+
+    def set_irqchip(self, chip: int, data: bytes) -> None:
+        if len(data) != IRQCHIP_STATE_SIZE:
+            raise ValueError(f"an irqchip state is 512 bytes, not {len(data)}")
+        state = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+        ffi.buffer(state.chip.dummy)[:] = data
+        ioctl(self.fd, uapi.KVM_SET_IRQCHIP, state)
+
+    def get_pit2(self):
+        """A `struct kvm_pit_state2 *`: the in-kernel PIT's three channels."""
+        state = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, uapi.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state) -> None:
+        """Each channel's count restarts from now (KVM reloads it)."""
+        ioctl(self.fd, uapi.KVM_SET_PIT2, as_struct("struct kvm_pit_state2 *", state))
 
     # --- memory ----------------------------------------------------------------
 

@@ -19,9 +19,15 @@ Nothing here listens on a socket or starts a thread: `Machine.open_listeners()`
 and `Machine.run()` do, after the runner has locked the sandbox down
 (runner.py, pyvmm/sandbox.py).
 
-`from_snapshot` is the other way to make a machine, from saved state; it
-waits for the snapshot and restore issue (the contract its parts will keep is
-in pyvmm/core/snapshot.py).
+`from_snapshot(snapshot, config, console)` is the other way: a machine
+resumed from saved state (pyvmm/vmm/snapshot.py, docs/SNAPSHOTS.md). It
+checks that this host, these disks and NICs can take the snapshot, then
+takes steps 1 and 3 as a boot does, step 2 from the snapshot file (RAM
+mapped from it, copy-on-write), gives every stateful part its saved state
+(`restore_state()`, pyvmm/core/snapshot.py) and KVM its irqchip and PIT,
+and leaves the rest to `Machine.run`: each vCPU's registers on its own
+thread, then the guest's clock and KVM's Xen attributes, before any
+instruction runs. No kernel is loaded.
 """
 
 from __future__ import annotations
@@ -42,11 +48,15 @@ from ..core.bus import Bus
 from ..core.console import ConsoleOutput
 from ..core.faults import FaultInjector
 from ..core.memory import GuestMemory, MemoryRegion
+from ..core.snapfile import SnapshotFile
+from ..core.snapshot import SnapshotError
 from ..core.trace import Tracer
 from ..kvm import Kvm, map_guest_memory, pc_irqchip_routes
+from ..kvm import state as kvm_state
 from ..platform import Platform
 from ..xen import backends as _backends  # noqa: F401 - the device kinds' trace categories and fault targets
 from .machine import Machine
+from .snapshot import RestorePlan, check_restore, host_identity
 
 
 class MachineBuilder:
@@ -77,19 +87,35 @@ class MachineBuilder:
         return builder.finish()
 
     @classmethod
-    def from_snapshot(cls, snapshot: dict, config: VmConfig, console: ConsoleOutput, *,
-                      trace: Tracer | None = None, faults: FaultInjector | None = None) -> Machine:
-        """A machine resumed from saved state: not written yet.
-
-        It will take steps 1 to 3 of for_boot, then, instead of loading a
-        kernel, restore guest memory, every vCPU's registers and KVM's
-        in-kernel state (irqchip, PIT, clock), and each stateful part from
-        its entry in `snapshot` through its `restore()` (the contract and
-        the list of those parts: pyvmm/core/snapshot.py, docs/ARCHITECTURE.md).
-        """
-        raise NotImplementedError(
-            "restoring a machine from a snapshot waits for the issue \"snapshot and restore\"; "
-            "MachineBuilder.for_boot is the only way to build a machine today")
+    def from_snapshot(cls, snapshot: SnapshotFile, config: VmConfig, console: ConsoleOutput, *,
+                      trace: Tracer | None = None, faults: FaultInjector | None = None,
+                      state: dict | None = None) -> Machine:
+        """A machine that resumes the guest of `snapshot` (opened and
+        checked as a file: pyvmm/core/snapfile.py) when it runs. `config`
+        is the restored VM's (vmm/snapshot.py: restored_config); `state` the
+        snapshot's state if it was read already. SnapshotError, in one
+        line, when this host, the disks or the NICs cannot take it."""
+        started = time.monotonic()
+        state = snapshot.state() if state is None else state
+        builder = cls(config, console, trace=trace, faults=faults)
+        steps = []
+        try:
+            builder.create_vm()
+            check_restore(snapshot, state, config, builder.machine.kvm)
+            steps.append(("VM and checks", time.monotonic()))
+            builder.add_memory(snapshot)
+            steps.append(("RAM mapped", time.monotonic()))
+            builder.add_devices()
+            steps.append(("devices built", time.monotonic()))
+            builder.restore_parts(snapshot.path, state)
+            steps.append(("parts restored", time.monotonic()))
+            plan = builder.machine.restore_plan
+            plan.started, plan.steps = started, steps
+            builder.add_debugger()
+        except BaseException:
+            builder.abandon()
+            raise
+        return builder.finish()
 
     # --- the steps, in order ------------------------------------------------------
 
@@ -105,16 +131,24 @@ class MachineBuilder:
         # says so with an interrupt source override); KVM's default routes don't.
         vm.set_gsi_routing(pc_irqchip_routes())
         vm.create_pit2()
+        host_identity(machine.kvm)  # read now: /proc/cpuinfo cannot be opened once the sandbox is locked
 
-    def add_memory(self) -> None:
-        """2. Guest RAM, in KVM's memory slots."""
+    def add_memory(self, snapshot: SnapshotFile | None = None) -> None:
+        """2. Guest RAM, in KVM's memory slots: fresh, or mapped from a snapshot."""
         machine, config = self.machine, self.config
         ranges = layout.ram_ranges(config.memory)
         if config.xen:
             # Xen's special pages (console and xenstore rings): memory the
             # guest can map, reserved in its E820 map.
             ranges.append((layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE))
-        machine.memory = GuestMemory(ranges)
+        if snapshot is None:
+            machine.memory = GuestMemory(ranges)
+        else:
+            saved = sorted((gpa, size) for gpa, size, _ in snapshot.regions)
+            if saved != sorted(ranges):
+                raise SnapshotError(f"{snapshot.path}: corrupt: its RAM regions are not those of a "
+                                    f"{config.memory >> 20} MiB {'Xen ' if config.xen else ''}guest")
+            machine.memory = snapshot.map_memory()
         map_guest_memory(machine.vm.memslots, machine.memory)
 
     def add_devices(self) -> None:
@@ -128,6 +162,28 @@ class MachineBuilder:
             from ..xen.domain import XenDomain
 
             machine.xen = XenDomain(machine)
+
+    def restore_parts(self, path: str, state: dict) -> None:
+        """3b. (from_snapshot) Every stateful part takes back its saved
+        state, and KVM its PICs, IOAPIC and PIT; the vCPUs, the clock and
+        KVM's Xen attributes wait for Machine.run."""
+        machine = self.machine
+        parts = machine.stateful_parts()
+        saved = state.get("parts")
+        if not isinstance(saved, dict) or set(saved) != set(parts):
+            have = ", ".join(sorted(saved)) if isinstance(saved, dict) else "none"
+            raise SnapshotError(f"{path}: it holds the state of {have}; this VM is made of {', '.join(parts)}")
+        for name, part in parts.items():
+            try:
+                part.restore_state(saved[name])
+            except SnapshotError as error:
+                raise SnapshotError(f"{path}: {name}: {error}") from None
+        try:
+            kvm_state.restore_vm(machine.vm, state["kvm"]["vm"])
+        except kvm_state.KvmStateError as error:
+            raise SnapshotError(f"{path}: {error}") from None
+        machine.boot_state = None
+        machine.restore_plan = RestorePlan(path, state["kvm"], parts)
 
     def load_guest(self) -> None:
         """4. The firmware tables and the kernel: vCPU 0's first state."""
@@ -184,6 +240,21 @@ class MachineBuilder:
         machine.gdb = serve_gdb(machine, config.gdb, config.gdb_wait)
         if config.gdb_wait:
             machine.hold_vcpus()  # until gdb says continue
+
+    def abandon(self) -> None:
+        """Release what the steps so far made (a restore that was refused)."""
+        machine = self.machine
+        xen = getattr(machine, "xen", None)
+        if xen is not None:
+            xen.close()
+        platform = getattr(machine, "platform", None)
+        if platform is not None:
+            platform.close()
+        machine.loop.close()
+        for name in ("vm", "memory", "kvm"):
+            part = getattr(machine, name, None)
+            if part is not None:
+                part.close()
 
     def finish(self) -> Machine:
         self.machine.started_at = time.monotonic()

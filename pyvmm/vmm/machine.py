@@ -31,22 +31,27 @@ from .exit_handler import ExitHandler
 from .liveness import DeadGuestDetector
 from ..core.memory import GuestMemory
 from ..platform import Platform
+from ..core.snapshot import SnapshotError
 from ..core.stop import StopReason
 from ..core.faults import FaultInjector
 from ..core.trace import Tracer
 from ..core.stats import RunStats
 from .vcpu_setup import apply_boot_state, configure_vcpu
 from ..vcpu_state import read_registers
+from ..kvm import state as kvm_state
+from ..kvm.exits import InterruptedExit
 
 if TYPE_CHECKING:
     from ..boot.cpustate import BootCpuState
     from ..kvm import Kvm, Vm
     from ..xen.domain import XenDomain
+    from .snapshot import RestorePlan
 
 log = logging.getLogger(__name__)
 
 DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
 PARK_WAIT = 2.0  # how long pause() waits for every vCPU to leave KVM_RUN
+SETTLE_RUNS = 64  # KVM_RUNs a parking vCPU may need to complete an instruction half done (rep ins/outs)
 
 
 class Machine:
@@ -62,7 +67,7 @@ class Machine:
     mmio: Bus
     platform: Platform
     xen: XenDomain | None
-    boot_state: BootCpuState
+    boot_state: BootCpuState | None  # None for a machine restored from a snapshot
 
     def __init__(self, config: VmConfig, console: ConsoleOutput, *, trace: Tracer, faults: FaultInjector):
         """The run state only: the event loop, the stop and pause state and
@@ -113,6 +118,11 @@ class Machine:
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
         self.gdb = None
+        # Set by MachineBuilder.from_snapshot: what run() restores once the
+        # vCPUs exist, before the guest runs (pyvmm/vmm/snapshot.py).
+        self.restore_plan: RestorePlan | None = None
+        self._vcpu_caps: kvm_state.VcpuCapabilities | None = None
+        self._vcpu_caps_lock = threading.Lock()
 
     def hold_vcpus(self) -> None:
         """Keep every vCPU from its first entry until resume() (--gdb-wait:
@@ -164,6 +174,11 @@ class Machine:
         self.open_listeners()
         if self.stats is not None:
             self._count_into(self.stats)
+        held = self.paused  # --gdb-wait: until gdb says continue
+        if self.restore_plan is not None:
+            self.restore_plan.step("the run's set-up (listeners, the sandbox's lockdown)")
+            self.vcpu_capabilities()  # before the vCPU threads ask for it
+            self._running.clear()  # the guest waits until every part of it is back
         for index in range(self.config.vcpus):
             thread = threading.Thread(target=self._vcpu_thread, args=(index,), name=f"vcpu{index}", daemon=True)
             self._threads.append(thread)
@@ -172,6 +187,10 @@ class Machine:
             self._ready.wait()
             if self._setup_errors:
                 raise self._setup_errors[0]
+            if self.restore_plan is not None:
+                self._finish_restore()
+                if not held:
+                    self._set_running()
             if self.gdb is not None:
                 self.gdb.start()
             if deadline is not None:
@@ -219,13 +238,23 @@ class Machine:
         try:
             vcpu = self.vm.create_vcpu(index)
             self._vcpu_of_thread[threading.get_ident()] = index
-            if self.xen is not None:
+            if self.restore_plan is not None:
+                if self.xen is not None:
+                    self.xen.configure_vcpu(vcpu, index)
+                try:
+                    warnings = kvm_state.restore_vcpu(vcpu, self.restore_plan.vcpu_state(index),
+                                                      self.vcpu_capabilities())
+                except SnapshotError as error:
+                    raise SnapshotError(f"{self.restore_plan.path}: vCPU {index}: {error}") from None
+                for warning in warnings:
+                    log.warning("restore: vCPU %d: %s", index, warning)
+            elif self.xen is not None:
                 configure_vcpu(self.kvm, vcpu, index, self.config.vcpus,
                                hypervisor_leaves=self.xen.cpuid_leaves(index), kvm_base=None)
                 self.xen.configure_vcpu(vcpu, index)
             else:
                 configure_vcpu(self.kvm, vcpu, index, self.config.vcpus)
-            if index == 0:
+            if index == 0 and self.boot_state is not None:
                 apply_boot_state(vcpu, self.boot_state)
             self._vcpus[index] = vcpu
         except BaseException as error:  # reported by run() on the main thread
@@ -242,6 +271,7 @@ class Machine:
             debug = lambda exit: gdb.debug_exit(index, exit)  # noqa: E731
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
                              registers=lambda: read_registers(vcpu), trace=self.trace).handle
+        settle_handle = handle  # a settling vCPU's rare exits are not counted by --stats
         work = self._vcpu_work[index]
         in_guest = self._in_guest
         run = vcpu.run
@@ -250,11 +280,14 @@ class Machine:
             run, handle, finish = self._counted(index, run, handle)
         try:
             while self.stop_reason is None:
-                while work:
-                    work.popleft()()
                 if self._must_park(index):
+                    # Settled before anything queued for the parked vCPU
+                    # runs: what reads its state reads it whole.
+                    self._settle(vcpu, settle_handle)
                     self._park(work, index)
                     continue
+                while work:
+                    work.popleft()()
                 in_guest[index] = True
                 try:
                     vcpu_exit = run()
@@ -269,6 +302,25 @@ class Machine:
         finally:
             if finish is not None:
                 finish()
+
+    def _settle(self, vcpu, handle) -> None:
+        """Complete what KVM left half done at the vCPU's last exit before
+        it parks: KVM finishes a port or MMIO read (its data), a hypercall
+        (its result) or a string I/O instruction only when KVM_RUN is next
+        entered, and keeps that in no state it lets anyone read. A KVM_RUN
+        with immediate_exit completes it and runs no guest instruction
+        (KVM's API documentation, KVM_RUN; Vcpu.settle). A `rep ins` may
+        need the VMM again before it is done: its exits are handled as usual."""
+        for _ in range(SETTLE_RUNS):
+            vcpu_exit = vcpu.settle()
+            if isinstance(vcpu_exit, InterruptedExit):
+                return
+            reason = handle(vcpu_exit)
+            if reason is not None:
+                self.request_stop(reason)
+                return
+        log.warning("vCPU %s: an instruction was still not complete after %d runs; its state may be mid-way",
+                    getattr(vcpu, "index", "?"), SETTLE_RUNS)
 
     def _counted(self, index: int, run, handle):
         """`run` and `handle` for a run with --stats: timed, each exit counted
@@ -402,6 +454,92 @@ class Machine:
                 return False
             time.sleep(0.0005)
         return True
+
+    # --- snapshots (pyvmm/vmm/snapshot.py, pyvmm/core/snapshot.py) ---------------
+
+    def stateful_parts(self) -> dict[str, object]:
+        """The parts whose save_state()/restore_state() a snapshot holds, by
+        name, in the order they are restored. The Xen domain is one part:
+        it saves and restores what it is made of (event channels, grant
+        table, xenstore, backends) itself, in the order they need."""
+        platform = self.platform
+        parts = {"serial": platform.serial, "rtc": platform.rtc, "i8042": platform.i8042,
+                 "acpi_pm": platform.acpi_pm, "pci": platform.pci}
+        if self.xen is not None:
+            parts["xen"] = self.xen
+        return parts
+
+    def vcpu_capabilities(self) -> kvm_state.VcpuCapabilities:
+        """What this KVM saves of a vCPU (asked once per machine)."""
+        with self._vcpu_caps_lock:
+            if self._vcpu_caps is None:
+                self._vcpu_caps = kvm_state.VcpuCapabilities(self.kvm, self.vm)
+            return self._vcpu_caps
+
+    def snapshot_to(self, fd: int, *, stop: bool = False) -> dict:
+        """Write a snapshot of the VM into `fd` (an empty regular file; the
+        caller closes it), then stop the VM (`stop`) or let it run on as it
+        was (a VM the operator paused stays paused). Event thread. A part
+        that cannot save its state, or a failed write, raises SnapshotError
+        and the VM goes on as it was. Tells control clients (SNAPSHOT)."""
+        from .snapshot import take
+
+        if self.stop_reason is not None:
+            raise SnapshotError("the VM is stopping")
+        was_paused = self.paused
+        try:
+            taken = take(self, fd, stopping=stop)
+        except SnapshotError:
+            if not was_paused:
+                self.resume()
+            raise
+        except OSError as error:
+            if not was_paused:
+                self.resume()
+            raise SnapshotError(f"writing the snapshot failed: {error.strerror or error}") from None
+        summary = {"bytes": taken.written.file_length, "data_bytes": taken.written.data_bytes,
+                   "state_bytes": taken.written.state_bytes, "seconds": round(taken.seconds, 4),
+                   "paused_seconds": round(taken.paused_seconds, 4), "stopped": stop}
+        log.info("snapshot written: %d bytes (%d of RAM data) in %.3f s%s", taken.written.file_length,
+                 taken.written.data_bytes, taken.seconds, "; stopping the VM" if stop else "")
+        self.control_event("SNAPSHOT", summary)
+        if stop:
+            self.request_stop(StopReason.SNAPSHOT)
+        elif not was_paused:
+            self.resume()
+        return summary
+
+    @property
+    def paused_clock(self) -> int | None:
+        """The guest's clock (kvmclock ns) as pause() froze it; None while running."""
+        return self._paused_clock
+
+    def _finish_restore(self) -> None:
+        """The rest of a restore, once every vCPU holds its registers and
+        before any runs: the guest's clock goes on from where it stood
+        (KVM_SET_CLOCK: no jump in its monotonic time); then KVM's Xen
+        attributes, which need that clock (KVM writes the wallclock into
+        shared_info; a Xen timer's expiry is in guest time); then each
+        part's finish_restore(), for what needs KVM's state back first."""
+        plan = self.restore_plan
+        plan.step("vCPUs restored")
+        self.vm.set_clock(plan.kvm["clock"])
+        if self.xen is not None:
+            bits = self.kvm.xen_capabilities()
+            host_address = self.memory.host_address
+            kvm_state.xen_restore_vm(self.vm, plan.kvm["xen"]["vm"], bits, host_address)
+            for index, saved in enumerate(plan.kvm["xen"]["vcpus"]):
+                self.run_on_vcpu(index, partial(kvm_state.xen_restore_vcpu, state=saved, capabilities=bits,
+                                                host_address=host_address))
+        plan.step("clock and KVM's Xen attributes")
+        for part in plan.parts.values():
+            finish = getattr(part, "finish_restore", None)
+            if finish is not None:
+                finish()
+        plan.step("parts finished")
+        self.restore_plan = None
+        log.info("restored from %s: the machine rebuilt and its state back in %.1f ms (%s)", plan.path,
+                 (time.monotonic() - plan.started) * 1000, plan.timings())
 
     # --- diagnosis (pyvmm/diagnose.py) -----------------------------------------
 

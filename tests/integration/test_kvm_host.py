@@ -198,3 +198,26 @@ def test_irqchip_pit_and_vcpu_state(kvm):
             assert vcpu.get_msrs([0x10])[0x10] >= 1000
             clock = vm.get_clock()
             assert clock.clock >= 0
+
+
+def test_settle_completes_a_port_read_without_running_the_guest(kvm, machine):
+    """KVM finishes an IN only when KVM_RUN is entered again: the registers
+    read right after the exit still point at the IN, without its data.
+    Vcpu.settle() completes it (what a snapshot needs) and runs nothing more."""
+    vm, memory = machine
+    code = bytes([0xE4, TEST_PORT,  # in al,0x10
+                  0xA2, 0x00, 0x05,  # mov [0x500],al
+                  0xF4])  # hlt
+    with real_mode_vcpu(kvm, vm, code, memory) as vcpu:
+        exit = vcpu.run()
+        assert isinstance(exit, IoExit) and not exit.is_write
+        exit.data[0] = 0x42
+        assert vcpu.get_regs().rip == CODE  # not complete: a state saved now would lose the read
+        assert isinstance(vcpu.settle(), InterruptedExit)
+        regs = vcpu.get_regs()
+        assert (regs.rip, regs.rax & 0xFF) == (CODE + 2, 0x42)
+        assert memory.read_int(0x500, 1) == 0  # the next instruction did not run
+        assert not vcpu.immediate_exit
+        assert isinstance(vcpu.run(), HltExit)
+        assert memory.read_int(0x500, 1) == 0x42
+

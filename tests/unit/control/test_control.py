@@ -525,3 +525,70 @@ def test_socket_path_length_is_checked(tmp_path):
     deep = tmp_path / ("d" * 100)
     with pytest.raises(RuntimeDirError, match="too long"):
         runtime.control_socket_path("vm", deep)
+
+
+# --- file descriptors sent with a request (the snapshot's file) ---------------------------
+
+class FdVmm(Vmm):
+    """A command that writes into the file its client sent, as `snapshot` does."""
+
+    def __init__(self, directory):
+        super().__init__(directory, name="fds")
+        self.server._commands["write-into"] = self.write_into
+
+    def write_into(self, arguments):
+        fd = self.server.take_fd()
+        if fd is None:
+            raise ControlError("InvalidArgument", "no descriptor")
+        try:
+            os.write(fd, arguments["text"].encode())
+        finally:
+            os.close(fd)
+        return {"ok": True}
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_a_command_takes_the_file_descriptor_sent_with_its_request(tmp_path):
+    vmm = FdVmm(tmp_path)
+    try:
+        before = open_fds()
+        target = tmp_path / "out"
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
+        with ControlClient(vmm.path) as client:
+            assert client.execute_with_fds("write-into", [fd], text="written by the server") == {"ok": True}
+            os.close(fd)
+            # A request without one gets none, and a descriptor no command takes is closed.
+            with pytest.raises(ControlError, match="no descriptor"):
+                client.execute("write-into", text="x")
+            spare = os.open(target, os.O_RDONLY)
+            assert client.execute_with_fds("status", [spare])["state"] == "running"
+            os.close(spare)
+            assert client.execute("status")["state"] == "running"
+        vmm.wait_clients(0)
+        assert target.read_text() == "written by the server"
+        assert open_fds() <= before | {fd}  # the server kept none of them
+    finally:
+        vmm.close()
+
+
+def test_a_client_cannot_pile_up_descriptors(tmp_path):
+    vmm = FdVmm(tmp_path)
+    try:
+        before = open_fds()
+        sock, reader = raw_connection(vmm.path)
+        fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(12)]
+        for fd in fds:  # bytes of an unfinished line, each with a descriptor
+            socket.send_fds(sock, [b" "], [fd])
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(b'{"execute": "status", "id": 1}\n')
+        assert json.loads(reader.readline())["id"] == 1
+        reader.close()
+        sock.close()
+        vmm.wait_clients(0)
+        assert open_fds() <= before
+    finally:
+        vmm.close()
