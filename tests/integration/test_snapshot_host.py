@@ -301,45 +301,27 @@ def test_a_restored_guest_that_resets_boots_its_kernel_again(kernel, tmp_path):
     assert restored.stdout.index("triple fault") < restored.stdout.index("magic ok")
 
 
-# The Xen domain saves no state yet (the snapshot issue's other half): a
-# Xen-mode PVH guest, which never talks to Xen (its domain's state is what a
-# fresh build has), with the domain's two methods stubbed, tests the
-# machine's Xen side meanwhile: KVM's Xen attributes saved and restored in a
-# whole machine, the Xen vCPU set-up of a restore. Drop the stub once
-# XenDomain implements them.
-STUBBED_DOMAIN = """
-import sys
-from pyvmm.xen import domain
-domain.XenDomain.save_state = lambda self: {"version": 1}
-domain.XenDomain.restore_state = lambda self, state: None
-from pyvmm.cli import main
-sys.argv[0] = "pyvmm"
-main()
-"""
-
-
 @pytest.mark.guest  # scripts/test runs it in the testbed, whose KVM emulates Xen; no Linux guest
 @pytest.mark.xen
-def test_a_xen_mode_guest_with_its_domain_stubbed(kernel, tmp_path):
+def test_a_xen_mode_guest_saved_and_restored_whole(kernel, tmp_path):
+    """A Xen-mode PVH guest: KVM's Xen attributes and the Xen domain's own
+    state (event channels, grant table, xenstore, platform device) saved and
+    restored in a whole machine, and the guest counts on."""
     from pyvmm.hostcheck import probe
 
     if not probe().can_run_xen:
         pytest.skip("this host's KVM cannot run Xen guests")
     path = tmp_path / "xen.snap"
-
-    def pyvmm(*args):
-        return subprocess.run([sys.executable, "-c", STUBBED_DOMAIN, *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=900)
-
-    first = pyvmm("run", "--kernel", str(kernel), "--append", "action=c", "--memory", "256M",
-                  "--snapshot-on", "count 2048,stop", "--snapshot-file", str(path), "--timeout", TIMEOUT)
-    assert first.returncode == 0 and "snapshot written" in first.stderr, first
+    first = run_pyvmm("run", "--kernel", str(kernel), "--append", "action=c", "--memory", "256M",
+                      "--snapshot-on", "count 2048,stop", "--snapshot-file", str(path), "--timeout", TIMEOUT,
+                      timeout=900)
+    assert first.status == 0 and "snapshot written" in first.stderr, first
     with open_snapshot(path) as snapshot:
         state = snapshot.state()
     xen = state["kvm"]["xen"]
     assert xen["vm"]["version"] == 1 and len(xen["vcpus"]) == 1
-    restored = pyvmm("run", "--restore", str(path), "--timeout", TIMEOUT)
-    assert restored.returncode == 0, restored
+    restored = run_pyvmm("run", "--restore", str(path), "--timeout", TIMEOUT, timeout=900)
+    assert restored.status == 0, restored
     assert counts(restored.stdout)[0] == (spin_count(path, kernel) // STEP + 1) * STEP, restored
     assert counts(restored.stdout)[-1] == END
 
