@@ -32,6 +32,16 @@ class Namespace:
         self.run("ip", "tuntap", "add", "dev", name, "mode", "tap")
         self.run("ip", "addr", "add", f"{address}/24", "dev", name)
 
+    def uplink(self, address, gateway):
+        """A veth pair whose end uplink0 has `address` and the default route
+        via `gateway`: what passt copies for its guest (it takes the host
+        interface with the default route)."""
+        self.run("ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1")
+        self.run("ip", "addr", "add", f"{address}/24", "dev", "uplink0")
+        self.run("ip", "link", "set", "uplink0", "up")
+        self.run("ip", "link", "set", "uplink1", "up")
+        self.run("ip", "route", "add", "default", "via", gateway)
+
     def inside(self, function):
         """`function()` called on a thread that entered the namespace (what
         it makes, e.g. a socket, stays there); its result or its exception."""
@@ -129,3 +139,28 @@ class Transfer(threading.Thread):
         self.join(timeout)
         assert self.error is None and not self.is_alive(), f"transfer failed: {self.error or 'timed out'}"
         return self.count, self.sha
+
+
+def dhcp_lease_script(failure: str = "exit 1") -> str:
+    """Guest shell (busybox): eth0 up with a DHCP lease, the server's MTU
+    applied, "guest: lease IP router R mtu M" printed, $router set;
+    `failure` runs when no lease comes."""
+    return r"""
+cat > /tmp/lease.sh <<'EOF'
+#!/bin/sh
+case "$1" in
+bound|renew)
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    ip route add default via "$router" dev "$interface"
+    echo "guest: lease $ip router $router mtu ${mtu:-none}"
+    ;;
+esac
+EOF
+chmod +x /tmp/lease.sh
+i=0
+while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+ip link set eth0 up
+udhcpc -i eth0 -s /tmp/lease.sh -O mtu -n -q -t 20 -T 3 || { FAILURE; }
+router=$(ip route | sed -n 's/^default via \([0-9.]*\).*/\1/p')
+""".replace("FAILURE", failure)

@@ -41,7 +41,7 @@ import time
 import pytest
 
 from initrd import make_test_initrd
-from netns import Namespace, Transfer
+from netns import Namespace, Transfer, dhcp_lease_script
 from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
@@ -100,25 +100,7 @@ if (root.st_dev, root.st_ino) != (real.st_dev, real.st_ino):
 os.execvp(command[0], command)
 """
 
-LEASE_SCRIPT = r"""
-set -e
-cat > /tmp/lease.sh <<'EOF'
-#!/bin/sh
-case "$1" in
-bound|renew)
-    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    ip route add default via "$router" dev "$interface"
-    echo "guest: lease $ip router $router mtu ${mtu:-none}"
-    ;;
-esac
-EOF
-chmod +x /tmp/lease.sh
-i=0
-while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-ip link set eth0 up
-udhcpc -i eth0 -s /tmp/lease.sh -O mtu -n -q -t 20 -T 3
-router=$(ip route | sed -n 's/^default via \([0-9.]*\).*/\1/p')
+LEASE_SCRIPT = "\nset -e" + dhcp_lease_script() + r"""
 wget -q -O /tmp/fetched "http://$router:@HTTP_PORT@/file"
 echo "guest: fetched $(wc -c < /tmp/fetched) bytes sha $(sha256sum /tmp/fetched | cut -d' ' -f1)"
 rm /tmp/fetched
@@ -165,11 +147,7 @@ def assets():
 @pytest.fixture
 def netns(request):
     namespace = Namespace(f"pyvmm-user-{os.getpid()}-{request.node.name[-10:]}")
-    namespace.run("ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1")
-    namespace.run("ip", "addr", "add", f"{HOST_ADDRESS}/24", "dev", "uplink0")
-    namespace.run("ip", "link", "set", "uplink0", "up")
-    namespace.run("ip", "link", "set", "uplink1", "up")
-    namespace.run("ip", "route", "add", "default", "via", GATEWAY)
+    namespace.uplink(HOST_ADDRESS, GATEWAY)
     yield namespace
     namespace.close()
 
