@@ -77,7 +77,11 @@ UPCALL_RECHECK_SECONDS = 0.1
 # The PV console's safety net: guest output left untouched for a whole
 # interval is taken without the event that should have announced it.
 CONSOLE_RECHECK_SECONDS = 1.0
-STATE_VERSION = 1
+# Version 2 added the watchdogs, the vCPUs taken down (VCPUOP_down), those
+# halted in SCHEDOP_poll/block by pyvmm and SCHEDOP_shutdown_code's reason;
+# a version 1 state restores without them (no watchdog, every vCPU up, none
+# woken, no code).
+STATE_VERSION = 2
 
 # Features Xen announces to HVM guests (XENVER_get_features submap 0).
 # supervisor_mode_kernel must stay clear: Linux would think it is PVH.
@@ -140,6 +144,8 @@ class XenHost(Protocol):
     def request_stop(self, reason: StopReason, detail: str | None = None) -> None: ...
     @property
     def paused(self) -> bool: ...
+    @property
+    def paused_clock(self) -> int | None: ...
     def pause(self) -> None: ...
     def control_event(self, name: str, data: dict) -> None: ...
 
@@ -181,6 +187,7 @@ class XenDomain:
         self._grant_frame_at: dict[int, int] = {}  # and back
         self._ballooned: set[int] = set()  # RAM page frames the guest gave back
         self.soft_resets = 0  # SHUTDOWN_soft_reset done (kexec, kdump)
+        self._blocked_at_save: list[bool] = []  # restore_state() to finish_restore(): the vCPUs to wake
 
         self.evtchn = EventChannels(
             domid=self.domid,
@@ -1230,9 +1237,12 @@ class XenDomain:
         each vcpu_info are, the per-vCPU upcall vectors, the HVM params (the
         callback among them), where each grant frame is mapped, the pages
         given back by ballooning, the userspace timers and the ports of the
-        timers KVM runs. These are pyvmm's copies; KVM's own Xen attributes
-        (shared_info, vcpu_info, time info, runstate, timers, upcall
-        vectors, long mode) are saved by the machine through KVM.
+        timers KVM runs, the watchdogs (time left on the guest's clock as
+        the pause froze it), which vCPUs VCPUOP_down took down and which
+        pyvmm halted in SCHEDOP_poll or SCHEDOP_block, the reason
+        SCHEDOP_shutdown_code recorded. These are pyvmm's copies; KVM's own
+        Xen attributes (shared_info, vcpu_info, time info, runstate, timers,
+        upcall vectors, long mode) are saved by the machine through KVM.
 
         VM paused, event thread. A backend that cannot be drained refuses.
         The disks' queues stay quiesced afterwards: call resume_after_save()
@@ -1251,6 +1261,11 @@ class XenDomain:
                 "ballooned": _runs(self._ballooned),
                 "timer_ports": list(self._timer_ports),
             }
+        own["vcpus_down"] = [self.machine.vcpu_down(index) for index in range(self.vcpu_count)]
+        own["vcpus_blocked"] = [self.pollers.waiting(index) for index in range(self.vcpu_count)]
+        own["shutdown_code"] = self.dispatcher.shutdown_code
+        frozen = self.machine.paused_clock
+        own["watchdogs"] = self.watchdogs.save_state(self._guest_time_ns() if frozen is None else frozen)
         own["singleshot_timers"] = [timer.save_state() for timer in self._singleshot]
         own["periodic_timers"] = [timer.save_state() for timer in self._periodic]
         try:
@@ -1288,7 +1303,7 @@ class XenDomain:
         (which map their rings and grants and claim their event channels).
         KVM's own Xen attributes come next (the machine's), then
         finish_restore()."""
-        check_version(state, "XenDomain", STATE_VERSION)
+        version = check_version(state, "XenDomain", STATE_VERSION)
         own = state.get("domain")
         if not isinstance(own, dict):
             raise SnapshotError("XenDomain: no domain state")
@@ -1301,6 +1316,16 @@ class XenDomain:
                 {kind: len(devices) for kind, devices in self.backends.items()}:
             raise SnapshotError("XenDomain: the snapshot's devices are not this VM's")
         copies = self._checked_copies(own)
+        down = blocked = [False] * self.vcpu_count
+        if version >= 2:
+            down, blocked = self._checked_flags(own, "vcpus_down"), self._checked_flags(own, "vcpus_blocked")
+            if all(down):
+                raise SnapshotError("XenDomain: every vCPU is down (taking the last one down powers the domain off)")
+            self.watchdogs.restore_state(own.get("watchdogs"))
+            try:
+                self.dispatcher.shutdown_code = own.get("shutdown_code")
+            except ValueError as error:
+                raise SnapshotError(f"XenDomain: bad shutdown_code: {error}") from None
         self.platform_device.restore_state(state.get("platform"))
         self.gnttab.restore_state(state.get("gnttab"))
         for timer, saved in zip(self._singleshot + self._periodic,
@@ -1321,13 +1346,20 @@ class XenDomain:
         for kind, devices in self.backends.items():
             for device, saved in zip(devices, backends[kind]):
                 device.restore_state(saved)
+        for index, is_down in enumerate(down):
+            if is_down:  # parks from its first entry on, until VCPUOP_up
+                self.machine.set_vcpu_down(index, True)
+        self._blocked_at_save = blocked
 
     def finish_restore(self) -> None:
         """After restore_state() and after the machine restored KVM's own
         state (vCPUs, irqchip, clock, its Xen attributes), before the vCPUs
         and ring workers start: the event channels KVM delivers are
-        registered again, every backend is woken once, and a pending GSI
-        callback is raised."""
+        registered again, every backend is woken once, a pending GSI
+        callback is raised, the watchdogs run again on the guest's clock
+        (which is back now), and a vCPU pyvmm had halted in SCHEDOP_poll or
+        SCHEDOP_block is woken: what it waited for is not saved, and Xen
+        allows a spurious wake-up (the guest checks and waits again)."""
         self.evtchn.finish_restore()
         for device in self.xenbus_devices:
             resume = getattr(device, "finish_restore", None)
@@ -1335,6 +1367,18 @@ class XenDomain:
                 resume()
         if self.callback is Callback.GSI:
             self._assert_callback_if_pending()
+        self.watchdogs.finish_restore()
+        blocked, self._blocked_at_save = self._blocked_at_save, []
+        for index, was_blocked in enumerate(blocked):
+            if was_blocked:
+                self._unhalt(index)
+
+    def _checked_flags(self, own: dict, key: str) -> list[bool]:
+        """One bool per vCPU (SnapshotError)."""
+        flags = _list(own, key, self.vcpu_count)
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise SnapshotError(f"XenDomain: bad {key}")
+        return flags
 
     def _checked_copies(self, own: dict) -> tuple:
         """The domain's saved copies, each checked against this VM (SnapshotError)."""

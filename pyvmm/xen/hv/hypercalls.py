@@ -658,6 +658,18 @@ class HypercallDispatcher:
     def _sched_shutdown(self, call: _Call, arg: int) -> int:
         return self._shutdown(self._shutdown_reason(call.read(arg, abi.SCHED_SHUTDOWN).reason))
 
+    @property
+    def shutdown_code(self) -> int | None:
+        """The reason SCHEDOP_shutdown_code recorded, which the next shutdown
+        takes (None: none); the domain's snapshot holds it."""
+        return self._shutdown_code
+
+    @shutdown_code.setter
+    def shutdown_code(self, reason: int | None) -> None:
+        if reason is not None and not (type(reason) is int and 0 <= reason <= abi.SHUTDOWN_MAX):
+            raise ValueError(f"shutdown reason {reason!r:.20}")
+        self._shutdown_code = reason
+
     def _sched_shutdown_code(self, call: _Call, arg: int) -> int:
         reason = self._shutdown_reason(call.read(arg, abi.SCHED_SHUTDOWN).reason)
         if self._shutdown_code is None:

@@ -28,6 +28,11 @@ state under the lock and hands one call over to the event thread unless
 one is already on its way; the event thread alone owns the one loop timer,
 armed for the earliest deadline, and decides expiry there. However often
 the guest pets, the VMM holds at most one loop entry and one queued call.
+
+A snapshot (pyvmm/core/snapshot.py) holds each watchdog's timeout and the
+guest time it has left; a restored domain arms them again once the guest's
+clock is back, so a guest that does not pet them is shut down as it would
+have been.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from pyvmm.core.snapshot import SnapshotError, check_version, versioned
+
 from ..errors import EINVAL, ENOSPC, XenError
 
 if TYPE_CHECKING:
@@ -43,6 +50,9 @@ if TYPE_CHECKING:
 
 NR_DOMAIN_WATCHDOG_TIMERS = 2
 NS_PER_SECOND = 1_000_000_000
+STATE_VERSION = 1
+# struct sched_watchdog's timeout is a uint32_t (seconds).
+MAX_TIMEOUT = (1 << 32) - 1
 # While the VM is paused its clock stands still: the expiry check looks
 # again this often (it costs one loop entry) until the VM runs again.
 PAUSED_RECHECK_SECONDS = 0.5
@@ -110,6 +120,25 @@ class Watchdogs:
         """{id: deadline in guest ns} of the watchdogs in use."""
         return {index + 1: deadline for index, deadline in enumerate(self._deadline) if deadline is not None}
 
+    def save(self, now_ns: int) -> list[list[int] | None]:
+        """Each watchdog: None when free, else [timeout in s, guest ns left
+        at `now_ns`]. An overdue one has 0 left (it fires at once when
+        restored); none has more than its timeout."""
+        return [None if deadline is None else
+                [self._timeout[index], min(max(0, deadline - now_ns), self._timeout[index] * NS_PER_SECOND)]
+                for index, deadline in enumerate(self._deadline)]
+
+    def restore(self, saved: list[tuple[int, int] | None], now_ns: int) -> None:
+        """What save() gave (checked: see WatchdogTimers.restore_state), the
+        time left counted from `now_ns`."""
+        for index, entry in enumerate(saved):
+            if entry is None:
+                self._deadline[index] = None
+            else:
+                timeout, left = entry
+                self._deadline[index] = now_ns + left
+                self._timeout[index] = timeout
+
 
 class WatchdogTimers:
     """A domain's watchdogs on the VMM's event loop.
@@ -132,6 +161,8 @@ class WatchdogTimers:
         self._handover = False  # a _reschedule() is queued for the event thread (under _lock)
         self._handle: TimerHandle | None = None  # event thread only
         self.fired: Expiry | None = None  # set once, on the event thread
+        self._restored: list[tuple[int, int] | None] | None = None  # restore_state() until finish_restore()
+        self._count = count
 
     def op(self, wid: int, timeout: int) -> int:
         """SCHEDOP_watchdog from a vCPU thread (or any): the result for the
@@ -147,6 +178,45 @@ class WatchdogTimers:
     def in_use(self) -> dict[int, int]:
         with self._lock:
             return self._state.in_use()
+
+    # --- snapshot (pyvmm/core/snapshot.py) --------------------------------------------
+
+    def save_state(self, now_ns: int) -> dict:
+        """Each watchdog's timeout and guest time left at `now_ns`: the
+        guest's clock as the pause froze it (clock() runs on under a pause)."""
+        with self._lock:
+            return versioned(STATE_VERSION, watchdogs=self._state.save(now_ns))
+
+    def restore_state(self, state: dict) -> None:
+        """Check and keep the saved watchdogs; finish_restore() arms them,
+        once the guest's clock is back (it is not yet when this runs)."""
+        check_version(state, "WatchdogTimers", STATE_VERSION)
+        saved = state.get("watchdogs")
+        if not isinstance(saved, list) or len(saved) != self._count:
+            raise SnapshotError(f"WatchdogTimers: watchdogs is not a list of {self._count}")
+        checked: list[tuple[int, int] | None] = []
+        for entry in saved:
+            if entry is None:
+                checked.append(None)
+                continue
+            if not (isinstance(entry, list) and len(entry) == 2 and all(_natural(value) for value in entry)
+                    and entry[0] <= MAX_TIMEOUT and entry[1] <= entry[0] * NS_PER_SECOND):
+                raise SnapshotError(f"WatchdogTimers: bad watchdog {entry!r:.40}")
+            checked.append((entry[0], entry[1]))
+        self._restored = checked
+
+    def finish_restore(self) -> None:
+        """The restored watchdogs run again, each with the time it had left,
+        counted on the guest's clock as KVM has it back."""
+        saved, self._restored = self._restored, None
+        if saved is None:
+            return
+        with self._lock:
+            self._state.restore(saved, self._clock())
+            if self._state.next_deadline() is None or self._handover:
+                return
+            self._handover = True
+        self._loop.call_soon_threadsafe(self._reschedule)
 
     # --- event thread ------------------------------------------------------------------
 
@@ -179,3 +249,7 @@ class WatchdogTimers:
         if deadline is not None:
             wait = max(MIN_WAIT_SECONDS, (deadline - now) / NS_PER_SECOND)
             self._handle = self._loop.call_later(wait, self._check)
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

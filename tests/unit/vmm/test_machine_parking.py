@@ -91,3 +91,18 @@ def test_others_held_parks_every_other_vcpu_for_the_block():
     del m._vcpu_of_thread[me]
     with m.others_held():  # from the event thread: all of them
         assert all(m._must_park(i) for i in range(3))
+
+
+def test_a_vcpu_restored_down_parks_once_the_vm_runs():
+    # A restore takes vCPUs down (XenDomain.restore_state) before their threads exist.
+    m = machine()
+    m._vcpus = [None, None]
+    m.set_vcpu_down(1, True)
+    m._running.clear()  # as run() holds a restored guest until its state is back
+    m._vcpus = [Vcpu(), Vcpu()]
+    m._set_running()
+    assert not m._must_park(0) and m._must_park(1)
+    done = parked_thread(m, 1)
+    assert m.run_on_vcpu(1, lambda vcpu: "served", timeout=5) == "served"  # e.g. VCPUOP_is_up's mp state
+    m.set_vcpu_down(1, False)  # VCPUOP_up
+    assert done.wait(5) and not m._must_park(1)

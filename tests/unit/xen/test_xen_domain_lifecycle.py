@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import ctypes
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +48,7 @@ class FakeVm:
         self.attrs = []
         self.regions = {}
         self.memslots = MemslotTable(self._set_region, 64, page_size=PAGE_SIZE)
+        self.clock_ns = 123 * 10**9  # the guest's clock (KVM_GET_CLOCK)
 
     def _set_region(self, slot, gpa, size, host_address, flags):
         if size == 0:
@@ -67,7 +69,7 @@ class FakeVm:
         self.attrs.append(attr)
 
     def get_clock(self):
-        return SimpleNamespace(clock=123 * 10**9)
+        return SimpleNamespace(clock=self.clock_ns)
 
 
 class FakeMachine:
@@ -89,13 +91,22 @@ class FakeMachine:
 
         self.trace, self.faults = NULL_TRACE, NULL_FAULTS
         self.paused = False
+        self.paused_clock = None
+        self.down = [False] * config.vcpus
         self.stops = []
         self.events = []
         self.vcpu_attrs = []  # (vCPU index, attribute type, values), on the vCPU's "thread"
 
     def run_on_vcpu(self, index, function, timeout=10.0):
         return function(SimpleNamespace(
-            index=index, xen_vcpu_set_attr=lambda attr: self.vcpu_attrs.append((index, attr["type"], attr["u"]))))
+            index=index, xen_vcpu_set_attr=lambda attr: self.vcpu_attrs.append((index, attr["type"], attr["u"])),
+            get_mp_state=lambda: uapi.KVM_MP_STATE_RUNNABLE))
+
+    def vcpu_down(self, index):
+        return self.down[index]
+
+    def set_vcpu_down(self, index, down):
+        self.down[index] = down
 
     def kick_vcpu(self, index):
         pass
@@ -205,6 +216,40 @@ def test_on_watchdog_preserve_keeps_the_vm_paused(machine):
 def test_watchdog_hypercall_reaches_the_domains_watchdogs(domain):
     assert domain.watchdog(0, 60) == 1
     assert list(domain.watchdogs.in_use()) == [1]
+
+
+@pytest.mark.parametrize("action", ["destroy", "preserve"])
+def test_a_restored_domains_watchdog_expires_with_the_configured_action(domain, machine, action):
+    S = 10**9
+    assert domain.watchdog(0, 30) == 1  # due 30 s of guest time from now
+    machine.vm.clock_ns += 12 * S
+    machine.paused, machine.paused_clock = True, machine.vm.clock_ns  # as ctl snapshot pauses
+    state = json.loads(json.dumps(domain.save_state()))
+
+    config = VmConfig(kernel=Path("/nonexistent"), memory=RAM, vcpus=2, name="restored", cmdline="console=hvc0",
+                      on_watchdog=action)
+    other = FakeMachine(config)
+    restored = XenDomain(other)
+    try:
+        restored.restore_state(state)
+        other.vm.clock_ns = machine.paused_clock  # KVM_SET_CLOCK, then finish_restore
+        restored.finish_restore()
+        assert restored.watchdogs.in_use() == {1: other.vm.clock_ns + 18 * S}
+        other.vm.clock_ns += 18 * S  # the guest never pets it
+        other.loop.call_soon_threadsafe(other.loop.stop)
+        other.loop.run()
+        if action == "destroy":
+            assert other.stops == [(StopReason.WATCHDOG, "watchdog 1")]
+        else:
+            other.loop._stopped.clear()
+            other.loop.call_soon_threadsafe(other.loop.stop)
+            other.loop.run()
+            assert other.stops == [] and other.paused
+            assert other.events[-1] == ("SHUTDOWN", {"reason": "watchdog", "detail": "watchdog 1", "preserved": True})
+    finally:
+        restored.close()
+        other.loop.close()
+        other.memory.close()
 
 
 # --- SHUTDOWN_soft_reset ---------------------------------------------------------------------

@@ -194,3 +194,60 @@ def test_the_earliest_of_two_watchdogs_arms_the_timer(rig):
     rig.now += 10 * S
     rig.fire_next()
     assert rig.fired == [Expiry(2, 10)]
+
+
+# --- snapshot: time left on the guest's clock ------------------------------------------------
+
+
+def test_save_gives_each_watchdogs_timeout_and_time_left():
+    dogs = Watchdogs()
+    dogs.op(0, 30, now_ns=0)
+    dogs.op(0, 10, now_ns=0)
+    dogs.op(1, 0, now_ns=S)  # freed
+    assert dogs.save(now_ns=4 * S) == [None, [10, 6 * S]]
+    assert dogs.save(now_ns=12 * S) == [None, [10, 0]]  # overdue, not yet fired: fires at once when restored
+
+
+def test_a_restored_watchdog_keeps_its_id_and_time_left(rig):
+    rig.timers.op(0, 30)
+    rig.timers.op(0, 10)
+    state = rig.timers.save_state(rig.now + 4 * S)
+    other = Rig()
+    other.now = 77 * S
+    try:
+        other.timers.restore_state(state)
+        assert other.timers.in_use() == {} and len(other.loop._calls) == 0  # armed by finish_restore() only
+        other.timers.finish_restore()
+        assert other.timers.in_use() == {1: 103 * S, 2: 83 * S}
+        other.run_handed_over()
+        assert len(other.live_timers()) == 1
+        assert other.timers.op(2, 10) == 0  # the guest pets it by the id it had
+        assert errno_of(lambda: other.timers.op(0, 5)) == ENOSPC  # both still in use
+    finally:
+        other.loop.close()
+
+
+def test_a_restored_watchdog_not_petted_fires(rig):
+    rig.timers.op(0, 10)
+    state = rig.timers.save_state(rig.now + 7 * S)
+    other = Rig()
+    try:
+        other.timers.restore_state(state)
+        other.timers.finish_restore()
+        other.run_handed_over()
+        other.now += 3 * S
+        other.fire_next()
+        assert other.fired == [Expiry(1, 10)]
+    finally:
+        other.loop.close()
+
+
+def test_restoring_no_watchdog_arms_nothing(rig):
+    other = Rig()
+    try:
+        other.timers.restore_state(rig.timers.save_state(rig.now))
+        other.timers.finish_restore()
+        other.run_handed_over()
+        assert other.timers.in_use() == {} and other.live_timers() == []
+    finally:
+        other.loop.close()
