@@ -1464,11 +1464,27 @@ def primary_console(cmdline: str) -> str:
 
 class _GsiAwareKernelEvtchn(KernelEvtchn):
     """KVM's delivery sets upcall_pending but only injects vector callbacks;
-    with a GSI callback we must raise the line ourselves afterwards."""
+    a GSI callback's line is ours to raise.
+
+    vCPU 0's events under a GSI callback are therefore not sent through
+    KVM at all (delivers_to), as QEMU does: when KVM cannot reach a vCPU's
+    vcpu_info at once (its cache of the page is invalid after any memslot
+    change, or after the host moved the page), it keeps the selector bit in
+    the kernel and sets upcall_pending only when that vCPU next enters the
+    guest (kvm_xen_set_evtchn_fast, kvm_xen_inject_pending_events). A check
+    of upcall_pending right after the send would find it clear, and the
+    line would stay low while upcall_pending is set: until another send
+    through KVM, as a delivery made here finds upcall_pending already set
+    and raises nothing. The check after a send stays for a send that races
+    with the guest switching to the GSI."""
 
     def __init__(self, domain: XenDomain):
         super().__init__(domain.vm)
         self._domain = domain
+
+    def delivers_to(self, vcpu: int) -> bool:
+        domain = self._domain
+        return vcpu != 0 or domain.callback is not Callback.GSI or bool(domain._per_vcpu_vector[0])
 
     def send(self, port: int, vcpu: int) -> None:
         super().send(port, vcpu)
