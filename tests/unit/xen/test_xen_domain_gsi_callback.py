@@ -12,6 +12,8 @@ VMM. The line is the irqfd's trigger eventfd: a write asserts it."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +22,7 @@ import pytest
 
 from pyvmm.config import VmConfig
 from pyvmm.core.eventloop import drain_eventfd
+from pyvmm.core.trace import Tracer
 from pyvmm.kvm import uapi
 from pyvmm.xen import abi
 from pyvmm.xen.abi import PAGE_SHIFT
@@ -172,3 +175,21 @@ def test_vector_callback_keeps_kvms_delivery(domain):
     acknowledge(domain)
     domain.store_channel.notify()
     assert domain.vm.sends == [(domain.store_channel.guest_port, 0)]
+
+
+def test_trace_records_the_upcall_and_the_line(domain, machine):
+    tracer = Tracer()
+    stream = io.StringIO()
+    tracer.attach({"evtchn"}, stream)
+    domain.trace = tracer
+    machine.if_flag_at_last_exit = lambda index: index == 0
+    try:
+        intx_callback(domain)
+        domain.store_channel.notify()
+        tracer.flush()
+    finally:
+        tracer.close()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    upcalls = [r for r in records if r["ev"] == "upcall"]
+    assert [(r["target_vcpu"], r["via"], r["if_at_last_exit"]) for r in upcalls] == [(0, "gsi", True)]
+    assert [r["gsi"] for r in records if r["ev"] == "callback-assert"] == [domain._platform_intx_gsi]
