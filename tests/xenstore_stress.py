@@ -79,6 +79,9 @@ class _FakeKvmEvtchn:
         self._upcall = upcall
         self.eventfds: dict[int, int] = {}
 
+    def delivers_to(self, vcpu: int) -> bool:
+        return True
+
     def send(self, port: int, vcpu: int) -> None:
         abi = LONG_MODE
         if atomic.test_and_set_bit(self._shared_info + abi.evtchn_pending, port):

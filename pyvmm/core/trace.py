@@ -17,7 +17,9 @@ Categories:
 
     hypercall   name, sub-op, arguments, result, vCPU
     evtchn      guest sends, backend notifications, binds and closes;
-                `kernel` says whether KVM delivers the port itself
+                `kernel` says whether KVM delivers the port itself; the
+                upcalls pyvmm raises (how, and the vCPU's IF at its last
+                exit) and a GSI callback's asserts and EOIs
     xenstore    every request (op, path, value, tx id, result or error)
                 from the guest's ring and from the socket, watches fired
     grant       map/unmap/copy: ref, writable, errors

@@ -136,6 +136,12 @@ class Vcpu:
     def immediate_exit(self) -> bool:
         return bool(self._run.immediate_exit)
 
+    @property
+    def if_flag(self) -> bool:
+        """RFLAGS.IF as KVM left it in kvm_run at the last exit (any thread;
+        stale while the vCPU is inside KVM_RUN)."""
+        return bool(self._run.if_flag)
+
     # --- registers ----------------------------------------------------------------
 
     def get_regs(self):

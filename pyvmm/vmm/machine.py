@@ -700,6 +700,12 @@ class Machine:
     def vcpu_down(self, index: int) -> bool:
         return self._vcpu_down[index]
 
+    def if_flag_at_last_exit(self, index: int) -> bool | None:
+        """vCPU `index`'s RFLAGS.IF at its last exit (Vcpu.if_flag), None
+        before it exists; any thread, for traces."""
+        vcpu = self._vcpus[index]
+        return None if vcpu is None else vcpu.if_flag
+
     def kick_vcpu(self, index: int) -> None:
         vcpu = self._vcpus[index]
         if vcpu is not None:

@@ -558,10 +558,13 @@ class XenDomain:
         self.vm.irqfd_remove(self._callback_fds[0], self._callback_gsi)
 
     def _callback_resampled(self) -> None:
+        """The guest's EOI lowered the line (KVM's resampler); event thread."""
         fds = self._callback_fds
         if fds is None:
             return
         drain_eventfd(fds[1])
+        if self.trace.evtchn:
+            self.trace.emit("evtchn", "callback-eoi", gsi=self._callback_gsi, upcall_pending=self._upcall_pending(0))
         self._assert_callback_if_pending()
 
     def _assert_callback_if_pending(self) -> None:
@@ -570,6 +573,8 @@ class XenDomain:
         fds = self._callback_fds
         if fds is not None and self.callback is Callback.GSI and self._upcall_pending(0):
             os.eventfd_write(fds[0], 1)
+            if self.trace.evtchn:
+                self.trace.emit("evtchn", "callback-assert", gsi=self._callback_gsi)
 
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None:
         self._check_vcpu(vcpu)
@@ -599,6 +604,8 @@ class XenDomain:
         """Userspace just set `vcpu`'s upcall_pending: make the guest take it."""
         self.pollers.vcpu_event(vcpu)  # Xen wakes a polling or blocked vCPU for any event
         vector = self._per_vcpu_vector[vcpu]
+        if self.trace.evtchn:
+            self._trace_upcall(vcpu, vector)
         if vector:
             # A fixed-delivery MSI to that vCPU's APIC (APIC ID = index).
             self.vm.signal_msi(layout.LAPIC_BASE | (vcpu << 12), vector)
@@ -606,6 +613,24 @@ class XenDomain:
             self.machine.kick_vcpu(vcpu)  # KVM injects on the next entry
         elif self.callback is Callback.GSI and vcpu == 0:
             self._assert_callback_if_pending()
+
+    def _trace_upcall(self, vcpu: int, vector: int) -> None:
+        """The `evtchn` trace's record of an upcall userspace raised: how
+        (`msi`: the per-vCPU vector, `kick`: KVM injects the HVM-wide vector
+        on the vCPU's next entry, `gsi`: vCPU 0's line, `none`: nothing to
+        raise), and the vCPU's RFLAGS.IF at its last exit from KVM_RUN
+        (kvm_run's if_flag: no ioctl, stale while the vCPU runs)."""
+        if vector:
+            via = "msi"
+        elif self.callback is Callback.VECTOR:
+            via = "kick"
+        elif self.callback is Callback.GSI and vcpu == 0:
+            via = "gsi"
+        else:
+            via = "none"
+        last_exit_if = getattr(self.machine, "if_flag_at_last_exit", None)
+        self.trace.emit("evtchn", "upcall", target_vcpu=vcpu, via=via, vector=vector or None,
+                        if_at_last_exit=last_exit_if(vcpu) if last_exit_if is not None else None)
 
     # --- timers ------------------------------------------------------------------
 
@@ -1508,11 +1533,27 @@ def primary_console(cmdline: str) -> str:
 
 class _GsiAwareKernelEvtchn(KernelEvtchn):
     """KVM's delivery sets upcall_pending but only injects vector callbacks;
-    with a GSI callback we must raise the line ourselves afterwards."""
+    a GSI callback's line is ours to raise.
+
+    vCPU 0's events under a GSI callback are therefore not sent through
+    KVM at all (delivers_to), as QEMU does: when KVM cannot reach a vCPU's
+    vcpu_info at once (its cache of the page is invalid after any memslot
+    change, or after the host moved the page), it keeps the selector bit in
+    the kernel and sets upcall_pending only when that vCPU next enters the
+    guest (kvm_xen_set_evtchn_fast, kvm_xen_inject_pending_events). A check
+    of upcall_pending right after the send would find it clear, and the
+    line would stay low while upcall_pending is set: until another send
+    through KVM, as a delivery made here finds upcall_pending already set
+    and raises nothing. The check after a send stays for a send that races
+    with the guest switching to the GSI."""
 
     def __init__(self, domain: XenDomain):
         super().__init__(domain.vm)
         self._domain = domain
+
+    def delivers_to(self, vcpu: int) -> bool:
+        domain = self._domain
+        return vcpu != 0 or domain.callback is not Callback.GSI or bool(domain._per_vcpu_vector[0])
 
     def send(self, port: int, vcpu: int) -> None:
         super().send(port, vcpu)

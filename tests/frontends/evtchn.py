@@ -90,6 +90,9 @@ class FakeKernel:
         if name in self.refuse:
             raise OSError(22, "refused")
 
+    def delivers_to(self, vcpu):
+        return True
+
     def send(self, port, vcpu):
         self._record("send", port, vcpu)
 

@@ -87,6 +87,24 @@ def test_out_then_hlt(kvm, machine):
         assert vcpu.get_regs().rip == CODE + len(code)
 
 
+def test_if_flag_is_rflags_if_at_the_last_exit(kvm, machine):
+    """Vcpu.if_flag (kvm_run's if_flag, what --trace evtchn records) follows
+    the guest's sti and cli."""
+    vm, memory = machine
+    code = bytes([0xE6, TEST_PORT,  # out 0x10,al   (IF clear)
+                  0xFB, 0x90,  # sti; nop       (past sti's shadow)
+                  0xE6, TEST_PORT,  # out 0x10,al   (IF set)
+                  0xFA,  # cli
+                  0xE6, TEST_PORT,  # out 0x10,al   (IF clear)
+                  0xF4])  # hlt
+    with real_mode_vcpu(kvm, vm, code, memory) as vcpu:
+        seen = []
+        for _ in range(3):
+            assert isinstance(vcpu.run(), IoExit)
+            seen.append((vcpu.if_flag, bool(vcpu.get_regs().rflags & 0x200)))
+        assert seen == [(False, False), (True, True), (False, False)]
+
+
 def test_mmio_write_and_read_to_unbacked_address(kvm, machine):
     vm, memory = machine
     code = bytes(

@@ -25,7 +25,9 @@ With `kernel` (KVM's Xen support) the kernel does the delivery
 backend channel's guest port is routed to an eventfd so that the guest's
 EVTCHNOP_send signals the backend without an exit. Unmasking stays here:
 KVM does not handle EVTCHNOP_unmask. A kernel call that fails is logged and
-the userspace path is used instead.
+the userspace path is used instead, as it is for a vCPU the kernel object
+says it does not deliver to (`delivers_to`: vCPU 0 under a GSI callback,
+whose line only userspace raises).
 
 Threads: guest operations come from vCPU threads, BackendChannel calls
 from the event thread. One lock protects the port tables. The rule: under
@@ -115,6 +117,10 @@ _STATE_OF_NAME = {"unbound": EVTCHNSTAT_unbound, "interdomain": EVTCHNSTAT_inter
 class KernelEvtchn(Protocol):
     """KVM's in-kernel event channel paths (implemented over the VM fd).
     Methods raise OSError when the kernel refuses."""
+
+    def delivers_to(self, vcpu: int) -> bool:
+        """Whether send() may be used for `vcpu`'s ports; False sends them
+        through the userspace path, which calls upcall() itself."""
 
     def send(self, port: int, vcpu: int) -> None:
         """KVM_XEN_HVM_EVTCHN_SEND: deliver `port` to `vcpu`."""
@@ -1022,9 +1028,12 @@ class EventChannels:
 
     def _send_in_kernel(self, port: int) -> bool:
         """KVM raises `port` on its vCPU (lock held); False without the
-        kernel path or when KVM refused."""
-        return (self._kernel is not None and self._fifo is None
-                and self._kernel_call(self._kernel.send, port, self._ports[port].vcpu))
+        kernel path, for a vCPU whose events the kernel must not raise
+        (KernelEvtchn.delivers_to), or when KVM refused."""
+        if self._kernel is None or self._fifo is not None:
+            return False
+        vcpu = self._ports[port].vcpu
+        return self._kernel.delivers_to(vcpu) and self._kernel_call(self._kernel.send, port, vcpu)
 
     def _notify_guest(self, channel: BackendChannel) -> None:
         # The common case, kept short (backends notify after every batch):

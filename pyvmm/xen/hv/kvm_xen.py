@@ -124,6 +124,11 @@ class KernelEvtchn:
     def __init__(self, vm):
         self._vm = vm
 
+    def delivers_to(self, vcpu: int) -> bool:
+        """Whether KVM_XEN_HVM_EVTCHN_SEND may raise events for `vcpu`; a
+        subclass says no where the VMM must see every upcall_pending it sets."""
+        return True
+
     def send(self, port: int, vcpu: int) -> None:
         self._vm.xen_evtchn_send(port, vcpu)
 
