@@ -12,7 +12,7 @@ covered and only the Python installation under it is bound back, and
 the machine's own permissions changes. Then setpriv drops to nobody. (In
 the testbed, whose commands run chrooted, the chroot's root is first moved
 onto the mount namespace's root: the kernel refuses a chrooted process the user
-namespace passt makes for itself: SWITCH_ROOT.)
+namespace passt makes for itself: netns.unchrooted.)
 
 The guest gets its lease by DHCP (MTU 65520, passt's), fetches a file from
 an HTTP server the test runs on the namespace's loopback (reached through
@@ -33,7 +33,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,7 +40,7 @@ import time
 import pytest
 
 from initrd import make_test_initrd
-from netns import Namespace, Transfer, dhcp_lease_script
+from netns import Namespace, Transfer, dhcp_lease_script, unchrooted
 from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
@@ -65,40 +64,6 @@ mount --bind "$work/mnt/pyenv" /root/.pyenv
 exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all "$@"
 """
 
-# Run first, as root, in the private mount namespace. A chrooted process may
-# not make a user namespace (the kernel's rule), and passt makes one to
-# sandbox itself; the testbed runs its commands chrooted into the host's
-# root. So, as switch_root does, the chroot's root mount is moved onto / of
-# this namespace and made the root: the same files, no longer a chroot.
-SWITCH_ROOT = r"""
-import ctypes, os, sys
-here, work, command = os.getcwd(), sys.argv[1], sys.argv[2:]
-root = os.stat("/")
-try:
-    real = os.stat("/proc/1/root")
-except OSError:  # not ours to look at (a container): taken as not chrooted
-    real = root
-if (root.st_dev, root.st_ino) != (real.st_dev, real.st_ino):
-    libc = ctypes.CDLL(None, use_errno=True)
-    top = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
-    escape = os.path.join(work, "escape")
-    os.makedirs(escape, exist_ok=True)
-    os.chroot(escape)
-    os.fchdir(top)
-    for _ in range(64):
-        os.chdir("..")
-    os.chroot(".")
-    names = [name for name in os.listdir("/") if os.path.isdir("/" + name)
-             and (os.stat("/" + name).st_dev, os.stat("/" + name).st_ino) == (root.st_dev, root.st_ino)]
-    if len(names) != 1:
-        sys.exit(f"switch-root: cannot find the chroot's root among {sorted(os.listdir('/'))}")
-    os.chdir("/" + names[0])
-    if libc.mount(b".", b"/", None, 8192, None) != 0:  # MS_MOVE
-        sys.exit(f"switch-root: mount --move: {os.strerror(ctypes.get_errno())}")
-    os.chroot(".")
-    os.chdir(here)
-os.execvp(command[0], command)
-"""
 
 LEASE_SCRIPT = "\nset -e" + dhcp_lease_script() + r"""
 wget -q -O /tmp/fetched "http://$router:@HTTP_PORT@/file"
@@ -206,8 +171,8 @@ def launch(assets, workdir, netns, script, net, *extra):
         args += ["--timeout", "1500"]
     device = os.stat("/dev/kvm").st_rdev
     os.environ["KVM_MAJOR"], os.environ["KVM_MINOR"] = str(os.major(device)), str(os.minor(device))
-    prefix = ("ip", "netns", "exec", netns.name, "unshare", "--mount", "--propagation", "private",
-              sys.executable, "-c", SWITCH_ROOT, workdir, "sh", "-c", UNPRIVILEGED, "sh", workdir, "env", "HOME=/tmp")
+    prefix = ("ip", "netns", "exec", netns.name, *unchrooted(workdir),
+              "sh", "-c", UNPRIVILEGED, "sh", workdir, "env", "HOME=/tmp")
     return LiveGuest(args, prefix=prefix)
 
 
