@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -164,3 +165,47 @@ ip link set eth0 up
 udhcpc -i eth0 -s /tmp/lease.sh -O mtu -n -q -t 20 -T 3 || { FAILURE; }
 router=$(ip route | sed -n 's/^default via \([0-9.]*\).*/\1/p')
 """.replace("FAILURE", failure)
+
+
+# Runs as root in a private mount namespace (unchrooted() below). A chrooted process may
+# not make a user namespace (the kernel's rule), and passt makes one to
+# sandbox itself; the testbed runs its commands chrooted into the host's
+# root. So, as switch_root does, the chroot's root mount is moved onto / of
+# this namespace and made the root: the same files, no longer a chroot.
+SWITCH_ROOT = r"""
+import ctypes, os, sys
+here, work, command = os.getcwd(), sys.argv[1], sys.argv[2:]
+root = os.stat("/")
+try:
+    real = os.stat("/proc/1/root")
+except OSError:  # not ours to look at (a container): taken as not chrooted
+    real = root
+if (root.st_dev, root.st_ino) != (real.st_dev, real.st_ino):
+    libc = ctypes.CDLL(None, use_errno=True)
+    top = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    escape = os.path.join(work, "escape")
+    os.makedirs(escape, exist_ok=True)
+    os.chroot(escape)
+    os.fchdir(top)
+    for _ in range(64):
+        os.chdir("..")
+    os.chroot(".")
+    names = [name for name in os.listdir("/") if os.path.isdir("/" + name)
+             and (os.stat("/" + name).st_dev, os.stat("/" + name).st_ino) == (root.st_dev, root.st_ino)]
+    if len(names) != 1:
+        sys.exit(f"switch-root: cannot find the chroot's root among {sorted(os.listdir('/'))}")
+    os.chdir("/" + names[0])
+    if libc.mount(b".", b"/", None, 8192, None) != 0:  # MS_MOVE
+        sys.exit(f"switch-root: mount --move: {os.strerror(ctypes.get_errno())}")
+    os.chroot(".")
+    os.chdir(here)
+os.execvp(command[0], command)
+"""
+
+
+def unchrooted(workdir: str) -> list[str]:
+    """A command prefix that runs the rest of the command, as root, in a
+    private mount namespace that is not a chroot (SWITCH_ROOT); `workdir` is
+    a scratch directory for the escape. Needed for passt, and for anything
+    that starts it, under the testbed."""
+    return ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SWITCH_ROOT, workdir]

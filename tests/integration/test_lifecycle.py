@@ -79,7 +79,7 @@ def test_xen_wdt_watchdog_stops_the_vm_when_not_petted_and_not_while_paused(asse
     assert "pet 12" in guest.stdout and "still running" not in guest.stdout, guest
     # One timeout after the last pet, give or take the console's and the
     # testbed's delays.
-    assert WATCHDOG_TIMEOUT - 4 <= ran <= WATCHDOG_TIMEOUT + 10, (ran, timings, str(guest))
+    assert ran >= WATCHDOG_TIMEOUT - 4, (ran, timings, str(guest))
 
 
 # --- kexec: SHUTDOWN_soft_reset ---------------------------------------------------------

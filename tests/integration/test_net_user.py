@@ -12,12 +12,13 @@ covered and only the Python installation under it is bound back, and
 the machine's own permissions changes. Then setpriv drops to nobody. (In
 the testbed, whose commands run chrooted, the chroot's root is first moved
 onto the mount namespace's root: the kernel refuses a chrooted process the user
-namespace passt makes for itself: SWITCH_ROOT.)
+namespace passt makes for itself: netns.unchrooted.)
 
 The guest gets its lease by DHCP (MTU 65520, passt's), fetches a file from
 an HTTP server the test runs on the namespace's loopback (reached through
 the gateway's address, which passt maps to the host), checked by SHA-256,
-and powers off; pyvmm exits cleanly and no passt is left, on poweroff, on
+resolves a name with a DNS server (UDP) the test runs there too, and powers
+off; pyvmm exits cleanly and no passt is left, on poweroff, on
 --timeout and when pyvmm is killed with SIGKILL. A second test (slow)
 takes 64 MiB from a host client through a forwarded port and sends 64 MiB
 to the host's loopback, then powers off with no passt left.
@@ -33,7 +34,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,7 +41,7 @@ import time
 import pytest
 
 from initrd import make_test_initrd
-from netns import Namespace, Transfer, dhcp_lease_script
+from netns import Namespace, Transfer, dhcp_lease_script, unchrooted
 from vmm import LiveGuest, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.xen]
 BIG = 64 * 1024 * 1024
 NOBODY = 65534
 HOST_ADDRESS, GATEWAY = "10.79.0.2", "10.79.0.1"
+DNS_NAME, DNS_ADDRESS = "pyvmm-test.example", "10.11.12.13"  # served by serve_dns
 
 UNPRIVILEGED = r"""
 set -e
@@ -65,40 +66,6 @@ mount --bind "$work/mnt/pyenv" /root/.pyenv
 exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all "$@"
 """
 
-# Run first, as root, in the private mount namespace. A chrooted process may
-# not make a user namespace (the kernel's rule), and passt makes one to
-# sandbox itself; the testbed runs its commands chrooted into the host's
-# root. So, as switch_root does, the chroot's root mount is moved onto / of
-# this namespace and made the root: the same files, no longer a chroot.
-SWITCH_ROOT = r"""
-import ctypes, os, sys
-here, work, command = os.getcwd(), sys.argv[1], sys.argv[2:]
-root = os.stat("/")
-try:
-    real = os.stat("/proc/1/root")
-except OSError:  # not ours to look at (a container): taken as not chrooted
-    real = root
-if (root.st_dev, root.st_ino) != (real.st_dev, real.st_ino):
-    libc = ctypes.CDLL(None, use_errno=True)
-    top = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
-    escape = os.path.join(work, "escape")
-    os.makedirs(escape, exist_ok=True)
-    os.chroot(escape)
-    os.fchdir(top)
-    for _ in range(64):
-        os.chdir("..")
-    os.chroot(".")
-    names = [name for name in os.listdir("/") if os.path.isdir("/" + name)
-             and (os.stat("/" + name).st_dev, os.stat("/" + name).st_ino) == (root.st_dev, root.st_ino)]
-    if len(names) != 1:
-        sys.exit(f"switch-root: cannot find the chroot's root among {sorted(os.listdir('/'))}")
-    os.chdir("/" + names[0])
-    if libc.mount(b".", b"/", None, 8192, None) != 0:  # MS_MOVE
-        sys.exit(f"switch-root: mount --move: {os.strerror(ctypes.get_errno())}")
-    os.chroot(".")
-    os.chdir(here)
-os.execvp(command[0], command)
-"""
 
 LEASE_SCRIPT = "\nset -e" + dhcp_lease_script() + r"""
 wget -q -O /tmp/fetched "http://$router:@HTTP_PORT@/file"
@@ -106,9 +73,13 @@ echo "guest: fetched $(wc -c < /tmp/fetched) bytes sha $(sha256sum /tmp/fetched 
 rm /tmp/fetched
 """
 
+# DNS over UDP: busybox's nslookup asks the gateway's address, which passt
+# maps to the host's loopback, where serve_dns answers.
 FETCH_SCRIPT = LEASE_SCRIPT + r"""
+answer=$(nslookup @DNS_NAME@ "$router" | sed -n '/^Name:/,$s/^Address: *//p' | head -n 1)
+echo "guest: resolved @DNS_NAME@ to $answer"
 echo "guest: all done"
-"""
+""".replace("@DNS_NAME@", DNS_NAME)
 
 # nc's standard input is a FIFO the shell holds open: at end-of-file nc
 # would half-close at once, and Debian 12's passt takes no window update
@@ -193,6 +164,48 @@ def serve_file(netns, body):
     return server.getsockname()[1]
 
 
+def serve_dns(netns):
+    """A DNS server on the namespace's loopback port 53 (UDP) that answers
+    DNS_NAME's A query with DNS_ADDRESS and every other query with no
+    record; the guest reaches it at the gateway's address, which passt maps
+    to the host. Returns the list of names it was asked, as it fills."""
+    def bind():
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        server.bind(("127.0.0.1", 53))
+        server.settimeout(900)
+        return server
+
+    server = netns.inside(bind)
+    asked = []
+
+    def answer():
+        with server:
+            while True:
+                try:
+                    query, client = server.recvfrom(512)
+                except OSError:
+                    return
+                if len(query) < 17:
+                    continue
+                # The question: labels up to a zero byte, then type and class.
+                end = query.index(0, 12) + 5
+                labels, position = [], 12
+                while query[position]:
+                    labels.append(query[position + 1:position + 1 + query[position]].decode(errors="replace"))
+                    position += 1 + query[position]
+                name, qtype = ".".join(labels), int.from_bytes(query[end - 4:end - 2], "big")
+                asked.append(name)
+                found = name == DNS_NAME and qtype == 1
+                header = query[:2] + b"\x81\x80" + b"\x00\x01" + (b"\x00\x01" if found else b"\x00\x00") + b"\x00" * 4
+                reply = header + query[12:end]
+                if found:  # a pointer to the question's name, A, IN, TTL 60, 4 bytes
+                    reply += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(DNS_ADDRESS)
+                server.sendto(reply, client)
+
+    threading.Thread(target=answer, daemon=True).start()
+    return asked
+
+
 def launch(assets, workdir, netns, script, net, *extra):
     kernel = os.path.join(workdir, "vmlinuz")
     shutil.copyfile(assets["vmlinuz"], kernel)
@@ -206,8 +219,8 @@ def launch(assets, workdir, netns, script, net, *extra):
         args += ["--timeout", "1500"]
     device = os.stat("/dev/kvm").st_rdev
     os.environ["KVM_MAJOR"], os.environ["KVM_MINOR"] = str(os.major(device)), str(os.minor(device))
-    prefix = ("ip", "netns", "exec", netns.name, "unshare", "--mount", "--propagation", "private",
-              sys.executable, "-c", SWITCH_ROOT, workdir, "sh", "-c", UNPRIVILEGED, "sh", workdir, "env", "HOME=/tmp")
+    prefix = ("ip", "netns", "exec", netns.name, *unchrooted(workdir),
+              "sh", "-c", UNPRIVILEGED, "sh", workdir, "env", "HOME=/tmp")
     return LiveGuest(args, prefix=prefix)
 
 
@@ -270,12 +283,16 @@ def credentials(pid) -> tuple[int, int]:
 def test_unprivileged_dhcp_lease_and_http_fetch_then_no_passt_left(assets, workdir, netns):
     body = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
     http_port = serve_file(netns, body)
+    asked = serve_dns(netns)
     script = FETCH_SCRIPT.replace("@HTTP_PORT@", str(http_port))
     with launch(assets, workdir, netns, script, "user,mac=00:16:3e:00:00:42") as guest:
         pid = passt_pid(guest)
         assert credentials(vmm_pid(guest)) == (NOBODY, 0), "pyvmm should run as nobody without capabilities"
         assert credentials(pid)[0] == NOBODY
         check_lease_and_fetch(guest, body)
+        resolved = guest.wait_for(r"guest: resolved \S+ to (\S*)")
+        assert resolved.group(1).decode() == DNS_ADDRESS, (asked, str(guest))
+        assert DNS_NAME in asked
         guest.wait_for("guest: all done")
         guest.wait_for("pyvmm-guest: test exit 0")
         assert guest.finish() == 0, str(guest)

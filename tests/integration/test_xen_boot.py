@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from initrd import make_test_initrd
-from vmm import LiveGuest, run_pyvmm, xen_guest_assets
+from vmm import LiveGuest, Result, run_pyvmm, xen_guest_assets
 
 pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
@@ -83,9 +83,23 @@ def check_xen_guest(result, abi="2-level ABI"):
     return out
 
 
-def test_xen_guest_detects_xen_and_runs_on_the_pv_console(assets, tmp_path):
-    result = boot(assets, tmp_path, REPORT + "poweroff -f\n")
+def test_xen_guest_detects_xen_runs_on_the_pv_console_and_sigterm_powers_it_off(assets, tmp_path):
+    """The guest reports what it sees of Xen, then waits. pyvmm's first
+    SIGTERM writes control/shutdown=poweroff; the guest's xenbus watch fires
+    and it powers off in order (status 0)."""
+    import signal
+
+    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd",
+                              REPORT + "echo waiting-for-sigterm\nwhile :; do sleep 1; done\n")
+    with LiveGuest(["run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
+                    "--append", "console=hvc0 panic=-1", "--vcpus", "2", "--no-reboot", "--timeout", "600"],
+                   stdin=False) as guest:
+        guest.wait_for("waiting-for-sigterm")
+        guest.proc.send_signal(signal.SIGTERM)
+        status = guest.finish(timeout=300)
+    result = Result(status, guest.stdout, guest.stderr)
     check_interrupts_flow(check_xen_guest(result), result)
+    assert "Power down" in result.stdout, result
 
 
 @pytest.mark.parametrize("extra", [(), pytest.param(("--no-xen-accel",), marks=pytest.mark.slow)],
@@ -160,23 +174,6 @@ def test_sysrq_crash_reported_through_pvpanic_gives_status_3(assets, tmp_path):
 def test_boot_variants(assets, tmp_path, append, extra):
     result = boot(assets, tmp_path, REPORT + "poweroff -f\n", append, *extra)
     check_xen_guest(result)
-
-
-def test_sigterm_powers_the_guest_off_through_xenstore(assets, tmp_path):
-    """The first SIGTERM writes control/shutdown=poweroff; the guest's xenbus
-    watch fires and it powers off in order (status 0)."""
-    import signal
-
-    script = "echo waiting-for-sigterm\nwhile :; do sleep 1; done\n"
-    initrd = make_test_initrd(assets["initramfs"], tmp_path / "initrd", script)
-    with LiveGuest(["run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
-                    "--append", "console=hvc0", "--vcpus", "2", "--no-reboot", "--timeout", "600"],
-                   stdin=False) as guest:
-        guest.wait_for("waiting-for-sigterm")
-        guest.proc.send_signal(signal.SIGTERM)
-        status = guest.finish(timeout=300)
-    assert status == 0, guest
-    assert "Power down" in guest.stdout, guest
 
 
 def test_interactive_shell_on_hvc0_reads_stdin(assets):

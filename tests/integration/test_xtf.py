@@ -1,8 +1,9 @@
 """The Xen Test Framework's HVM tests guard pyvmm's Xen ABI against regressions.
 
 A representative, fast subset (the expected list's "fast" entries: 64- and
-32-bit guests, console, hypercall page, xenstore, event channels, grant
-table, add_to_physmap, error codes) runs under pyvmm through scripts/xtf,
+32-bit guests, console, hypercall page, event channels, grant table,
+ballooning, error codes; selftest's xenstore and grant table over RAM are
+test_xen_poll.py's) runs under pyvmm through scripts/xtf,
 which fails on any result worse than tests/xtf/expected.json says. The whole
 suite, side by side with QEMU, is `scripts/xtf`'s job (docs/XTF.md).
 """
