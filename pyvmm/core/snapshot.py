@@ -9,11 +9,12 @@ backend's xenbus state) implements `Stateful`:
 
 The rules:
 
-- **When.** Only while the VM is paused (`Machine.pause()`: every vCPU
-  parked outside KVM_RUN, the guest's clock frozen) and on the event thread,
-  which owns the xenstore, the backends' handshakes and the loop's timers.
-  Ring workers are quiesced first: a backend saves no request in flight, it
-  finishes or drains them before saying what it holds. restore_state() is
+- **When.** Only while the VM is paused (`Machine.pause_for_snapshot()`:
+  every vCPU parked outside KVM_RUN, none in the middle of a hypercall,
+  the guest's clock frozen) and on the event thread, which owns the
+  xenstore, the backends' handshakes and the loop's timers. Ring workers
+  are quiesced first: a backend saves no request in flight, it finishes or
+  drains them before saying what it holds. restore_state() is
   called on a part that MachineBuilder has just built (steps 1 to 3 of
   `for_boot`), before any vCPU or worker thread starts.
 - **What.** Everything the part would need to behave, from then on, exactly

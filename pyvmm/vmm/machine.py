@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 DIAGNOSE_WAIT = 0.5  # how long a diagnosis waits for each vCPU's thread
 PARK_WAIT = 2.0  # how long pause() waits for every vCPU to leave KVM_RUN
 SETTLE_RUNS = 64  # KVM_RUNs a parking vCPU may need to complete an instruction half done (rep ins/outs)
+# How long a snapshot waits for every vCPU to end the hypercall it is in (a
+# guest's longest legitimate batch takes milliseconds; a hostile GNTTABOP_copy
+# of 2**31 copies would take hours: the snapshot fails instead).
+SNAPSHOT_SETTLE_WAIT = 5.0
 
 
 class Machine:
@@ -102,6 +106,13 @@ class Machine:
         # vCPU runs.
         self._parking = threading.Condition()
         self._in_guest = [False] * config.vcpus
+        # `_at_exit[i]`: vCPU i's thread is parked between two exits, its
+        # last one completed (_settle), so its saved state is whole: not
+        # inside a hypercall's preempt point. `_finishing`: a snapshot waits
+        # for every vCPU to get there, and preempt points do not park.
+        # Both under `_parking`.
+        self._at_exit = [False] * config.vcpus
+        self._finishing = False
         # VCPUOP_down: vCPU i parks like a paused one until VCPUOP_up.
         self._vcpu_down = [False] * config.vcpus
         # others_held(): the vCPU whose thread holds every other one parked
@@ -411,30 +422,50 @@ class Machine:
         """For a long hypercall, between its items, on vCPU `index`'s own
         thread: run the work queued for it and wait out a pause, as the vCPU
         loop would between two KVM_RUNs. True when the VM is stopping (the
-        hypercall should end at once)."""
+        hypercall should end at once).
+
+        Not the pause of a snapshot: a vCPU saved here would be restored
+        before the VMCALL (KVM writes the result and moves past it only at
+        the next KVM_RUN) and run the whole hypercall again. So while a
+        snapshot waits (pause_for_snapshot), the hypercall goes on to its end
+        and the vCPU parks after it. (Ending it here with a continuation, as
+        Xen does, would need the VMCALL executed again; but KVM completes a
+        KVM_EXIT_XEN at the next KVM_RUN by writing RAX and skipping the
+        VMCALL, and nothing in its API cancels that.)"""
         work = self._vcpu_work[index]
         while work:
             work.popleft()()
-        if not self._running.is_set():
-            self._park(work, index)
+        if not self._running.is_set() and not self._finishing:
+            self._park(work, index, at_exit=False)
         return self.stop_reason is not None
 
-    def _park(self, work: collections.deque, index: int) -> None:
+    def _park(self, work: collections.deque, index: int, *, at_exit: bool = True) -> None:
         """Wait outside KVM_RUN until the VM runs again (and this vCPU is
         up); the vCPU's own thread. Work queued for the vCPU still runs
         meanwhile: a vCPU blocked in a hypercall may be waiting for it
-        (run_on_vcpu)."""
+        (run_on_vcpu). `at_exit`: parked by the vCPU loop, its last exit
+        completed; otherwise at a hypercall's preempt point, which a
+        snapshot's wait ends (pause_for_snapshot)."""
         with self._parking:
-            while self.stop_reason is None and self._must_park(index):
-                if work:
-                    self._parking.release()
-                    try:
-                        while work:
-                            work.popleft()()
-                    finally:
-                        self._parking.acquire()
-                    continue
-                self._parking.wait()
+            if at_exit:
+                self._at_exit[index] = True
+                self._parking.notify_all()
+            try:
+                while self.stop_reason is None and self._must_park(index):
+                    if not at_exit and self._finishing:
+                        return  # a snapshot waits for this hypercall to end
+                    if work:
+                        self._parking.release()
+                        try:
+                            while work:
+                                work.popleft()()
+                        finally:
+                            self._parking.acquire()
+                        continue
+                    self._parking.wait()
+            finally:
+                if at_exit:
+                    self._at_exit[index] = False
 
     def _set_running(self) -> None:
         self._running.set()
@@ -645,6 +676,36 @@ class Machine:
                 log.warning("pause: a vCPU did not leave KVM_RUN within %.0f s; its clock may step back on resume",
                             PARK_WAIT)
             self._paused_clock = self.vm.get_clock().clock
+
+    def pause_for_snapshot(self) -> None:
+        """pause(), then wait until every vCPU is parked between two exits,
+        its last one completed: a vCPU inside a hypercall (at a preempt
+        point, or still working) goes on to the hypercall's end first. Event
+        thread. SnapshotError when one is not there within
+        SNAPSHOT_SETTLE_WAIT (an endless GNTTABOP_copy, a handler stuck):
+        the VM is left paused, and a preempt point parks again."""
+        self.pause()
+        deadline = time.monotonic() + SNAPSHOT_SETTLE_WAIT
+        with self._parking:
+            self._finishing = True
+            self._parking.notify_all()
+            try:
+                while True:
+                    if self.stop_reason is not None:
+                        raise SnapshotError("the VM is stopping")
+                    busy = [index for index, vcpu in enumerate(self._vcpus)
+                            if vcpu is not None and not self._at_exit[index]]
+                    if not busy:
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise SnapshotError(
+                            f"vCPU {', '.join(map(str, busy))} did not end its hypercall (or leave the VMM) within "
+                            f"{SNAPSHOT_SETTLE_WAIT:g} s, so no snapshot is taken")
+                    self._parking.wait(left)
+            finally:
+                self._finishing = False
+                self._parking.notify_all()
 
     def resume(self) -> None:
         with self._pause_lock:

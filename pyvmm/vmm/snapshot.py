@@ -313,8 +313,9 @@ def take(machine, fd: int, *, stopping: bool = False) -> Taken:
     """Pause `machine`, save all of it into `fd` (an empty regular file),
     and leave it paused: the caller resumes or stops it (`stopping`).
     Event thread. SnapshotError (nothing useful written) when a part
-    cannot save its state; the VM is then still paused, as the caller found
-    it or left it.
+    cannot save its state, or a vCPU does not end the hypercall it is in
+    within its time; the VM is then still paused, as the caller found it or
+    left it.
 
     A part whose save_state() holds something still until guest RAM is
     saved (the Xen domain's disks keep their queues quiesced) has
@@ -324,7 +325,9 @@ def take(machine, fd: int, *, stopping: bool = False) -> Taken:
 
     check_empty_file(fd)
     started = time.monotonic()
-    machine.pause()
+    # Every vCPU saved between two exits: one in the middle of a long
+    # hypercall ends it first (Machine.pause_for_snapshot, preempt_point).
+    machine.pause_for_snapshot()
     paused = time.monotonic()
     saved: list = []
     failed = True

@@ -174,7 +174,7 @@ def test_a_part_held_for_the_save_is_resumed_unless_the_vm_stops(monkeypatch, tm
     written = []
     monkeypatch.setattr(snap, "capture", capture)
     monkeypatch.setattr(snap, "write_snapshot", lambda fd, header, state, memory: written.append(fd) or Written(1, 0, 0))
-    machine = SimpleNamespace(pause=lambda: None, memory=None)
+    machine = SimpleNamespace(pause_for_snapshot=lambda: None, memory=None)
     fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         snap.take(machine, fd)
