@@ -33,7 +33,7 @@ def parked_thread(m, index):
     done = threading.Event()
 
     def run():
-        m._park(m._vcpu_work[index], index)
+        m._park(index)
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
@@ -91,3 +91,58 @@ def test_others_held_parks_every_other_vcpu_for_the_block():
     del m._vcpu_of_thread[me]
     with m.others_held():  # from the event thread: all of them
         assert all(m._must_park(i) for i in range(3))
+
+
+def test_a_vcpu_waiting_for_another_serves_only_what_other_vcpus_wait_for():
+    # vCPU 0, in a hypercall, waits for vCPU 1; vCPU 1, in one of its own,
+    # waits for vCPU 0. Each serves the other's request while it waits.
+    # Work from the event thread (a snapshot reading the vCPU) waits until
+    # vCPU 0's hypercall is over: its state is not whole before that.
+    m = machine()
+    event_thread_work = []
+    m._post(0, lambda: event_thread_work.append("ran"))
+    start = threading.Barrier(2)
+    answers = {}
+
+    def in_hypercall(me, other):
+        m._vcpu_of_thread[threading.get_ident()] = me
+        start.wait()
+        answers[me] = m.run_on_vcpu(other, lambda vcpu: (me, m.current_vcpu()), timeout=30)
+        answers[f"{me} saw event-thread work"] = bool(event_thread_work)
+
+    threads = [threading.Thread(target=in_hypercall, args=(i, 1 - i), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == {0: (0, 1), 1: (1, 0), "0 saw event-thread work": False, "1 saw event-thread work": False}
+    assert m.preempt_point(0) is False and event_thread_work == ["ran"]  # back in its loop
+
+
+def test_a_vcpu_waiting_for_another_stops_waiting_when_the_vm_stops():
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 0
+    m.loop.stop = lambda: None
+    threading.Timer(0.1, m.request_stop, args=(StopReason.DESTROYED,)).start()
+    try:
+        m.run_on_vcpu(1, lambda vcpu: None, timeout=30)
+    except TimeoutError as error:
+        assert "stopping" in str(error)
+    else:
+        raise AssertionError("vCPU 1 never ran it, yet it returned")
+
+
+def test_debug_threads_catches_a_preemption_point_on_another_vcpus_thread(monkeypatch):
+    from pyvmm.core.eventloop import WrongThread
+    from pyvmm.vmm import machine as machine_module
+
+    monkeypatch.setattr(machine_module, "DEBUG_THREADS", True)
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 1
+    assert m.preempt_point(1) is False
+    try:
+        m.preempt_point(0)
+    except WrongThread:
+        pass
+    else:
+        raise AssertionError("vCPU 0's preemption point ran on vCPU 1's thread")
