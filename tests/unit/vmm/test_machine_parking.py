@@ -146,3 +146,46 @@ def test_debug_threads_catches_a_preemption_point_on_another_vcpus_thread(monkey
         pass
     else:
         raise AssertionError("vCPU 0's preemption point ran on vCPU 1's thread")
+
+
+def test_vcpus_asking_each_other_at_random_are_all_answered_on_the_right_thread():
+    # A small stress of the rule above: four vCPU threads, each in its
+    # hypercall sending requests to the others at random and now and then
+    # back between two KVM_RUNs (a preemption point). The first request
+    # that fails ends the run.
+    import random
+
+    count, requests = 4, 300
+    m = machine(count)
+    m.loop.stop = lambda: None
+    failures, finished, lock, all_done = [], [], threading.Lock(), threading.Event()
+
+    def vcpu_thread(me):
+        m._vcpu_of_thread[threading.get_ident()] = me
+        rng = random.Random(me)
+        for _ in range(requests):
+            if failures:
+                break
+            target = rng.choice([other for other in range(count) if other != me])
+            try:
+                ran_on = m.run_on_vcpu(target, lambda vcpu: m.current_vcpu(), timeout=30)
+                if ran_on != target:
+                    failures.append(f"vCPU {target}'s request ran on vCPU {ran_on}'s thread")
+            except TimeoutError as error:
+                failures.append(f"vCPU {me}: {error}")
+            if rng.random() < 0.3:
+                m.preempt_point(me)
+        with lock:
+            finished.append(me)
+            if len(finished) == count:
+                all_done.set()
+        while not all_done.is_set():
+            m.preempt_point(me)
+            all_done.wait(0.001)
+
+    threads = [threading.Thread(target=vcpu_thread, args=(index,), daemon=True) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [] and sorted(finished) == list(range(count))
