@@ -56,17 +56,29 @@ from pyvmm.xen.xenstore.socket_server import XenstoreSocketServer
 DOMID = 1
 WATCH_PATH = f"/local/domain/{DOMID}/data/w"
 GUEST_KEYS = 64
-# Host writers cycle through this many nodes each (the guest's node quota is
-# 1000) and stay at most WINDOW events ahead of the guest, so no event can be
-# merged with an identical one still unsent, and each write is one event.
+# Host writers cycle through at most HOST_PATHS nodes each and stay at most
+# WINDOW events ahead of the guest, so no event can be merged with an
+# identical one still unsent, and each write is one event. The nodes are
+# the guest's (they are in its directory): together they stay within
+# HOST_NODES, which leaves room in its node quota (1000) for its own keys
+# and the domain's nodes, however many writers run.
 HOST_PATHS = 128
+HOST_NODES = 768
 PHASE_SECONDS = 0.5
 WINDOW = 32
+MAX_WRITERS = HOST_NODES // (WINDOW + 1)  # each cycle longer than the window
 MASK32 = 0xFFFFFFFF
 
 
 class StressFailure(AssertionError):
     pass
+
+
+def host_paths(writers: int) -> int:
+    """How many nodes each of `writers` host writers cycles through."""
+    if not 0 < writers <= MAX_WRITERS:
+        raise ValueError(f"{writers} host writers: 1 to {MAX_WRITERS} fit the guest's node quota")
+    return min(HOST_PATHS, HOST_NODES // writers)
 
 
 class _FakeKvmEvtchn:
@@ -319,7 +331,7 @@ class _SocketWriter(threading.Thread):
                 sock.connect(self.rig.socket_path)
                 n = 0
                 while not self.rig.stop_host.is_set():
-                    path = f"{WATCH_PATH}/s{self.index}-{n % HOST_PATHS}"
+                    path = f"{WATCH_PATH}/s{self.index}-{n % self.rig.host_paths}"
                     self.rig.wait_window()
                     sock.sendall(encode_message(Op.WRITE, n + 1, 0, path.encode() + b"\0x"))
                     header = HEADER.unpack(_recv_exact(sock, HEADER_SIZE))
@@ -355,7 +367,7 @@ class _Backend(threading.Thread):
         n = 0
         try:
             while not rig.stop_host.is_set():
-                path = f"{WATCH_PATH}/b{self.index}-{n % HOST_PATHS}"
+                path = f"{WATCH_PATH}/b{self.index}-{n % rig.host_paths}"
                 rig.wait_window()
                 done = threading.Event()
                 rig.loop.call_soon_threadsafe(partial(self._write, path, done))
@@ -470,6 +482,7 @@ class StressRig:
     def run(self, *, seconds: float, depth: int = 24, seed: int = 0, backends: int = 2, sockets: int = 2,
             stall_seconds: float = 5.0) -> Stats:
         loop_thread = threading.Thread(target=self.loop.run, name="event-loop", daemon=True)
+        self.host_paths = host_paths(backends + sockets) if backends + sockets else 0
         self.guest = FakeLinuxXenbus(self, depth=depth, seed=seed, stall_seconds=stall_seconds)
         host = [_Backend(self, i) for i in range(backends)] + [_SocketWriter(self, i) for i in range(sockets)]
         old_interval = sys.getswitchinterval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ from . import liveness
 from ..core.bus import Bus
 from ..config import VmConfig
 from ..core.console import ConsoleOutput, EscapeFilter, RawTerminal
-from ..core.eventloop import EventLoop
+from ..core.eventloop import EventLoop, WrongThread
 from .exit_handler import ExitHandler
 from .liveness import DeadGuestDetector
 from ..core.memory import GuestMemory
@@ -56,6 +57,7 @@ SETTLE_RUNS = 64  # KVM_RUNs a parking vCPU may need to complete an instruction 
 # guest's longest legitimate batch takes milliseconds; a hostile GNTTABOP_copy
 # of 2**31 copies would take hours: the snapshot fails instead).
 SNAPSHOT_SETTLE_WAIT = 5.0
+DEBUG_THREADS = os.environ.get("PYVMM_DEBUG_THREADS") == "1"  # docs/ARCHITECTURE.md, Threads
 
 
 class Machine:
@@ -93,6 +95,10 @@ class Machine:
         # Work that must run on a given vCPU's own thread (KVM serialises
         # vCPU ioctls with KVM_RUN, so another thread would block on it).
         self._vcpu_work: list[collections.deque] = [collections.deque() for _ in range(config.vcpus)]
+        # The part of it another vCPU's thread waits for (run_on_vcpu from a
+        # vCPU thread): served also while this vCPU itself waits for another,
+        # so two vCPUs asking each other never wait for each other.
+        self._peer_work: list[collections.deque] = [collections.deque() for _ in range(config.vcpus)]
         self._vcpu_of_thread: dict[int, int] = {}
         # Pausing parks every vCPU thread outside KVM_RUN; `_running` is set
         # while the guest may run.
@@ -283,7 +289,7 @@ class Machine:
         handle = ExitHandler(self.pio, self.mmio, hypercall, debug, vcpu=index,
                              registers=lambda: read_registers(vcpu), trace=self.trace).handle
         settle_handle = handle  # a settling vCPU's rare exits are not counted by --stats
-        work = self._vcpu_work[index]
+        work, peer_work = self._vcpu_work[index], self._peer_work[index]
         in_guest = self._in_guest
         run = vcpu.run
         finish = None
@@ -295,10 +301,10 @@ class Machine:
                     # Settled before anything queued for the parked vCPU
                     # runs: what reads its state reads it whole.
                     self._settle(vcpu, settle_handle)
-                    self._park(work, index)
+                    self._park(index)
                     continue
-                while work:
-                    work.popleft()()
+                while work or peer_work:  # inline: this loop runs at every exit
+                    (work if work else peer_work).popleft()()
                 in_guest[index] = True
                 try:
                     vcpu_exit = run()
@@ -384,9 +390,14 @@ class Machine:
         return self._vcpus[index]
 
     def run_on_vcpu(self, index: int, function, timeout: float = 10.0):
-        """Run `function(vcpu)` on vCPU `index`'s thread and return its result."""
+        """Run `function(vcpu)` on vCPU `index`'s thread and return its result.
+
+        From another vCPU's thread (a hypercall acting on vCPU `index`), the
+        caller serves what other vCPUs queued for it while it waits: the
+        target may be in a hypercall of its own, waiting for the caller."""
         vcpu = self._vcpus[index]
-        if self.current_vcpu() == index:
+        me = self.current_vcpu()
+        if me == index:
             return function(vcpu)
         done = threading.Event()
         outcome: list = []
@@ -397,9 +408,19 @@ class Machine:
             except BaseException as error:  # handed to the caller
                 outcome.append((False, error))
             done.set()
+            if me is not None:
+                with self._parking:
+                    self._parking.notify_all()  # the waiting vCPU waits on it
 
-        self._post(index, job)
-        if not done.wait(timeout):
+        if me is None:
+            self._post(index, job)
+            finished = done.wait(timeout)
+        else:
+            self._post(index, job, self._peer_work)
+            finished = self._wait_serving(me, done, timeout)
+        if not finished:
+            if self.stop_reason is not None:
+                raise TimeoutError(f"vCPU {index} did not run queued work: the VM is stopping")
             raise TimeoutError(f"vCPU {index} did not run queued work within {timeout}s")
         ok, value = outcome[0]
         if not ok:
@@ -412,11 +433,40 @@ class Machine:
         vcpu = self._vcpus[index]
         self._post(index, lambda: function(vcpu))
 
-    def _post(self, index: int, job) -> None:
-        self._vcpu_work[index].append(job)
+    def _post(self, index: int, job, queues: list[collections.deque] | None = None) -> None:
+        (self._vcpu_work if queues is None else queues)[index].append(job)
         self._vcpus[index].kick()
         with self._parking:
-            self._parking.notify_all()  # a parked vCPU serves it too
+            self._parking.notify_all()  # a parked or waiting vCPU serves it too
+
+    def _wait_serving(self, me: int, done: threading.Event, timeout: float) -> bool:
+        """On vCPU `me`'s thread, outside KVM_RUN: wait until `done` is set
+        (False: `timeout` passed or the VM stops), running meanwhile the work
+        other vCPUs' threads wait for from this one (never the rest: a
+        snapshot must read this vCPU only once its hypercall is complete)."""
+        peer_work = self._peer_work[me]
+        deadline = time.monotonic() + timeout
+        with self._parking:
+            while True:
+                if peer_work:  # first: the vCPU that answered may be waiting for this one too
+                    self._parking.release()
+                    try:
+                        while peer_work:
+                            peer_work.popleft()()
+                    finally:
+                        self._parking.acquire()
+                    continue
+                if done.is_set():
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.stop_reason is not None:
+                    return False
+                self._parking.wait(remaining)
+
+    @staticmethod
+    def _serve(work: collections.deque, peer_work: collections.deque) -> None:
+        while work or peer_work:
+            (work if work else peer_work).popleft()()
 
     def preempt_point(self, index: int) -> bool:
         """For a long hypercall, between its items, on vCPU `index`'s own
@@ -432,20 +482,23 @@ class Machine:
         Xen does, would need the VMCALL executed again; but KVM completes a
         KVM_EXIT_XEN at the next KVM_RUN by writing RAX and skipping the
         VMCALL, and nothing in its API cancels that.)"""
-        work = self._vcpu_work[index]
-        while work:
-            work.popleft()()
+        if DEBUG_THREADS and self.current_vcpu() != index:
+            # Another thread would run this vCPU's queued ioctls, which KVM
+            # blocks until the vCPU leaves KVM_RUN.
+            raise WrongThread(f"preempt_point for vCPU {index} on {threading.current_thread().name}")
+        self._serve(self._vcpu_work[index], self._peer_work[index])
         if not self._running.is_set() and not self._finishing:
-            self._park(work, index, at_exit=False)
+            self._park(index, at_exit=False)
         return self.stop_reason is not None
 
-    def _park(self, work: collections.deque, index: int, *, at_exit: bool = True) -> None:
+    def _park(self, index: int, *, at_exit: bool = True) -> None:
         """Wait outside KVM_RUN until the VM runs again (and this vCPU is
         up); the vCPU's own thread. Work queued for the vCPU still runs
         meanwhile: a vCPU blocked in a hypercall may be waiting for it
         (run_on_vcpu). `at_exit`: parked by the vCPU loop, its last exit
         completed; otherwise at a hypercall's preempt point, which a
         snapshot's wait ends (pause_for_snapshot)."""
+        work, peer_work = self._vcpu_work[index], self._peer_work[index]
         with self._parking:
             if at_exit:
                 self._at_exit[index] = True
@@ -454,11 +507,10 @@ class Machine:
                 while self.stop_reason is None and self._must_park(index):
                     if not at_exit and self._finishing:
                         return  # a snapshot waits for this hypercall to end
-                    if work:
+                    if work or peer_work:
                         self._parking.release()
                         try:
-                            while work:
-                                work.popleft()()
+                            self._serve(work, peer_work)
                         finally:
                             self._parking.acquire()
                         continue

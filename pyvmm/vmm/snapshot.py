@@ -358,6 +358,10 @@ def capture(machine, saved: list | None = None) -> tuple[dict, dict]:
         parts[name] = part.save_state()  # SnapshotError from a part not written yet, or one that cannot now
         if saved is not None:
             saved.append(part)
+    if machine.xen is not None and machine.xen.vcpu_waiting_for_event_thread:
+        # Its hypercall (a soft reset) waits for this thread: reading that
+        # vCPU would wait for it in turn.
+        raise SnapshotError("a vCPU is in the middle of a soft reset (kexec); try again")
     caps = machine.vcpu_capabilities()
     vcpus = []
     for index in range(config.vcpus):

@@ -171,6 +171,12 @@ class XenDomain:
                  self.version >> 16, self.version & 0xFFFF, bits, "on" if self.kvm_features.evtchn_send else "off")
 
         self._lock = threading.RLock()
+        # VCPUOP_up/down: the check of which vCPUs are up and the change, as
+        # one step (never held while waiting for a vCPU's thread).
+        self._updown_lock = threading.Lock()
+        # A vCPU's hypercall waits for the event thread (a soft reset): its
+        # state is not whole until that is done.
+        self.vcpu_waiting_for_event_thread = False
         self.long_mode: bool | None = None
         self.shared_info_gfn: int | None = None
         self._vcpu_info_gpa: list[int | None] = [None] * self.vcpu_count
@@ -837,20 +843,32 @@ class XenDomain:
         self._check_vcpu(vcpu)
         if not self.machine.vcpu_down(vcpu) and not self._started(vcpu):
             raise XenError(EINVAL, f"vCPU {vcpu} was never started")
-        self.machine.set_vcpu_down(vcpu, False)
+        with self._updown_lock:
+            self.machine.set_vcpu_down(vcpu, False)
 
     def vcpu_down(self, vcpu: int) -> None:
         """VCPUOP_down: the vCPU stops until VCPUOP_up (its own, or another's).
-        Taking down the last vCPU still up powers the domain off, as Xen does."""
+        Taking down the last vCPU still up powers the domain off, as Xen does.
+
+        Whether the others started is KVM's (their mp_state, asked of their
+        threads first, without the lock); which are down is pyvmm's, checked
+        and changed under the lock: two vCPUs taking each other down at
+        once leave one up, or power the domain off, never neither up."""
         self._check_vcpu(vcpu)
-        others_up = any(not self.machine.vcpu_down(other) and self._started(other)
-                        for other in range(self.vcpu_count) if other != vcpu)
-        if not others_up:
+        started = [other for other in range(self.vcpu_count)
+                   if other != vcpu and not self.machine.vcpu_down(other) and self._started(other)]
+        with self._updown_lock:
+            last = not any(not self.machine.vcpu_down(other) for other in started)
+            if not last:
+                self.machine.set_vcpu_down(vcpu, True)
+        if last:
             self.shutdown(abi.SHUTDOWN_poweroff)
-            return
-        self.machine.set_vcpu_down(vcpu, True)
 
     def _started(self, vcpu: int) -> bool:
+        """Whether the vCPU left its wait for INIT/SIPI (KVM's mp_state, read
+        on its thread: from another vCPU's hypercall, Machine.run_on_vcpu
+        serves that vCPU's own requests meanwhile, so two vCPUs asking each
+        other both get their answer)."""
         state = self.machine.run_on_vcpu(vcpu, lambda v: v.get_mp_state())
         return state not in (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_INIT_RECEIVED)
 
@@ -1025,8 +1043,12 @@ class XenDomain:
 
     def _on_event_thread(self, function: Callable[[], None], timeout: float = EVENT_THREAD_WAIT) -> None:
         """Run `function` on the event thread and wait for it (at most
-        `timeout`): the calling vCPU stays in its hypercall meanwhile, as a
-        Xen domain stays paused while the toolstack works."""
+        `timeout` while the VM runs): the calling vCPU stays in its hypercall
+        meanwhile, as a Xen domain stays paused while the toolstack works.
+
+        While the VM is paused the wait goes on: the event thread may be
+        taking a snapshot, which itself waits (and gives up) for this vCPU
+        to finish its hypercall; the soft reset must not fail for that."""
         if self.loop.on_owner_thread():
             function()
             return
@@ -1041,9 +1063,14 @@ class XenDomain:
             finally:
                 done.set()
 
-        self.loop.call_soon_threadsafe(job)
-        if not done.wait(timeout):
-            raise TimeoutError(f"the event thread did not run {function.__name__} within {timeout:.0f} s")
+        self.vcpu_waiting_for_event_thread = True  # a snapshot refuses meanwhile (snapshot.capture)
+        try:
+            self.loop.call_soon_threadsafe(job)
+            while not done.wait(timeout):
+                if not self.machine.paused:
+                    raise TimeoutError(f"the event thread did not run {function.__name__} within {timeout:.0f} s")
+        finally:
+            self.vcpu_waiting_for_event_thread = False
         if failure:
             raise failure[0]
 

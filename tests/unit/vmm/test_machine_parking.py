@@ -52,7 +52,7 @@ def parked_thread(m, index):
     done = threading.Event()
 
     def run():
-        m._park(m._vcpu_work[index], index)
+        m._park(index)
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
@@ -381,3 +381,101 @@ def test_an_endless_copy_batch_fails_the_snapshot_loudly_and_the_guest_runs_on(m
     stop(m)
     assert vcpu._exit.result == -errno.EINTR & (1 << 64) - 1  # the batch ended by the stop
     assert memory.read(OPS + abi.GNTTAB_COPY_STATUS_OFFSET[False], 2) == struct.pack("<h", abi.GNTST_okay)
+
+
+def test_a_vcpu_waiting_for_another_serves_only_what_other_vcpus_wait_for():
+    # vCPU 0, in a hypercall, waits for vCPU 1; vCPU 1, in one of its own,
+    # waits for vCPU 0. Each serves the other's request while it waits.
+    # Work from the event thread (a snapshot reading the vCPU) waits until
+    # vCPU 0's hypercall is over: its state is not whole before that.
+    m = machine()
+    event_thread_work = []
+    m._post(0, lambda: event_thread_work.append("ran"))
+    start = threading.Barrier(2)
+    answers = {}
+
+    def in_hypercall(me, other):
+        m._vcpu_of_thread[threading.get_ident()] = me
+        start.wait()
+        answers[me] = m.run_on_vcpu(other, lambda vcpu: (me, m.current_vcpu()), timeout=30)
+        answers[f"{me} saw event-thread work"] = bool(event_thread_work)
+
+    threads = [threading.Thread(target=in_hypercall, args=(i, 1 - i), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == {0: (0, 1), 1: (1, 0), "0 saw event-thread work": False, "1 saw event-thread work": False}
+    assert m.preempt_point(0) is False and event_thread_work == ["ran"]  # back in its loop
+
+
+def test_a_vcpu_waiting_for_another_stops_waiting_when_the_vm_stops():
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 0
+    m.loop.stop = lambda: None
+    threading.Timer(0.1, m.request_stop, args=(StopReason.DESTROYED,)).start()
+    try:
+        m.run_on_vcpu(1, lambda vcpu: None, timeout=30)
+    except TimeoutError as error:
+        assert "stopping" in str(error)
+    else:
+        raise AssertionError("vCPU 1 never ran it, yet it returned")
+
+
+def test_debug_threads_catches_a_preemption_point_on_another_vcpus_thread(monkeypatch):
+    from pyvmm.core.eventloop import WrongThread
+    from pyvmm.vmm import machine as machine_module
+
+    monkeypatch.setattr(machine_module, "DEBUG_THREADS", True)
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 1
+    assert m.preempt_point(1) is False
+    try:
+        m.preempt_point(0)
+    except WrongThread:
+        pass
+    else:
+        raise AssertionError("vCPU 0's preemption point ran on vCPU 1's thread")
+
+
+def test_vcpus_asking_each_other_at_random_are_all_answered_on_the_right_thread():
+    # A small stress of the rule above: four vCPU threads, each in its
+    # hypercall sending requests to the others at random and now and then
+    # back between two KVM_RUNs (a preemption point). The first request
+    # that fails ends the run.
+    import random
+
+    count, requests = 4, 300
+    m = machine(count)
+    m.loop.stop = lambda: None
+    failures, finished, lock, all_done = [], [], threading.Lock(), threading.Event()
+
+    def vcpu_thread(me):
+        m._vcpu_of_thread[threading.get_ident()] = me
+        rng = random.Random(me)
+        for _ in range(requests):
+            if failures:
+                break
+            target = rng.choice([other for other in range(count) if other != me])
+            try:
+                ran_on = m.run_on_vcpu(target, lambda vcpu: m.current_vcpu(), timeout=30)
+                if ran_on != target:
+                    failures.append(f"vCPU {target}'s request ran on vCPU {ran_on}'s thread")
+            except TimeoutError as error:
+                failures.append(f"vCPU {me}: {error}")
+            if rng.random() < 0.3:
+                m.preempt_point(me)
+        with lock:
+            finished.append(me)
+            if len(finished) == count:
+                all_done.set()
+        while not all_done.is_set():
+            m.preempt_point(me)
+            all_done.wait(0.001)
+
+    threads = [threading.Thread(target=vcpu_thread, args=(index,), daemon=True) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [] and sorted(finished) == list(range(count))

@@ -191,3 +191,17 @@ def test_a_part_held_for_the_save_is_resumed_unless_the_vm_stops(monkeypatch, tm
         assert part.resumed == 2  # a failed snapshot: the VM goes on as it was
     finally:
         os.close(fd)
+
+
+def test_no_snapshot_while_a_vcpu_waits_for_the_event_thread_in_a_soft_reset():
+    # The snapshot runs on the event thread, which that vCPU's hypercall
+    # waits for: waiting for the vCPU in turn would stall both.
+    from types import SimpleNamespace
+
+    def read_vcpus():
+        raise AssertionError("a vCPU was asked for its state")
+
+    machine = SimpleNamespace(paused=True, config=VmConfig(kernel=Path("/nonexistent")), stateful_parts=dict,
+                              vcpu_capabilities=read_vcpus, xen=SimpleNamespace(vcpu_waiting_for_event_thread=True))
+    with pytest.raises(SnapshotError, match="soft reset"):
+        snap.capture(machine)

@@ -365,3 +365,29 @@ def test_soft_reset_keeps_the_watchdogs_as_xen_does(domain):
     domain.watchdog(0, 60)
     domain.shutdown(abi.SHUTDOWN_soft_reset)
     assert list(domain.watchdogs.in_use()) == [1]
+
+
+def test_a_soft_reset_waits_for_the_event_thread_as_long_as_the_vm_is_paused():
+    # A paused VM's event thread may be taking a snapshot, which waits for
+    # the resetting vCPU and gives up; the soft reset must not fail (and
+    # crash the domain) meanwhile. Running, its wait is bounded.
+    queued, ran = [], []
+    domain = XenDomain.__new__(XenDomain)
+    domain.loop = SimpleNamespace(on_owner_thread=lambda: False, call_soon_threadsafe=queued.append)
+    asked = []
+
+    class Machine:
+        @property
+        def paused(self):
+            asked.append(True)
+            if len(asked) == 3:  # the snapshot gave up: the event thread runs the reset
+                queued.pop()()
+            return True
+
+    domain.machine = Machine()
+    domain._on_event_thread(lambda: ran.append(domain.vcpu_waiting_for_event_thread), timeout=0.001)
+    assert ran == [True] and not domain.vcpu_waiting_for_event_thread
+    domain.machine = SimpleNamespace(paused=False)
+    with pytest.raises(TimeoutError):
+        domain._on_event_thread(lambda: None, timeout=0.001)
+    assert not domain.vcpu_waiting_for_event_thread

@@ -1,12 +1,21 @@
 """VCPUOP_up/down/is_up in the domain, and what a CPU going offline and back
 needs of the in-kernel timer (no KVM: the machine and its vCPUs are fakes)."""
 
+import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from frontends.evtchn import Rig
+from pyvmm.config import VmConfig
+from pyvmm.core.console import ConsoleOutput
+from pyvmm.core.faults import NULL_FAULTS
+from pyvmm.core.stop import StopReason
+from pyvmm.core.trace import NULL_TRACE
 from pyvmm.kvm import uapi
+from pyvmm.vmm.machine import Machine as RealMachine
 from pyvmm.xen import abi
 from pyvmm.xen import domain as domain_module
 from pyvmm.xen.domain import XenDomain
@@ -39,7 +48,61 @@ def make(states):
     domain.vcpu_count = len(states)
     domain.machine = Machine(states)
     domain._limited = SimpleNamespace(info=lambda *a, **k: None)
+    domain._updown_lock = threading.Lock()
     return domain
+
+
+class ThreadedVcpu:
+    """A vCPU whose state only its own thread may read, as KVM's."""
+
+    def __init__(self, machine, index):
+        self.machine, self.index = machine, index
+
+    def kick(self):
+        pass
+
+    def get_mp_state(self):
+        assert self.machine.current_vcpu() == self.index, "read from another thread"
+        time.sleep(0.01)  # an ioctl: other vCPU threads run meanwhile
+        return RUNNABLE
+
+
+def on_vcpu_threads(hypercalls):
+    """Run each hypercall on its own fake vCPU thread, all at once, each
+    thread inside its handler (not serving its queue between exits, as a
+    real vCPU thread in a hypercall); the domain over a real Machine."""
+    machine = RealMachine(VmConfig(kernel=Path("/nonexistent"), vcpus=len(hypercalls)), ConsoleOutput(None),
+                          trace=NULL_TRACE, faults=NULL_FAULTS)
+    machine._vcpus = [ThreadedVcpu(machine, index) for index in range(len(hypercalls))]
+    machine.loop.stop = lambda: None  # no loop runs here
+    domain = make([RUNNABLE] * len(hypercalls))
+    domain.machine = machine
+    start = threading.Barrier(len(hypercalls))
+    outcomes = {}
+    lock, finished, all_done = threading.Lock(), [], threading.Event()
+
+    def vcpu_thread(index):
+        machine._vcpu_of_thread[threading.get_ident()] = index
+        start.wait()
+        try:
+            outcomes[index] = hypercalls[index](domain)
+        except Exception as error:
+            outcomes[index] = error
+        with lock:
+            finished.append(index)
+            if len(finished) == len(hypercalls):
+                all_done.set()
+        # Back in its loop: what is queued for it runs between "KVM_RUNs".
+        while not all_done.is_set():
+            machine.preempt_point(index)
+            all_done.wait(0.001)
+
+    threads = [threading.Thread(target=vcpu_thread, args=(index,), daemon=True) for index in range(len(hypercalls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return machine, outcomes
 
 
 def test_is_up_follows_down_and_the_sipi():
@@ -60,6 +123,30 @@ def test_taking_the_last_vcpu_down_powers_off():
     domain = make([RUNNABLE, WAIT_SIPI])
     domain.vcpu_down(0)
     assert domain.machine.stops == [domain_module.StopReason.POWEROFF] and domain.machine.down == [False, False]
+
+
+def test_two_vcpus_asking_whether_the_other_is_up_both_get_an_answer():
+    # Each asks the other's thread for its mp_state while in its own
+    # hypercall: neither may wait for the other (once, a 10 s stall each
+    # and a failed hypercall).
+    _, outcomes = on_vcpu_threads([lambda d: d.vcpu_is_up(1), lambda d: d.vcpu_is_up(0)])
+    assert outcomes == {0: True, 1: True}
+
+
+def test_vcpus_going_down_at_once_ask_each_other_and_both_get_an_answer():
+    # vCPU 0 takes itself down, vCPU 1 takes vCPU 2 down: each first asks
+    # the other whether it is up (it must not be the last one up).
+    machine, outcomes = on_vcpu_threads([lambda d: d.vcpu_down(0), lambda d: d.vcpu_down(2), lambda d: None])
+    assert outcomes == {0: None, 1: None, 2: None}
+    assert machine._vcpu_down == [True, False, True] and machine.stop_reason is None
+
+
+def test_two_vcpus_taking_each_other_down_never_leave_the_domain_without_one():
+    machine, outcomes = on_vcpu_threads([lambda d: d.vcpu_down(1), lambda d: d.vcpu_down(0)])
+    assert outcomes == {0: None, 1: None}
+    # Whichever went first took the other down, and the other, down itself,
+    # then took down the last vCPU up: the domain powers off, as on Xen.
+    assert machine.stop_reason is StopReason.POWEROFF or not all(machine._vcpu_down)
 
 
 def test_closing_a_cpus_timer_port_hands_its_timer_back_to_pyvmm(monkeypatch):
