@@ -126,6 +126,7 @@ def built():
     domain.watchdogs = WatchdogTimers(loop, clock=domain._guest_time_ns, paused=lambda: machine.paused,
                                       expire=expired.append)
     domain._lock = threading.RLock()
+    domain._updown_lock = threading.Lock()
     domain._limited = logging.getLogger("test")
     domain.version, domain.vcpu_count, domain.domid = (4 << 16) | 17, VCPUS, 1
     domain.long_mode, domain.shared_info_gfn = None, None
