@@ -384,3 +384,22 @@ def test_holding_static_keys_gives_up_quietly_without_kvm(monkeypatch):
 
     monkeypatch.setattr(agent.os, "open", no_kvm)
     assert agent.hold_static_keys() == []
+
+
+def test_a_failed_runs_whole_console_is_kept_and_only_the_newest_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "KEEP_CONSOLE_LOGS", 2)
+    panic = b"".join(b"[ %d.0] line %d\n" % (n, n) for n in range(200)) + b"Kernel panic - not syncing: x\n"
+    paths = []
+    for number in range(3):
+        monkeypatch.setattr(cli.time, "strftime", lambda form, n=number: "20261206-00000%d" % n)
+        paths.append(cli.keep_console(panic, str(tmp_path)))
+    assert open(paths[-1], "rb").read() == panic  # whole, not the 25-line tail
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path) for path in paths[1:]]
+    assert cli.keep_console(b"", str(tmp_path)) is None
+
+
+def test_failing_names_the_kept_console(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYVMM_TESTBED_LOGS", str(tmp_path))
+    assert cli.fail("L1 stopped", b"Kernel panic - not syncing: y\n") == cli.EXIT_TESTBED_FAILED
+    (kept,) = os.listdir(tmp_path)
+    assert f"the whole L1 console: {tmp_path / kept}" in capsys.readouterr().err

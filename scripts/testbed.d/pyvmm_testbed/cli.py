@@ -67,12 +67,42 @@ def say(message):
     sys.stderr.flush()
 
 
+KEEP_CONSOLE_LOGS = 20  # the newest failures' whole L1 consoles
+
+
+def keep_console(console_log, directory=None):
+    """The whole L1 console of a failed run (its last 256 KiB: a panic's
+    full text, which the tail on stderr cuts) in a file of its own, named
+    on stderr; only the newest KEEP_CONSOLE_LOGS are kept. None if there
+    was nothing to keep or nowhere to keep it."""
+    if not console_log:
+        return None
+    if directory is None:
+        directory = os.environ.get("PYVMM_TESTBED_LOGS") or os.path.join(
+            provision.cache_directory(os.environ), "failed-runs")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "l1-console-%s-%d.log" % (time.strftime("%Y%m%d-%H%M%S"), os.getpid()))
+        with open(path, "wb") as handle:
+            handle.write(console_log)
+        logs = sorted(name for name in os.listdir(directory) if name.startswith("l1-console-"))
+        for name in logs[:-KEEP_CONSOLE_LOGS]:
+            os.unlink(os.path.join(directory, name))
+    except OSError as error:
+        say("cannot keep the L1 console: %s" % error)
+        return None
+    return path
+
+
 def fail(message, console_log=b""):
     say(message)
     tail = host.console_tail(console_log)
     if tail:
         sys.stderr.write("testbed: last lines of the L1 console:\n")
         sys.stderr.write("".join("  | %s\n" % line for line in tail))
+    path = keep_console(console_log)
+    if path:
+        say("the whole L1 console: %s" % path)
     return EXIT_TESTBED_FAILED
 
 
@@ -170,6 +200,9 @@ def main(argv=None):
     except host.TimedOut:
         run.flush_outputs()
         say("timed out: the command ran longer than %g s" % options.timeout)
+        path = keep_console(bytes(run.console_log))
+        if path:
+            say("the whole L1 console: %s" % path)
         return EXIT_TIMEOUT
     except host.Interrupted as interrupt:
         say("interrupted by signal %d; L1 stopped" % interrupt.signum)
