@@ -19,7 +19,7 @@ import threading
 import time
 from functools import partial
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .. import diagnose
 from . import liveness
@@ -282,13 +282,24 @@ class Machine:
             while self.stop_reason is None:
                 if self._must_park(index):
                     # Settled before anything queued for the parked vCPU
-                    # runs: what reads its state reads it whole.
-                    self._settle(vcpu, settle_handle)
-                    self._park(work, index)
+                    # runs: what reads its state reads it whole. Not while
+                    # another vCPU holds this one out (others_held): the
+                    # settling KVM_RUN completes the last exit, which may
+                    # read guest memory (skipping a hypercall instruction
+                    # decodes it) while the holder has a RAM slot deleted.
+                    # It settles once the holder is done, if it still parks.
+                    settled = self._claim_kvm_run(index, self._held_by_other)
+                    if settled:
+                        try:
+                            self._settle(vcpu, settle_handle)
+                        finally:
+                            in_guest[index] = False
+                    self._park(work, index, settled)
                     continue
                 while work:
                     work.popleft()()
-                in_guest[index] = True
+                if not self._claim_kvm_run(index, self._must_park):
+                    continue
                 try:
                     vcpu_exit = run()
                 finally:
@@ -419,13 +430,32 @@ class Machine:
             self._park(work, index)
         return self.stop_reason is not None
 
-    def _park(self, work: collections.deque, index: int) -> None:
+    def _claim_kvm_run(self, index: int, stay_out: Callable[[int], bool]) -> bool:
+        """Mark vCPU `index` as entering KVM_RUN (its own thread), unless
+        `stay_out(index)`. Any KVM_RUN counts, even one that returns at
+        once: KVM first completes the last exit, which may touch guest
+        memory. The flag is set before the check and others_held() sets
+        its holder before it reads the flags, so (each step atomic under
+        the GIL) either this thread sees the holder and stays out, or the
+        holder sees the flag and waits for this KVM_RUN to end (it was
+        kicked)."""
+        self._in_guest[index] = True
+        if stay_out(index):
+            self._in_guest[index] = False
+            return False
+        return True
+
+    def _park(self, work: collections.deque, index: int, settled: bool = True) -> None:
         """Wait outside KVM_RUN until the VM runs again (and this vCPU is
         up); the vCPU's own thread. Work queued for the vCPU still runs
         meanwhile: a vCPU blocked in a hypercall may be waiting for it
-        (run_on_vcpu)."""
+        (run_on_vcpu). Not `settled` (it parked for another vCPU's
+        others_held): it returns once that holder is done, to settle
+        before it parks on for a pause."""
         with self._parking:
             while self.stop_reason is None and self._must_park(index):
+                if not settled and not self._held_by_other(index):
+                    return
                 if work:
                     self._parking.release()
                     try:
@@ -656,8 +686,11 @@ class Machine:
             self._set_running()
 
     def _must_park(self, index: int) -> bool:
+        return not self._running.is_set() or self._vcpu_down[index] or self._held_by_other(index)
+
+    def _held_by_other(self, index: int) -> bool:
         holder = self._holder
-        return not self._running.is_set() or self._vcpu_down[index] or (holder is not None and holder != index)
+        return holder is not None and holder != index
 
     @contextlib.contextmanager
     def others_held(self):

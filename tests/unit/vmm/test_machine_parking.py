@@ -91,3 +91,51 @@ def test_others_held_parks_every_other_vcpu_for_the_block():
     del m._vcpu_of_thread[me]
     with m.others_held():  # from the event thread: all of them
         assert all(m._must_park(i) for i in range(3))
+
+
+def test_no_kvm_run_is_claimed_while_another_vcpu_holds_this_one():
+    """Any KVM_RUN, a settling one too, completes the vCPU's last exit and
+    may read guest memory (skipping a hypercall decodes the instruction):
+    none may start while the holder has a RAM slot deleted."""
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 1
+    with m.others_held():
+        assert not m._claim_kvm_run(0, m._must_park) and not m._claim_kvm_run(0, m._held_by_other)
+        assert m._in_guest == [False, False]
+    assert m._claim_kvm_run(0, m._must_park) and m._in_guest[0]
+    m._in_guest[0] = False
+    m._running.clear()  # paused: a parking vCPU still settles
+    assert not m._claim_kvm_run(0, m._must_park) and m._claim_kvm_run(0, m._held_by_other)
+
+
+def test_a_holder_waits_for_a_kvm_run_claimed_before_it():
+    m = machine()
+    assert m._claim_kvm_run(0, m._must_park)  # vCPU 0 is entering KVM_RUN
+    held = threading.Event()
+
+    def hold():
+        m._vcpu_of_thread[threading.get_ident()] = 1
+        with m.others_held():
+            held.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert not held.wait(0.2) and m._vcpus[0].kicks == 1  # kicked, and waited for
+    m._in_guest[0] = False  # the kicked KVM_RUN returned
+    assert held.wait(5)
+
+
+def test_a_vcpu_parked_unsettled_for_a_holder_comes_back_to_settle_for_a_pause():
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 1
+    with m.others_held():
+        m._running.clear()  # a pause comes while vCPU 0 is held out, unsettled
+        done = threading.Event()
+        threading.Thread(target=lambda: (m._park(m._vcpu_work[0], 0, settled=False), done.set()),
+                         daemon=True).start()
+        assert not done.wait(0.1)
+    assert done.wait(5)  # back to the loop, which settles it before parking on
+    assert m._must_park(0)
+    settled = parked_thread(m, 0)
+    assert not settled.wait(0.1)  # parked on, settled, while paused
+    m._set_running()
+    assert settled.wait(5)
