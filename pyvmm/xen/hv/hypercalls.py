@@ -141,8 +141,8 @@ class XenDomainOps(Protocol):
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...  # idx may carry XENMAPIDX_grant_table_status
     def grant_status_gfns(self, count: int) -> list[int]: ...  # where status frames 0.. are; INVALID_GFN if nowhere
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
-    # Ballooning, `extents` neighbouring extents of 2**order pages from `gpfn`:
-    # how many, from the first, were done.
+    # Ballooning: the extents of 2**order pages starting at each of `gpfns`,
+    # in the guest's order: how many, from the first, were done.
     def decrease_reservation(self, gpfns: list[int], order: int) -> int: ...
     def populate_physmap(self, gpfns: list[int], order: int) -> int: ...
     def hvm_get_param(self, index: int) -> int: ...
