@@ -213,6 +213,22 @@ class GuestMemory:
         for view, offset, count in pieces:
             view[offset : offset + count] = bytes([byte]) * count
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Clear [gpa, gpa+length) and give its host memory back where the
+        kernel can: anonymous RAM is dropped (MADV_DONTNEED: it reads as
+        zeros and costs nothing until touched again); RAM mapped from a
+        file (a restored snapshot) would read the file again, so it is
+        written with zeros instead."""
+        pieces = list(self._pieces(gpa, length))  # check everything first
+        index = self._locate(gpa)
+        for view, offset, count in pieces:
+            region = self.regions[index]
+            index += 1
+            if region.anonymous and hasattr(mmap, "MADV_DONTNEED"):
+                region.mapping.madvise(mmap.MADV_DONTNEED, offset, count)
+            else:
+                view[offset : offset + count] = bytes(count)
+
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")
 

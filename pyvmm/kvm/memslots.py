@@ -64,6 +64,12 @@ class MemslotTable:
     def slots(self) -> tuple[Memslot, ...]:
         return tuple(self._slots)
 
+    @property
+    def free_slots(self) -> int:
+        """Slots still free: taking one run of pages out of mapped RAM
+        needs at most one (the slot around it split in two)."""
+        return self._available_ids()
+
     def lookup(self, gpa: int) -> Memslot | None:
         index = bisect.bisect_right(self._starts(), gpa) - 1
         if index >= 0 and gpa < self._slots[index].end:
@@ -82,6 +88,32 @@ class MemslotTable:
         if self._available_ids() < 1:
             raise MemslotError(f"all {self.max_slots} KVM memory slots are in use")
         return self._create(gpa, size, host_address, readonly)
+
+    def map_joined(self, gpa: int, size: int, host_address: int, low: int, high: int) -> Memslot:
+        """map() [gpa, gpa+size), joined with the slots either side of it
+        that continue it both in the guest and in host memory, inside
+        [low, high): RAM coming back into a hole in its slot takes no slot
+        more (one fewer when it fills the hole), so it can come back even
+        when every slot is in use."""
+        self._check_aligned(gpa, size, host_address)
+        end = gpa + size
+        left, right = self.lookup(gpa - 1) if gpa else None, self.lookup(end)
+        joined = [slot for slot, touches in (
+            (left, left is not None and left.end == gpa and left.host_address + left.size == host_address),
+            (right, right is not None and right.gpa == end and host_address + size == right.host_address),
+        ) if touches and not slot.readonly and low <= slot.gpa and slot.end <= high]
+        if not joined or self._overlapping(gpa, size):
+            return self.map(gpa, size, host_address)  # map() refuses an overlap
+        for slot in joined:
+            self._delete(slot)
+        first = min([gpa] + [slot.gpa for slot in joined])
+        last = max([end] + [slot.end for slot in joined])
+        try:
+            return self._create(first, last - first, host_address - (gpa - first), False)
+        except BaseException:
+            for slot in joined:  # as it was
+                self._create(slot.gpa, slot.size, slot.host_address, False)
+            raise
 
     def unmap(self, gpa: int, size: int) -> None:
         """Remove [gpa, gpa+size) from the guest; every page of it must be

@@ -20,7 +20,7 @@ import threading
 import time
 from functools import partial
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .. import diagnose
 from . import liveness
@@ -299,13 +299,24 @@ class Machine:
             while self.stop_reason is None:
                 if self._must_park(index):
                     # Settled before anything queued for the parked vCPU
-                    # runs: what reads its state reads it whole.
-                    self._settle(vcpu, settle_handle)
-                    self._park(index)
+                    # runs: what reads its state reads it whole. Not while
+                    # another vCPU holds this one out (others_held): the
+                    # settling KVM_RUN completes the last exit, which may
+                    # read guest memory (skipping a hypercall instruction
+                    # decodes it) while the holder has a RAM slot deleted.
+                    # It settles once the holder is done, if it still parks.
+                    settled = self._claim_kvm_run(index, self._held_by_other)
+                    if settled:
+                        try:
+                            self._settle(vcpu, settle_handle)
+                        finally:
+                            in_guest[index] = False
+                    self._park(index, settled=settled)
                     continue
                 while work or peer_work:  # inline: this loop runs at every exit
                     (work if work else peer_work).popleft()()
-                in_guest[index] = True
+                if not self._claim_kvm_run(index, self._must_park):
+                    continue
                 try:
                     vcpu_exit = run()
                 finally:
@@ -491,20 +502,41 @@ class Machine:
             self._park(index, at_exit=False)
         return self.stop_reason is not None
 
-    def _park(self, index: int, *, at_exit: bool = True) -> None:
+    def _claim_kvm_run(self, index: int, stay_out: Callable[[int], bool]) -> bool:
+        """Mark vCPU `index` as entering KVM_RUN (its own thread), unless
+        `stay_out(index)`. Any KVM_RUN counts, even one that returns at
+        once: KVM first completes the last exit, which may touch guest
+        memory. The flag is set before the check and others_held() sets
+        its holder before it reads the flags, so (each step atomic under
+        the GIL) either this thread sees the holder and stays out, or the
+        holder sees the flag and waits for this KVM_RUN to end (it was
+        kicked)."""
+        self._in_guest[index] = True
+        if stay_out(index):
+            self._in_guest[index] = False
+            return False
+        return True
+
+    def _park(self, index: int, *, at_exit: bool = True, settled: bool = True) -> None:
         """Wait outside KVM_RUN until the VM runs again (and this vCPU is
         up); the vCPU's own thread. Work queued for the vCPU still runs
         meanwhile: a vCPU blocked in a hypercall may be waiting for it
-        (run_on_vcpu). `at_exit`: parked by the vCPU loop, its last exit
-        completed; otherwise at a hypercall's preempt point, which a
-        snapshot's wait ends (pause_for_snapshot)."""
+        (run_on_vcpu). `at_exit`: parked by the vCPU loop; otherwise at a
+        hypercall's preempt point, which a snapshot's wait ends
+        (pause_for_snapshot). Not `settled` (parked by the loop for another
+        vCPU's others_held, its last exit not completed): it returns once
+        that holder is done, to settle before it parks on for a pause, and
+        a snapshot does not count it as parked after a completed exit."""
         work, peer_work = self._vcpu_work[index], self._peer_work[index]
+        completed = at_exit and settled
         with self._parking:
-            if at_exit:
+            if completed:
                 self._at_exit[index] = True
                 self._parking.notify_all()
             try:
                 while self.stop_reason is None and self._must_park(index):
+                    if not settled and not self._held_by_other(index):
+                        return
                     if not at_exit and self._finishing:
                         return  # a snapshot waits for this hypercall to end
                     if work or peer_work:
@@ -516,7 +548,7 @@ class Machine:
                         continue
                     self._parking.wait()
             finally:
-                if at_exit:
+                if completed:
                     self._at_exit[index] = False
 
     def _set_running(self) -> None:
@@ -769,8 +801,11 @@ class Machine:
             self._set_running()
 
     def _must_park(self, index: int) -> bool:
+        return not self._running.is_set() or self._vcpu_down[index] or self._held_by_other(index)
+
+    def _held_by_other(self, index: int) -> bool:
         holder = self._holder
-        return not self._running.is_set() or self._vcpu_down[index] or (holder is not None and holder != index)
+        return holder is not None and holder != index
 
     @contextlib.contextmanager
     def others_held(self):

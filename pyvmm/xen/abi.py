@@ -571,6 +571,8 @@ ADD_TO_PHYSMAP = Layout("xen_add_to_physmap", "domid size space idx gpfn", "<HHI
 MEMORY_RESERVATION = Layout(
     "xen_memory_reservation", "extent_start nr_extents extent_order mem_flags domid", "<QQIIH6x", "<IIIIH2x"
 )
+XENMEMF_ADDRESS_BITS_MASK = 0xFF  # mem_flags: the widest machine address the pages may have (0: any)
+XENMEMF_populate_on_demand = 1 << 16
 MAX_GUEST_EXTENT_ORDER = 9  # 2 MiB: the largest extent a guest may give back or ask for
 REMOVE_FROM_PHYSMAP = Layout("xen_remove_from_physmap", "domid gpfn", "<H6xQ", "<H2xI")
 ADD_TO_PHYSMAP_BATCH = Layout(

@@ -51,6 +51,7 @@ from .xenstore import Access, Permission, Quotas, XenStore
 from .xenstore.domain import create_domain_nodes
 from .xenstore.service import GuestStoreService
 from ..core.memory import GuestMemory, GuestMemoryError
+from ..core.pageset import PageSet
 from ..core.stop import StopReason
 from ..core.snapshot import SnapshotError, check_version, versioned
 
@@ -191,7 +192,8 @@ class XenDomain:
         self.params: dict[int, int] = {}
         self._grant_frame_gpa: dict[int, int] = {}  # grant frame index -> where the guest mapped it
         self._grant_frame_at: dict[int, int] = {}  # and back
-        self._ballooned: set[int] = set()  # RAM page frames the guest gave back
+        # RAM page frames the guest gave back: one byte per frame of RAM.
+        self._ballooned = PageSet(max(region.end for region in self.memory.regions) >> PAGE_SHIFT)
         self.soft_resets = 0  # SHUTDOWN_soft_reset done (kexec, kdump)
         self._blocked_at_save: list[bool] = []  # restore_state() to finish_restore(): the vCPUs to wake
 
@@ -1012,10 +1014,11 @@ class XenDomain:
             if self.shared_info_gfn is not None:
                 kvm_xen.clear_shared_info(self.vm, self.kvm_features)
                 self.shared_info_gfn = None
-            for gpa in list(self._grant_frame_at):
-                self._unmap_grant_frame(gpa)
-            for page in sorted(self._ballooned):
-                self._restore_ram(page << PAGE_SHIFT)  # cleared when it was given back
+            with self.machine.others_held():  # RAM slots are split and merged
+                for gpa in list(self._grant_frame_at):
+                    self._unmap_grant_frame(gpa)
+                for first, count in self._region_runs(self._ballooned.runs()):
+                    self._restore_ram(first << PAGE_SHIFT, count << PAGE_SHIFT)  # cleared when it was given back
             self._ballooned.clear()
 
     def _reset_host_side(self) -> None:
@@ -1192,69 +1195,120 @@ class XenDomain:
 
     # --- ballooning -----------------------------------------------------------------
 
-    def decrease_reservation(self, gpfn: int, order: int, extents: int = 1) -> int:
-        """The guest gives back `extents` neighbouring extents of 2**order RAM
-        pages from `gpfn`: they leave its physical address space (KVM sees a
-        hole there) and their contents are cleared. Returns how many, from
-        the first, were given back: it stops before the first that is not
-        all mapped RAM (a page given back already, an overlay, the
-        shared_info page). A run of neighbours costs one memslot change, not
-        one per page: Linux's balloon driver gives back runs of pages."""
+    def decrease_reservation(self, gpfns: Sequence[int], order: int) -> int:
+        """The guest gives back the extents of 2**order RAM pages starting at
+        each of `gpfns` (as Xen: any order, not necessarily neighbours): they
+        leave its physical address space (KVM sees a hole there) and their
+        host memory is dropped. Returns how many, from the first, were given
+        back: it stops before the first extent that is not all mapped RAM
+        (beyond RAM, given back already or earlier in the list, an overlay,
+        the shared_info page).
+
+        The pages go in ascending runs of neighbours, whatever the list's
+        order, with the other vCPUs held out of KVM_RUN once for the whole
+        list: Linux's balloon driver hands in up to 512 single pages at a
+        time, in descending order, and a memslot change per page would cost
+        thousands of slot splits and pauses."""
         per_extent = 1 << order
         with self._lock:
-            done = 0
-            while done < extents:
-                first = gpfn + done * per_extent
+            pages: list[range] = []
+            starts: dict[int, list[int]] = {}  # earlier extents by first // per_extent: one named twice goes once
+            for first in gpfns:
+                extent = range(first, first + per_extent)
+                bucket = first // per_extent
                 if (not self.memory.contains(first << PAGE_SHIFT, per_extent << PAGE_SHIFT)
-                        or self._pages_in_use(range(first, first + per_extent))):
+                        or self._pages_in_use(extent)
+                        or any(abs(other - first) < per_extent
+                               for near in (bucket - 1, bucket, bucket + 1) for other in starts.get(near, ()))):
+                    break
+                starts.setdefault(bucket, []).append(first)
+                pages.append(extent)
+            if not pages:
+                return 0
+            runs = self._region_runs(_merged((extent.start, len(extent)) for extent in pages))
+            if len(runs) > self.vm.memslots.free_slots:
+                # Scattered pages, few slots left: one extent at a time, in
+                # the guest's order, so that a refusal stops at an extent.
+                done = 0
+                for extent in pages:
+                    if not self._take_out([(extent.start, len(extent))]):
+                        break
+                    done += 1
+                return done
+            return len(pages) if self._take_out(runs) else 0
+
+    def _take_out(self, runs: list[tuple[int, int]]) -> bool:
+        """Take (first, count) runs of mapped RAM pages out of the guest and
+        drop their contents; False, with nothing changed, when KVM has no
+        slot left for them (under _lock)."""
+        table = self.vm.memslots
+        try:
+            with self.machine.others_held():  # a split RAM slot is gone for an instant
+                for index, (first, count) in enumerate(runs):
+                    try:
+                        table.unmap(first << PAGE_SHIFT, count << PAGE_SHIFT)
+                    except (KvmError, MemslotError):
+                        for back, back_count in runs[:index]:  # all or nothing
+                            self._restore_ram(back << PAGE_SHIFT, back_count << PAGE_SHIFT)
+                        raise
+        except (KvmError, MemslotError) as error:
+            self._limited.warning("cannot take %d run(s) of pages from %#x out of the guest: %s", len(runs),
+                                  runs[0][0] << PAGE_SHIFT, error)
+            return False
+        for first, count in runs:
+            self.memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
+            self._ballooned.add(range(first, first + count))
+        return True
+
+    def populate_physmap(self, gpfns: Sequence[int], order: int) -> int:
+        """The guest asks for the extents of 2**order pages starting at each
+        of `gpfns`: pages it gave back return (zeroed), in ascending runs of
+        neighbours with the other vCPUs held once. RAM present already is
+        left as it is; beyond RAM there is no memory to give (the domain
+        never grows past its size), nor under an overlay the guest put over
+        a page it gave back. Returns how many extents, from the first, are
+        done."""
+        per_extent = 1 << order
+        with self._lock:
+            wanted: list[range] = []
+            for first in gpfns:
+                extent = range(first, first + per_extent)
+                if not self.memory.contains(first << PAGE_SHIFT, per_extent << PAGE_SHIFT) or any(
+                        (gpa >> PAGE_SHIFT) in extent and (gpa >> PAGE_SHIFT) in self._ballooned
+                        for gpa in self._grant_frame_at):
+                    break
+                wanted.append(extent)
+            back = self._region_runs(_merged(run for extent in wanted for run in self._ballooned.runs(extent)))
+            if not back:
+                return len(wanted)
+            try:
+                with self.machine.others_held():  # merging slots deletes them for an instant
+                    for first, count in back:
+                        self._restore_ram(first << PAGE_SHIFT, count << PAGE_SHIFT)
+                        self._ballooned.remove(range(first, first + count))
+            except (KvmError, MemslotError) as error:  # KVM refused: the guest may ask again
+                self._limited.warning("cannot give pages from %#x back to the guest: %s", first << PAGE_SHIFT, error)
+            done = 0
+            for extent in wanted:  # those whose pages are all back
+                if self._ballooned.any_in(extent):
                     break
                 done += 1
-            if not done:
-                return 0
-            gpa, size = gpfn << PAGE_SHIFT, (done * per_extent) << PAGE_SHIFT
-            try:
-                with self.machine.others_held():  # the RAM slot is gone for an instant
-                    self.vm.memslots.unmap(gpa, size)
-            except (KvmError, MemslotError) as error:  # no slot left to split with
-                self._limited.warning("cannot take %#x+%#x out of the guest: %s", gpa, size, error)
-                return 0
-            self.memory.fill(gpa, size)
-            self._ballooned.update(range(gpfn, gpfn + done * per_extent))
-        return done
+            return done
 
-    def populate_physmap(self, gpfn: int, order: int, extents: int = 1) -> int:
-        """The guest asks for `extents` neighbouring extents of 2**order pages
-        from `gpfn`: pages it gave back return (zeroed), each run of them with
-        one memslot change. RAM present already is left as it is; anywhere
-        else there is no memory to give (the domain never grows past its
-        size). Returns how many extents, from the first, are done."""
-        per_extent = 1 << order
-        with self._lock:
-            done = 0
-            while done < extents and self.memory.contains((gpfn + done * per_extent) << PAGE_SHIFT,
-                                                          per_extent << PAGE_SHIFT):
-                done += 1
-            page, end = gpfn, gpfn + done * per_extent
-            while page < end:
-                if page not in self._ballooned:
-                    page += 1
-                    continue
-                run_end = page + 1
-                while run_end < end and run_end in self._ballooned:
-                    run_end += 1
-                try:
-                    with self.machine.others_held():  # merging slots deletes them for an instant
-                        self._restore_ram(page << PAGE_SHIFT, (run_end - page) << PAGE_SHIFT)
-                except (KvmError, MemslotError) as error:  # a grant frame mapped there meanwhile
-                    self._limited.warning("cannot give %#x+%d pages back to the guest: %s", page, run_end - page, error)
-                    return (page - gpfn) // per_extent
-                self._ballooned.difference_update(range(page, run_end))
-                page = run_end
-        return done
+    def _region_runs(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Ascending (first, count) runs of RAM pages, cut where one RAM region ends."""
+        cut = []
+        for first, count in runs:
+            while count:
+                region = self.memory.region(first << PAGE_SHIFT)
+                part = min(count, (region.end >> PAGE_SHIFT) - first)
+                cut.append((first, part))
+                first, count = first + part, count - part
+        return cut
 
     def _pages_in_use(self, pages: range) -> bool:
         """Whether any of these frames is not plain mapped RAM (under _lock)."""
-        if self.shared_info_gfn in pages or any(p in self._ballooned for p in pages):
+        if self.shared_info_gfn in pages or self._ballooned.any_in(pages):
             return True
         return any((p << PAGE_SHIFT) in self._grant_frame_at for p in pages)
 
@@ -1268,8 +1322,9 @@ class XenDomain:
 
     def _restore_ram(self, gpa: int, size: int = PAGE_SIZE) -> None:
         table = self.vm.memslots
-        table.map(gpa, size, self.memory.host_address(gpa))
         region = self.memory.region(gpa)
+        # Joined with the RAM around it at once: no slot more, even when all are in use.
+        table.map_joined(gpa, size, self.memory.host_address(gpa), region.gpa, region.end)
         table.coalesce(gpa, region.gpa, region.end)  # no slot left behind per move
 
     # --- backends' notifications ----------------------------------------------------
@@ -1310,7 +1365,7 @@ class XenDomain:
                 "upcall_vectors": list(self._per_vcpu_vector),
                 "params": {str(index): value for index, value in sorted(self.params.items())},
                 "grant_frames": {str(index): gpa for index, gpa in sorted(self._grant_frame_gpa.items())},
-                "ballooned": _runs(self._ballooned),
+                "ballooned": [[first, count] for first, count in self._ballooned.runs()],
                 "timer_ports": list(self._timer_ports),
             }
         own["vcpus_down"] = [self.machine.vcpu_down(index) for index in range(self.vcpu_count)]
@@ -1471,12 +1526,12 @@ class XenDomain:
                       abi.HVM_PARAM_CONSOLE_EVTCHN):
             if params.get(index) != self.params.get(index):
                 fail(f"HVM param {index} (the toolstack's: {params.get(index)!r}, this VM {self.params.get(index)!r})")
-        ballooned = set()
+        ballooned = PageSet(self._ballooned.limit)
         for run in own.get("ballooned") if isinstance(own.get("ballooned"), list) else fail("ballooned"):
             if not (isinstance(run, list) and len(run) == 2 and _natural(run[0]) and _natural(run[1]) and run[1] > 0
                     and self.memory.contains(run[0] << PAGE_SHIFT, run[1] << PAGE_SHIFT)):
                 fail("ballooned pages")
-            ballooned.update(range(run[0], run[0] + run[1]))
+            ballooned.add(range(run[0], run[0] + run[1]))
         raw_frames = own.get("grant_frames")
         if not isinstance(raw_frames, dict):
             fail("grant_frames")
@@ -1488,13 +1543,13 @@ class XenDomain:
             frames[int(key)] = gpa
         return long_mode, gfn, vcpu_info, vectors, params, ports, ballooned, frames
 
-    def _restore_physmap(self, ballooned: set[int], frames: dict[int, int]) -> None:
+    def _restore_physmap(self, ballooned: PageSet, frames: dict[int, int]) -> None:
         """Take ballooned pages out of the guest's map again and put the grant
         frames back where the guest had them (under _lock)."""
         try:
-            for start, count in _runs(ballooned):
+            for start, count in ballooned.runs():
                 self.vm.memslots.unmap(start << PAGE_SHIFT, count << PAGE_SHIFT)
-            self._ballooned = set(ballooned)
+            self._ballooned = ballooned
             for index, gpa in sorted(frames.items()):
                 self.map_grant_frame(index, gpa >> PAGE_SHIFT)
         except (KvmError, MemslotError, XenError) as error:
@@ -1534,22 +1589,24 @@ def _natural(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _merged(runs) -> list[tuple[int, int]]:
+    """(first, count) runs of pages, in any order and overlapping, as
+    ascending runs with neither overlaps nor neighbours."""
+    merged: list[tuple[int, int]] = []
+    for first, count in sorted(runs):
+        if merged and first <= merged[-1][0] + merged[-1][1]:
+            last_first, last_count = merged[-1]
+            merged[-1] = (last_first, max(last_count, first + count - last_first))
+        else:
+            merged.append((first, count))
+    return merged
+
+
 def _list(state: dict, key: str, length: int) -> list:
     value = state.get(key)
     if not isinstance(value, list) or len(value) != length:
         raise SnapshotError(f"XenDomain: {key} is not a list of {length}")
     return value
-
-
-def _runs(pages) -> list[list[int]]:
-    """Sorted page numbers as [first, count] runs."""
-    runs: list[list[int]] = []
-    for page in sorted(pages):
-        if runs and runs[-1][0] + runs[-1][1] == page:
-            runs[-1][1] += 1
-        else:
-            runs.append([page, 1])
-    return runs
 
 
 def primary_console(cmdline: str) -> str:

@@ -55,8 +55,12 @@ TIMER_OP_FALLBACK_NS = 100 * MS
 
 CONSOLE_WRITE_MAX = 64 * 1024  # bytes in one CONSOLEIO_write
 MAX_GPFN = 1 << 40  # 52-bit guest-physical addresses
-# A long batch (GNTTABOP_copy, ballooning) lets a pause or a stop in every so many items.
+# A long batch (GNTTABOP_copy) lets a pause or a stop in every so many items.
 PREEMPT_BATCH = 64
+# Ballooning's batch: Linux's balloon driver hands in up to 512 frames (a
+# page of them) per hypercall; the domain changes the guest's map once per
+# batch, so a smaller one would cost more memslot changes and vCPU pauses.
+RESERVATION_BATCH = 512
 # XENMEM_{decrease,increase}_reservation, populate_physmap: Xen refuses more
 # extents than fit its continuation's count (UINT_MAX >> MEMOP_EXTENT_SHIFT).
 MEMOP_MAX_EXTENTS = 0xFFFF_FFFF >> abi.MEMOP_EXTENT_SHIFT
@@ -137,10 +141,10 @@ class XenDomainOps(Protocol):
     def map_grant_frame(self, idx: int, gpfn: int) -> None: ...  # idx may carry XENMAPIDX_grant_table_status
     def grant_status_gfns(self, count: int) -> list[int]: ...  # where status frames 0.. are; INVALID_GFN if nowhere
     def remove_from_physmap(self, gpfn: int) -> None: ...  # an overlay page; XenError otherwise
-    # Ballooning, `extents` neighbouring extents of 2**order pages from `gpfn`:
-    # how many, from the first, were done.
-    def decrease_reservation(self, gpfn: int, order: int, extents: int) -> int: ...
-    def populate_physmap(self, gpfn: int, order: int, extents: int) -> int: ...
+    # Ballooning: the extents of 2**order pages starting at each of `gpfns`,
+    # in the guest's order: how many, from the first, were done.
+    def decrease_reservation(self, gpfns: list[int], order: int) -> int: ...
+    def populate_physmap(self, gpfns: list[int], order: int) -> int: ...
     def hvm_get_param(self, index: int) -> int: ...
     def hvm_set_param(self, index: int, value: int) -> None: ...
     def set_evtchn_upcall_vector(self, vcpu: int, vector: int) -> None: ...
@@ -217,16 +221,22 @@ class _Throttle:
             log.log(level, message + suffix, *args, exc_info=exc_info)
 
 
-def _runs(gpfns: list[int], step: int) -> list[tuple[int, int]]:
-    """The list as (first, count) runs of extents that follow each other
-    (each `step` frames after the one before), in the list's order."""
-    runs: list[tuple[int, int]] = []
-    for gpfn in gpfns:
-        if runs and runs[-1][0] + runs[-1][1] * step == gpfn:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((gpfn, 1))
-    return runs
+def _read_frames(access: GuestAccess, base: int, first: int, count: int, item: int) -> list[int]:
+    """Up to `count` frame numbers of `item` bytes from entry `first` of the
+    guest's list at `base`, stopping before the first it cannot read: the
+    entries on one page are read together."""
+    frames: list[int] = []
+    index, end = first, first + count
+    while index < end:
+        gva = base + index * item
+        on_page = (abi.PAGE_SIZE - (gva & (abi.PAGE_SIZE - 1))) // item
+        chunk = max(1, min(on_page, end - index))  # 1: an entry across two pages
+        try:
+            frames.extend(access.read_array(gva, chunk, item))
+        except GuestFault:
+            break  # the page (the whole chunk is on it) cannot be read
+        index += chunk
+    return frames
 
 
 class _MappedPage:
@@ -960,25 +970,31 @@ class HypercallDispatcher:
             return self._add_to_physmap_batch(call, arg)
         if op == abi.XENMEM_remove_from_physmap:
             return self._remove_from_physmap(call, arg)
+        if op == abi.XENMEM_increase_reservation:
+            # Pages held outside the guest's map (all an HVM guest gets from
+            # it): the domain never grows past its RAM, so none, as Xen
+            # answers a domain at its limit, whatever the request says.
+            return start_extent
         if op == abi.XENMEM_decrease_reservation:
             return self._reservation(call, arg, start_extent, self.domain.decrease_reservation, aligned=False)
         if op == abi.XENMEM_populate_physmap:
             return self._reservation(call, arg, start_extent, self.domain.populate_physmap, aligned=True)
         return self._unknown(abi.HYPERCALL_memory_op, op)
 
-    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[int, int, int], int],
+    def _reservation(self, call: _Call, arg: int, start_extent: int, op: Callable[[list[int], int], int],
                      aligned: bool) -> int:
         """decrease_reservation and populate_physmap: the number of extents
-        done (counting from Xen's continuation index), stopping at the first
-        that cannot be, or whose frame number cannot be read, as Xen. The
-        frame numbers are read a batch at a time and neighbouring extents
-        handed to the domain together (one memslot change per run)."""
-        request = call.read(arg, abi.MEMORY_RESERVATION)
-        self._check_own_domain(request.domid)
-        # Xen's cap: more extents than its continuation can count are refused whole.
-        if request.nr_extents > MEMOP_MAX_EXTENTS:
-            return start_extent
-        if start_extent >= request.nr_extents or request.extent_order > abi.MAX_GUEST_EXTENT_ORDER:
+        done, counting from Xen's continuation index and stopping at the
+        first that cannot be done or whose frame number cannot be read, as
+        Xen. Whatever Xen refuses before looking at the extents (the
+        request unreadable, another domain, more extents than its
+        continuation can count, too large an order, an address width
+        below a page, populate-on-demand for oneself) is answered the way
+        Xen answers it: with the continuation index, nothing done. The
+        frame numbers go to the domain a batch at a time, so that it can
+        change the guest's map once per batch (Linux hands in 512 at once)."""
+        request = self._reservation_request(call, arg, start_extent, populate=aligned)
+        if request is None:
             return start_extent
         item = abi.XEN_ULONG_SIZE[call.compat]
         per_extent = 1 << request.extent_order
@@ -986,25 +1002,34 @@ class HypercallDispatcher:
         while done < request.nr_extents:
             if done > start_extent and self.domain.preempt(call.vcpu):
                 break  # the VM is stopping
-            batch, valid = [], True
-            for index in range(done, min(done + PREEMPT_BATCH, request.nr_extents)):
-                try:
-                    gpfn = call.access.read_array(request.extent_start + index * item, 1, item)[0]
-                except GuestFault:
-                    valid = False
-                    break
+            wanted = min(RESERVATION_BATCH, request.nr_extents - done)
+            batch = _read_frames(call.access, request.extent_start, done, wanted, item)
+            valid = len(batch)
+            for index, gpfn in enumerate(batch):
                 if gpfn >= MAX_GPFN or (aligned and gpfn % per_extent):
-                    valid = False
+                    valid = index
                     break
-                batch.append(gpfn)
-            for start, count in _runs(batch, per_extent):
-                finished = op(start, request.extent_order, count)
-                done += finished
-                if finished < count:
-                    return done
-            if not valid:
-                break
+            finished = op(batch[:valid], request.extent_order) if valid else 0
+            done += finished
+            if finished < wanted:
+                break  # a frame it could not read or take
         return done
+
+    def _reservation_request(self, call: _Call, arg: int, start_extent: int, populate: bool):
+        """A xen_memory_reservation with extents left to do, or None where
+        Xen returns the continuation index without looking at the extents."""
+        try:
+            request = call.read(arg, abi.MEMORY_RESERVATION)
+        except GuestFault:
+            return None
+        if (request.nr_extents > MEMOP_MAX_EXTENTS or start_extent >= request.nr_extents
+                or self._domid(request.domid) != self.domain.domid
+                or request.extent_order > abi.MAX_GUEST_EXTENT_ORDER
+                or 0 < request.mem_flags & abi.XENMEMF_ADDRESS_BITS_MASK <= abi.PAGE_SHIFT
+                or (populate and request.mem_flags & abi.XENMEMF_populate_on_demand)):
+            return None
+        return request
+
 
     def _remove_from_physmap(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.REMOVE_FROM_PHYSMAP)

@@ -85,3 +85,28 @@ def test_region_is_the_one_holding_the_address():
             memory.region(0x10000)  # the gap between them
     finally:
         memory.close()
+
+
+def test_discard_clears_and_gives_anonymous_memory_back():
+    memory = GuestMemory([(0, 0x10000), (0x10000, 0x4000)])
+    memory.write(0x3000, b"\xaa" * 0x3000)
+    memory.write(0xF000, b"\xbb" * 0x2000)  # across the two regions
+    memory.discard(0x4000, 0xD000)
+    # Before anything reads them (a read maps the zero page): the host holds only what was kept.
+    assert [list(region.touched_runs()) for region in memory.regions] == [[(0x3000, 0x4000)], []]
+    assert memory.read(0x3000, 0x1000) == b"\xaa" * 0x1000  # outside: kept
+    assert memory.read(0x4000, 0xD000) == bytes(0xD000)
+    with pytest.raises(GuestMemoryError):
+        memory.discard(0x13000, 0x2000)  # past the end of RAM: nothing done
+    memory.close()
+
+
+def test_discard_writes_zeros_over_ram_mapped_from_a_file(tmp_path):
+    path = tmp_path / "ram"
+    path.write_bytes(b"\xcc" * 0x4000)
+    with open(path, "rb") as file:
+        memory = GuestMemory.from_file(file.fileno(), [(0, 0x4000, 0)])
+    memory.discard(0x1000, 0x2000)  # dropping the copy would show the file's bytes again
+    assert memory.read(0, 0x4000) == b"\xcc" * 0x1000 + bytes(0x2000) + b"\xcc" * 0x1000
+    assert path.read_bytes() == b"\xcc" * 0x4000  # copy-on-write: the file keeps its own
+    memory.close()

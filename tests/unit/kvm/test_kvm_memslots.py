@@ -229,3 +229,31 @@ def test_table_agrees_with_kvm_under_random_operations(operations):
         for p in range(40):
             assert kvm.backing(p * PAGE) == expected.get(p)
         assert len(kvm.live) == len(table.slots) <= 6
+
+
+def test_map_joined_fills_a_hole_with_no_slot_more(kvm):
+    table = MemslotTable(kvm.set_region, 3, page_size=PAGE)
+    table.map(0, 16 * PAGE, HOST)
+    table.unmap(4 * PAGE, 2 * PAGE)
+    table.unmap(10 * PAGE, 2 * PAGE)  # three slots: all there are
+    with pytest.raises(MemslotError):
+        table.map(4 * PAGE, PAGE, HOST + 4 * PAGE)
+    table.map_joined(4 * PAGE, PAGE, HOST + 4 * PAGE, 0, 16 * PAGE)  # grows the slot before it
+    table.map_joined(10 * PAGE, 2 * PAGE, HOST + 10 * PAGE, 0, 16 * PAGE)  # fills a hole: one slot fewer
+    assert spans(table) == [(0, 5 * PAGE, HOST), (6 * PAGE, 10 * PAGE, HOST + 6 * PAGE)]
+    table.map_joined(5 * PAGE, PAGE, HOST + 5 * PAGE, 0, 16 * PAGE)
+    assert spans(table) == [(0, 16 * PAGE, HOST)]
+    assert all(kvm.backing(p * PAGE) == HOST + p * PAGE for p in range(16))
+
+
+def test_map_joined_joins_only_what_continues_it_inside_its_bounds(table, kvm):
+    table.map(0, 4 * PAGE, HOST)
+    table.map(8 * PAGE, 4 * PAGE, HOST + 0x100000)  # elsewhere in host memory
+    table.map(12 * PAGE, 4 * PAGE, HOST + 12 * PAGE)
+    table.map_joined(4 * PAGE, 4 * PAGE, HOST + 4 * PAGE, 2 * PAGE, 16 * PAGE)  # the slot at 0 starts below
+    assert spans(table) == [(0, 4 * PAGE, HOST), (4 * PAGE, 4 * PAGE, HOST + 4 * PAGE),
+                            (8 * PAGE, 4 * PAGE, HOST + 0x100000), (12 * PAGE, 4 * PAGE, HOST + 12 * PAGE)]
+    with pytest.raises(MemslotError):
+        table.map_joined(12 * PAGE, PAGE, HOST + 12 * PAGE, 0, 16 * PAGE)  # mapped already
+    with pytest.raises(MemslotError):
+        table.map_joined(16 * PAGE, PAGE, HOST + 16 * PAGE + 1, 0, 32 * PAGE)  # not aligned

@@ -209,15 +209,17 @@ class Domain:
         self.polled = ports
         self.machine.run_on_vcpu(vcpu, lambda v: v.set_mp_state(KVM_MP_STATE_HALTED))
 
-    def decrease_reservation(self, gpfn, order, count):
+    def decrease_reservation(self, gpfns, order):
         if not self.given_back:
             self.first_batch.set()
             self.go_on.wait()
-        frames = range(gpfn, gpfn + count)
-        if set(frames) & set(self.given_back):
-            return 0  # XenDomain's: it stops at a frame given back already
-        self.given_back += frames
-        return count
+        done = 0
+        for gpfn in gpfns:
+            if gpfn in self.given_back:
+                break  # XenDomain's: it stops at a frame given back already
+            self.given_back.append(gpfn)
+            done += 1
+        return done
 
     def ram_page(self, gfn):
         return self.memory.view(gfn * PAGE, PAGE)
@@ -300,7 +302,7 @@ def test_a_snapshot_does_not_save_a_vcpu_in_the_middle_of_decrease_reservation(m
     # Restored before its VMCALL, the guest would give the first frames back
     # again, be told fewer extents than it asked for, and Linux's balloon
     # driver would BUG.
-    extents = 300  # several preempt points
+    extents = 1300  # several preempt points (hypercalls.RESERVATION_BATCH extents apart)
     vcpu = KvmVcpu(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF)
     memory = GuestMemory([(0, RAM)])
     memory.write(ARRAY, struct.pack(f"<{extents}Q", *range(0x100, 0x100 + extents)))
@@ -479,3 +481,51 @@ def test_vcpus_asking_each_other_at_random_are_all_answered_on_the_right_thread(
     for thread in threads:
         thread.join(120)
     assert failures == [] and sorted(finished) == list(range(count))
+
+
+def test_no_kvm_run_is_claimed_while_another_vcpu_holds_this_one():
+    """Any KVM_RUN, a settling one too, completes the vCPU's last exit and
+    may read guest memory (skipping a hypercall decodes the instruction):
+    none may start while the holder has a RAM slot deleted."""
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 1
+    with m.others_held():
+        assert not m._claim_kvm_run(0, m._must_park) and not m._claim_kvm_run(0, m._held_by_other)
+        assert m._in_guest == [False, False]
+    assert m._claim_kvm_run(0, m._must_park) and m._in_guest[0]
+    m._in_guest[0] = False
+    m._running.clear()  # paused: a parking vCPU still settles
+    assert not m._claim_kvm_run(0, m._must_park) and m._claim_kvm_run(0, m._held_by_other)
+
+
+def test_a_holder_waits_for_a_kvm_run_claimed_before_it():
+    m = machine()
+    assert m._claim_kvm_run(0, m._must_park)  # vCPU 0 is entering KVM_RUN
+    held = threading.Event()
+
+    def hold():
+        m._vcpu_of_thread[threading.get_ident()] = 1
+        with m.others_held():
+            held.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert not held.wait(0.2) and m._vcpus[0].kicks == 1  # kicked, and waited for
+    m._in_guest[0] = False  # the kicked KVM_RUN returned
+    assert held.wait(5)
+
+
+def test_a_vcpu_parked_unsettled_for_a_holder_comes_back_to_settle_for_a_pause():
+    m = machine()
+    m._vcpu_of_thread[threading.get_ident()] = 1
+    with m.others_held():
+        m._running.clear()  # a pause comes while vCPU 0 is held out, unsettled
+        done = threading.Event()
+        threading.Thread(target=lambda: (m._park(0, settled=False), done.set()),
+                         daemon=True).start()
+        assert not done.wait(0.1)
+    assert done.wait(5)  # back to the loop, which settles it before parking on
+    assert m._must_park(0)
+    settled = parked_thread(m, 0)
+    assert not settled.wait(0.1)  # parked on, settled, while paused
+    m._set_running()
+    assert settled.wait(5)

@@ -269,7 +269,7 @@ def set_up_like_linux(domain, machine):
     frame_ref = 8
     struct_at = domain.gnttab.frame_host_address(0)
     ctypes.memmove(struct_at + frame_ref * 8, bytes([GTF_permit_access, 0, 0, 0]) + (0x123).to_bytes(4, "little"), 8)
-    domain.decrease_reservation(0x950, 0)
+    domain.decrease_reservation([0x950], 0)
     # The PV device: the guest offers a ring and a channel, and connects.
     device = domain.backends.setdefault("vtest", [Device(domain)])[0]
     device.start()

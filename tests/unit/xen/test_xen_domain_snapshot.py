@@ -14,6 +14,7 @@ import pytest
 
 from frontends.evtchn import Rig
 from pyvmm.core.memory import GuestMemory
+from pyvmm.core.pageset import PageSet
 from pyvmm.core.snapshot import SnapshotError
 from pyvmm.kvm import uapi
 from pyvmm.kvm.memslots import MemslotTable, map_guest_memory
@@ -137,7 +138,8 @@ def built():
     domain._init_timers()
     domain._blocked_at_save = []
     domain.dispatcher = HypercallDispatcher(domain)
-    domain._grant_frame_gpa, domain._grant_frame_at, domain._ballooned = {}, {}, set()
+    domain._grant_frame_gpa, domain._grant_frame_at = {}, {}
+    domain._ballooned = PageSet(max(region.end for region in memory.regions) >> PAGE_SHIFT)
     domain.gnttab = GrantTable(memory, max_frames=4)
     domain.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, CONSOLE_PFN)
     domain.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, STORE_PFN)
@@ -170,7 +172,7 @@ def busy(vm):
     domain.params[abi.HVM_PARAM_CALLBACK_IRQ] = 5  # GSI 5
     domain.map_grant_frame(0, 10)  # over RAM
     domain.map_grant_frame(1, 20)
-    assert domain.decrease_reservation(30, 2)  # pages 30..33 given back
+    assert domain.decrease_reservation([30], 2)  # pages 30..33 given back
     domain._periodic[1].arm(5.0, 0.01)
     domain._timer_ports[0] = 7
     domain.evtchn.bind_ipi(1)
@@ -190,7 +192,7 @@ def test_a_restored_domain_has_the_saved_physical_map_and_copies():
     assert new.kvm.backing(20 * PAGE_SIZE) == domain.gnttab.frame_host_address(1)
     assert all(new.kvm.backing(page * PAGE_SIZE) is None for page in range(30, 34))
     assert new.kvm.backing(34 * PAGE_SIZE) == new.memory.host_address(34 * PAGE_SIZE)
-    assert domain.populate_physmap(30, 2)  # ballooned pages come back as before
+    assert domain.populate_physmap([30], 2)  # ballooned pages come back as before
     assert new.kvm.backing(31 * PAGE_SIZE) == new.memory.host_address(31 * PAGE_SIZE)
     domain.remove_from_physmap(10)  # the frame's RAM is back
     assert new.kvm.backing(10 * PAGE_SIZE) == new.memory.host_address(10 * PAGE_SIZE)

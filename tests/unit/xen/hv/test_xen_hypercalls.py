@@ -929,30 +929,54 @@ def test_reservation_counts_extents_done(hc, domain, memory, compat, op, method)
     item = "I" if compat else "Q"
     memory.write(ARRAY, struct.pack(f"<4{item}", 0x20, 0x22, 0x24, 0x26))
 
-    def extents_done(gpfn, order, count):  # the extent at 0x24 cannot be done
-        done = 0
-        while done < count and gpfn + (done << order) != 0x24:
-            done += 1
-        return done
+    def extents_done(gpfns, order):  # the extent at 0x24 cannot be done
+        return gpfns.index(0x24) if 0x24 in gpfns else len(gpfns)
 
     domain.results[method] = extents_done
 
-    def call(nr, order=1, domid=abi.DOMID_SELF, start=0, extents=ARRAY):
+    def call(nr, order=1, domid=abi.DOMID_SELF, start=0, extents=ARRAY, flags=0):
         put(memory, BUF, abi.MEMORY_RESERVATION, compat, extent_start=extents, nr_extents=nr,
-            extent_order=order, mem_flags=0, domid=domid)
+            extent_order=order, mem_flags=flags, domid=domid)
         return hc(abi.HYPERCALL_memory_op, start << 6 | op, BUF, longmode=not compat)
 
     assert call(4) == 2
-    assert [c for c in domain.calls if c[0] == method] == [(method, 0x20, 1, 4)]  # neighbours go together
+    assert [c for c in domain.calls if c[0] == method] == [(method, [0x20, 0x22, 0x24, 0x26], 1)]  # one batch
     assert call(2, start=1) == 2  # Xen's continuation index counts in the result
     assert call(2, start=5) == 5  # nothing left to do
+    calls = len(domain.calls)
+    # What Xen refuses before looking at the extents: the continuation index, nothing done.
     assert call(4, order=10) == 0  # larger than a guest may ask
+    assert call(4, start=1, domid=0) == 1  # another domain (Xen: not found, or not allowed)
+    assert call(4, flags=abi.PAGE_SHIFT) == 0  # pages below 4 KiB of address width
+    assert hc(abi.HYPERCALL_memory_op, 3 << 6 | op, UNMAPPED, longmode=not compat) == 3  # an unreadable request
+    assert [c for c in domain.calls[calls:] if c[0] == method] == []
+    assert call(4, flags=abi.PAGE_SHIFT + 1) == 2  # a width the pages fit in is no reason to refuse
     assert call(4, extents=UNMAPPED) == 0  # an unreadable list stops at once, as in Xen
-    assert call(4, domid=0) == -ESRCH
+    assert call(4, flags=abi.XENMEMF_populate_on_demand) == (0 if method == "populate_physmap" else 2)
     if method == "populate_physmap":
         memory.write(ARRAY, struct.pack(f"<{item}", 0x21))
         assert call(1) == 0  # an extent is aligned to its size
     assert abi.MEMORY_RESERVATION.size(False) == 32 and abi.MEMORY_RESERVATION.size(True) == 20
+
+
+@ABIS
+def test_increase_reservation_gives_nothing(hc, domain, memory, compat):
+    memory.write(ARRAY, struct.pack("<4Q", 0x20, 0x21, 0x22, 0x23))
+    put(memory, BUF, abi.MEMORY_RESERVATION, compat, extent_start=ARRAY, nr_extents=4, extent_order=0, mem_flags=0,
+        domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_increase_reservation, BUF, longmode=not compat) == 0
+    assert hc(abi.HYPERCALL_memory_op, 2 << 6 | abi.XENMEM_increase_reservation, BUF, longmode=not compat) == 2
+    assert not {"decrease_reservation", "populate_physmap"} & set(domain.names())
+
+
+def test_a_reservation_list_running_into_an_unmapped_page_stops_there(hc, domain, memory):
+    memory.write(UNMAPPED - 12, struct.pack("<3I", 0x10, 0x11, 0x12))  # 0x12: the last entry before the page
+    domain.results["decrease_reservation"] = lambda gpfns, order: len(gpfns)
+    put(memory, BUF, abi.MEMORY_RESERVATION, True, extent_start=UNMAPPED - 12, nr_extents=5, extent_order=0,
+        mem_flags=0, domid=abi.DOMID_SELF)
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF, longmode=False) == 3
+    assert [c for c in domain.calls if c[0] == "decrease_reservation"] == [("decrease_reservation",
+                                                                            [0x10, 0x11, 0x12], 0)]
 
 
 @ABIS
@@ -1001,7 +1025,7 @@ def test_add_to_physmap_batch_largest_size(hc, domain, memory):
 
 
 @pytest.mark.parametrize(
-    "op", [abi.XENMEM_increase_reservation, abi.XENMEM_memory_map, abi.XENMEM_maximum_ram_page, abi.XENMEM_current_reservation,
+    "op", [abi.XENMEM_memory_map, abi.XENMEM_maximum_ram_page, abi.XENMEM_current_reservation,
            abi.XENMEM_get_pod_target, abi.XENMEM_acquire_resource, 63]
 )
 def test_memory_ops_not_provided(hc, op):
@@ -1128,7 +1152,7 @@ def test_counted_send_names_a_loopback_and_a_bad_port(hc, domain, memory):
 
 
 def test_reservation_refuses_more_extents_than_xen_can_count(hc, domain, memory):
-    domain.results["decrease_reservation"] = lambda gpfn, order, count: count
+    domain.results["decrease_reservation"] = lambda gpfns, order: len(gpfns)
     put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=(0xFFFF_FFFF >> 6) + 1,
         extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
     assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF) == 0
@@ -1136,17 +1160,19 @@ def test_reservation_refuses_more_extents_than_xen_can_count(hc, domain, memory)
 
 
 def test_a_long_reservation_stops_for_a_pause_and_ends_when_the_vm_stops(hc, domain, memory):
-    memory.write(ARRAY, struct.pack("<300Q", *range(0x40, 0x40 + 300)))
-    domain.results["populate_physmap"] = lambda gpfn, order, count: count
+    memory.write(ARRAY, struct.pack("<1300Q", *range(0x40, 0x40 + 1300)))
+    domain.results["populate_physmap"] = lambda gpfns, order: len(gpfns)
     stopping = []
     domain.results["preempt"] = lambda vcpu: len(stopping) > 0
-    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=300,
+    put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=1300,
         extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
-    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF, vcpu=1) == 300
-    assert domain.names().count("preempt") == 300 // 64  # every 64 extents, on the calling vCPU
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF, vcpu=1) == 1300
+    # Batches of 512 (a page of Linux's frame numbers), a pause let in between them.
+    assert [len(c[1]) for c in domain.calls if c[0] == "populate_physmap"] == [512, 512, 276]
+    assert domain.names().count("preempt") == 2
     assert ("preempt", 1) in domain.calls
     stopping.append(True)
-    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF) == 64
+    assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_populate_physmap, BUF) == 512
 
 
 def test_vcpu_up_down_is_up(hc, domain):
@@ -1161,18 +1187,10 @@ def test_vcpu_up_down_is_up(hc, domain):
     assert hc(abi.HYPERCALL_vcpu_op, abi.VCPUOP_down, 5, 0) == -ENOENT
 
 
-def test_reservation_runs_of_extents():
-    from pyvmm.xen.hv.hypercalls import _runs
-
-    assert _runs([], 1) == []
-    assert _runs([5, 6, 7, 9, 10, 4, 4], 1) == [(5, 3), (9, 2), (4, 1), (4, 1)]
-    assert _runs([0, 2, 4, 5], 2) == [(0, 3), (5, 1)]
-
-
 def test_a_reservation_list_with_a_bad_entry_stops_there(hc, domain, memory):
     memory.write(ARRAY, struct.pack("<4Q", 0x10, 0x11, 1 << 41, 0x12))
-    domain.results["decrease_reservation"] = lambda gpfn, order, count: count
+    domain.results["decrease_reservation"] = lambda gpfns, order: len(gpfns)
     put(memory, BUF, abi.MEMORY_RESERVATION, extent_start=ARRAY, nr_extents=4,
         extent_order=0, mem_flags=0, domid=abi.DOMID_SELF)
     assert hc(abi.HYPERCALL_memory_op, abi.XENMEM_decrease_reservation, BUF) == 2
-    assert [c for c in domain.calls if c[0] == "decrease_reservation"] == [("decrease_reservation", 0x10, 0, 2)]
+    assert [c for c in domain.calls if c[0] == "decrease_reservation"] == [("decrease_reservation", [0x10, 0x11], 0)]
