@@ -562,6 +562,16 @@ GNTCOPY_dest_gref = 1 << 1
 GNTTAB_GET_STATUS_FRAMES = Layout(
     "gnttab_get_status_frames", "nr_frames dom status frame_list", "<IHhQ", "<IHhI"
 )
+# struct gnttab_setup_table: frame_list is a handle to xen_pfn_t, 8 bytes
+# wide in the 64-bit ABI (the handle aligned to 16), 4 in the compat one.
+GNTTAB_SETUP_TABLE = Layout(
+    "gnttab_setup_table", "dom nr_frames status frame_list", "<H2xIh6xQ", "<H2xIh2xI"
+)
+GNTTAB_SETUP_TABLE_STATUS_OFFSET = 8  # Xen writes back only the status (compat: the whole structure)
+# Xen's compat wrapper builds the 64-bit frame list in its translation
+# area (COMPAT_ARG_XLAT_SIZE, two pages, after the 24-byte structure): a
+# 32-bit guest asking for more frames gets GNTST_general_error.
+COMPAT_SETUP_TABLE_MAX_FRAMES = (2 * 4096 - 24) // 8
 GNTTAB_QUERY_SIZE = Layout(
     "gnttab_query_size", "dom nr_frames max_nr_frames status", "<H2xIIh2x"
 )

@@ -1167,6 +1167,13 @@ class XenDomain:
             self._grant_frame_gpa[index] = gpa
             self._grant_frame_at[gpa] = index
 
+    def grant_frame_gfns(self, count: int) -> list[int]:
+        """GNTTABOP_setup_table: where the guest put shared frames
+        0..count-1 (Xen's INVALID_GFN, all ones, for one not mapped)."""
+        with self._lock:
+            return [self._grant_frame_gpa.get(index, abi.INVALID_GPA << PAGE_SHIFT) >> PAGE_SHIFT
+                    for index in range(count)]
+
     def grant_status_gfns(self, count: int) -> list[int]:
         """GNTTABOP_get_status_frames: where the guest put status frames
         0..count-1 (Xen's INVALID_GFN, all ones, for one not mapped)."""

@@ -148,7 +148,7 @@ class GrantTable:
         self._limited = log_rate.limited(log)  # lines whose rate the guest sets
         self._trace = trace  # the VM's
         self.backend_domid = backend_domid
-        self.frame_count = 0  # frames the guest has mapped: 1 + highest index
+        self.frame_count = 0  # frames the table has grown to (Xen's nr_grant_frames)
         self._mapping = mmap.mmap(-1, max_frames * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mapping))
         self._table = memoryview(self._mapping)
@@ -213,6 +213,16 @@ class GrantTable:
         with self._lock:
             self.frame_count = max(self.frame_count, index + 1)
 
+    def grow(self, nr_frames: int) -> None:
+        """GNTTABOP_setup_table: the table has at least `nr_frames` frames
+        (their pages exist from the start: growing only counts them, for
+        query_size, the refs a copy may name and the v2 status frames).
+        -EINVAL beyond max_frames: the caller answers GNTST_general_error."""
+        if not isinstance(nr_frames, int) or not 0 <= nr_frames <= self.max_frames:
+            raise XenError(EINVAL, f"{nr_frames!r} grant frames: the table has at most {self.max_frames}")
+        with self._lock:
+            self.frame_count = max(self.frame_count, nr_frames)
+
     def set_version(self, version: int) -> int:
         """GNTTABOP_set_version; returns the version now in force.
 
@@ -266,7 +276,7 @@ class GrantTable:
             self._status[ref] = flags & GTF_IN_USE
 
     def query_size(self) -> tuple[int, int]:
-        """GNTTABOP_query_size: (frames the guest has mapped, max_frames)."""
+        """GNTTABOP_query_size: (frames the table has grown to, max_frames)."""
         return self.frame_count, self.max_frames
 
     def reset(self) -> None:

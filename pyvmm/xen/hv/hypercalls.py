@@ -832,8 +832,7 @@ class HypercallDispatcher:
             abi.GNTTABOP_get_version: self._gnttab_get_version,
             abi.GNTTABOP_query_size: self._gnttab_query_size,
             abi.GNTTABOP_get_status_frames: self._gnttab_get_status_frames,
-            # HVM guests map their frames with add_to_physmap instead.
-            abi.GNTTABOP_setup_table: lambda call, uop: -ENOSYS,
+            abi.GNTTABOP_setup_table: self._gnttab_setup_table,
         }.get(cmd)
         if handler is None:
             return self._unknown(abi.HYPERCALL_grant_table_op, cmd)
@@ -943,6 +942,71 @@ class HypercallDispatcher:
                     status = abi.GNTST_bad_virt_addr
         call.write(uop, abi.GNTTAB_GET_STATUS_FRAMES, request._replace(status=status))
         return 0
+
+    def _gnttab_setup_table(self, call: _Call, uop: int) -> int:
+        """Grow the table to nr_frames and tell where each shared frame is
+        in the guest's physical map, as Xen's gnttab_setup_table for a
+        translated guest: answered through the status field.
+
+        - Another domain: Xen's rcu_lock_domain_by_any_id finds none
+          (GNTST_bad_domain) but domain 0, which XSM refuses to a guest
+          (GNTST_permission_denied).
+        - More frames than max-grant-frames (or, for a 32-bit guest, than
+          Xen's compat translation area holds): GNTST_general_error, before
+          anything grows or is written.
+        - Frame i's GFN, or INVALID_GFN (all ones in the guest's xen_pfn_t)
+          where the guest has not mapped it. Xen 4.18 and later refuse a
+          GFN a 32-bit guest's xen_pfn_t cannot hold (GNTST_address_too_big,
+          stopping there) rather than truncate it.
+        - A list it cannot write: GNTST_bad_virt_addr, stopping there (an
+          HVM guest's handle is not checked beforehand, so not -EFAULT).
+        - The structure unreadable, or its status unwritable: -EFAULT (the
+          table may have grown meanwhile, as on Xen)."""
+        request = call.read(uop, abi.GNTTAB_SETUP_TABLE)
+        dom = self._domid(request.dom)
+        gnttab = self.domain.gnttab
+        limit = gnttab.query_size()[1]
+        if call.compat:
+            limit = min(limit, abi.COMPAT_SETUP_TABLE_MAX_FRAMES)
+        if dom != self.domain.domid:
+            status = abi.GNTST_permission_denied if dom == 0 else abi.GNTST_bad_domain
+        elif request.nr_frames > limit:
+            status = abi.GNTST_general_error  # also bounds the list below
+        else:
+            gnttab.grow(request.nr_frames)
+            status = self._write_frame_list(call, request.frame_list,
+                                            self.domain.grant_frame_gfns(request.nr_frames))
+        if call.compat:
+            # Xen's compat wrapper copies back the whole structure it read
+            # (the status changed): all of it must be writable.
+            call.access.check(uop, abi.GNTTAB_SETUP_TABLE.size(True), write=True)
+        call.access.write(uop + abi.GNTTAB_SETUP_TABLE_STATUS_OFFSET, struct.pack("<h", status))
+        return 0
+
+    @staticmethod
+    def _write_frame_list(call: _Call, frame_list: int, gfns: list[int]) -> int:
+        """Write `gfns` as the guest's xen_pfn_t array: its GNTST_* status."""
+        item = abi.XEN_ULONG_SIZE[call.compat]
+        all_ones = (1 << 8 * item) - 1
+        data = bytearray()
+        status = abi.GNTST_okay
+        for gfn in gfns:
+            if gfn == abi.INVALID_GPA:  # INVALID_GFN: all ones too
+                gfn = all_ones
+            elif gfn > all_ones:
+                status = abi.GNTST_address_too_big
+                break
+            data += gfn.to_bytes(item, "little")
+        try:
+            call.access.write(frame_list, data)  # all or nothing
+        except GuestFault:
+            # Xen writes one frame at a time and stops at the first it cannot.
+            for index in range(len(data) // item):
+                try:
+                    call.access.write(frame_list + index * item, data[index * item:(index + 1) * item])
+                except GuestFault:
+                    return abi.GNTST_bad_virt_addr
+        return status
 
     def _gnttab_query_size(self, call: _Call, uop: int) -> int:
         request = call.read(uop, abi.GNTTAB_QUERY_SIZE, for_update=True)

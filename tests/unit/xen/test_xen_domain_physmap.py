@@ -207,6 +207,20 @@ def test_status_frames_leave_with_version_1_and_are_found_by_get_status_frames(r
     assert rig.domain.grant_status_gfns(1) == [(1 << 64) - 1]
 
 
+def test_grant_frame_gfns_tell_where_shared_frames_are(rig):
+    status = 0x8000_0000  # XENMAPIDX_grant_table_status: not a shared frame
+    rig.domain.map_grant_frame(2, 9)
+    rig.domain.map_grant_frame(0, 6)
+    rig.domain.map_grant_frame(status | 1, 7)
+    invalid = (1 << 64) - 1
+    assert rig.domain.grant_frame_gfns(4) == [6, invalid, 9, invalid]
+    rig.domain.map_grant_frame(0, 11)  # moved
+    assert rig.domain.grant_frame_gfns(1) == [11]
+    rig.domain.remove_from_physmap(9)
+    assert rig.domain.grant_frame_gfns(3) == [11, invalid, invalid]
+    assert rig.domain.grant_frame_gfns(0) == []
+
+
 def test_fifo_pages_must_be_plain_ram_of_the_guest(rig):
     rig.domain.map_grant_frame(0, 5)
     rig.domain.shared_info_gfn = 3

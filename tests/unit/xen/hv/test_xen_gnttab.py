@@ -94,6 +94,22 @@ def test_query_size_counts_mapped_frames(table):
             table.frame_host_address(bad)
 
 
+def test_grow_counts_frames_up_to_max_frames(table):
+    table.grow(0)
+    assert table.query_size() == (0, 4)
+    table.grow(2)
+    assert table.query_size() == (2, 4)
+    table.grow(1)  # never shrinks
+    assert table.query_size() == (2, 4)
+    table.grow(4)
+    assert table.query_size() == (4, 4)
+    for bad in (5, -1, 1 << 40, None):
+        with pytest.raises(XenError) as error:
+            table.grow(bad)
+        assert error.value.errno == EINVAL
+    assert table.query_size() == (4, 4)
+
+
 def test_frames_are_separate_page_aligned_pages(table):
     addresses = [table.frame_host_address(i) for i in range(table.max_frames)]
     assert all(a % PAGE == 0 for a in addresses)

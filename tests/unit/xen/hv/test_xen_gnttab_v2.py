@@ -96,6 +96,12 @@ def test_status_frames_exist_only_in_v2(table):
     assert table.frame_host_address(status0) != table.frame_host_address(status0 | 1)
 
 
+def test_growing_the_table_grows_its_status_frames(table):
+    table.set_version(2)
+    table.grow(9)  # GNTTABOP_setup_table: 9 * 256 entries need 2 status frames
+    assert table.query_size() == (9, 16) and table.nr_status_frames() == 2
+
+
 def test_backend_map_sets_and_clears_status_bits(table):
     table.set_version(2)
     grant_v2(table, 20, 5)

@@ -30,6 +30,7 @@ BUF = 0x10000  # a scratch buffer in guest RAM (identity-mapped)
 ARRAY = 0x20000  # a second one, for arrays
 UNMAPPED = 0x30000  # a page the fake page tables do not map
 READONLY = 0x31000  # a page mapped read-only
+READONLY2 = 0x33000  # another, after a writable page
 OUTSIDE = 0x4000_0000  # mapped, but not RAM
 DOMID = 1
 MS = 1_000_000
@@ -94,7 +95,7 @@ def identity(gva):
     page = gva & ~(PAGE - 1)
     if page == UNMAPPED:
         return Translation(0, False, False)
-    return Translation(gva, True, page != READONLY)
+    return Translation(gva, True, page not in (READONLY, READONLY2))
 
 
 @pytest.fixture
@@ -826,7 +827,8 @@ def test_gnttab_query_size(hc, memory, dom, expected):
         (abi.GNTTABOP_set_version, 0xFFFFFFFF, -EINVAL),
         (abi.GNTTABOP_map_grant_ref, 0x7FFFFFFF, -ENOSYS),  # no loop over a huge count
         (abi.GNTTABOP_copy, 0x80000000, -EINVAL),
-        (abi.GNTTABOP_setup_table, 1, -ENOSYS),
+        (abi.GNTTABOP_setup_table, 0, -EINVAL),
+        (abi.GNTTABOP_setup_table, 2, -EINVAL),
         (abi.GNTTABOP_query_size | (1 << 12), 1, -EINVAL),  # continuation bits
         (0x123, 1, -ENOSYS),
     ],
@@ -854,6 +856,176 @@ def test_gnttab_get_status_frames(hc, domain, memory, compat):
         assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, BUF, 1, longmode=not compat) == 0
         assert get(memory, BUF, abi.GNTTAB_GET_STATUS_FRAMES, compat).status == status, fields
     assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_get_status_frames, READONLY, 1) == -EFAULT
+
+
+INVALID_GFN = (1 << 64) - 1
+
+
+def setup_table(memory, compat, dom=abi.DOMID_SELF, nr_frames=3, frame_list=ARRAY, status=5):
+    """struct gnttab_setup_table by hand, padding filled with junk: dom u16
+    at 0, nr_frames u32 at 4, status i16 at 8, the frame_list handle at 16
+    (64-bit) or 12 (compat)."""
+    if compat:
+        data = struct.pack("<HHIhHI", dom, 0xAAAA, nr_frames, status, 0xBBBB, frame_list)
+    else:
+        data = struct.pack("<HHIhHIQ", dom, 0xAAAA, nr_frames, status, 0xBBBB, 0xCCCCCCCC, frame_list)
+    memory.write(BUF, data)
+    return data
+
+
+def setup_status(memory):
+    return struct.unpack_from("<h", memory.read(BUF + 8, 2))[0]
+
+
+def frame_list(memory, compat, count, at=ARRAY):
+    item = 4 if compat else 8
+    return [int.from_bytes(memory.read(at + i * item, item), "little") for i in range(count)]
+
+
+@ABIS
+def test_gnttab_setup_table_tells_where_frames_are_mapped(hc, domain, memory, compat):
+    assert abi.GNTTAB_SETUP_TABLE.size(compat) == (16 if compat else 24)
+    domain.results["grant_frame_gfns"] = lambda count: [0x1234, INVALID_GFN, 0xFEFF0][:count]
+    memory.write(ARRAY, b"\x55" * 32)
+    data = setup_table(memory, compat)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=not compat) == 0
+    assert setup_status(memory) == abi.GNTST_okay
+    invalid = 0xFFFFFFFF if compat else INVALID_GFN  # all ones in the guest's xen_pfn_t
+    assert frame_list(memory, compat, 3) == [0x1234, invalid, 0xFEFF0]
+    item = 4 if compat else 8
+    assert memory.read(ARRAY + 3 * item, 4) == b"\x55" * 4  # nothing past nr_frames
+    # Only the status changed (the padding and the handle are as the guest left them).
+    assert memory.read(BUF, len(data)) == data[:8] + struct.pack("<h", 0) + data[10:]
+    assert domain.gnttab.calls[-1] == ("grow", 3)
+    assert ("grant_frame_gfns", 3) in domain.calls
+
+
+@ABIS
+def test_gnttab_setup_table_with_no_frames(hc, domain, memory, compat):
+    domain.results["grant_frame_gfns"] = lambda count: []
+    setup_table(memory, compat, nr_frames=0, frame_list=UNMAPPED)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=not compat) == 0
+    assert setup_status(memory) == abi.GNTST_okay
+
+
+@ABIS
+@pytest.mark.parametrize(
+    "fields,status",
+    [
+        (dict(dom=0), abi.GNTST_permission_denied),  # Xen's XSM check refuses domain 0 to a guest
+        (dict(dom=9), abi.GNTST_bad_domain),  # no such domain
+        (dict(dom=abi.DOMID_IO), abi.GNTST_bad_domain),
+        (dict(nr_frames=65), abi.GNTST_general_error),  # beyond max-grant-frames (64)
+        (dict(nr_frames=0xFFFFFFFF), abi.GNTST_general_error),
+    ],
+)
+def test_gnttab_setup_table_refusals_leave_the_table_alone(hc, domain, memory, compat, fields, status):
+    domain.results["grant_frame_gfns"] = lambda count: [0x1234] * count
+    memory.write(ARRAY, b"\x55" * 8)
+    setup_table(memory, compat, **fields)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=not compat) == 0
+    assert setup_status(memory) == status
+    assert "grow" not in domain.gnttab.names() and "grant_frame_gfns" not in domain.names()
+    assert memory.read(ARRAY, 8) == b"\x55" * 8
+
+
+def test_gnttab_setup_table_own_domid_and_the_limit(hc, domain, memory):
+    domain.results["grant_frame_gfns"] = lambda count: [7] * count
+    setup_table(memory, False, dom=DOMID, nr_frames=64)  # exactly max-grant-frames
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1) == 0
+    assert setup_status(memory) == abi.GNTST_okay
+    assert frame_list(memory, False, 64) == [7] * 64
+    assert domain.gnttab.calls[-1] == ("grow", 64)
+
+
+def test_gnttab_setup_table_compat_limit_is_xens_translation_area(hc, domain, memory):
+    """A 32-bit guest gets at most 1021 frames, whatever max-grant-frames says."""
+    domain.gnttab.results["query_size"] = (4, 4096)
+    domain.results["grant_frame_gfns"] = lambda count: [7] * count
+    setup_table(memory, True, nr_frames=1022)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=False) == 0
+    assert setup_status(memory) == abi.GNTST_general_error
+    assert "grow" not in domain.gnttab.names()
+    setup_table(memory, True, nr_frames=1021)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=False) == 0
+    assert setup_status(memory) == abi.GNTST_okay
+    setup_table(memory, False, nr_frames=1022)  # a 64-bit guest has no such limit
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1) == 0
+    assert setup_status(memory) == abi.GNTST_okay
+
+
+def test_gnttab_setup_table_compat_gfn_too_big(hc, domain, memory):
+    domain.results["grant_frame_gfns"] = lambda count: [0x1234, 1 << 32, 0x5678]
+    memory.write(ARRAY, b"\x55" * 12)
+    setup_table(memory, True)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=False) == 0
+    assert setup_status(memory) == abi.GNTST_address_too_big
+    assert frame_list(memory, True, 3) == [0x1234, 0x55555555, 0x55555555]  # stopped there, never truncated
+    setup_table(memory, False)  # a 64-bit guest's xen_pfn_t holds it
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1) == 0
+    assert frame_list(memory, False, 3) == [0x1234, 1 << 32, 0x5678]
+
+
+@ABIS
+def test_gnttab_setup_table_unwritable_frame_list(hc, domain, memory, compat):
+    """Xen does not check an HVM guest's handle beforehand: a list it cannot
+    write is GNTST_bad_virt_addr, the frames before the fault written."""
+    domain.results["grant_frame_gfns"] = lambda count: [0x1234] * count
+    for at in (READONLY, UNMAPPED, OUTSIDE):
+        setup_table(memory, compat, frame_list=at)
+        assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=not compat) == 0
+        assert setup_status(memory) == abi.GNTST_bad_virt_addr, hex(at)
+    item = 4 if compat else 8
+    start = UNMAPPED - item  # the first frame fits below the unmapped page
+    memory.write(start, b"\x55" * item)
+    setup_table(memory, compat, frame_list=start)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1, longmode=not compat) == 0
+    assert setup_status(memory) == abi.GNTST_bad_virt_addr
+    assert frame_list(memory, compat, 1, at=start) == [0x1234]
+
+
+@ABIS
+def test_gnttab_setup_table_bad_structure(hc, domain, memory, compat):
+    domain.results["grant_frame_gfns"] = lambda count: [0x1234] * count
+    for at in (UNMAPPED, OUTSIDE):
+        assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, at, 1, longmode=not compat) == -EFAULT
+    assert domain.gnttab.calls == []
+    # Readable but not writable: Xen does the work, then cannot write the status back.
+    memory.write(READONLY, struct.pack("<HHIhHIQ", abi.DOMID_SELF, 0, 2, 5, 0, ARRAY, ARRAY))
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, READONLY, 1, longmode=not compat) == -EFAULT
+    assert setup_status_at(memory, READONLY) == 5
+    # The status writable, the rest of the structure not: Xen's compat
+    # wrapper copies the whole structure back, the 64-bit path the status alone.
+    at = READONLY2 - 10
+    memory.write(at, struct.pack("<HHIhHIQ", abi.DOMID_SELF, 0, 2, 5, 0, ARRAY, ARRAY))
+    expected = -EFAULT if compat else 0
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, at, 1, longmode=not compat) == expected
+    assert setup_status_at(memory, at) == (5 if compat else abi.GNTST_okay)
+
+
+def setup_status_at(memory, at):
+    return struct.unpack_from("<h", memory.read(at + 8, 2))[0]
+
+
+def test_gnttab_setup_table_grows_a_real_table(hc, domain, memory):
+    """With the real grant table: the frames count from the call on, as
+    GNTTABOP_query_size and the refs a copy may name see them."""
+    from pyvmm.xen.hv.gnttab import GrantTable
+
+    domain.gnttab = GrantTable(memory, max_frames=8)
+    domain.results["grant_frame_gfns"] = lambda count: [INVALID_GFN] * count
+    setup_table(memory, False, nr_frames=5)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1) == 0
+    assert setup_status(memory) == abi.GNTST_okay
+    assert domain.gnttab.query_size() == (5, 8)
+    assert frame_list(memory, False, 5) == [INVALID_GFN] * 5
+    setup_table(memory, False, nr_frames=2)  # never shrinks
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1) == 0
+    assert domain.gnttab.query_size() == (5, 8)
+    setup_table(memory, False, nr_frames=9)
+    assert hc(abi.HYPERCALL_grant_table_op, abi.GNTTABOP_setup_table, BUF, 1) == 0
+    assert setup_status(memory) == abi.GNTST_general_error
+    assert domain.gnttab.query_size() == (5, 8)
 
 
 def test_gnttab_bad_pointers(hc, domain):
