@@ -115,6 +115,12 @@ def versioned(version: int, **fields) -> dict:
     return {"version": version, **fields}
 
 
+def natural(value, end: int | None = None) -> bool:
+    """Whether a saved value is a count, index or address: an int (not a
+    bool) from 0, below `end` if given."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (end is None or value < end)
+
+
 def check_version(state: dict, kind: str, newest: int, oldest: int = 1) -> int:
     """The state's version, if this code reads it (oldest..newest); else SnapshotError."""
     version = state.get("version") if isinstance(state, dict) else None

@@ -53,7 +53,7 @@ from .xenstore.service import GuestStoreService
 from ..core.memory import GuestMemory, GuestMemoryError
 from ..core.pageset import PageSet
 from ..core.stop import StopReason
-from ..core.snapshot import SnapshotError, check_version, versioned
+from ..core.snapshot import SnapshotError, check_version, natural, versioned
 
 if TYPE_CHECKING:
     from ..config import VmConfig
@@ -1508,24 +1508,24 @@ class XenDomain:
         except (TypeError, ValueError, AttributeError):
             fail("uuid")
         gfn = own.get("shared_info_gfn")
-        if gfn is not None and (not _natural(gfn) or not self.memory.contains(gfn << PAGE_SHIFT, PAGE_SIZE)):
+        if gfn is not None and (not natural(gfn) or not self.memory.contains(gfn << PAGE_SHIFT, PAGE_SIZE)):
             fail("shared_info_gfn")
         vcpu_info = _list(own, "vcpu_info_gpa", self.vcpu_count)
-        if not all(gpa is None or (_natural(gpa) and self.memory.contains(gpa, VCPU_INFO_SIZE)
+        if not all(gpa is None or (natural(gpa) and self.memory.contains(gpa, VCPU_INFO_SIZE)
                                    and (gpa & (PAGE_SIZE - 1)) + VCPU_INFO_SIZE <= PAGE_SIZE) for gpa in vcpu_info):
             fail("vcpu_info_gpa")
         vectors = _list(own, "upcall_vectors", self.vcpu_count)
-        if not all(vector == 0 or (_natural(vector) and 0x10 <= vector <= 0xFF) for vector in vectors):
+        if not all(vector == 0 or (natural(vector) and 0x10 <= vector <= 0xFF) for vector in vectors):
             fail("upcall_vectors")
         ports = _list(own, "timer_ports", self.vcpu_count)
-        if not all(port is None or (_natural(port) and 0 < port < 4096) for port in ports):
+        if not all(port is None or (natural(port) and 0 < port < 4096) for port in ports):
             fail("timer_ports")
         raw = own.get("params")
         if not isinstance(raw, dict):
             fail("params")
         params = {}
         for key, value in raw.items():
-            if not (isinstance(key, str) and key.isdecimal() and int(key) < abi.HVM_NR_PARAMS and _natural(value)
+            if not (isinstance(key, str) and key.isdecimal() and int(key) < abi.HVM_NR_PARAMS and natural(value)
                     and value < 1 << 64):
                 fail(f"HVM param {key!r:.20}")
             params[int(key)] = value
@@ -1535,7 +1535,7 @@ class XenDomain:
                 fail(f"HVM param {index} (the toolstack's: {params.get(index)!r}, this VM {self.params.get(index)!r})")
         ballooned = PageSet(self._ballooned.limit)
         for run in own.get("ballooned") if isinstance(own.get("ballooned"), list) else fail("ballooned"):
-            if not (isinstance(run, list) and len(run) == 2 and _natural(run[0]) and _natural(run[1]) and run[1] > 0
+            if not (isinstance(run, list) and len(run) == 2 and natural(run[0]) and natural(run[1]) and run[1] > 0
                     and self.memory.contains(run[0] << PAGE_SHIFT, run[1] << PAGE_SHIFT)):
                 fail("ballooned pages")
             ballooned.add(range(run[0], run[0] + run[1]))
@@ -1544,7 +1544,7 @@ class XenDomain:
             fail("grant_frames")
         frames = {}
         for key, gpa in raw_frames.items():
-            if not (isinstance(key, str) and key.isdecimal() and int(key) < self.gnttab.max_frames and _natural(gpa)
+            if not (isinstance(key, str) and key.isdecimal() and int(key) < self.gnttab.max_frames and natural(gpa)
                     and not gpa & (PAGE_SIZE - 1) and gpa < 1 << 52 and gpa not in frames.values()):
                 fail(f"grant frame {key!r:.20}")
             frames[int(key)] = gpa
@@ -1590,10 +1590,6 @@ class XenDomain:
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
         ]
-
-
-def _natural(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _merged(runs) -> list[tuple[int, int]]:

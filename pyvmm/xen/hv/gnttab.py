@@ -83,7 +83,7 @@ from ..abi import (
     GNTST_eagain,
     GNTST_no_space,
 )
-from pyvmm.core.snapshot import SnapshotError, check_version, versioned
+from pyvmm.core.snapshot import SnapshotError, check_version, natural, versioned
 
 ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // ENTRY_SIZE
@@ -439,7 +439,7 @@ class GrantTable:
         if state.get("grant_version") != 1:
             raise SnapshotError(f"GrantTable: grant table version {state.get('grant_version')!r} is not supported")
         frame_count, frames, reserved, pins = (state.get(key) for key in ("frame_count", "frames", "reserved", "pins"))
-        if not _count(frame_count) or frame_count > self.max_frames:
+        if not natural(frame_count) or frame_count > self.max_frames:
             raise SnapshotError(f"GrantTable: {frame_count!r} frames in use, this VM allows {self.max_frames}")
         if not all(isinstance(value, dict) for value in (frames, reserved, pins)):
             raise SnapshotError("GrantTable: frames, reserved refs or pins are missing")
@@ -592,10 +592,6 @@ class GrantTable:
         if mapping.generation == self._generation:
             self._unpin(mapping.ref, mapping.writable)
         return True
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _index(key, end: int) -> int | None:

@@ -41,7 +41,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from pyvmm.core.snapshot import SnapshotError, check_version, versioned
+from pyvmm.core.snapshot import SnapshotError, check_version, natural, versioned
 
 from ..errors import EINVAL, ENOSPC, XenError
 
@@ -199,7 +199,7 @@ class WatchdogTimers:
             if entry is None:
                 checked.append(None)
                 continue
-            if not (isinstance(entry, list) and len(entry) == 2 and all(_natural(value) for value in entry)
+            if not (isinstance(entry, list) and len(entry) == 2 and all(natural(value) for value in entry)
                     and entry[0] <= MAX_TIMEOUT and entry[1] <= entry[0] * NS_PER_SECOND):
                 raise SnapshotError(f"WatchdogTimers: bad watchdog {entry!r:.40}")
             checked.append((entry[0], entry[1]))
@@ -249,7 +249,3 @@ class WatchdogTimers:
         if deadline is not None:
             wait = max(MIN_WAIT_SECONDS, (deadline - now) / NS_PER_SECOND)
             self._handle = self._loop.call_later(wait, self._check)
-
-
-def _natural(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -35,7 +35,7 @@ from typing import Callable
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from pyvmm.devices import all_ones
 from pyvmm.devices.pci import BarKind, PciDevice
-from pyvmm.core.snapshot import SnapshotError, check_version, versioned
+from pyvmm.core.snapshot import SnapshotError, check_version, natural, versioned
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ class XenPlatformDevice(PciDevice):
             line = bytes.fromhex(text) if isinstance(text, str) else None
         except ValueError:
             line = None
-        if (not _fits(flags, PLATFORM_FLAG_ROM_LOCK + 1) or not _fits(unplugged, 1 << 16)
-                or not (product is None or _fits(product, 1 << 16)) or not (version is None or _fits(version, 1 << 32))
+        if (not natural(flags, PLATFORM_FLAG_ROM_LOCK + 1) or not natural(unplugged, 1 << 16)
+                or not (product is None or natural(product, 1 << 16)) or not (version is None or natural(version, 1 << 32))
                 or line is None or len(line) >= LOG_LINE_MAX):
             raise SnapshotError(f"XenPlatformDevice: bad state {state!r:.200}")
         with self._lock:
@@ -189,10 +189,6 @@ class XenPlatformDevice(PciDevice):
                 self._unplug(UNPLUG_ALL_NICS)
             else:
                 self._log_byte(value)
-
-
-def _fits(value, end: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < end
 
 
 class _FixedPorts:

@@ -55,7 +55,7 @@ from pyvmm.limits import Limits
 from pyvmm.core.faults import NULL_FAULTS, FaultInjector
 from pyvmm.core.ratelimit import DEFAULT_LOG_RATE, LogRate
 from pyvmm.core.trace import NULL_TRACE, Tracer
-from pyvmm.core.snapshot import SnapshotError, check_version, versioned
+from pyvmm.core.snapshot import SnapshotError, check_version, natural, versioned
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class _Transaction:
                 raise SnapshotError(f"XenStore: bad transaction entry {item!r:.100}")
             path, seen, perms, node, modified = item
             _check_path(path)
-            if seen is not None and not _count(seen):
+            if seen is not None and not natural(seen):
                 raise SnapshotError(f"XenStore: bad generation {seen!r:.40}")
             entry = _Access(seen, _perms_from(perms), _node_from(node), modified)
             self._accessed[path] = entry
@@ -657,7 +657,7 @@ class XenStore:
         check_version(state, "XenStore", STATE_VERSION)
         generation, nodes, introduced, targets = (state.get(key) for key in (
             "generation", "nodes", "introduced", "targets"))
-        if not _count(generation) or not isinstance(nodes, list) or not isinstance(introduced, list) \
+        if not natural(generation) or not isinstance(nodes, list) or not isinstance(introduced, list) \
                 or not isinstance(targets, dict):
             raise SnapshotError("XenStore: no tree, generation or domains")
         tree = _Tree()
@@ -717,15 +717,11 @@ def _tree_problems(tree: _Tree) -> list[str]:
 
 # --- saved forms (snapshots) ---------------------------------------------
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _domid(value) -> int:
     """A domid saved as an int or as a dict key's text."""
     if isinstance(value, str) and value.isdecimal() and len(value) <= 5:
         value = int(value)
-    if not _count(value) or value >= DOMID_FIRST_RESERVED:
+    if not natural(value) or value >= DOMID_FIRST_RESERVED:
         raise SnapshotError(f"XenStore: bad domid {value!r:.40}")
     return value
 
@@ -769,7 +765,7 @@ def _node_from(item) -> Node | None:
         data = base64.b64decode(value, validate=True) if isinstance(value, str) else None
     except ValueError:
         data = None
-    if data is None or not _count(generation) or not isinstance(children, list) or not all(
+    if data is None or not natural(generation) or not isinstance(children, list) or not all(
             isinstance(name, str) and name and _PATH_CHARS.issuperset(name) and "/" not in name for name in children):
         raise SnapshotError(f"XenStore: bad node {item!r:.100}")
     return Node(data, _perms_from(perms), tuple(children), generation)
@@ -1245,7 +1241,7 @@ class Client:
         store = self._store
         watches, transactions, next_tx = (state.get(key) if isinstance(state, dict) else None
                                           for key in ("watches", "transactions", "next_tx"))
-        if not isinstance(watches, list) or not isinstance(transactions, list) or not _count(next_tx) \
+        if not isinstance(watches, list) or not isinstance(transactions, list) or not natural(next_tx) \
                 or next_tx > 0xFFFFFFFF:
             raise SnapshotError("XenStore client: no watches, transactions or next transaction id")
         if self.watches or self._transactions or self.closed:
@@ -1265,7 +1261,7 @@ class Client:
         try:
             for item in transactions:
                 tx_id, age = (item.get("id"), item.get("age")) if isinstance(item, dict) else (None, None)
-                if (not _count(tx_id) or not 0 < tx_id <= 0xFFFFFFFF or tx_id in restored_transactions
+                if (not natural(tx_id) or not 0 < tx_id <= 0xFFFFFFFF or tx_id in restored_transactions
                         or not isinstance(age, (int, float)) or isinstance(age, bool) or not 0 <= age < 1e9):
                     raise SnapshotError(f"XenStore: bad transaction {item!r:.100}")
                 transaction = _Transaction(store._tree, tx_id, limit, store._transaction_bytes, self.domid,
