@@ -1094,7 +1094,6 @@ class HypercallDispatcher:
             return None
         return request
 
-
     def _remove_from_physmap(self, call: _Call, arg: int) -> int:
         request = call.read(arg, abi.REMOVE_FROM_PHYSMAP)
         self._check_own_domain(request.domid)
