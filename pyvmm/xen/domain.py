@@ -149,6 +149,7 @@ class XenHost(Protocol):
     def paused_clock(self) -> int | None: ...
     def pause(self) -> None: ...
     def control_event(self, name: str, data: dict) -> None: ...
+    def if_flag_at_last_exit(self, index: int) -> bool | None: ...  # for traces
 
 
 class XenDomain:
@@ -636,9 +637,8 @@ class XenDomain:
             via = "gsi"
         else:
             via = "none"
-        last_exit_if = getattr(self.machine, "if_flag_at_last_exit", None)
         self.trace.emit("evtchn", "upcall", target_vcpu=vcpu, via=via, vector=vector or None,
-                        if_at_last_exit=last_exit_if(vcpu) if last_exit_if is not None else None)
+                        if_at_last_exit=self.machine.if_flag_at_last_exit(vcpu))
 
     # --- timers ------------------------------------------------------------------
 
