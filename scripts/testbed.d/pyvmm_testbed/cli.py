@@ -91,6 +91,7 @@ def keep_console(console_log, directory=None):
     except OSError as error:
         say("cannot keep the L1 console: %s" % error)
         return None
+    say("the whole L1 console: %s" % path)
     return path
 
 
@@ -100,9 +101,7 @@ def fail(message, console_log=b""):
     if tail:
         sys.stderr.write("testbed: last lines of the L1 console:\n")
         sys.stderr.write("".join("  | %s\n" % line for line in tail))
-    path = keep_console(console_log)
-    if path:
-        say("the whole L1 console: %s" % path)
+    keep_console(console_log)
     return EXIT_TESTBED_FAILED
 
 
@@ -200,9 +199,7 @@ def main(argv=None):
     except host.TimedOut:
         run.flush_outputs()
         say("timed out: the command ran longer than %g s" % options.timeout)
-        path = keep_console(bytes(run.console_log))
-        if path:
-            say("the whole L1 console: %s" % path)
+        keep_console(bytes(run.console_log))
         return EXIT_TIMEOUT
     except host.Interrupted as interrupt:
         say("interrupted by signal %d; L1 stopped" % interrupt.signum)
