@@ -45,9 +45,7 @@ The rules:
 
 The parts that must keep the contract are `STATEFUL` below (and in
 docs/ARCHITECTURE.md); tests/unit/core/test_snapshot.py checks that each of
-them declares both methods. A part that does not implement them yet says so
-by deriving from `SavesNoStateYet`, whose methods raise: a snapshot of a VM
-that holds one fails loudly instead of leaving its state out.
+them declares both methods.
 
 A whole VM is saved and restored by the machine (pyvmm/vmm/snapshot.py,
 docs/SNAPSHOTS.md), through the parts `Machine.stateful_parts()` names
@@ -97,17 +95,6 @@ class Stateful(Protocol):
     def restore_state(self, state: dict) -> None:
         """Take back what save_state() gave, on a freshly built part."""
         ...
-
-
-class SavesNoStateYet:
-    """For a part in STATEFUL whose save_state()/restore_state() are not
-    written yet: both raise SnapshotError naming it."""
-
-    def save_state(self) -> dict:
-        raise SnapshotError(f"{type(self).__qualname__} cannot save its state yet (the snapshot and restore issue)")
-
-    def restore_state(self, state: dict) -> None:
-        raise SnapshotError(f"{type(self).__qualname__} cannot restore a state yet (the snapshot and restore issue)")
 
 
 def versioned(version: int, **fields) -> dict:

@@ -355,7 +355,7 @@ def capture(machine, saved: list | None = None) -> tuple[dict, dict]:
         raise SnapshotError("a guest booted through firmware cannot be snapshotted yet")
     parts = {}
     for name, part in machine.stateful_parts().items():
-        parts[name] = part.save_state()  # SnapshotError from a part not written yet, or one that cannot now
+        parts[name] = part.save_state()  # SnapshotError from a part that cannot save now
         if saved is not None:
             saved.append(part)
     if machine.xen is not None and machine.xen.vcpu_waiting_for_event_thread:

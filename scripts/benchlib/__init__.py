@@ -60,8 +60,8 @@ def load_script(name: str) -> ModuleType:
 
 
 def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600, *,
-            stall: float | None = None, on_console: Callable[[bytes, float], None] | None = None,
-            grace: float = 10.0) -> dict:
+            stall: float | None = None, progress: re.Pattern | None = None,
+            on_console: Callable[[bytes, float], None] | None = None, grace: float = 10.0) -> dict:
     """Run one VMM (`python3 -m pyvmm run ...` or `scripts/qemu-xen ... -v`) to its end.
 
     Returns its status, console (stdout) and stderr, the wall-clock seconds
@@ -70,7 +70,9 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
     itself (os.wait4), or the QEMU process's as scripts/qemu-xen reports it.
     `limit` is a last resort; both VMMs have their own --timeout. With
     `stall`, a VMM whose console has been silent that many seconds is
-    stopped too. A stopped VMM loses its whole process tree (SIGTERM, then
+    stopped too; with `progress` as well, once the console has shown that
+    pattern (a guest's heartbeat) only new matches count as output, so a
+    kernel that keeps printing stall reports is not taken for progress. A stopped VMM loses its whole process tree (SIGTERM, then
     SIGKILL after `grace` seconds), QEMU under scripts/qemu-xen included; "stopped" says why
     ("limit", "stall") or is None. `on_console(data, seconds)` sees the
     console as it arrives.
@@ -82,6 +84,7 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
     output = {console_fd: bytearray(), stderr_fd: bytearray()}
     first_output = marker_at = stopped = None
     last_output = 0.0
+    progressing = False  # `progress` seen at least once
     selector = selectors.DefaultSelector()
     for stream in (proc.stdout, proc.stderr):
         selector.register(stream.fileno(), selectors.EVENT_READ)
@@ -104,7 +107,10 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
             buffer += data
             if key.fd == console_fd:
                 first_output = first_output if first_output is not None else now
-                last_output = now
+                matched = progress is not None and progress.search(bytes(buffer[-(len(data) + 256):]))
+                if matched or not progressing:
+                    last_output = now
+                progressing = progressing or bool(matched)
                 if marker and marker_at is None and marker in buffer[-len(data) - len(marker):]:
                     marker_at = now
                 if on_console is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,23 @@ def test_run_vmm_takes_qemus_own_peak_rss_from_qemu_xen():
     run = run_vmm([sys.executable, "-c", CHILD, "1234"], marker=b"never printed")
     assert run["peak_rss_kib"] == 1234
     assert run["marker_s"] is None
+
+
+NOISY = """
+import time
+print("booting", flush=True)
+print("soak: alive 1.0", flush=True)
+while True:  # a kernel that keeps complaining: output, but no heartbeat
+    print("rcu: INFO: rcu_preempt detected stalls", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_once_a_heartbeat_began_only_the_heartbeat_is_progress():
+    run = run_vmm([sys.executable, "-c", NOISY], limit=120, stall=1.0, progress=re.compile(rb"soak: alive "),
+                  grace=1.0)
+    assert run["stopped"] == "stall", run["stopped"]
+    assert "detected stalls" in run["console"]
 
 
 def test_ratio_and_missing_values():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -156,3 +158,28 @@ def test_the_reason_quotes_the_guest_kernels_first_complaint():
     kind, reason = soak.classify(boot(console=stalled, stopped="stall", guest_panic=soak.guest_panic(stalled)))
     assert kind == "hung" and "last stage: net" in reason and "detected stalls" in reason
     assert soak.guest_panic(clean_console()) is None
+
+
+def test_tally_counts_the_boots_of_several_reports_and_names_each_run(tmp_path, capsys):
+    def report(name, commit, classes):
+        boots = [{"vmm": vmm, "mode": "vcpu-vector", "class": cls, "seconds": 40.0} for vmm, cls in classes]
+        path = tmp_path / name
+        path.write_text(soak.json.dumps({"date": "2026-12-06T00:00:00+00:00", "commit": commit, "planned": len(boots),
+                                         "settings": {"vmms": ["pyvmm", "qemu"], "modes": ["vcpu-vector"]},
+                                         "boots": boots}))
+        return path
+
+    first = report("a.json", "aaaa", [("pyvmm", "clean"), ("qemu", "clean")])
+    second = report("b.json", "bbbb", [("pyvmm", "hung"), ("qemu", "testbed"), ("pyvmm", "clean")])
+    rows = {(r["vmm"], r["mode"]): r for r in soak.tally([first, second])}
+    assert rows["pyvmm", "all"]["boots"] == 3 and rows["pyvmm", "all"]["clean"] == 2 and rows["pyvmm", "all"]["hung"] == 1
+    assert rows["qemu", "all"]["boots"] == 2 and rows["qemu", "all"]["testbed"] == 1
+    out = capsys.readouterr().out
+    assert "commit aaaa, 2 of 2 boots" in out and "commit bbbb, 3 of 3 boots" in out
+
+
+def test_tally_refuses_what_is_not_a_report(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="not a soak report"):
+        soak.tally([bad])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.core.snapshot import STATEFUL, SavesNoStateYet, SnapshotError, Stateful, check_version, versioned
+from pyvmm.core.snapshot import STATEFUL, SnapshotError, check_version, versioned
 
 ARCHITECTURE = Path(__file__).resolve().parents[3] / "docs" / "ARCHITECTURE.md"
 
@@ -32,25 +32,6 @@ def test_every_stateful_part_declares_both_methods(entry):
 @pytest.mark.parametrize("entry", STATEFUL)
 def test_every_stateful_part_is_in_the_architecture_document(entry):
     assert f"`{entry.split(':')[1]}`" in ARCHITECTURE.read_text(), f"docs/ARCHITECTURE.md does not list {entry}"
-
-
-def test_parts_not_written_yet_refuse():
-    class Part(SavesNoStateYet):
-        pass
-
-    part = Part()
-    assert isinstance(part, Stateful)
-    with pytest.raises(SnapshotError, match="Part cannot save its state yet"):
-        part.save_state()
-    with pytest.raises(SnapshotError, match="Part cannot restore"):
-        part.restore_state({"version": 1})
-
-
-def test_written_ones_are_not_marked_as_waiting():
-    written = [entry for entry in STATEFUL if not issubclass(stateful_class(entry), SavesNoStateYet)]
-    assert "pyvmm.xen.hv.timers:UserTimer" in written
-    assert [entry for entry in STATEFUL if entry.startswith("pyvmm.xen.")] == \
-        [entry for entry in written if entry.startswith("pyvmm.xen.")]  # every Xen part is written
 
 
 def test_versions():
