@@ -55,6 +55,15 @@ def test_pm_timer_rate_and_wrap():
     assert pm.read(a.PM_TMR, 4) == value
 
 
+@given(st.integers(0, 1 << 50))
+def test_the_timers_whole_read_is_its_bytes_read_apart(elapsed_ns):
+    pm, _, clock, _ = make()
+    clock.ns += elapsed_ns
+    low, high = pm.read(a.PM_TMR, 2), pm.read(a.PM_TMR + 2, 2)  # the general path, byte by byte
+    assert pm.read(a.PM_TMR, 4) == low | high << 16  # the clocksource's path
+    assert pm.read(a.PM_TMR - 4, 8) >> 32 == low | high << 16
+
+
 def test_sci_en_always_reads_one():
     pm, _, _, _ = make()
     assert pm.read(a.PM1_CNT, 2) & a.CNT_SCI_EN
