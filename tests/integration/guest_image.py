@@ -1,8 +1,9 @@
 """The bootable Debian disk image for firmware-boot tests (scripts/guest-image).
 
     disk = guest_image_copy(tmp_path)     # a private, writable copy (sparse)
-    # boot `disk` through the firmware; at "pyvmm-image: GRUB menu" press
-    # HOTKEY_CHECK ("t") on the serial console, then wait for
+    choose_entry(disk, HOTKEY_CHECK)      # GRUB boots that entry at once (grubenv)
+    # boot `disk` through the firmware (or press the hotkey on the serial
+    # console at "pyvmm-image: GRUB menu"), then wait for
     #   pyvmm-check: ok root=/dev/xvda1 ...   and the power-off
     report = check_report(console_text)  # {"root": "/dev/xvda1", "disks": "xvda", ...}
     last = read_image_file(disk, "/var/lib/pyvmm-check/last")   # from the host
@@ -35,6 +36,11 @@ HOTKEY_DEFAULT = "d"
 HOTKEY_CHECK = "t"            # check, then power off; PV drivers as the platform allows
 HOTKEY_EMULATED_DISK = "i"    # xen_emul_unplug=never, PV drivers blacklisted; check, power off
 CHECK_FILE = "/var/lib/pyvmm-check/last"
+# GRUB's environment block; pyvmm_entry=HOTKEY in it boots that entry at once
+# (keep in step with scripts/guest-image).
+GRUBENV = "/boot/grub/grubenv"
+GRUBENV_ENTRY = "pyvmm_entry"
+GRUBENV_SIZE = 1024
 
 
 class GuestImageUnavailable(RuntimeError):
@@ -89,3 +95,30 @@ def read_image_file(disk: Path, path: str, offset: int = ROOT_PARTITION_OFFSET) 
     if result.returncode != 0:
         raise RuntimeError(f"debugfs cannot read {path} from {disk}: {result.stderr.decode()[-300:]}")
     return result.stdout
+
+
+def grubenv_block(**variables: str) -> bytes:
+    """A GRUB environment block (what grub-editenv writes): a header line,
+    name=value lines, '#' up to 1024 bytes."""
+    text = "# GRUB Environment Block\n" + "".join(f"{name}={value}\n" for name, value in variables.items())
+    if len(text) > GRUBENV_SIZE:
+        raise ValueError("the variables do not fit a GRUB environment block")
+    return text.ljust(GRUBENV_SIZE, "#").encode()
+
+
+def choose_entry(disk: Path, hotkey: str, offset: int = ROOT_PARTITION_OFFSET) -> None:
+    """Make the image's GRUB boot the menu entry with `hotkey` at once: its
+    grubenv is replaced in the (unmounted) image with debugfs."""
+    block = grubenv_block(**{GRUBENV_ENTRY: hotkey})
+    local = Path(disk).with_name(Path(disk).name + ".grubenv")
+    local.write_bytes(block)
+    try:
+        # debugfs goes on after a failed command (rm of a missing file) and
+        # exits 0 either way: the read-back below is the check.
+        subprocess.run(["debugfs", "-w", "-f", "-", f"{disk}?offset={offset}"],
+                       input=f"rm {GRUBENV}\nwrite {local} {GRUBENV}\n", capture_output=True,
+                       text=True, check=True)
+    finally:
+        local.unlink()
+    if read_image_file(disk, GRUBENV, offset) != block:
+        raise RuntimeError(f"debugfs did not write {GRUBENV} into {disk}")

@@ -271,6 +271,40 @@ def test_grub_config():
     assert "modprobe.blacklist=xen_blkfront" in emulated and "pyvmm.check=poweroff" in emulated
 
 
+def test_grub_config_takes_the_entry_from_grubenv():
+    config = image.grub_config(str(uuid.uuid4()))
+    assert "if [ -s $prefix/grubenv ]; then load_env pyvmm_entry; fi\n" in config
+    assert 'set default="pyvmm-${pyvmm_entry}"' in config
+    # Every hotkey names an entry that id would select.
+    for key, *_ in image.MENU_ENTRIES:
+        assert f"--id=pyvmm-{key} " in config
+
+
+@pytest.mark.skipif(shutil.which("grub-script-check") is None, reason="needs grub-common")
+def test_grub_config_is_valid_grub_script(tmp_path):
+    config = tmp_path / "grub.cfg"
+    config.write_text(image.grub_config(str(uuid.uuid4())))
+    subprocess.run(["grub-script-check", str(config)], check=True, capture_output=True)
+
+
+def test_the_images_grubenv_is_an_empty_environment_block():
+    block = image.empty_grubenv()
+    assert len(block.encode()) == image.GRUBENV_SIZE == 1024
+    assert block.startswith("# GRUB Environment Block\n") and set(block.splitlines()[1]) == {"#"}
+    assert guest_image_helpers.grubenv_block() == block.encode()
+    assert guest_image_helpers.GRUBENV_ENTRY == image.GRUBENV_ENTRY
+
+
+@pytest.mark.skipif(shutil.which("grub-editenv") is None, reason="needs grub-common")
+def test_grubenv_block_is_what_grub_editenv_reads(tmp_path):
+    env = tmp_path / "grubenv"
+    env.write_bytes(guest_image_helpers.grubenv_block(pyvmm_entry="i"))
+    listing = subprocess.run(["grub-editenv", str(env), "list"], check=True, capture_output=True, text=True)
+    assert listing.stdout == "pyvmm_entry=i\n"
+    with pytest.raises(ValueError):
+        guest_image_helpers.grubenv_block(pyvmm_entry="x" * 1024)
+
+
 def test_grub_early_config_finds_root_by_uuid():
     assert image.grub_early_config("abcd") == (
         "search.fs_uuid abcd root hd0,msdos1\nset prefix=($root)/boot/grub\n")
@@ -440,6 +474,25 @@ def test_make_filesystem_keeps_owners_modes_and_devices(tmp_path, as_root):
                                  text=True, check=True).stdout
     assert "6a1f0b34-4f5c-4bd3-9f0e-2d1c3c0d7e11" in super_block
     assert image.FS_LABEL in super_block
+
+
+@needs_e2fsprogs
+def test_choose_entry_replaces_the_grubenv_in_the_image(tmp_path):
+    grub = tmp_path / "tree" / "boot" / "grub"
+    grub.mkdir(parents=True)
+    (grub / "grubenv").write_text(image.empty_grubenv())
+    layout = image.disk_layout(64)
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as stream:
+        stream.truncate(layout.size)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={layout.offset}", "-d",
+                    str(tmp_path / "tree"), str(disk), f"{layout.sectors * image.SECTOR // 1024}k"],
+                   check=True, capture_output=True)
+    guest_image_helpers.choose_entry(disk, "i")
+    block = guest_image_helpers.read_image_file(disk, "/boot/grub/grubenv")
+    assert block == guest_image_helpers.grubenv_block(pyvmm_entry="i")
+    assert not (tmp_path / "disk.raw.grubenv").exists()
+    subprocess.run(["e2fsck", "-fn", f"{disk}?offset={layout.offset}"], check=True, capture_output=True)
 
 
 def test_check_report_parses_the_last_marker():
