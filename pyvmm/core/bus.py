@@ -90,7 +90,7 @@ class Bus:
         if index < 0:
             return None
         claim = claims[index]
-        if address + size <= claim.end:
+        if address + size <= claim.base + claim.size:  # not .end: this runs at every I/O exit
             return claim
         return None
 

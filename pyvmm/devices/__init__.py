@@ -31,6 +31,8 @@ def all_ones(size: int) -> int:
 
 def read_bytewise(read_byte: Callable[[int], int], offset: int, size: int) -> int:
     """Read `size` consecutive byte registers starting at `offset`."""
+    if size == 1:  # nearly every access to such a device: no loop
+        return read_byte(offset) & 0xFF
     value = 0
     for i in range(access_size(size)):
         value |= (read_byte(offset + i) & 0xFF) << (8 * i)
@@ -39,6 +41,9 @@ def read_bytewise(read_byte: Callable[[int], int], offset: int, size: int) -> in
 
 def write_bytewise(write_byte: Callable[[int, int], None], offset: int, size: int, value: int) -> None:
     """Write `size` consecutive byte registers starting at `offset`, low byte first."""
+    if size == 1:
+        write_byte(offset, value & 0xFF)
+        return
     for i in range(access_size(size)):
         write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
