@@ -50,10 +50,10 @@ def test_expect_watcher_matches_across_writes_once():
 
 def test_event_loop_timers_and_cross_thread_calls():
     loop, seen = EventLoop(), []
+    start = time.monotonic()  # before the timers: their delays count from call_later
     loop.call_later(0.05, lambda: seen.append("timer"))
     loop.call_later(0.10, loop.stop)
     threading.Thread(target=lambda: loop.call_soon_threadsafe(lambda: seen.append("call"))).start()
-    start = time.monotonic()
     loop.run()
     assert seen == ["call", "timer"]
     assert time.monotonic() - start >= 0.09
