@@ -58,3 +58,17 @@ def test_event_loop_timers_and_cross_thread_calls():
     assert seen == ["call", "timer"]
     assert time.monotonic() - start >= 0.09
     loop.close()
+
+
+def test_console_output_counts_what_reached_its_stream():
+    import io
+
+    stream = io.BytesIO()
+    out = ConsoleOutput(stream)
+    assert (out.written, out.last_write) == (0, None)
+    out.write(b"[    0.000000] Command line: con")
+    out.write(b"sole=hvc0\n")
+    assert out.written == len(stream.getvalue()) == 42 and out.last_write is not None
+    nowhere = ConsoleOutput(None)
+    nowhere.write(b"dropped")
+    assert nowhere.written == 0
