@@ -4,6 +4,12 @@ and, for Xen guests, the state of the xenstore ring and its event channels.
 Logged at WARNING when --timeout expires (Machine._timed_out) and returned by
 the control socket's `diagnose` command. Bounded: one line per vCPU (at most
 MAX_VCPU_LINES) and a few lines for Xen.
+
+A single hang must be diagnosable from its one log, so a vCPU's line also
+says where its stack and page tables were, the bytes at rip, and whether it
+was spinning: KVM's own exit counters (kvm/stats.py, which count the exits
+KVM handles itself too) against their values some ACTIVITY_SECONDS *
+ACTIVITY_ROUNDS seconds earlier, which the machine samples on a slow timer.
 """
 
 from __future__ import annotations
@@ -12,18 +18,51 @@ import os
 import sys
 from types import FrameType
 
+from .core.layout import PAGE_SIZE
 from .vcpu_state import RFLAGS_IF, mp_state_name
 
 MAX_VCPU_LINES = 16
+CODE_BYTES = 16  # shown at rip (fewer where its page ends)
+STACK_WORDS = 4  # quadwords shown at rsp (long mode): return addresses name the callers
+EFER_LMA = 1 << 10
+ACTIVITY_SECONDS = 2.0  # how often the machine samples the counters a diagnosis compares
+ACTIVITY_ROUNDS = 5  # samples kept: the diagnosis compares with about 10 s ago
+MAX_HYPERCALL_NAMES = 8
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _KVM_RUN_FRAMES = (("kvm/ioctl.py", "ioctl"), ("kvm/vcpu.py", "_enter"))  # Vcpu.run and Vcpu.settle
 _HYPERCALL_FILES = ("xen/hv/hypercalls.py",)
 
 
-def read_run_state(vcpu) -> dict[str, int]:
-    """mp_state, rip and rflags: vCPU ioctls, so on its own thread or while it is stopped."""
-    regs = vcpu.get_regs()
-    return {"mp_state": vcpu.get_mp_state(), "rip": regs.rip, "rflags": regs.rflags}
+def read_run_state(vcpu, memory=None) -> dict:
+    """mp_state, rip, rflags, rsp, cr3 and, given the guest's memory, the
+    bytes at rip ("code") and the quadwords at rsp ("stack"), each None where
+    the address maps nothing readable: vCPU ioctls, so on its own thread or
+    while it is stopped."""
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    state = {"mp_state": vcpu.get_mp_state(), "rip": regs.rip, "rflags": regs.rflags, "rsp": regs.rsp,
+             "cr3": sregs.cr3}
+    if memory is not None:
+        long_mode = bool(sregs.efer & EFER_LMA)
+        # KVM_TRANSLATE takes a linear address: segment bases count outside long mode.
+        code = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
+        stack = regs.rsp if long_mode else (sregs.ss.base + regs.rsp) & 0xFFFF_FFFF
+        state["code"] = _bytes_at(vcpu, memory, code, CODE_BYTES)
+        words = _bytes_at(vcpu, memory, stack, STACK_WORDS * 8) if long_mode else None
+        state["stack"] = None if words is None else [int.from_bytes(words[i : i + 8], "little")
+                                                     for i in range(0, len(words) - 7, 8)]
+    return state
+
+
+def _bytes_at(vcpu, memory, linear: int, count: int) -> bytes | None:
+    """Up to `count` bytes at `linear`, through the guest's page tables,
+    within its page."""
+    try:
+        translation = vcpu.translate(linear)
+        if not translation.valid:
+            return None
+        return memory.read(translation.gpa, min(count, PAGE_SIZE - (linear % PAGE_SIZE)))
+    except Exception:  # not RAM, or KVM refused: a diagnosis shows what it can
+        return None
 
 
 def vmm_activity(thread_ident: int | None) -> str | None:
@@ -61,13 +100,85 @@ def _relative(filename: str) -> str:
     return os.path.relpath(os.path.abspath(filename), _PACKAGE_DIR)
 
 
-def vcpu_line(index: int, state: dict[str, int] | None, activity: str | None) -> str:
-    """'vCPU 0: halted rip=0x... IF=1, in the guest' (state None: it did not answer)."""
+def vcpu_line(index: int, state: dict | None, activity: str | None, counters: str | None = None) -> str:
+    """'vCPU 0: halted rip=0x... IF=1, in the guest; rsp=... cr3=...; code ...;
+    KVM ...' (state None: it did not answer; `counters`: counters_text())."""
     where = activity or "in the guest"
     if state is None:
-        return f"vCPU {index}: did not answer, {where}"
-    interrupts = 1 if state["rflags"] & RFLAGS_IF else 0
-    return f"vCPU {index}: {mp_state_name(state['mp_state'])} rip={state['rip']:#x} IF={interrupts}, {where}"
+        line = f"vCPU {index}: did not answer, {where}"
+    else:
+        interrupts = 1 if state["rflags"] & RFLAGS_IF else 0
+        line = f"vCPU {index}: {mp_state_name(state['mp_state'])} rip={state['rip']:#x} IF={interrupts}, {where}"
+        if "rsp" in state:
+            line += f"; rsp={state['rsp']:#x} cr3={state['cr3']:#x}"
+        if "code" in state:
+            code, stack = state["code"], state.get("stack")
+            line += "; code at rip: " + (code.hex(" ") if code else "unreadable")
+            if stack:
+                line += "; stack: " + " ".join(f"{word:#x}" for word in stack)
+        if state.get("xen"):
+            line += "; " + state["xen"]
+    return f"{line}; {counters}" if counters else line
+
+
+def counters_text(now: dict[str, int], before: dict[str, int] | None, seconds: float | None) -> str:
+    """'KVM exits 1234 (+56 in the last 10 s: io 3, irq 50)' from a vCPU's
+    KVM counters now and `seconds` earlier, naming the counters that grew
+    (before None: totals only)."""
+    if not now:
+        return "KVM counters unavailable"
+    total = now.get("exits")
+    text = f"KVM exits {total}" if total is not None else "KVM"
+    if before is None or seconds is None:
+        return text + " (no earlier sample)"
+    grown = {name: now[name] - before.get(name, 0) for name in now if name != "exits"}
+    parts = ", ".join(f"{_short(name)} {count}" for name, count in grown.items() if count)
+    if total is None:
+        return f"{text} in the last {seconds:.0f} s: {parts or 'nothing'}"
+    growth = total - before.get("exits", 0)
+    return f"{text} (+{growth} in the last {seconds:.0f} s" + (f": {parts})" if parts else ")")
+
+
+def _short(name: str) -> str:
+    return name.removesuffix("_exits").replace("_", "-")
+
+
+def hypercalls_line(now: dict[str, int], before: dict[str, int] | None, seconds: float | None) -> str:
+    """The hypercalls that reached pyvmm (KVM answers the rest itself), in
+    the last `seconds` when there is an earlier sample, most frequent first."""
+    total = sum(now.values())
+    if before is None or seconds is None:
+        recent, span = now, "so far"
+    else:
+        recent = {name: count - before.get(name, 0) for name, count in now.items() if count > before.get(name, 0)}
+        span = f"in the last {seconds:.0f} s"
+    ranked = sorted(recent.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{name} {count}" for name, count in ranked[:MAX_HYPERCALL_NAMES]) or "none"
+    if len(ranked) > MAX_HYPERCALL_NAMES:
+        shown += f", {len(ranked) - MAX_HYPERCALL_NAMES} more"
+    return f"hypercalls to pyvmm {span}: {shown} ({total} in all)"
+
+
+def timer_text(due: float | None, where: str) -> str:
+    """'timer due in 3.2 ms (where)', 'timer overdue by 2.0 s (...)' or 'no timer (...)'."""
+    if due is None:
+        return f"no timer ({where})"
+    if due >= 0:
+        return f"timer due in {_seconds(due)} ({where})"
+    return f"timer overdue by {_seconds(-due)} ({where})"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def console_ring_line(ring: dict, written: int, idle: float | None) -> str:
+    """The PV console's indices, what pyvmm took from the ring and wrote out,
+    and how long ago it last wrote (None: never)."""
+    last = "never" if idle is None else f"{idle:.0f} s ago"
+    return ("console ring: out_cons={out_cons} out_prod={out_prod} in_cons={in_cons} in_prod={in_prod} "
+            "connection={connection}; {taken} bytes taken from it").format(**ring) + (
+            f"; {written} bytes written to the console output, the last {last}")
 
 
 def xenstore_ring_line(ring: dict) -> str:

@@ -13,6 +13,7 @@ import re
 import sys
 import termios
 import threading
+import time
 import tty
 from typing import BinaryIO, Callable
 
@@ -48,6 +49,9 @@ class ConsoleOutput:
         self._stream = stream
         self._watchers = list(watchers or ())
         self._lock = threading.Lock()
+        # For a diagnosis: bytes handed to the stream, and when (monotonic) last.
+        self.written = 0
+        self.last_write: float | None = None
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -55,6 +59,8 @@ class ConsoleOutput:
                 try:
                     self._stream.write(data)
                     self._stream.flush()
+                    self.written += len(data)
+                    self.last_write = time.monotonic()
                 except (BrokenPipeError, ValueError):
                     self._stream = None  # the reader went away; keep the guest running
             for watcher in self._watchers:

@@ -623,6 +623,7 @@ KVM_GET_DEBUGREGS = _ior("KVM_GET_DEBUGREGS", 0xA1, "struct kvm_debugregs")
 KVM_SET_DEBUGREGS = _iow("KVM_SET_DEBUGREGS", 0xA2, "struct kvm_debugregs")
 KVM_SET_TSC_KHZ = _io("KVM_SET_TSC_KHZ", 0xA2)
 KVM_GET_TSC_KHZ = _io("KVM_GET_TSC_KHZ", 0xA3)
+KVM_GET_STATS_FD = _io("KVM_GET_STATS_FD", 0xCE)  # on a vCPU fd: its binary statistics
 KVM_GET_XSAVE = _ior("KVM_GET_XSAVE", 0xA4, "struct kvm_xsave")
 KVM_SET_XSAVE = _iow("KVM_SET_XSAVE", 0xA5, "struct kvm_xsave")
 KVM_GET_XCRS = _ior("KVM_GET_XCRS", 0xA6, "struct kvm_xcrs")

@@ -19,6 +19,7 @@ from . import uapi
 from .cpuid import CpuidEntry
 from .exits import INTERRUPTED, VcpuExit, decode_exit
 from .ioctl import KvmError, ioctl
+from .stats import VcpuCounters
 from .uapi import as_struct, enable_cap_struct, ffi
 
 # The signal kick() sends. SIGUSR1 is left to debugging aids (faulthandler).
@@ -73,12 +74,17 @@ class Vcpu:
         # translate() runs for every pointer a hypercall passes: the vCPU's own
         # thread reuses one request instead of allocating one per call.
         self._translation = ffi.new("struct kvm_translation *")
+        # KVM's counters of this vCPU's exits, for a diagnosis (None on old
+        # kernels); opened here, on the vCPU's own thread, and read from any.
+        self.counters = VcpuCounters.open(self.fd)
 
     def close(self) -> None:
         """Release the kvm_run mapping and the fd. Exit objects still holding
         views into kvm_run keep the mapping alive until they are dropped."""
         if self.fd < 0:
             return
+        if self.counters is not None:
+            self.counters.close()
         ffi.release(self._run)
         self._run_bytes.release()
         try:

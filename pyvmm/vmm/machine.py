@@ -140,6 +140,9 @@ class Machine:
         self.restore_plan: RestorePlan | None = None
         self._vcpu_caps: kvm_state.VcpuCapabilities | None = None
         self._vcpu_caps_lock = threading.Lock()
+        # (when, each vCPU's KVM counters, hypercall counts): what a diagnosis
+        # compares the present with (event thread only).
+        self._activity: collections.deque = collections.deque(maxlen=diagnose.ACTIVITY_ROUNDS)
 
     def hold_vcpus(self) -> None:
         """Keep every vCPU from its first entry until resume() (--gdb-wait:
@@ -216,6 +219,7 @@ class Machine:
             if self.xen is not None:
                 self.xen.start()
             self._start_liveness_checks()
+            self._note_activity()
             with self._console_input():
                 self.loop.run()
         finally:
@@ -672,30 +676,67 @@ class Machine:
         """One line per vCPU (bounded), then Xen's xenstore ring and event
         channels. Event thread; waits at most `wait` for each vCPU."""
         threads = {index: ident for ident, index in self._vcpu_of_thread.items()}
-        lines = [self._vcpu_diagnosis(index, threads.get(index), wait)
+        now, counters, calls = self._activity_now()
+        then, earlier, earlier_calls = self._activity[0] if self._activity else (None, None, None)
+        seconds = None if then is None else now - then
+
+        def counted(index: int) -> str:
+            before = earlier[index] if earlier is not None and index < len(earlier) else None
+            return diagnose.counters_text(counters[index], before, seconds)
+
+        lines = [self._vcpu_diagnosis(index, threads.get(index), wait, counted(index))
                  for index in range(min(self.config.vcpus, diagnose.MAX_VCPU_LINES))]
         if self.config.vcpus > diagnose.MAX_VCPU_LINES:
             lines.append(f"... and {self.config.vcpus - diagnose.MAX_VCPU_LINES} more vCPUs")
         if self.xen is not None:
             try:
+                lines.append(diagnose.hypercalls_line(calls, earlier_calls, seconds))
                 lines += self.xen.diagnostics()
             except Exception as error:  # a diagnosis must never be what fails
                 lines.append(f"xen: unavailable ({error})")
         return lines
 
-    def _vcpu_diagnosis(self, index: int, thread: int | None, wait: float) -> str:
+    def _vcpu_diagnosis(self, index: int, thread: int | None, wait: float, counters: str | None) -> str:
+        def read(vcpu) -> dict:
+            state = diagnose.read_run_state(vcpu, self.memory)
+            if self.xen is not None:
+                try:
+                    state["xen"] = self.xen.vcpu_diagnosis(vcpu, index)
+                except Exception as error:  # a diagnosis must never be what fails
+                    state["xen"] = f"Xen: unavailable ({error})"
+            return state
+
         activity = diagnose.vmm_activity(thread)
         state = None
         try:
             if self.paused:
                 # Parked outside KVM_RUN, so its ioctls work from here; pause
                 # and resume also run on this (the event) thread.
-                state = diagnose.read_run_state(self._vcpus[index])
+                state = read(self._vcpus[index])
             elif self._vcpus[index] is not None:
-                state = self.run_on_vcpu(index, diagnose.read_run_state, timeout=wait)
+                state = self.run_on_vcpu(index, read, timeout=wait)
         except Exception as error:  # TimeoutError: busy in a handler; KvmError
             log.debug("vCPU %d: no state for the diagnosis: %s", index, error)
-        return diagnose.vcpu_line(index, state, activity)
+        return diagnose.vcpu_line(index, state, activity, counters)
+
+    def _activity_now(self) -> tuple[float, list[dict[str, int]], dict[str, int]]:
+        """Each vCPU's KVM counters and the hypercalls so far: a pread per
+        vCPU, no ioctl, so it never waits for a vCPU."""
+        counters = []
+        for vcpu in self._vcpus:
+            source = getattr(vcpu, "counters", None)  # None: not created yet, or a KVM without them
+            try:
+                counters.append(source.read() if source is not None else {})
+            except OSError:
+                counters.append({})
+        calls = self.xen.dispatcher.counts() if self.xen is not None else {}
+        return time.monotonic(), counters, calls
+
+    def _note_activity(self) -> None:
+        if self.stop_reason is not None:
+            return
+        self._activity.append(self._activity_now())
+        self.loop.call_later(diagnose.ACTIVITY_SECONDS, self._note_activity)
 
     # --- noticing a guest that can never run again (pyvmm/vmm/liveness.py) ----
 

@@ -17,6 +17,7 @@ import enum
 import logging
 import os
 import threading
+import time
 import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
@@ -1580,14 +1581,38 @@ class XenDomain:
 
     # --- diagnosis ------------------------------------------------------------------
 
+    def vcpu_diagnosis(self, vcpu, index: int) -> str:
+        """vCPU `index`'s Xen timer and upcall state, for a stuck guest's
+        last log: whether the event that would wake or tick it is armed or
+        left pending. On its own thread (KVM's timer is a vCPU attribute)."""
+        port = self._timer_ports[index]
+        if port is not None:
+            expires = vcpu.xen_vcpu_get_attr(uapi.KVM_XEN_VCPU_ATTR_TYPE_TIMER).u.timer.expires_ns
+            due = None if expires == 0 else (expires - self._guest_time_ns()) / 1e9
+            timer = diagnose.timer_text(due, f"in KVM, port {port}")
+        else:
+            timer = diagnose.timer_text(self._singleshot[index].due_in(), "in pyvmm")
+            periodic = self._periodic[index].due_in()
+            if periodic is not None:
+                timer += "; " + diagnose.timer_text(periodic, "periodic")
+        gpa = self._vcpu_info_gpa_of(index)
+        pending = None if gpa is None else self.memory.read(gpa, 1)[0]
+        vector = self._per_vcpu_vector[index]
+        via = f"per-vCPU vector {vector:#x}" if vector else f"callback {self.callback.value}"
+        return f"Xen: {timer}; upcall_pending={'?' if pending is None else pending} ({via})"
+
     def diagnostics(self) -> list[str]:
         """The xenstore ring and the store and console event channels, a few
         lines for a stuck guest's last log (event thread)."""
         ports = {entry["port"]: entry for entry in self.evtchn.snapshot()}
+        output = self.machine.console
+        idle = None if output.last_write is None else time.monotonic() - output.last_write
         return [
             diagnose.xenstore_ring_line(self.xenstore.ring.snapshot())
             + f"; {self.xenstore.lost_wakeups} lost wake-up(s) found by the once-a-second check",
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
+            diagnose.console_ring_line(self.pv_console.snapshot(), output.written, idle)
+            + f"; {self.console_lost_wakeups} lost wake-up(s) found by the once-a-second check",
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
         ]
 

@@ -82,6 +82,10 @@ def test_timeout_logs_where_each_vcpu_was(kernel):
     # The PVH entry runs with interrupts off; vCPU 1 was never started.
     assert "vCPU 0: runnable rip=0x" in lines[start + 1] and "IF=0, in the guest" in lines[start + 1], result
     assert "vCPU 1: uninitialized" in lines[start + 2], result
+    # Where it ran and whether it spun: the bytes at rip (RAM), KVM's exit counters.
+    assert "; rsp=0x" in lines[start + 1] and "; code at rip: " in lines[start + 1], result
+    assert "code at rip: unreadable" not in lines[start + 1] and "; KVM " in lines[start + 1], result
+    assert "code at rip: unreadable" in lines[start + 2], result  # the reset vector is not RAM
 
 
 def test_ctl_diagnose_on_a_running_guest(kernel, tmp_path):

@@ -50,11 +50,25 @@ def test_expect_watcher_matches_across_writes_once():
 
 def test_event_loop_timers_and_cross_thread_calls():
     loop, seen = EventLoop(), []
+    start = time.monotonic()  # before the timers: their delays count from call_later
     loop.call_later(0.05, lambda: seen.append("timer"))
     loop.call_later(0.10, loop.stop)
     threading.Thread(target=lambda: loop.call_soon_threadsafe(lambda: seen.append("call"))).start()
-    start = time.monotonic()
     loop.run()
     assert seen == ["call", "timer"]
     assert time.monotonic() - start >= 0.09
     loop.close()
+
+
+def test_console_output_counts_what_reached_its_stream():
+    import io
+
+    stream = io.BytesIO()
+    out = ConsoleOutput(stream)
+    assert (out.written, out.last_write) == (0, None)
+    out.write(b"[    0.000000] Command line: con")
+    out.write(b"sole=hvc0\n")
+    assert out.written == len(stream.getvalue()) == 42 and out.last_write is not None
+    nowhere = ConsoleOutput(None)
+    nowhere.write(b"dropped")
+    assert nowhere.written == 0

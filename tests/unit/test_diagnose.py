@@ -62,3 +62,102 @@ def test_vmm_activity_names_a_thread_busy_in_pyvmm_code():
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+
+
+def test_vcpu_line_adds_stack_page_tables_code_and_counters():
+    state = {"mp_state": uapi.KVM_MP_STATE_RUNNABLE, "rip": 0xFFFFFFFFC05130B0, "rflags": 0x246,
+             "rsp": 0xFFFFFFFF82A03E48, "cr3": 0x1C0A000, "code": bytes([0xF3, 0x90, 0xEB, 0xFC]),
+             "stack": [0xFFFFFFFF81234567, 0]}
+    line = diagnose.vcpu_line(0, state, None, "KVM exits 9 (+2 in the last 10 s: halt 1)")
+    assert line == ("vCPU 0: runnable rip=0xffffffffc05130b0 IF=1, in the guest; rsp=0xffffffff82a03e48 "
+                    "cr3=0x1c0a000; code at rip: f3 90 eb fc; stack: 0xffffffff81234567 0x0; "
+                    "KVM exits 9 (+2 in the last 10 s: halt 1)")
+    state.update(code=None, stack=None)
+    assert "; code at rip: unreadable; KVM" in diagnose.vcpu_line(0, state, None, "KVM")
+    assert diagnose.vcpu_line(1, None, None, "KVM counters unavailable") == (
+        "vCPU 1: did not answer, in the guest; KVM counters unavailable")
+
+
+def test_counters_text_shows_totals_and_what_grew():
+    now = {"exits": 1500, "halt_exits": 40, "io_exits": 7, "irq_window_exits": 3}
+    before = {"exits": 1000, "halt_exits": 40, "io_exits": 2, "irq_window_exits": 0}
+    assert diagnose.counters_text(now, before, 10.2) == "KVM exits 1500 (+500 in the last 10 s: io 5, irq-window 3)"
+    assert diagnose.counters_text(now, now, 4.0) == "KVM exits 1500 (+0 in the last 4 s)"
+    assert diagnose.counters_text(now, None, None) == "KVM exits 1500 (no earlier sample)"
+    assert diagnose.counters_text({}, before, 10.0) == "KVM counters unavailable"
+
+
+def test_hypercalls_line_ranks_the_recent_ones():
+    now = {"sched_op": 120, "event_channel_op": 40, "hvm_op": 5}
+    before = {"sched_op": 20, "event_channel_op": 39, "hvm_op": 5}
+    assert diagnose.hypercalls_line(now, before, 9.8) == (
+        "hypercalls to pyvmm in the last 10 s: sched_op 100, event_channel_op 1 (165 in all)")
+    assert diagnose.hypercalls_line(now, now, 9.8) == "hypercalls to pyvmm in the last 10 s: none (165 in all)"
+    assert diagnose.hypercalls_line({"hvm_op": 2}, None, None) == "hypercalls to pyvmm so far: hvm_op 2 (2 in all)"
+    many = {f"op{i}": i + 1 for i in range(diagnose.MAX_HYPERCALL_NAMES + 2)}
+    assert diagnose.hypercalls_line(many, {}, 1.0).endswith("op2 3, 2 more (55 in all)")
+
+
+def test_console_ring_line():
+    ring = {"out_cons": 186, "out_prod": 186, "in_cons": 0, "in_prod": 0, "connection": 0, "taken": 186}
+    assert diagnose.console_ring_line(ring, 186, 794.6) == (
+        "console ring: out_cons=186 out_prod=186 in_cons=0 in_prod=0 connection=0; 186 bytes taken from it; "
+        "186 bytes written to the console output, the last 795 s ago")
+    assert diagnose.console_ring_line(ring, 0, None).endswith("0 bytes written to the console output, the last never")
+
+
+class _Translation:
+    def __init__(self, gpa, valid=True):
+        self.gpa, self.valid = gpa, valid
+
+
+class _Segment:
+    base = 0
+
+
+class _FakeVcpu:
+    """Long mode, rip and rsp mapped 1:1 except where `holes` say."""
+
+    def __init__(self, rip, rsp, holes=()):
+        self.rip, self.rsp, self.holes = rip, rsp, set(holes)
+
+    def get_regs(self):
+        return type("Regs", (), {"rip": self.rip, "rsp": self.rsp, "rflags": 0x2})()
+
+    def get_sregs(self):
+        return type("Sregs", (), {"cr3": 0x1000, "efer": diagnose.EFER_LMA, "cs": _Segment, "ss": _Segment})()
+
+    def get_mp_state(self):
+        return uapi.KVM_MP_STATE_RUNNABLE
+
+    def translate(self, linear):
+        page = linear & ~0xFFF
+        return _Translation(linear, page not in self.holes)
+
+
+def test_read_run_state_reads_code_and_stack_through_the_page_tables():
+    from pyvmm.core.memory import GuestMemory
+
+    memory = GuestMemory([(0, 0x4000)])
+    try:
+        memory.write(0x1FFA, bytes(range(1, 7)))  # the last 6 bytes of a page: no more are read
+        memory.write(0x2100, (0xFFFFFFFF81000000).to_bytes(8, "little") + (5).to_bytes(8, "little"))
+        state = diagnose.read_run_state(_FakeVcpu(0x1FFA, 0x2100), memory)
+        assert state["code"] == bytes(range(1, 7))
+        assert state["stack"][:2] == [0xFFFFFFFF81000000, 5] and len(state["stack"]) == diagnose.STACK_WORDS
+        assert (state["rip"], state["rsp"], state["cr3"]) == (0x1FFA, 0x2100, 0x1000)
+        unmapped = diagnose.read_run_state(_FakeVcpu(0x1FFA, 0x2100, holes={0x1000, 0x2000}), memory)
+        assert unmapped["code"] is None and unmapped["stack"] is None
+        beyond_ram = diagnose.read_run_state(_FakeVcpu(0x9000, 0x2100), memory)
+        assert beyond_ram["code"] is None
+    finally:
+        memory.close()
+
+
+def test_timer_text():
+    assert diagnose.timer_text(0.0032, "in KVM, port 5") == "timer due in 3.2 ms (in KVM, port 5)"
+    assert diagnose.timer_text(-812.34, "in KVM, port 5") == "timer overdue by 812.3 s (in KVM, port 5)"
+    assert diagnose.timer_text(None, "in pyvmm") == "no timer (in pyvmm)"
+    state = {"mp_state": uapi.KVM_MP_STATE_RUNNABLE, "rip": 0x10, "rflags": 0x2, "xen": "Xen: no timer (in pyvmm)"}
+    assert diagnose.vcpu_line(0, state, None) == (
+        "vCPU 0: runnable rip=0x10 IF=0, in the guest; Xen: no timer (in pyvmm)")

@@ -49,6 +49,11 @@ class UserTimer:
     def armed(self) -> bool:
         return self._wish is not None
 
+    def due_in(self) -> float | None:
+        """Seconds until it fires (negative: overdue), None while stopped; any thread."""
+        wish = self._wish
+        return None if wish is None else wish.when - time.monotonic()
+
     def arm(self, delay: float, period: float | None = None) -> None:
         """Fire `delay` seconds from now (then every `period` seconds), replacing
         whatever this timer was set to; any thread."""

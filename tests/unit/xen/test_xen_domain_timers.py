@@ -161,3 +161,20 @@ def test_fifo_takes_the_timers_back_from_kvm(monkeypatch, loop):
     assert calls == []
     domain._event_abi_changed(False)
     assert configs == [False, True]
+
+
+def test_diagnosis_says_where_each_vcpus_timer_stands(monkeypatch, loop):
+    # A stuck guest's last log says whether the timer that would tick it is armed, due or overdue.
+    domain, _ = timer_domain(monkeypatch, [5, None], loop)
+    domain._vcpu_info_gpa = [None, None]
+    domain.shared_info_gfn = None
+    domain._per_vcpu_vector = [0xF3, 0]
+    domain.callback = domain_module.Callback.NONE
+    overdue = SimpleNamespace(xen_vcpu_get_attr=lambda kind: SimpleNamespace(
+        u=SimpleNamespace(timer=SimpleNamespace(expires_ns=998 * SECOND))))
+    assert domain.vcpu_diagnosis(overdue, 0) == (
+        "Xen: timer overdue by 2.0 s (in KVM, port 5); upcall_pending=? (per-vCPU vector 0xf3)")
+    assert domain.vcpu_diagnosis(None, 1) == "Xen: no timer (in pyvmm); upcall_pending=? (callback none)"
+    domain.set_singleshot_timer(1, 1_003 * SECOND, future=True)
+    line = domain.vcpu_diagnosis(None, 1)
+    assert line.startswith("Xen: timer due in ") and line.endswith(" s (in pyvmm); upcall_pending=? (callback none)")

@@ -65,6 +65,7 @@ class PvConsole:
         self._notify = notify
         self._output = output
         self._reported: set[str] = set()
+        self.taken = 0  # output bytes taken from the ring so far (for a diagnosis)
         page[CONNECTION] = CONNECTED
 
     def _load(self, offset: int) -> int:
@@ -84,6 +85,12 @@ class PvConsole:
         cons, prod = self._load(OUT_CONS), self._load(OUT_PROD)
         return (cons, prod) if cons != prod else None
 
+    def snapshot(self) -> dict[str, int]:
+        """The ring's indices and connection byte as the page holds them now,
+        and the bytes taken so far: for a stuck guest's diagnosis."""
+        return {"out_cons": self._load(OUT_CONS), "out_prod": self._load(OUT_PROD), "in_cons": self._load(IN_CONS),
+                "in_prod": self._load(IN_PROD), "connection": self._page[CONNECTION], "taken": self.taken}
+
     def process(self) -> None:
         """Pass the guest's output on and free the space (the guest notified us)."""
         cons = self._load(OUT_CONS)
@@ -100,6 +107,7 @@ class PvConsole:
         if first < pending:
             data += bytes(self._page[OUT_OFFSET : OUT_OFFSET + pending - first])
         self._store(OUT_CONS, cons + pending)
+        self.taken += pending
         if self._trace.console:
             self._trace.emit("console", "out", bytes=len(data), text=data)
         self._output(data)

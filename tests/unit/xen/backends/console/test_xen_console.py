@@ -148,3 +148,13 @@ def test_hostile_indices_never_raise_or_overrun(indices, data):
     assert host.guest.u32(IN_PROD) == (in_prod + taken) & MASK
     assert bytes(host.page[(in_prod + i) % IN_SIZE] for i in range(taken)) == data[:taken]
     assert len(host.page) == 4096
+
+
+def test_snapshot_shows_the_indices_and_what_was_taken():
+    host = Host(start_index=MASK - 2)  # the indices wrap as the bytes are taken
+    host.guest.write(b"[    0.000000] Command line: con")
+    host.console.process()
+    host.guest.write(b"sole=hvc0")
+    snapshot = host.console.snapshot()
+    assert snapshot == {"out_cons": (MASK - 2 + 32) & MASK, "out_prod": (MASK - 2 + 41) & MASK,
+                        "in_cons": MASK - 2, "in_prod": MASK - 2, "connection": 0, "taken": 32}
