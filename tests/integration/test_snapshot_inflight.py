@@ -65,6 +65,9 @@ i=0; while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); don
 # The stream's receiving end: eth1 in a network namespace of its own.
 up eth0 {NETWORK}.2 || fail "eth0"
 unshare -n sleep 100000 & peer=$!
+# Until unshare has run, $peer is still in our namespace and a move would go nowhere.
+i=0; while [ "$(readlink /proc/$peer/ns/net)" = "$(readlink /proc/self/ns/net)" ] && [ $i -lt 100 ]; do
+    sleep 0.1; i=$((i + 1)); done
 i=0; while ! ip link show eth1 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 ip link set eth1 netns $peer || fail "eth1 into a namespace"
 nsenter -t $peer -n sh -c 'ip link set lo up; ip link set eth1 up; ip addr add {NETWORK}.3/24 dev eth1' \
