@@ -27,7 +27,7 @@ BUSYBOX = "/run/pyvmm-testbed/busybox"
 # processes it left behind) is collected for at most this long.
 DRAIN_GRACE_SECONDS = 2.0
 READ_CHUNK = 65536
-NINEP_RW_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
+NINEP_RW_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=%s"
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -120,7 +120,7 @@ def prepare_filesystems(job):
             os.makedirs(path, exist_ok=True)
         except OSError as error:
             raise SetupError("cannot create mount point %s: %s" % (path, error.strerror))
-        mount("9p", tag, path, NINEP_RW_OPTIONS)
+        mount("9p", tag, path, NINEP_RW_OPTIONS % job.get("rw_cache", "mmap"))
 
 
 def hold_static_keys():

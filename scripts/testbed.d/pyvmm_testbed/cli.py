@@ -134,7 +134,23 @@ def build_job(options, writable):
         "tty": plan,
         "mounts": [["rw%d" % index, path] for index, path in enumerate(writable)],
         "tmp_size": "%dm" % (options.memory // 2),
+        "rw_cache": rw_cache(),
     }
+
+
+RW_CACHE_ENVIRONMENT = "PYVMM_TESTBED_RW_CACHE"
+
+
+def rw_cache():
+    """How L1 caches the writable 9p mounts (the repository): "mmap" (the
+    default) asks the host at every file access; "loose" keeps what L1 has
+    read, so a Python start imports the repository's modules from L1's page
+    cache after the first. Files changed on the host during a run are then
+    not seen by L1 (L1's writes reach the host: the agent syncs at the end)."""
+    value = os.environ.get(RW_CACHE_ENVIRONMENT, "mmap")
+    if value not in ("mmap", "loose"):
+        raise SystemExit("testbed: %s must be mmap or loose, not %r" % (RW_CACHE_ENVIRONMENT, value))
+    return value
 
 
 def take_run_lock(path):
