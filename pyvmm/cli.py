@@ -178,7 +178,8 @@ def main() -> None:
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(config_file, kernel, initrd, firmware, cdrom, boot, cmdline, memory, vcpus, serial, no_reboot, on_watchdog, timeout,
+def run(config_file, kernel, initrd, firmware, cdrom, boot, cmdline, memory, vcpus, serial, no_reboot, on_watchdog,
+        timeout,
         expect, xen, xen_version,
         xen_accel, xen_fifo, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,

@@ -384,7 +384,8 @@ def test_disk_backendtype_is_a_warning():
 
 @pytest.mark.parametrize("spec", ["/root/image.iso,,hdc,cdrom", "/root/image.iso,,hdc,,cdrom",
                                   "/root/image.iso,raw,hdc,devtype=cdrom", "raw:/root/image.iso,hdc:cdrom,ro",
-                                  "/root/image.iso,raw,hdc:cdrom,r", "format=raw,vdev=hdc,devtype=cdrom,target=/root/image.iso"])
+                                  "/root/image.iso,raw,hdc:cdrom,r",
+                                  "format=raw,vdev=hdc,devtype=cdrom,target=/root/image.iso"])
 def test_cdrom_disk_specs(spec):
     disk, _ = parse_disk_spec(spec)
     assert disk.cdrom and disk.vdev == "hdc" and disk.path == Path("/root/image.iso")
@@ -396,7 +397,8 @@ def test_a_cdrom_entry_is_the_cdrom_not_a_disk():
     assert config.disks == (DiskSpec(Path("/x.img"), "hda", False),)
     options = config.to_run_options()
     assert options["cdrom"] == Path("/y.iso") and options["boot"] == "cdrom"
-    assert xl_config_from_text(HVM + "kernel = '/k'\nboot = 'dc'\n").to_run_options().get("boot") is None  # kernel= boot
+    # boot= means nothing to a kernel= boot
+    assert xl_config_from_text(HVM + "kernel = '/k'\nboot = 'dc'\n").to_run_options().get("boot") is None
 
 
 @pytest.mark.parametrize("disks,message", [

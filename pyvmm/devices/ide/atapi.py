@@ -25,8 +25,7 @@ import os
 import struct
 from typing import Callable
 
-from .ata import (ABRT, DRDY, DRQ, DSC, ERR, LBA_HIGH, LBA_MID, SECTOR_COUNT, AtaChannel, DmaEngine,
-                  ImageFile, _ata_string)
+from .ata import ABRT, DRDY, DRQ, DSC, ERR, AtaChannel, DmaEngine, ImageFile, _ata_string
 
 BLOCK = 2048
 PACKET_SIZE = 12
