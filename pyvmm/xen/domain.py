@@ -259,7 +259,9 @@ class XenDomain:
     def _setup_special_pages(self, machine: XenHost) -> None:
         console_pfn = layout.XEN_SPECIAL_PAGES >> PAGE_SHIFT
         store_pfn = console_pfn + 1
-        self.memory.fill(layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES_SIZE)
+        # Never filled here: the pages are fresh (zero) memory at a boot, and
+        # at a restore they hold the guest's rings from the snapshot, whose
+        # indices the restored xenstore server goes on from.
         # The toolstack grants both rings to domain 0 at fixed references.
         self.gnttab.reserve(GNTTAB_RESERVED_CONSOLE, console_pfn)
         self.gnttab.reserve(GNTTAB_RESERVED_XENSTORE, store_pfn)

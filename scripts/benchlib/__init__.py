@@ -61,7 +61,8 @@ def load_script(name: str) -> ModuleType:
 
 def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600, *,
             stall: float | None = None, progress: re.Pattern | None = None,
-            on_console: Callable[[bytes, float], None] | None = None, grace: float = 10.0) -> dict:
+            on_console: Callable[[bytes, float], bytes | None] | None = None, grace: float = 10.0,
+            console_input: bool = False) -> dict:
     """Run one VMM (`python3 -m pyvmm run ...` or `scripts/qemu-xen ... -v`) to its end.
 
     Returns its status, console (stdout) and stderr, the wall-clock seconds
@@ -75,11 +76,12 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
     kernel that keeps printing stall reports is not taken for progress. A stopped VMM loses its whole process tree (SIGTERM, then
     SIGKILL after `grace` seconds), QEMU under scripts/qemu-xen included; "stopped" says why
     ("limit", "stall") or is None. `on_console(data, seconds)` sees the
-    console as it arrives.
+    console as it arrives; with `console_input`, the VMM's stdin is a pipe
+    (kept open to the end) and the bytes on_console returns are typed there.
     """
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE if console_input else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     console_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
     output = {console_fd: bytearray(), stderr_fd: bytearray()}
     first_output = marker_at = stopped = None
@@ -114,8 +116,15 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
                 if marker and marker_at is None and marker in buffer[-len(data) - len(marker):]:
                     marker_at = now
                 if on_console is not None:
-                    on_console(data, now)
+                    typed = on_console(data, now)
+                    if typed and console_input:
+                        _type(proc, typed)
     selector.close()
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
     _, wait_status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(wait_status)
@@ -133,6 +142,15 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
         "peak_rss_kib": int(reported.group(1)) if reported else usage.ru_maxrss,
         "stopped": stopped,
     }
+
+
+def _type(proc: subprocess.Popen, data: bytes) -> None:
+    """A few bytes for the guest's console; a VMM that has stopped reading is no error."""
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+    except (BrokenPipeError, OSError):
+        pass
 
 
 def descendants(pid: int) -> list[int]:

@@ -51,7 +51,10 @@ def test_quick_mode_reports_every_row(tmp_path):
     command = [sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--testbed", "never",
                "--boots", "1", "--latency-rounds", "1", "--hypercalls", "100", "--xenstore-reads", "20",
                "--blk-rounds", "1", "--blk-runtime", "1", "--net-mib", "8", "--boot-timeout", "300",
-               "--json", str(out)]
+               "--json", str(out),
+               # The image rows take minutes per boot of a Debian image of
+               # their own (docs/BENCHMARKS.md, "Image boot"): not in a smoke test.
+               "--no-image"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert out.exists(), result.stdout + result.stderr[-4000:]
     report = json.loads(out.read_text())

@@ -65,6 +65,9 @@ i=0; while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); don
 # The stream's receiving end: eth1 in a network namespace of its own.
 up eth0 {NETWORK}.2 || fail "eth0"
 unshare -n sleep 100000 & peer=$!
+# Until unshare has run, $peer is still in our namespace and a move would go nowhere.
+i=0; while [ "$(readlink /proc/$peer/ns/net)" = "$(readlink /proc/self/ns/net)" ] && [ $i -lt 100 ]; do
+    sleep 0.1; i=$((i + 1)); done
 i=0; while ! ip link show eth1 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 ip link set eth1 netns $peer || fail "eth1 into a namespace"
 nsenter -t $peer -n sh -c 'ip link set lo up; ip link set eth1 up; ip addr add {NETWORK}.3/24 dev eth1' \
@@ -175,8 +178,8 @@ def test_fio_and_a_tcp_stream_in_flight_go_on_in_two_restored_vms_at_once(assets
                 "--snapshot-file", str(snapshot), "-v"]
         with LiveGuest(args, prefix=("ip", "netns", "exec", first_ns.name)) as first:
             status = first.finish()
-        assert status == 0 and "snapshot written" in first.stderr, first
-        assert MARKER in first.stdout and "inflight: fio status" not in first.stdout, first
+        assert status == 0 and "snapshot written" in first.stderr, str(first)
+        assert MARKER in first.stdout and "inflight: fio status" not in first.stdout, str(first)
     copies = []
     for index in (1, 2):
         copy = tmp_path / f"disk-{index}.img"
@@ -203,12 +206,12 @@ def test_fio_and_a_tcp_stream_in_flight_go_on_in_two_restored_vms_at_once(assets
             assert written.returncode == 0, written
         for name, guest in guests:
             guest.wait_for(f"inflight: watch fired value=restored-{name}", timeout=300)
-            assert guest.finish() == 0, guest
+            assert guest.finish() == 0, str(guest)
             out = guest.stdout
             assert "Linux version" not in out, guest  # it went on; it did not boot again
-            assert re.search(r"inflight: fio status 0\b", out), guest
-            assert not re.search(r"inflight-fio: .*(err= *[1-9]|verify: bad|bad magic)", out), guest
-            assert "inflight: stream sender status 0" in out, guest
+            assert re.search(r"inflight: fio status 0\b", out), str(guest)
+            assert not re.search(r"inflight-fio: .*(err= *[1-9]|verify: bad|bad magic)", out), str(guest)
+            assert "inflight: stream sender status 0" in out, str(guest)
             stream = re.search(r"inflight: stream sent=([0-9a-f]{64}) received=(\S*)", out)
-            assert stream and stream.group(1) == stream.group(2), guest
-            assert "inflight-error" not in out and "pyvmm-guest: test exit 0" in out, guest
+            assert stream and stream.group(1) == stream.group(2), str(guest)
+            assert "inflight-error" not in out and "pyvmm-guest: test exit 0" in out, str(guest)

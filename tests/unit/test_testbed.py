@@ -117,8 +117,12 @@ def test_module_tree_resolves_packaged_modules(tmp_path):
     assert tree.resolve(["kvm_amd", "bridge"]) == ["irqbypass", "kvm", "ccp", "kvm_amd", "bridge"]
     written = tree.materialize(["kvm"], str(tmp_path / "out"))
     assert open(written[0], "rb").read() == make_module_elf(["depends=irqbypass"])
-    with pytest.raises(build.BuildError, match="does not exist"):
-        tree.resolve(["no_such_module"])
+    with pytest.raises(build.BuildError, match="has no module no_such_module, other_one"):
+        tree.resolve(["kvm", "no_such_module", "other-one"])
+    assert tree.missing(["stp", "kvm", "gone"]) == ["gone"]
+    (root / "kernel/net/bridge/bridge.ko").write_bytes(make_module_elf(["depends=llc"]))
+    with pytest.raises(build.BuildError, match="'llc' does not exist"):
+        build.ModuleTree(str(root)).resolve(["bridge"])
 
 
 # -- cpio -----------------------------------------------------------------------
@@ -219,6 +223,67 @@ def test_package_metadata_parsing():
     assert provision.deb_filename_prefix("busybox-static", "1:1.35.0-4") == "busybox-static_1%3a1.35.0-4_"
 
 
+def test_the_l1_kernel_comes_from_the_option_then_the_environment():
+    assert provision.kernel_suite(None, {}) == provision.DEFAULT_KERNEL_SUITE == "trixie"
+    assert provision.kernel_suite(None, {provision.KERNEL_ENVIRONMENT: "trixie-backports"}) == "trixie-backports"
+    assert provision.kernel_suite("trixie", {provision.KERNEL_ENVIRONMENT: "trixie-backports"}) == "trixie"
+    with pytest.raises(provision.ProvisionError, match="PYVMM_TESTBED_L1_KERNEL=sid"):
+        provision.kernel_suite(None, {provision.KERNEL_ENVIRONMENT: "sid"})
+    # trixie keeps the state file it had before the choice existed.
+    assert provision.state_filename("trixie") == "state.json"
+    assert provision.state_filename("trixie-backports") == "state-trixie-backports.json"
+
+
+def test_split_kernel_packages_are_found_from_the_images_depends():
+    image = "linux-image-7.3.4+deb13-amd64"
+    depends = provision.parse_depends(
+        "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linux-base-7.3.4+deb13-amd64 "
+        "(= 7.3.4-1~bpo13+1), linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), "
+        "linux-modules-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)")
+    assert provision.kernel_packages(image, depends) == [
+        image, "linux-base-7.3.4+deb13-amd64", "linux-binary-7.3.4+deb13-amd64", "linux-modules-7.3.4+deb13-amd64"]
+    # 6.12's image is whole: its Depends name no package of its release.
+    assert provision.kernel_packages("linux-image-6.12.1+deb13-amd64", ["kmod", "linux-base", "initramfs-tools"]) == [
+        "linux-image-6.12.1+deb13-amd64"]
+    assert provision.vmlinuz_candidates("/t", "/t/usr/lib/modules", "7.3.4") == [
+        "/t/boot/vmlinuz-7.3.4", "/t/usr/lib/modules/7.3.4/vmlinuz"]
+
+
+def test_kernel_config_check_names_every_gap():
+    good = "CONFIG_KVM_XEN=y\nCONFIG_KVM_AMD=m\nCONFIG_NET_9P_VIRTIO=m\nCONFIG_9P_FS=y\n"
+    assert provision.config_problems(good) == []
+    bad = "# CONFIG_KVM_XEN is not set\nCONFIG_KVM_AMD=m\nCONFIG_NET_9P_VIRTIO=m\nCONFIG_9P_FS=n\n"
+    assert provision.config_problems(bad) == ["CONFIG_KVM_XEN=y (it has not set)", "CONFIG_9P_FS=y|m (it has n)"]
+
+
+def write_state(cache, suite, version):
+    kernel = cache / ("kernel-" + version)
+    (kernel / "boot").mkdir(parents=True)
+    (kernel / "boot" / "vmlinuz").write_text("")
+    (kernel / "modules").mkdir()
+    deb = cache / "debs" / ("linux-image-%s.deb" % version)
+    deb.write_text("")
+    state = {"kernel": {"version": version, "vmlinuz": str(kernel / "boot" / "vmlinuz"),
+                        "modules": str(kernel / "modules"), "deb": str(deb), "debs": [str(deb)]},
+             "busybox": {"version": "1:1.35", "path": str(cache / "busybox-1_1.35" / "busybox"),
+                         "deb": str(cache / "debs" / "busybox.deb")}}
+    (cache / provision.state_filename(suite)).write_text(json.dumps(state))
+
+
+def test_both_kernels_stay_cached_and_only_unused_ones_go(tmp_path):
+    (tmp_path / "debs").mkdir()
+    (tmp_path / "busybox-1_1.35").mkdir()
+    (tmp_path / "busybox-1_1.35" / "busybox").write_text("")
+    write_state(tmp_path, "trixie", "6.12.2-1")
+    write_state(tmp_path, "trixie-backports", "7.3.4-1~bpo13+1")
+    (tmp_path / "kernel-6.12.1-1").mkdir()
+    (tmp_path / "debs" / "linux-image-6.12.1-1.deb").write_text("")
+    provision.Provisioner(str(tmp_path), print, "trixie-backports")._remove_stale()
+    assert sorted(os.listdir(tmp_path / "debs")) == ["linux-image-6.12.2-1.deb", "linux-image-7.3.4-1~bpo13+1.deb"]
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("kernel-")) == [
+        "kernel-6.12.2-1", "kernel-7.3.4-1~bpo13+1"]
+
+
 # -- host side ----------------------------------------------------------------------
 
 def test_git_toplevel_and_writable_paths(tmp_path):
@@ -288,11 +353,16 @@ def test_arguments(tmp_path):
     assert options.memory == 2048 and options.cpus == 2
     assert options.modules == ["vhost_net", "dummy"]
     assert cli.parse_arguments(["--check"]).check
+    assert cli.parse_arguments(["--check"], environ={}).l1_kernel == "trixie"
+    backports = ["--l1-kernel", "trixie-backports", "--check"]
+    assert cli.parse_arguments(backports, environ={}).l1_kernel == "trixie-backports"
+    assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_KERNEL": "trixie-backports"}).l1_kernel == (
+        "trixie-backports")
 
 
 @pytest.mark.parametrize("argv", [[], ["--check", "--", "true"], ["--prepare", "--check"],
                                   ["--rw", "/no/such/dir", "--", "true"], ["--cpus", "0", "--", "true"],
-                                  ["--timeout", "-1", "--", "true"]])
+                                  ["--timeout", "-1", "--", "true"], ["--l1-kernel", "sid", "--check"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_arguments(argv)

@@ -131,8 +131,18 @@ class ModuleTree:
             raise BuildError("kernel module %r does not exist in %s" % (name, self.root)) from None
         return decompress_module(path)
 
+    def missing(self, names):
+        """Those of `names` this kernel neither packages nor builds in."""
+        return [module_name(name) for name in names
+                if module_name(name) not in self.paths and module_name(name) not in self.builtin]
+
     def resolve(self, names):
         """Loadable modules for `names` with their dependencies, in load order; built-ins left out."""
+        missing = self.missing(names)
+        if missing:
+            # All at once: a kernel that renamed or dropped modules shows every gap in one run.
+            raise BuildError("kernel %s has no module %s (neither packaged nor built in)"
+                             % (os.path.basename(self.root.rstrip("/")), ", ".join(missing)))
         return [name for name in load_order(names, self.depends_of) if name not in self.builtin]
 
     def materialize(self, names, directory):

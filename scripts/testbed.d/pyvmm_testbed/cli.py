@@ -15,7 +15,7 @@ DEFAULT_BOOT_TIMEOUT = 300
 DEFAULT_RUN_LOCK = "/tmp/pyvmm-testbed-run.lock"  # one L1 at a time per host
 
 
-def parse_arguments(argv):
+def parse_arguments(argv, environ=None):
     parser = argparse.ArgumentParser(
         prog="testbed",
         usage="%(prog)s [options] -- CMD [ARGS...]\n       %(prog)s --prepare\n       %(prog)s --check",
@@ -33,6 +33,10 @@ def parse_arguments(argv):
                         help="also make this host directory writable inside L1 (repeatable)")
     parser.add_argument("--modules", default="", metavar="m1,m2",
                         help="extra L1 kernel modules to load (with their dependencies)")
+    parser.add_argument("--l1-kernel", choices=provision.KERNEL_SUITES, metavar="SUITE",
+                        help="the Debian suite whose linux-image-amd64 L1 boots: %s (default $%s, else %s)"
+                        % (", ".join(provision.KERNEL_SUITES), provision.KERNEL_ENVIRONMENT,
+                           provision.DEFAULT_KERNEL_SUITE))
     parser.add_argument("--verbose", action="store_true",
                         help="show progress, the QEMU command and the L1 console on stderr")
     mode = parser.add_mutually_exclusive_group()
@@ -59,6 +63,10 @@ def parse_arguments(argv):
         if not os.path.isdir(path):
             parser.error("--rw %s: not an existing directory" % path)
     options.modules = [name for name in options.modules.split(",") if name.strip()]
+    try:
+        options.l1_kernel = provision.kernel_suite(options.l1_kernel, os.environ if environ is None else environ)
+    except provision.ProvisionError as error:
+        parser.error(str(error))
     return options
 
 
@@ -164,13 +172,13 @@ def main(argv=None):
     options = parse_arguments(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
     host.install_signal_handlers()
-    provisioner = provision.Provisioner(provision.cache_directory(os.environ), say)
+    provisioner = provision.Provisioner(provision.cache_directory(os.environ), say, options.l1_kernel)
     run = None
     try:
         artifacts = provisioner.ensure(refresh=options.prepare)
         if options.prepare:
-            say("ready: %s, kernel %s, %s" % (artifacts.qemu, artifacts.kernel["release"],
-                                             artifacts.initramfs))
+            say("ready: %s, kernel %s (%s), %s" % (artifacts.qemu, artifacts.kernel["release"],
+                                                  options.l1_kernel, artifacts.initramfs))
             return 0
         if options.check:
             writable, job = [], {"kind": "check"}

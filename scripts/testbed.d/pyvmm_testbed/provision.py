@@ -1,8 +1,9 @@
 """Getting what the testbed needs from Debian's archive, and caching it.
 
 - QEMU 10 (qemu-system-x86) from bookworm-backports, installed system-wide.
-- The trixie kernel (linux-image-amd64 -> linux-image-<release>), downloaded
-  with a private apt configuration: the system's apt sources stay untouched.
+- The L1 kernel (linux-image-amd64 -> linux-image-<release>) of trixie or of
+  trixie-backports, downloaded with a private apt configuration: the system's
+  apt sources stay untouched. Each choice has its own state, so both stay cached.
 - busybox-static, downloaded (not installed) from the system's own sources.
 The kernel's modules and the initramfs are built from these into the cache.
 """
@@ -24,7 +25,10 @@ AGENT_FILES = [os.path.join(HERE, name) for name in ("__init__.py", "wire.py", "
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-KERNEL_SUITE = "trixie"
+# The L1 kernels: each is the newest linux-image-amd64 of a Debian suite.
+KERNEL_SUITES = ("trixie", "trixie-backports")
+DEFAULT_KERNEL_SUITE = "trixie"
+KERNEL_ENVIRONMENT = "PYVMM_TESTBED_L1_KERNEL"
 KERNEL_METAPACKAGE = "linux-image-amd64"
 QEMU_MINIMUM = (10, 0)
 APT_LOCK_TIMEOUT = ["-o", "DPkg::Lock::Timeout=600"]
@@ -41,6 +45,32 @@ def cache_directory(environ):
         xdg = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or "/root", ".cache")
         base = os.path.join(xdg, "pyvmm")
     return os.path.join(os.path.abspath(base), "testbed")
+
+
+def kernel_suite(option, environ):
+    """The L1 kernel's suite: the option, else the environment, else the default."""
+    choice = option or environ.get(KERNEL_ENVIRONMENT) or DEFAULT_KERNEL_SUITE
+    if choice not in KERNEL_SUITES:
+        source = "--l1-kernel" if option else KERNEL_ENVIRONMENT
+        raise ProvisionError("%s=%s: the L1 kernel is one of %s" % (source, choice, ", ".join(KERNEL_SUITES)))
+    return choice
+
+
+def state_filename(suite):
+    # trixie's keeps the name it had before there was a choice, so existing caches stay valid.
+    return "state.json" if suite == "trixie" else "state-%s.json" % suite
+
+
+def cache_entries_in_use(states):
+    """Names of the cache entries (in the cache and in debs/) the states use."""
+    keep = set()
+    for state in states:
+        kernel, busybox = state["kernel"], state["busybox"]
+        keep |= {os.path.basename(deb) for deb in kernel.get("debs", [kernel["deb"]])}
+        keep |= {os.path.basename(busybox["deb"]),
+                 "kernel-" + kernel["version"], "modules-" + kernel["version"],
+                 "busybox-" + busybox["version"].replace(":", "_")}
+    return keep
 
 
 def debian_mirror(source_texts, suite="bookworm"):
@@ -96,6 +126,44 @@ def parse_depends(text):
     return names
 
 
+def kernel_packages(image, depends):
+    """The packages that make up kernel `image`: itself and, where Debian splits
+    a kernel (7.x: linux-binary-*, linux-modules-*, linux-base-*), the packages
+    of the same release it depends on."""
+    release = image[len("linux-image-"):]
+    return [image] + [name for name in depends
+                      if name != image and name.startswith("linux-") and name.endswith("-" + release)]
+
+
+def vmlinuz_candidates(tree, modules_base, release):
+    """Where an unpacked kernel package keeps its image: /boot up to 6.12, next
+    to the modules (/usr/lib/modules/<release>/vmlinuz) in the split 7.x packages."""
+    return [os.path.join(tree, "boot", "vmlinuz-" + release),
+            os.path.join(modules_base, release, "vmlinuz")]
+
+
+def config_candidates(tree, modules_base, release):
+    return [os.path.join(tree, "boot", "config-" + release),
+            os.path.join(modules_base, release, "config")]
+
+
+# What L1 needs of its kernel's configuration: KVM's Xen support built in, and
+# kvm_amd and 9p (the host's root) built in or as modules.
+REQUIRED_CONFIG = {"CONFIG_KVM_XEN": ("y",), "CONFIG_KVM_AMD": ("y", "m"),
+                   "CONFIG_NET_9P_VIRTIO": ("y", "m"), "CONFIG_9P_FS": ("y", "m")}
+
+
+def config_problems(text):
+    """What a kernel .config lacks of REQUIRED_CONFIG, one "NAME=value" per gap."""
+    values = {}
+    for line in text.splitlines():
+        name, equals, value = line.partition("=")
+        if equals and name.startswith("CONFIG_"):
+            values[name] = value
+    return ["%s=%s (it has %s)" % (name, "|".join(wanted), values.get(name, "not set"))
+            for name, wanted in REQUIRED_CONFIG.items() if values.get(name) not in wanted]
+
+
 def deb_filename_prefix(package, version):
     """How apt-get download names a package's file (an epoch's colon is %-encoded)."""
     return "%s_%s_" % (package, version.replace(":", "%3a"))
@@ -129,11 +197,12 @@ def locked(path):
 
 
 class Provisioner:
-    def __init__(self, cache, say):
+    def __init__(self, cache, say, suite=DEFAULT_KERNEL_SUITE):
         self.cache = cache
         self.say = say          # progress messages for the user (stderr)
-        self.state_path = os.path.join(cache, "state.json")
-        self.apt_dir = os.path.join(cache, "apt-" + KERNEL_SUITE)
+        self.suite = suite
+        self.state_path = os.path.join(cache, state_filename(suite))
+        self.apt_dir = os.path.join(cache, "apt-" + suite)
 
     # -- tools ------------------------------------------------------------
 
@@ -215,18 +284,19 @@ class Provisioner:
         os.makedirs(os.path.join(self.apt_dir, "empty"), exist_ok=True)
         with open(os.path.join(self.apt_dir, "sources.list"), "w") as sources:
             sources.write("deb [signed-by=%s] %s %s main\n"
-                          % (ARCHIVE_KEYRING, debian_mirror(system_source_texts()), KERNEL_SUITE))
-        self.say("downloading Debian %s's package index (private to the testbed cache)" % KERNEL_SUITE)
+                          % (ARCHIVE_KEYRING, debian_mirror(system_source_texts()), self.suite))
+        self.say("downloading Debian %s's package index (private to the testbed cache)" % self.suite)
         self._run(["apt-get", "-q"] + self._private_apt_options() + ["update"],
-                  "apt-get update for %s" % KERNEL_SUITE)
+                  "apt-get update for %s" % self.suite)
+
+    def _show(self, package, apt_options):
+        return control_fields(self._run(["apt-cache"] + apt_options + ["show", "--no-all-versions", package],
+                                        "looking up %s" % package))
 
     def _download(self, package, apt_options, directory):
         """Downloads one package's .deb into `directory`; returns (path, version)."""
         os.makedirs(directory, exist_ok=True)
-        show = self._run(["apt-cache"] + apt_options + ["show", "--no-all-versions", package],
-                         "looking up %s" % package)
-        fields = control_fields(show)
-        version = fields.get("Version")
+        version = self._show(package, apt_options).get("Version")
         if not version:
             raise ProvisionError("apt-cache shows no version of %s" % package)
         expected_name = deb_filename_prefix(package, version)
@@ -244,27 +314,46 @@ class Provisioner:
     def _fetch_kernel(self):
         self._refresh_private_lists()
         options = self._private_apt_options()
-        meta = control_fields(self._run(
-            ["apt-cache"] + options + ["show", "--no-all-versions", KERNEL_METAPACKAGE],
-            "looking up %s" % KERNEL_METAPACKAGE))
+        meta = self._show(KERNEL_METAPACKAGE, options)
         images = [name for name in parse_depends(meta.get("Depends", ""))
                   if name.startswith("linux-image-")]
         if not images:
-            raise ProvisionError("%s in %s depends on no kernel image" % (KERNEL_METAPACKAGE, KERNEL_SUITE))
-        deb, version = self._download(images[0], options, os.path.join(self.cache, "debs"))
+            raise ProvisionError("%s in %s depends on no kernel image" % (KERNEL_METAPACKAGE, self.suite))
+        packages = kernel_packages(images[0], parse_depends(self._show(images[0], options).get("Depends", "")))
+        downloads = [self._download(package, options, os.path.join(self.cache, "debs")) for package in packages]
+        debs, version = [deb for deb, _ in downloads], downloads[0][1]
         tree = os.path.join(self.cache, "kernel-" + version)
         if not os.path.isdir(tree):
-            self.say("unpacking %s" % os.path.basename(deb))
-            self._run(["dpkg-deb", "-x", deb, tree + ".partial"], "unpacking the kernel package")
+            shutil.rmtree(tree + ".partial", ignore_errors=True)
+            for deb in debs:
+                self.say("unpacking %s" % os.path.basename(deb))
+                self._run(["dpkg-deb", "-x", deb, tree + ".partial"], "unpacking the kernel package")
             os.replace(tree + ".partial", tree)
-        modules_base = next(base for base in (os.path.join(tree, "usr/lib/modules"),
-                                              os.path.join(tree, "lib/modules"))
-                            if os.path.isdir(base))
+        modules_base = next((base for base in (os.path.join(tree, "usr/lib/modules"),
+                                               os.path.join(tree, "lib/modules"))
+                             if os.path.isdir(base)), None)
+        if modules_base is None:
+            raise ProvisionError("%s (%s) holds no modules directory" % (", ".join(packages), self.suite))
         release = sorted(os.listdir(modules_base))[-1]
-        return {"package": images[0], "version": version, "release": release,
-                "vmlinuz": os.path.join(tree, "boot", "vmlinuz-" + release),
-                "modules": os.path.join(modules_base, release),
-                "deb": deb}
+        vmlinuz = next((path for path in vmlinuz_candidates(tree, modules_base, release)
+                        if os.path.exists(path)), None)
+        if vmlinuz is None:
+            raise ProvisionError("%s (%s) holds no vmlinuz for %s" % (", ".join(packages), self.suite, release))
+        self._check_config(config_candidates(tree, modules_base, release), release)
+        return {"suite": self.suite, "package": images[0], "version": version, "release": release,
+                "vmlinuz": vmlinuz, "modules": os.path.join(modules_base, release),
+                "deb": debs[0], "debs": debs}
+
+    def _check_config(self, candidates, release):
+        for path in candidates:
+            if os.path.exists(path):
+                with open(path) as config:
+                    problems = config_problems(config.read())
+                if problems:
+                    raise ProvisionError("kernel %s (%s) cannot host Xen guests: it needs %s"
+                                         % (release, self.suite, ", ".join(problems)))
+                return
+        self.say("kernel %s ships no config: not checked for CONFIG_KVM_XEN" % release)
 
     def _fetch_busybox(self):
         deb, version = self._download("busybox-static", [], os.path.join(self.cache, "debs"))
@@ -279,12 +368,18 @@ class Provisioner:
 
     # -- state --------------------------------------------------------------
 
-    def _load_state(self):
+    def _load_state(self, path=None):
         try:
-            with open(self.state_path) as state_file:
+            with open(path or self.state_path) as state_file:
                 return json.load(state_file)
         except (OSError, ValueError):
             return {}
+
+    def _all_states(self):
+        """The usable states of every kernel choice: what the cache must keep."""
+        states = [self._load_state(os.path.join(self.cache, state_filename(suite)))
+                  for suite in KERNEL_SUITES]
+        return [state for state in states if self._state_usable(state)]
 
     def _state_usable(self, state):
         try:
@@ -311,7 +406,7 @@ class Provisioner:
                 state = {"kernel": self._fetch_kernel(), "busybox": self._fetch_busybox()}
                 os.makedirs(self.cache, exist_ok=True)
                 build.write_atomically(self.state_path, json.dumps(state, indent=1).encode())
-                self._remove_stale(state)
+                self._remove_stale()
             initramfs = self._initramfs_path(state)
             if not os.path.exists(initramfs):
                 self._build_initramfs(state, initramfs)
@@ -324,17 +419,16 @@ class Provisioner:
         modules = [(name, tree.load(name)) for name in names]
         image = build.build_initramfs(state["busybox"]["path"], INIT_SCRIPT, AGENT_FILES, modules)
         build.write_atomically(path, image)
+        # The other kernel choices' current initramfs stay.
+        keep = {path} | {self._initramfs_path(other) for other in self._all_states()}
         for name in os.listdir(self.cache):
             stale = os.path.join(self.cache, name)
-            if name.startswith("initramfs-") and stale != path:
+            if name.startswith("initramfs-") and stale not in keep:
                 os.unlink(stale)
 
-    def _remove_stale(self, state):
-        """Drops kernels, busyboxes and packages the state no longer names."""
-        keep = {os.path.basename(state["kernel"]["deb"]), os.path.basename(state["busybox"]["deb"]),
-                "kernel-" + state["kernel"]["version"],
-                "busybox-" + state["busybox"]["version"].replace(":", "_"),
-                "modules-" + state["kernel"]["version"]}
+    def _remove_stale(self):
+        """Drops kernels, busyboxes and packages that no kernel choice's state names."""
+        keep = cache_entries_in_use(self._all_states())
         for directory in (self.cache, os.path.join(self.cache, "debs")):
             for name in os.listdir(directory):
                 if name.startswith(("kernel-", "busybox-", "linux-image-", "modules-")) and name not in keep:

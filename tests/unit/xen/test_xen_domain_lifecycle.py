@@ -252,6 +252,22 @@ def test_a_restored_domains_watchdog_expires_with_the_configured_action(domain, 
         other.memory.close()
 
 
+def test_building_the_domain_leaves_the_rings_in_its_special_pages_alone(machine):
+    """A restored domain is built over RAM mapped from the snapshot: the
+    console and xenstore rings there, indices included, are the guest's.
+    (Zeroing them left the restored xenstore server's own indices thousands
+    of bytes ahead of the ring's, which it then took for a broken ring.)"""
+    console, store = layout.XEN_SPECIAL_PAGES, layout.XEN_SPECIAL_PAGES + 4096
+    machine.memory.write(console + 1024, b"hello")  # output data
+    machine.memory.write(store + 2048, (8569).to_bytes(4, "little") * 4)  # req_cons, req_prod, rsp_cons, rsp_prod
+    domain = XenDomain(machine)
+    try:
+        assert machine.memory.read(console + 1024, 5) == b"hello"
+        assert machine.memory.read(store + 2048, 16) == (8569).to_bytes(4, "little") * 4
+    finally:
+        domain.close()
+
+
 # --- SHUTDOWN_soft_reset ---------------------------------------------------------------------
 
 
