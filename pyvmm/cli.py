@@ -117,6 +117,11 @@ def main() -> None:
 @click.option("--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
 @click.option("--firmware", type=click.Path(path_type=Path),
               help="BIOS image for a boot without --kernel (default: SeaBIOS, /usr/share/seabios/bios-256k.bin).")
+@click.option("--cdrom", type=click.Path(path_type=Path), metavar="ISO",
+              help="An ATAPI CD-ROM drive (hdc) with this ISO image, read-only, for a boot without --kernel; "
+                   "the firmware boots it when there is no --disk (docs/FIRMWARE.md).")
+@click.option("--boot", type=click.Choice(["disk", "cdrom"]),
+              help="What the firmware boots first (default: the disk if there is one, else the CD-ROM).")
 @click.option("--append", "cmdline", default="", help="Kernel command line.")
 @click.option("--memory", "-m", type=_Size(), default="512M", show_default=True, help="Guest RAM (K/M/G suffix).")
 @click.option("--vcpus", type=int, default=1, show_default=True)
@@ -173,7 +178,8 @@ def main() -> None:
 @click.option("--user", "sandbox_user", metavar="NAME[:GROUP]",
               help="The sandbox's unprivileged user (default when root: nobody and its group).")
 @click.option("--verbose", "-v", count=True, help="More log output on stderr (-vv for debug).")
-def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, no_reboot, on_watchdog, timeout,
+def run(config_file, kernel, initrd, firmware, cdrom, boot, cmdline, memory, vcpus, serial, no_reboot, on_watchdog,
+        timeout,
         expect, xen, xen_version,
         xen_accel, xen_fifo, name, xenstore_socket, trace_categories, trace_file, print_stats, stats_json, faults, gdb,
         gdb_allow_remote,
@@ -192,11 +198,15 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
         ctx = click.get_current_context()
         values = dict(kernel=kernel, initrd=initrd, cmdline=cmdline, memory=memory, vcpus=vcpus, serial=serial,
                       no_reboot=no_reboot, on_watchdog=on_watchdog, xen=xen, name=name, limits={},
-                      sandbox_user=sandbox_user)
+                      sandbox_user=sandbox_user, cdrom=cdrom, boot=boot)
         file_devices: dict[str, tuple[DeviceSpec, ...]] = {}
         saved = None
         if restore is not None:
             saved = _restore_values(restore, ctx, config_file, values)
+        if config_file is not None and _is_cdrom_image(config_file) and cdrom is None:
+            # `pyvmm run ISO`: the ISO in the CD-ROM drive, booted through firmware.
+            values["cdrom"] = config_file
+            config_file = None
         if config_file is not None and _is_disk_image(config_file):
             # `pyvmm run IMAGE`: the image is the first disk, booted through firmware.
             dest = next(kind.option.dest for kind in device_kinds.with_option() if kind.name == "blk")
@@ -234,6 +244,8 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
             stats=print_stats,
             stats_json=stats_json,
             firmware=firmware,
+            cdrom=values["cdrom"],
+            boot=values["boot"],
             restore=restore,
             snapshot_on=snapshot_pattern,
             snapshot_stop=snapshot_stop,
@@ -259,6 +271,15 @@ def run(config_file, kernel, initrd, firmware, cmdline, memory, vcpus, serial, n
             raise
         _fail(message)
     sys.exit(status)
+
+
+def _is_cdrom_image(path: Path) -> bool:
+    """Whether `path` is an ISO 9660 image that is not also a disk image (a
+    hybrid ISO, with a partition table, still boots as a disk)."""
+    from .config import is_iso9660, read_header
+
+    header = read_header(path)
+    return path.is_file() and is_iso9660(header) and header[510:512] != b"\x55\xaa"
 
 
 def _is_disk_image(path: Path) -> bool:

@@ -166,6 +166,11 @@ class VmConfig:
     stats: bool = False
     stats_json: Path | None = None
     firmware: Path | None = None  # --firmware: the BIOS image of a firmware boot
+    # --cdrom ISO: an ATAPI CD-ROM drive on the secondary IDE channel (a
+    # firmware boot only); --boot disk|cdrom: what the firmware boots
+    # (None: the disk when there is one, else the CD-ROM).
+    cdrom: Path | None = None
+    boot: str | None = None
 
     @property
     def firmware_boot(self) -> bool:
@@ -192,13 +197,18 @@ class VmConfig:
             if self.initrd is not None or self.cmdline:
                 raise ConfigError("--initrd and --append need --kernel (a firmware boot takes them from the disk)")
             disks = self.devices_of("blk")
-            if not disks:
-                raise ConfigError("no kernel and no disk: give --kernel, or --disk IMAGE to boot the image "
+            if not disks and self.cdrom is None:
+                raise ConfigError("no kernel and no disk: give --kernel, or --disk IMAGE or --cdrom ISO to boot "
                                   "through firmware (or kernel= or disk= in an xl.cfg file)")
-            header = read_header(disks[0].path)
+            header = read_header(disks[0].path) if disks else b""
             if is_iso9660(header) and header[510:512] != b"\x55\xaa":
-                raise disks[0].error(f"{str(disks[0].path)!r} is an ISO 9660 image (a CD-ROM); pyvmm boots "
-                                     "disk images only and has no CD-ROM drive yet")
+                raise disks[0].error(f"{str(disks[0].path)!r} is an ISO 9660 image (a CD-ROM), not a disk: "
+                                     f"give it as --cdrom {disks[0].path}")
+            self._validate_cdrom(bool(disks))
+        elif self.cdrom is not None:
+            raise ConfigError("--cdrom is a drive for the firmware to boot from; it does not go with --kernel")
+        elif self.boot is not None:
+            raise ConfigError("--boot chooses what the firmware boots; it does not go with --kernel")
         elif self.firmware is not None:
             raise ConfigError("--firmware boots a disk image; it does not go with --kernel")
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd), ("firmware", self.firmware)):
@@ -225,6 +235,26 @@ class VmConfig:
         if self.gdb is not None and not self.gdb.is_loopback and not self.gdb_allow_remote:
             raise ConfigError(f"--gdb {self.gdb}: the gdb stub has no authentication, so pyvmm listens only on "
                               f"loopback (tcp::{self.gdb.port}) or a unix:PATH unless --gdb-allow-remote is given")
+
+    def _validate_cdrom(self, have_disk: bool) -> None:
+        if self.boot not in (None, "disk", "cdrom"):
+            raise ConfigError(f"--boot {self.boot!r}: expected disk or cdrom")
+        if self.boot == "cdrom" and self.cdrom is None:
+            raise ConfigError("--boot cdrom needs --cdrom ISO")
+        if self.boot == "disk" and not have_disk:
+            raise ConfigError("--boot disk needs --disk IMAGE")
+        if self.cdrom is None:
+            return
+        if not self.cdrom.is_file():
+            raise ConfigError(f"--cdrom {str(self.cdrom)!r} is not a readable file")
+        if not is_iso9660(read_header(self.cdrom)):
+            raise ConfigError(f"--cdrom {str(self.cdrom)!r} is not an ISO 9660 image (no CD001 at byte 0x8001)")
+
+    @property
+    def boots_cdrom(self) -> bool:
+        """Whether the firmware boots the CD-ROM rather than the disk."""
+        return self.cdrom is not None and (self.boot == "cdrom" or
+                                           (self.boot is None and not self.devices_of("blk")))
 
     def _validate_devices(self) -> None:
         seen: dict[tuple[str, str, str], DeviceSpec] = {}

@@ -23,6 +23,7 @@ from .devices.debugcon import DebugCon, LineLog
 from .devices.fw_cfg import PORT_COUNT as FW_CFG_PORTS
 from .devices.fw_cfg import FwCfg
 from .devices.ide.ata import COMMAND_BLOCK_PORTS, AtaChannel, ImageFile
+from .devices.ide.atapi import AtapiChannel, IsoImage
 from .devices.ide.piix import BusMaster, PiixIde
 from .devices.i8042 import I8042
 from .devices.pvpanic import PANICKED, PvPanic
@@ -108,6 +109,7 @@ class Platform:
         self.pci = pci.PciHost(pio, machine.mmio, self.gsi, qemu_subsystem=firmware)
         self.ide: list[AtaChannel] = []
         self.ide_image: ImageFile | None = None
+        self.cdrom_image: IsoImage | None = None
         self.ide_slot: int | None = None
         if firmware:
             self._add_ide(machine)
@@ -135,17 +137,24 @@ class Platform:
 
     def _add_ide(self, machine: Board) -> None:
         """The PIIX3 IDE controller, the first disk as primary master: the
-        disk the firmware boots, on the same image the PV disk serves."""
+        disk the firmware boots, on the same image the PV disk serves; a
+        --cdrom ISO as secondary master (hdc), as QEMU and Xen place it."""
         disks = machine.config.devices_of("blk")
         # xl.cfg's hda when there is one (an HVM image's usual boot disk), else the first disk.
         boot = next((disk for disk in disks if getattr(disk, "vdev", None) == "hda"), disks[0] if disks else None)
         if boot is not None:
             self.ide_image = ImageFile(boot.path, readonly=boot.readonly)
+        if machine.config.cdrom is not None:
+            self.cdrom_image = IsoImage(machine.config.cdrom)
         masters = (BusMaster(machine.memory), BusMaster(machine.memory))
         for index, (base, control, irq) in enumerate(layout.IDE_CHANNELS):
             line = self.gsi(irq)
-            channel = AtaChannel(self.ide_image if index == 0 else None, line.set_level, dma=masters[index],
-                                 on_error=self._limited.warning)
+            if index == 1 and self.cdrom_image is not None:
+                channel = AtapiChannel(self.cdrom_image, line.set_level, dma=masters[index],
+                                       on_error=self._limited.warning)
+            else:
+                channel = AtaChannel(self.ide_image if index == 0 else None, line.set_level, dma=masters[index],
+                                     on_error=self._limited.warning)
             masters[index].attach(channel)
             machine.pio.register(base, COMMAND_BLOCK_PORTS, channel, f"IDE{index}")
             machine.pio.register(control, 1, channel.control_port(), f"IDE{index} control")
@@ -154,8 +163,11 @@ class Platform:
 
     def unplug_ide_disks(self, keep_primary_master: bool = False) -> None:
         """The guest's PV drivers took over (xen-platform's unplug protocol):
-        the emulated disks they replace stop answering, as on Xen and QEMU."""
+        the emulated disks they replace stop answering, as on Xen and QEMU.
+        A CD-ROM stays: it has no PV device to take its place."""
         for index, channel in enumerate(self.ide):
+            if isinstance(channel, AtapiChannel):
+                continue
             if channel.disk is not None and not (keep_primary_master and index == 0) and not channel.unplugged:
                 channel.unplug()
                 log.info("emulated IDE disk %d unplugged: the guest uses its PV disk now", index)
@@ -249,5 +261,6 @@ class Platform:
 
     def close(self) -> None:
         self._stop_reading()
-        if self.ide_image is not None:
-            self.ide_image.close()
+        for image in (self.ide_image, self.cdrom_image):
+            if image is not None:
+                image.close()

@@ -364,6 +364,8 @@ class XlConfig:
     on_watchdog: str | None = None  # "destroy", "restart" or "preserve"; None: not given (xl's default: destroy)
     device_model_user: str | None = None  # the sandbox's user (pyvmm run --user)
     limits: tuple[tuple[str, float], ...] = ()  # (pyvmm.limits name, value) for the limit keys given
+    cdrom: Path | None = None  # the disk entry with devtype=cdrom (hdc): the firmware boot's CD-ROM
+    boot: str | None = None  # "disk" or "cdrom": boot=, for a firmware boot (no kernel=)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __getattr__(self, name: str) -> tuple[DeviceSpec, ...]:
@@ -406,6 +408,10 @@ class XlConfig:
             options["sandbox_user"] = self.device_model_user
         if self.limits:
             options["limits"] = dict(self.limits)
+        if self.cdrom is not None:
+            options["cdrom"] = self.cdrom
+        if self.boot is not None and self.kernel is None:  # a kernel= boot ignores boot=, as it always has
+            options["boot"] = self.boot
         return options
 
 
@@ -564,8 +570,11 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
             raise keys.error(key, f"{key}={int(not wanted)}: {why}; set {key}={int(wanted)} or remove it")
     boot = keys.string("boot")
     if boot is not None and not re.fullmatch(r"[acd]+", boot):
-        raise keys.error("boot", f"boot={boot!r}: pyvmm boots the kernel= file directly; network boot is not "
-                                 "supported (boot= may only list a, c and d, which make no difference)")
+        raise keys.error("boot", f"boot={boot!r}: network boot is not supported (boot= may list a, c and d: "
+                                 "the floppy, which pyvmm does not have, the disk and the CD-ROM)")
+    # The first of c (disk) and d (CD-ROM) is what the firmware boots first.
+    first = next((letter for letter in boot or "" if letter in "cd"), None)
+    boot_device = {"c": "disk", "d": "cdrom"}.get(first)
     vga = keys.string("vga")
     if vga is not None and vga != "none":
         raise keys.error("vga", f"vga={vga!r}: pyvmm has no graphics card; set vga=\"none\" or remove it")
@@ -573,6 +582,8 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
     devices = []
     for kind in device_kinds.with_xl_key():
         devices += _devices(keys, kind.xl, warn)
+    cdrom = _cdrom(keys, devices)
+    devices = [device for device in devices if not getattr(device, "cdrom", False)]
 
     # pyvmm is the device model: xl's restrictions of one are its sandbox
     # (docs/SANDBOX.md), which is on unless `pyvmm run --no-sandbox`.
@@ -605,6 +616,8 @@ def xl_config_from_text(text: str, filename: str = "<config>") -> XlConfig:
         on_watchdog=on_watchdog,
         device_model_user=device_model_user,
         limits=limits,
+        cdrom=cdrom,
+        boot=boot_device,
         warnings=tuple(warnings),
     )
 
@@ -738,6 +751,20 @@ def _devices(keys: _Keys, xl: device_kinds.XlKey, warn) -> list[DeviceSpec]:
                 seen[value] = line
         out.append(replace(device, origin=Origin(key, text, keys.filename, line)))
     return out
+
+
+def _cdrom(keys: _Keys, devices: list[DeviceSpec]) -> Path | None:
+    """The ISO of the disk entry that is a CD-ROM (devtype=cdrom, hdc:cdrom):
+    pyvmm has one drive, the secondary master (hdc), as Xen and QEMU place it."""
+    drives = [device for device in devices if getattr(device, "cdrom", False)]
+    for drive in drives:
+        if drive.vdev != "hdc":
+            raise keys.error("disk", f"disk {drive.origin.text!r}: pyvmm's CD-ROM drive is the secondary master, "
+                                     f"hdc (not {drive.vdev})", drive.origin.line)
+    if len(drives) > 1:
+        raise keys.error("disk", "pyvmm has one CD-ROM drive (hdc); the file gives more",
+                         drives[1].origin.line)
+    return drives[0].path if drives else None
 
 
 def xl_keys() -> Iterable[str]:

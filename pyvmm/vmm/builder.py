@@ -223,10 +223,7 @@ class MachineBuilder:
         for name, data in build_loader_files(config.vcpus).items():
             fw_cfg.add_file(name, data)
         fw_cfg.add_file("etc/boot-fail-wait", struct.pack("<I", 5))
-        # Boot the IDE disk and nothing else: without a boot order SeaBIOS
-        # also tries a floppy drive it reads of in the CMOS.
-        slot = machine.platform.ide_slot
-        fw_cfg.add_file("bootorder", f"/pci@i0cf8/ide@{slot:x}/drive@0/disk@0\nHALT".encode())
+        fw_cfg.add_file("bootorder", boot_order(machine.platform.ide_slot, config))
         assert low > layout.LOW_RESERVED_END  # VmConfig's minimum memory guarantees it
         machine.boot_state = reset_state()
 
@@ -259,3 +256,19 @@ class MachineBuilder:
     def finish(self) -> Machine:
         self.machine.started_at = time.monotonic()
         return self.machine
+
+
+def boot_order(ide_slot: int, config) -> bytes:
+    """fw_cfg's `bootorder`: the IDE drives to boot, first choice first,
+    then HALT. Without it SeaBIOS also tries a floppy drive it reads of in
+    the CMOS. SeaBIOS names an ATA drive by its PCI path, then
+    /drive@CHANNEL/disk@MASTER_OR_SLAVE (src/boot.c): the disk is the
+    primary master, the CD-ROM the secondary master."""
+    disk = f"/pci@i0cf8/ide@{ide_slot:x}/drive@0/disk@0"
+    cdrom = f"/pci@i0cf8/ide@{ide_slot:x}/drive@1/disk@0"
+    drives = []
+    if config.devices_of("blk"):
+        drives.append(disk)
+    if config.cdrom is not None:
+        drives.insert(0 if config.boots_cdrom else len(drives), cdrom)
+    return "\n".join([*drives, "HALT"]).encode()

@@ -75,3 +75,50 @@ def test_a_firmware_machine_is_wired_as_seabios_expects(tmp_path):
     finally:
         machine.close()
         console.close()
+
+
+def test_a_cdrom_is_the_secondary_master_and_survives_the_unplug(tmp_path):
+    """MachineBuilder on this host's /dev/kvm, no guest run: --cdrom's ISO
+    answers as an ATAPI drive on the secondary channel, after the disk's unplug too."""
+    import os
+
+    import pytest
+
+    from pyvmm.boot.firmware import DEFAULT_FIRMWARE
+    from pyvmm.config import SerialSpec, VmConfig
+    from pyvmm.core import layout
+    from pyvmm.core.console import ConsoleOutput
+    from pyvmm.devices.ide import ata, atapi
+    from pyvmm.vmm.builder import MachineBuilder
+    from pyvmm.xen.backends.blk.spec import DiskSpec
+
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this host")
+    if not DEFAULT_FIRMWARE.exists():
+        pytest.skip("Debian's seabios package is not installed")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    iso = bytearray(20 * 2048)
+    iso[0x8001:0x8006] = b"CD001"
+    iso[19 * 2048:] = b"\xcd" * 2048
+    (tmp_path / "cd.iso").write_bytes(bytes(iso))
+    config = VmConfig(kernel=None, xen=False, memory=64 << 20, serial=SerialSpec("none"),
+                      devices=(DiskSpec(disk, "xvda"),), cdrom=tmp_path / "cd.iso")
+    console = ConsoleOutput(None, [])
+    machine = MachineBuilder.for_boot(config, console)
+    try:
+        pio = machine.pio
+        base = layout.IDE_CHANNELS[1][0]
+        assert (pio.read(base + 4, 1), pio.read(base + 5, 1)) == (0x14, 0xEB)  # the packet signature
+        machine.platform.unplug_ide_disks()
+        assert pio.read(layout.IDE_CHANNELS[0][0] + 7, 1) == ata.FLOATING  # the disk is gone
+        for register, value in ((1, 0), (4, 0), (5, 8), (6, 0), (7, atapi.CMD_PACKET)):
+            pio.write(base + register, 1, value)
+        assert pio.read(base + 7, 1) & ata.DRQ
+        pio.write_string(base, 2, bytes([atapi.READ_10, 0, 0, 0, 0, 19, 0, 0, 1, 0, 0, 0]))
+        assert pio.read(base + 2, 1) == atapi.IO and pio.read(base + 4, 1) | pio.read(base + 5, 1) << 8 == 2048
+        assert pio.read_string(base, 2, 1024) == b"\xcd" * 2048
+        assert pio.read(base + 7, 1) == ata.DRDY | ata.DSC and pio.read(base + 2, 1) == atapi.IO | atapi.COD
+    finally:
+        machine.close()
+        console.close()

@@ -47,7 +47,7 @@ def test_xl_cfg_hvm_with_a_disk_and_no_kernel_boots_through_firmware(tmp_path, m
 
 
 @pytest.mark.parametrize("args, message", [
-    ((), "no kernel and no disk: give --kernel, or --disk IMAGE"),
+    ((), "no kernel and no disk: give --kernel, or --disk IMAGE or --cdrom ISO"),
     (("--disk", "disk.img", "--append", "quiet"), "--initrd and --append need --kernel"),
     (("--kernel", "vmlinuz", "--firmware", "bios.bin"), "--firmware boots a disk image; it does not go with --kernel"),
     (("--disk", "disk.img", "--firmware", "missing.bin"), "firmware 'missing.bin' is not a readable file"),
@@ -73,12 +73,69 @@ def test_foreign_image_formats_are_refused(tmp_path, monkeypatch, header, what):
     assert f"is {what}; pyvmm serves raw images and block devices only" in stderr
 
 
-def test_an_iso_is_not_a_boot_disk(tmp_path, monkeypatch):
-    iso = bytearray(0x9000)
+def iso_image(size=0x9000):
+    iso = bytearray(size)
     iso[0x8001:0x8006] = b"CD001"
-    (tmp_path / "debian.iso").write_bytes(bytes(iso))
+    return bytes(iso)
+
+
+def test_an_iso_given_as_a_disk_is_refused_with_the_option_to_use(tmp_path, monkeypatch):
+    (tmp_path / "debian.iso").write_bytes(iso_image())
     status, stderr, _ = run(tmp_path, monkeypatch, "--disk", "debian.iso")
-    assert status == 1 and "is an ISO 9660 image (a CD-ROM)" in stderr
+    assert status == 1 and "is an ISO 9660 image (a CD-ROM), not a disk: give it as --cdrom" in stderr
+
+
+def test_an_iso_given_as_the_config_file_boots_from_the_cdrom(tmp_path, monkeypatch):
+    from pyvmm.vmm.builder import boot_order
+
+    (tmp_path / "debian.iso").write_bytes(iso_image())
+    status, stderr, config = run(tmp_path, monkeypatch, "debian.iso")
+    assert status == 0, stderr
+    assert str(config.cdrom) == "debian.iso" and not config.devices_of("blk") and config.boots_cdrom
+    assert boot_order(3, config) == b"/pci@i0cf8/ide@3/drive@1/disk@0\nHALT"
+
+
+def test_cdrom_and_disk_boot_order(tmp_path, monkeypatch):
+    from pyvmm.vmm.builder import boot_order
+
+    (tmp_path / "cd.iso").write_bytes(iso_image())
+    (tmp_path / "disk.img").write_bytes(MBR_DISK)
+    disk, cdrom = "/pci@i0cf8/ide@5/drive@0/disk@0", "/pci@i0cf8/ide@5/drive@1/disk@0"
+    status, stderr, config = run(tmp_path, monkeypatch, "--disk", "disk.img", "--cdrom", "cd.iso")
+    assert status == 0, stderr
+    assert boot_order(5, config).decode().split("\n") == [disk, cdrom, "HALT"]
+    status, stderr, config = run(tmp_path, monkeypatch, "--disk", "disk.img", "--cdrom", "cd.iso", "--boot", "cdrom")
+    assert status == 0, stderr
+    assert boot_order(5, config).decode().split("\n") == [cdrom, disk, "HALT"]
+
+
+def test_xl_cfg_cdrom_and_boot_d(tmp_path, monkeypatch):
+    (tmp_path / "cd.iso").write_bytes(iso_image())
+    (tmp_path / "disk.img").write_bytes(MBR_DISK)
+    (tmp_path / "vm.cfg").write_text('name = "g"\ntype = "hvm"\nboot = "d"\n'
+                                     'disk = [ "disk.img,raw,hda,w", "cd.iso,raw,hdc:cdrom,r" ]\n')
+    status, stderr, config = run(tmp_path, monkeypatch, "vm.cfg")
+    assert status == 0, stderr
+    assert str(config.cdrom) == "cd.iso" and config.boot == "cdrom" and config.boots_cdrom
+    assert [d.vdev for d in config.devices_of("blk")] == ["hda"]  # the CD-ROM is no PV disk
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--cdrom", "missing.iso"), "--cdrom 'missing.iso' is not a readable file"),
+    (("--cdrom", "disk.img"), "--cdrom 'disk.img' is not an ISO 9660 image (no CD001 at byte 0x8001)"),
+    (("--kernel", "vmlinuz", "--cdrom", "cd.iso"), "--cdrom is a drive for the firmware to boot from; it does not "
+                                                   "go with --kernel"),
+    (("--kernel", "vmlinuz", "--boot", "disk"), "--boot chooses what the firmware boots"),
+    (("--disk", "disk.img", "--boot", "cdrom"), "--boot cdrom needs --cdrom ISO"),
+    (("--cdrom", "cd.iso", "--boot", "disk"), "--boot disk needs --disk IMAGE"),
+])
+def test_cdrom_contradictions_are_one_line(tmp_path, monkeypatch, args, message):
+    (tmp_path / "disk.img").write_bytes(MBR_DISK)
+    (tmp_path / "cd.iso").write_bytes(iso_image())
+    (tmp_path / "vmlinuz").write_bytes(b"x")
+    status, stderr, config = run(tmp_path, monkeypatch, *args)
+    assert status == 1 and config is None
+    assert message in stderr and stderr.count("\n") == 1
 
 
 def test_xl_cfg_hda_is_the_ide_boot_disk_and_the_pv_disk_xvda(tmp_path, monkeypatch):

@@ -382,12 +382,38 @@ def test_disk_backendtype_is_a_warning():
     assert disk.vdev == "xvda" and len(warnings) == 1 and "backendtype=qdisk is ignored" in warnings[0]
 
 
+@pytest.mark.parametrize("spec", ["/root/image.iso,,hdc,cdrom", "/root/image.iso,,hdc,,cdrom",
+                                  "/root/image.iso,raw,hdc,devtype=cdrom", "raw:/root/image.iso,hdc:cdrom,ro",
+                                  "/root/image.iso,raw,hdc:cdrom,r",
+                                  "format=raw,vdev=hdc,devtype=cdrom,target=/root/image.iso"])
+def test_cdrom_disk_specs(spec):
+    disk, _ = parse_disk_spec(spec)
+    assert disk.cdrom and disk.vdev == "hdc" and disk.path == Path("/root/image.iso")
+
+
+def test_a_cdrom_entry_is_the_cdrom_not_a_disk():
+    config = xl_config_from_text(HVM + "disk = ['/x.img,raw,hda,w', "
+                                 "'/y.iso,raw,hdc:cdrom,r']\nboot = 'dc'\n")
+    assert config.disks == (DiskSpec(Path("/x.img"), "hda", False),)
+    options = config.to_run_options()
+    assert options["cdrom"] == Path("/y.iso") and options["boot"] == "cdrom"
+    # boot= means nothing to a kernel= boot
+    assert xl_config_from_text(HVM + "kernel = '/k'\nboot = 'dc'\n").to_run_options().get("boot") is None
+
+
+@pytest.mark.parametrize("disks,message", [
+    ("'/y.iso,raw,hdd:cdrom,r'", "the secondary master, hdc (not hdd)"),
+    ("'/y.iso,raw,hdc:cdrom,r', 'vdev=hdc,devtype=cdrom,target=/z.iso'", "vdev hdc is used twice"),
+])
+def test_refused_cdrom_entries(disks, message):
+    with pytest.raises(ConfigError) as caught:
+        xl_config_from_text(HVM + f"disk = [{disks}]\n")
+    assert message in str(caught.value)
+
+
 @pytest.mark.parametrize("spec,message", [
-    ("/root/image.iso,,hdc,cdrom", "CD-ROM drives are not supported"),
-    ("/root/image.iso,,hdc,,cdrom", "CD-ROM"),
-    ("/root/image.iso,raw,hdc,devtype=cdrom", "CD-ROM"),
-    ("raw:/root/image.iso,hdc:cdrom,ro", "CD-ROM"),
-    (",hdc:cdrom,r", "CD-ROM"),
+    (",hdc:cdrom,r", "an empty CD-ROM drive is not supported"),
+    ("vdev=hdc,devtype=cdrom,target=", "an empty CD-ROM drive"),
     ("/x.qcow2,qcow2,xvda", "format qcow2 is not supported"),
     ("qcow2:/x.qcow2,xvda,w", "format qcow2 is not supported"),
     ("format=vhd,vdev=xvda,target=/x", "format vhd"),

@@ -41,6 +41,9 @@ class DiskSpec(DeviceSpec):
     vdev: str
     readonly: bool = False
     origin: Origin | None = field(default=None, compare=False, repr=False)
+    # xl.cfg's devtype=cdrom / hdc:cdrom: not a PV disk but the firmware
+    # boot's CD-ROM drive, which pyvmm.xlcfg takes out as `cdrom`.
+    cdrom: bool = False
 
     def option_text(self) -> str:
         return f"{self.path},vdev={self.vdev}" + (",readonly=on" if self.readonly else "")
@@ -112,7 +115,7 @@ _FORMAT_PREFIXES = ("raw", "qcow2", "qcow", "vhd")
 _SCRIPT_PREFIXES = ("iscsi", "nbd", "enbd", "drbd")
 _KNOWN_PREFIX = re.compile("(" + "|".join(_IGNORED_PREFIXES + _FORMAT_PREFIXES + _SCRIPT_PREFIXES) + "):")
 _FORMATS = {"raw", "qcow", "qcow2", "vhd", "qed"}
-_CDROM_MESSAGE = "CD-ROM drives are not supported: pyvmm has no emulated disk controller or CD-ROM"
+_EMPTY_CDROM = "an empty CD-ROM drive is not supported: give the ISO image as its target"
 
 
 def _set_format(disk: dict, text: str) -> None:
@@ -144,8 +147,8 @@ def _set_vdev(disk: dict, text: str) -> None:
     if ":" in text:
         text, devtype = text.split(":", 1)
         if devtype == "cdrom":
-            raise _SpecError(_CDROM_MESSAGE)
-        if devtype != "disk":
+            disk["cdrom"] = True
+        elif devtype != "disk":
             raise _SpecError(f"unknown device type {devtype!r} after the vdev")
     disk["vdev"] = text
 
@@ -207,8 +210,8 @@ def _parse_disk(spec: str) -> tuple[DiskSpec, list[str]]:
                 _set_access(disk, value)
             elif key == "devtype":
                 if value.strip() == "cdrom":
-                    raise _SpecError(_CDROM_MESSAGE)
-                if value.strip() != "disk":
+                    disk["cdrom"] = True
+                elif value.strip() != "disk":
                     raise _SpecError(f"unknown devtype {value.strip()!r}")
             elif key == "backendtype":
                 if value.strip() not in ("phy", "tap", "qdisk"):
@@ -222,15 +225,20 @@ def _parse_disk(spec: str) -> tuple[DiskSpec, list[str]]:
             else:
                 raise _SpecError(f"unknown disk parameter {key}=")
             continue
+        if param.strip() == "cdrom":
+            disk["cdrom"] = True
+            if not comma:
+                break
+            continue
         if param.strip() in _DISK_FLAGS:
-            flag = param.strip()
-            raise _SpecError(_CDROM_MESSAGE if flag == "cdrom" else f"{flag} is not supported by pyvmm")
+            raise _SpecError(f"{param.strip()} is not supported by pyvmm")
         # a positional parameter: target, format, vdev, access in turn
         if "target" not in disk:
             disk["target"] = param
         elif not had_prefix and "format" not in disk:
             if not disk["target"].strip() and ":" in param:  # xend's ",hdc:cdrom,r": an empty drive
                 _set_vdev(disk, param)
+                disk["format"] = "raw"  # so that the access comes next
             else:
                 _set_format(disk, param)
         elif "vdev" not in disk:
@@ -243,10 +251,10 @@ def _parse_disk(spec: str) -> tuple[DiskSpec, list[str]]:
             break
     target = disk.get("target", "")
     if not target.strip():
-        raise _SpecError("no target (the image file or block device)")
+        raise _SpecError(_EMPTY_CDROM if disk.get("cdrom") else "no target (the image file or block device)")
     vdev = disk.get("vdev", "")
     if not vdev:
         raise _SpecError("no vdev (the guest's name for the disk, e.g. xvda)")
     if not _XL_VDEV.fullmatch(vdev):
         raise _SpecError(f"vdev {vdev!r} is not a disk name like xvda, hda, sdb or xvda1")
-    return DiskSpec(Path(target), vdev, disk.get("readonly", False)), warnings
+    return DiskSpec(Path(target), vdev, disk.get("readonly", False), cdrom=disk.get("cdrom", False)), warnings
