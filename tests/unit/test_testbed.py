@@ -473,3 +473,18 @@ def test_failing_names_the_kept_console(tmp_path, monkeypatch, capsys):
     assert cli.fail("L1 stopped", b"Kernel panic - not syncing: y\n") == cli.EXIT_TESTBED_FAILED
     (kept,) = os.listdir(tmp_path)
     assert f"the whole L1 console: {tmp_path / kept}" in capsys.readouterr().err
+
+
+def test_pruning_keeps_the_current_initramfs_and_the_newest_others(tmp_path):
+    paths = []
+    for index in range(8):
+        path = tmp_path / f"initramfs-{index}.cpio"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + index, 1000 + index))  # initramfs-7 is the newest
+        paths.append(str(path))
+    (tmp_path / "state.json").write_text("{}")
+    provision.prune_initramfs(str(tmp_path), {paths[0]})
+    left = sorted(name for name in os.listdir(tmp_path) if name.startswith("initramfs-"))
+    newest = [f"initramfs-{index}.cpio" for index in range(7, 7 - provision.KEEP_OTHER_INITRAMFS, -1)]
+    assert left == sorted(["initramfs-0.cpio", *newest])  # another checkout's build waiting to boot survives
+    assert (tmp_path / "state.json").exists()

@@ -196,6 +196,18 @@ def locked(path):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+KEEP_OTHER_INITRAMFS = 4  # besides the kernels' current ones
+
+
+def prune_initramfs(cache, keep):
+    """Deletes the L1 initramfs files in `cache` other than `keep` and the
+    newest KEEP_OTHER_INITRAMFS others."""
+    others = [os.path.join(cache, name) for name in os.listdir(cache) if name.startswith("initramfs-")]
+    others = sorted((path for path in others if path not in keep), key=os.path.getmtime, reverse=True)
+    for stale in others[KEEP_OTHER_INITRAMFS:]:
+        os.unlink(stale)
+
+
 class Provisioner:
     def __init__(self, cache, say, suite=DEFAULT_KERNEL_SUITE):
         self.cache = cache
@@ -419,12 +431,11 @@ class Provisioner:
         modules = [(name, tree.load(name)) for name in names]
         image = build.build_initramfs(state["busybox"]["path"], INIT_SCRIPT, AGENT_FILES, modules)
         build.write_atomically(path, image)
-        # The other kernel choices' current initramfs stay.
-        keep = {path} | {self._initramfs_path(other) for other in self._all_states()}
-        for name in os.listdir(self.cache):
-            stale = os.path.join(self.cache, name)
-            if name.startswith("initramfs-") and stale not in keep:
-                os.unlink(stale)
+        # The other kernel choices' current initramfs stay, and so do the
+        # newest few others: a run from another checkout (other agent
+        # sources, another key) may have built one and be waiting for the
+        # run lock to boot it.
+        prune_initramfs(self.cache, {path} | {self._initramfs_path(other) for other in self._all_states()})
 
     def _remove_stale(self):
         """Drops kernels, busyboxes and packages that no kernel choice's state names."""
