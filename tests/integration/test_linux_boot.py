@@ -14,8 +14,8 @@ from vmm import require_linux_kvm, run_pyvmm
 pytestmark = pytest.mark.guest
 
 # quiet: the kernel's own log would go out byte by byte through the emulated
-# UART (an exit to pyvmm per byte), a minute per boot in the testbed; what the
-# tests read is /test.sh's output, which quiet does not hold back.
+# UART (an exit to pyvmm per byte), tens of seconds per boot in the testbed; the
+# tests read /test.sh's output, which quiet does not hold back.
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 BOOT_TIMEOUT = 900  # generous: in the nested testbed a boot takes tens of seconds
 
