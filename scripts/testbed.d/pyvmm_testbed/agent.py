@@ -120,7 +120,7 @@ def prepare_filesystems(job):
             os.makedirs(path, exist_ok=True)
         except OSError as error:
             raise SetupError("cannot create mount point %s: %s" % (path, error.strerror))
-        mount("9p", tag, path, NINEP_RW_OPTIONS % job.get("rw_cache", "mmap"))
+        mount("9p", tag, path, NINEP_RW_OPTIONS % job.get("rw_cache", "loose"))
 
 
 def hold_static_keys():

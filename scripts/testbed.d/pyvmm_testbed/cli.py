@@ -142,12 +142,15 @@ RW_CACHE_ENVIRONMENT = "PYVMM_TESTBED_RW_CACHE"
 
 
 def rw_cache():
-    """How L1 caches the writable 9p mounts (the repository): "mmap" (the
-    default) asks the host at every file access; "loose" keeps what L1 has
-    read, so a Python start imports the repository's modules from L1's page
-    cache after the first. Files changed on the host during a run are then
-    not seen by L1 (L1's writes reach the host: the agent syncs at the end)."""
-    value = os.environ.get(RW_CACHE_ENVIRONMENT, "mmap")
+    """How L1 caches the writable 9p mounts (the repository): "loose" (the
+    default) keeps what L1 has read, so a Python start imports the
+    repository's modules from L1's page cache after the first run (a pyvmm
+    start to its first KVM_RUN took 6.5-7.7 s instead of 10.9-12.4 s with
+    "mmap", `pyvmm ctl` 2.3-3.7 s instead of 3.8-5.2 s: docs/TESTBED.md).
+    Files changed on the host during a run are not seen by L1 then; L1's
+    writes reach the host at an fsync and when the agent syncs at the end.
+    "mmap" asks the host at every file access."""
+    value = os.environ.get(RW_CACHE_ENVIRONMENT, "loose")
     if value not in ("mmap", "loose"):
         raise SystemExit("testbed: %s must be mmap or loose, not %r" % (RW_CACHE_ENVIRONMENT, value))
     return value
