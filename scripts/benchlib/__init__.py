@@ -10,6 +10,7 @@ import os
 import re
 import selectors
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -256,3 +257,32 @@ def host_cpu() -> str | None:
     except OSError:
         pass
     return None
+
+
+# --- the rows' table (scripts/bench-snapshot, scripts/bench-image) ----------------------------
+
+def median_of(values) -> float | None:
+    """The median of the values that are not None; None if there are none."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
+def rows_table(title: str, rows: list[dict]) -> str:
+    """`title`, then one line per row: name, unit, pyvmm, QEMU, their ratio, note."""
+    header = ["row", "unit", "pyvmm", "QEMU", "pyvmm/QEMU", "note"]
+    lines = [[r["name"], r["unit"], fmt(r["pyvmm"]), fmt(r["qemu"]),
+              "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}", r["note"]] for r in rows]
+    widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    out = [title, rule, "  ".join(c.ljust(w) for c, w in zip(header, widths)), rule]
+    for line in lines:
+        out.append("  ".join(c.rjust(w) if 2 <= i <= 4 else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+    out.append(rule)
+    return "\n".join(out)
