@@ -276,10 +276,9 @@ def run(config_file, kernel, initrd, firmware, cdrom, boot, cmdline, memory, vcp
 def _is_cdrom_image(path: Path) -> bool:
     """Whether `path` is an ISO 9660 image that is not also a disk image (a
     hybrid ISO, with a partition table, still boots as a disk)."""
-    from .config import is_iso9660, read_header
+    from .config import is_plain_iso9660, read_header
 
-    header = read_header(path)
-    return path.is_file() and is_iso9660(header) and header[510:512] != b"\x55\xaa"
+    return path.is_file() and is_plain_iso9660(read_header(path))
 
 
 def _is_disk_image(path: Path) -> bool:

@@ -201,7 +201,7 @@ class VmConfig:
                 raise ConfigError("no kernel and no disk: give --kernel, or --disk IMAGE or --cdrom ISO to boot "
                                   "through firmware (or kernel= or disk= in an xl.cfg file)")
             header = read_header(disks[0].path) if disks else b""
-            if is_iso9660(header) and header[510:512] != b"\x55\xaa":
+            if is_plain_iso9660(header):
                 raise disks[0].error(f"{str(disks[0].path)!r} is an ISO 9660 image (a CD-ROM), not a disk: "
                                      f"give it as --cdrom {disks[0].path}")
             self._validate_cdrom(bool(disks))
@@ -297,6 +297,12 @@ def foreign_image(header: bytes) -> str | None:
 def is_iso9660(header: bytes) -> bool:
     offset, magic = ISO9660_MAGIC
     return header[offset : offset + len(magic)] == magic
+
+
+def is_plain_iso9660(header: bytes) -> bool:
+    """An ISO 9660 image without an MBR boot signature: a CD, where a hybrid
+    ISO (one with a partition table) boots as a disk too."""
+    return is_iso9660(header) and header[510:512] != b"\x55\xaa"
 
 
 def read_header(path: Path, size: int = 64 * 1024) -> bytes:
