@@ -176,10 +176,17 @@ def identify_data(sectors: int, serial: str, multiple: int) -> bytes:
     words[93] = 0x6001 | (1 << 13)  # an 80-wire cable: what lets Linux pick UDMA above 2
     for i in range(4):
         words[100 + i] = (sectors >> (16 * i)) & 0xFFFF
+    return identify_block(words, serial, "PYVMM HARDDISK")
+
+
+def identify_block(words: list[int], serial: str, model: str) -> bytes:
+    """IDENTIFY (PACKET) DEVICE's 512 bytes: the 256 `words`, with the
+    serial number, firmware revision and model strings and the integrity
+    word filled in."""
     raw = bytearray(struct.pack("<256H", *words))
     raw[20:40] = _ata_string(serial, 20)
     raw[46:54] = _ata_string("1.0", 8)
-    raw[54:94] = _ata_string("PYVMM HARDDISK", 40)
+    raw[54:94] = _ata_string(model, 40)
     raw[510] = 0xA5  # integrity word: signature, then the checksum byte
     raw[511] = -sum(raw[:511]) & 0xFF
     return bytes(raw)

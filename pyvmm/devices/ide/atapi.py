@@ -25,7 +25,7 @@ import os
 import struct
 from typing import Callable
 
-from .ata import ABRT, DRDY, DRQ, DSC, ERR, AtaChannel, DmaEngine, ImageFile, _ata_string
+from .ata import ABRT, DRDY, DRQ, DSC, ERR, AtaChannel, DmaEngine, ImageFile, identify_block
 
 BLOCK = 2048
 PACKET_SIZE = 12
@@ -111,13 +111,7 @@ def identify_packet_data(serial: str) -> bytes:
     words[83] = words[84] = words[87] = 1 << 14
     words[88] = 0x203F  # UDMA 0-5, mode 5 selected
     words[93] = 0x6001 | (1 << 13)  # an 80-wire cable
-    raw = bytearray(struct.pack("<256H", *words))
-    raw[20:40] = _ata_string(serial, 20)
-    raw[46:54] = _ata_string("1.0", 8)
-    raw[54:94] = _ata_string("PYVMM DVD-ROM", 40)
-    raw[510] = 0xA5
-    raw[511] = -sum(raw[:511]) & 0xFF
-    return bytes(raw)
+    return identify_block(words, serial, "PYVMM DVD-ROM")
 
 
 class _Reply:
