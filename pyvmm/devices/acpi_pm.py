@@ -100,9 +100,9 @@ class AcpiPm:
     def read(self, offset: int, size: int) -> int:
         if offset == PM_TMR and size == 4:
             # The clocksource's read (acpi_pm), thousands a second when the
-            # guest has nothing better: one subtraction, no lock (_epoch only
+            # guest has nothing better: the count alone, no lock (_epoch only
             # changes in restore_state(), before any vCPU runs).
-            return (self._monotonic_ns() - self._epoch) * PM_TIMER_HZ // 1_000_000_000 & PM_TIMER_MASK
+            return self._timer()
         with self._lock:
             block = self._snapshot()  # one timer sample, so a wide read is consistent
         return read_bytewise(lambda i: block[i] if 0 <= i < BLOCK_SIZE else 0xFF, offset, size)
@@ -186,6 +186,7 @@ class AcpiPm:
         return bytes(block)
 
     def _timer(self) -> int:
+        # Also called without the lock (read()): it only reads _epoch.
         elapsed = self._monotonic_ns() - self._epoch
         return (elapsed * PM_TIMER_HZ // 1_000_000_000) & PM_TIMER_MASK
 
