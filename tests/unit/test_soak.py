@@ -116,7 +116,7 @@ def test_a_boot_l1_died_in_is_a_testbed_failure_whatever_else_it_shows():
 
 
 def test_the_schedule_alternates_the_vmms_and_cycles_the_modes():
-    plan = soak.schedule(4, ["pyvmm", "qemu"], list(soak.MODES))
+    plan = soak.schedule(4, ["pyvmm", "qemu"], ["vcpu-vector", "hvm-vector", "intx", "userspace"])
     assert [(e["vmm"], e["slot"]) for e in plan] == [
         ("pyvmm", "vcpu-vector"), ("qemu", "vcpu-vector"),
         ("qemu", "hvm-vector"), ("pyvmm", "hvm-vector"),
@@ -125,6 +125,16 @@ def test_the_schedule_alternates_the_vmms_and_cycles_the_modes():
     # QEMU has no userspace event channels: it runs its default in that slot.
     assert [e["mode"] for e in plan if e["vmm"] == "qemu"] == ["vcpu-vector", "hvm-vector", "intx", "vcpu-vector"]
     assert [e["index"] for e in plan] == list(range(8))
+
+
+def test_the_intx_tsc_mode_puts_this_hosts_tsc_rate_on_the_command_line(monkeypatch):
+    monkeypatch.setattr(soak, "guest_tsc_khz", lambda: 2445426)
+    prepared = {"kernel": "vmlinuz", "initrd": "initrd"}
+    for vmm in soak.VMMS:
+        argv = soak.vmm_command(vmm, "intx-tsc", prepared, Path("disk"), Path("xs"), 60)
+        append = argv[argv.index("--append") + 1].split()
+        assert {"xen_no_vector_callback", "tsc_early_khz=2445426", "tsc=reliable"} <= set(append)
+    assert set(soak.DEFAULT_MODES) <= set(soak.MODES)
 
 
 def test_a_stream_cut_short_names_the_boot_in_progress(tmp_path):
