@@ -7,6 +7,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 import pytest
 
@@ -323,6 +324,11 @@ def test_qemu_command_escapes_and_exports():
     assert command[command.index("-m") + 1] == "1024"
     assert "socket,id=agent,fd=6" in command
     assert command[command.index("-append") + 1].endswith("pyvmm.python=/usr/bin/python3")
+    assert "nokaslr" in command[command.index("-append") + 1].split()  # System.map's addresses hold
+    assert "-mon" not in command
+    with_monitor = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [],
+                                     monitor_fd=9)
+    assert "socket,id=monitor,fd=9" in with_monitor and "chardev=monitor,mode=readline" in with_monitor
     with pytest.raises(host.TestbedError):
         host.kernel_command_line("/opt/my python/bin/python3")
 
@@ -344,6 +350,91 @@ def test_console_helpers():
                                          "[ 2.0] reboot: Power down"]
 
 
+REGISTERS = """info registers -a
+
+CPU#0
+RAX=0000000000000000 RBX=ffffffff82a0c940 RCX=0000000000000001 RDX=0000000000000000
+RIP=ffffffff81e4a5ff RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+
+CPU#1
+RAX=0000000000000001 RBX=0000000000000000 RCX=0000000000000000 RDX=0000000000000000
+RIP=0000564a3c2b1000 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0
+(qemu) """
+SYSTEM_MAP = ("ffffffff81000000 T _stext\nffffffff81e4a5f0 T default_idle\n"
+              "ffffffff81e4a610 t default_idle_call\nffffffff82a0c940 D init_task\n")
+
+
+def test_a_frozen_l1s_cpus_are_named_from_the_monitor_and_system_map(tmp_path):
+    (tmp_path / "System.map").write_text(SYSTEM_MAP)
+    symbols = host.read_system_map(tmp_path / "System.map")
+    assert [name for _, name in symbols] == ["_stext", "default_idle", "default_idle_call"]  # text only
+    assert host.symbolize(0xffffffff81e4a5ff, symbols) == "default_idle+0xf"
+    assert host.symbolize(0x1000, symbols) is None
+    assert host.read_system_map(tmp_path / "missing") == []
+    assert host.cpu_summary(REGISTERS, symbols) == [
+        "vCPU 0 at 0xffffffff81e4a5ff (default_idle+0xf), CPL 0, halted",
+        "vCPU 1 at 0x564a3c2b1000, CPL 3"]
+
+
+class FakeArtifacts:
+    def __init__(self, directory):
+        self.vmlinuz = str(directory / "vmlinuz-6.12")
+        self.kernel = {"release": "6.12"}
+
+
+def silent_run(tmp_path, monitor_answer):
+    """A Run whose command started 200 s ago and whose agent said nothing
+    since, with QEMU's monitor played by a thread on a socketpair."""
+    (tmp_path / "System.map-6.12").write_text(SYSTEM_MAP)
+    run = host.Run(FakeArtifacts(tmp_path), {}, 1024, 2, [], None, 60, print, False, silence=180)
+    run.monitor, qemu_end = socket.socketpair()
+    run.started_at = run.last_word = time.monotonic() - 200
+
+    def monitor():
+        if qemu_end.recv(100) == b"info registers -a\n" and monitor_answer:
+            qemu_end.sendall(monitor_answer.encode())
+    thread = threading.Thread(target=monitor, daemon=True)
+    thread.start()
+    return run, qemu_end
+
+
+def test_an_agent_silent_past_the_limit_is_a_frozen_l1_with_its_cpus_named(tmp_path):
+    run, qemu_end = silent_run(tmp_path, REGISTERS)
+    assert run._next_deadline() == 0.0
+    with pytest.raises(host.TestbedError) as error:
+        run._check_deadlines()
+    message = str(error.value)
+    assert message.startswith("L1 stopped responding: no word from its agent for 200 s")
+    assert "vCPU 0 at 0xffffffff81e4a5ff (default_idle+0xf), CPL 0, halted" in message
+    assert b"RIP=0000564a3c2b1000" in run.console_log  # the whole answer is kept with the console
+    qemu_end.close()
+    run.monitor.close()
+
+
+def test_a_monitor_that_does_not_answer_is_said_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(host, "MONITOR_WAIT", 0.5)
+    run, qemu_end = silent_run(tmp_path, "")
+    with pytest.raises(host.TestbedError, match="monitor did not answer"):
+        run._check_deadlines()
+    qemu_end.close()
+    run.monitor.close()
+
+
+def test_an_agent_that_speaks_or_a_finished_command_is_never_silent(tmp_path):
+    run, qemu_end = silent_run(tmp_path, REGISTERS)
+    run._handle_frame(wire.ALIVE, b"0.50 0.40 0.30 1/90 123")
+    assert run.l1_load == b"0.50 0.40 0.30 1/90 123"
+    assert 179 < run._next_deadline() <= 180
+    run._check_deadlines()
+    run.last_word -= 1000
+    run.exit_status = 0
+    run._check_deadlines()  # the command is over: nothing more to hear
+    run.exit_status, run.silence = None, 0
+    run._check_deadlines()  # --l1-silence 0: never
+    qemu_end.close()
+    run.monitor.close()
+
+
 # -- command line ---------------------------------------------------------------------
 
 def test_arguments(tmp_path):
@@ -358,11 +449,15 @@ def test_arguments(tmp_path):
     assert cli.parse_arguments(backports, environ={}).l1_kernel == "trixie-backports"
     assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_KERNEL": "trixie-backports"}).l1_kernel == (
         "trixie-backports")
+    assert cli.parse_arguments(["--check"], environ={}).l1_silence == host.DEFAULT_L1_SILENCE
+    assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_SILENCE": "0"}).l1_silence == 0
+    assert cli.parse_arguments(["--l1-silence", "300", "--check"], environ={}).l1_silence == 300
 
 
 @pytest.mark.parametrize("argv", [[], ["--check", "--", "true"], ["--prepare", "--check"],
                                   ["--rw", "/no/such/dir", "--", "true"], ["--cpus", "0", "--", "true"],
-                                  ["--timeout", "-1", "--", "true"], ["--l1-kernel", "sid", "--check"]])
+                                  ["--timeout", "-1", "--", "true"], ["--l1-kernel", "sid", "--check"],
+                                  ["--l1-silence", "5", "--check"], ["--l1-silence", "-1", "--check"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_arguments(argv)
@@ -413,6 +508,14 @@ def test_agent_relays_streams_separately_and_reports_status():
     assert joined(frames, wire.STDOUT) == b"in\n"
     assert joined(frames, wire.STDERR) == b"err\n"
     assert sum(wire.U32.unpack(p)[0] for k, p in frames if k == wire.STDIN_ACK) == 3
+
+
+def test_the_agent_says_it_is_alive_from_the_start(monkeypatch):
+    monkeypatch.setattr(agent, "ALIVE_SECONDS", 0.2)
+    _, frames = run_agent_job(["sleep", "0.7"])
+    alive = [payload for kind, payload in frames if kind == wire.ALIVE]
+    assert 3 <= len(alive) <= 6
+    assert len(alive[0].split()) == 5  # /proc/loadavg
 
 
 def test_agent_passes_the_environment_and_signal_status():

@@ -26,6 +26,7 @@ BUSYBOX = "/run/pyvmm-testbed/busybox"
 # After the command exits, output still buffered in pipes (or held open by
 # processes it left behind) is collected for at most this long.
 DRAIN_GRACE_SECONDS = 2.0
+ALIVE_SECONDS = 10.0  # how often the host hears that L1 still runs (host.DEFAULT_L1_SILENCE)
 READ_CHUNK = 65536
 NINEP_RW_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=%s"
 
@@ -283,12 +284,21 @@ class SpawnError(Exception):
         return "cannot run %s: %s" % (self.program, reason)
 
 
+def read_loadavg():
+    try:
+        with open("/proc/loadavg", "rb") as file:
+            return file.read().strip()
+    except OSError:
+        return b""
+
+
 def serve(channel, command):
     """Relays until the command has exited and its output is collected; returns its status."""
     exit_status = None
     drain_deadline = None
     pidfd = os.pidfd_open(command.pid)
     stdin_closed = False
+    next_alive = time.monotonic()
     while command.outputs or exit_status is None:
         if exit_status is not None and time.monotonic() > drain_deadline:
             break
@@ -296,7 +306,13 @@ def serve(channel, command):
         if exit_status is None:
             readers.append(pidfd)
         writers = [command.stdin_fd] if command.stdin_buffer and not stdin_closed else []
-        timeout = None if drain_deadline is None else max(0.0, drain_deadline - time.monotonic())
+        now = time.monotonic()
+        if now >= next_alive:
+            channel.send(wire.ALIVE, read_loadavg())
+            next_alive = now + ALIVE_SECONDS
+        timeout = next_alive - now
+        if drain_deadline is not None:
+            timeout = min(timeout, max(0.0, drain_deadline - now))
         readable, writable, _ = select.select(readers, writers, [], timeout)
         if pidfd in readable:
             _, status = os.waitpid(command.pid, 0)

@@ -37,6 +37,10 @@ def parse_arguments(argv, environ=None):
                         help="the Debian suite whose linux-image-amd64 L1 boots: %s (default $%s, else %s)"
                         % (", ".join(provision.KERNEL_SUITES), provision.KERNEL_ENVIRONMENT,
                            provision.DEFAULT_KERNEL_SUITE))
+    parser.add_argument("--l1-silence", type=float, metavar="SECONDS",
+                        help="give L1 up as frozen (exit 125) when its agent, which speaks every 10 s, has "
+                             "been silent this long while CMD runs; 0: never (default $PYVMM_TESTBED_L1_SILENCE, "
+                             "else %g)" % host.DEFAULT_L1_SILENCE)
     parser.add_argument("--verbose", action="store_true",
                         help="show progress, the QEMU command and the L1 console on stderr")
     mode = parser.add_mutually_exclusive_group()
@@ -59,6 +63,14 @@ def parse_arguments(argv, environ=None):
         parser.error("--cpus must be between 1 and 64")
     if options.timeout is not None and options.timeout <= 0:
         parser.error("--timeout must be positive")
+    if options.l1_silence is None:
+        value = (os.environ if environ is None else environ).get("PYVMM_TESTBED_L1_SILENCE")
+        try:
+            options.l1_silence = host.DEFAULT_L1_SILENCE if value in (None, "") else float(value)
+        except ValueError:
+            parser.error("PYVMM_TESTBED_L1_SILENCE=%s: not a number of seconds" % value)
+    if options.l1_silence < 0 or 0 < options.l1_silence < 30:
+        parser.error("--l1-silence must be 0 (never) or at least 30 s (the agent speaks every 10 s)")
     for path in options.rw:
         if not os.path.isdir(path):
             parser.error("--rw %s: not an existing directory" % path)
@@ -209,7 +221,7 @@ def main(argv=None):
         job.setdefault("mounts", [])
         run_lock = take_run_lock(os.environ.get("PYVMM_TESTBED_LOCK", DEFAULT_RUN_LOCK))  # noqa: F841 held until exit
         run = host.Run(artifacts, job, options.memory, options.cpus, writable, options.timeout,
-                       boot_timeout(), say, options.verbose)
+                       boot_timeout(), say, options.verbose, silence=options.l1_silence)
         status = run.execute()
         if options.verbose:
             now = time.monotonic()

@@ -3,7 +3,8 @@
 Channels between the host and QEMU are socketpairs handed over as file
 descriptors, so nothing is created in the file system:
 - the L1 serial console (kernel messages, init's errors) is kept as a log;
-- one virtio-serial port carries framed messages to and from the L1 agent.
+- one virtio-serial port carries framed messages to and from the L1 agent;
+- QEMU's human monitor, asked for L1's registers when L1 stops responding.
 """
 
 import ctypes
@@ -28,6 +29,11 @@ STDIN_WINDOW = 1 << 20          # stdin bytes in flight before the agent acknowl
 OUTPUT_BACKLOG_LIMIT = 4 << 20  # stop reading from L1 while this much output is unwritten
 READ_CHUNK = 65536
 WRITE_CHUNK = 4096              # at most PIPE_BUF: a writable pipe takes it without blocking
+# The agent says it is alive every 10 s; this long without a word from it
+# (while its command runs) means L1 froze: seen with both vCPUs busy in TCG
+# and no console output for 10 minutes, no soft-lockup report either.
+DEFAULT_L1_SILENCE = 180.0
+MONITOR_WAIT = 10.0             # for QEMU's monitor to answer "info registers"
 
 # Variables describing things of the caller's session that do not exist in L1.
 DROPPED_ENVIRONMENT = frozenset({
@@ -120,11 +126,12 @@ def kernel_command_line(python, quiet=True):
         raise TestbedError("the Python interpreter's path %r contains blanks or control "
                            "characters; the L1 kernel command line cannot carry it" % python)
     # mitigations=off: the CPU is emulated, the mitigations only cost time.
-    return "console=ttyS0 %spanic=-1 mitigations=off pyvmm.python=%s" % ("quiet " if quiet else "", python)
+    # nokaslr: the addresses QEMU's monitor reports for a frozen L1 then match System.map.
+    return "console=ttyS0 %spanic=-1 mitigations=off nokaslr pyvmm.python=%s" % ("quiet " if quiet else "", python)
 
 
 def qemu_command(qemu, vmlinuz, initramfs, memory, cpus, python, console_fd, agent_fd, writable,
-                 quiet=True):
+                 quiet=True, monitor_fd=None):
     command = [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm",
@@ -137,6 +144,8 @@ def qemu_command(qemu, vmlinuz, initramfs, memory, cpus, python, console_fd, age
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
     ]
+    if monitor_fd is not None:
+        command += ["-chardev", "socket,id=monitor,fd=%d" % monitor_fd, "-mon", "chardev=monitor,mode=readline"]
     for index, path in enumerate(writable):
         command += ["-fsdev", "local,id=rw%d,path=%s,security_model=none"
                     % (index, qemu_option_value(path)),
@@ -159,6 +168,53 @@ def xen_usable(bits):
 def console_tail(log, lines=CONSOLE_TAIL_LINES):
     text = log.decode(errors="replace").replace("\r", "")
     return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def read_system_map(path):
+    """A kernel's text symbols from its System.map: sorted [(address, name)]."""
+    symbols = []
+    try:
+        with open(path) as file:
+            for line in file:
+                fields = line.split()
+                if len(fields) == 3 and fields[1] in "tTwW":
+                    symbols.append((int(fields[0], 16), fields[2]))
+    except (OSError, ValueError):
+        return []
+    symbols.sort()
+    return symbols
+
+
+def symbolize(address, symbols):
+    """'name+0xoff' for a kernel text address, None outside the map."""
+    import bisect
+    index = bisect.bisect_right(symbols, (address, "\uffff")) - 1
+    if index < 0 or not symbols or address > symbols[-1][0] + (1 << 20):
+        return None
+    start, name = symbols[index]
+    return "%s+%#x" % (name, address - start)
+
+
+def cpu_summary(registers, symbols):
+    """One line per vCPU from QEMU's "info registers -a": where it was, and
+    whether halted; kernel addresses named from L1's System.map (a vCPU
+    that was running an L2 guest shows the guest's registers: the monitor
+    cannot tell them apart, so such a name can be wrong)."""
+    import re
+    lines = []
+    for block in re.split(r"(?m)^CPU#", registers)[1:]:
+        number = block.split("\n", 1)[0].strip()
+        rip = re.search(r"[RE]IP=([0-9a-f]+)", block)
+        halted = re.search(r"HLT=(\d)", block)
+        cpl = re.search(r"CPL=(\d)", block)
+        if not rip:
+            continue
+        address = int(rip.group(1), 16)
+        where = symbolize(address, symbols) if address >= 0xffff800000000000 else None
+        lines.append("vCPU %s at %#x%s, CPL %s%s" % (
+            number, address, " (%s)" % where if where else "", cpl.group(1) if cpl else "?",
+            ", halted" if halted and halted.group(1) == "1" else ""))
+    return lines
 
 
 def fatal_reason(log):
@@ -192,7 +248,8 @@ def _die_with_parent():
 
 
 class Run:
-    def __init__(self, artifacts, job, memory, cpus, writable, timeout, boot_timeout, say, verbose):
+    def __init__(self, artifacts, job, memory, cpus, writable, timeout, boot_timeout, say, verbose,
+                 silence=None):
         self.artifacts = artifacts
         self.job = job
         self.memory, self.cpus, self.writable = memory, cpus, writable
@@ -212,6 +269,10 @@ class Run:
         self.terminal_saved = None
         self.tty_fd = None
         self.qemu = None
+        self.silence = DEFAULT_L1_SILENCE if silence is None else silence  # 0: never give up on L1
+        self.last_word = None       # when the agent last sent anything
+        self.l1_load = b""          # L1's /proc/loadavg, from its last ALIVE
+        self.monitor = None
 
     # -- output routing --
 
@@ -239,7 +300,10 @@ class Run:
     # -- frames from the agent --
 
     def _handle_frame(self, kind, payload):
-        if kind == wire.HELLO:
+        self.last_word = time.monotonic()
+        if kind == wire.ALIVE:
+            self.l1_load = payload
+        elif kind == wire.HELLO:
             self.booted_at = time.monotonic()
             if self.verbose:
                 self.say("L1 up after %.1fs (kernel %s)" % (self.booted_at - self.t0,
@@ -271,21 +335,24 @@ class Run:
         self.t0 = time.monotonic()
         console_host, console_qemu = socket.socketpair()
         agent_host, agent_qemu = socket.socketpair()
+        self.monitor, monitor_qemu = socket.socketpair()
         command = qemu_command(self.artifacts.qemu, self.artifacts.vmlinuz, self.artifacts.initramfs,
                                self.memory, self.cpus, sys.executable,
                                console_qemu.fileno(), agent_qemu.fileno(), self.writable,
-                               quiet=not self.verbose)
+                               quiet=not self.verbose, monitor_fd=monitor_qemu.fileno())
         if self.verbose:
             self.say("starting L1: " + " ".join(command))
         try:
             self.qemu = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, pass_fds=(console_qemu.fileno(), agent_qemu.fileno()),
+                stderr=subprocess.PIPE,
+                pass_fds=(console_qemu.fileno(), agent_qemu.fileno(), monitor_qemu.fileno()),
                 start_new_session=True, preexec_fn=_die_with_parent())
         except OSError as error:
             raise TestbedError("cannot start %s: %s" % (self.artifacts.qemu, error.strerror))
         console_qemu.close()
         agent_qemu.close()
+        monitor_qemu.close()
         try:
             return self._relay(console_host, agent_host)
         finally:
@@ -293,6 +360,7 @@ class Run:
             self._restore_terminal()
             console_host.close()
             agent_host.close()
+            self.monitor.close()
 
     def _relay(self, console, agent):
         self._send(wire.JOB, json.dumps(self.job).encode())
@@ -484,10 +552,18 @@ class Run:
         raise TestbedError("L1 stopped before the command finished (QEMU exited with status %d)"
                            % status)
 
+    def _silence_deadline(self):
+        """When L1 counts as frozen if the agent stays silent, or None."""
+        if not self.silence or self.started_at is None or self.exit_status is not None:
+            return None
+        return max(self.last_word or 0.0, self.started_at) + self.silence
+
     def _next_deadline(self):
         now = time.monotonic()
         if self.started_at is not None:
-            return None if self.timeout is None else max(0.0, self.started_at + self.timeout - now)
+            deadlines = [d for d in (None if self.timeout is None else self.started_at + self.timeout,
+                                     self._silence_deadline()) if d is not None]
+            return max(0.0, min(deadlines) - now) if deadlines else None
         return max(0.0, self.t0 + self.boot_timeout - now)
 
     def _check_deadlines(self):
@@ -498,6 +574,42 @@ class Run:
         if self.started_at is not None and self.timeout is not None \
                 and now > self.started_at + self.timeout:
             raise TimedOut()
+        silence_deadline = self._silence_deadline()
+        if silence_deadline is not None and now > silence_deadline:
+            cpus = self._l1_cpus()
+            raise TestbedError("L1 stopped responding: no word from its agent for %d s (its last load "
+                               "average: %s); %s" % (now - max(self.last_word or 0.0, self.started_at),
+                                                     self.l1_load.decode(errors="replace") or "none",
+                                                     "; ".join(cpus)))
+
+    def _l1_cpus(self):
+        """Where L1's vCPUs are, from QEMU's monitor; its whole answer goes
+        into the console log that a failed run keeps."""
+        answer = bytearray()
+        deadline = time.monotonic() + MONITOR_WAIT
+        try:
+            self.monitor.setblocking(True)
+            self.monitor.settimeout(MONITOR_WAIT)
+            self.monitor.sendall(b"info registers -a\n")
+            # The answer is complete at the prompt after the last vCPU's block.
+            while not (answer.count(b"CPU#") >= self.cpus and answer.rstrip().endswith(b"(qemu)")):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.monitor.settimeout(left)
+                data = self.monitor.recv(READ_CHUNK)
+                if not data:
+                    break
+                answer += data
+        except OSError:     # socket.timeout included
+            pass
+        text = answer.decode(errors="replace").replace("\r", "")
+        self.console_log += ("\n--- QEMU monitor, info registers -a, after L1 went silent ---\n%s\n" % text).encode()
+        if "CPU#" not in text:
+            return ["QEMU's monitor did not answer within %d s either" % MONITOR_WAIT]
+        symbols = read_system_map(os.path.join(os.path.dirname(self.artifacts.vmlinuz),
+                                               "System.map-" + self.artifacts.kernel["release"]))
+        return cpu_summary(text, symbols) + ["names from L1's System.map (wrong for a vCPU in an L2 guest)"]
 
     # -- terminal --
 

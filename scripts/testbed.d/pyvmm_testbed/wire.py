@@ -30,6 +30,7 @@ STDIN_ACK = 69   # u32: bytes of stdin consumed, returning flow-control credit
 EXIT = 70        # i32: the command's exit status, shell style
 FAILED = 71      # the testbed itself failed in L1; payload: a one-line reason
 CHECK = 72       # JSON: result of a capability check job
+ALIVE = 73       # L1 still runs (every agent.ALIVE_SECONDS); payload: its /proc/loadavg
 
 WINSIZE_FORMAT = struct.Struct(">HH")
 U32 = struct.Struct(">I")
