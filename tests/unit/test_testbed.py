@@ -324,8 +324,11 @@ def test_qemu_command_escapes_and_exports():
     assert command[command.index("-m") + 1] == "1024"
     assert "socket,id=agent,fd=6" in command
     assert command[command.index("-append") + 1].endswith("pyvmm.python=/usr/bin/python3")
-    assert "nokaslr" in command[command.index("-append") + 1].split()  # System.map's addresses hold
+    assert "nokaslr" in command[command.index("-append") + 1].split()  # kallsyms' addresses hold
     assert "-mon" not in command
+    assert command[command.index("-accel") + 1] == "tcg,thread=multi"
+    single = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], tcg_threads="single")
+    assert single[single.index("-accel") + 1] == "tcg,thread=single"
     with_monitor = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [],
                                      monitor_fd=9)
     assert "socket,id=monitor,fd=9" in with_monitor and "chardev=monitor,mode=readline" in with_monitor
@@ -360,17 +363,20 @@ CPU#1
 RAX=0000000000000001 RBX=0000000000000000 RCX=0000000000000000 RDX=0000000000000000
 RIP=0000564a3c2b1000 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0
 (qemu) """
-SYSTEM_MAP = ("ffffffff81000000 T _stext\nffffffff81e4a5f0 T default_idle\n"
-              "ffffffff81e4a610 t default_idle_call\nffffffff82a0c940 D init_task\n")
+KALLSYMS = ("ffffffff81000000 T _stext\nffffffff81e4a5f0 T default_idle\n"
+            "ffffffff81e4a610 t default_idle_call\nffffffff82a0c940 D init_task\n"
+            "ffffffffc0a01000 t svm_vcpu_run\t[kvm_amd]\n")
 
 
-def test_a_frozen_l1s_cpus_are_named_from_the_monitor_and_system_map(tmp_path):
-    (tmp_path / "System.map").write_text(SYSTEM_MAP)
-    symbols = host.read_system_map(tmp_path / "System.map")
-    assert [name for _, name in symbols] == ["_stext", "default_idle", "default_idle_call"]  # text only
+def test_a_frozen_l1s_cpus_are_named_from_the_monitor_and_kallsyms(tmp_path):
+    (tmp_path / "kallsyms").write_text(KALLSYMS)
+    symbols = host.read_symbols(tmp_path / "kallsyms")
+    assert [name for _, name in symbols] == ["_stext", "default_idle", "default_idle_call",
+                                             "svm_vcpu_run [kvm_amd]"]  # code only
+    assert host.symbolize(0xffffffffc0a01010, symbols) == "svm_vcpu_run [kvm_amd]+0x10"
     assert host.symbolize(0xffffffff81e4a5ff, symbols) == "default_idle+0xf"
     assert host.symbolize(0x1000, symbols) is None
-    assert host.read_system_map(tmp_path / "missing") == []
+    assert host.read_symbols(tmp_path / "missing") == []
     assert host.cpu_summary(REGISTERS, symbols) == [
         "vCPU 0 at 0xffffffff81e4a5ff (default_idle+0xf), CPL 0, halted",
         "vCPU 1 at 0x564a3c2b1000, CPL 3"]
@@ -385,7 +391,7 @@ class FakeArtifacts:
 def silent_run(tmp_path, monitor_answer):
     """A Run whose command started 200 s ago and whose agent said nothing
     since, with QEMU's monitor played by a thread on a socketpair."""
-    (tmp_path / "System.map-6.12").write_text(SYSTEM_MAP)
+    (tmp_path / "kallsyms-6.12").write_text(KALLSYMS)
     run = host.Run(FakeArtifacts(tmp_path), {}, 1024, 2, [], None, 60, print, False, silence=180)
     run.monitor, qemu_end = socket.socketpair()
     run.started_at = run.last_word = time.monotonic() - 200
@@ -406,7 +412,7 @@ def test_an_agent_silent_past_the_limit_is_a_frozen_l1_with_its_cpus_named(tmp_p
     message = str(error.value)
     assert message.startswith("L1 stopped responding: no word from its agent for 200 s")
     assert "vCPU 0 at 0xffffffff81e4a5ff (default_idle+0xf), CPL 0, halted" in message
-    assert b"RIP=0000564a3c2b1000" in run.console_log  # the whole answer is kept with the console
+    assert b"RIP=0000564a3c2b1000" in run.monitor_log  # the whole answer is kept after the console
     qemu_end.close()
     run.monitor.close()
 
@@ -452,12 +458,18 @@ def test_arguments(tmp_path):
     assert cli.parse_arguments(["--check"], environ={}).l1_silence == host.DEFAULT_L1_SILENCE
     assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_SILENCE": "0"}).l1_silence == 0
     assert cli.parse_arguments(["--l1-silence", "300", "--check"], environ={}).l1_silence == 300
+    assert cli.parse_arguments(["--check"], environ={}).tcg_threads == "multi"
+    environ = {"PYVMM_TESTBED_TCG_THREADS": "single", "PYVMM_TESTBED_CPUS": "1"}
+    assert (cli.parse_arguments(["--check"], environ=environ).tcg_threads, cli.parse_arguments(
+        ["--check"], environ=environ).cpus) == ("single", 1)
+    assert cli.parse_arguments(["--tcg-threads", "multi", "--cpus", "2", "--check"], environ=environ).cpus == 2
 
 
 @pytest.mark.parametrize("argv", [[], ["--check", "--", "true"], ["--prepare", "--check"],
                                   ["--rw", "/no/such/dir", "--", "true"], ["--cpus", "0", "--", "true"],
                                   ["--timeout", "-1", "--", "true"], ["--l1-kernel", "sid", "--check"],
-                                  ["--l1-silence", "5", "--check"], ["--l1-silence", "-1", "--check"]])
+                                  ["--l1-silence", "5", "--check"], ["--l1-silence", "-1", "--check"],
+                                  ["--tcg-threads", "many", "--check"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_arguments(argv)
@@ -516,6 +528,25 @@ def test_the_agent_says_it_is_alive_from_the_start(monkeypatch):
     alive = [payload for kind, payload in frames if kind == wire.ALIVE]
     assert 3 <= len(alive) <= 6
     assert len(alive[0].split()) == 5  # /proc/loadavg
+
+
+def test_the_agent_sends_l1s_code_symbols_compressed():
+    import zlib
+    if not os.access("/proc/kallsyms", os.R_OK):
+        pytest.skip("no /proc/kallsyms here")
+    text = zlib.decompress(agent.text_symbols()).decode()
+    lines = text.splitlines()
+    assert lines and all(line.split()[1] in ("t", "T") for line in lines)
+
+
+def test_a_kernels_symbols_are_asked_for_once_and_kept_beside_it(tmp_path):
+    import zlib
+    run = host.Run(FakeArtifacts(tmp_path), {"kind": "run"}, 1024, 2, [], None, 60, print, False)
+    assert run.symbols_path() == str(tmp_path / "kallsyms-6.12")
+    run._handle_frame(wire.KALLSYMS, zlib.compress(KALLSYMS.encode()))
+    assert (tmp_path / "kallsyms-6.12").read_text() == KALLSYMS
+    run._handle_frame(wire.KALLSYMS, b"not zlib")  # ignored, the kept copy stays
+    assert (tmp_path / "kallsyms-6.12").read_text() == KALLSYMS
 
 
 def test_agent_passes_the_environment_and_signal_status():

@@ -15,6 +15,9 @@ DEFAULT_BOOT_TIMEOUT = 300
 DEFAULT_RUN_LOCK = "/tmp/pyvmm-testbed-run.lock"  # one L1 at a time per host
 
 
+TCG_THREADS = ("multi", "single")
+
+
 def parse_arguments(argv, environ=None):
     parser = argparse.ArgumentParser(
         prog="testbed",
@@ -25,8 +28,11 @@ def parse_arguments(argv, environ=None):
         epilog="Exit status: CMD's; 124 on --timeout; 125 if the testbed itself failed.")
     parser.add_argument("--memory", type=int, default=4096, metavar="MiB",
                         help="L1 memory (default %(default)s)")
-    parser.add_argument("--cpus", type=int, default=2, metavar="N",
-                        help="L1 vCPUs (default %(default)s)")
+    parser.add_argument("--cpus", type=int, metavar="N",
+                        help="L1 vCPUs (default $PYVMM_TESTBED_CPUS, else 2)")
+    parser.add_argument("--tcg-threads", choices=TCG_THREADS, metavar="multi|single",
+                        help="QEMU's TCG: one host thread per L1 vCPU (multi) or one for all (single; "
+                             "slower) (default $PYVMM_TESTBED_TCG_THREADS, else multi)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop CMD after this long (counted from its start, not L1's boot); exit 124")
     parser.add_argument("--rw", action="append", default=[], metavar="PATH",
@@ -57,6 +63,16 @@ def parse_arguments(argv, environ=None):
             parser.error("--prepare and --check take no command")
     elif not options.command:
         parser.error("no command given (put it after --)")
+    environ = os.environ if environ is None else environ
+    if options.cpus is None:
+        try:
+            options.cpus = int(environ.get("PYVMM_TESTBED_CPUS") or 2)
+        except ValueError:
+            parser.error("PYVMM_TESTBED_CPUS=%s: not a number" % environ["PYVMM_TESTBED_CPUS"])
+    if options.tcg_threads is None:
+        options.tcg_threads = environ.get("PYVMM_TESTBED_TCG_THREADS") or "multi"
+        if options.tcg_threads not in TCG_THREADS:
+            parser.error("PYVMM_TESTBED_TCG_THREADS=%s: not one of %s" % (options.tcg_threads, ", ".join(TCG_THREADS)))
     if options.memory < 256:
         parser.error("--memory must be at least 256 MiB")
     if not 1 <= options.cpus <= 64:
@@ -64,7 +80,7 @@ def parse_arguments(argv, environ=None):
     if options.timeout is not None and options.timeout <= 0:
         parser.error("--timeout must be positive")
     if options.l1_silence is None:
-        value = (os.environ if environ is None else environ).get("PYVMM_TESTBED_L1_SILENCE")
+        value = environ.get("PYVMM_TESTBED_L1_SILENCE")
         try:
             options.l1_silence = host.DEFAULT_L1_SILENCE if value in (None, "") else float(value)
         except ValueError:
@@ -76,7 +92,7 @@ def parse_arguments(argv, environ=None):
             parser.error("--rw %s: not an existing directory" % path)
     options.modules = [name for name in options.modules.split(",") if name.strip()]
     try:
-        options.l1_kernel = provision.kernel_suite(options.l1_kernel, os.environ if environ is None else environ)
+        options.l1_kernel = provision.kernel_suite(options.l1_kernel, environ)
     except provision.ProvisionError as error:
         parser.error(str(error))
     return options
@@ -115,13 +131,15 @@ def keep_console(console_log, directory=None):
     return path
 
 
-def fail(message, console_log=b""):
+def fail(message, console_log=b"", appendix=b""):
+    """Say why the testbed failed, show the console's tail and keep the
+    whole console, with `appendix` (QEMU's monitor's answer) after it."""
     say(message)
     tail = host.console_tail(console_log)
     if tail:
         sys.stderr.write("testbed: last lines of the L1 console:\n")
         sys.stderr.write("".join("  | %s\n" % line for line in tail))
-    keep_console(console_log)
+    keep_console(console_log + appendix)
     return EXIT_TESTBED_FAILED
 
 
@@ -221,7 +239,8 @@ def main(argv=None):
         job.setdefault("mounts", [])
         run_lock = take_run_lock(os.environ.get("PYVMM_TESTBED_LOCK", DEFAULT_RUN_LOCK))  # noqa: F841 held until exit
         run = host.Run(artifacts, job, options.memory, options.cpus, writable, options.timeout,
-                       boot_timeout(), say, options.verbose, silence=options.l1_silence)
+                       boot_timeout(), say, options.verbose, silence=options.l1_silence,
+                       tcg_threads=options.tcg_threads)
         status = run.execute()
         if options.verbose:
             now = time.monotonic()
@@ -232,7 +251,7 @@ def main(argv=None):
             return report_check(run.check_result)
         return status
     except (provision.ProvisionError, host.TestbedError, provision.build.BuildError) as error:
-        return fail(str(error), bytes(run.console_log) if run else b"")
+        return fail(str(error), bytes(run.console_log) if run else b"", bytes(run.monitor_log) if run else b"")
     except OSError as error:
         return fail("%s" % error, bytes(run.console_log) if run else b"")
     except host.TimedOut:

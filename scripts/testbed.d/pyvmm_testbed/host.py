@@ -126,15 +126,15 @@ def kernel_command_line(python, quiet=True):
         raise TestbedError("the Python interpreter's path %r contains blanks or control "
                            "characters; the L1 kernel command line cannot carry it" % python)
     # mitigations=off: the CPU is emulated, the mitigations only cost time.
-    # nokaslr: the addresses QEMU's monitor reports for a frozen L1 then match System.map.
+    # nokaslr: the addresses QEMU's monitor reports for a frozen L1 then match the kallsyms of an earlier run.
     return "console=ttyS0 %spanic=-1 mitigations=off nokaslr pyvmm.python=%s" % ("quiet " if quiet else "", python)
 
 
 def qemu_command(qemu, vmlinuz, initramfs, memory, cpus, python, console_fd, agent_fd, writable,
-                 quiet=True, monitor_fd=None):
+                 quiet=True, monitor_fd=None, tcg_threads="multi"):
     command = [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm",
+        "-machine", "pc", "-accel", "tcg,thread=%s" % tcg_threads, "-cpu", "EPYC,+svm",
         "-smp", str(cpus), "-m", str(memory),
         "-kernel", vmlinuz, "-initrd", initramfs, "-append", kernel_command_line(python, quiet),
         "-chardev", "socket,id=console,fd=%d" % console_fd, "-serial", "chardev:console",
@@ -170,15 +170,16 @@ def console_tail(log, lines=CONSOLE_TAIL_LINES):
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
-def read_system_map(path):
-    """A kernel's text symbols from its System.map: sorted [(address, name)]."""
+def read_symbols(path):
+    """A kernel's text symbols from a System.map or /proc/kallsyms copy:
+    sorted [(address, name)], a module's names as "name [module]"."""
     symbols = []
     try:
         with open(path) as file:
             for line in file:
                 fields = line.split()
-                if len(fields) == 3 and fields[1] in "tTwW":
-                    symbols.append((int(fields[0], 16), fields[2]))
+                if len(fields) >= 3 and fields[1] in ("t", "T"):
+                    symbols.append((int(fields[0], 16), " ".join(fields[2:])))
     except (OSError, ValueError):
         return []
     symbols.sort()
@@ -197,7 +198,7 @@ def symbolize(address, symbols):
 
 def cpu_summary(registers, symbols):
     """One line per vCPU from QEMU's "info registers -a": where it was, and
-    whether halted; kernel addresses named from L1's System.map (a vCPU
+    whether halted; kernel addresses named from L1's symbols (a vCPU
     that was running an L2 guest shows the guest's registers: the monitor
     cannot tell them apart, so such a name can be wrong)."""
     import re
@@ -249,13 +250,14 @@ def _die_with_parent():
 
 class Run:
     def __init__(self, artifacts, job, memory, cpus, writable, timeout, boot_timeout, say, verbose,
-                 silence=None):
+                 silence=None, tcg_threads="multi"):
         self.artifacts = artifacts
         self.job = job
         self.memory, self.cpus, self.writable = memory, cpus, writable
         self.timeout, self.boot_timeout = timeout, boot_timeout
         self.say, self.verbose = say, verbose
         self.console_log = bytearray()
+        self.monitor_log = bytearray()  # kept after the console in a failed run's log
         self.qemu_errors = bytearray()
         self.decoder = wire.Decoder()
         self.to_agent = bytearray()
@@ -273,6 +275,7 @@ class Run:
         self.last_word = None       # when the agent last sent anything
         self.l1_load = b""          # L1's /proc/loadavg, from its last ALIVE
         self.monitor = None
+        self.tcg_threads = tcg_threads
 
     # -- output routing --
 
@@ -303,6 +306,8 @@ class Run:
         self.last_word = time.monotonic()
         if kind == wire.ALIVE:
             self.l1_load = payload
+        elif kind == wire.KALLSYMS:
+            self._keep_symbols(payload)
         elif kind == wire.HELLO:
             self.booted_at = time.monotonic()
             if self.verbose:
@@ -339,7 +344,8 @@ class Run:
         command = qemu_command(self.artifacts.qemu, self.artifacts.vmlinuz, self.artifacts.initramfs,
                                self.memory, self.cpus, sys.executable,
                                console_qemu.fileno(), agent_qemu.fileno(), self.writable,
-                               quiet=not self.verbose, monitor_fd=monitor_qemu.fileno())
+                               quiet=not self.verbose, monitor_fd=monitor_qemu.fileno(),
+                               tcg_threads=self.tcg_threads)
         if self.verbose:
             self.say("starting L1: " + " ".join(command))
         try:
@@ -363,6 +369,8 @@ class Run:
             self.monitor.close()
 
     def _relay(self, console, agent):
+        if self.job.get("kind") != "check" and not os.path.exists(self.symbols_path()):
+            self.job = dict(self.job, kallsyms=True)
         self._send(wire.JOB, json.dumps(self.job).encode())
         console.setblocking(False)
         agent.setblocking(False)
@@ -552,6 +560,25 @@ class Run:
         raise TestbedError("L1 stopped before the command finished (QEMU exited with status %d)"
                            % status)
 
+    def symbols_path(self):
+        """Where L1's kallsyms is kept (beside its kernel), the first run of
+        a kernel having sent it."""
+        return os.path.join(os.path.dirname(self.artifacts.vmlinuz), "kallsyms-" + self.artifacts.kernel["release"])
+
+    def _keep_symbols(self, compressed):
+        import zlib
+        try:
+            text = zlib.decompress(compressed)
+        except zlib.error:
+            return
+        path = self.symbols_path()
+        try:
+            with open(path + ".tmp", "wb") as file:
+                file.write(text)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass    # no names then, only addresses
+
     def _silence_deadline(self):
         """When L1 counts as frozen if the agent stays silent, or None."""
         if not self.silence or self.started_at is None or self.exit_status is not None:
@@ -604,12 +631,11 @@ class Run:
         except OSError:     # socket.timeout included
             pass
         text = answer.decode(errors="replace").replace("\r", "")
-        self.console_log += ("\n--- QEMU monitor, info registers -a, after L1 went silent ---\n%s\n" % text).encode()
+        self.monitor_log += ("\n--- QEMU monitor, info registers -a, after L1 went silent ---\n%s\n" % text).encode()
         if "CPU#" not in text:
             return ["QEMU's monitor did not answer within %d s either" % MONITOR_WAIT]
-        symbols = read_system_map(os.path.join(os.path.dirname(self.artifacts.vmlinuz),
-                                               "System.map-" + self.artifacts.kernel["release"]))
-        return cpu_summary(text, symbols) + ["names from L1's System.map (wrong for a vCPU in an L2 guest)"]
+        symbols = read_symbols(self.symbols_path())
+        return cpu_summary(text, symbols) + ["names from L1's kallsyms (wrong for a vCPU in an L2 guest)"]
 
     # -- terminal --
 

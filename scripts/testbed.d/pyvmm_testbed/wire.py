@@ -31,6 +31,7 @@ EXIT = 70        # i32: the command's exit status, shell style
 FAILED = 71      # the testbed itself failed in L1; payload: a one-line reason
 CHECK = 72       # JSON: result of a capability check job
 ALIVE = 73       # L1 still runs (every agent.ALIVE_SECONDS); payload: its /proc/loadavg
+KALLSYMS = 74    # zlib of L1's text symbols from /proc/kallsyms (asked for by the job's "kallsyms")
 
 WINSIZE_FORMAT = struct.Struct(">HH")
 U32 = struct.Struct(">I")
