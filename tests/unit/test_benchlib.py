@@ -143,3 +143,12 @@ def test_run_vmm_stops_a_silent_vmm_and_everything_below_it():
 def test_run_vmm_reports_no_stop_for_a_vmm_that_ends():
     run = run_vmm([sys.executable, "-c", "print('done')"], stall=600)
     assert run["stopped"] is None and run["status"] == 0
+
+
+def test_a_stalled_vmm_says_its_last_words_before_the_stop():
+    run = run_vmm(["sh", "-c", "echo up; exec sleep 30"], stall=1.0, limit=20,
+                           before_stop=lambda: "vCPU 0: halted")
+    assert run["stopped"] == "stall"
+    assert run["stderr"].endswith("--- before the stop (stall):\nvCPU 0: halted\n")
+    broken = run_vmm(["sh", "-c", "exec sleep 30"], limit=1.0, before_stop=lambda: 1 / 0)
+    assert broken["stopped"] == "limit" and "failed: ZeroDivisionError" in broken["stderr"]
