@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -193,3 +194,43 @@ def test_tally_refuses_what_is_not_a_report(tmp_path):
     bad.write_text("{}")
     with pytest.raises(SystemExit, match="not a soak report"):
         soak.tally([bad])
+
+
+def _fake_testbed(monkeypatch, tmp_path, outcomes):
+    """run_testbed with scripts/testbed replaced: each run appends its
+    records to the stream and returns (status, stderr tail)."""
+    runs = []
+
+    def testbed_run(args, prepared, start, stream, plan_size):
+        records, status, tail = outcomes[len(runs)]
+        runs.append(start)
+        with stream.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        return status, tail
+
+    monkeypatch.setattr(soak, "testbed_run", testbed_run)
+    monkeypatch.setattr(soak, "REPO", tmp_path)
+    return runs
+
+
+def test_a_dying_l1_costs_one_boot_and_the_soak_goes_on_but_not_after_its_own_crash(monkeypatch, tmp_path):
+    import argparse
+    plan = soak.schedule(2, ["pyvmm", "qemu"], ["vcpu-vector"])
+    args = argparse.Namespace(keep_going=True)
+    start = lambda i: dict(plan[i], event="start")  # noqa: E731
+    done = lambda i: dict(plan[i], event="boot", **{"class": "clean"})  # noqa: E731
+    runs = _fake_testbed(monkeypatch, tmp_path, [
+        ([start(0), done(0), start(1)], 125, "testbed: L1 stopped responding: ..."),
+        ([start(2), done(2), start(3), done(3)], 0, ""),
+    ])
+    _, boots, testbed_runs = soak.run_testbed(args, {}, plan, tmp_path)
+    assert runs == [0, 2] and [b["class"] for b in boots] == ["clean", "testbed", "clean", "clean"]
+    assert "L1 stopped responding" in boots[1]["reason"]
+
+    (tmp_path / "boots.jsonl").unlink()
+    runs = _fake_testbed(monkeypatch, tmp_path, [
+        ([start(0), done(0), start(1)], 1, "Traceback (most recent call last):\nNameError: name 'x'"),
+    ])
+    _, boots, _ = soak.run_testbed(args, {}, plan, tmp_path)
+    assert runs == [0] and [b["class"] for b in boots] == ["clean"]  # no boot blamed, no second run
