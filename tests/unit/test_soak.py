@@ -189,6 +189,25 @@ def test_tally_counts_the_boots_of_several_reports_and_names_each_run(tmp_path, 
     assert "commit aaaa, 2 of 2 boots" in out and "commit bbbb, 3 of 3 boots" in out
 
 
+def test_tally_counts_the_stream_of_a_run_stopped_before_its_report(tmp_path, capsys):
+    stream = tmp_path / "boots.jsonl"
+    records = [{"event": "host", "kernel": "6.12", "tcg_threads": "single"},
+               {"event": "start", "vmm": "pyvmm"}, {"event": "boot", "vmm": "pyvmm", "mode": "intx-tsc",
+                                                    "class": "clean", "seconds": 50.0},
+               {"event": "start", "vmm": "qemu"}, {"event": "boot", "vmm": "qemu", "mode": "intx-tsc",
+                                                   "class": "reset", "seconds": 20.0},
+               {"event": "start", "vmm": "qemu"}]
+    stream.write_text("".join(soak.json.dumps(record) + "\n" for record in records) + '{"event": "bo')
+    rows = {(r["vmm"], r["mode"]): r for r in soak.tally([stream])}
+    assert rows["pyvmm", "all"]["clean"] == 1 and rows["qemu", "all"]["reset"] == 1
+    assert [vmm for vmm, mode in rows if mode == "all"] == ["pyvmm", "qemu"]
+    out = capsys.readouterr().out
+    assert "stopped after 2 boots (and one in progress, not counted)" in out and "TCG threads single" in out
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="not a soak stream"):
+        soak.tally([tmp_path / "empty.jsonl"])
+
+
 def test_tally_refuses_what_is_not_a_report(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
