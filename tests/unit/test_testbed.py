@@ -437,6 +437,10 @@ def test_an_agent_that_speaks_or_a_finished_command_is_never_silent(tmp_path):
     run._check_deadlines()  # the command is over: nothing more to hear
     run.exit_status, run.silence = None, 0
     run._check_deadlines()  # --l1-silence 0: never
+    run.silence, run.last_word = 180, time.monotonic() - 1000
+    run._output(1).pending += b"x" * host.OUTPUT_BACKLOG_LIMIT  # we are not reading the agent now
+    run._check_deadlines()
+    assert time.monotonic() - run.last_word < 5  # its silence counts from when we read again
     qemu_end.close()
     run.monitor.close()
 

@@ -583,6 +583,11 @@ class Run:
         """When L1 counts as frozen if the agent stays silent, or None."""
         if not self.silence or self.started_at is None or self.exit_status is not None:
             return None
+        if self._backlog() >= OUTPUT_BACKLOG_LIMIT:
+            # We stopped reading the agent (the caller reads its output
+            # slowly): its silence is ours, and counts from when we read again.
+            self.last_word = time.monotonic()
+            return None
         return max(self.last_word or 0.0, self.started_at) + self.silence
 
     def _next_deadline(self):
