@@ -20,6 +20,18 @@ from ..vcpu_state import format_registers
 log = logging.getLogger(__name__)
 
 
+# AMD's SVM: KVM reinitialises the vCPU at the shutdown intercept, so what
+# pyvmm reads afterwards is the CPU's power-on state, not the faulting one.
+_ALREADY_RESET = (" (these are the power-on registers: KVM had already reset the vCPU, as it does on AMD"
+                  " hosts, and the state at the fault is lost; a trace of KVM's kvm_exit and"
+                  " kvm_inj_exception events shows the last ones)")
+
+
+def _in_reset_state(registers: dict[str, int]) -> bool:
+    return (registers.get("rip") == 0xFFF0 and registers.get("cs") == 0xF000
+            and registers.get("cr0", 0) & 1 == 0 and registers.get("efer") == 0)
+
+
 class ExitHandler:
     def __init__(self, pio: Bus, mmio: Bus, hypercall: Callable[[kx.XenHypercallExit], None] | None = None,
                  debug: Callable[[kx.DebugExit], None] | None = None, *, vcpu: int | None = None,
@@ -97,8 +109,9 @@ class ExitHandler:
         # through ACPI or the keyboard controller first, so a triple fault is
         # nearly always a crash in early boot or a broken exception path.
         registers = self._read_registers()
-        log.warning("vCPU %s triple-faulted (an unexpected CPU reset): %s", self._vcpu_name(),
-                    format_registers(registers) if registers else "registers unavailable")
+        log.warning("vCPU %s triple-faulted (an unexpected CPU reset): %s%s", self._vcpu_name(),
+                    format_registers(registers) if registers else "registers unavailable",
+                    _ALREADY_RESET if _in_reset_state(registers) else "")
         if self._trace.stop:
             self._trace.emit("stop", "triple-fault", **{name: hex(value) for name, value in registers.items()})
         return StopReason.TRIPLE_FAULT

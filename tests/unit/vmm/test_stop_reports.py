@@ -36,6 +36,17 @@ def test_triple_fault_is_its_own_reason_with_a_warning_naming_the_registers(capl
         assert text in message, text
 
 
+def test_a_triple_fault_whose_registers_are_the_power_on_state_says_the_faulting_state_is_lost(caplog):
+    reset = {"rip": 0xFFF0, "rsp": 0, "rflags": 0x2, "cr0": 0x10, "cr2": 0, "cr3": 0, "cr4": 0, "efer": 0,
+             "cs": 0xF000, "ss": 0}
+    with caplog.at_level(logging.WARNING, logger="pyvmm.vmm.exit_handler"):
+        handler(lambda: reset).handle(kx.ShutdownExit())
+        handler(lambda: REGISTERS).handle(kx.ShutdownExit())
+    after_reset, real = (r.getMessage() for r in caplog.records)
+    assert "rip=0xfff0" in after_reset and "KVM had already reset the vCPU" in after_reset
+    assert "already reset" not in real
+
+
 def test_triple_fault_still_stops_when_the_registers_cannot_be_read(caplog):
     def broken():
         raise OSError(5, "I/O error")
