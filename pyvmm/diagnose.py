@@ -41,6 +41,10 @@ def read_run_state(vcpu, memory=None) -> dict:
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
     state = {"mp_state": vcpu.get_mp_state(), "rip": regs.rip, "rflags": regs.rflags, "rsp": regs.rsp,
              "cr3": sregs.cr3}
+    try:
+        state["lapic"] = lapic_text(vcpu.get_lapic())
+    except Exception:  # no in-kernel LAPIC, or KVM refused: the rest still helps
+        pass
     if memory is not None:
         long_mode = bool(sregs.efer & EFER_LMA)
         # KVM_TRANSLATE takes a linear address: segment bases count outside long mode.
@@ -51,6 +55,25 @@ def read_run_state(vcpu, memory=None) -> dict:
         state["stack"] = None if words is None else [int.from_bytes(words[i : i + 8], "little")
                                                      for i in range(0, len(words) - 7, 8)]
     return state
+
+
+def _vectors(registers: bytes, base: int) -> list[int]:
+    """The vectors set in one of the LAPIC's 256-bit registers (ISR, IRR):
+    eight 32-bit words, 16 bytes apart."""
+    return [vector for vector in range(256)
+            if registers[base + (vector // 32) * 16 + (vector % 32) // 8] >> (vector % 8) & 1]
+
+
+def lapic_text(registers: bytes) -> str:
+    """'LAPIC: TPR 0x0, in service 0xf3, requested none' from KVM_GET_LAPIC's
+    register page: an interrupt KVM counts as delivered but whose handler
+    never ended (its EOI) stays in service and holds back every vector of
+    its priority class and below."""
+    enabled = registers[0xF1] & 1  # SVR bit 8
+    isr, irr = _vectors(registers, 0x100), _vectors(registers, 0x200)
+    listed = lambda vectors: " ".join(f"{v:#x}" for v in vectors) or "none"  # noqa: E731
+    return (f"LAPIC{'' if enabled else ' (software-disabled)'}: TPR {registers[0x80]:#x}, "
+            f"in service {listed(isr)}, requested {listed(irr)}")
 
 
 def _bytes_at(vcpu, memory, linear: int, count: int) -> bytes | None:
@@ -116,6 +139,8 @@ def vcpu_line(index: int, state: dict | None, activity: str | None, counters: st
             line += "; code at rip: " + (code.hex(" ") if code else "unreadable")
             if stack:
                 line += "; stack: " + " ".join(f"{word:#x}" for word in stack)
+        if state.get("lapic"):
+            line += "; " + state["lapic"]
         if state.get("xen"):
             line += "; " + state["xen"]
     return f"{line}; {counters}" if counters else line

@@ -154,6 +154,31 @@ def test_read_run_state_reads_code_and_stack_through_the_page_tables():
         memory.close()
 
 
+def test_lapic_text_names_the_vectors_in_service_and_requested():
+    registers = bytearray(1024)
+    registers[0xF1] = 1  # SVR: software-enabled
+    registers[0x80] = 0x20  # TPR
+    registers[0x100 + (0xF3 // 32) * 16 + (0xF3 % 32) // 8] |= 1 << (0xF3 % 8)  # ISR: 0xf3
+    for vector in (0x30, 0xEC):
+        registers[0x200 + (vector // 32) * 16 + (vector % 32) // 8] |= 1 << (vector % 8)  # IRR
+    assert diagnose.lapic_text(bytes(registers)) == "LAPIC: TPR 0x20, in service 0xf3, requested 0x30 0xec"
+    assert diagnose.lapic_text(bytes(1024)) == "LAPIC (software-disabled): TPR 0x0, in service none, requested none"
+
+
+def test_read_run_state_adds_the_lapic_when_kvm_gives_it():
+    class WithLapic(_FakeVcpu):
+        def get_lapic(self):
+            registers = bytearray(1024)
+            registers[0xF1] = 1
+            return registers
+
+    state = diagnose.read_run_state(WithLapic(0x1000, 0x2000))
+    assert state["lapic"] == "LAPIC: TPR 0x0, in service none, requested none"
+    assert "lapic" not in diagnose.read_run_state(_FakeVcpu(0x1000, 0x2000))  # no get_lapic: left out
+    line = diagnose.vcpu_line(1, dict(state, mp_state=uapi.KVM_MP_STATE_RUNNABLE), None)
+    assert "; LAPIC: TPR 0x0, in service none, requested none" in line
+
+
 def test_timer_text():
     assert diagnose.timer_text(0.0032, "in KVM, port 5") == "timer due in 3.2 ms (in KVM, port 5)"
     assert diagnose.timer_text(-812.34, "in KVM, port 5") == "timer overdue by 812.3 s (in KVM, port 5)"
