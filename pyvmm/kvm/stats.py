@@ -24,8 +24,11 @@ from . import uapi
 from .ioctl import KvmError, ioctl
 
 # What a diagnosis shows, in this order (KVM's names; absent ones are skipped).
+# hypercalls, insn_emulation and pf_taken tell a vCPU spinning through
+# exits KVM handles itself (Xen hypercalls such as SCHEDOP_poll, emulated
+# instructions, page faults) from one taking external interrupts.
 WANTED = ("exits", "halt_exits", "io_exits", "mmio_exits", "irq_exits", "irq_window_exits", "signal_exits",
-          "irq_injections")
+          "irq_injections", "hypercalls", "insn_emulation", "pf_taken")
 
 _HEADER = struct.Struct("<6I")
 _DESCRIPTOR = struct.Struct("<IhHII")
