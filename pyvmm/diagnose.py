@@ -70,10 +70,10 @@ def lapic_text(registers: bytes) -> str:
     never ended (its EOI) stays in service and holds back every vector of
     its priority class and below."""
     enabled = registers[0xF1] & 1  # SVR bit 8
-    isr, irr = _vectors(registers, 0x100), _vectors(registers, 0x200)
-    listed = lambda vectors: " ".join(f"{v:#x}" for v in vectors) or "none"  # noqa: E731
+    in_service, requested = (" ".join(f"{v:#x}" for v in _vectors(registers, base)) or "none"
+                             for base in (0x100, 0x200))  # ISR, IRR
     return (f"LAPIC{'' if enabled else ' (software-disabled)'}: TPR {registers[0x80]:#x}, "
-            f"in service {listed(isr)}, requested {listed(irr)}")
+            f"in service {in_service}, requested {requested}")
 
 
 def _bytes_at(vcpu, memory, linear: int, count: int) -> bytes | None:

@@ -480,6 +480,16 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("environ", [{"PYVMM_TESTBED_CPUS": "two"}, {"PYVMM_TESTBED_TCG_THREADS": "many"},
+                                     {"PYVMM_TESTBED_L1_SILENCE": "long"}, {"PYVMM_TESTBED_L1_SILENCE": "5"}])
+def test_bad_environment_defaults_are_usage_errors(environ, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_arguments(["--check"], environ=environ)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert next(iter(environ)) in err or "--l1-silence must be 0 (never) or at least 30 s" in err
+
+
 # -- the agent's relay, run on the host with a socketpair as the channel ----------------
 
 def run_agent_job(argv, stdin=b"", env=None):

@@ -64,27 +64,35 @@ def parse_arguments(argv, environ=None):
     elif not options.command:
         parser.error("no command given (put it after --)")
     environ = os.environ if environ is None else environ
-    if options.cpus is None:
+
+    def from_environ(value, name, default, convert, what):
+        """An option's value: given, else $name's, else `default`."""
+        if value is not None:
+            return value
+        text = environ.get(name)
+        if not text:
+            return default
         try:
-            options.cpus = int(environ.get("PYVMM_TESTBED_CPUS") or 2)
+            return convert(text)
         except ValueError:
-            parser.error("PYVMM_TESTBED_CPUS=%s: not a number" % environ["PYVMM_TESTBED_CPUS"])
-    if options.tcg_threads is None:
-        options.tcg_threads = environ.get("PYVMM_TESTBED_TCG_THREADS") or "multi"
-        if options.tcg_threads not in TCG_THREADS:
-            parser.error("PYVMM_TESTBED_TCG_THREADS=%s: not one of %s" % (options.tcg_threads, ", ".join(TCG_THREADS)))
+            parser.error("%s=%s: not %s" % (name, text, what))
+
+    def tcg_threads(text):
+        if text not in TCG_THREADS:
+            raise ValueError(text)
+        return text
+
+    options.cpus = from_environ(options.cpus, "PYVMM_TESTBED_CPUS", 2, int, "a number")
+    options.tcg_threads = from_environ(options.tcg_threads, "PYVMM_TESTBED_TCG_THREADS", "multi", tcg_threads,
+                                       "one of " + ", ".join(TCG_THREADS))
+    options.l1_silence = from_environ(options.l1_silence, "PYVMM_TESTBED_L1_SILENCE", host.DEFAULT_L1_SILENCE,
+                                      float, "a number of seconds")
     if options.memory < 256:
         parser.error("--memory must be at least 256 MiB")
     if not 1 <= options.cpus <= 64:
         parser.error("--cpus must be between 1 and 64")
     if options.timeout is not None and options.timeout <= 0:
         parser.error("--timeout must be positive")
-    if options.l1_silence is None:
-        value = environ.get("PYVMM_TESTBED_L1_SILENCE")
-        try:
-            options.l1_silence = host.DEFAULT_L1_SILENCE if value in (None, "") else float(value)
-        except ValueError:
-            parser.error("PYVMM_TESTBED_L1_SILENCE=%s: not a number of seconds" % value)
     if options.l1_silence < 0 or 0 < options.l1_silence < 30:
         parser.error("--l1-silence must be 0 (never) or at least 30 s (the agent speaks every 10 s)")
     for path in options.rw:

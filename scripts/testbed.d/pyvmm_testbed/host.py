@@ -7,10 +7,12 @@ descriptors, so nothing is created in the file system:
 - QEMU's human monitor, asked for L1's registers when L1 stops responding.
 """
 
+import bisect
 import ctypes
 import errno
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -19,6 +21,7 @@ import sys
 import termios
 import time
 import tty
+import zlib
 
 from pyvmm_testbed import wire
 
@@ -188,7 +191,6 @@ def read_symbols(path):
 
 def symbolize(address, symbols):
     """'name+0xoff' for a kernel text address, None outside the map."""
-    import bisect
     index = bisect.bisect_right(symbols, (address, "\uffff")) - 1
     if index < 0 or not symbols or address > symbols[-1][0] + (1 << 20):
         return None
@@ -201,7 +203,6 @@ def cpu_summary(registers, symbols):
     whether halted; kernel addresses named from L1's symbols (a vCPU
     that was running an L2 guest shows the guest's registers: the monitor
     cannot tell them apart, so such a name can be wrong)."""
-    import re
     lines = []
     for block in re.split(r"(?m)^CPU#", registers)[1:]:
         number = block.split("\n", 1)[0].strip()
@@ -566,7 +567,6 @@ class Run:
         return os.path.join(os.path.dirname(self.artifacts.vmlinuz), "kallsyms-" + self.artifacts.kernel["release"])
 
     def _keep_symbols(self, compressed):
-        import zlib
         try:
             text = zlib.decompress(compressed)
         except zlib.error:
@@ -610,17 +610,16 @@ class Run:
         if silence_deadline is not None and now > silence_deadline:
             cpus = self._l1_cpus()
             raise TestbedError("L1 stopped responding: no word from its agent for %d s (its last load "
-                               "average: %s); %s" % (now - max(self.last_word or 0.0, self.started_at),
+                               "average: %s); %s" % (now - (silence_deadline - self.silence),
                                                      self.l1_load.decode(errors="replace") or "none",
                                                      "; ".join(cpus)))
 
     def _l1_cpus(self):
         """Where L1's vCPUs are, from QEMU's monitor; its whole answer goes
-        into the console log that a failed run keeps."""
+        into monitor_log, which a failed run keeps after the console."""
         answer = bytearray()
         deadline = time.monotonic() + MONITOR_WAIT
         try:
-            self.monitor.setblocking(True)
             self.monitor.settimeout(MONITOR_WAIT)
             self.monitor.sendall(b"info registers -a\n")
             # The answer is complete at the prompt after the last vCPU's block.
