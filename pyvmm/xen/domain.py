@@ -1598,10 +1598,29 @@ class XenDomain:
             if periodic is not None:
                 timer += "; " + diagnose.timer_text(periodic, "periodic")
         gpa = self._vcpu_info_gpa_of(index)
-        pending = None if gpa is None else self.memory.read(gpa, 1)[0]
+        pending = selector = "?"
+        if gpa is not None:
+            word = 8 if self.long_mode is not False else 4
+            pending = self.memory.read(gpa, 1)[0]
+            selector = f"{int.from_bytes(self.memory.read(gpa + word, word), 'little'):#x}"
         vector = self._per_vcpu_vector[index]
         via = f"per-vCPU vector {vector:#x}" if vector else f"callback {self.callback.value}"
-        return f"Xen: {timer}; upcall_pending={'?' if pending is None else pending} ({via})"
+        return (f"Xen: {timer}; upcall_pending={pending} pending_sel={selector} ({via})"
+                + self._kernel_vcpu_info_text(vcpu, gpa))
+
+    def _kernel_vcpu_info_text(self, vcpu, gpa: int | None) -> str:
+        """Where KVM writes this vCPU's upcall flags, when that is not where
+        pyvmm and the guest look (a vcpu_info move KVM missed would lose
+        every event KVM raises there)."""
+        if not self.kvm_features.vcpu_attrs:
+            return ""
+        try:
+            kernel_gpa = vcpu.xen_vcpu_get_attr(uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO).u.gpa
+        except OSError as error:
+            return f"; KVM's vcpu_info unknown ({error.strerror})"
+        if kernel_gpa == (abi.INVALID_GPA if gpa is None else gpa):
+            return ""
+        return f"; KVM's vcpu_info at {kernel_gpa:#x}, not at {'none' if gpa is None else hex(gpa)}"
 
     def diagnostics(self) -> list[str]:
         """The xenstore ring and the store and console event channels, a few
@@ -1616,6 +1635,7 @@ class XenDomain:
             diagnose.console_ring_line(self.pv_console.snapshot(), output.written, idle)
             + f"; {self.console_lost_wakeups} lost wake-up(s) found by the once-a-second check",
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
+            diagnose.pending_ports_line(ports.values()),
         ]
 
 

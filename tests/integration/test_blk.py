@@ -138,16 +138,16 @@ umount /mnt
 true
 """
     result = boot(assets, tmp_path, script, str(image), f"{ro},readonly=on", extra=("-v",))
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     out = result.stdout
-    assert "found /dev/xvda" in out and "found /dev/xvdb" in out and "mounted" in out, result
-    assert f"known-sha={KNOWN_SHA}" in out, result
+    assert "found /dev/xvda" in out and "found /dev/xvdb" in out and "mounted" in out, str(result)
+    assert f"known-sha={KNOWN_SHA}" in out, str(result)
     # Two queues, each serving its CPU, each read and written from its CPU.
-    assert "mq: 0 1 " in out, result
-    assert "queue 0 serves cpus 0" in out and "queue 1 serves cpus 1" in out, result
-    assert "direct read on cpu 0" in out and "direct read on cpu 1" in out, result
-    assert f"cpu0-sha={KNOWN_SHA}" in out and f"cpu1-sha={KNOWN_SHA}" in out, result
-    assert "unmounted" in out and "pyvmm-guest: test exit 0" in out, result
+    assert "mq: 0 1 " in out, str(result)
+    assert "queue 0 serves cpus 0" in out and "queue 1 serves cpus 1" in out, str(result)
+    assert "direct read on cpu 0" in out and "direct read on cpu 1" in out, str(result)
+    assert f"cpu0-sha={KNOWN_SHA}" in out and f"cpu1-sha={KNOWN_SHA}" in out, str(result)
+    assert "unmounted" in out and "pyvmm-guest: test exit 0" in out, str(result)
     # Four rings (two per disk), each its own interrupt line; xvdb was idle
     # while xvda did I/O from both CPUs, so at least xvda's two lines rang.
     def irq_counts(prefix):
@@ -157,9 +157,9 @@ true
         return {int(m[1]): int(m[2]) + int(m[3]) for m in counts}
     before, after = irq_counts("irq-before "), irq_counts("irq-after ")
     print(f"blkif interrupts before {before}, after {after}")
-    assert len(before) == 4 and set(before) == set(after), result
+    assert len(before) == 4 and set(before) == set(after), str(result)
     assert sum(after[irq] > before[irq] for irq in before) >= 2, (before, after)
-    assert re.search(r"xvda .*connected, 2 queue\(s\)", result.stderr), result
+    assert re.search(r"xvda .*connected, 2 queue\(s\)", result.stderr), str(result)
     # What the guest wrote is in the image, seen by the host's e2fsprogs.
     assert debugfs_cat(image, "/written.txt").decode() == WRITTEN
     for cpu in (0, 1):
@@ -167,14 +167,14 @@ true
     check = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     # The read-only disk.
-    assert "ro-mounted" in out and f"ro-known-sha={KNOWN_SHA}" in out, result
-    assert "xvdb-ro=1" in out, result
-    assert re.search(r"touch-status=[1-9]", out), result
-    assert re.search(r"dd-status=[1-9]", out), result
+    assert "ro-mounted" in out and f"ro-known-sha={KNOWN_SHA}" in out, str(result)
+    assert "xvdb-ro=1" in out, str(result)
+    assert re.search(r"touch-status=[1-9]", out), str(result)
+    assert re.search(r"dd-status=[1-9]", out), str(result)
     assert hashlib.sha256(ro.read_bytes()).hexdigest() == ro_before
     # Module reload (asserted last: the data checks above do not depend on it).
-    assert "unbound" in out and "xvda gone" in out and "unloaded" in out, result
-    assert "reloaded: " + WRITTEN.strip() in out, result
+    assert "unbound" in out and "xvda gone" in out and "unloaded" in out, str(result)
+    assert "reloaded: " + WRITTEN.strip() in out, str(result)
 
 
 def allocated(path):
@@ -213,15 +213,15 @@ true
         status = guest.finish()
         trimmed = allocated(image)
         out = guest.stdout
-        assert status == 0, guest
+        assert status == 0, str(guest)
     mib = 1 << 20
     summary = f"image allocation: empty {empty / mib:.1f} MiB, full {full / mib:.1f} MiB, trimmed {trimmed / mib:.1f} MiB"
     print(summary)
     print("\n".join(line for line in out.splitlines() if "trimmed" in line))
-    assert re.search(r"discard-max-bytes=[1-9]", out), guest
-    assert "the host says: go" in out, guest
-    assert re.search(r"/mnt: .* trimmed", out), guest
-    assert "pyvmm-guest: test exit 0" in out, guest
+    assert re.search(r"discard-max-bytes=[1-9]", out), str(guest)
+    assert "the host says: go" in out, str(guest)
+    assert re.search(r"/mnt: .* trimmed", out), str(guest)
+    assert "pyvmm-guest: test exit 0" in out, str(guest)
     assert full - empty >= 16 * mib, summary
     assert full - trimmed >= 14 * mib, summary
     check = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True)
@@ -329,12 +329,12 @@ true
     append = "console=hvc0 panic=-1 rdinit=/switch-init root=/dev/xvda"
     result = run_pyvmm(*pyvmm_args(assets, initrd, [str(image)], append=append), timeout=BOOT_TIMEOUT)
     out = result.stdout
-    assert "switch-init: switching to /dev/xvda" in out, result
-    assert f"marker: {marker}" in out, result
-    assert "root: /dev/xvda ext4" in out, result
-    assert "the initramfs is gone" in out, result
-    assert "pyvmm-guest: test exit 0" in out, result
-    assert result.status == 0, result
+    assert "switch-init: switching to /dev/xvda" in out, str(result)
+    assert f"marker: {marker}" in out, str(result)
+    assert "root: /dev/xvda ext4" in out, str(result)
+    assert "the initramfs is gone" in out, str(result)
+    assert "pyvmm-guest: test exit 0" in out, str(result)
+    assert result.status == 0, str(result)
     assert debugfs_cat(image, "/written.txt") == b"written to the root disk\n"
 
 
@@ -366,8 +366,8 @@ sleep 600
     with LiveGuest(pyvmm_args(assets, initrd, [str(image)])) as guest:
         guest.wait_for(rf"durable-{token}")
         status = guest.kill()
-        assert status == -signal.SIGKILL, guest
-        assert "mounted" in guest.stdout, guest
+        assert status == -signal.SIGKILL, str(guest)
+        assert "mounted" in guest.stdout, str(guest)
     # What mount would do after a crash: replay the journal (exit 1: the
     # file system was changed by that), then a clean check.
     replay = subprocess.run([tool("e2fsck"), "-fy", str(image)], capture_output=True, text=True)

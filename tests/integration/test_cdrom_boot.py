@@ -40,8 +40,8 @@ def test_seabios_boots_an_el_torito_cd(tmp_path):
     # No Xen: the CD-ROM is an emulated drive, not a Xen PV device.
     result = run_pyvmm("run", "--no-xen", "--cdrom", str(iso), "--timeout", "120",
                        "--expect", "pyvmm-cd-boot: ran from the CD", "-v", timeout=200)
-    assert result.status == 0, result
-    assert "Booting from DVD/CD" in result.stdout, result
+    assert result.status == 0, str(result)
+    assert "Booting from DVD/CD" in result.stdout, str(result)
     assert "DVD/CD [ata1-0: PYVMM DVD-ROM ATAPI" in result.stderr, result  # SeaBIOS's probe, in the log
 
 
@@ -94,9 +94,9 @@ def test_linux_mounts_the_cd_it_booted_from(tmp_path):
     except DiskToolsMissing as error:
         pytest.skip(str(error))
     result = run_pyvmm("run", "--cdrom", str(iso), "--no-reboot", "--timeout", "300", "-v", timeout=400)
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     out = result.stdout
     assert "Booting from DVD/CD" in out, result  # SeaBIOS, on COM1
     assert "pyvmm cdrom test" in out and "pyvmm-disk: loading the kernel" in out, result  # GRUB's menu
-    assert "cdrom-boot: files: " in out and CD_FILE in out, result
-    assert "pyvmm-guest: test exit 0" in out, result
+    assert "cdrom-boot: files: " in out and CD_FILE in out, str(result)
+    assert "pyvmm-guest: test exit 0" in out, str(result)

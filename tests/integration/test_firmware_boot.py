@@ -50,14 +50,14 @@ def test_seabios_and_grub_boot_linux_from_the_image(tmp_path, assets, firmware):
     except DiskToolsMissing as error:
         pytest.skip(str(error))
     result = run_pyvmm("run", "--disk", str(disk), "--no-reboot", "--timeout", "300", "-v", timeout=400)
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     out = result.stdout
     assert "Booting from Hard Disk" in out, result  # SeaBIOS, on COM1
     assert "pyvmm firmware test" in out and "pyvmm-disk: loading the kernel" in out, result  # GRUB's menu
-    assert "pyvmm-guest: test exit 0" in out, result
+    assert "pyvmm-guest: test exit 0" in out, str(result)
     assert "firmware: SeaBIOS (version" in result.stderr, result  # its debug port, in the log
     # Linux's Xen platform code unplugs the emulated disk once PV drivers can take over.
-    assert "emulated IDE disk 0 unplugged" in result.stderr, result
+    assert "emulated IDE disk 0 unplugged" in result.stderr, str(result)
 
 
 def test_the_grub_menu_waits_on_the_serial_console_until_a_key_picks_the_entry(tmp_path, assets, firmware):
@@ -81,5 +81,5 @@ def test_a_disk_with_nothing_to_boot_fails_with_one_line(tmp_path, assets, firmw
     disk = tmp_path / "blank.img"
     disk.write_bytes(bytes(1 << 20))
     result = run_pyvmm("run", "--disk", str(disk), "--timeout", "120", timeout=200)
-    assert result.status == 1, result
-    assert "the firmware found nothing to boot" in result.stderr, result
+    assert result.status == 1, str(result)
+    assert "the firmware found nothing to boot" in result.stderr, str(result)

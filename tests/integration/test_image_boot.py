@@ -81,17 +81,17 @@ def recorded(disk, report) -> dict[str, str]:
 
 def test_root_is_on_xen_blkfront_after_the_unplug(disk):
     result, report = boot(disk, HOTKEY_CHECK)
-    assert report is not None, result
-    assert report["root"] == "/dev/xvda1", result
-    assert report["fstype"] == "ext4", result
+    assert report is not None, str(result)
+    assert report["root"] == "/dev/xvda1", str(result)
+    assert report["fstype"] == "ext4", str(result)
     disks = report["disks"].split(",")
-    assert "xvda" in disks and not any(name.startswith(("sd", "hd")) for name in disks), result
-    assert "xen_blkfront" in report["drivers"].split(","), result
-    assert report["hypervisor"] == "xen", result
-    assert report["multi-user"] == "active", result
+    assert "xvda" in disks and not any(name.startswith(("sd", "hd")) for name in disks), str(result)
+    assert "xen_blkfront" in report["drivers"].split(","), str(result)
+    assert report["hypervisor"] == "xen", str(result)
+    assert report["multi-user"] == "active", str(result)
     # Linux's Xen platform code wrote the unplug mask before its ATA drivers probed.
-    assert UNPLUGGED in result.stderr, result
-    assert MARKER_POWERING_OFF in result.stdout, result
+    assert UNPLUGGED in result.stderr, str(result)
+    assert MARKER_POWERING_OFF in result.stdout, str(result)
     assert result.status == 0, result  # the guest's own ACPI power-off
 
     cmdline = recorded(disk, report)["cmdline"].split()
@@ -101,18 +101,18 @@ def test_root_is_on_xen_blkfront_after_the_unplug(disk):
 
 def test_root_is_on_the_emulated_disk_with_the_pv_drivers_blacklisted(disk):
     result, report = boot(disk, HOTKEY_EMULATED_DISK)
-    assert report is not None, result
-    assert report["root"] == "/dev/sda1", result
-    assert report["fstype"] == "ext4", result
+    assert report is not None, str(result)
+    assert report["root"] == "/dev/sda1", str(result)
+    assert report["fstype"] == "ext4", str(result)
     disks = report["disks"].split(",")
-    assert "sda" in disks and not any(name.startswith("xvd") for name in disks), result
+    assert "sda" in disks and not any(name.startswith("xvd") for name in disks), str(result)
     drivers = report["drivers"].split(",")
-    assert "ata_piix" in drivers and "xen_blkfront" not in drivers, result
-    assert report["hypervisor"] == "xen", result
-    assert report["multi-user"] == "active", result
-    assert UNPLUGGED not in result.stderr, result
-    assert MARKER_POWERING_OFF in result.stdout, result
-    assert result.status == 0, result
+    assert "ata_piix" in drivers and "xen_blkfront" not in drivers, str(result)
+    assert report["hypervisor"] == "xen", str(result)
+    assert report["multi-user"] == "active", str(result)
+    assert UNPLUGGED not in result.stderr, str(result)
+    assert MARKER_POWERING_OFF in result.stdout, str(result)
+    assert result.status == 0, str(result)
 
     cmdline = recorded(disk, report)["cmdline"].split()
     assert any(word.startswith("root=UUID=") for word in cmdline), cmdline

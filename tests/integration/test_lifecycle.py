@@ -75,8 +75,8 @@ def test_xen_wdt_watchdog_stops_the_vm_when_not_petted_and_not_while_paused(asse
     log = guest.stderr
     assert re.search(r"WARNING: pyvmm\.xen\.domain: Xen watchdog 1 of domain 1 expired: the guest did not pet "
                      rf"it within {WATCHDOG_TIMEOUT} s", log), guest
-    assert "guest stopped: watchdog (watchdog 1)" in log, guest
-    assert "pet 8" in guest.stdout and "still running" not in guest.stdout, guest
+    assert "guest stopped: watchdog (watchdog 1)" in log, str(guest)
+    assert "pet 8" in guest.stdout and "still running" not in guest.stdout, str(guest)
     # One timeout after the last pet, give or take the console's and the
     # testbed's delays.
     assert ran >= WATCHDOG_TIMEOUT - 4, (ran, timings, str(guest))
@@ -151,16 +151,16 @@ def test_kexec_into_a_second_kernel(assets, tmp_path):
                        "--append", "console=hvc0 panic=-1", "--memory", "768M", "--vcpus", "2", "--no-reboot",
                        "--disk", f"{disk},readonly=on", "-v", timeout=BOOT_TIMEOUT)
     out = result.stdout
-    assert "first kernel: xenstore domid=1" in out and "first kernel: kexec loaded" in out, result
-    assert f"first kernel: disk={DISK_MARKER.decode()}" in out, result
-    assert "the guest asked for a soft reset" in result.stderr, result
-    assert "soft reset done" in result.stderr, result
-    assert "second kernel: init reached" in out, result
-    assert "second kernel: hypervisor=xen" in out, result
-    assert "second kernel: xenstore domid=1" in out, result
+    assert "first kernel: xenstore domid=1" in out and "first kernel: kexec loaded" in out, str(result)
+    assert f"first kernel: disk={DISK_MARKER.decode()}" in out, str(result)
+    assert "the guest asked for a soft reset" in result.stderr, str(result)
+    assert "soft reset done" in result.stderr, str(result)
+    assert "second kernel: init reached" in out, str(result)
+    assert "second kernel: hypervisor=xen" in out, str(result)
+    assert "second kernel: xenstore domid=1" in out, str(result)
     assert "second kernel: old node=ENOENT" in out, result  # the domain's directory was made anew
     assert f"second kernel: disk={DISK_MARKER.decode()}" in out, result  # the backend started over
-    assert "second kernel dmesg: " in out and "Grant table initialized" in out.split("second kernel: init")[1], result
-    assert "second kernel: timer ok" in out, result
+    assert "second kernel dmesg: " in out and "Grant table initialized" in out.split("second kernel: init")[1], str(result)
+    assert "second kernel: timer ok" in out, str(result)
     # The second kernel's /test.sh ended and the guest powered off.
-    assert result.status == 0, result
+    assert result.status == 0, str(result)

@@ -40,21 +40,21 @@ def boot(assets, tmp_path, script: str, *extra: str, timeout: float = BOOT_TIMEO
 def test_two_vcpus_boot_to_userspace_and_expect_stops_the_guest_with_status_0(assets, tmp_path):
     script = 'echo "cpus=$(grep -c ^processor /proc/cpuinfo)"\necho "expect-me-$((40 + 2))"\nwhile :; do sleep 1; done\n'
     result = boot(assets, tmp_path, script, "--vcpus", "2", "--expect", r"expect-me-42", "--timeout", "600")
-    assert result.status == 0, result
-    assert "pyvmm-guest: init started" in result.stdout, result
-    assert "cpus=2" in result.stdout, result
-    assert "expect-me-42" in result.stdout, result
+    assert result.status == 0, str(result)
+    assert "pyvmm-guest: init started" in result.stdout, str(result)
+    assert "cpus=2" in result.stdout, str(result)
+    assert "expect-me-42" in result.stdout, str(result)
 
 
 def test_reboot_under_no_reboot_gives_status_2(assets, tmp_path):
     result = boot(assets, tmp_path, "echo rebooting-now\nreboot -f\n", "--no-reboot")
-    assert result.status == 2, result
-    assert "rebooting-now" in result.stdout, result
+    assert result.status == 2, str(result)
+    assert "rebooting-now" in result.stdout, str(result)
 
 
 def test_power_off_without_the_expected_line_gives_status_5(assets, tmp_path):
     result = boot(assets, tmp_path, "echo something-else\npoweroff -f\n", "--expect", "never-printed", "--no-reboot")
-    assert result.status == 5, result
+    assert result.status == 5, str(result)
     assert "something-else" in result.stdout
 
 

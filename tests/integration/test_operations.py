@@ -64,8 +64,8 @@ def test_guest_started_from_an_xl_config(assets, tmp_path):
         'serial = "pty"\n'
     )
     result = run_pyvmm("run", str(config), timeout=BOOT_TIMEOUT)
-    assert result.status == 0, result
-    assert "from-xl-cfg" in result.stdout and "marker=xl" in result.stdout, result
+    assert result.status == 0, str(result)
+    assert "from-xl-cfg" in result.stdout and "marker=xl" in result.stdout, str(result)
 
 
 def start_guest(assets, tmp_path, name: str, script: str) -> LiveGuest:

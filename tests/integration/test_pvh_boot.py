@@ -28,28 +28,28 @@ def pvh_kernels(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["elf64", "elf32", "i386"])
 def test_pvh_kernel_boots_prints_and_powers_off(pvh_kernels, variant):
     result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels[variant]), "--append", "console=ttyS0 marker=42", timeout=120)
-    assert result.status == 0, result
-    assert "pyvmm-pvh-test: magic ok" in result.stdout, result
-    assert "cmdline: console=ttyS0 marker=42" in result.stdout, result
+    assert result.status == 0, str(result)
+    assert "pyvmm-pvh-test: magic ok" in result.stdout, str(result)
+    assert "cmdline: console=ttyS0 marker=42" in result.stdout, str(result)
     # 512 MiB guest: RAM below the EBDA, the reserved BIOS area, RAM from 1 MiB, Xen's special pages.
-    assert "memmap entries: 4" in result.stdout, result
+    assert "memmap entries: 4" in result.stdout, str(result)
 
 
 def test_expect_pattern_stops_the_guest_with_status_0(pvh_kernels):
     result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels["elf64"]), "--expect", r"magic (ok|bad)", timeout=120)
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     assert "magic ok" in result.stdout
 
 
 def test_guest_ending_without_expect_pattern_gives_5(pvh_kernels):
     result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels["elf64"]), "--expect", "never printed", timeout=120)
-    assert result.status == 5, result
+    assert result.status == 5, str(result)
 
 
 def test_serial_to_file(pvh_kernels, tmp_path):
     log = tmp_path / "console.log"
     result = run_pyvmm("run", "--no-xen", "--kernel", str(pvh_kernels["elf32"]), "--serial", f"file:{log}", timeout=120)
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     assert "magic ok" in log.read_text()
     assert "magic ok" not in result.stdout
 
@@ -71,9 +71,9 @@ def test_bad_command_lines_fail_with_one_clear_line(pvh_kernels, tmp_path, args,
     garbage.write_bytes(b"\x7fELF not really" + bytes(600))
     args = [a.format(garbage=garbage, elf64=pvh_kernels["elf64"]) for a in args]
     result = run_pyvmm("run", "--no-xen", *args, timeout=60)
-    assert result.status == 1, result
-    assert message in result.stderr, result
-    assert "Traceback" not in result.stderr, result
+    assert result.status == 1, str(result)
+    assert message in result.stderr, str(result)
+    assert "Traceback" not in result.stderr, str(result)
 
 
 def test_xen_on_a_host_without_kvm_xen_names_what_is_missing(pvh_kernels):
@@ -82,7 +82,7 @@ def test_xen_on_a_host_without_kvm_xen_names_what_is_missing(pvh_kernels):
     if probe().can_run_xen:
         pytest.skip("this host's KVM supports Xen")
     result = run_pyvmm("run", "--xen", "--kernel", str(pvh_kernels["elf64"]), timeout=60)
-    assert result.status == 1, result
-    assert "KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL" in result.stderr, result
-    assert "scripts/testbed" in result.stderr, result
-    assert "Traceback" not in result.stderr, result
+    assert result.status == 1, str(result)
+    assert "KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL" in result.stderr, str(result)
+    assert "scripts/testbed" in result.stderr, str(result)
+    assert "Traceback" not in result.stderr, str(result)

@@ -103,5 +103,5 @@ def test_a_restored_guest_shell_goes_on(assets, tmp_path):
         assert saved_uptime <= after < saved_uptime + 20, (saved_uptime, after)
         restored.wait_for("tick 3", timeout=120)
         restored.send(b"poweroff -f\n")
-        assert restored.finish(timeout=300) == 0, restored
+        assert restored.finish(timeout=300) == 0, str(restored)
         assert "ready uptime" not in restored.stdout  # it did not boot again

@@ -85,9 +85,9 @@ def counting_snapshot(kernel, tmp_path_factory):
     result = run_pyvmm("run", "--no-xen", "--kernel", str(kernel), "--append", "action=c", "--memory", "512M",
                        "--snapshot-on", "count 4096,stop", "--snapshot-file", str(path), "--timeout", TIMEOUT,
                        timeout=900)
-    assert result.status == 0, result
-    assert "pyvmm: snapshot written to" in result.stderr, result
-    assert "count 4096" in result.stdout and "counted" not in result.stdout, result
+    assert result.status == 0, str(result)
+    assert "pyvmm: snapshot written to" in result.stderr, str(result)
+    assert "count 4096" in result.stdout and "counted" not in result.stdout, str(result)
     CONSOLE_BEFORE[path] = result.stdout
     return path
 
@@ -126,7 +126,7 @@ def test_the_console_before_and_after_is_one_uninterrupted_run(counting_snapshot
                       "--timeout", TIMEOUT, timeout=900)
     assert whole.status == 0, whole
     restored = run_pyvmm("run", "--restore", str(counting_snapshot), "--timeout", TIMEOUT, timeout=900)
-    assert restored.status == 0, restored
+    assert restored.status == 0, str(restored)
     assert CONSOLE_BEFORE[counting_snapshot] + restored.stdout == whole.stdout
 
 
@@ -149,8 +149,8 @@ def test_ctl_snapshot_of_a_running_vm_then_with_stop(kernel, tmp_path):
         assert "counted" not in guest.stdout
     assert spin_count(first, kernel) < spin_count(second, kernel)
     restored = run_pyvmm("run", "--restore", str(second), "--timeout", TIMEOUT, timeout=900)
-    assert restored.status == 0, restored
-    assert counts(restored.stdout)[0] == (spin_count(second, kernel) // STEP + 1) * STEP, restored
+    assert restored.status == 0, str(restored)
+    assert counts(restored.stdout)[0] == (spin_count(second, kernel) // STEP + 1) * STEP, str(restored)
 
 
 def test_a_snapshot_written_over_an_existing_file_is_never_half_there(kernel, tmp_path):
@@ -171,7 +171,7 @@ def test_a_snapshot_written_over_an_existing_file_is_never_half_there(kernel, tm
                    stdin=False) as restored:
         time.sleep(2)
         assert run_pyvmm("ctl", "respinner", "snapshot", "--stop", str(later)).status == 0
-        assert restored.finish(timeout=120) == 0, restored
+        assert restored.finish(timeout=120) == 0, str(restored)
         assert "magic ok" not in restored.stdout
     assert spin_count(later, kernel) > spin_count(target, kernel) > 0
 
@@ -180,10 +180,10 @@ def test_a_snapshot_written_over_an_existing_file_is_never_half_there(kernel, tm
 
 def refused(path, *extra) -> str:
     result = run_pyvmm("run", "--restore", str(path), "--timeout", "60", *extra, timeout=300)
-    assert result.status == 1, result
+    assert result.status == 1, str(result)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pyvmm: error: "), result
-    assert not result.stdout, result
+    assert len(lines) == 1 and lines[0].startswith("pyvmm: error: "), str(result)
+    assert not result.stdout, str(result)
     return lines[0]
 
 
@@ -269,7 +269,7 @@ def test_a_restored_vm_can_be_snapshotted_again(counting_snapshot, kernel, tmp_p
     again = tmp_path / "again.snap"
     result = run_pyvmm("run", "--restore", str(counting_snapshot), "--snapshot-on", f"count {8 * STEP},stop",
                        "--snapshot-file", str(again), "--timeout", TIMEOUT, timeout=900)
-    assert result.status == 0 and "snapshot written" in result.stderr, result
+    assert result.status == 0 and "snapshot written" in result.stderr, str(result)
     assert spin_count(again, kernel) >= 8 * STEP
     final = run_pyvmm("run", "--restore", str(again), "--timeout", TIMEOUT, timeout=900)
     assert final.status == 0, final
@@ -297,7 +297,7 @@ def test_a_restored_guest_that_resets_boots_its_kernel_again(kernel, tmp_path):
     assert first.status == 0 and "triple fault" not in first.stdout, first
     restored = run_pyvmm("run", "--restore", str(path), "--expect", "magic ok", "--timeout", TIMEOUT, timeout=900)
     assert restored.status == 0, restored  # the restored guest triple-faulted, and its kernel booted again
-    assert "triple fault" in restored.stdout and "magic ok" in restored.stdout, restored
+    assert "triple fault" in restored.stdout and "magic ok" in restored.stdout, str(restored)
     assert restored.stdout.index("triple fault") < restored.stdout.index("magic ok")
 
 
@@ -321,8 +321,8 @@ def test_a_xen_mode_guest_saved_and_restored_whole(kernel, tmp_path):
     xen = state["kvm"]["xen"]
     assert xen["vm"]["version"] == 1 and len(xen["vcpus"]) == 1
     restored = run_pyvmm("run", "--restore", str(path), "--timeout", TIMEOUT, timeout=900)
-    assert restored.status == 0, restored
-    assert counts(restored.stdout)[0] == (spin_count(path, kernel) // STEP + 1) * STEP, restored
+    assert restored.status == 0, str(restored)
+    assert counts(restored.stdout)[0] == (spin_count(path, kernel) // STEP + 1) * STEP, str(restored)
     assert counts(restored.stdout)[-1] == END
 
 
@@ -338,4 +338,4 @@ def test_a_guest_with_a_vcpu_still_waiting_for_its_sipi(kernel, tmp_path):
         vcpus = snapshot.state()["kvm"]["vcpus"]
     assert [vcpu["mp_state"] for vcpu in vcpus][1] != 0  # not runnable: waiting for INIT/SIPI
     restored = run_pyvmm("run", "--restore", str(path), "--timeout", TIMEOUT, timeout=900)
-    assert restored.status == 0 and counts(restored.stdout)[-1] == END, restored
+    assert restored.status == 0 and counts(restored.stdout)[-1] == END, str(restored)

@@ -30,9 +30,9 @@ def test_stats_count_the_serial_port_and_the_acpi_power_off(kernel, tmp_path):
     # Under the sandbox (the default as root): the JSON file is opened before the lockdown.
     result = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0", "--vcpus", "2",
                        "--timeout", "120", "--stats", "--stats-json", str(report_file), timeout=300)
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     lines = stats_lines(result.stderr)
-    assert lines[0] == "run statistics (--stats):", result
+    assert lines[0] == "run statistics (--stats):", str(result)
     assert re.fullmatch(r"  start-up \(process start to first KVM_RUN\): \d+\.\d ms .*", lines[1]), lines
     assert re.fullmatch(r"  vCPU 0: \d+\.\d ms in KVM_RUN, \d+\.\d ms in the VMM .*; \d+ exits, \d+ KVM_RUNs", lines[2])
     assert lines[3].startswith("  vCPU 1: "), lines
@@ -57,8 +57,8 @@ def test_stats_count_the_serial_port_and_the_acpi_power_off(kernel, tmp_path):
 def test_without_stats_nothing_is_printed(kernel):
     result = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0", "--timeout", "120",
                        timeout=300)
-    assert result.status == 0, result
-    assert "run statistics" not in result.stderr and "KVM_RUN" not in result.stderr, result
+    assert result.status == 0, str(result)
+    assert "run statistics" not in result.stderr and "KVM_RUN" not in result.stderr, str(result)
 
 
 def test_stats_add_up_every_boot_of_the_run(kernel, tmp_path):
@@ -67,7 +67,7 @@ def test_stats_add_up_every_boot_of_the_run(kernel, tmp_path):
     result = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0 action=t",
                        "--timeout", "120", "--expect", r"(?s)triple fault.*magic ok.*triple fault",
                        "--stats-json", str(report_file), timeout=300)
-    assert result.status == 0 and result.stdout.count("magic ok") == 2, result
+    assert result.status == 0 and result.stdout.count("magic ok") == 2, str(result)
     assert "run statistics" not in result.stderr  # --stats-json alone prints nothing
     counters = {(c["kind"], c["detail"]): c["count"] for c in json.loads(report_file.read_text())["counters"]}
     assert counters[("triple-fault", "")] == 1, counters  # the first boot's

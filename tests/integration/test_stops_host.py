@@ -34,10 +34,10 @@ def run(kernel, action, *extra):
 
 def test_triple_fault_under_no_reboot_exits_6_with_the_registers(kernel):
     result = run(kernel, "t", "--no-reboot")
-    assert result.status == 6, result
-    assert "pyvmm-pvh-test: triple fault" in result.stdout, result
+    assert result.status == 6, str(result)
+    assert "pyvmm-pvh-test: triple fault" in result.stdout, str(result)
     warning = next(line for line in result.stderr.splitlines() if "triple-faulted" in line)
-    assert "WARNING" in warning and "vCPU 0 triple-faulted (an unexpected CPU reset)" in warning, result
+    assert "WARNING" in warning and "vCPU 0 triple-faulted (an unexpected CPU reset)" in warning, str(result)
     # Protected mode, paging off, the test kernel's flat code segment.
     assert "cr0=0x11 " in warning and "cs=0x0008" in warning and "rip=0x" in warning, warning
 
@@ -46,45 +46,45 @@ def test_triple_fault_without_no_reboot_boots_the_guest_again(kernel):
     # The pattern spans two boots: only a guest that was reset after its
     # first triple fault prints it twice.
     result = run(kernel, "t", "-v", "--expect", r"(?s)triple fault.*magic ok.*triple fault")
-    assert result.status == 0, result
-    assert result.stderr.count("triple-faulted (an unexpected CPU reset)") >= 1, result
-    assert "guest stopped: triple-fault" in result.stderr, result
+    assert result.status == 0, str(result)
+    assert result.stderr.count("triple-faulted (an unexpected CPU reset)") >= 1, str(result)
+    assert "guest stopped: triple-fault" in result.stderr, str(result)
 
 
 @pytest.mark.parametrize("vcpus", ["1", "2"])
 def test_every_vcpu_halted_with_interrupts_off_is_a_crash(kernel, vcpus):
     # With 2 vCPUs the second was never started: it waits for INIT/SIPI.
     result = run(kernel, "h", "--vcpus", vcpus)
-    assert result.status == 3, result
-    assert "halting with interrupts off" in result.stdout, result
-    assert "every vCPU is halted with interrupts disabled" in result.stderr, result
-    assert "vCPU 0 halted at rip=0x" in result.stderr, result
+    assert result.status == 3, str(result)
+    assert "halting with interrupts off" in result.stdout, str(result)
+    assert "every vCPU is halted with interrupts disabled" in result.stderr, str(result)
+    assert "vCPU 0 halted at rip=0x" in result.stderr, str(result)
     if vcpus == "2":
-        assert "vCPU 1 waiting for INIT/SIPI" in result.stderr, result
+        assert "vCPU 1 waiting for INIT/SIPI" in result.stderr, str(result)
 
 
 def test_pvpanic_report_is_a_crash(kernel):
     result = run(kernel, "p", "-v")
-    assert result.status == 3, result
-    assert "WARNING: pyvmm.platform: guest reported a panic (pvpanic)" in result.stderr, result
-    assert "guest stopped: crash (pvpanic)" in result.stderr, result
-    assert "halted with interrupts disabled" not in result.stderr, result
+    assert result.status == 3, str(result)
+    assert "WARNING: pyvmm.platform: guest reported a panic (pvpanic)" in result.stderr, str(result)
+    assert "guest stopped: crash (pvpanic)" in result.stderr, str(result)
+    assert "halted with interrupts disabled" not in result.stderr, str(result)
 
 
 def test_timeout_logs_where_each_vcpu_was(kernel):
     result = run_pyvmm("run", "--no-xen", "--kernel", kernel, "--append", "console=ttyS0 action=l", "--vcpus", "2",
                        "--timeout", "1", timeout=300)
-    assert result.status == 124, result
-    assert "looping forever" in result.stdout, result
+    assert result.status == 124, str(result)
+    assert "looping forever" in result.stdout, str(result)
     lines = result.stderr.splitlines()
     start = next(i for i, line in enumerate(lines) if "--timeout expired; the guest's state:" in line)
-    assert "WARNING" in lines[start], result
+    assert "WARNING" in lines[start], str(result)
     # The PVH entry runs with interrupts off; vCPU 1 was never started.
-    assert "vCPU 0: runnable rip=0x" in lines[start + 1] and "IF=0, in the guest" in lines[start + 1], result
-    assert "vCPU 1: uninitialized" in lines[start + 2], result
+    assert "vCPU 0: runnable rip=0x" in lines[start + 1] and "IF=0, in the guest" in lines[start + 1], str(result)
+    assert "vCPU 1: uninitialized" in lines[start + 2], str(result)
     # Where it ran and whether it spun: the bytes at rip (RAM), KVM's exit counters.
-    assert "; rsp=0x" in lines[start + 1] and "; code at rip: " in lines[start + 1], result
-    assert "code at rip: unreadable" not in lines[start + 1] and "; KVM " in lines[start + 1], result
+    assert "; rsp=0x" in lines[start + 1] and "; code at rip: " in lines[start + 1], str(result)
+    assert "code at rip: unreadable" not in lines[start + 1] and "; KVM " in lines[start + 1], str(result)
     assert "code at rip: unreadable" in lines[start + 2], result  # the reset vector is not RAM
 
 

@@ -82,7 +82,7 @@ dd if=/dev/xvda of=/dev/null bs=4096 count=4 skip=100 iflag=direct 2>/dev/null &
     result = boot(assets, tmp_path, script, [disk],
                   extra=("--trace", "xenstore,blk,evtchn,hypercall", "--trace-file", str(trace)))
     assert result.status == 0, trouble(result)
-    assert "found /dev/xvda" in result.stdout and "read done" in result.stdout, result
+    assert "found /dev/xvda" in result.stdout and "read done" in result.stdout, str(result)
     events = read_trace(trace)
 
     # Linux's xenbus names the frontend's nodes relative to its domain's home.
@@ -138,11 +138,11 @@ dd if=/dev/xvdb of=/dev/null bs=4096 count=1 skip=512 iflag=direct 2>/dev/null &
                   files={"/pattern.bin": PATTERN})
     assert result.status == 0, trouble(result)
     out = result.stdout
-    assert "found /dev/xvdb" in out, result
+    assert "found /dev/xvdb" in out, str(result)
     for block in (510, 511, 513, 514):
-        assert f"write {block}: ok" in out, result
-    assert "write 512: failed" in out, result
-    assert "read 512: ok" in out, result
+        assert f"write {block}: ok" in out, str(result)
+    assert "write 512: failed" in out, str(result)
+    assert "read 512: ok" in out, str(result)
 
     image = disk.read_bytes()
     for block in (510, 511, 513, 514):
@@ -168,8 +168,8 @@ echo "end of test.sh"
     result = boot(assets, tmp_path, script, [disk],
                   extra=("--fault", "xenstore:eagain,count=3", "--trace", "xenstore", "--trace-file", str(trace)))
     assert result.status == 0, trouble(result)
-    assert "found /dev/xvda" in result.stdout and "disk answers" in result.stdout, result
-    assert "end of test.sh" in result.stdout, result
+    assert "found /dev/xvda" in result.stdout and "disk answers" in result.stdout, str(result)
+    assert "end of test.sh" in result.stdout, str(result)
 
     events = read_trace(trace)
     injected = [e for e in events if e["cat"] == "fault" and e["ev"] == "eagain"]

@@ -55,13 +55,13 @@ def test_vcpu_hot_unplug_and_plug(assets, tmp_path):
     result = run_pyvmm("run", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
                        "--append", "console=hvc0", "--vcpus", "2", "--timeout", "300", timeout=BOOT_TIMEOUT)
     out = result.stdout
-    assert "pyvmm-guest: test exit 0" in out, result
+    assert "pyvmm-guest: test exit 0" in out, str(result)
     for round_ in (1, 2):
-        assert f"round {round_} offline: 0" in out and f"round {round_} online: 0-1" in out, result
+        assert f"round {round_} offline: 0" in out and f"round {round_} online: 0-1" in out, str(result)
         ticks = re.search(rf"round {round_} cpu1 timer ticks (\d+) -> (\d+)", out)
         assert ticks and int(ticks.group(2)) > int(ticks.group(1)), f"no timer interrupts on cpu1 again:\n{result}"
-    assert "ran on cpu 1" in out or "no taskset" in out, result
-    assert result.status == 0, result
+    assert "ran on cpu 1" in out or "no taskset" in out, str(result)
+    assert result.status == 0, str(result)
 
 
 BALLOON = r"""

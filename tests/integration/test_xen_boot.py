@@ -71,15 +71,15 @@ def interrupt_counts(stdout: str, phase: str) -> dict[str, list[int]]:
 
 
 def check_xen_guest(result, abi="2-level ABI"):
-    assert result.status == 0, result
+    assert result.status == 0, str(result)
     out = result.stdout
-    assert "hypervisor=xen" in out, result
-    assert "Grant table initialized" in out, result
-    assert f"xen:events: Using {abi}" in out, result
+    assert "hypervisor=xen" in out, str(result)
+    assert "Grant table initialized" in out, str(result)
+    assert f"xen:events: Using {abi}" in out, str(result)
     uuid = re.search(r"uuid=([0-9a-f-]{36})", out)
-    assert uuid and uuid.group(1) != "00000000-0000-0000-0000-000000000000", result
-    assert "xenstore-domid=1" in out, result
-    assert "cpus=2" in out, result
+    assert uuid and uuid.group(1) != "00000000-0000-0000-0000-000000000000", str(result)
+    assert "xenstore-domid=1" in out, str(result)
+    assert "cpus=2" in out, str(result)
     return out
 
 
@@ -99,7 +99,7 @@ def test_xen_guest_detects_xen_runs_on_the_pv_console_and_sigterm_powers_it_off(
         status = guest.finish(timeout=300)
     result = Result(status, guest.stdout, guest.stderr)
     check_interrupts_flow(check_xen_guest(result), result)
-    assert "Power down" in result.stdout, result
+    assert "Power down" in result.stdout, str(result)
 
 
 @pytest.mark.parametrize("extra", [(), pytest.param(("--no-xen-accel",), marks=pytest.mark.slow)],
@@ -109,16 +109,16 @@ def test_fifo_event_channels_when_offered(assets, tmp_path, extra):
     then go through pyvmm's FIFO queues (with KVM's 2-level paths taken back)."""
     result = boot(assets, tmp_path, REPORT + "poweroff -f\n", "", "--xen-fifo", "-v", *extra)
     out = check_xen_guest(result, abi="FIFO-based ABI")
-    assert "the guest switched to the FIFO ABI" in result.stderr, result
+    assert "the guest switched to the FIFO ABI" in result.stderr, str(result)
     check_interrupts_flow(out, result)
 
 
 def check_interrupts_flow(out, result):
-    assert "console=/dev/hvc0" in out, result
+    assert "console=/dev/hvc0" in out, str(result)
     before, after = interrupt_counts(out, "before"), interrupt_counts(out, "after")
     # Both CPUs take Xen timer interrupts and IPIs, and the counts rise.
     timers = [name for name in after if name.startswith("timer")]
-    assert timers, result
+    assert timers, str(result)
     for cpu in (0, 1):
         assert any(after[n][cpu] > before.get(n, [0, 0])[cpu] for n in timers), (cpu, before, after)
     ipis = [name for name in after if name.startswith(("resched", "callfunc"))]
@@ -130,7 +130,7 @@ def test_sysrq_crash_gives_status_3(assets, tmp_path):
     # Since Linux 5.5 an HVM guest only reports a panic to Xen (instead of
     # resetting) when booted with xen_legacy_crash.
     result = boot(assets, tmp_path, "echo crashing-now\necho c > /proc/sysrq-trigger\n", "xen_legacy_crash")
-    assert result.status == 3, result
+    assert result.status == 3, str(result)
     assert "crashing-now" in result.stdout
 
 
@@ -156,10 +156,10 @@ def test_sysrq_crash_reported_through_pvpanic_gives_status_3(assets, tmp_path):
         "run", "--xen", "--kernel", str(assets["vmlinuz"]), "--initrd", str(initrd),
         "--append", "console=hvc0 panic=-1", "--vcpus", "2", "--no-reboot", timeout=BOOT_TIMEOUT,
     )
-    assert "pvpanic-bound: QEMU0001:00" in result.stdout, result
-    assert "crashing-now" in result.stdout, result
-    assert result.status == 3, result
-    assert "guest reported a panic (pvpanic)" in result.stderr, result
+    assert "pvpanic-bound: QEMU0001:00" in result.stdout, str(result)
+    assert "crashing-now" in result.stdout, str(result)
+    assert result.status == 3, str(result)
+    assert "guest reported a panic (pvpanic)" in result.stderr, str(result)
 
 
 @pytest.mark.parametrize(
@@ -184,5 +184,5 @@ def test_interactive_shell_on_hvc0_reads_stdin(assets):
         "--append", "console=hvc0 quiet", "--vcpus", "2", "--no-reboot", "--timeout", "600",
         stdin=b"echo typed-$((6 * 7))\npoweroff -f\n", timeout=BOOT_TIMEOUT,
     )
-    assert result.status == 0, result
-    assert "typed-42" in result.stdout, result
+    assert result.status == 0, str(result)
+    assert "typed-42" in result.stdout, str(result)

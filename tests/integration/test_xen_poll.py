@@ -42,7 +42,7 @@ def test_xtf_selftest_waits_for_xenstore_replies_with_sched_op_poll(test_id, acc
     if not accel:
         args.append("--no-xen-accel")
     result = run_pyvmm(*args, timeout=120)
-    assert "Test result: SUCCESS" in result.stdout, result
-    assert result.status == 0, result
+    assert "Test result: SUCCESS" in result.stdout, str(result)
+    assert result.status == 0, str(result)
     # What reached pyvmm of sched_op (KVM answers yield and poll in the kernel when accelerated).
     print(test_id, "accel" if accel else "no accel", re.findall(r"hypercall sched_op:\w+\s+\d+", result.stderr))

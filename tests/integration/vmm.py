@@ -25,7 +25,10 @@ class Result:
     stderr: str
 
     def __str__(self) -> str:
-        return f"status {self.status}\n--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-4000:]}"
+        """The ends of both streams: an assertion's message (pass str(result):
+        pytest cuts any other object's repr to one line). A stopped guest's
+        diagnosis is in stderr's last lines."""
+        return f"status {self.status}\n--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-12000:]}"
 
 
 def run_pyvmm(*args: str, timeout: float = 600, stdin: bytes | None = b"") -> Result:

@@ -170,11 +170,42 @@ def test_diagnosis_says_where_each_vcpus_timer_stands(monkeypatch, loop):
     domain.shared_info_gfn = None
     domain._per_vcpu_vector = [0xF3, 0]
     domain.callback = domain_module.Callback.NONE
+    domain.kvm_features.vcpu_attrs = False
     overdue = SimpleNamespace(xen_vcpu_get_attr=lambda kind: SimpleNamespace(
         u=SimpleNamespace(timer=SimpleNamespace(expires_ns=998 * SECOND))))
     assert domain.vcpu_diagnosis(overdue, 0) == (
-        "Xen: timer overdue by 2.0 s (in KVM, port 5); upcall_pending=? (per-vCPU vector 0xf3)")
-    assert domain.vcpu_diagnosis(None, 1) == "Xen: no timer (in pyvmm); upcall_pending=? (callback none)"
+        "Xen: timer overdue by 2.0 s (in KVM, port 5); upcall_pending=? pending_sel=? (per-vCPU vector 0xf3)")
+    assert domain.vcpu_diagnosis(None, 1) == (
+        "Xen: no timer (in pyvmm); upcall_pending=? pending_sel=? (callback none)")
     domain.set_singleshot_timer(1, 1_003 * SECOND, future=True)
     line = domain.vcpu_diagnosis(None, 1)
-    assert line.startswith("Xen: timer due in ") and line.endswith(" s (in pyvmm); upcall_pending=? (callback none)")
+    assert line.startswith("Xen: timer due in ") and line.endswith(
+        " s (in pyvmm); upcall_pending=? pending_sel=? (callback none)")
+
+
+def test_diagnosis_reads_vcpu_info_and_names_a_kvm_copy_elsewhere(monkeypatch, loop):
+    # Where KVM raises a vCPU's upcall flags must be where the guest reads
+    # them: a diagnosis shows the flags and any disagreement.
+    domain, _ = timer_domain(monkeypatch, [None, None], loop)
+    memory = bytearray(0x3000)
+    memory[0x2040:0x2050] = bytes([1]) + bytes(7) + (0x5).to_bytes(8, "little")
+    domain.memory = SimpleNamespace(read=lambda gpa, size: bytes(memory[gpa:gpa + size]))
+    domain.long_mode = True
+    domain._vcpu_info_gpa = [None, 0x2040]
+    domain.shared_info_gfn = 1
+    domain._per_vcpu_vector = [0xF3, 0xF3]
+    domain.callback = domain_module.Callback.NONE
+    domain.kvm_features.vcpu_attrs = True
+    kernel = {0: 0x1000, 1: 0x1040}  # vCPU 0: the legacy slot in shared_info, as pyvmm's record
+
+    def vcpu(index):
+        def get_attr(kind):
+            assert kind == uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO
+            return SimpleNamespace(u=SimpleNamespace(gpa=kernel[index]))
+        return SimpleNamespace(xen_vcpu_get_attr=get_attr)
+
+    assert domain.vcpu_diagnosis(vcpu(0), 0) == (
+        "Xen: no timer (in pyvmm); upcall_pending=0 pending_sel=0x0 (per-vCPU vector 0xf3)")
+    assert domain.vcpu_diagnosis(vcpu(1), 1) == (
+        "Xen: no timer (in pyvmm); upcall_pending=1 pending_sel=0x5 (per-vCPU vector 0xf3); "
+        "KVM's vcpu_info at 0x1040, not at 0x2040")
