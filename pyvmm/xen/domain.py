@@ -427,12 +427,21 @@ class XenDomain:
             self.shared_info_gfn = gpfn
         for index in range(min(self.vcpu_count, XEN_LEGACY_MAX_VCPUS)):
             if self._vcpu_info_gpa[index] is None:
-                self._set_vcpu_info_attr(index, gpa + index * VCPU_INFO_SIZE)
+                self.machine.run_on_vcpu(index, partial(self._sync_vcpu_info_attr, index))
 
-    def _set_vcpu_info_attr(self, index: int, gpa: int) -> None:
-        self.machine.run_on_vcpu(
-            index, lambda vcpu: kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO, gpa=gpa)
-        )
+    def _sync_vcpu_info_attr(self, index: int, vcpu) -> None:
+        """Point KVM at vCPU `index`'s vcpu_info as pyvmm records it when
+        this runs (on that vCPU's thread): a late run of an earlier request
+        can then never leave KVM and pyvmm apart."""
+        gpa = self._vcpu_info_gpa_of(index)
+        kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO,
+                              gpa=abi.INVALID_GPA if gpa is None else gpa)
+
+    def _resync_vcpu_info_attr(self, index: int, vcpu) -> None:
+        try:
+            self._sync_vcpu_info_attr(index, vcpu)
+        except OSError as error:
+            log.error("vCPU %d: KVM refused its vcpu_info back at %s: %s", index, self._vcpu_info_gpa_of(index), error)
 
     def _shared_info_address(self) -> int | None:
         gfn = self.shared_info_gfn
@@ -452,11 +461,20 @@ class XenDomain:
         self._check_vcpu(vcpu)
         if not self.memory.contains(gpa, VCPU_INFO_SIZE) or (gpa & (PAGE_SIZE - 1)) + VCPU_INFO_SIZE > PAGE_SIZE:
             raise XenError(EINVAL, f"vcpu_info at {gpa:#x} is not inside one RAM page")
-        old = self._vcpu_info_gpa_of(vcpu)
+        recorded, old = self._vcpu_info_gpa[vcpu], self._vcpu_info_gpa_of(vcpu)
         if old is not None:
             self.memory.write(gpa, self.memory.read(old, VCPU_INFO_SIZE))
         self._vcpu_info_gpa[vcpu] = gpa
-        self._set_vcpu_info_attr(vcpu, gpa)
+        try:
+            self.machine.run_on_vcpu(vcpu, partial(self._sync_vcpu_info_attr, vcpu))
+        except (OSError, TimeoutError) as error:
+            # Refused, the guest keeps using the old vcpu_info (Linux falls
+            # back to shared_info's): so must pyvmm and KVM, or every event
+            # KVM raises lands where the guest never looks. A request that
+            # only timed out may still run: the one posted after undoes it.
+            self._vcpu_info_gpa[vcpu] = recorded
+            self.machine.post_to_vcpu(vcpu, partial(self._resync_vcpu_info_attr, vcpu))
+            raise XenError(EINVAL, f"KVM did not take vCPU {vcpu}'s vcpu_info at {gpa:#x}: {error}") from error
         # As Xen does: mark everything pending so no event is lost in the move.
         self.memory.write(gpa, b"\x01")
         self.memory.write(gpa + (8 if self.long_mode is not False else 4), b"\xff" * (8 if self.long_mode is not False else 4))

@@ -67,6 +67,9 @@ def test_a_silent_or_timed_out_boot_is_hung_and_names_its_last_stage():
     assert kind == "hung" and "120" in reason and "disk" in reason
     assert soak.classify(boot(console=console, stopped="limit", status=-9))[0] == "hung"
     assert soak.classify(boot(console=console, status=124))[0] == "hung"
+    traced = "pyvmm: ERROR: vcpu0: hypercall 0x18 failed\nTraceback (most recent call last):\n"
+    kind, reason = soak.classify(boot(console=console, status=124, stderr=traced))
+    assert kind == "hung" and reason.endswith("(and a traceback in the VMM's stderr)")
 
 
 def test_a_guest_restart_is_a_reset():

@@ -10,8 +10,9 @@ console are the real ones."""
 from __future__ import annotations
 
 import contextlib
-
 import ctypes
+from errno import EINVAL
+from functools import partial
 import json
 import logging
 from pathlib import Path
@@ -407,3 +408,42 @@ def test_a_soft_reset_waits_for_the_event_thread_as_long_as_the_vm_is_paused():
     with pytest.raises(TimeoutError):
         domain._on_event_thread(lambda: None, timeout=0.001)
     assert not domain.vcpu_waiting_for_event_thread
+
+
+# --- VCPUOP_register_vcpu_info that KVM does not take ------------------------------------------
+
+
+def test_a_vcpu_info_move_kvm_did_not_take_leaves_pyvmm_and_kvm_on_the_old_one(machine, domain):
+    """The guest's register_vcpu_info for another vCPU runs on that vCPU's
+    thread. If that request is refused or times out, the guest is told
+    -EINVAL and keeps its old vcpu_info (Linux falls back to shared_info's):
+    pyvmm's record must stay there, and KVM too, even when the timed-out
+    request runs late; otherwise every event KVM raises for that vCPU lands
+    where the guest never looks."""
+    domain.map_shared_info(SHARED_INFO_GFN)
+    legacy = (SHARED_INFO_GFN << PAGE_SHIFT) + 1 * 64
+    late, posted = [], []
+    serve = machine.run_on_vcpu
+
+    def timed_out(index, function, timeout=10.0):
+        late.append(partial(serve, index, function))
+        raise TimeoutError(f"vCPU {index} did not run queued work within {timeout}s")
+
+    machine.run_on_vcpu = timed_out
+    machine.post_to_vcpu = lambda index, function: posted.append(partial(serve, index, function))
+    machine.vcpu_attrs.clear()
+    with pytest.raises(XenError) as refused:
+        domain.register_vcpu_info(1, 0x700_040)
+    assert refused.value.errno == EINVAL
+    assert domain._vcpu_info_gpa_of(1) == legacy
+    for run in posted + late:  # the resync first, the late request after it: both land on the record
+        run()
+    assert [(index, gpa["gpa"]) for index, kind, gpa in machine.vcpu_attrs
+            if kind == uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO] == [(1, legacy), (1, legacy)]
+
+    machine.run_on_vcpu = serve
+    machine.vcpu_attrs.clear()
+    domain.register_vcpu_info(1, 0x700_040)
+    assert domain._vcpu_info_gpa_of(1) == 0x700_040
+    assert [(index, gpa["gpa"]) for index, kind, gpa in machine.vcpu_attrs
+            if kind == uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO] == [(1, 0x700_040)]
