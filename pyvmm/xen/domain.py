@@ -76,6 +76,9 @@ MIN_PERIOD_NS = 1_000_000
 # How long a soft reset's vCPU waits for the event thread's part.
 EVENT_THREAD_WAIT = 10.0
 UPCALL_RECHECK_SECONDS = 0.1
+# An upcall left pending this many checks in a row, by a vCPU that was
+# interruptible at its last exit, was lost on its way: said once at WARNING.
+LOST_UPCALL_CHECKS = 10
 # The PV console's safety net: guest output left untouched for a whole
 # interval is taken without the event that should have announced it.
 CONSOLE_RECHECK_SECONDS = 1.0
@@ -184,7 +187,8 @@ class XenDomain:
         self.shared_info_gfn: int | None = None
         self._vcpu_info_gpa: list[int | None] = [None] * self.vcpu_count
         self._per_vcpu_vector = [0] * self.vcpu_count
-        self._stale_upcalls = [False] * self.vcpu_count
+        self._stale_upcalls = [0] * self.vcpu_count  # consecutive checks that found upcall_pending set
+        self.upcalls_raised_again = 0  # by the safety net (_recheck_upcalls)
         self.callback = Callback.NONE
         self._callback_fds: tuple[int, int] | None = None  # the GSI callback's (trigger, resample)
         self._callback_gsi = 0
@@ -339,8 +343,7 @@ class XenDomain:
         self._console_waiting_at_last_check = None
         self.console_lost_wakeups = 0
         self.loop.call_later(CONSOLE_RECHECK_SECONDS, self._recheck_console)
-        if not self.kvm_features.evtchn_send:
-            self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
+        self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
 
     def _recheck_console(self) -> None:
         """A guest that waits for its console output to be taken (XTF spins
@@ -357,15 +360,27 @@ class XenDomain:
         self.loop.call_later(CONSOLE_RECHECK_SECONDS, self._recheck_console)
 
     def _recheck_upcalls(self) -> None:
-        """Userspace delivery's safety net: an upcall the guest could not take
-        when it was raised (interrupts not yet routable) is raised again."""
+        """The safety net under every delivery path: an upcall left pending
+        from one check to the next is raised again. Xen and KVM raise the
+        upcall only when upcall_pending goes from 0 to 1, so one the guest
+        could not take when it was raised (its LAPIC not yet enabled) or
+        that was lost below us would leave that vCPU deaf to every event
+        for good; raised again, the guest's handler finds the flag and
+        clears it (a spare one finds nothing to do)."""
         for index in range(self.vcpu_count):
-            if self._upcall_pending(index):
-                if self._stale_upcalls[index]:
-                    self._upcall(index)
-                self._stale_upcalls[index] = True
-            else:
-                self._stale_upcalls[index] = False
+            if not self._upcall_pending(index):
+                self._stale_upcalls[index] = 0
+                continue
+            self._stale_upcalls[index] += 1
+            if self._stale_upcalls[index] < 2:
+                continue
+            self.upcalls_raised_again += 1
+            if self._stale_upcalls[index] == LOST_UPCALL_CHECKS and self.machine.if_flag_at_last_exit(index):
+                self._limited.warning("vCPU %d: an upcall pending for %.1f s, interrupts on at its last exit, was "
+                                      "never taken: raised again (%d raised again so far)", index,
+                                      LOST_UPCALL_CHECKS * UPCALL_RECHECK_SECONDS, self.upcalls_raised_again,
+                                      key="lost-upcall")
+            self._upcall(index)
         self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
 
     def close(self) -> None:
@@ -534,9 +549,12 @@ class XenDomain:
     def _set_callback(self, value: int) -> None:
         kind, data = value >> 56, value & ((1 << 56) - 1)
         self._stop_gsi_callback()
+        if value == 0 or kind != abi.HVM_PARAM_CALLBACK_TYPE_VECTOR:
+            # KVM injects only a vector callback: a guest moving to a line
+            # must not keep getting the vector it had before as well.
+            kvm_xen.set_hvm_upcall_vector(self.vm, 0)
         if value == 0:
             self.callback = Callback.NONE
-            kvm_xen.set_hvm_upcall_vector(self.vm, 0)
         elif kind == abi.HVM_PARAM_CALLBACK_TYPE_VECTOR:
             vector = data & 0xFF
             if vector < 0x10:
@@ -1009,7 +1027,7 @@ class XenDomain:
             self._periodic[index].stop()
             self._vcpu_info_gpa[index] = None
             self._per_vcpu_vector[index] = 0
-            self._stale_upcalls[index] = False
+            self._stale_upcalls[index] = 0
             self._timer_ports[index] = None
             self.machine.run_on_vcpu(index, self._reset_vcpu_attrs)
 
@@ -1652,6 +1670,7 @@ class XenDomain:
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
             diagnose.console_ring_line(self.pv_console.snapshot(), output.written, idle)
             + f"; {self.console_lost_wakeups} lost wake-up(s) found by the once-a-second check",
+            f"upcalls raised again by the {UPCALL_RECHECK_SECONDS:g}-second check: {self.upcalls_raised_again}",
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
             diagnose.pending_ports_line(ports.values()),
         ]

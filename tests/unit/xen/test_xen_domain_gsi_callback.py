@@ -193,3 +193,14 @@ def test_trace_records_the_upcall_and_the_line(domain, machine):
     upcalls = [r for r in records if r["ev"] == "upcall"]
     assert [(r["target_vcpu"], r["via"], r["if_at_last_exit"]) for r in upcalls] == [(0, "gsi", True)]
     assert [r["gsi"] for r in records if r["ev"] == "callback-assert"] == [domain._platform_intx_gsi]
+
+
+def test_moving_from_the_vector_to_a_line_takes_the_vector_back_from_kvm(domain):
+    """KVM injects the HVM-wide vector while it is set: a guest that moves
+    its callback to a line (a kexec'd kernel choosing INTx) must not also
+    keep getting the vector it had."""
+    domain.hvm_set_param(abi.HVM_PARAM_CALLBACK_IRQ, (abi.HVM_PARAM_CALLBACK_TYPE_VECTOR << 56) | 0xF3)
+    intx_callback(domain)
+    vectors = [attr["u"]["vector"] for attr in domain.vm.attrs
+               if attr["type"] == uapi.KVM_XEN_ATTR_TYPE_UPCALL_VECTOR]
+    assert vectors[-2:] == [0xF3, 0] and domain.callback is Callback.GSI

@@ -447,3 +447,37 @@ def test_a_vcpu_info_move_kvm_did_not_take_leaves_pyvmm_and_kvm_on_the_old_one(m
     assert domain._vcpu_info_gpa_of(1) == 0x700_040
     assert [(index, gpa["gpa"]) for index, kind, gpa in machine.vcpu_attrs
             if kind == uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO] == [(1, 0x700_040)]
+
+
+# --- the upcall safety net ---------------------------------------------------------------------
+
+
+def test_an_upcall_left_pending_is_raised_again_and_a_long_one_is_named_once(machine, domain, caplog):
+    """KVM and Xen raise the upcall only when upcall_pending goes 0 -> 1: one
+    the guest never got would leave its vCPU deaf to every event. The check
+    raises it again from the second check that finds it set, in every
+    delivery mode, and says so at WARNING once it has lasted a second on a
+    vCPU that was interruptible at its last exit."""
+    domain.map_shared_info(SHARED_INFO_GFN)
+    domain.set_evtchn_upcall_vector(1, 0xF3)
+    msis = []
+    machine.vm.signal_msi = lambda address, data: msis.append((address, data)) or True
+    machine.if_flag_at_last_exit = lambda index: True
+    machine.loop.call_later = lambda delay, function: None  # the checks are run by hand
+    vcpu1 = (SHARED_INFO_GFN << PAGE_SHIFT) + 64
+    domain._recheck_upcalls()
+    assert msis == []
+    machine.memory.write(vcpu1, b"\x01")  # raised, never taken
+    with caplog.at_level(logging.WARNING, logger="pyvmm.xen.domain"):
+        for _ in range(12):
+            domain._recheck_upcalls()
+    assert msis == [(layout.LAPIC_BASE | 1 << 12, 0xF3)] * 11  # the first check only notes it
+    assert domain.upcalls_raised_again == 11
+    assert [r.getMessage() for r in caplog.records if "never taken" in r.getMessage()] == [
+        "vCPU 1: an upcall pending for 1.0 s, interrupts on at its last exit, was never taken: raised again "
+        "(9 raised again so far)"]
+    machine.memory.write(vcpu1, b"\x00")  # taken: the count starts over
+    domain._recheck_upcalls()
+    machine.memory.write(vcpu1, b"\x01")
+    domain._recheck_upcalls()
+    assert len(msis) == 11
