@@ -153,9 +153,10 @@ def test_a_stream_cut_short_names_the_boot_in_progress(tmp_path):
 def test_the_summary_counts_each_class_per_vmm_and_mode():
     boots = [{"vmm": "pyvmm", "mode": "intx", "class": "clean", "seconds": 30.0},
              {"vmm": "pyvmm", "mode": "intx", "class": "hung", "seconds": 250.0},
-             {"vmm": "pyvmm", "mode": "vcpu-vector", "class": "clean", "seconds": 40.0},
+             {"vmm": "pyvmm", "mode": "vcpu-vector", "class": "clean", "seconds": 40.0, "lost_upcalls": 2},
              {"vmm": "qemu", "mode": "intx", "class": "testbed", "seconds": None}]
     rows = {(r["vmm"], r["mode"]): r for r in soak.summarize(boots, ["pyvmm", "qemu"])}
+    assert rows["pyvmm", "all"]["lost_upcall"] == 1 and rows["pyvmm", "intx"]["lost_upcall"] == 0
     assert rows["pyvmm", "intx"]["clean"] == 1 and rows["pyvmm", "intx"]["hung"] == 1
     assert rows["pyvmm", "intx"]["max_s"] == 250.0
     assert rows["pyvmm", "all"]["boots"] == 3 and rows["pyvmm", "all"]["median_s"] == 40.0
