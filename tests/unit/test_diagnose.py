@@ -27,14 +27,13 @@ def test_xen_lines():
     assert diagnose.event_channel_line("console", None) == "event channel console: not bound"
 
 
-def test_pending_ports_line_names_the_raised_unmasked_ports_up_to_a_limit():
+def test_pending_ports_line_names_the_raised_ports_masked_or_not_up_to_a_limit():
     def port(number, pending, masked=False, vcpu=0):
         return {"port": number, "state": "interdomain", "vcpu": vcpu, "pending": pending, "masked": masked}
 
-    assert diagnose.pending_ports_line([port(1, False), port(2, True, masked=True), port(3, None)]) == (
-        "event channels pending and unmasked: none")
-    assert diagnose.pending_ports_line([port(1, False), port(4, True, vcpu=1)]) == (
-        "event channels pending and unmasked: 4 (interdomain, vCPU 1)")
+    assert diagnose.pending_ports_line([port(1, False), port(3, None)]) == "event channels pending: none"
+    assert diagnose.pending_ports_line([port(1, False), port(4, True, vcpu=1), port(5, True, masked=True)]) == (
+        "event channels pending: 4 (interdomain, vCPU 1), 5 (interdomain, vCPU 0, masked)")
     many = [port(number, True) for number in range(1, diagnose.MAX_PENDING_PORTS + 3)]
     line = diagnose.pending_ports_line(many)
     assert line.endswith(f"{diagnose.MAX_PENDING_PORTS} (interdomain, vCPU 0) and 2 more")
