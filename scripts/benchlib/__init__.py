@@ -135,23 +135,69 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
             proc.stdin.close()
         except OSError:
             pass
-    _, wait_status, usage = os.wait4(proc.pid, 0)
+    reaped = _reap(proc.pid, REAP_SECONDS)
+    if reaped is None:  # it closed its streams (or was stopped) and lingers on
+        stop_tree(proc.pid, grace)
+        reaped = _reap(proc.pid, REAP_SECONDS)
+    unstoppable = None
+    if reaped is None:
+        # Unkillable: a thread stuck in the kernel. What each one waits for
+        # is the only evidence there will be; the caller decides what next.
+        unstoppable = stuck_report([proc.pid] + descendants(proc.pid))
+        output[stderr_fd] += (f"\n--- not gone {REAP_SECONDS:.0f} s after SIGKILL; its threads in the kernel:\n"
+                              f"{unstoppable}\n").encode()
     wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(wait_status)
+    proc.returncode = None if reaped is None else os.waitstatus_to_exitcode(reaped[0])
     proc.stdout.close()
     proc.stderr.close()
     stderr = bytes(output[stderr_fd])
     reported = QEMU_PEAK_RSS.search(stderr)
     return {
         "status": proc.returncode,
+        "unstoppable": unstoppable,
         "console": bytes(output[console_fd]).decode(errors="replace"),
         "stderr": stderr.decode(errors="replace"),
         "wall_s": round(wall, 2),
         "first_output_s": None if first_output is None else round(first_output, 2),
         "marker_s": None if marker_at is None else round(marker_at, 2),
-        "peak_rss_kib": int(reported.group(1)) if reported else usage.ru_maxrss,
+        "peak_rss_kib": int(reported.group(1)) if reported else (reaped[1].ru_maxrss if reaped else None),
         "stopped": stopped,
     }
+
+
+REAP_SECONDS = 60.0  # a VMM that closed its streams, or was SIGKILLed, has this long to be gone
+
+
+def _reap(pid: int, seconds: float):
+    """(wait status, rusage) of child `pid` once it has ended, or None if
+    it has not within `seconds` (a process stuck in the kernel cannot be
+    reaped, and waiting for it would hang the caller for good)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done, wait_status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return wait_status, usage
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def stuck_report(pids: list[int]) -> str:
+    """Each thread of `pids`: its name, state, what it waits in (wchan) and
+    its kernel stack (root only), from /proc."""
+    lines = []
+    for pid in pids:
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda path: int(path.name)):
+            def read(name: str) -> str:
+                try:
+                    return (task / name).read_text().strip()
+                except OSError as error:
+                    return f"({error.strerror})"
+            stat = read("stat")
+            state = stat[stat.rindex(")") + 2] if ")" in stat else "?"
+            lines.append(f"{pid}/{task.name} {read('comm')} state {state} wchan {read('wchan')}")
+            lines += ["    " + frame for frame in read("stack").splitlines()[:24]]
+    return "\n".join(lines) or "(none left in /proc)"
 
 
 def _type(proc: subprocess.Popen, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -152,3 +153,33 @@ def test_a_stalled_vmm_says_its_last_words_before_the_stop():
     assert run["stderr"].endswith("--- before the stop (stall):\nvCPU 0: halted\n")
     broken = run_vmm(["sh", "-c", "exec sleep 30"], limit=1.0, before_stop=lambda: 1 / 0)
     assert broken["stopped"] == "limit" and "failed: ZeroDivisionError" in broken["stderr"]
+
+
+LINGERS = """
+import os, time
+print("booting", flush=True)
+os.close(1); os.close(2)  # its streams end, the process does not
+time.sleep(60)
+"""
+
+
+def test_a_vmm_that_closes_its_streams_and_lingers_is_stopped_not_waited_for(monkeypatch):
+    import benchlib
+    monkeypatch.setattr(benchlib, "REAP_SECONDS", 1.0)
+    run = run_vmm([sys.executable, "-c", LINGERS], limit=120, grace=1.0)
+    assert run["status"] < 0 and run["unstoppable"] is None and run["wall_s"] < 30
+
+
+def test_a_vmm_that_cannot_be_reaped_is_reported_with_its_threads_not_waited_for(monkeypatch):
+    # A process stuck in the kernel cannot be made here: _reap is told it never ends.
+    import benchlib
+    monkeypatch.setattr(benchlib, "_reap", lambda pid, seconds: None)
+    run = run_vmm(["sh", "-c", "echo up; exec sleep 30"], stall=1.0, limit=20, grace=0.5)
+    assert run["status"] is None and run["peak_rss_kib"] is None
+    assert run["unstoppable"] and "not gone" in run["stderr"]
+
+
+def test_stuck_report_names_each_thread_its_state_and_wait():
+    import benchlib
+    report = benchlib.stuck_report([os.getpid()])
+    assert f"{os.getpid()}/{os.getpid()} " in report and " state " in report and " wchan " in report

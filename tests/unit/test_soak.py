@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,6 +71,22 @@ def test_a_silent_or_timed_out_boot_is_hung_and_names_its_last_stage():
     traced = "pyvmm: ERROR: vcpu0: hypercall 0x18 failed\nTraceback (most recent call last):\n"
     kind, reason = soak.classify(boot(console=console, status=124, stderr=traced))
     assert kind == "hung" and reason.endswith("(and a traceback in the VMM's stderr)")
+    kind, reason = soak.classify(boot(console=console, status=None, stopped="stall", unstoppable=True))
+    assert kind == "hung" and reason.startswith("the VMM could not be stopped") and "disk" in reason
+
+
+def test_the_soak_inside_stops_after_a_vmm_it_could_not_stop(tmp_path, monkeypatch):
+    """Its threads are stuck in L1's kernel: no later boot there is worth counting."""
+    plan = soak.schedule(3, ["pyvmm"], ["vcpu-vector"])
+    records = iter([{"class": "clean", "reason": "", "seconds": 1.0, "unstoppable": False},
+                    {"class": "hung", "reason": "the VMM could not be stopped", "seconds": 9.0, "unstoppable": True}])
+    monkeypatch.setattr(soak, "boot_once", lambda entry, prepared, args, run_dir: dict(entry, **next(records)))
+    monkeypatch.setattr(soak, "qemu_version", lambda: None)
+    monkeypatch.setattr(soak, "pyvmm_location", lambda: "here")
+    out = tmp_path / "boots.jsonl"
+    assert soak.run_inside(SimpleNamespace(start=0), {}, plan, out) is False
+    host, boots, started = soak.read_stream(out)
+    assert [b["class"] for b in boots] == ["clean", "hung"] and started is None
 
 
 def test_a_guest_restart_is_a_reset():
