@@ -63,7 +63,7 @@ def load_script(name: str) -> ModuleType:
 def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600, *,
             stall: float | None = None, progress: re.Pattern | None = None,
             on_console: Callable[[bytes, float], bytes | None] | None = None, grace: float = 10.0,
-            console_input: bool = False, before_stop: Callable[[], str] | None = None) -> dict:
+            console_input: bool = False, before_stop: Callable[[int], str] | None = None) -> dict:
     """Run one VMM (`python3 -m pyvmm run ...` or `scripts/qemu-xen ... -v`) to its end.
 
     Returns its status, console (stdout) and stderr, the wall-clock seconds
@@ -79,7 +79,7 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
     ("limit", "stall") or is None. `on_console(data, seconds)` sees the
     console as it arrives; with `console_input`, the VMM's stdin is a pipe
     (kept open to the end) and the bytes on_console returns are typed there.
-    `before_stop()`, called before a stop for the limit or a stall, returns
+    `before_stop(pid)`, called before a stop for the limit or a stall, returns
     text for the end of the stderr (what the VMM can still say about its
     guest, e.g. `pyvmm ctl NAME diagnose`).
     """
@@ -103,7 +103,7 @@ def run_vmm(command: list[str], marker: bytes | None = None, limit: float = 3600
             stopped = "limit" if now >= limit else "stall"
             if before_stop is not None:
                 try:
-                    said = before_stop()
+                    said = before_stop(proc.pid)
                 except Exception as error:  # the report is a bonus; the stop must happen
                     said = f"failed: {error!r}"
                 output[stderr_fd] += f"\n--- before the stop ({stopped}):\n{said}\n".encode()

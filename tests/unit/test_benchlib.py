@@ -148,10 +148,10 @@ def test_run_vmm_reports_no_stop_for_a_vmm_that_ends():
 
 def test_a_stalled_vmm_says_its_last_words_before_the_stop():
     run = run_vmm(["sh", "-c", "echo up; exec sleep 30"], stall=1.0, limit=20,
-                           before_stop=lambda: "vCPU 0: halted")
+                           before_stop=lambda pid: "vCPU 0: halted")
     assert run["stopped"] == "stall"
     assert run["stderr"].endswith("--- before the stop (stall):\nvCPU 0: halted\n")
-    broken = run_vmm(["sh", "-c", "exec sleep 30"], limit=1.0, before_stop=lambda: 1 / 0)
+    broken = run_vmm(["sh", "-c", "exec sleep 30"], limit=1.0, before_stop=lambda pid: 1 / 0)
     assert broken["stopped"] == "limit" and "failed: ZeroDivisionError" in broken["stderr"]
 
 

@@ -274,3 +274,30 @@ def test_a_dying_l1_costs_one_boot_and_the_soak_goes_on_but_not_after_its_own_cr
     ])
     _, boots, _ = soak.run_testbed(args, {}, plan, tmp_path)
     assert runs == [0] and [b["class"] for b in boots] == ["clean"]  # no boot blamed, no second run
+
+
+def test_a_stalled_qemu_boot_asks_for_its_registers_through_a_signal(tmp_path):
+    import subprocess
+    import time
+    path = tmp_path / "registers"
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import signal, time
+def dump(number, frame):
+    open({str(path)!r} + ".partial", "w").write("CPU#0\\nRIP=ffffffff81a03db3 RFL=00000046\\n")
+    __import__("os").replace({str(path)!r} + ".partial", {str(path)!r})
+signal.signal(signal.SIGUSR1, dump)
+print("ready", flush=True)
+time.sleep(30)
+"""], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        text = soak.qemu_registers(child.pid, path)
+        assert text.startswith("QEMU's `info registers -a`:") and "RIP=ffffffff81a03db3" in text
+        assert not path.exists()
+    finally:
+        child.kill()
+        child.wait()
+    started = time.monotonic()
+    assert soak.qemu_registers(child.pid, path, wait=0.5) in (
+        "QEMU's registers: scripts/qemu-xen has gone", "QEMU's registers: none written within 0 s")
+    assert time.monotonic() - started < 5
