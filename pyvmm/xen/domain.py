@@ -376,9 +376,11 @@ class XenDomain:
                 continue
             self.upcalls_raised_again += 1
             if self._stale_upcalls[index] == LOST_UPCALL_CHECKS and self.machine.if_flag_at_last_exit(index):
+                vector = self._per_vcpu_vector[index]
                 self._limited.warning("vCPU %d: an upcall pending for %.1f s, interrupts on at its last exit, was "
-                                      "never taken: raised again (%d raised again so far)", index,
+                                      "never taken: raised again (%d raised again so far; %s)", index,
                                       LOST_UPCALL_CHECKS * UPCALL_RECHECK_SECONDS, self.upcalls_raised_again,
+                                      f"per-vCPU vector {vector:#x}" if vector else f"callback {self.callback.value}",
                                       key="lost-upcall")
             self._upcall(index)
         self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)

@@ -475,7 +475,7 @@ def test_an_upcall_left_pending_is_raised_again_and_a_long_one_is_named_once(mac
     assert domain.upcalls_raised_again == 11
     assert [r.getMessage() for r in caplog.records if "never taken" in r.getMessage()] == [
         "vCPU 1: an upcall pending for 1.0 s, interrupts on at its last exit, was never taken: raised again "
-        "(9 raised again so far)"]
+        "(9 raised again so far; per-vCPU vector 0xf3)"]
     machine.memory.write(vcpu1, b"\x00")  # taken: the count starts over
     domain._recheck_upcalls()
     machine.memory.write(vcpu1, b"\x01")
