@@ -368,7 +368,7 @@ class XenDomain:
         for good; raised again, the guest's handler finds the flag and
         clears it (a spare one finds nothing to do)."""
         for index in range(self.vcpu_count):
-            if not self._upcall_pending(index):
+            if not (self._upcall_pending(index) and self._upcall_deliverable(index)):
                 self._stale_upcalls[index] = 0
                 continue
             self._stale_upcalls[index] += 1
@@ -384,6 +384,13 @@ class XenDomain:
                                       key="lost-upcall")
             self._upcall(index)
         self.loop.call_later(UPCALL_RECHECK_SECONDS, self._recheck_upcalls)
+
+    def _upcall_deliverable(self, vcpu: int) -> bool:
+        """Whether an upcall can reach `vcpu` at all: by its own vector, the
+        HVM-wide one, or (vCPU 0 only) the callback line. A line's upcalls
+        reach vCPU 0 alone; the others' flags stay set for good, as on Xen."""
+        return bool(self._per_vcpu_vector[vcpu]) or self.callback is Callback.VECTOR or (
+            self.callback is Callback.GSI and vcpu == 0)
 
     def close(self) -> None:
         for device in self.xenbus_devices:

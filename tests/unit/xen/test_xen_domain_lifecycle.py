@@ -481,3 +481,10 @@ def test_an_upcall_left_pending_is_raised_again_and_a_long_one_is_named_once(mac
     machine.memory.write(vcpu1, b"\x01")
     domain._recheck_upcalls()
     assert len(msis) == 11
+    # A callback line reaches vCPU 0 alone: vCPU 1's flag, with no vector of
+    # its own, stays set for good and is nothing to raise or warn about.
+    domain._per_vcpu_vector[1] = 0
+    domain.callback = Callback.GSI
+    for _ in range(12):
+        domain._recheck_upcalls()
+    assert len(msis) == 11 and domain.upcalls_raised_again == 11
