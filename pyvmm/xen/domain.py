@@ -467,6 +467,10 @@ class XenDomain:
         except OSError as error:
             log.error("vCPU %d: KVM refused its vcpu_info back at %s: %s", index, self._vcpu_info_gpa_of(index), error)
 
+    def _ulong_size(self) -> int:
+        """Bytes in a xen_ulong_t (evtchn_pending_sel): a 32-bit guest's are 4."""
+        return 8 if self.long_mode is not False else 4
+
     def _shared_info_address(self) -> int | None:
         gfn = self.shared_info_gfn
         return None if gfn is None else self.memory.host_address(gfn << PAGE_SHIFT)
@@ -500,8 +504,9 @@ class XenDomain:
             self.machine.post_to_vcpu(vcpu, partial(self._resync_vcpu_info_attr, vcpu))
             raise XenError(EINVAL, f"KVM did not take vCPU {vcpu}'s vcpu_info at {gpa:#x}: {error}") from error
         # As Xen does: mark everything pending so no event is lost in the move.
+        word = self._ulong_size()
         self.memory.write(gpa, b"\x01")
-        self.memory.write(gpa + (8 if self.long_mode is not False else 4), b"\xff" * (8 if self.long_mode is not False else 4))
+        self.memory.write(gpa + word, b"\xff" * word)
         self._upcall(vcpu)
 
     def register_vcpu_time_info(self, vcpu: int, gpa: int) -> None:
@@ -1645,7 +1650,7 @@ class XenDomain:
         gpa = self._vcpu_info_gpa_of(index)
         pending = selector = "?"
         if gpa is not None:
-            word = 8 if self.long_mode is not False else 4
+            word = self._ulong_size()
             pending = self.memory.read(gpa, 1)[0]
             selector = f"{int.from_bytes(self.memory.read(gpa + word, word), 'little'):#x}"
         vector = self._per_vcpu_vector[index]
@@ -1679,9 +1684,9 @@ class XenDomain:
             diagnose.event_channel_line("xenstore", ports.get(self.store_channel.guest_port)),
             diagnose.console_ring_line(self.pv_console.snapshot(), output.written, idle)
             + f"; {self.console_lost_wakeups} lost wake-up(s) found by the once-a-second check",
-            f"upcalls raised again by the {UPCALL_RECHECK_SECONDS:g}-second check: {self.upcalls_raised_again}",
             diagnose.event_channel_line("console", ports.get(self.console_channel.guest_port)),
             diagnose.pending_ports_line(ports.values()),
+            f"upcalls raised again by the {UPCALL_RECHECK_SECONDS:g}-second check: {self.upcalls_raised_again}",
         ]
 
 
