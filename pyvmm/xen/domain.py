@@ -457,9 +457,12 @@ class XenDomain:
         """Point KVM at vCPU `index`'s vcpu_info as pyvmm records it when
         this runs (on that vCPU's thread): a late run of an earlier request
         can then never leave KVM and pyvmm apart."""
+        kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO, gpa=self._kernel_vcpu_info_gpa(index))
+
+    def _kernel_vcpu_info_gpa(self, index: int) -> int:
+        """What KVM's VCPU_INFO attribute should say for vCPU `index`."""
         gpa = self._vcpu_info_gpa_of(index)
-        kvm_xen.set_vcpu_attr(vcpu, uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO,
-                              gpa=abi.INVALID_GPA if gpa is None else gpa)
+        return abi.INVALID_GPA if gpa is None else gpa
 
     def _resync_vcpu_info_attr(self, index: int, vcpu) -> None:
         try:
@@ -1656,9 +1659,9 @@ class XenDomain:
         vector = self._per_vcpu_vector[index]
         via = f"per-vCPU vector {vector:#x}" if vector else f"callback {self.callback.value}"
         return (f"Xen: {timer}; upcall_pending={pending} pending_sel={selector} ({via})"
-                + self._kernel_vcpu_info_text(vcpu, gpa))
+                + self._kernel_vcpu_info_text(vcpu, index))
 
-    def _kernel_vcpu_info_text(self, vcpu, gpa: int | None) -> str:
+    def _kernel_vcpu_info_text(self, vcpu, index: int) -> str:
         """Where KVM writes this vCPU's upcall flags, when that is not where
         pyvmm and the guest look (a vcpu_info move KVM missed would lose
         every event KVM raises there)."""
@@ -1668,9 +1671,10 @@ class XenDomain:
             kernel_gpa = vcpu.xen_vcpu_get_attr(uapi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO).u.gpa
         except OSError as error:
             return f"; KVM's vcpu_info unknown ({error.strerror})"
-        if kernel_gpa == (abi.INVALID_GPA if gpa is None else gpa):
+        wanted = self._kernel_vcpu_info_gpa(index)
+        if kernel_gpa == wanted:
             return ""
-        return f"; KVM's vcpu_info at {kernel_gpa:#x}, not at {'none' if gpa is None else hex(gpa)}"
+        return f"; KVM's vcpu_info at {kernel_gpa:#x}, not at {'none' if wanted == abi.INVALID_GPA else hex(wanted)}"
 
     def diagnostics(self) -> list[str]:
         """The xenstore ring and the store and console event channels, a few

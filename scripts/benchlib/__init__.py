@@ -194,7 +194,7 @@ def stuck_report(pids: list[int]) -> str:
                 except OSError as error:
                     return f"({error.strerror})"
             stat = read("stat")
-            state = stat[stat.rindex(")") + 2] if ")" in stat else "?"
+            state = _state(stat) if ")" in stat else "?"
             lines.append(f"{pid}/{task.name} {read('comm')} state {state} wchan {read('wchan')}")
             lines += ["    " + frame for frame in read("stack").splitlines()[:24]]
     return "\n".join(lines) or "(none left in /proc)"
@@ -265,7 +265,12 @@ def _alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    return _state(stat) != "Z"
+
+
+def _state(stat: str) -> str:
+    """The state letter of a /proc stat line: its comm may hold spaces and parentheses."""
+    return stat[stat.rindex(")") + 2]
 
 
 def write_log(path: Path, command: list[str], run: dict) -> None:
