@@ -24,6 +24,13 @@ from .vcpu_state import RFLAGS_IF, mp_state_name
 MAX_VCPU_LINES = 16
 CODE_BYTES = 16  # shown at rip (fewer where its page ends)
 STACK_WORDS = 4  # quadwords shown at rsp (long mode): return addresses name the callers
+# Further up the stack (within rsp's page, at most this far) only the words
+# in the top 2 GiB are kept, at most MAX_CALLERS: where a 64-bit kernel's
+# text and modules live, so they name the call chain (an interrupt taken
+# inside a lock holder shows its frames above the holder's).
+CALLER_SCAN_BYTES = 1024
+MAX_CALLERS = 12
+KERNEL_TEXT_FLOOR = 0xFFFF_FFFF_8000_0000
 EFER_LMA = 1 << 10
 ACTIVITY_SECONDS = 2.0  # how often the machine samples the counters a diagnosis compares
 ACTIVITY_ROUNDS = 5  # samples kept: the diagnosis compares with about 10 s ago
@@ -52,9 +59,13 @@ def read_run_state(vcpu, memory=None) -> dict:
         code = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
         stack = regs.rsp if long_mode else (sregs.ss.base + regs.rsp) & 0xFFFF_FFFF
         state["code"] = _bytes_at(vcpu, memory, code, CODE_BYTES)
-        words = _bytes_at(vcpu, memory, stack, STACK_WORDS * 8) if long_mode else None
-        state["stack"] = None if words is None else [int.from_bytes(words[i : i + 8], "little")
-                                                     for i in range(0, len(words) - 7, 8)]
+        words = _bytes_at(vcpu, memory, stack, CALLER_SCAN_BYTES) if long_mode else None
+        if words is None:
+            state["stack"] = None
+        else:
+            values = [int.from_bytes(words[i : i + 8], "little") for i in range(0, len(words) - 7, 8)]
+            state["stack"] = values[:STACK_WORDS]
+            state["callers"] = [word for word in values[STACK_WORDS:] if word >= KERNEL_TEXT_FLOOR][:MAX_CALLERS]
     return state
 
 
@@ -140,6 +151,8 @@ def vcpu_line(index: int, state: dict | None, activity: str | None, counters: st
             line += "; code at rip: " + (code.hex(" ") if code else "unreadable")
             if stack:
                 line += "; stack: " + " ".join(f"{word:#x}" for word in stack)
+            if state.get("callers"):
+                line += "; kernel-text-like words above: " + " ".join(f"{word:#x}" for word in state["callers"])
         if state.get("lapic"):
             line += "; " + state["lapic"]
         if state.get("xen"):

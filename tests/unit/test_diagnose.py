@@ -157,11 +157,39 @@ def test_read_run_state_reads_code_and_stack_through_the_page_tables():
         state = diagnose.read_run_state(_FakeVcpu(0x1FFA, 0x2100), memory)
         assert state["code"] == bytes(range(1, 7))
         assert state["stack"][:2] == [0xFFFFFFFF81000000, 5] and len(state["stack"]) == diagnose.STACK_WORDS
+        assert state["callers"] == []
         assert (state["rip"], state["rsp"], state["cr3"]) == (0x1FFA, 0x2100, 0x1000)
         unmapped = diagnose.read_run_state(_FakeVcpu(0x1FFA, 0x2100, holes={0x1000, 0x2000}), memory)
         assert unmapped["code"] is None and unmapped["stack"] is None
         beyond_ram = diagnose.read_run_state(_FakeVcpu(0x9000, 0x2100), memory)
         assert beyond_ram["code"] is None
+    finally:
+        memory.close()
+
+
+def test_read_run_state_names_kernel_text_like_words_further_up_its_page():
+    from pyvmm.core.memory import GuestMemory
+
+    memory = GuestMemory([(0, 0x4000)])
+    try:
+        top = [0xFFFFFFFF81000000 + i for i in range(diagnose.STACK_WORDS)]
+        # Above the words shown: small values and user addresses are left
+        # out, high ones kept, and only those within rsp's page.
+        above = [7, 0xFFFFFFFF81A03DB3, 0x7FFF12345678, 0xFFFFFFFFC03A80B0, 0xFFFFFFFF81000100]
+        rsp = 0x2000 - 8 * (len(top) + len(above))
+        memory.write(rsp, b"".join(word.to_bytes(8, "little") for word in top + above))
+        memory.write(0x2000, (0xFFFFFFFF89999999).to_bytes(8, "little"))  # the next page: not read
+        state = diagnose.read_run_state(_FakeVcpu(0x1000, rsp), memory)
+        assert state["stack"] == top
+        assert state["callers"] == [0xFFFFFFFF81A03DB3, 0xFFFFFFFFC03A80B0, 0xFFFFFFFF81000100]
+        line = diagnose.vcpu_line(0, state, None)
+        assert line.endswith("; kernel-text-like words above: 0xffffffff81a03db3 0xffffffffc03a80b0 "
+                             "0xffffffff81000100")
+        # At most MAX_CALLERS of them.
+        memory.write(0x3000, b"".join((0xFFFFFFFF81000200 + i).to_bytes(8, "little") for i in range(100)))
+        many = diagnose.read_run_state(_FakeVcpu(0x1000, 0x3000), memory)
+        assert many["callers"] == [0xFFFFFFFF81000200 + i for i in range(diagnose.STACK_WORDS,
+                                                                          diagnose.STACK_WORDS + diagnose.MAX_CALLERS)]
     finally:
         memory.close()
 
