@@ -212,6 +212,7 @@ class XenDomain:
             upcall=self._upcall,
             kernel=_GsiAwareKernelEvtchn(self) if self.kvm_features.evtchn_send else None,
             on_pending=self._port_pending,
+            wake_poller=lambda vcpu: self.machine.kick_vcpu(vcpu),
             on_virq_closed=self._virq_closed,
             schedule=self.loop.call_soon_threadsafe,
             add_reader=self.loop.add_reader,

@@ -273,6 +273,7 @@ class EventChannels:
         add_reader: Callable[[int, Callable[[], None]], None],
         remove_reader: Callable[[int], None],
         on_pending: Callable[[int], None] | None = None,
+        wake_poller: Callable[[int], None] | None = None,
         on_virq_closed: Callable[[int, int, int], None] | None = None,
         max_port: int | None = None,
         fifo: bool = False,
@@ -284,6 +285,9 @@ class EventChannels:
     ):
         """`on_pending(port)`, if given, is called when userspace delivery
         made a port pending, masked or not: wake vCPUs in SCHEDOP_poll.
+        `wake_poller(vcpu)`, if given, ends a SCHEDOP_poll KVM runs for
+        `vcpu` (a kick: a spurious wake-up, the guest checks again) after a
+        send through KVM that KVM would not wake it for (_send_in_kernel).
         `on_virq_closed(virq, vcpu, port)`, if given, is called when the
         guest closes a VIRQ's port (a CPU going offline closes its timer's).
         `max_port`: the highest port the guest may allocate (Xen's
@@ -306,6 +310,7 @@ class EventChannels:
         self._add_reader = add_reader
         self._remove_reader = remove_reader
         self._on_pending = on_pending
+        self._wake_poller = wake_poller
         self._on_virq_closed = on_virq_closed
         if max_port is not None and max_port < 1:
             raise ValueError(f"max_port {max_port} leaves the guest no port")
@@ -1033,7 +1038,34 @@ class EventChannels:
         if self._kernel is None or self._fifo is not None:
             return False
         vcpu = self._ports[port].vcpu
-        return self._kernel.delivers_to(vcpu) and self._kernel_call(self._kernel.send, port, vcpu)
+        if not self._kernel.delivers_to(vcpu):
+            return False
+        poller_left_asleep = self._wake_poller is not None and self._kernel_skips_poller(port, vcpu)
+        if not self._kernel_call(self._kernel.send, port, vcpu):
+            return False
+        if poller_left_asleep:
+            self._wake_poller(vcpu)
+        return True
+
+    def _kernel_skips_poller(self, port: int, vcpu: int) -> bool:
+        """Whether KVM's send of `port` will leave `vcpu` asleep in a
+        SCHEDOP_poll on it. Xen wakes a port's pollers on every send; KVM
+        only for a masked port, or through the kick that raises the upcall
+        when it sets the port's selector bit: not when that bit (and
+        upcall_pending) is already set. A guest that polls an unmasked port
+        and leaves its upcall flags set (interrupts off, no callback) would
+        sleep through every later event. Read before the send: the
+        port unmasked, not yet pending, upcall_pending and the selector set."""
+        mapped = self._mapped()
+        if mapped is None:
+            return False
+        shared_info, abi = mapped
+        vcpu_info = self._vcpu_info(vcpu, shared_info, abi)
+        if vcpu_info is None or not atomic.fetch_or(vcpu_info + abi.upcall_pending, 1, 0):
+            return False  # the common case: KVM sets the flags and kicks
+        return (self._test_bit(vcpu_info + abi.pending_sel, port // abi.bits_per_word)
+                and not self._test_bit(shared_info + abi.evtchn_mask, port)
+                and not self._test_bit(shared_info + abi.evtchn_pending, port))
 
     def _notify_guest(self, channel: BackendChannel) -> None:
         # The common case, kept short (backends notify after every batch):

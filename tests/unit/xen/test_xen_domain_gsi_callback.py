@@ -177,6 +177,34 @@ def test_vector_callback_keeps_kvms_delivery(domain):
     assert domain.vm.sends == [(domain.store_channel.guest_port, 0)]
 
 
+def test_a_send_kvm_would_not_wake_a_poller_for_kicks_the_vcpu(domain, machine):
+    """KVM wakes a vCPU polling an unmasked port only through the kick that
+    raises its upcall, so not while the guest leaves upcall_pending and the
+    selector set (interrupts off, no callback), as a small guest polling
+    the store port for each reply does; Xen wakes pollers on every send."""
+    kicks = []
+    machine.kick_vcpu = kicks.append
+    shared_info = domain.shared_info_gfn << PAGE_SHIFT
+    port = domain.store_channel.guest_port
+
+    def take_reply():  # the guest reads the ring and clears the port, not its upcall flags
+        byte = domain.memory.read(shared_info + EVTCHN_PENDING + port // 8, 1)[0]
+        domain.memory.write(shared_info + EVTCHN_PENDING + port // 8, bytes([byte & ~(1 << port % 8) & 0xFF]))
+
+    acknowledge(domain)
+    domain.store_channel.notify()  # the first reply: KVM sets the selector and kicks the vCPU itself
+    assert upcall_pending(domain) == 1 and kicks == []
+    take_reply()
+    domain.store_channel.notify()  # the second: KVM would leave the poller asleep
+    assert kicks == [0]
+    domain.store_channel.notify()  # still pending: KVM changes nothing, the poller is awake already
+    assert kicks == [0]
+    take_reply()
+    domain.memory.write(shared_info + EVTCHN_MASK + port // 8, bytes([1 << port % 8]))
+    domain.store_channel.notify()  # masked: KVM wakes the port's poller itself
+    assert kicks == [0] and len(domain.vm.sends) == 4
+
+
 def test_trace_records_the_upcall_and_the_line(domain, machine):
     tracer = Tracer()
     stream = io.StringIO()
