@@ -329,6 +329,9 @@ def test_qemu_command_escapes_and_exports():
     assert command[command.index("-accel") + 1] == "tcg,thread=multi"
     single = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], tcg_threads="single")
     assert single[single.index("-accel") + 1] == "tcg,thread=single"
+    assert "idle=poll" not in command[command.index("-append") + 1].split()
+    polling = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], idle="poll")
+    assert "idle=poll" in polling[polling.index("-append") + 1].split()
     with_monitor = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [],
                                      monitor_fd=9)
     assert "socket,id=monitor,fd=9" in with_monitor and "chardev=monitor,mode=readline" in with_monitor
@@ -467,13 +470,17 @@ def test_arguments(tmp_path):
     assert (cli.parse_arguments(["--check"], environ=environ).tcg_threads, cli.parse_arguments(
         ["--check"], environ=environ).cpus) == ("single", 1)
     assert cli.parse_arguments(["--tcg-threads", "multi", "--cpus", "2", "--check"], environ=environ).cpus == 2
+    assert cli.parse_arguments(["--check"], environ={}).l1_idle == "halt"
+    assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"}).l1_idle == "poll"
+    assert cli.parse_arguments(["--l1-idle", "halt", "--check"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"}).l1_idle == (
+        "halt")
 
 
 @pytest.mark.parametrize("argv", [[], ["--check", "--", "true"], ["--prepare", "--check"],
                                   ["--rw", "/no/such/dir", "--", "true"], ["--cpus", "0", "--", "true"],
                                   ["--timeout", "-1", "--", "true"], ["--l1-kernel", "sid", "--check"],
                                   ["--l1-silence", "5", "--check"], ["--l1-silence", "-1", "--check"],
-                                  ["--tcg-threads", "many", "--check"]])
+                                  ["--tcg-threads", "many", "--check"], ["--l1-idle", "mwait", "--check"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_arguments(argv)
@@ -481,7 +488,8 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
 
 
 @pytest.mark.parametrize("environ", [{"PYVMM_TESTBED_CPUS": "two"}, {"PYVMM_TESTBED_TCG_THREADS": "many"},
-                                     {"PYVMM_TESTBED_L1_SILENCE": "long"}, {"PYVMM_TESTBED_L1_SILENCE": "5"}])
+                                     {"PYVMM_TESTBED_L1_SILENCE": "long"}, {"PYVMM_TESTBED_L1_SILENCE": "5"},
+                                     {"PYVMM_TESTBED_L1_IDLE": "mwait"}])
 def test_bad_environment_defaults_are_usage_errors(environ, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_arguments(["--check"], environ=environ)

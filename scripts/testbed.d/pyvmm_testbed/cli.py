@@ -16,6 +16,7 @@ DEFAULT_RUN_LOCK = "/tmp/pyvmm-testbed-run.lock"  # one L1 at a time per host
 
 
 TCG_THREADS = ("multi", "single")
+L1_IDLE = ("halt", "poll")
 
 
 def parse_arguments(argv, environ=None):
@@ -33,6 +34,10 @@ def parse_arguments(argv, environ=None):
     parser.add_argument("--tcg-threads", choices=TCG_THREADS, metavar="multi|single",
                         help="QEMU's TCG: one host thread per L1 vCPU (multi) or one for all (single; "
                              "slower) (default $PYVMM_TESTBED_TCG_THREADS, else multi)")
+    parser.add_argument("--l1-idle", choices=L1_IDLE, metavar="halt|poll",
+                        help="how L1's idle CPUs wait: halt (the kernel's default) or poll (idle=poll: they "
+                             "spin, so no interrupt has to wake a halted emulated CPU) "
+                             "(default $PYVMM_TESTBED_L1_IDLE, else halt)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop CMD after this long (counted from its start, not L1's boot); exit 124")
     parser.add_argument("--rw", action="append", default=[], metavar="PATH",
@@ -77,14 +82,18 @@ def parse_arguments(argv, environ=None):
         except ValueError:
             parser.error("%s=%s: not %s" % (name, text, what))
 
-    def tcg_threads(text):
-        if text not in TCG_THREADS:
-            raise ValueError(text)
-        return text
+    def one_of(choices):
+        def convert(text):
+            if text not in choices:
+                raise ValueError(text)
+            return text
+        return convert
 
     options.cpus = from_environ(options.cpus, "PYVMM_TESTBED_CPUS", 2, int, "a number")
-    options.tcg_threads = from_environ(options.tcg_threads, "PYVMM_TESTBED_TCG_THREADS", "multi", tcg_threads,
+    options.tcg_threads = from_environ(options.tcg_threads, "PYVMM_TESTBED_TCG_THREADS", "multi", one_of(TCG_THREADS),
                                        "one of " + ", ".join(TCG_THREADS))
+    options.l1_idle = from_environ(options.l1_idle, "PYVMM_TESTBED_L1_IDLE", "halt", one_of(L1_IDLE),
+                                   "one of " + ", ".join(L1_IDLE))
     options.l1_silence = from_environ(options.l1_silence, "PYVMM_TESTBED_L1_SILENCE", host.DEFAULT_L1_SILENCE,
                                       float, "a number of seconds")
     if options.memory < 256:
@@ -248,7 +257,7 @@ def main(argv=None):
         run_lock = take_run_lock(os.environ.get("PYVMM_TESTBED_LOCK", DEFAULT_RUN_LOCK))  # noqa: F841 held until exit
         run = host.Run(artifacts, job, options.memory, options.cpus, writable, options.timeout,
                        boot_timeout(), say, options.verbose, silence=options.l1_silence,
-                       tcg_threads=options.tcg_threads)
+                       tcg_threads=options.tcg_threads, idle=options.l1_idle)
         status = run.execute()
         if options.verbose:
             now = time.monotonic()

@@ -124,22 +124,25 @@ def qemu_option_value(text):
     return text.replace(",", ",,")
 
 
-def kernel_command_line(python, quiet=True):
+def kernel_command_line(python, quiet=True, idle="halt"):
     if any(character.isspace() for character in python) or not python.isprintable():
         raise TestbedError("the Python interpreter's path %r contains blanks or control "
                            "characters; the L1 kernel command line cannot carry it" % python)
     # mitigations=off: the CPU is emulated, the mitigations only cost time.
     # nokaslr: the addresses QEMU's monitor reports for a frozen L1 then match the kallsyms of an earlier run.
-    return "console=ttyS0 %spanic=-1 mitigations=off nokaslr pyvmm.python=%s" % ("quiet " if quiet else "", python)
+    # idle=poll: L1's idle CPUs spin instead of halting, so nothing depends
+    # on the emulator waking a halted CPU for an interrupt (docs/TESTBED.md).
+    return "console=ttyS0 %spanic=-1 mitigations=off nokaslr %spyvmm.python=%s" % (
+        "quiet " if quiet else "", "idle=poll " if idle == "poll" else "", python)
 
 
 def qemu_command(qemu, vmlinuz, initramfs, memory, cpus, python, console_fd, agent_fd, writable,
-                 quiet=True, monitor_fd=None, tcg_threads="multi"):
+                 quiet=True, monitor_fd=None, tcg_threads="multi", idle="halt"):
     command = [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", "pc", "-accel", "tcg,thread=%s" % tcg_threads, "-cpu", "EPYC,+svm",
         "-smp", str(cpus), "-m", str(memory),
-        "-kernel", vmlinuz, "-initrd", initramfs, "-append", kernel_command_line(python, quiet),
+        "-kernel", vmlinuz, "-initrd", initramfs, "-append", kernel_command_line(python, quiet, idle),
         "-chardev", "socket,id=console,fd=%d" % console_fd, "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=agentbus",
         "-chardev", "socket,id=agent,fd=%d" % agent_fd,
@@ -251,7 +254,7 @@ def _die_with_parent():
 
 class Run:
     def __init__(self, artifacts, job, memory, cpus, writable, timeout, boot_timeout, say, verbose,
-                 silence=None, tcg_threads="multi"):
+                 silence=None, tcg_threads="multi", idle="halt"):
         self.artifacts = artifacts
         self.job = job
         self.memory, self.cpus, self.writable = memory, cpus, writable
@@ -277,6 +280,7 @@ class Run:
         self.l1_load = b""          # L1's /proc/loadavg, from its last ALIVE
         self.monitor = None
         self.tcg_threads = tcg_threads
+        self.idle = idle  # L1's idle loop: "halt" (the kernel's default) or "poll"
 
     # -- output routing --
 
@@ -346,7 +350,7 @@ class Run:
                                self.memory, self.cpus, sys.executable,
                                console_qemu.fileno(), agent_qemu.fileno(), self.writable,
                                quiet=not self.verbose, monitor_fd=monitor_qemu.fileno(),
-                               tcg_threads=self.tcg_threads)
+                               tcg_threads=self.tcg_threads, idle=self.idle)
         if self.verbose:
             self.say("starting L1: " + " ".join(command))
         try:
