@@ -181,3 +181,34 @@ def test_scripts_bench_shows_the_image_rows_even_when_not_run():
     assert len(image) == len(bench.ROWS) - 1  # and the RSS row, among bench's RSS rows
     assert all(r["note"] == "not available: --no-image" for r in image)
     assert "peak RSS of the VMM: image boot" in {r["name"] for r in rows}
+
+
+class _UnkillableQemu:
+    """A QEMU that SIGTERM and SIGKILL do not end (stuck in the kernel)."""
+
+    pid = 2**22 + 1  # no such process: the report says so
+
+    def __init__(self):
+        self.signals = []
+
+    def poll(self):
+        return None
+
+    def terminate(self):
+        self.signals.append("TERM")
+
+    def kill(self):
+        self.signals.append("KILL")
+
+    def wait(self, timeout=None):
+        assert timeout is not None, "an unbounded wait for a QEMU stuck in the kernel never returns"
+        raise qemu_xen.subprocess.TimeoutExpired("qemu", timeout)
+
+
+def test_qemu_xen_stop_gives_up_on_a_qemu_it_cannot_end(monkeypatch, capsys):
+    monkeypatch.setattr(qemu_xen, "KILL_WAIT_SECONDS", 0.01)
+    monkeypatch.setattr(qemu_xen, "STOP_GRACE_SECONDS", 0.01)
+    qemu = _UnkillableQemu()
+    assert qemu_xen.stop(qemu) is False
+    assert qemu.signals == ["TERM", "KILL"]
+    assert "could not be stopped" in capsys.readouterr().err
