@@ -224,6 +224,7 @@ def test_tally_counts_the_stream_of_a_run_stopped_before_its_report(tmp_path, ca
     assert [vmm for vmm, mode in rows if mode == "all"] == ["pyvmm", "qemu"]
     out = capsys.readouterr().out
     assert "stopped after 2 boots (and one in progress, not counted)" in out and "TCG threads single" in out
+    assert "L1 idle halt" in out  # recorded before the testbed had the choice
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SystemExit, match="not a soak stream"):
         soak.tally([tmp_path / "empty.jsonl"])

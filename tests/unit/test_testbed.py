@@ -592,6 +592,12 @@ def test_job_is_json_serializable(tmp_path):
     assert json.loads(json.dumps(job))["argv"] == ["echo", "\udcff"]
 
 
+def test_the_command_sees_the_settings_l1_runs_with():
+    options = cli.parse_arguments(["--tcg-threads", "single", "--", "true"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"})
+    environment = cli.build_job(options, [])["env"]
+    assert (environment["PYVMM_TESTBED_TCG_THREADS"], environment["PYVMM_TESTBED_L1_IDLE"]) == ("single", "poll")
+
+
 def test_the_agents_kvm_numbers_are_the_kernels():
     """The agent is standard library only: its KVM ioctl numbers and struct
     layout (for the VM that holds L1's static keys) must match pyvmm's."""

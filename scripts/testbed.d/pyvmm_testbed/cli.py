@@ -176,7 +176,10 @@ def build_job(options, writable):
     return {
         "kind": "run",
         "argv": options.command,
-        "env": host.job_environment(dict(os.environ, PWD=cwd), writable),
+        # The command sees the settings L1 runs with, options and defaults
+        # included (the soak records them).
+        "env": host.job_environment(dict(os.environ, PWD=cwd, PYVMM_TESTBED_TCG_THREADS=options.tcg_threads,
+                                         PYVMM_TESTBED_L1_IDLE=options.l1_idle), writable),
         "cwd": cwd,
         "tty": plan,
         "mounts": [["rw%d" % index, path] for index, path in enumerate(writable)],
