@@ -35,9 +35,9 @@ def parse_arguments(argv, environ=None):
                         help="QEMU's TCG: one host thread per L1 vCPU (multi) or one for all (single; "
                              "slower) (default $PYVMM_TESTBED_TCG_THREADS, else multi)")
     parser.add_argument("--l1-idle", choices=L1_IDLE, metavar="halt|poll",
-                        help="how L1's idle CPUs wait: halt (the kernel's default) or poll (idle=poll: they "
-                             "spin, so no interrupt has to wake a halted emulated CPU) "
-                             "(default $PYVMM_TESTBED_L1_IDLE, else halt)")
+                        help="how L1's idle CPUs wait: poll (idle=poll: they spin, so no interrupt has to wake "
+                             "a halted emulated CPU) or halt (the kernel's own default) "
+                             "(default $PYVMM_TESTBED_L1_IDLE, else %s)" % host.DEFAULT_L1_IDLE)
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop CMD after this long (counted from its start, not L1's boot); exit 124")
     parser.add_argument("--rw", action="append", default=[], metavar="PATH",
@@ -92,7 +92,7 @@ def parse_arguments(argv, environ=None):
     options.cpus = from_environ(options.cpus, "PYVMM_TESTBED_CPUS", 2, int, "a number")
     options.tcg_threads = from_environ(options.tcg_threads, "PYVMM_TESTBED_TCG_THREADS", "multi", one_of(TCG_THREADS),
                                        "one of " + ", ".join(TCG_THREADS))
-    options.l1_idle = from_environ(options.l1_idle, "PYVMM_TESTBED_L1_IDLE", "halt", one_of(L1_IDLE),
+    options.l1_idle = from_environ(options.l1_idle, "PYVMM_TESTBED_L1_IDLE", host.DEFAULT_L1_IDLE, one_of(L1_IDLE),
                                    "one of " + ", ".join(L1_IDLE))
     options.l1_silence = from_environ(options.l1_silence, "PYVMM_TESTBED_L1_SILENCE", host.DEFAULT_L1_SILENCE,
                                       float, "a number of seconds")

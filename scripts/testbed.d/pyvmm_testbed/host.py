@@ -124,7 +124,11 @@ def qemu_option_value(text):
     return text.replace(",", ",,")
 
 
-def kernel_command_line(python, quiet=True, idle="halt"):
+# How L1's idle CPUs wait (--l1-idle): "poll" by measurement (docs/TESTBED.md).
+DEFAULT_L1_IDLE = "poll"
+
+
+def kernel_command_line(python, quiet=True, idle=DEFAULT_L1_IDLE):
     if any(character.isspace() for character in python) or not python.isprintable():
         raise TestbedError("the Python interpreter's path %r contains blanks or control "
                            "characters; the L1 kernel command line cannot carry it" % python)
@@ -137,7 +141,7 @@ def kernel_command_line(python, quiet=True, idle="halt"):
 
 
 def qemu_command(qemu, vmlinuz, initramfs, memory, cpus, python, console_fd, agent_fd, writable,
-                 quiet=True, monitor_fd=None, tcg_threads="multi", idle="halt"):
+                 quiet=True, monitor_fd=None, tcg_threads="multi", idle=DEFAULT_L1_IDLE):
     command = [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", "pc", "-accel", "tcg,thread=%s" % tcg_threads, "-cpu", "EPYC,+svm",
@@ -254,7 +258,7 @@ def _die_with_parent():
 
 class Run:
     def __init__(self, artifacts, job, memory, cpus, writable, timeout, boot_timeout, say, verbose,
-                 silence=None, tcg_threads="multi", idle="halt"):
+                 silence=None, tcg_threads="multi", idle=DEFAULT_L1_IDLE):
         self.artifacts = artifacts
         self.job = job
         self.memory, self.cpus, self.writable = memory, cpus, writable
@@ -280,7 +284,7 @@ class Run:
         self.l1_load = b""          # L1's /proc/loadavg, from its last ALIVE
         self.monitor = None
         self.tcg_threads = tcg_threads
-        self.idle = idle  # L1's idle loop: "halt" (the kernel's default) or "poll"
+        self.idle = idle  # L1's idle loop: "poll" or "halt" (the kernel's own default)
 
     # -- output routing --
 
