@@ -329,9 +329,9 @@ def test_qemu_command_escapes_and_exports():
     assert command[command.index("-accel") + 1] == "tcg,thread=multi"
     single = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], tcg_threads="single")
     assert single[single.index("-accel") + 1] == "tcg,thread=single"
-    assert "idle=poll" in command[command.index("-append") + 1].split()  # the default
-    halting = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], idle="halt")
-    assert not any(word.startswith("idle=") for word in halting[halting.index("-append") + 1].split())
+    assert not any(word.startswith("idle=") for word in command[command.index("-append") + 1].split())  # halt
+    polling = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], idle="poll")
+    assert "idle=poll" in polling[polling.index("-append") + 1].split()
     with_monitor = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [],
                                      monitor_fd=9)
     assert "socket,id=monitor,fd=9" in with_monitor and "chardev=monitor,mode=readline" in with_monitor
@@ -470,10 +470,10 @@ def test_arguments(tmp_path):
     assert (cli.parse_arguments(["--check"], environ=environ).tcg_threads, cli.parse_arguments(
         ["--check"], environ=environ).cpus) == ("single", 1)
     assert cli.parse_arguments(["--tcg-threads", "multi", "--cpus", "2", "--check"], environ=environ).cpus == 2
-    assert cli.parse_arguments(["--check"], environ={}).l1_idle == "poll"
-    assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_IDLE": "halt"}).l1_idle == "halt"
-    assert cli.parse_arguments(["--l1-idle", "poll", "--check"], environ={"PYVMM_TESTBED_L1_IDLE": "halt"}).l1_idle == (
-        "poll")
+    assert cli.parse_arguments(["--check"], environ={}).l1_idle == "halt"
+    assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"}).l1_idle == "poll"
+    assert cli.parse_arguments(["--l1-idle", "halt", "--check"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"}).l1_idle == (
+        "halt")
 
 
 @pytest.mark.parametrize("argv", [[], ["--check", "--", "true"], ["--prepare", "--check"],

@@ -35,8 +35,8 @@ def parse_arguments(argv, environ=None):
                         help="QEMU's TCG: one host thread per L1 vCPU (multi) or one for all (single; "
                              "slower) (default $PYVMM_TESTBED_TCG_THREADS, else multi)")
     parser.add_argument("--l1-idle", choices=L1_IDLE, metavar="halt|poll",
-                        help="how L1's idle CPUs wait: poll (idle=poll: they spin, so no interrupt has to wake "
-                             "a halted emulated CPU) or halt (the kernel's own default) "
+                        help="how L1's idle CPUs wait: halt (the kernel's own) or poll (idle=poll: they spin, "
+                             "so no interrupt has to wake a halted emulated CPU) "
                              "(default $PYVMM_TESTBED_L1_IDLE, else %s)" % host.DEFAULT_L1_IDLE)
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop CMD after this long (counted from its start, not L1's boot); exit 124")

@@ -124,8 +124,9 @@ def qemu_option_value(text):
     return text.replace(",", ",,")
 
 
-# How L1's idle CPUs wait (--l1-idle): "poll" by measurement (docs/TESTBED.md).
-DEFAULT_L1_IDLE = "poll"
+# How L1's idle CPUs wait (--l1-idle): the kernel's own "halt" until the
+# guest suite has run green with "poll" (docs/TESTBED.md).
+DEFAULT_L1_IDLE = "halt"
 
 
 def kernel_command_line(python, quiet=True, idle=DEFAULT_L1_IDLE):
