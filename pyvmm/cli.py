@@ -292,7 +292,8 @@ def _is_disk_image(path: Path) -> bool:
 # The options that give a guest its shape, which a restore takes from the snapshot.
 SHAPE_OPTIONS = {"kernel": "--kernel", "initrd": "--initrd", "cmdline": "--append", "memory": "--memory",
                  "vcpus": "--vcpus", "xen": "--xen/--no-xen", "xen_version": "--xen-version",
-                 "xen_accel": "--xen-accel/--no-xen-accel", "limit_settings": "--limit"}
+                 "xen_accel": "--xen-accel/--no-xen-accel", "limit_settings": "--limit", "firmware": "--firmware",
+                 "cdrom": "--cdrom", "boot": "--boot"}
 
 
 def _restore_values(path: Path, ctx: click.Context, config_file, values: dict) -> tuple[dict, dict]:
@@ -300,7 +301,7 @@ def _restore_values(path: Path, ctx: click.Context, config_file, values: dict) -
     shape put into `values`; options that would change the shape refused."""
     from click.core import ParameterSource
 
-    from .vmm.snapshot import read_config, refuse_shape_options
+    from .vmm.snapshot import read_config, refuse_shape_options, saved_boot
 
     given = {option: ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE
              for param, option in SHAPE_OPTIONS.items()}
@@ -309,7 +310,9 @@ def _restore_values(path: Path, ctx: click.Context, config_file, values: dict) -
     refuse_shape_options(given)
     header, state = read_config(path)
     saved = state["config"]
-    values.update(kernel=Path(saved["kernel"]), initrd=Path(saved["initrd"]) if saved.get("initrd") else None,
+    boot = saved_boot(saved)
+    values.update(kernel=boot["kernel"], cdrom=boot["cdrom"], boot=boot["boot"],
+                  initrd=Path(saved["initrd"]) if saved.get("initrd") else None,
                   cmdline=saved["cmdline"], memory=saved["memory"], vcpus=saved["vcpus"], xen=saved["xen"])
     return header, state
 

@@ -256,11 +256,23 @@ class VmConfig:
         return self.cdrom is not None and (self.boot == "cdrom" or
                                            (self.boot is None and not self.devices_of("blk")))
 
+    @property
+    def ide_disk(self) -> DeviceSpec | None:
+        """A firmware boot's emulated IDE disk (primary master): xl.cfg's hda
+        when there is one (an HVM image's usual boot disk), else the first disk."""
+        if not self.firmware_boot:
+            return None
+        disks = self.devices_of("blk")
+        return next((disk for disk in disks if getattr(disk, "vdev", None) == "hda"), disks[0] if disks else None)
+
     def _validate_devices(self) -> None:
         seen: dict[tuple[str, str, str], DeviceSpec] = {}
+        ide_disk = self.ide_disk
         for device in self.devices:
-            if device.needs_xen and not self.xen:
-                raise device.error("needs Xen mode (it is a Xen PV device); drop --no-xen")
+            if device.needs_xen and not self.xen and device is not ide_disk:
+                # Without Xen only the firmware's IDE disk is there (no PV backend).
+                only = "; without Xen a firmware boot has one disk, the IDE disk" if ide_disk is not None else ""
+                raise device.error(f"needs Xen mode (it is a Xen PV device{only}); drop --no-xen")
             unique = device.unique()
             if unique is not None:
                 other = seen.setdefault((device.kind, *unique), device)

@@ -139,9 +139,7 @@ class Platform:
         """The PIIX3 IDE controller, the first disk as primary master: the
         disk the firmware boots, on the same image the PV disk serves; a
         --cdrom ISO as secondary master (hdc), as QEMU and Xen place it."""
-        disks = machine.config.devices_of("blk")
-        # xl.cfg's hda when there is one (an HVM image's usual boot disk), else the first disk.
-        boot = next((disk for disk in disks if getattr(disk, "vdev", None) == "hda"), disks[0] if disks else None)
+        boot = machine.config.ide_disk
         if boot is not None:
             self.ide_image = ImageFile(boot.path, readonly=boot.readonly)
         if machine.config.cdrom is not None:

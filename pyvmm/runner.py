@@ -121,7 +121,7 @@ class _Snapshots:
         under the sandbox it is read now, to be kept (KEPT is active), and
         its parser imported. A kernel gone or changed since only warns: the
         guest runs without it until it reboots."""
-        if self.restore is None:
+        if self.restore is None or config.firmware_boot:  # the builder reads (and keeps) the firmware
             return
         from .boot.loader import check_kernel
 

@@ -70,6 +70,10 @@ STATEFUL = (
     "pyvmm.devices.i8042:I8042",  # command byte, output buffer, pending command
     "pyvmm.devices.acpi_pm:AcpiPm",  # PM1 status/enable/control, the PM timer's origin
     "pyvmm.devices.pci:PciHost",  # config address, every device's config space (BARs as placed)
+    "pyvmm.devices.fw_cfg:FwCfg",  # the selected item and the offset in it
+    "pyvmm.devices.ide.piix:BusMaster",  # command, status, PRD table address (in its channel's state)
+    "pyvmm.devices.ide.ata:AtaChannel",  # task file, the DRQ block in flight, the unplug
+    "pyvmm.devices.ide.atapi:AtapiChannel",  # and the packet, the reply in flight, the sense
     "pyvmm.xen.hv.xen_platform:XenPlatformDevice",  # its registers, what the guest unplugged
     "pyvmm.xen.hv.timers:UserTimer",  # a vCPU's Xen timer: time left, period
     "pyvmm.xen.hv.evtchn:EventChannels",  # the port table, VIRQ and backend bindings

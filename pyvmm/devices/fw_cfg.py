@@ -28,7 +28,8 @@ import struct
 import threading
 from typing import Protocol
 
-from . import all_ones
+from ..core.snapshot import versioned
+from . import SavedState, all_ones
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ DMA_ACCESS = struct.Struct(">IIQ")
 FILE_NAME_SIZE = 56
 FILE_ENTRY = struct.Struct(">IHH56s")
 ZERO_CHUNK = 64 * 1024  # zero-fill past an item's end this much at a time
+STATE_VERSION = 1
 
 
 class DmaMemory(Protocol):
@@ -128,6 +130,23 @@ class FwCfg:
         if key == FILE_DIR:
             return self.directory()
         return self._items.get(key, b"")
+
+    # --- snapshots (pyvmm/core/snapshot.py) ----------------------------------------
+
+    def save_state(self) -> dict:
+        """Where the firmware is in its reading: the selected item, the
+        offset in it and a DMA address's high half written but not yet its
+        low. The items themselves are the VM's config, rebuilt at restore."""
+        with self._lock:
+            return versioned(STATE_VERSION, selector=self._selector, offset=self._offset, dma_high=self._dma_high)
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState("FwCfg", state, STATE_VERSION)
+        selector = saved.int("selector", 0, 0xFFFF)
+        offset = saved.int("offset", 0, 1 << 32)
+        dma_high = saved.int("dma_high", 0, 0xFFFF_FFFF)
+        with self._lock:
+            self._selector, self._offset, self._dma_high = selector, offset, dma_high
 
     # --- BusDevice -----------------------------------------------------------------
 

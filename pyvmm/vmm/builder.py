@@ -32,6 +32,7 @@ instruction runs. No kernel is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 
@@ -106,6 +107,11 @@ class MachineBuilder:
             builder.add_memory(snapshot)
             steps.append(("RAM mapped", time.monotonic()))
             builder.add_devices()
+            if config.firmware_boot:
+                builder._map_firmware()
+                if builder.machine.firmware_digest != snapshot.header.get("firmware"):
+                    raise SnapshotError(f"{snapshot.path}: firmware {config.firmware or DEFAULT_FIRMWARE} is not "
+                                        f"the one the guest booted with (SHA-256 {snapshot.header.get('firmware')})")
             steps.append(("devices built", time.monotonic()))
             builder.restore_parts(snapshot.path, state)
             steps.append(("parts restored", time.monotonic()))
@@ -199,17 +205,26 @@ class MachineBuilder:
 
     def _load_firmware(self) -> None:
         """Without a kernel: BIOS firmware, and what it learns through fw_cfg."""
+        machine = self.machine
+        image = self._map_firmware()
+        # The copy below 1 MiB is RAM, as a BIOS leaves its shadow after it
+        # has unlocked it: SeaBIOS keeps its variables there.
+        machine.memory.write(*low_placement(image))
+        machine.boot_state = reset_state()
+
+    def _map_firmware(self) -> bytes:
+        """The firmware's top copy, as ROM (a write exits and is dropped by
+        the bus), and its fw_cfg items: what a boot and a restore of a
+        firmware-booted guest both build (its copy in RAM is the guest's).
+        Returns the firmware image."""
         machine, config = self.machine, self.config
         image = read_firmware(config.firmware or DEFAULT_FIRMWARE)
+        machine.firmware_digest = hashlib.sha256(image).hexdigest()
         gpa, rom = rom_placement(image)
-        # The top copy is ROM (a write exits and is dropped by the bus); the
-        # copy below 1 MiB is RAM, as a BIOS leaves its shadow after it has
-        # unlocked it: SeaBIOS keeps its variables there.
         machine.firmware_rom = region = MemoryRegion.allocate(gpa, len(rom))
         region.mapping[:] = rom
         machine.vm.memslots.map(gpa, len(rom), region.host_address, readonly=True)
         machine.mmio.register(gpa, len(rom), Rom(rom), "firmware ROM")
-        machine.memory.write(*low_placement(image))
 
         fw_cfg = machine.platform.fw_cfg
         low = layout.ram_ranges(config.memory)[0][1]
@@ -225,7 +240,7 @@ class MachineBuilder:
         fw_cfg.add_file("etc/boot-fail-wait", struct.pack("<I", 5))
         fw_cfg.add_file("bootorder", boot_order(machine.platform.ide_slot, config))
         assert low > layout.LOW_RESERVED_END  # VmConfig's minimum memory guarantees it
-        machine.boot_state = reset_state()
+        return image
 
     def add_debugger(self) -> None:
         """5. The gdb stub (it listens and starts with the machine, not here)."""

@@ -135,6 +135,10 @@ class Machine:
         self._ready = threading.Barrier(config.vcpus + 1)
         self._setup_errors: list[BaseException] = []
         self.gdb = None
+        # A firmware boot's ROM copy of the BIOS and the image's SHA-256
+        # (MachineBuilder; a snapshot refuses to restore with another image).
+        self.firmware_rom = None
+        self.firmware_digest: str | None = None
         # Set by MachineBuilder.from_snapshot: what run() restores once the
         # vCPUs exist, before the guest runs (pyvmm/vmm/snapshot.py).
         self.restore_plan: RestorePlan | None = None
@@ -584,6 +588,9 @@ class Machine:
         platform = self.platform
         parts = {"serial": platform.serial, "rtc": platform.rtc, "i8042": platform.i8042,
                  "acpi_pm": platform.acpi_pm, "pci": platform.pci}
+        if platform.fw_cfg is not None:  # a firmware boot: fw_cfg and the IDE channels
+            parts["fw_cfg"] = platform.fw_cfg
+            parts.update((f"ide{index}", channel) for index, channel in enumerate(platform.ide))
         if self.xen is not None:
             parts["xen"] = self.xen
         return parts

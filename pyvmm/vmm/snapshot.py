@@ -160,15 +160,35 @@ def disk_fingerprint(fd: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def _disk_identity(spec) -> dict:
-    # The backend's own flags: under the sandbox KEPT hands back a duplicate of its descriptor.
-    fd = KEPT.open(spec.path, (os.O_RDONLY if spec.readonly else os.O_RDWR) | os.O_CLOEXEC)
+def _image_identity(path, readonly: bool) -> dict:
+    # The device's own flags: under the sandbox KEPT hands back a duplicate of its descriptor.
+    fd = KEPT.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        return {"vdev": spec.vdev, "path": str(spec.path), "readonly": spec.readonly, "size": size,
-                "fingerprint": disk_fingerprint(fd, size)}
+        return {"path": str(path), "readonly": readonly, "size": size, "fingerprint": disk_fingerprint(fd, size)}
     finally:
         os.close(fd)
+
+
+def _disk_identity(spec) -> dict:
+    return {"vdev": spec.vdev, **_image_identity(spec.path, spec.readonly)}
+
+
+def check_firmware_boot(header: dict, config: VmConfig, path: str) -> None:
+    """A firmware-booted guest's CD-ROM must hold the image it had (its
+    firmware is checked when it is mapped: Machine.firmware_digest)."""
+    saved = header.get("cdrom")
+    if (saved is None) != (config.cdrom is None):
+        raise SnapshotError(f"{path}: the guest {'had a' if saved else 'had no'} CD-ROM; give it "
+                            f"{'as --cdrom ' + str(saved.get('path')) if saved else 'none'}")
+    if saved is None:
+        return
+    try:
+        identity = _image_identity(config.cdrom, True)
+    except OSError as error:
+        raise SnapshotError(f"{path}: CD-ROM {config.cdrom}: {error.strerror}") from None
+    if (identity["size"], identity["fingerprint"]) != (saved.get("size"), saved.get("fingerprint")):
+        raise SnapshotError(f"{path}: CD-ROM {config.cdrom} is not the image the snapshot was taken with")
 
 
 def disk_identities(config: VmConfig) -> list[dict]:
@@ -232,7 +252,10 @@ def config_state(config: VmConfig) -> dict:
     """What a restored VM takes from the snapshot's config: its shape (a
     reboot boots its kernel again), limits, devices and name."""
     return {
-        "kernel": str(config.kernel),
+        "kernel": str(config.kernel) if config.kernel is not None else None,  # None: a firmware boot
+        "firmware": str(config.firmware) if config.firmware is not None else None,
+        "cdrom": str(config.cdrom) if config.cdrom is not None else None,
+        "boot": config.boot,
         "initrd": str(config.initrd) if config.initrd is not None else None,
         "cmdline": config.cmdline,
         "memory": config.memory,
@@ -264,6 +287,16 @@ def saved_devices(saved: dict) -> dict[str, tuple[DeviceSpec, ...]]:
     return {kind: tuple(specs) for kind, specs in by_kind.items()}
 
 
+def saved_boot(saved: dict) -> dict:
+    """What the saved config boots: its kernel, or (a firmware boot) its
+    firmware, CD-ROM and boot order; VmConfig's fields."""
+    def path(key: str) -> Path | None:
+        return Path(saved[key]) if saved.get(key) else None
+
+    return {"kernel": path("kernel"), "firmware": path("firmware"), "cdrom": path("cdrom"),
+            "boot": saved.get("boot") if saved.get("boot") in ("disk", "cdrom") else None}
+
+
 def restored_config(path, header: dict, state: dict, config: VmConfig, given_kinds: set[str]) -> VmConfig:
     """`config` (the restore's own settings: console, name, timeouts, ...)
     with the shape and limits of the snapshot at `path` (its `header` and
@@ -287,7 +320,7 @@ def restored_config(path, header: dict, state: dict, config: VmConfig, given_kin
     limits = VmConfig.limits_from(saved.get("limits", {}))
     return replace(
         config,
-        kernel=Path(saved["kernel"]),
+        **saved_boot(saved),
         initrd=Path(saved["initrd"]) if saved.get("initrd") else None,
         cmdline=saved["cmdline"],
         memory=saved["memory"],
@@ -351,8 +384,6 @@ def capture(machine, saved: list | None = None) -> tuple[dict, dict]:
     if not machine.paused:
         raise SnapshotError("the VM must be paused for a snapshot")
     config = machine.config
-    if config.firmware_boot:  # its firmware mappings, fw_cfg and IDE disk are not saved yet
-        raise SnapshotError("a guest booted through firmware cannot be snapshotted yet")
     parts = {}
     for name, part in machine.stateful_parts().items():
         parts[name] = part.save_state()  # SnapshotError from a part that cannot save now
@@ -391,6 +422,9 @@ def capture(machine, saved: list | None = None) -> tuple[dict, dict]:
         "disks": disk_identities(config),
         "nics": nic_identities(config),
     }
+    if config.firmware_boot:
+        header["firmware"] = machine.firmware_digest
+        header["cdrom"] = _image_identity(config.cdrom, True) if config.cdrom is not None else None
     return header, state
 
 
@@ -435,6 +469,8 @@ def check_restore(snapshot: SnapshotFile, state: dict, config: VmConfig, kvm) ->
         raise SnapshotError(f"{path}: corrupt: it holds {len(vcpus) if isinstance(vcpus, list) else 'no'} vCPU "
                             f"state(s) for {config.vcpus} vCPU(s)")
     check_disks(header.get("disks", []), config, path)
+    if config.firmware_boot:
+        check_firmware_boot(header, config, path)
     if config.xen and "xen" not in state["kvm"]:
         raise SnapshotError(f"{path}: corrupt: a Xen guest's snapshot without KVM's Xen state")
 
@@ -458,7 +494,7 @@ def refuse_shape_options(given: dict[str, object]) -> None:
     names = [option for option, value in given.items() if value]
     if names:
         raise ConfigError(f"{', '.join(names)} cannot be given with --restore: the snapshot decides "
-                          f"(memory, vCPUs, kernel, Xen mode and limits are the guest's own)")
+                          f"(memory, vCPUs, kernel or firmware and CD-ROM, Xen mode and limits are the guest's own)")
 
 
 def describe(snapshot: SnapshotFile) -> dict:

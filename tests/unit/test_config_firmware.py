@@ -152,3 +152,14 @@ def test_xl_cfg_hda_is_the_ide_boot_disk_and_the_pv_disk_xvda(tmp_path, monkeypa
     (tmp_path / "vm.cfg").write_text('name = "g"\ntype = "hvm"\ndisk = [ "data.img,raw,xvda,w", "disk.img,raw,hda,w" ]\n')
     status, stderr, _ = run(tmp_path, monkeypatch, "vm.cfg")
     assert status == 1 and "share a vdev: xvda" in stderr
+
+
+def test_without_xen_the_firmwares_ide_disk_is_the_only_disk(tmp_path, monkeypatch):
+    (tmp_path / "disk.img").write_bytes(MBR_DISK)
+    (tmp_path / "data.img").write_bytes(bytes(4096))
+    status, stderr, config = run(tmp_path, monkeypatch, "--no-xen", "--disk", "disk.img")
+    assert status == 0, stderr
+    assert config.ide_disk is config.devices_of("blk")[0]
+    status, stderr, _ = run(tmp_path, monkeypatch, "--no-xen", "--disk", "disk.img", "--disk", "data.img")
+    assert status == 1 and stderr == ("pyvmm: error: --disk 'data.img': needs Xen mode (it is a Xen PV device; "
+                                      "without Xen a firmware boot has one disk, the IDE disk); drop --no-xen\n"), stderr

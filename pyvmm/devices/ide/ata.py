@@ -28,6 +28,8 @@ import threading
 from typing import Callable, Protocol
 
 from ...core.kept import KEPT
+from ...core.snapshot import versioned
+from .. import SavedState
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ _NO_DATA = {CMD_RECALIBRATE, CMD_SEEK, CMD_INIT_PARAMETERS, CMD_STANDBY_IMMEDIAT
             CMD_STANDBY, CMD_IDLE, CMD_SLEEP}
 
 LBA28_LIMIT = 1 << 28
+LBA48_LIMIT = 1 << 48
+STATE_VERSION = 1
+MAX_SAVED_BUFFER = 64 * 1024  # a DRQ block: MAX_MULTIPLE sectors, or an ATAPI drive's byte count limit
 # Geometry reported for CHS callers (16 heads, 63 sectors per track).
 HEADS, SECTORS_PER_TRACK = 16, 63
 
@@ -248,6 +253,89 @@ class AtaChannel:
             self._buffer = b""
             self._status = 0
             self._set_irq(False)
+
+    # --- snapshots (pyvmm/core/snapshot.py) ----------------------------------------
+
+    def save_state(self) -> dict:
+        """The task file, the DRQ block in flight (its bytes and where the
+        guest is in it), the command it continues, the interrupt, the
+        unplug, and the bus master's registers. Called with the VM paused,
+        so no command is half run: every one completes on its vCPU's exit."""
+        with self._lock:
+            return versioned(
+                STATE_VERSION,
+                features=self._features, hob_features=self._hob_features, count=self._count,
+                hob_count=self._hob_count, lba=list(self._lba), hob_lba=list(self._hob_lba), device=self._device,
+                error=self._error, status=self._status, hob=self._hob, nien=self._nien, srst=self._srst,
+                irq_pending=self._irq_pending, multiple=self._multiple, unplugged=self.unplugged,
+                buffer=bytes(self._buffer).hex(), buffer_filling=isinstance(self._buffer, bytearray),
+                buffer_pos=self._buffer_pos,
+                transfer=list(self._transfer) if self._transfer is not None else None,
+                bus_master=self.dma.save_state() if self.dma is not None else None,
+                **self._drive_state())
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState(type(self).__name__, state, STATE_VERSION)
+        registers = {name: saved.int(name, 0, 0xFF) for name in
+                     ("features", "hob_features", "count", "hob_count", "device", "error", "status")}
+        lba, hob_lba = self._byte_triple(saved, "lba"), self._byte_triple(saved, "hob_lba")
+        flags = {name: saved.bool(name) for name in ("hob", "nien", "srst", "irq_pending", "unplugged",
+                                                      "buffer_filling")}
+        multiple = saved.int("multiple", 0, MAX_MULTIPLE)
+        buffer = saved.bytes("buffer", maximum=MAX_SAVED_BUFFER)
+        buffer_pos = saved.int("buffer_pos", 0, len(buffer))
+        transfer = self._saved_transfer(saved, state)
+        if flags["unplugged"] and self.disk is None:
+            saved.fail("only a disk is unplugged")
+        bus_master = state.get("bus_master")
+        if (bus_master is None) != (self.dma is None):
+            saved.fail("the saved channel and this one differ in having a bus master")
+        drive = self._restore_drive(saved, state)
+        if self.dma is not None:
+            self.dma.restore_state(bus_master)
+        with self._lock:
+            for name, value in registers.items():
+                setattr(self, f"_{name}", value)
+            self._lba, self._hob_lba, self._multiple = lba, hob_lba, multiple
+            self._hob, self._nien, self._srst = flags["hob"], flags["nien"], flags["srst"]
+            self.unplugged = flags["unplugged"]
+            self._buffer = bytearray(buffer) if flags["buffer_filling"] else buffer
+            self._buffer_pos, self._transfer = buffer_pos, transfer
+            drive()
+            self._line = False
+            self._set_irq(flags["irq_pending"])
+
+    @staticmethod
+    def _byte_triple(saved: SavedState, key: str) -> list[int]:
+        value = saved.list(key, 3)
+        if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF
+                                      for v in value):
+            saved.fail(f"{key} is {value!r}, not three bytes")
+        return list(value)
+
+    def _saved_transfer(self, saved: SavedState, state: dict) -> tuple | None:
+        """The saved command in flight, checked against this channel's disk."""
+        value = state.get("transfer")
+        if value is None:
+            return None
+        sectors = self.disk.sectors if self.disk is not None else 0
+        if isinstance(value, list) and len(value) == 4 and value[0] in ("read", "write", "dma") \
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value[1:3]) \
+                and value[1] + value[2] <= sectors:
+            kind, lba, left, last = value
+            if kind != "dma" and isinstance(last, int) and not isinstance(last, bool) and 1 <= last <= MAX_MULTIPLE:
+                return (kind, lba, left, last)
+            if kind == "dma" and isinstance(last, bool) and left:
+                return (kind, lba, left, last)
+        saved.fail(f"transfer {value!r} is no command this disk of {sectors} sectors can be in")
+
+    def _drive_state(self) -> dict:
+        """What a kind of drive adds to the channel's state (nothing for a disk)."""
+        return {}
+
+    def _restore_drive(self, saved: SavedState, state: dict) -> Callable[[], None]:
+        """Check the drive's own saved fields; returns what sets them (under the lock)."""
+        return lambda: None
 
     # --- interrupts ------------------------------------------------------------
 

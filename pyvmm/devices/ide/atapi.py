@@ -25,6 +25,7 @@ import os
 import struct
 from typing import Callable
 
+from .. import SavedState
 from .ata import ABRT, DRDY, DRQ, DSC, ERR, AtaChannel, DmaEngine, ImageFile, identify_block
 
 BLOCK = 2048
@@ -33,6 +34,7 @@ PACKET_SIZE = 12
 COD, IO = 0x01, 0x02
 FEATURE_DMA = 0x01
 MAX_BYTE_COUNT = 0xFFFE  # the largest even byte count limit
+MAX_SAVED_REPLY = 64 * 1024  # a reply made of data (not of the image) is a few hundred bytes
 SIGNATURE_MID, SIGNATURE_HIGH = 0x14, 0xEB
 
 CMD_DEVICE_RESET = 0x08
@@ -115,17 +117,25 @@ def identify_packet_data(serial: str) -> bytes:
 
 
 class _Reply:
-    """What a command sends the host: `length` bytes, read a piece at a time."""
+    """What a command sends the host: `length` bytes, of `data` or of the
+    image from byte `start`, read a piece at a time. Plain data, so that a
+    snapshot can hold a reply in flight."""
 
-    def __init__(self, length: int, read: Callable[[int, int], bytes], packet: bool = True):
-        self.length, self.read, self.packet = length, read, packet
+    def __init__(self, length: int, *, data: bytes | None = None, image: IsoImage | None = None, start: int = 0,
+                 packet: bool = True):
+        self.length, self.data, self.image, self.start, self.packet = length, data, image, start, packet
         self.position = 0
 
     @classmethod
     def of(cls, data: bytes, allocation: int | None = None) -> "_Reply":
         if allocation is not None:
             data = data[:allocation]
-        return cls(len(data), lambda at, length: data[at : at + length])
+        return cls(len(data), data=data)
+
+    def read(self, at: int, length: int) -> bytes:
+        if self.data is not None:
+            return self.data[at : at + length]
+        return self.image.read(self.start + at, length)
 
 
 def _msf(lba: int) -> bytes:
@@ -177,6 +187,64 @@ class AtapiChannel(AtaChannel):
 
     def unplug(self) -> None:
         """The unplug protocol leaves CD-ROMs in place (Xen and QEMU alike)."""
+
+    # --- snapshots: the drive's part of AtaChannel's state --------------------
+
+    def _drive_state(self) -> dict:
+        reply = self._reply
+        return {
+            "packet": bytes(self._packet).hex() if self._packet is not None else None,
+            "byte_limit": self._byte_limit, "dma_wanted": self._dma_wanted, "sense": [self._sense[0], *self._sense[1]],
+            "reply": None if reply is None else {
+                "length": reply.length, "position": reply.position, "packet": reply.packet,
+                "data": reply.data.hex() if reply.data is not None else None,
+                "start": reply.start if reply.data is None else None},
+        }
+
+    def _restore_drive(self, saved: SavedState, state: dict) -> Callable[[], None]:
+        packet = None if state.get("packet") is None else bytearray(saved.bytes("packet", maximum=PACKET_SIZE - 1))
+        byte_limit = saved.int("byte_limit", 2, MAX_BYTE_COUNT)
+        dma_wanted = saved.bool("dma_wanted")
+        sense = saved.list("sense", 3)
+        if len(sense) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF
+                                      for v in sense):
+            saved.fail(f"sense is {sense!r}, not [key, asc, ascq]")
+        reply = self._saved_reply(saved, state.get("reply"))
+
+        def take() -> None:
+            self._packet, self._byte_limit, self._dma_wanted = packet, byte_limit, dma_wanted
+            self._sense, self._reply = (sense[0], (sense[1], sense[2])), reply
+
+        return take
+
+    def _saved_reply(self, saved: SavedState, value) -> _Reply | None:
+        if value is None:
+            return None
+        reply = SavedState(saved.kind, {"version": saved.version, **value} if isinstance(value, dict) else {},
+                           saved.version)
+        length = reply.int("length", 1, 1 << 40)
+        position = reply.int("position", 0, length)
+        packet = reply.bool("packet")
+        if value.get("data") is not None:
+            data = reply.bytes("data", maximum=MAX_SAVED_REPLY)
+            if len(data) != length:
+                reply.fail(f"a reply of {length} bytes holds {len(data)}")
+            restored = _Reply(length, data=data, packet=packet)
+        else:
+            start = reply.int("start", 0, 1 << 48)
+            if self.cdrom is None or start % BLOCK or start + length > self.cdrom.blocks * BLOCK:
+                reply.fail(f"a reply of {length} bytes from byte {start} is not on this drive's image")
+            restored = _Reply(length, image=self.cdrom, start=start, packet=packet)
+        restored.position = position
+        return restored
+
+    def _saved_transfer(self, saved: SavedState, state: dict) -> tuple | None:
+        value = state.get("transfer")
+        if value is None:
+            return None
+        if value != ["dma"] or state.get("reply") is None:
+            saved.fail(f"transfer {value!r} is not a CD-ROM drive's DMA reply")
+        return ("dma",)
 
     # --- ATA commands ----------------------------------------------------------
 
@@ -392,8 +460,7 @@ class AtapiChannel(AtaChannel):
             raise _illegal(LBA_OUT_OF_RANGE)
         if count == 0:
             return None
-        image, start = self.cdrom, lba * BLOCK
-        return _Reply(count * BLOCK, lambda at, length: image.read(start + at, length))
+        return _Reply(count * BLOCK, image=self.cdrom, start=lba * BLOCK)
 
     def _seek(self, cdb: bytes) -> None:
         if _be32(cdb, 2) >= self._blocks:

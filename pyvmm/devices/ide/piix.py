@@ -21,6 +21,8 @@ import struct
 import threading
 from typing import Callable, Protocol
 
+from ...core.snapshot import versioned
+from .. import SavedState
 from ..pci import BarKind, PciDevice
 from .ata import DMA_CHUNK
 
@@ -40,6 +42,7 @@ BM_DRIVE_CAPABLE = 0x60
 PRD_ENTRY = struct.Struct("<II")
 PRD_END = 1 << 31
 MAX_PRDS = 65536 // PRD_ENTRY.size
+STATE_VERSION = 1
 
 
 class DmaMemory(Protocol):
@@ -105,6 +108,24 @@ class BusMaster:
                 self._prd = value & 0xFFFF_FFFC
         if start:
             self._run()
+
+    # --- snapshots: part of its channel's state --------------------------------
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return versioned(STATE_VERSION, command=self._command, status=self._status, prd=self._prd,
+                             waiting=self._waiting)
+
+    def restore_state(self, state: dict) -> None:
+        saved = SavedState("BusMaster", state, STATE_VERSION)
+        command = saved.int("command", 0, BM_START | BM_TO_MEMORY)
+        status = saved.int("status", 0, 0xFF)
+        prd = saved.int("prd", 0, 0xFFFF_FFFC)
+        waiting = saved.bool("waiting")
+        if command & ~(BM_START | BM_TO_MEMORY) or prd & 3:
+            saved.fail(f"command {command:#x} or PRD address {prd:#x} has bits no guest can set")
+        with self._lock:
+            self._command, self._status, self._prd, self._waiting = command, status, prd, waiting
 
     # --- what the channel calls --------------------------------------------------
 

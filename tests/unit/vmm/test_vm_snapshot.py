@@ -139,6 +139,18 @@ def test_a_restored_config_takes_the_snapshots_shape_and_the_restores_own_settin
     assert [(n.tap, n.mac) for n in nics] == [("tap9", generated_mac("base", 0))]  # given: its own, the old MAC
 
 
+def test_a_restored_firmware_boot_keeps_its_firmware_cdrom_and_boot_order(image, tmp_path):
+    original = VmConfig(kernel=None, xen=False, firmware=Path("/fw/bios.bin"), cdrom=Path("/cd.iso"), boot="cdrom",
+                        devices=(DiskSpec(image, "xvda"),))
+    state = {"config": snap.config_state(original)}
+    config = snap.restored_config("vm.snap", {"disks": [], "nics": []}, state,
+                                  VmConfig(kernel=Path("/ignored"), name="copy"), given_kinds=set())
+    assert config.firmware_boot and config.kernel is None
+    assert (config.firmware, config.cdrom, config.boot) == (Path("/fw/bios.bin"), Path("/cd.iso"), "cdrom")
+    kernel_boot = snap.saved_boot(snap.config_state(VmConfig(kernel=Path("/boot/vmlinuz"))))
+    assert kernel_boot == {"kernel": Path("/boot/vmlinuz"), "firmware": None, "cdrom": None, "boot": None}
+
+
 def test_shape_options_are_refused_with_restore():
     snap.refuse_shape_options({"--memory": False, "--kernel": False})
     with pytest.raises(ConfigError, match="--memory, --vcpus cannot be given with --restore"):
