@@ -292,7 +292,8 @@ def _is_disk_image(path: Path) -> bool:
 # The options that give a guest its shape, which a restore takes from the snapshot.
 SHAPE_OPTIONS = {"kernel": "--kernel", "initrd": "--initrd", "cmdline": "--append", "memory": "--memory",
                  "vcpus": "--vcpus", "xen": "--xen/--no-xen", "xen_version": "--xen-version",
-                 "xen_accel": "--xen-accel/--no-xen-accel", "limit_settings": "--limit", "firmware": "--firmware",
+                 "xen_accel": "--xen-accel/--no-xen-accel", "xen_fifo": "--xen-fifo/--no-xen-fifo",
+                 "limit_settings": "--limit", "firmware": "--firmware",
                  "cdrom": "--cdrom", "boot": "--boot"}
 
 

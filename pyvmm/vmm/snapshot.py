@@ -263,6 +263,7 @@ def config_state(config: VmConfig) -> dict:
         "xen": config.xen,
         "xen_version": config.xen_version,
         "xen_accel": config.xen_accel,
+        "xen_fifo": config.xen_fifo,
         "name": config.name,
         "limits": {name: value for name, value in config.limits.describe().items()},
         "devices": [{"kind": spec.kind, "option": spec.option_text()} for spec in config.devices],
@@ -328,6 +329,7 @@ def restored_config(path, header: dict, state: dict, config: VmConfig, given_kin
         xen=saved["xen"],
         xen_version=saved["xen_version"],
         xen_accel=saved["xen_accel"],
+        xen_fifo=saved.get("xen_fifo") is True,  # not in snapshots from before FIFO ones were saved
         limits=limits,
         devices=tuple(others + nets),
     )

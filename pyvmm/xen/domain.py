@@ -1531,6 +1531,11 @@ class XenDomain:
         (which is back now), and a vCPU pyvmm had halted in SCHEDOP_poll or
         SCHEDOP_block is woken: what it waited for is not saved, and Xen
         allows a spurious wake-up (the guest checks and waits again)."""
+        if self.evtchn.fifo_active and self.kvm_features.evtchn_send:
+            # As the switch to FIFO did (_event_abi_changed): KVM raises
+            # 2-level events only. The timers were the VMM's when saved.
+            with self._lock:
+                kvm_xen.enable(self.vm, self.kvm_features, evtchn_send=False)
         self.evtchn.finish_restore()
         for device in self.xenbus_devices:
             resume = getattr(device, "finish_restore", None)
@@ -1600,9 +1605,17 @@ class XenDomain:
         if not isinstance(raw_frames, dict):
             fail("grant_frames")
         frames = {}
+        def frame_index(key) -> bool:  # a table frame, or (v2) a status frame
+            if not (isinstance(key, str) and key.isdecimal() and len(key) <= 10):
+                return False
+            index = int(key)
+            if index & XENMAPIDX_grant_table_status:
+                return index & ~XENMAPIDX_grant_table_status < self.gnttab.max_status_frames
+            return index < self.gnttab.max_frames
+
         for key, gpa in raw_frames.items():
-            if not (isinstance(key, str) and key.isdecimal() and int(key) < self.gnttab.max_frames and natural(gpa)
-                    and not gpa & (PAGE_SIZE - 1) and gpa < 1 << 52 and gpa not in frames.values()):
+            if not (frame_index(key) and natural(gpa) and not gpa & (PAGE_SIZE - 1) and gpa < 1 << 52
+                    and gpa not in frames.values()):
                 fail(f"grant frame {key!r:.20}")
             frames[int(key)] = gpa
         return long_mode, gfn, vcpu_info, vectors, params, ports, ballooned, frames

@@ -109,7 +109,7 @@ DOM0 = 0
 # no per-vCPU arch VIRQs): bound on vCPU 0 once, movable with bind_vcpu.
 PER_VCPU_VIRQS = frozenset({VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU})
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the FIFO queues
 _STATE_OF_NAME = {"unbound": EVTCHNSTAT_unbound, "interdomain": EVTCHNSTAT_interdomain,
                   "virq": EVTCHNSTAT_virq, "ipi": EVTCHNSTAT_ipi}
 
@@ -687,8 +687,6 @@ class EventChannels:
         here; nor is which ports KVM delivers itself: finish_restore()
         registers them again, as the restored VM's kernel support allows."""
         with self._lock:
-            if self._fifo is not None:  # its queues and control blocks are not saved yet
-                raise SnapshotError("the guest uses FIFO event channels, which a snapshot cannot save yet")
             ports = []
             for port in sorted(self._ports):
                 record = self._ports[port]
@@ -702,7 +700,8 @@ class EventChannels:
                 ports.append(entry)
             backends = [{"dom0_port": dom0_port, "guest_port": channel._guest_port}
                         for dom0_port, channel in sorted(self._backends.items())]
-        return versioned(STATE_VERSION, ports=ports, backends=backends)
+            fifo = self._fifo.save_state() if self._fifo is not None else None
+        return versioned(STATE_VERSION, ports=ports, backends=backends, fifo=fifo)
 
     def restore_state(self, state: dict) -> None:
         """Take back the port table (before any vCPU runs; no kernel call yet).
@@ -713,8 +712,18 @@ class EventChannels:
         backend to claim_backend() it; finish_restore() then registers the
         in-kernel ports and checks that none was left unclaimed."""
         check_version(state, "EventChannels", STATE_VERSION)
-        ports, virqs, backends = self._checked_state(state)
+        fifo = None
+        if state.get("fifo") is not None:
+            if not self.fifo_offered:
+                raise SnapshotError("EventChannels: the guest uses FIFO event channels, which this VM does not "
+                                    "offer (--xen-fifo)")
+            try:
+                fifo = FifoQueues.restored(state["fifo"], self.vcpu_count, self._page_address)
+            except XenError as error:
+                raise SnapshotError(f"EventChannels: {error}") from None
+        ports, virqs, backends = self._checked_state(state, fifo is not None)
         with self._transaction():
+            self._fifo = fifo
             built = set(self._backends)
             if not built <= set(backends):
                 raise SnapshotError(f"EventChannels: backend channel(s) {sorted(built - set(backends))} "
@@ -768,14 +777,15 @@ class EventChannels:
             if self._kernel is not None:
                 self._kernel_call(self._kernel.reset)  # what the freshly built part registered
                 for port, record in sorted(self._ports.items()):
-                    if record.state == EVTCHNSTAT_ipi:
+                    if record.state == EVTCHNSTAT_ipi and self._fifo is None:  # KVM raises 2-level only
                         record.in_kernel = self._kernel_call(self._kernel.assign_ipi, port, record.vcpu)
             for channel in self._backends.values():
                 if channel._guest_port is not None:
                     self._route_to_eventfd(channel._guest_port, channel)
                     after.append(partial(self._schedule, channel.on_notify))
 
-    def _checked_state(self, state: dict) -> tuple[dict[int, _Port], dict[tuple[int, int], int], dict[int, int | None]]:
+    def _checked_state(self, state: dict, fifo: bool) -> tuple[dict[int, _Port], dict[tuple[int, int], int],
+                                                                dict[int, int | None]]:
         """The port table, VIRQ index and backends of a saved state, every
         field checked; SnapshotError for anything a running table could not hold."""
         def fail(why: str):
@@ -787,7 +797,8 @@ class EventChannels:
                 fail(f"{key} {value!r} of {entry!r:.120} is not in {low}..{high - 1}")
             return value
 
-        end = layout(True).max_ports  # the wider ABI: a compat guest's table is a subset
+        # The wider ABI: a compat guest's table is a subset, a FIFO guest's the largest.
+        end = EVTCHN_FIFO_NR_CHANNELS if fifo else layout(True).max_ports
         if self.max_port is not None:
             end = min(end, self.max_port + 1)
         raw_ports, raw_backends = state.get("ports"), state.get("backends")

@@ -85,6 +85,7 @@ _WORD = 0xFFFF_FFFF
 @dataclass
 class _Vcpu:
     control_block: int | None = None  # host address, once the guest registered it
+    control_place: tuple[int, int] | None = None  # and where: (gfn, offset), for a snapshot
     tails: list[int] = field(default_factory=lambda: [0] * EVTCHN_FIFO_MAX_QUEUES)  # 0: empty
 
 
@@ -123,6 +124,7 @@ class FifoQueues:
         if state.control_block is not None:
             raise XenError(EINVAL, f"vCPU {vcpu} has its control block already")
         state.control_block = self._page(gfn) + offset
+        state.control_place = (gfn, offset)
 
     def add_array_page(self, gfn: int) -> list[int]:
         """EVTCHNOP_expand_array: one more page of event words. Returns the
@@ -171,6 +173,73 @@ class FifoQueues:
         """Ports pending under 2-level when the guest switched: raised
         again once the event array covers them (Xen's setup_ports)."""
         self._saved.update(ports)
+
+    # --- snapshots (EventChannels saves this within its own state) -------------------
+
+    def save_state(self) -> dict:
+        """What the hypervisor keeps of the queues (the words, READY and
+        HEAD are guest RAM): where the control blocks and the array's pages
+        are, each queue's tail, the priorities, the queue each port was last
+        linked on, and the ports raised while their array page was missing."""
+        return {
+            "control_blocks": [list(vcpu.control_place) if vcpu.control_place else None for vcpu in self._vcpus],
+            "tails": [list(vcpu.tails) for vcpu in self._vcpus],
+            "array": list(self._gfns),
+            "priority": [[port, priority] for port, priority in sorted(self._priority.items())],
+            "last_queue": [[port, vcpu, priority] for port, (vcpu, priority) in sorted(self._last_queue.items())],
+            "saved": sorted(self._saved),
+        }
+
+    @classmethod
+    def restored(cls, state, vcpu_count: int, page_address: Callable[[int], int | None]) -> "FifoQueues":
+        """The queues of a saved state, every field checked as the guest's
+        hypercalls check them (XenError, which the caller turns into a refusal)."""
+        try:
+            return cls._restored(state, vcpu_count, page_address)
+        except XenError as error:
+            raise XenError(EINVAL, f"FIFO queues: {error}") from None
+
+    @classmethod
+    def _restored(cls, state, vcpu_count: int, page_address: Callable[[int], int | None]) -> "FifoQueues":
+        def fail(why: str):
+            raise XenError(EINVAL, why)
+
+        def ints(value, count: int | None, end: int) -> list[int]:
+            if not isinstance(value, list) or (count is not None and len(value) != count) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < end for v in value):
+                fail(f"{value!r:.80} is not {count or 'a list of'} numbers below {end}")
+            return value
+
+        if not isinstance(state, dict):
+            fail("no state")
+        queues = cls(vcpu_count, page_address)
+        array = ints(state.get("array"), None, 1 << 40)
+        if len(array) > MAX_ARRAY_PAGES:
+            fail(f"{len(array)} array pages")
+        for gfn in array:
+            queues.add_array_page(gfn)
+        blocks, tails = state.get("control_blocks"), state.get("tails")
+        if not isinstance(blocks, list) or len(blocks) != vcpu_count or not isinstance(tails, list) \
+                or len(tails) != vcpu_count:
+            fail("not one control block and tail list per vCPU")
+        for vcpu, (place, vcpu_tails) in enumerate(zip(blocks, tails)):
+            if place is not None:
+                gfn, offset = ints(place, 2, 1 << 40)
+                queues.map_control_block(vcpu, gfn, offset)
+            queues._vcpus[vcpu].tails = list(ints(vcpu_tails, EVTCHN_FIFO_MAX_QUEUES, EVTCHN_FIFO_NR_CHANNELS))
+        priorities, last_queues = state.get("priority"), state.get("last_queue")
+        if not isinstance(priorities, list) or not isinstance(last_queues, list):
+            fail("no priorities or last queues")
+        for entry in priorities:
+            port, priority = ints(entry, 2, EVTCHN_FIFO_NR_CHANNELS)
+            queues.set_priority(port, priority)
+        for entry in last_queues:
+            port, vcpu, priority = ints(entry, 3, EVTCHN_FIFO_NR_CHANNELS)
+            if vcpu >= vcpu_count or priority >= EVTCHN_FIFO_MAX_QUEUES:
+                fail(f"port {port} was last on vCPU {vcpu}'s queue {priority}")
+            queues._last_queue[port] = (vcpu, priority)
+        queues._saved = set(ints(state.get("saved"), None, EVTCHN_FIFO_NR_CHANNELS))
+        return queues
 
     # --- the event words -------------------------------------------------------------
 

@@ -119,7 +119,7 @@ _STATUS_ERRNO = {GNTST_permission_denied: EACCES}
 CMPXCHG_ATTEMPTS = 5
 
 _ENTRY = struct.Struct("<HHI")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: grant table v2 (its entries and status frames)
 _ENTRY_V2 = struct.Struct("<HHIQ")  # flags, domid, sub-page (page_off | length << 16), frame
 _MASK32 = 0xFFFF_FFFF
 
@@ -409,55 +409,46 @@ class GrantTable:
 
     def save_state(self) -> dict:
         """The version in force, the frames the guest mapped, the reserved
-        refs, and the table's entries: its frames are this part's memory, not
-        guest RAM. Only frames holding a non-zero byte are saved.
+        refs, and the table's entries (and in v2 its status frames): these
+        frames are this part's memory, not guest RAM. Only frames holding a
+        non-zero byte are saved.
 
         Where the guest mapped each frame is XenDomain's state. The backends'
         mappings (the pins) are saved by them; the in-use bits they set are
         saved as they are and cleared again on restore for the refs that
         were pinned, since the backends map those afresh."""
         with self._lock:
-            if self.version != 1:  # v2 entries and status frames are not saved yet
-                raise SnapshotError(f"the guest uses grant table v{self.version}, which a snapshot cannot "
-                                    "save yet")
             used = max(self.frame_count, 1)  # frame 0 holds the reserved refs from boot on
-            frames = {}
-            for index in range(used):
-                data = bytes(self._table[index * PAGE_SIZE:(index + 1) * PAGE_SIZE])
-                if any(data):
-                    frames[str(index)] = base64.b64encode(data).decode("ascii")
             pins = {str(ref): list(counts) for ref, counts in sorted(self._pins.items())}
-            return versioned(STATE_VERSION, grant_version=1, frame_count=self.frame_count,
+            return versioned(STATE_VERSION, grant_version=self.version, frame_count=self.frame_count,
                              reserved={str(ref): gfn for ref, gfn in sorted(self._reserved.items())},
-                             frames=frames, pins=pins)
+                             frames=_nonzero_frames(self._table, used),
+                             status_frames=_nonzero_frames(memoryview(self._status_mapping), self.nr_status_frames()),
+                             pins=pins)
 
     def restore_state(self, state: dict) -> None:
         """Take the entries back into the freshly built table (no backend has
         mapped anything yet). max_frames comes from the config: a snapshot
         that used more frames than this VM allows is refused."""
-        check_version(state, "GrantTable", STATE_VERSION)
-        if state.get("grant_version") != 1:
-            raise SnapshotError(f"GrantTable: grant table version {state.get('grant_version')!r} is not supported")
+        saved_version = check_version(state, "GrantTable", STATE_VERSION)
+        version = state.get("grant_version")
+        if version not in ((1, 2) if saved_version >= 2 else (1,)) or isinstance(version, bool):
+            raise SnapshotError(f"GrantTable: grant table version {version!r} is not supported")
         frame_count, frames, reserved, pins = (state.get(key) for key in ("frame_count", "frames", "reserved", "pins"))
+        status_frames = state.get("status_frames", {})
         if not natural(frame_count) or frame_count > self.max_frames:
             raise SnapshotError(f"GrantTable: {frame_count!r} frames in use, this VM allows {self.max_frames}")
-        if not all(isinstance(value, dict) for value in (frames, reserved, pins)):
+        if not all(isinstance(value, dict) for value in (frames, reserved, pins, status_frames)):
             raise SnapshotError("GrantTable: frames, reserved refs or pins are missing")
-        contents = {}
-        for key, text in frames.items():
-            index = _index(key, max(frame_count, 1))
-            try:
-                data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-            except ValueError:
-                data = b""
-            if index is None or len(data) != PAGE_SIZE:
-                raise SnapshotError(f"GrantTable: bad frame {key!r:.20}")
-            contents[index] = data
+        contents = _saved_frames(frames, max(frame_count, 1), "frame")
+        nr_status = -(-frame_count * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME) if version == 2 else 0
+        status_contents = _saved_frames(status_frames, nr_status, "status frame")
         if {_index(ref, GNTTAB_NR_RESERVED_ENTRIES): gfn for ref, gfn in reserved.items()} != self._reserved:
             raise SnapshotError("GrantTable: the snapshot's reserved refs are not this VM's")
+        nr_entries = self.max_frames * (ENTRIES_PER_FRAME if version == 1 else ENTRIES_PER_FRAME_V2)
         pinned = []
         for key in pins:
-            ref = _index(key, self._nr_entries)
+            ref = _index(key, nr_entries)
             if ref is None:
                 raise SnapshotError(f"GrantTable: bad pinned ref {key!r:.20}")
             pinned.append(ref)
@@ -465,11 +456,18 @@ class GrantTable:
             if self._pins:
                 raise SnapshotError("GrantTable: restored after a backend mapped a grant")
             self._table[:] = bytes(len(self._table))
+            self._status_mapping[:] = bytes(len(self._status_mapping))
+            self.version, self._nr_entries = version, nr_entries
             for index, data in contents.items():
                 self._table[index * PAGE_SIZE:(index + 1) * PAGE_SIZE] = data
+            for index, data in status_contents.items():
+                self._status_mapping[index * PAGE_SIZE:(index + 1) * PAGE_SIZE] = data
             for ref in pinned:
                 # Our bits: the backends that held them set them again as they re-map.
-                self._entry_halves.fetch_and(4 * ref, 0xFFFF & ~GTF_IN_USE)
+                if version == 1:
+                    self._entry_halves.fetch_and(4 * ref, 0xFFFF & ~GTF_IN_USE)
+                else:
+                    self._status[ref] &= 0xFFFF & ~GTF_IN_USE
             self.frame_count = frame_count
 
     # --- internals --------------------------------------------------------------
@@ -592,6 +590,31 @@ class GrantTable:
         if mapping.generation == self._generation:
             self._unpin(mapping.ref, mapping.writable)
         return True
+
+
+def _nonzero_frames(memory, count: int) -> dict[str, str]:
+    """{index: base64 page} of the first `count` pages of `memory` that hold a non-zero byte."""
+    frames = {}
+    for index in range(count):
+        data = bytes(memory[index * PAGE_SIZE:(index + 1) * PAGE_SIZE])
+        if any(data):
+            frames[str(index)] = base64.b64encode(data).decode("ascii")
+    return frames
+
+
+def _saved_frames(frames: dict, count: int, what: str) -> dict[int, bytes]:
+    """The pages of a saved {index: base64 page} below `count` (SnapshotError)."""
+    contents = {}
+    for key, text in frames.items():
+        index = _index(key, count)
+        try:
+            data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+        except ValueError:
+            data = b""
+        if index is None or len(data) != PAGE_SIZE:
+            raise SnapshotError(f"GrantTable: bad {what} {key!r:.20}")
+        contents[index] = data
+    return contents
 
 
 def _index(key, end: int) -> int | None:

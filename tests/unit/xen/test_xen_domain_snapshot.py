@@ -207,6 +207,25 @@ def test_a_restored_domain_has_the_saved_physical_map_and_copies():
     domain.finish_restore()
 
 
+def test_a_grant_table_v2_status_frame_is_back_where_the_guest_mapped_it():
+    from pyvmm.xen.hv.gnttab import XENMAPIDX_grant_table_status
+
+    vm = built()
+    domain = vm.domain
+    assert domain.gnttab.set_version(2) == 2
+    domain.map_grant_frame(0, 10)
+    domain.map_grant_frame(XENMAPIDX_grant_table_status | 0, 12)
+    state = json.loads(json.dumps(domain.save_state()))
+    new = built()
+    new.domain.restore_state(state)
+    assert new.domain.gnttab.get_version() == 2
+    assert new.kvm.backing(12 * PAGE_SIZE) == new.domain.gnttab.frame_host_address(XENMAPIDX_grant_table_status | 0)
+    assert new.domain.grant_status_gfns(1) == [12]
+    state["domain"]["grant_frames"][str(XENMAPIDX_grant_table_status | 99)] = 40 * PAGE_SIZE
+    with pytest.raises(SnapshotError, match="grant frame"):
+        built().domain.restore_state(state)  # beyond the status frames it may have
+
+
 def corrupt(change):
     vm = built()
     busy(vm)

@@ -132,7 +132,7 @@ def corrupt(state, change):
 
 
 @pytest.mark.parametrize("change", [
-    lambda s: s.update(version=2),
+    lambda s: s.update(version=3),
     lambda s: s.update(ports=None),
     lambda s: s["ports"].append({"port": 0, "state": "ipi", "vcpu": 0}),
     lambda s: s["ports"].append({"port": 4096, "state": "ipi", "vcpu": 0}),
@@ -157,3 +157,17 @@ def test_corrupt_states_are_refused(change):
     with pytest.raises(SnapshotError):
         new.ev.restore_state(state)
     assert new.ev.snapshot() == before  # nothing half-restored
+
+
+def test_a_version_1_table_restores_as_two_level():
+    """Saved before FIFO queues were: no "fifo" field, a 2-level guest."""
+    rig = Rig()
+    ports = busy_table(rig)
+    state = rig.ev.save_state()
+    del state["fifo"]
+    state["version"] = 1
+    new, *_ = restored(state)
+    new.ev.finish_restore()
+    assert not new.ev.fifo_active and table(new.ev) == table(rig.ev)
+    new.ev.send(ports["ipi"])
+    assert 1 in new.upcalls
