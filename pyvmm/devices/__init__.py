@@ -111,6 +111,14 @@ class SavedState:
             self.fail(f"{key} has {len(data)} bytes, more than {maximum}")
         return data
 
+    def octets(self, key: str, count: int) -> list[int]:
+        """A list of exactly `count` numbers from 0 to 255 (register bytes)."""
+        value = self._get(key)
+        if not isinstance(value, list) or len(value) != count or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF for v in value):
+            self.fail(f"{key} is {value!r:.80}, not {count} bytes")
+        return list(value)
+
     def list(self, key: str, maximum: int) -> list:
         value = self._get(key)
         if not isinstance(value, list) or len(value) > maximum:

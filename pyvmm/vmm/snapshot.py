@@ -178,9 +178,8 @@ def check_firmware_boot(header: dict, config: VmConfig, path: str) -> None:
     """A firmware-booted guest's CD-ROM must hold the image it had (its
     firmware is checked when it is mapped: Machine.firmware_digest)."""
     saved = header.get("cdrom")
-    if (saved is None) != (config.cdrom is None):
-        raise SnapshotError(f"{path}: the guest {'had a' if saved else 'had no'} CD-ROM; give it "
-                            f"{'as --cdrom ' + str(saved.get('path')) if saved else 'none'}")
+    if (saved is None) != (config.cdrom is None) or not isinstance(saved, (dict, type(None))):
+        raise SnapshotError(f"{path}: corrupt: its header and its config disagree about a CD-ROM")
     if saved is None:
         return
     try:

@@ -88,7 +88,6 @@ _NO_DATA = {CMD_RECALIBRATE, CMD_SEEK, CMD_INIT_PARAMETERS, CMD_STANDBY_IMMEDIAT
             CMD_STANDBY, CMD_IDLE, CMD_SLEEP}
 
 LBA28_LIMIT = 1 << 28
-LBA48_LIMIT = 1 << 48
 STATE_VERSION = 1
 MAX_SAVED_BUFFER = 64 * 1024  # a DRQ block: MAX_MULTIPLE sectors, or an ATAPI drive's byte count limit
 # Geometry reported for CHS callers (16 heads, 63 sectors per track).
@@ -278,7 +277,7 @@ class AtaChannel:
         saved = SavedState(type(self).__name__, state, STATE_VERSION)
         registers = {name: saved.int(name, 0, 0xFF) for name in
                      ("features", "hob_features", "count", "hob_count", "device", "error", "status")}
-        lba, hob_lba = self._byte_triple(saved, "lba"), self._byte_triple(saved, "hob_lba")
+        lba, hob_lba = saved.octets("lba", 3), saved.octets("hob_lba", 3)
         flags = {name: saved.bool(name) for name in ("hob", "nien", "srst", "irq_pending", "unplugged",
                                                       "buffer_filling")}
         multiple = saved.int("multiple", 0, MAX_MULTIPLE)
@@ -304,14 +303,6 @@ class AtaChannel:
             drive()
             self._line = False
             self._set_irq(flags["irq_pending"])
-
-    @staticmethod
-    def _byte_triple(saved: SavedState, key: str) -> list[int]:
-        value = saved.list(key, 3)
-        if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF
-                                      for v in value):
-            saved.fail(f"{key} is {value!r}, not three bytes")
-        return list(value)
 
     def _saved_transfer(self, saved: SavedState, state: dict) -> tuple | None:
         """The saved command in flight, checked against this channel's disk."""

@@ -205,10 +205,7 @@ class AtapiChannel(AtaChannel):
         packet = None if state.get("packet") is None else bytearray(saved.bytes("packet", maximum=PACKET_SIZE - 1))
         byte_limit = saved.int("byte_limit", 2, MAX_BYTE_COUNT)
         dma_wanted = saved.bool("dma_wanted")
-        sense = saved.list("sense", 3)
-        if len(sense) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF
-                                      for v in sense):
-            saved.fail(f"sense is {sense!r}, not [key, asc, ascq]")
+        sense = saved.octets("sense", 3)  # key, ASC, ASCQ
         reply = self._saved_reply(saved, state.get("reply"))
 
         def take() -> None:
