@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
+from ..boot.firmware import DEFAULT_FIRMWARE
 from ..config import ConfigError, DeviceSpec, VmConfig
 from ..core.kept import KEPT
 from ..core.snapfile import SnapshotFile, Written, write_snapshot
@@ -516,6 +517,8 @@ def describe(snapshot: SnapshotFile) -> dict:
         "xen": header.get("xen"),
         "kernel": saved.get("kernel"),
         "cmdline": saved.get("cmdline"),
+        **({"firmware": f"{saved.get('firmware') or DEFAULT_FIRMWARE} (SHA-256 {header.get('firmware')})",
+            "cdrom": (header.get("cdrom") or {}).get("path")} if saved.get("kernel") is None else {}),
         "host": f"{_cpu(host)}, stepping {host.get('stepping')}, under {host.get('kvm')}",
         "file_bytes": snapshot.file_length,
         "bytes_on_disk": os.fstat(snapshot.fd).st_blocks * 512,

@@ -12,6 +12,7 @@ to "done" with every count in order and nothing done twice.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,10 @@ def test_a_firmware_boot_snapshot_at_a_marker_restores_twice_at_once(boot_sector
         assert mark(copy) == END  # its writes went to its own copy ...
     assert mark(disk) == at_snapshot  # ... and none to the disk the snapshot was taken with
     assert results[0][0] == results[1][0]
+    info = run_pyvmm("snapshot", "info", "--json", str(snapshot))
+    described = json.loads(info.stdout)
+    assert described["kernel"] is None and "bios-256k.bin (SHA-256 " in described["firmware"], info
+    assert {"fw_cfg", "ide0", "ide1"} <= set(described["parts"])
 
 
 def test_snapshots_taken_at_any_moment_of_a_firmware_boot_restore(boot_sector, tmp_path):
