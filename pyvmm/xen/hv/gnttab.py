@@ -160,7 +160,7 @@ class GrantTable:
         self._entry_halves = atomic.AtomicArray(self._base, 2)
         self._nr_entries = max_frames * ENTRIES_PER_FRAME
         self.version = 1
-        self.max_status_frames = -(-max_frames * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME)
+        self.max_status_frames = _status_frames(max_frames)
         self._status_mapping = mmap.mmap(-1, self.max_status_frames * PAGE_SIZE,
                                          flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._status_base = ctypes.addressof(ctypes.c_char.from_buffer(self._status_mapping))
@@ -193,7 +193,7 @@ class GrantTable:
         """Status frames the table has (Xen's nr_status_frames): none in v1."""
         if self.version != 2:
             return 0
-        return -(-self.frame_count * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME)
+        return _status_frames(self.frame_count)
 
     def note_frame_mapped(self, index: int) -> None:
         """The guest maps frame `index` (add_to_physmap): -EINVAL beyond max_frames.
@@ -441,7 +441,7 @@ class GrantTable:
         if not all(isinstance(value, dict) for value in (frames, reserved, pins, status_frames)):
             raise SnapshotError("GrantTable: frames, reserved refs or pins are missing")
         contents = _saved_frames(frames, max(frame_count, 1), "frame")
-        nr_status = -(-frame_count * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME) if version == 2 else 0
+        nr_status = _status_frames(frame_count) if version == 2 else 0
         status_contents = _saved_frames(status_frames, nr_status, "status frame")
         if {_index(ref, GNTTAB_NR_RESERVED_ENTRIES): gfn for ref, gfn in reserved.items()} != self._reserved:
             raise SnapshotError("GrantTable: the snapshot's reserved refs are not this VM's")
@@ -590,6 +590,11 @@ class GrantTable:
         if mapping.generation == self._generation:
             self._unpin(mapping.ref, mapping.writable)
         return True
+
+
+def _status_frames(table_frames: int) -> int:
+    """The v2 status frames that cover `table_frames` frames of entries (Xen's grant_to_status_frames)."""
+    return -(-table_frames * ENTRIES_PER_FRAME_V2 // STATUS_PER_FRAME)
 
 
 def _nonzero_frames(memory, count: int) -> dict[str, str]:
