@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -6,6 +7,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+
+import testbed_verdicts  # noqa: E402 (found through the path above)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -18,3 +21,11 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("PYVMM_REQUIRE_GUEST") == "1" and item.get_closest_marker("guest") and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"guest test skipped although PYVMM_REQUIRE_GUEST=1: {report.longrepr}"
+    # Where scripts/test asks for it: one line per failed test saying
+    # whether the testbed caused it (tests/testbed_verdicts.py), so that only
+    # those are rerun.
+    verdicts = os.environ.get("PYVMM_TEST_VERDICTS")
+    if verdicts and report.failed:
+        text = "\n".join([report.longreprtext, *(content for _, content in report.sections)])
+        with open(verdicts, "a") as file:
+            file.write(json.dumps(testbed_verdicts.verdict(report.nodeid, text)) + "\n")

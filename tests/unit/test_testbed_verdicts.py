@@ -1,0 +1,79 @@
+"""CI reruns a guest test only when the testbed silently reset its L2 guest."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import testbed_verdicts
+from pyvmm.vmm.exit_handler import _ALREADY_RESET
+
+REPO = Path(__file__).resolve().parents[2]
+
+# pyvmm's own warning, as its exit handler writes it for a vCPU KVM had reset.
+WARNING = ("pyvmm: WARNING: pyvmm.vmm.exit_handler: vCPU 0 triple-faulted (an unexpected CPU reset): rip=0xfff0"
+           " rsp=0x0 rflags=0x2 cr0=0x10 cr2=0x0 cr3=0x0 cr4=0x0 efer=0x0 cs=0xf000 ss=0x0000" + _ALREADY_RESET)
+# The end of a CI failure: the console stopped in PCI enumeration, nothing from the kernel.
+SILENT = f"""AssertionError: status 6
+--- stdout
+[    1.972598] ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])
+[    1.992598] PCI host bridge to bus 0000:00
+[    6.021169] pci_bus 0000:00:
+--- stderr
+pyvmm: INFO: pyvmm.xen.domain: event channel callback: gsi (0x1)
+{WARNING}
+pyvmm: INFO: pyvmm.runner: guest stopped: triple-fault
+"""
+
+
+def test_a_triple_fault_kvm_had_reset_with_a_quiet_console_is_the_testbeds():
+    assert testbed_verdicts.silent_reset(SILENT) == WARNING.strip()
+
+
+def test_a_guest_that_said_it_failed_is_never_the_testbeds():
+    for said in ("[ 3.1] Kernel panic - not syncing: Fatal exception", "[ 2.0] BUG: unable to handle page fault",
+                 "[ 2.0] Oops: 0000 [#1] SMP", "[ 2.0] traps: general protection fault ip:1"):
+        assert testbed_verdicts.silent_reset(SILENT.replace("--- stderr", said + "\n--- stderr")) is None
+
+
+def test_a_triple_fault_with_its_registers_or_another_failure_is_not():
+    with_registers = SILENT.replace(_ALREADY_RESET, "")
+    assert testbed_verdicts.silent_reset(with_registers) is None
+    assert testbed_verdicts.silent_reset("AssertionError: 'login:' not in output") is None
+    assert testbed_verdicts.silent_reset("") is None
+
+
+def test_the_failed_tests_rerun_only_when_every_one_is_the_testbeds():
+    reset = json.dumps(testbed_verdicts.verdict("t.py::a", SILENT))
+    again = json.dumps(testbed_verdicts.verdict("t.py::a", SILENT))  # its setup and its call
+    other = json.dumps(testbed_verdicts.verdict("t.py::b", "assert 1 == 2"))
+    assert testbed_verdicts.rerunnable([reset, again, "\n"]) == (["t.py::a"], [])
+    tests, reasons = testbed_verdicts.rerunnable([reset, other])
+    assert tests == [] and reasons == ["t.py::b: not a silent reset of the testbed's"]
+    tests, reasons = testbed_verdicts.rerunnable([])
+    assert tests == [] and "no failed test" in reasons[0]
+
+
+def test_the_pytest_hook_writes_a_verdict_per_failed_test(tmp_path):
+    """tests/conftest.py's hook, in a real pytest run, feeds the command
+    scripts/test asks which tests to rerun."""
+    (tmp_path / "test_sample.py").write_text(
+        "def test_reset():\n"
+        f"    raise AssertionError({SILENT!r})\n"
+        "def test_wrong():\n"
+        "    assert 1 == 2\n"
+        "def test_fine():\n"
+        "    pass\n")
+    verdicts = tmp_path / "verdicts.jsonl"
+    env = {"PYTHONPATH": str(REPO), "PYVMM_TEST_VERDICTS": str(verdicts), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                          str(tmp_path / "test_sample.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = verdicts.read_text().splitlines()
+    assert [json.loads(line)["test"].split("::")[1] for line in lines] == ["test_reset", "test_wrong"]
+    command = [sys.executable, str(REPO / "tests" / "testbed_verdicts.py"), str(verdicts)]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 1 and "test_wrong: not a silent reset" in refused.stderr
+    verdicts.write_text(lines[0] + "\n")
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0 and rerun.stdout.strip().endswith("test_sample.py::test_reset")
