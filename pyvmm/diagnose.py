@@ -32,6 +32,10 @@ CALLER_SCAN_BYTES = 1024
 MAX_CALLERS = 12
 KERNEL_TEXT_FLOOR = 0xFFFF_FFFF_8000_0000
 EFER_LMA = 1 << 10
+CR0_PG = 1 << 31
+CR3_ROOT = 0x000F_FFFF_FFFF_F000  # the page-table root's frame (without PCID or PWT/PCD bits)
+# The mark of a vCPU state that is not the guest's own (vcpu_line).
+FOREIGN_CR3 = "its cr3 is outside the guest's RAM"
 ACTIVITY_SECONDS = 2.0  # how often the machine samples the counters a diagnosis compares
 ACTIVITY_ROUNDS = 5  # samples kept: the diagnosis compares with about 10 s ago
 MAX_HYPERCALL_NAMES = 8
@@ -54,6 +58,10 @@ def read_run_state(vcpu, memory=None) -> dict:
     except Exception:  # no in-kernel LAPIC, or KVM refused: the rest still helps
         pass
     if memory is not None:
+        # A page-table root outside RAM cannot be the guest's: the CPU or the
+        # hypervisor below this VMM put another machine's state in the vCPU.
+        state["cr3_outside_ram"] = bool(sregs.cr0 & CR0_PG) and not memory.contains(sregs.cr3 & CR3_ROOT,
+                                                                                      PAGE_SIZE)
         long_mode = bool(sregs.efer & EFER_LMA)
         # KVM_TRANSLATE takes a linear address: segment bases count outside long mode.
         code = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
@@ -146,6 +154,9 @@ def vcpu_line(index: int, state: dict | None, activity: str | None, counters: st
         line = f"vCPU {index}: {mp_state_name(state['mp_state'])} rip={state['rip']:#x} IF={interrupts}, {where}"
         if "rsp" in state:
             line += f"; rsp={state['rsp']:#x} cr3={state['cr3']:#x}"
+            if state.get("cr3_outside_ram"):
+                line += (f" ({FOREIGN_CR3}: this state is not the guest's, the CPU or hypervisor"
+                         " below this VMM left it there)")
         if "code" in state:
             code, stack = state["code"], state.get("stack")
             line += "; code at rip: " + (code.hex(" ") if code else "unreadable")

@@ -1,13 +1,19 @@
 """Which guest-test failures the testbed caused, so that CI reruns those once.
 
-The testbed's emulated CPU now and then resets an L2 guest for no reason of
-the guest's: its console stops in the middle of booting, with no panic or
-oops, and the VMM sees a triple fault. QEMU's own Xen emulation shows the same
-in the same testbed, more often than pyvmm (docs/TESTBED.md, "Silent L2
-resets, and what CI reruns"). pyvmm's warning for a triple fault says when KVM had already reset
-the vCPU (as KVM on AMD does); that warning, with nothing from the guest's
-kernel saying it failed, is the signature classified as the testbed's here.
-Every other failure is pyvmm's or the test's, and is never rerun.
+The testbed's emulated CPU (QEMU's TCG emulation of AMD SVM, running L1's
+KVM) fails L2 guests in two ways that QEMU's own Xen emulation shows too, in
+the same testbed (docs/TESTBED.md, "Silent L2 resets, and what CI reruns"):
+
+- a silent reset: the guest's console stops in the middle of booting with no
+  panic or oops, and the VMM sees a triple fault; pyvmm's warning says when
+  KVM had already reset the vCPU (as KVM on AMD does);
+- L1's own state left in an L2 vCPU: the guest stops making progress and
+  pyvmm's diagnosis at --timeout finds a vCPU whose page-table root is
+  outside the guest's RAM (it is L1's, at L1's instruction after VMRUN).
+
+Either, with nothing from the guest's kernel saying it failed by itself, is
+classified as the testbed's here. Every other failure is pyvmm's or the
+test's, and is never rerun.
 
 During the guest tests the pytest hook in tests/conftest.py writes one JSON
 line per failed test to $PYVMM_TEST_VERDICTS. scripts/test then runs
@@ -21,25 +27,27 @@ import sys
 # The start and end of pyvmm's triple-fault warning (pyvmm/vmm/exit_handler.py).
 TRIPLE_FAULT = "triple-faulted (an unexpected CPU reset)"
 KVM_HAD_RESET = "these are the power-on registers"
+# pyvmm's diagnosis of a vCPU whose state is not the guest's (pyvmm/diagnose.py's FOREIGN_CR3).
+FOREIGN_CR3 = "its cr3 is outside the guest's RAM"
 # What a guest kernel prints when it failed by itself: not a silent reset.
 GUEST_FAILED = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "double fault",
                 "invalid opcode:", "stack guard page", "Call Trace:")
 
 
-def silent_reset(report_text: str) -> str | None:
-    """The triple-fault warning line if `report_text` (a failed test's report)
-    shows the testbed's silent reset, else None."""
+def testbed_failure(report_text: str) -> str | None:
+    """pyvmm's line that shows one of the testbed's failures in
+    `report_text` (a failed test's report), else None."""
     if any(sign in report_text for sign in GUEST_FAILED):
         return None
     for line in report_text.splitlines():
-        if TRIPLE_FAULT in line and KVM_HAD_RESET in line:
+        if (TRIPLE_FAULT in line and KVM_HAD_RESET in line) or FOREIGN_CR3 in line:
             return line.strip()
     return None
 
 
 def verdict(nodeid: str, report_text: str) -> dict:
     """The JSON line for one failed test."""
-    return {"test": nodeid, "testbed": silent_reset(report_text)}
+    return {"test": nodeid, "testbed": testbed_failure(report_text)}
 
 
 def rerunnable(lines: list[str]) -> tuple[list[str], list[str]]:
@@ -48,7 +56,7 @@ def rerunnable(lines: list[str]) -> tuple[list[str], list[str]]:
     verdicts = [json.loads(line) for line in lines if line.strip()]
     if not verdicts:
         return [], ["no failed test was recorded (the run failed some other way)"]
-    ours = [f"{v['test']}: not a silent reset of the testbed's" for v in verdicts if not v["testbed"]]
+    ours = [f"{v['test']}: not one of the testbed's failures" for v in verdicts if not v["testbed"]]
     if ours:
         return [], ours
     return list(dict.fromkeys(v["test"] for v in verdicts)), []

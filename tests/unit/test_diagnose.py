@@ -130,14 +130,15 @@ class _Segment:
 class _FakeVcpu:
     """Long mode, rip and rsp mapped 1:1 except where `holes` say."""
 
-    def __init__(self, rip, rsp, holes=()):
-        self.rip, self.rsp, self.holes = rip, rsp, set(holes)
+    def __init__(self, rip, rsp, holes=(), cr3=0x1000, cr0=diagnose.CR0_PG):
+        self.rip, self.rsp, self.holes, self.cr3, self.cr0 = rip, rsp, set(holes), cr3, cr0
 
     def get_regs(self):
         return type("Regs", (), {"rip": self.rip, "rsp": self.rsp, "rflags": 0x2})()
 
     def get_sregs(self):
-        return type("Sregs", (), {"cr3": 0x1000, "efer": diagnose.EFER_LMA, "cs": _Segment, "ss": _Segment})()
+        return type("Sregs", (), {"cr3": self.cr3, "cr0": self.cr0, "efer": diagnose.EFER_LMA, "cs": _Segment,
+                                  "ss": _Segment})()
 
     def get_mp_state(self):
         return uapi.KVM_MP_STATE_RUNNABLE
@@ -163,6 +164,26 @@ def test_read_run_state_reads_code_and_stack_through_the_page_tables():
         assert unmapped["code"] is None and unmapped["stack"] is None
         beyond_ram = diagnose.read_run_state(_FakeVcpu(0x9000, 0x2100), memory)
         assert beyond_ram["code"] is None
+        assert not state["cr3_outside_ram"]
+    finally:
+        memory.close()
+
+
+def test_a_page_table_root_outside_ram_is_called_not_the_guests():
+    """The testbed's emulator has left its own L1 rip and cr3 in an L2
+    vCPU (docs/TESTBED.md): a root the guest's RAM does not hold says so."""
+    from pyvmm.core.memory import GuestMemory
+
+    memory = GuestMemory([(0, 0x4000)])
+    try:
+        foreign = diagnose.read_run_state(_FakeVcpu(0x1000, 0x2000, cr3=0x1011C8000), memory)
+        assert foreign["cr3_outside_ram"]
+        assert diagnose.FOREIGN_CR3 in diagnose.vcpu_line(0, foreign, None)
+        with_pcid = diagnose.read_run_state(_FakeVcpu(0x1000, 0x2000, cr3=0x3000 | 0x5), memory)
+        assert not with_pcid["cr3_outside_ram"]  # the PCID bits are not part of the root
+        unpaged = diagnose.read_run_state(_FakeVcpu(0x1000, 0x2000, cr3=0x1011C8000, cr0=0), memory)
+        assert not unpaged["cr3_outside_ram"]  # cr3 means nothing with paging off
+        assert diagnose.FOREIGN_CR3 not in diagnose.vcpu_line(0, unpaged, None)
     finally:
         memory.close()
 
