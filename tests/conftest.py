@@ -4,11 +4,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import testbed_verdicts  # noqa: E402 (found through the path above)
+
+# CI (.ci/run) draws the same examples every run: a red run then means that
+# the change broke something, never that a new random draw found an old bug
+# on the way. Everyone else's runs draw new examples each time, and a bug
+# they find is fixed with its example pinned (@example).
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("PYVMM_HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.hookimpl(hookwrapper=True)
