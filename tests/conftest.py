@@ -37,3 +37,9 @@ def pytest_runtest_makereport(item, call):
         text = "\n".join([report.longreprtext, *(content for _, content in report.sections)])
         with open(verdicts, "a") as file:
             file.write(json.dumps(testbed_verdicts.verdict(report.nodeid, text)) + "\n")
+    # And one line per passed test, so that a run whose L1 failed is
+    # finished by rerunning only the tests that had not passed yet.
+    passed = os.environ.get("PYVMM_TESTS_PASSED")
+    if passed and report.when == "call" and report.passed:
+        with open(passed, "a") as file:
+            file.write(report.nodeid + "\n")

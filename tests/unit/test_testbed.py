@@ -448,6 +448,38 @@ def test_an_agent_that_speaks_or_a_finished_command_is_never_silent(tmp_path):
     run.monitor.close()
 
 
+def test_a_task_l1_reports_blocked_for_minutes_is_a_stuck_l1_with_the_stacks_kept(tmp_path):
+    run = host.Run(FakeArtifacts(tmp_path), {}, 1024, 2, [], None, 60, print, False)
+    run.started_at = run.last_word = time.monotonic()
+    # The console as CI's stuck L1 printed it, cut in the middle of its lines.
+    run._watch_hung_tasks(b"[  39.0] kvm: kvm [190]: vcpu0, Unhandled WRMSR(0xc0010007) = 0xffff\r\n[ 243.3] INFO: task khu")
+    assert not run.to_agent
+    run._watch_hung_tasks(b"gepaged:41 blocked for more than 120 seconds.\r\n[ 243.4]       Not tainted\r\n")
+    assert wire.Decoder().feed(bytes(run.to_agent)) == [(wire.SHOW_STACKS, b"")]
+    assert run.stuck is None
+    run._check_deadlines()
+    run.to_agent.clear()
+    run._watch_hung_tasks(b"[ 363.5] INFO: task khugepaged:41 blocked for more than 241 seconds.\r\n")
+    assert wire.Decoder().feed(bytes(run.to_agent)) == [(wire.SHOW_STACKS, b"")]  # again: did they move?
+    reason, give_up_at = run.stuck
+    assert "L1 is stuck: its kernel reports task khugepaged:41 blocked for more than 241 s" in reason
+    assert 0 < run._next_deadline() <= host.STACKS_WAIT  # the stacks have this long to reach the console
+    run._check_deadlines()
+    run.stuck = (reason, time.monotonic() - 1)
+    with pytest.raises(host.TestbedError, match="L1 is stuck: .* khugepaged:41"):
+        run._check_deadlines()
+
+
+def test_the_agent_puts_the_stacks_on_the_console_at_a_level_it_prints(tmp_path, capsys):
+    printk, sysrq = tmp_path / "printk", tmp_path / "sysrq-trigger"
+    agent.show_stacks(((printk, "8"), (sysrq, "w"), (tmp_path / "no" / "such", "l")))
+    assert printk.read_text() == "8" and sysrq.read_text() == "w"
+    assert "cannot write l to" in capsys.readouterr().err  # said on L1's console, and no exception
+    assert [path for path, _ in agent.SHOW_STACKS_WRITES] == [
+        "/proc/sys/kernel/printk", "/proc/sysrq-trigger", "/proc/sysrq-trigger"]
+    assert [key for _, key in agent.SHOW_STACKS_WRITES] == ["8", "w", "l"]
+
+
 # -- command line ---------------------------------------------------------------------
 
 def test_arguments(tmp_path):

@@ -100,9 +100,10 @@ def test_the_failed_tests_rerun_only_when_every_one_is_the_testbeds():
     assert tests == [] and "no failed test" in reasons[0]
 
 
-def test_the_pytest_hook_writes_a_verdict_per_failed_test(tmp_path):
+def test_the_pytest_hook_writes_a_verdict_per_failed_test_and_the_passed_ids(tmp_path):
     """tests/conftest.py's hook, in a real pytest run, feeds the command
-    scripts/test asks which tests to rerun."""
+    scripts/test asks which tests to rerun, and lists the tests that passed
+    (not rerun after L1 failed)."""
     (tmp_path / "test_sample.py").write_text(
         "def test_reset():\n"
         f"    raise AssertionError({SILENT!r})\n"
@@ -110,13 +111,15 @@ def test_the_pytest_hook_writes_a_verdict_per_failed_test(tmp_path):
         "    assert 1 == 2\n"
         "def test_fine():\n"
         "    pass\n")
-    verdicts = tmp_path / "verdicts.jsonl"
-    env = {"PYTHONPATH": str(REPO), "PYVMM_TEST_VERDICTS": str(verdicts), "PATH": "/usr/bin:/bin"}
+    verdicts, passed = tmp_path / "verdicts.jsonl", tmp_path / "passed.txt"
+    env = {"PYTHONPATH": str(REPO), "PYVMM_TEST_VERDICTS": str(verdicts), "PYVMM_TESTS_PASSED": str(passed),
+           "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
                           str(tmp_path / "test_sample.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 1, run.stdout + run.stderr
     lines = verdicts.read_text().splitlines()
     assert [json.loads(line)["test"].split("::")[1] for line in lines] == ["test_reset", "test_wrong"]
+    assert passed.read_text() == "test_sample.py::test_fine\n"  # a --deselect that names it
     command = [sys.executable, str(REPO / "tests" / "testbed_verdicts.py"), str(verdicts)]
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode == 1 and "test_wrong: not one of the testbed" in refused.stderr

@@ -298,6 +298,22 @@ def text_symbols():
     return zlib.compress(b"".join(lines), 6)
 
 
+# The console log level first (L1 boots quiet, and sysrq prints the stacks
+# at the level it finds), then the blocked tasks ("w"), then every CPU ("l").
+SHOW_STACKS_WRITES = (("/proc/sys/kernel/printk", "8"), ("/proc/sysrq-trigger", "w"), ("/proc/sysrq-trigger", "l"))
+
+
+def show_stacks(writes=SHOW_STACKS_WRITES):
+    """L1's blocked tasks and CPUs on its console, which the host keeps:
+    asked for when L1's kernel reports a task blocked for minutes."""
+    for path, text in writes:
+        try:
+            with open(path, "w") as file:
+                file.write(text)
+        except OSError as error:
+            log("cannot write %s to %s: %s" % (text, path, error))
+
+
 def read_loadavg():
     try:
         with open("/proc/loadavg", "rb") as file:
@@ -381,6 +397,8 @@ def handle_host_frame(channel, command, kind, payload, stdin_closed):
             command.stdin_buffer += payload
     elif kind == wire.STDIN_EOF:
         command.stdin_eof = True
+    elif kind == wire.SHOW_STACKS:
+        show_stacks()
     elif kind == wire.WINSIZE and command.master is not None:
         rows, cols = wire.WINSIZE_FORMAT.unpack(payload)
         command.resize(rows, cols)

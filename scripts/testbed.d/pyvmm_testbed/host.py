@@ -37,6 +37,14 @@ WRITE_CHUNK = 4096              # at most PIPE_BUF: a writable pipe takes it wit
 # and no console output for 10 minutes, no soft-lockup report either.
 DEFAULT_L1_SILENCE = 180.0
 MONITOR_WAIT = 10.0             # for QEMU's monitor to answer "info registers"
+# L1's kernel reports a task stuck in the kernel every 120 s. Seen in CI:
+# khugepaged blocked for 20 minutes while the command (a guest test) neither
+# ended nor timed out (its VMM could not be killed), L1's agent still
+# speaking. At the first report L1 puts its blocked tasks' stacks and its
+# CPUs' backtraces on the console; a task blocked this long means L1 is stuck.
+HUNG_TASK = re.compile(rb"INFO: task (\S+) blocked for more than (\d+) seconds")
+L1_STUCK_SECONDS = 240
+STACKS_WAIT = 15.0              # for L1's console to print the stacks asked for
 
 # Variables describing things of the caller's session that do not exist in L1.
 DROPPED_ENVIRONMENT = frozenset({
@@ -284,6 +292,9 @@ class Run:
         self.last_word = None       # when the agent last sent anything
         self.l1_load = b""          # L1's /proc/loadavg, from its last ALIVE
         self.monitor = None
+        self.console_partial = b""  # the console's last line, until its end arrives
+        self.stacks_asked = False
+        self.stuck = None           # (reason, when to give up on L1) once L1's kernel says it is stuck
         self.tcg_threads = tcg_threads
         self.idle = idle  # L1's idle loop: "poll" or "halt" (the kernel's own default)
 
@@ -495,6 +506,24 @@ class Run:
             del self.console_log[:-CONSOLE_KEEP_BYTES]
             if self.verbose:
                 os.write(2, data)
+            self._watch_hung_tasks(data)
+
+    def _watch_hung_tasks(self, data):
+        lines = (self.console_partial + data).split(b"\n")
+        self.console_partial = lines.pop()[-1024:]
+        for line in lines:
+            report = HUNG_TASK.search(line)
+            if not report:
+                continue
+            seconds = int(report.group(2))
+            if not self.stacks_asked or (seconds >= L1_STUCK_SECONDS and self.stuck is None):
+                self._send(wire.SHOW_STACKS)    # again when stuck: did the stacks move?
+                self.stacks_asked = True
+            if seconds >= L1_STUCK_SECONDS and self.stuck is None:
+                reason = ("L1 is stuck: its kernel reports task %s blocked for more than %d s "
+                          "(its blocked tasks' stacks and its CPUs' backtraces are in the kept console)"
+                          % (report.group(1).decode(errors="replace"), seconds))
+                self.stuck = (reason, time.monotonic() + STACKS_WAIT)
 
     def _read_agent(self, agent):
         try:
@@ -602,13 +631,17 @@ class Run:
     def _next_deadline(self):
         now = time.monotonic()
         if self.started_at is not None:
-            deadlines = [d for d in (None if self.timeout is None else self.started_at + self.timeout,
-                                     self._silence_deadline()) if d is not None]
-            return max(0.0, min(deadlines) - now) if deadlines else None
-        return max(0.0, self.t0 + self.boot_timeout - now)
+            deadlines = [None if self.timeout is None else self.started_at + self.timeout,
+                         self._silence_deadline()]
+        else:
+            deadlines = [self.t0 + self.boot_timeout]
+        deadlines = [d for d in deadlines + [self.stuck and self.stuck[1]] if d]
+        return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _check_deadlines(self):
         now = time.monotonic()
+        if self.stuck and now > self.stuck[1]:
+            raise TestbedError(self.stuck[0])
         if self.started_at is None and now > self.t0 + self.boot_timeout:
             stage = "boot" if self.booted_at is None else "start the command"
             raise TestbedError("L1 did not %s within %d s" % (stage, self.boot_timeout))

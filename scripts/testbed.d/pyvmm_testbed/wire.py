@@ -19,6 +19,7 @@ JOB = 1          # JSON: what to run and how (see host.build_job)
 STDIN = 2        # bytes for the command's stdin
 STDIN_EOF = 3    # the caller's stdin ended
 WINSIZE = 4      # u16 rows, u16 cols: the caller's terminal was resized
+SHOW_STACKS = 5  # put L1's blocked tasks' stacks and its CPUs' backtraces on its console
 
 # agent -> host
 HELLO = 64       # L1 is up; payload: the L1 kernel release
