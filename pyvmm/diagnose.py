@@ -45,6 +45,14 @@ _KVM_RUN_FRAMES = (("kvm/ioctl.py", "ioctl"), ("kvm/vcpu.py", "_enter"))  # Vcpu
 _HYPERCALL_FILES = ("xen/hv/hypercalls.py",)
 
 
+def cr3_outside_ram(sregs, memory) -> bool:
+    """Whether paging is on with its page-table root outside the guest's
+    RAM. No guest can run like that (its next page walk reads nothing), so
+    the CPU or the hypervisor below this VMM put another machine's state in
+    the vCPU."""
+    return bool(sregs.cr0 & CR0_PG) and not memory.contains(sregs.cr3 & CR3_ROOT, PAGE_SIZE)
+
+
 def read_run_state(vcpu, memory=None) -> dict:
     """mp_state, rip, rflags, rsp, cr3 and, given the guest's memory, the
     bytes at rip ("code") and the quadwords at rsp ("stack"), each None where
@@ -58,10 +66,7 @@ def read_run_state(vcpu, memory=None) -> dict:
     except Exception:  # no in-kernel LAPIC, or KVM refused: the rest still helps
         pass
     if memory is not None:
-        # A page-table root outside RAM cannot be the guest's: the CPU or the
-        # hypervisor below this VMM put another machine's state in the vCPU.
-        state["cr3_outside_ram"] = bool(sregs.cr0 & CR0_PG) and not memory.contains(sregs.cr3 & CR3_ROOT,
-                                                                                      PAGE_SIZE)
+        state["cr3_outside_ram"] = cr3_outside_ram(sregs, memory)
         long_mode = bool(sregs.efer & EFER_LMA)
         # KVM_TRANSLATE takes a linear address: segment bases count outside long mode.
         code = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF

@@ -7,9 +7,10 @@ the same testbed (docs/TESTBED.md, "Silent L2 resets, and what CI reruns"):
 - a silent reset: the guest's console stops in the middle of booting with no
   panic or oops, and the VMM sees a triple fault; pyvmm's warning says when
   KVM had already reset the vCPU (as KVM on AMD does);
-- L1's own state left in an L2 vCPU: the guest stops making progress and
-  pyvmm's diagnosis at --timeout finds a vCPU whose page-table root is
-  outside the guest's RAM (it is L1's, at L1's instruction after VMRUN).
+- L1's own state left in an L2 vCPU: a vCPU whose page-table root is
+  outside the guest's RAM (it is L1's, at L1's instruction after VMRUN);
+  pyvmm stops such a guest within seconds, and its diagnosis at --timeout
+  marks such a vCPU too.
 
 Either, with nothing from the guest's kernel saying it failed by itself, is
 classified as the testbed's here. Every other failure is pyvmm's or the
@@ -27,7 +28,8 @@ import sys
 # The start and end of pyvmm's triple-fault warning (pyvmm/vmm/exit_handler.py).
 TRIPLE_FAULT = "triple-faulted (an unexpected CPU reset)"
 KVM_HAD_RESET = "these are the power-on registers"
-# pyvmm's diagnosis of a vCPU whose state is not the guest's (pyvmm/diagnose.py's FOREIGN_CR3).
+# pyvmm's mark of a vCPU whose state is not the guest's (pyvmm/diagnose.py's FOREIGN_CR3), in the
+# liveness probe's warning and in the diagnosis at --timeout.
 FOREIGN_CR3 = "its cr3 is outside the guest's RAM"
 # What a guest kernel prints when it failed by itself: not a silent reset.
 GUEST_FAILED = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "double fault",

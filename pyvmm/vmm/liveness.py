@@ -26,17 +26,27 @@ considered: device interrupts routed as NMIs through the IOAPIC or an MSI,
 which no guest pyvmm runs sets up. A vCPU that does not answer within a
 round (busy in a VMM handler) is alive. The check is off under --gdb: a
 debugger may hold vCPUs stopped on purpose.
+
+The same probe also reads each vCPU's control registers (KVM_GET_SREGS) and
+notices a vCPU whose page-table root lies outside the guest's RAM with paging
+on (diagnose.cr3_outside_ram). No guest runs like that; it is state the CPU
+or the hypervisor below left in the vCPU (seen in a nested, emulated KVM:
+the L1 hypervisor's own cr3 and rip in an L2 vCPU, which then spins for good).
+Three rounds in a row with the same root stop the guest as crashed at once,
+instead of at --timeout, saying whose state it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..diagnose import FOREIGN_CR3, cr3_outside_ram
 from ..kvm import uapi
 from ..vcpu_state import RFLAGS_IF
 
 CHECK_SECONDS = 1.0
 ROUNDS_TO_DECLARE_DEAD = 2
+ROUNDS_TO_DECLARE_FOREIGN = 3
 
 # LAPIC LVT registers that may deliver an NMI on their own.
 LVT_LINT0 = 0x350
@@ -55,6 +65,7 @@ class VcpuSample:
     interrupts_enabled: bool = True
     nmi_armed: bool = False
     event_wakes: bool = False  # halted in SCHEDOP_poll/block: an event channel can wake it
+    foreign_cr3: int | None = None  # cr3, when it is a page-table root outside the guest's RAM
 
     @property
     def halted(self) -> bool:
@@ -77,15 +88,21 @@ def lapic_can_raise_nmi(lapic: bytes) -> bool:
     return False
 
 
-def sample_vcpu(vcpu) -> VcpuSample:
-    """Read what decides liveness, on the vCPU's own thread; cheap unless halted."""
+def sample_vcpu(vcpu, memory=None) -> VcpuSample:
+    """Read what decides liveness, on the vCPU's own thread; cheap unless
+    halted or, given the guest's `memory`, holding state not the guest's."""
     state = vcpu.get_mp_state()
+    foreign = None
+    if memory is not None:
+        sregs = vcpu.get_sregs()
+        if cr3_outside_ram(sregs, memory):
+            foreign = sregs.cr3
     if state != uapi.KVM_MP_STATE_HALTED:
-        return VcpuSample(state)
+        return VcpuSample(state, vcpu.get_regs().rip if foreign is not None else 0, foreign_cr3=foreign)
     regs = vcpu.get_regs()
     enabled = bool(regs.rflags & RFLAGS_IF)
     armed = False if enabled else lapic_can_raise_nmi(vcpu.get_lapic())
-    return VcpuSample(state, regs.rip, enabled, armed)
+    return VcpuSample(state, regs.rip, enabled, armed, foreign_cr3=foreign)
 
 
 class DeadGuestDetector:
@@ -109,6 +126,35 @@ class DeadGuestDetector:
         self._seen = self._seen + 1 if samples == self._previous else 1
         self._previous = list(samples)
         return self._seen >= self._rounds
+
+
+class ForeignStateDetector:
+    """Fed one round of samples at a time; says which vCPUs have held the
+    same page-table root outside the guest's RAM for `rounds` rounds."""
+
+    def __init__(self, rounds: int = ROUNDS_TO_DECLARE_FOREIGN):
+        self._rounds = rounds
+        self._seen = 0
+        self._previous: list[tuple[int, int]] = []
+
+    def observe(self, samples: list[VcpuSample | None]) -> list[tuple[int, VcpuSample]]:
+        """`samples`: one per vCPU, None where a vCPU did not answer (a
+        foreign vCPU that does not answer breaks the run of rounds)."""
+        foreign = [(index, s) for index, s in enumerate(samples) if s is not None and s.foreign_cr3 is not None]
+        roots = [(index, s.foreign_cr3) for index, s in foreign]
+        if not roots:
+            self._seen, self._previous = 0, []
+            return []
+        self._seen = self._seen + 1 if roots == self._previous else 1
+        self._previous = roots
+        return foreign if self._seen >= self._rounds else []
+
+
+def describe_foreign(foreign: list[tuple[int, VcpuSample]]) -> str:
+    """'vCPU 0 at rip=0x... with cr3=0x... (its cr3 is outside the guest's RAM: ...)'."""
+    where = ", ".join(f"vCPU {index} at rip={sample.rip:#x} with cr3={sample.foreign_cr3:#x}"
+                      for index, sample in foreign)
+    return f"{where} ({FOREIGN_CR3}: this state is not the guest's, the CPU or hypervisor below this VMM left it there)"
 
 
 def describe(samples: list[VcpuSample]) -> str:

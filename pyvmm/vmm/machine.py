@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -29,7 +30,7 @@ from ..config import VmConfig
 from ..core.console import ConsoleOutput, EscapeFilter, RawTerminal
 from ..core.eventloop import EventLoop, WrongThread
 from .exit_handler import ExitHandler
-from .liveness import DeadGuestDetector
+from .liveness import DeadGuestDetector, ForeignStateDetector
 from ..core.memory import GuestMemory
 from ..platform import Platform
 from ..core.snapshot import SnapshotError
@@ -751,6 +752,7 @@ class Machine:
         if self.gdb is not None:
             return  # a debugger may hold every vCPU stopped on purpose
         self._liveness = DeadGuestDetector()
+        self._foreign_state = ForeignStateDetector()
         self._liveness_round: list = [None] * self.config.vcpus
         self.loop.call_later(liveness.CHECK_SECONDS, self._check_liveness)
 
@@ -761,7 +763,14 @@ class Machine:
         if self.paused:
             self._liveness.reset()
         elif self._liveness.observe(samples):
-            self._guest_is_dead(samples)
+            state = liveness.describe(samples)
+            self._stop_stuck_guest("halted", state, "every vCPU is halted with interrupts disabled, "
+                                   f"so the guest can never run again: {state}")
+            return
+        foreign = self._foreign_state.observe(samples)
+        if foreign:
+            state = liveness.describe_foreign(foreign)
+            self._stop_stuck_guest("foreign-state", state, f"{state}; the guest cannot go on: stopping it as crashed")
             return
         if not self.paused:
             for index in range(self.config.vcpus):
@@ -770,20 +779,19 @@ class Machine:
 
     def _sample_vcpu(self, round_: list, index: int, vcpu) -> None:
         try:
-            sample = liveness.sample_vcpu(vcpu)
+            sample = liveness.sample_vcpu(vcpu, self.memory)
             if sample.halted and self.xen is not None and self.xen.vcpu_blocked(index):
-                sample = liveness.VcpuSample(sample.mp_state, sample.rip, interrupts_enabled=sample.interrupts_enabled,
-                                             nmi_armed=sample.nmi_armed, event_wakes=True)
+                sample = dataclasses.replace(sample, event_wakes=True)
             round_[index] = sample
         except Exception as error:  # an unanswered round only means "alive"
             log.debug("vCPU %d: liveness probe failed: %s", index, error)
 
-    def _guest_is_dead(self, samples: list) -> None:
-        state = liveness.describe(samples)
-        log.warning("every vCPU is halted with interrupts disabled, so the guest can never run again: %s", state)
+    def _stop_stuck_guest(self, kind: str, state: str, message: str) -> None:
+        """The liveness probe found a guest that cannot go on: say so, trace it, stop it as crashed."""
+        log.warning("%s", message)
         if self.trace.stop:
-            self.trace.emit("stop", "halted", state=state)
-        self.request_stop(StopReason.CRASH, detail="halted")
+            self.trace.emit("stop", kind, state=state)
+        self.request_stop(StopReason.CRASH, detail=kind)
 
     @property
     def paused(self) -> bool:

@@ -89,6 +89,16 @@ def test_the_soak_inside_stops_after_a_vmm_it_could_not_stop(tmp_path, monkeypat
     assert [b["class"] for b in boots] == ["clean", "hung"] and started is None
 
 
+def test_a_guest_stopped_for_a_vcpu_holding_state_not_its_own_is_hung_as_qemus_would_be():
+    from pyvmm import diagnose
+    assert soak.FOREIGN_CR3 == diagnose.FOREIGN_CR3
+    stderr = ("pyvmm: WARNING: pyvmm.vmm.machine: vCPU 0 at rip=0xffffffffc03a80b0 with cr3=0x1011c8000 "
+              f"({diagnose.FOREIGN_CR3}: ...)")
+    kind, reason = soak.classify(boot(console="soak: stage disk\n", status=3, stderr=stderr))
+    assert kind == "hung" and "not the guest's" in reason and "disk" in reason
+    assert soak.classify(boot(status=3))[0] == "guest-failure"  # any other crash stays the guest's
+
+
 def test_a_guest_restart_is_a_reset():
     console = "pyvmm-guest: init started\nsoak: stage disk\n"
     assert soak.classify(boot(console=console, status=2)) == ("reset", "the guest reset (status 2)")

@@ -10,8 +10,9 @@ import logging
 
 import testbed_verdicts
 from pyvmm import diagnose
-from pyvmm.kvm import exits
+from pyvmm.kvm import exits, uapi
 from pyvmm.vmm.exit_handler import _ALREADY_RESET, ExitHandler
+from pyvmm.vmm.liveness import VcpuSample, describe_foreign
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,6 +88,14 @@ def test_a_vcpu_holding_state_that_is_not_the_guests_is_the_testbeds():
     assert testbed_verdicts.testbed_failure(FOREIGN_STATE.replace("--- stderr", "Call Trace:\n--- stderr")) is None
     plain_hang = FOREIGN_STATE.replace(diagnose.FOREIGN_CR3, "")
     assert testbed_verdicts.testbed_failure(plain_hang) is None  # a hang of pyvmm's own is never rerun
+
+
+def test_a_guest_the_liveness_probe_stopped_for_state_not_its_own_is_the_testbeds():
+    foreign = [(0, VcpuSample(uapi.KVM_MP_STATE_RUNNABLE, 0xFFFFFFFFC03A80B0, foreign_cr3=0x1011C8000))]
+    report = ("AssertionError: status 3\n--- stderr\npyvmm: WARNING: pyvmm.vmm.machine: "
+              f"{describe_foreign(foreign)}; the guest cannot go on: stopping it as crashed\n")
+    assert "vCPU 0 at rip=0xffffffffc03a80b0 with cr3=0x1011c8000" in testbed_verdicts.testbed_failure(report)
+    assert testbed_verdicts.testbed_failure(report.replace("--- stderr", "Kernel panic - not syncing\n")) is None
 
 
 def test_the_failed_tests_rerun_only_when_every_one_is_the_testbeds():

@@ -3,8 +3,9 @@
 import pytest
 
 from pyvmm.kvm import uapi
-from pyvmm.vmm.liveness import (LVT_LINT0, LVT_PERFORMANCE_COUNTER, DeadGuestDetector, VcpuSample, describe,
-                            lapic_can_raise_nmi, sample_vcpu)
+from pyvmm.core.memory import GuestMemory
+from pyvmm.vmm.liveness import (LVT_LINT0, LVT_PERFORMANCE_COUNTER, ROUNDS_TO_DECLARE_FOREIGN, DeadGuestDetector,
+                                ForeignStateDetector, VcpuSample, describe, lapic_can_raise_nmi, sample_vcpu)
 
 HALTED, RUNNABLE = uapi.KVM_MP_STATE_HALTED, uapi.KVM_MP_STATE_RUNNABLE
 WAIT_SIPI = uapi.KVM_MP_STATE_UNINITIALIZED
@@ -88,9 +89,14 @@ def test_lapic_nmi_sources():
 
 
 class FakeVcpu:
-    def __init__(self, state, rflags=0x2, rip=0x1234, lapic_page=bytes(1024)):
+    def __init__(self, state, rflags=0x2, rip=0x1234, lapic_page=bytes(1024), cr0=0x8000_0011, cr3=0x1000):
         self.state, self.lapic_page, self.calls = state, lapic_page, []
         self.regs = type("Regs", (), {"rflags": rflags, "rip": rip})()
+        self.sregs = type("Sregs", (), {"cr0": cr0, "cr3": cr3})()
+
+    def get_sregs(self):
+        self.calls.append("sregs")
+        return self.sregs
 
     def get_mp_state(self):
         self.calls.append("mp_state")
@@ -105,7 +111,7 @@ class FakeVcpu:
         return self.lapic_page
 
 
-def test_sampling_a_running_vcpu_costs_one_ioctl():
+def test_sampling_a_running_vcpu_without_the_memory_costs_one_ioctl():
     vcpu = FakeVcpu(RUNNABLE)
     assert sample_vcpu(vcpu) == VcpuSample(RUNNABLE)
     assert vcpu.calls == ["mp_state"]
@@ -131,3 +137,50 @@ def test_a_vcpu_halted_in_sched_op_poll_is_not_stuck():
     detector = DeadGuestDetector()
     assert not polling.stuck
     assert not detector.observe([polling]) and not detector.observe([polling])
+
+
+FOREIGN_CR3 = 0x1011C8000  # L1's page-table root, seen in an L2 vCPU in the testbed (docs/TESTBED.md)
+
+
+def test_sampling_with_the_guests_memory_also_reads_cr3_and_names_a_root_outside_ram():
+    memory = GuestMemory([(0, 16 << 20)])
+    try:
+        vcpu = FakeVcpu(RUNNABLE)
+        assert sample_vcpu(vcpu, memory) == VcpuSample(RUNNABLE)  # cr3 0x1000 is the guest's
+        assert vcpu.calls == ["mp_state", "sregs"]
+        vcpu = FakeVcpu(RUNNABLE, rip=0xFFFFFFFFC03A80B0, cr3=FOREIGN_CR3 | 0x18)  # PWT/PCD bits
+        assert sample_vcpu(vcpu, memory) == VcpuSample(RUNNABLE, 0xFFFFFFFFC03A80B0, foreign_cr3=FOREIGN_CR3 | 0x18)
+        assert vcpu.calls == ["mp_state", "sregs", "regs"]
+        # Paging off: cr3 means nothing, whatever it holds.
+        assert sample_vcpu(FakeVcpu(RUNNABLE, cr0=0x11, cr3=FOREIGN_CR3), memory) == VcpuSample(RUNNABLE)
+        halted = sample_vcpu(FakeVcpu(HALTED, rflags=0x202, cr3=FOREIGN_CR3), memory)
+        assert halted == VcpuSample(HALTED, 0x1234, True, False, foreign_cr3=FOREIGN_CR3)
+    finally:
+        memory.close()
+
+
+def foreign(cr3=FOREIGN_CR3):
+    return VcpuSample(RUNNABLE, 0xFFFFFFFFC03A80B0, foreign_cr3=cr3)
+
+
+def test_a_vcpu_holding_the_same_foreign_root_round_after_round_is_named():
+    detector = ForeignStateDetector()
+    for _ in range(ROUNDS_TO_DECLARE_FOREIGN - 1):
+        assert detector.observe([foreign(), VcpuSample(RUNNABLE)]) == []
+    assert detector.observe([foreign(), None]) == [(0, foreign())]  # the other vCPU busy: no matter
+
+
+@pytest.mark.parametrize("between", [
+    [VcpuSample(RUNNABLE), VcpuSample(RUNNABLE)],  # the guest's own state again
+    [None, VcpuSample(RUNNABLE)],                   # the vCPU did not answer: not seen
+    [foreign(FOREIGN_CR3 + 0x1000), VcpuSample(RUNNABLE)],  # another root: still changing
+    [foreign(), foreign()],                          # another vCPU too
+])
+def test_a_round_without_the_same_foreign_state_starts_the_count_again(between):
+    detector = ForeignStateDetector()
+    for _ in range(ROUNDS_TO_DECLARE_FOREIGN - 1):
+        assert detector.observe([foreign(), VcpuSample(RUNNABLE)]) == []
+    assert detector.observe(between) == []
+    for _ in range(ROUNDS_TO_DECLARE_FOREIGN - 1):
+        assert detector.observe([foreign(), VcpuSample(RUNNABLE)]) == []
+    assert detector.observe([foreign(), VcpuSample(RUNNABLE)]) == [(0, foreign())]
