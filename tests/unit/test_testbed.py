@@ -332,6 +332,9 @@ def test_qemu_command_escapes_and_exports():
     assert not any(word.startswith("idle=") for word in command[command.index("-append") + 1].split())  # halt
     polling = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], idle="poll")
     assert "idle=poll" in polling[polling.index("-append") + 1].split()
+    assert not any(word.startswith("transparent_hugepage") for word in command[command.index("-append") + 1].split())
+    no_thp = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [], thp="never")
+    assert "transparent_hugepage=never" in no_thp[no_thp.index("-append") + 1].split()
     with_monitor = host.qemu_command("qemu", "vmlinuz", "initrd", 1024, 2, "/usr/bin/python3", 5, 6, [],
                                      monitor_fd=9)
     assert "socket,id=monitor,fd=9" in with_monitor and "chardev=monitor,mode=readline" in with_monitor
@@ -503,6 +506,10 @@ def test_arguments(tmp_path):
         ["--check"], environ=environ).cpus) == ("single", 1)
     assert cli.parse_arguments(["--tcg-threads", "multi", "--cpus", "2", "--check"], environ=environ).cpus == 2
     assert cli.parse_arguments(["--check"], environ={}).l1_idle == "halt"
+    assert cli.parse_arguments(["--check"], environ={}).l1_thp == "always"
+    assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_THP": "never"}).l1_thp == "never"
+    assert cli.parse_arguments(["--l1-thp", "always", "--check"], environ={"PYVMM_TESTBED_L1_THP": "never"}).l1_thp == (
+        "always")
     assert cli.parse_arguments(["--check"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"}).l1_idle == "poll"
     assert cli.parse_arguments(["--l1-idle", "halt", "--check"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"}).l1_idle == (
         "halt")
@@ -625,9 +632,11 @@ def test_job_is_json_serializable(tmp_path):
 
 
 def test_the_command_sees_the_settings_l1_runs_with():
-    options = cli.parse_arguments(["--tcg-threads", "single", "--", "true"], environ={"PYVMM_TESTBED_L1_IDLE": "poll"})
+    options = cli.parse_arguments(["--tcg-threads", "single", "--l1-thp", "never", "--", "true"],
+                                  environ={"PYVMM_TESTBED_L1_IDLE": "poll"})
     environment = cli.build_job(options, [])["env"]
-    assert (environment["PYVMM_TESTBED_TCG_THREADS"], environment["PYVMM_TESTBED_L1_IDLE"]) == ("single", "poll")
+    assert (environment["PYVMM_TESTBED_TCG_THREADS"], environment["PYVMM_TESTBED_L1_IDLE"],
+            environment["PYVMM_TESTBED_L1_THP"]) == ("single", "poll", "never")
 
 
 def test_the_agents_kvm_numbers_are_the_kernels():

@@ -17,6 +17,7 @@ DEFAULT_RUN_LOCK = "/tmp/pyvmm-testbed-run.lock"  # one L1 at a time per host
 
 TCG_THREADS = ("multi", "single")
 L1_IDLE = ("halt", "poll")
+L1_THP = ("always", "never")
 
 
 def parse_arguments(argv, environ=None):
@@ -38,6 +39,10 @@ def parse_arguments(argv, environ=None):
                         help="how L1's idle CPUs wait: halt (the kernel's own) or poll (idle=poll: they spin, "
                              "so no interrupt has to wake a halted emulated CPU) "
                              "(default $PYVMM_TESTBED_L1_IDLE, else %s)" % host.DEFAULT_L1_IDLE)
+    parser.add_argument("--l1-thp", choices=L1_THP, metavar="always|never",
+                        help="transparent huge pages in L1: always (Debian's) or never (transparent_hugepage=never: "
+                             "no khugepaged collapsing the VMMs' guest RAM) (default $PYVMM_TESTBED_L1_THP, else %s)"
+                        % host.DEFAULT_L1_THP)
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop CMD after this long (counted from its start, not L1's boot); exit 124")
     parser.add_argument("--rw", action="append", default=[], metavar="PATH",
@@ -94,6 +99,8 @@ def parse_arguments(argv, environ=None):
                                        "one of " + ", ".join(TCG_THREADS))
     options.l1_idle = from_environ(options.l1_idle, "PYVMM_TESTBED_L1_IDLE", host.DEFAULT_L1_IDLE, one_of(L1_IDLE),
                                    "one of " + ", ".join(L1_IDLE))
+    options.l1_thp = from_environ(options.l1_thp, "PYVMM_TESTBED_L1_THP", host.DEFAULT_L1_THP, one_of(L1_THP),
+                                  "one of " + ", ".join(L1_THP))
     options.l1_silence = from_environ(options.l1_silence, "PYVMM_TESTBED_L1_SILENCE", host.DEFAULT_L1_SILENCE,
                                       float, "a number of seconds")
     if options.memory < 256:
@@ -179,7 +186,8 @@ def build_job(options, writable):
         # The command sees the settings L1 runs with, options and defaults
         # included (the soak records them).
         "env": host.job_environment(dict(os.environ, PWD=cwd, PYVMM_TESTBED_TCG_THREADS=options.tcg_threads,
-                                         PYVMM_TESTBED_L1_IDLE=options.l1_idle), writable),
+                                         PYVMM_TESTBED_L1_IDLE=options.l1_idle,
+                                         PYVMM_TESTBED_L1_THP=options.l1_thp), writable),
         "cwd": cwd,
         "tty": plan,
         "mounts": [["rw%d" % index, path] for index, path in enumerate(writable)],
@@ -260,7 +268,7 @@ def main(argv=None):
         run_lock = take_run_lock(os.environ.get("PYVMM_TESTBED_LOCK", DEFAULT_RUN_LOCK))  # noqa: F841 held until exit
         run = host.Run(artifacts, job, options.memory, options.cpus, writable, options.timeout,
                        boot_timeout(), say, options.verbose, silence=options.l1_silence,
-                       tcg_threads=options.tcg_threads, idle=options.l1_idle)
+                       tcg_threads=options.tcg_threads, idle=options.l1_idle, thp=options.l1_thp)
         status = run.execute()
         if options.verbose:
             now = time.monotonic()

@@ -135,9 +135,13 @@ def qemu_option_value(text):
 # How L1's idle CPUs wait (--l1-idle): the kernel's own "halt" until the
 # guest suite has run green with "poll" (docs/TESTBED.md).
 DEFAULT_L1_IDLE = "halt"
+# Transparent huge pages in L1 (--l1-thp): Debian's kernel has them "always"
+# on, so khugepaged collapses the VMMs' guest RAM behind L1's KVM, which
+# then flushes its nested page tables (docs/TESTBED.md, "A stuck L1").
+DEFAULT_L1_THP = "always"
 
 
-def kernel_command_line(python, quiet=True, idle=DEFAULT_L1_IDLE):
+def kernel_command_line(python, quiet=True, idle=DEFAULT_L1_IDLE, thp=DEFAULT_L1_THP):
     if any(character.isspace() for character in python) or not python.isprintable():
         raise TestbedError("the Python interpreter's path %r contains blanks or control "
                            "characters; the L1 kernel command line cannot carry it" % python)
@@ -145,17 +149,18 @@ def kernel_command_line(python, quiet=True, idle=DEFAULT_L1_IDLE):
     # nokaslr: the addresses QEMU's monitor reports for a frozen L1 then match the kallsyms of an earlier run.
     # idle=poll: L1's idle CPUs spin instead of halting, so nothing depends
     # on the emulator waking a halted CPU for an interrupt (docs/TESTBED.md).
-    return "console=ttyS0 %spanic=-1 mitigations=off nokaslr %spyvmm.python=%s" % (
-        "quiet " if quiet else "", "idle=poll " if idle == "poll" else "", python)
+    return "console=ttyS0 %spanic=-1 mitigations=off nokaslr %s%spyvmm.python=%s" % (
+        "quiet " if quiet else "", "idle=poll " if idle == "poll" else "",
+        "" if thp == DEFAULT_L1_THP else "transparent_hugepage=%s " % thp, python)
 
 
 def qemu_command(qemu, vmlinuz, initramfs, memory, cpus, python, console_fd, agent_fd, writable,
-                 quiet=True, monitor_fd=None, tcg_threads="multi", idle=DEFAULT_L1_IDLE):
+                 quiet=True, monitor_fd=None, tcg_threads="multi", idle=DEFAULT_L1_IDLE, thp=DEFAULT_L1_THP):
     command = [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", "pc", "-accel", "tcg,thread=%s" % tcg_threads, "-cpu", "EPYC,+svm",
         "-smp", str(cpus), "-m", str(memory),
-        "-kernel", vmlinuz, "-initrd", initramfs, "-append", kernel_command_line(python, quiet, idle),
+        "-kernel", vmlinuz, "-initrd", initramfs, "-append", kernel_command_line(python, quiet, idle, thp),
         "-chardev", "socket,id=console,fd=%d" % console_fd, "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=agentbus",
         "-chardev", "socket,id=agent,fd=%d" % agent_fd,
@@ -267,7 +272,7 @@ def _die_with_parent():
 
 class Run:
     def __init__(self, artifacts, job, memory, cpus, writable, timeout, boot_timeout, say, verbose,
-                 silence=None, tcg_threads="multi", idle=DEFAULT_L1_IDLE):
+                 silence=None, tcg_threads="multi", idle=DEFAULT_L1_IDLE, thp=DEFAULT_L1_THP):
         self.artifacts = artifacts
         self.job = job
         self.memory, self.cpus, self.writable = memory, cpus, writable
@@ -297,6 +302,7 @@ class Run:
         self.stuck = None           # (reason, when to give up on L1) once L1's kernel says it is stuck
         self.tcg_threads = tcg_threads
         self.idle = idle  # L1's idle loop: "poll" or "halt" (the kernel's own default)
+        self.thp = thp    # L1's transparent huge pages: "always" (Debian's) or "never"
 
     # -- output routing --
 
@@ -366,7 +372,7 @@ class Run:
                                self.memory, self.cpus, sys.executable,
                                console_qemu.fileno(), agent_qemu.fileno(), self.writable,
                                quiet=not self.verbose, monitor_fd=monitor_qemu.fileno(),
-                               tcg_threads=self.tcg_threads, idle=self.idle)
+                               tcg_threads=self.tcg_threads, idle=self.idle, thp=self.thp)
         if self.verbose:
             self.say("starting L1: " + " ".join(command))
         try:
