@@ -36,6 +36,8 @@ CR0_PG = 1 << 31
 CR3_ROOT = 0x000F_FFFF_FFFF_F000  # the page-table root's frame (without PCID or PWT/PCD bits)
 # The mark of a vCPU state that is not the guest's own (vcpu_line).
 FOREIGN_CR3 = "its cr3 is outside the guest's RAM"
+# The whole mark, said wherever such a vCPU is named (here and in the liveness probe's warning).
+FOREIGN_STATE = f"{FOREIGN_CR3}: this state is not the guest's, the CPU or hypervisor below this VMM left it there"
 ACTIVITY_SECONDS = 2.0  # how often the machine samples the counters a diagnosis compares
 ACTIVITY_ROUNDS = 5  # samples kept: the diagnosis compares with about 10 s ago
 MAX_HYPERCALL_NAMES = 8
@@ -160,8 +162,7 @@ def vcpu_line(index: int, state: dict | None, activity: str | None, counters: st
         if "rsp" in state:
             line += f"; rsp={state['rsp']:#x} cr3={state['cr3']:#x}"
             if state.get("cr3_outside_ram"):
-                line += (f" ({FOREIGN_CR3}: this state is not the guest's, the CPU or hypervisor"
-                         " below this VMM left it there)")
+                line += f" ({FOREIGN_STATE})"
         if "code" in state:
             code, stack = state["code"], state.get("stack")
             line += "; code at rip: " + (code.hex(" ") if code else "unreadable")

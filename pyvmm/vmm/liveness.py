@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..diagnose import FOREIGN_CR3, cr3_outside_ram
+from ..diagnose import FOREIGN_STATE, cr3_outside_ram
 from ..kvm import uapi
 from ..vcpu_state import RFLAGS_IF
 
@@ -105,56 +105,61 @@ def sample_vcpu(vcpu, memory=None) -> VcpuSample:
     return VcpuSample(state, regs.rip, enabled, armed, foreign_cr3=foreign)
 
 
-class DeadGuestDetector:
-    """Fed one round of samples at a time; says when the guest is dead."""
+class RepeatedRounds:
+    """Whether rounds in a row, `rounds` of them, saw the same thing; a
+    round that saw nothing (None) starts the count again."""
 
-    def __init__(self, rounds: int = ROUNDS_TO_DECLARE_DEAD):
+    def __init__(self, rounds: int):
         self._rounds = rounds
         self._seen = 0
-        self._previous: list[VcpuSample] | None = None
+        self._previous = None
 
     def reset(self) -> None:
         self._seen = 0
         self._previous = None
 
-    def observe(self, samples: list[VcpuSample | None]) -> bool:
-        """`samples`: one per vCPU, None where a vCPU did not answer."""
-        if not samples or any(s is None or not s.stuck for s in samples) or not any(s.halted for s in samples):
+    def again(self, seen) -> bool:
+        if seen is None:
             self.reset()
             return False
-        # The same instructions again: not a CPU passing through a halt.
-        self._seen = self._seen + 1 if samples == self._previous else 1
-        self._previous = list(samples)
+        self._seen = self._seen + 1 if seen == self._previous else 1
+        self._previous = seen
         return self._seen >= self._rounds
 
 
-class ForeignStateDetector:
+class DeadGuestDetector(RepeatedRounds):
+    """Fed one round of samples at a time; says when the guest is dead."""
+
+    def __init__(self, rounds: int = ROUNDS_TO_DECLARE_DEAD):
+        super().__init__(rounds)
+
+    def observe(self, samples: list[VcpuSample | None]) -> bool:
+        """`samples`: one per vCPU, None where a vCPU did not answer."""
+        dead = samples and all(s is not None and s.stuck for s in samples) and any(s.halted for s in samples)
+        # The same instructions again: not a CPU passing through a halt.
+        return self.again(list(samples) if dead else None)
+
+
+class ForeignStateDetector(RepeatedRounds):
     """Fed one round of samples at a time; says which vCPUs have held the
     same page-table root outside the guest's RAM for `rounds` rounds."""
 
     def __init__(self, rounds: int = ROUNDS_TO_DECLARE_FOREIGN):
-        self._rounds = rounds
-        self._seen = 0
-        self._previous: list[tuple[int, int]] = []
+        super().__init__(rounds)
 
     def observe(self, samples: list[VcpuSample | None]) -> list[tuple[int, VcpuSample]]:
         """`samples`: one per vCPU, None where a vCPU did not answer (a
         foreign vCPU that does not answer breaks the run of rounds)."""
         foreign = [(index, s) for index, s in enumerate(samples) if s is not None and s.foreign_cr3 is not None]
         roots = [(index, s.foreign_cr3) for index, s in foreign]
-        if not roots:
-            self._seen, self._previous = 0, []
-            return []
-        self._seen = self._seen + 1 if roots == self._previous else 1
-        self._previous = roots
-        return foreign if self._seen >= self._rounds else []
+        return foreign if self.again(roots or None) else []
 
 
 def describe_foreign(foreign: list[tuple[int, VcpuSample]]) -> str:
     """'vCPU 0 at rip=0x... with cr3=0x... (its cr3 is outside the guest's RAM: ...)'."""
     where = ", ".join(f"vCPU {index} at rip={sample.rip:#x} with cr3={sample.foreign_cr3:#x}"
                       for index, sample in foreign)
-    return f"{where} ({FOREIGN_CR3}: this state is not the guest's, the CPU or hypervisor below this VMM left it there)"
+    return f"{where} ({FOREIGN_STATE})"
 
 
 def describe(samples: list[VcpuSample]) -> str:

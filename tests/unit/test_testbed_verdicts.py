@@ -2,11 +2,10 @@
 the ways QEMU's guests show too (tests/testbed_verdicts.py)."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
-
-import logging
 
 import testbed_verdicts
 from pyvmm import diagnose

@@ -522,10 +522,11 @@ class Run:
             if not report:
                 continue
             seconds = int(report.group(2))
-            if not self.stacks_asked or (seconds >= L1_STUCK_SECONDS and self.stuck is None):
+            now_stuck = seconds >= L1_STUCK_SECONDS and self.stuck is None
+            if not self.stacks_asked or now_stuck:
                 self._send(wire.SHOW_STACKS)    # again when stuck: did the stacks move?
                 self.stacks_asked = True
-            if seconds >= L1_STUCK_SECONDS and self.stuck is None:
+            if now_stuck:
                 reason = ("L1 is stuck: its kernel reports task %s blocked for more than %d s "
                           "(its blocked tasks' stacks and its CPUs' backtraces are in the kept console)"
                           % (report.group(1).decode(errors="replace"), seconds))
