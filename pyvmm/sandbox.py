@@ -499,7 +499,7 @@ _STDLIB_PRELOAD = (
 _CODECS_PRELOAD = ("ascii", "latin-1", "utf-8", "unicode_escape", "raw_unicode_escape")
 # What no run executes after its lockdown: the entry point, and the code of
 # the other commands (an xl.cfg file is read before the lockdown).
-NEVER_AFTER_LOCKDOWN = ("pyvmm.__main__", "pyvmm.xlcfg", "pyvmm.hostcheck", "pyvmm.debug.trace_show")
+NEVER_AFTER_LOCKDOWN = ("pyvmm.__main__", "pyvmm.cli", "pyvmm.xlcfg", "pyvmm.hostcheck", "pyvmm.debug.trace_show")
 # Subsystems a run that does not use them never imports after the lockdown,
 # skipped through preload(unused=...) (runner.py says which a run uses):
 GDB_STUB = "pyvmm.debug.gdbstub"  # only with --gdb
@@ -558,7 +558,24 @@ def preload(unused: tuple[str, ...] = ()) -> None:
     for module in list(sys.modules.values()):
         filename = getattr(module, "__file__", None) or ""
         if filename.endswith(".py") and filename.startswith(os.path.dirname(pyvmm.__file__)):
-            linecache.getlines(filename)
+            _cache_source(linecache.cache, filename)
+
+
+def _cache_source(cache: dict, filename: str) -> None:
+    """Put a pyvmm source file's lines in linecache's cache as
+    linecache.updatecache() would, with one read: updatecache() opens the
+    file twice (tokenize's encoding check, then the lines), for ~130 files at
+    every start (about half a second inside scripts/testbed). pyvmm's
+    sources are UTF-8 (PEP 3120's default; none declares another)."""
+    try:
+        info = os.stat(filename)
+        with open(filename, encoding="utf-8") as source:
+            lines = source.readlines()
+    except (OSError, UnicodeDecodeError):
+        return  # the traceback shows no line for this file, as linecache would
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    cache[filename] = (info.st_size, info.st_mtime, lines, filename)
 
 
 # --- the monitor ------------------------------------------------------------------------------

@@ -403,3 +403,24 @@ def test_runner_names_the_subsystems_a_run_leaves_unused():
     assert _unused_subsystems(VmConfig(kernel=None, xen=False)) == (GDB_STUB, XEN, STATS)
     assert _unused_subsystems(VmConfig(kernel=None, gdb=GdbAddress.parse("tcp:1234"), stats=True)) == ()
     assert _unused_subsystems(VmConfig(kernel=None, stats_json="s.json")) == (GDB_STUB,)
+
+
+def test_preloaded_source_lines_are_what_linecache_itself_would_keep(tmp_path):
+    """preload() fills linecache's cache with one read per file; a traceback
+    after the lockdown must find the same entry linecache would have made
+    (checkcache() compares its size and time with the file's)."""
+    import linecache
+
+    from pyvmm import sandbox
+
+    source = tmp_path / "module.py"
+    source.write_text("# ünïcode comment\nx = 1\r\ny = 2\n\fz = 3")  # no newline at the end
+    ours: dict = {}
+    sandbox._cache_source(ours, str(source))
+    try:
+        linecache.updatecache(str(source))
+        assert ours[str(source)] == linecache.cache[str(source)]
+    finally:
+        linecache.cache.pop(str(source), None)
+    sandbox._cache_source(ours, str(tmp_path / "gone.py"))
+    assert str(tmp_path / "gone.py") not in ours
