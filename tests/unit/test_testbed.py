@@ -396,7 +396,8 @@ class FakeArtifacts:
 
 def silent_run(tmp_path, monitor_answer):
     """A Run whose command started 200 s ago and whose agent said nothing
-    since, with QEMU's monitor played by a thread on a socketpair."""
+    since, with QEMU's monitor played by a thread on a socketpair; the
+    returned `done()` ends that thread and closes both ends."""
     (tmp_path / "kallsyms-6.12").write_text(KALLSYMS)
     run = host.Run(FakeArtifacts(tmp_path), {}, 1024, 2, [], None, 60, print, False, silence=180)
     run.monitor, qemu_end = socket.socketpair()
@@ -407,11 +408,20 @@ def silent_run(tmp_path, monitor_answer):
             qemu_end.sendall(monitor_answer.encode())
     thread = threading.Thread(target=monitor, daemon=True)
     thread.start()
-    return run, qemu_end
+
+    def done():
+        # The run's end first: the thread's recv() then sees the end of the
+        # stream. Closing the thread's own end under it fails that recv()
+        # (EBADF), an exception pytest reports against a later test.
+        run.monitor.close()
+        thread.join(5)
+        assert not thread.is_alive()
+        qemu_end.close()
+    return run, done
 
 
 def test_an_agent_silent_past_the_limit_is_a_frozen_l1_with_its_cpus_named(tmp_path):
-    run, qemu_end = silent_run(tmp_path, REGISTERS)
+    run, done = silent_run(tmp_path, REGISTERS)
     assert run._next_deadline() == 0.0
     with pytest.raises(host.TestbedError) as error:
         run._check_deadlines()
@@ -419,21 +429,19 @@ def test_an_agent_silent_past_the_limit_is_a_frozen_l1_with_its_cpus_named(tmp_p
     assert message.startswith("L1 stopped responding: no word from its agent for 200 s")
     assert "vCPU 0 at 0xffffffff81e4a5ff (default_idle+0xf), CPL 0, halted" in message
     assert b"RIP=0000564a3c2b1000" in run.monitor_log  # the whole answer is kept after the console
-    qemu_end.close()
-    run.monitor.close()
+    done()
 
 
 def test_a_monitor_that_does_not_answer_is_said_so(tmp_path, monkeypatch):
     monkeypatch.setattr(host, "MONITOR_WAIT", 0.5)
-    run, qemu_end = silent_run(tmp_path, "")
+    run, done = silent_run(tmp_path, "")
     with pytest.raises(host.TestbedError, match="monitor did not answer"):
         run._check_deadlines()
-    qemu_end.close()
-    run.monitor.close()
+    done()
 
 
 def test_an_agent_that_speaks_or_a_finished_command_is_never_silent(tmp_path):
-    run, qemu_end = silent_run(tmp_path, REGISTERS)
+    run, done = silent_run(tmp_path, REGISTERS)
     run._handle_frame(wire.ALIVE, b"0.50 0.40 0.30 1/90 123")
     assert run.l1_load == b"0.50 0.40 0.30 1/90 123"
     assert 179 < run._next_deadline() <= 180
@@ -447,8 +455,7 @@ def test_an_agent_that_speaks_or_a_finished_command_is_never_silent(tmp_path):
     run._output(1).pending += b"x" * host.OUTPUT_BACKLOG_LIMIT  # we are not reading the agent now
     run._check_deadlines()
     assert time.monotonic() - run.last_word < 5  # its silence counts from when we read again
-    qemu_end.close()
-    run.monitor.close()
+    done()
 
 
 def test_a_task_l1_reports_blocked_for_minutes_is_a_stuck_l1_with_the_stacks_kept(tmp_path):
