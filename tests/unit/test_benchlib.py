@@ -183,3 +183,26 @@ def test_stuck_report_names_each_thread_its_state_and_wait():
     import benchlib
     report = benchlib.stuck_report([os.getpid()])
     assert f"{os.getpid()}/{os.getpid()} " in report and " state " in report and " wchan " in report
+
+
+def test_each_callback_mode_gets_a_guest_clock_row_of_its_own(monkeypatch):
+    bench = load_script("bench")
+    boots = [{"vmm": "pyvmm", "mode": "intx", "status": 0, "guest_init_s": 9.0},
+             {"vmm": "qemu", "mode": "intx", "status": 0, "guest_init_s": 3.0},
+             {"vmm": "qemu", "mode": "intx", "status": 124, "guest_init_s": None},
+             {"vmm": "pyvmm", "mode": "hvm-vector", "status": 0, "guest_init_s": 2.5},
+             {"vmm": "qemu", "mode": "hvm-vector", "status": 0, "guest_init_s": 2.0}]
+    rows = {r["name"]: r for r in bench.summarize({"boot": [], "callback_boots": boots, "latency": [], "blk": []},
+                                                  {})}
+    intx = rows["boot: guest clock at /init (intx)"]
+    assert (intx["pyvmm"], intx["qemu"], intx["ratio"]) == (9.0, 3.0, 3.0)
+    assert intx["note"].endswith("median of 1/1 boots")  # the failed boot is left out
+    assert rows["boot: guest clock at /init (hvm-vector)"]["ratio"] == 1.25
+    # Each mode's command: its kernel command line words and options for each VMM.
+    monkeypatch.setitem(bench.mode_settings.__globals__, "guest_tsc_khz", lambda: 2445426)
+    pyvmm = bench.vmm_command("pyvmm", "k", "i", "console=hvc0", 60, callback_mode="intx-tsc")
+    assert pyvmm[pyvmm.index("--append") + 1] == "console=hvc0 xen_no_vector_callback tsc_early_khz=2445426 tsc=reliable"
+    qemu = bench.vmm_command("qemu", "k", "i", "console=hvc0", 60, callback_mode="hvm-vector")
+    assert qemu[qemu.index("--xen-version") + 1] == "4.16"
+    assert "--xen-version" not in bench.vmm_command("pyvmm", "k", "i", "console=hvc0", 60)
+    assert set(bench.DEFAULT_CALLBACK_MODES) <= set(bench.CALLBACK_MODES) and "userspace" not in bench.CALLBACK_MODES
