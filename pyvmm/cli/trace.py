@@ -7,7 +7,9 @@ import sys
 import click
 
 from ..core.trace import CATEGORIES
+from ..xen import backends as _backends  # noqa: F401 - each device kind adds its trace categories (blk, net, ...)
 from . import fail
+
 
 @click.group("trace")
 def trace_group() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import json
 import threading
 
@@ -188,6 +190,12 @@ def test_trace_show_command(tmp_path):
     path.write_text(TRACE_TEXT)
     result = CliRunner().invoke(cli, ["trace", "show", str(path), "-c", "blk", "--grep", "800"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == [render(json.loads(TRACE_TEXT.splitlines()[1]), 0.5)]
+    result_lines = [render(json.loads(TRACE_TEXT.splitlines()[1]), 0.5)]
+    assert result.output.splitlines() == result_lines
     result = CliRunner().invoke(cli, ["trace", "show", str(path), "-c", "disk"])
     assert result.exit_code != 0 and "unknown category disk" in result.output
+    # A fresh process, where nothing else has imported the device kinds that
+    # add their categories (each command's module is imported alone).
+    shown = subprocess.run([sys.executable, "-m", "pyvmm", "trace", "show", str(path), "-c", "blk", "--grep", "800"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.splitlines() == result_lines, shown.stderr
