@@ -37,9 +37,9 @@ EXIT_TRIPLE_FAULT = 6
 EXIT_WATCHDOG = 7
 EXIT_TIMEOUT = 124
 
-# Command name -> its module in this package (the command object has the module's name).
-COMMANDS = {"run": "run", "ctl": "ctl", "list": "ctl", "check": "check", "snapshot": "snapshot", "trace": "trace"}
-_OBJECT = {"list": "list_vms_command", "snapshot": "snapshot_group", "trace": "trace_group"}
+# Command name -> "module:object": the module of this package that defines it.
+COMMANDS = {"run": "run:run", "ctl": "ctl:ctl", "list": "ctl:list_vms_command", "check": "check:check",
+            "snapshot": "snapshot:snapshot_group", "trace": "trace:trace_group"}
 
 
 class Size(click.ParamType):
@@ -67,8 +67,8 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module = importlib.import_module(f"{__name__}.{COMMANDS[name]}")
-        return getattr(module, _OBJECT.get(name, name))
+        module, command = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), command)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--can-run-linux", is_flag=True, help="Only set the exit status: 0 if Linux guests can run here.")

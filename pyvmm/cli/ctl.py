@@ -10,6 +10,7 @@ import click
 
 from . import Size
 
+
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_vms_command(as_json) -> None:
@@ -185,10 +186,8 @@ def ctl_snapshot(ctx, file, stop) -> None:
                f"{result['seconds']:.3f} s{'; the VM stopped' if result.get('stopped') else ''}")
 
 
-
 def _mib(count: int) -> str:
     return f"{count / (1 << 20):.1f} MiB"
-
 
 
 @ctl.group("xenstore")

@@ -18,6 +18,7 @@ from ..xen import backends as _backends  # noqa: F401 - registers the device kin
 from ..xen.backend import kind as device_kinds
 from . import Size, fail
 
+
 class _Regex(click.ParamType):
     name = "regex"
 
@@ -50,7 +51,6 @@ class _RunCommand(click.Command):
         devices = [click.Option([kind.option.name, kind.option.dest], multiple=True, metavar=kind.option.metavar,
                                 help=kind.option.help) for kind in device_kinds.with_option()]
         return [*params[:at], *devices, *params[at:]]
-
 
 
 @click.command(cls=_RunCommand)

@@ -11,6 +11,7 @@ import click
 from ..core.snapshot import SnapshotError
 from . import EXIT_VMM_ERROR, fail
 
+
 @click.group("snapshot")
 def snapshot_group() -> None:
     """Look at snapshot files (pyvmm ctl NAME snapshot writes them)."""
