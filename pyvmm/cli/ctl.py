@@ -54,6 +54,13 @@ def _control_call(ctx, command: str, **arguments):
         raise click.ClickException(str(error))
 
 
+def _control_result(ctx, command: str, **arguments):
+    """The command's result, its connection closed."""
+    client, result = _control_call(ctx, command, **arguments)
+    client.close()
+    return result
+
+
 def _print(ctx, result) -> None:
     if ctx.obj["json"] or not isinstance(result, (str, dict)):
         click.echo(json.dumps(result, indent=2))
@@ -68,9 +75,7 @@ def _print(ctx, result) -> None:
 @click.pass_context
 def ctl_status(ctx) -> None:
     """Show the VM's state."""
-    client, result = _control_call(ctx, "status")
-    client.close()
-    _print(ctx, result)
+    _call_and_print(ctx, "status")
 
 
 @ctl.command("mem-set")
@@ -81,26 +86,21 @@ def ctl_mem_set(ctx, size) -> None:
 
     pyvmm writes memory/target (in KiB) to the guest's xenstore directory; the
     guest's balloon driver gives memory back, or takes it again, up to its RAM."""
-    client, result = _control_call(ctx, "mem-set", target=size)
-    client.close()
-    _print(ctx, result)
+    _call_and_print(ctx, "mem-set", target=size)
 
 
 @ctl.command("mem-info")
 @click.pass_context
 def ctl_mem_info(ctx) -> None:
     """Show the guest's RAM, its balloon target and what it has given back (bytes)."""
-    client, result = _control_call(ctx, "mem-info")
-    client.close()
-    _print(ctx, result)
+    _call_and_print(ctx, "mem-info")
 
 
 @ctl.command("diagnose")
 @click.pass_context
 def ctl_diagnose(ctx) -> None:
     """Show where each vCPU is and, for Xen guests, the xenstore ring and event channels."""
-    client, result = _control_call(ctx, "diagnose")
-    client.close()
+    result = _control_result(ctx, "diagnose")
     if ctx.obj["json"]:
         _print(ctx, result)
     else:
@@ -199,9 +199,7 @@ def ctl_xenstore() -> None:
 @click.argument("path")
 @click.pass_context
 def ctl_xenstore_read(ctx, path) -> None:
-    client, result = _control_call(ctx.parent, "xenstore-read", path=path)
-    client.close()
-    click.echo(result)
+    click.echo(_control_result(ctx.parent, "xenstore-read", path=path))
 
 
 @ctl_xenstore.command("write")
@@ -209,29 +207,21 @@ def ctl_xenstore_read(ctx, path) -> None:
 @click.argument("value")
 @click.pass_context
 def ctl_xenstore_write(ctx, path, value) -> None:
-    client, _ = _control_call(ctx.parent, "xenstore-write", path=path, value=value)
-    client.close()
+    _control_result(ctx.parent, "xenstore-write", path=path, value=value)
 
 
 @ctl_xenstore.command("rm")
 @click.argument("path")
 @click.pass_context
 def ctl_xenstore_rm(ctx, path) -> None:
-    client, _ = _control_call(ctx.parent, "xenstore-rm", path=path)
-    client.close()
+    _control_result(ctx.parent, "xenstore-rm", path=path)
 
 
 @ctl_xenstore.command("ls")
 @click.argument("path", default="/")
 @click.pass_context
 def ctl_xenstore_ls(ctx, path) -> None:
-    client, result = _control_call(ctx.parent, "xenstore-ls", path=path)
-    client.close()
-    if ctx.parent.obj["json"]:
-        click.echo(json.dumps(result, indent=2))
-        return
-    for node, value in result.items():
-        click.echo(f'{node} = "{value}"')
+    _print_list(ctx.parent, "xenstore-ls", lambda node: f'{node[0]} = "{node[1]}"', path=path)
 
 
 @ctl.group("evtchn")
@@ -245,14 +235,13 @@ def ctl_evtchn_list(ctx) -> None:
     _print_list(ctx.parent, "evtchn-list", lambda port: "  ".join(f"{key}={value}" for key, value in port.items()))
 
 
-def _print_list(ctx, command: str, line) -> None:
-    """A command's list result: JSON, or one line(item) per item."""
-    client, result = _control_call(ctx, command)
-    client.close()
+def _print_list(ctx, command: str, line, **arguments) -> None:
+    """A command's list (or dict: its (key, value) items) result: JSON, or one line(item) per item."""
+    result = _control_result(ctx, command, **arguments)
     if ctx.obj["json"]:
         click.echo(json.dumps(result, indent=2))
         return
-    for item in result:
+    for item in (result.items() if isinstance(result, dict) else result):
         click.echo(line(item))
 
 
@@ -262,9 +251,7 @@ def ctl_fault() -> None:
 
 
 def _call_and_print(ctx, command: str, **arguments) -> None:
-    client, result = _control_call(ctx, command, **arguments)
-    client.close()
-    _print(ctx, result)
+    _print(ctx, _control_result(ctx, command, **arguments))
 
 
 @ctl_fault.command("add")
