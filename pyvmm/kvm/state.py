@@ -109,7 +109,12 @@ class VcpuCapabilities:
         self.tsc_khz = bool(vm.check_extension(uapi.KVM_CAP_GET_TSC_KHZ))
         self.tsc_control = bool(vm.check_extension(uapi.KVM_CAP_TSC_CONTROL))
         listed = kvm.msr_index_list()
-        self.msrs = list(dict.fromkeys([*listed, *MTRR_MSRS]))
+        # Xen's hypercall-page MSR is an action, not state: KVM answers every
+        # write to it, the VMM's too, by writing the hypercall page into guest
+        # memory at the address written. Its value read back is Hyper-V's guest
+        # OS id (0), so restoring it would overwrite the guest's page 0.
+        self.skipped_msrs = frozenset({vm.xen_hypercall_msr} - {0})
+        self.msrs = [index for index in dict.fromkeys([*listed, *MTRR_MSRS]) if index not in self.skipped_msrs]
 
 
 def save_vcpu(vcpu, caps: VcpuCapabilities) -> dict:
@@ -174,7 +179,8 @@ def restore_vcpu(vcpu, state: dict, caps: VcpuCapabilities) -> list[str]:
             vcpu.set_sregs2(from_json("struct kvm_sregs2 *", state["sregs2"]))
         else:
             vcpu.set_sregs(from_json("struct kvm_sregs *", state["sregs"]))
-        msrs = {index: value for index, value in state["msrs"]}
+        # (skipped_msrs: a snapshot from before they were left out has them)
+        msrs = {index: value for index, value in state["msrs"] if index not in caps.skipped_msrs}
         deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
         _set_msrs(vcpu, msrs)
         vcpu.set_mp_state(state["mp_state"])

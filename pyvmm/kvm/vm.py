@@ -121,6 +121,7 @@ class Vm:
         self.fd = ioctl(system_fd, uapi.KVM_CREATE_VM, machine_type)
         self._vcpu_mmap_size = vcpu_mmap_size
         self._memslots: MemslotTable | None = None
+        self.xen_hypercall_msr = 0  # KVM_XEN_HVM_CONFIG's MSR, once set
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -294,6 +295,7 @@ class Vm:
             )
         config = ffi.new("struct kvm_xen_hvm_config *", {"flags": flags, "msr": msr})
         ioctl(self.fd, uapi.KVM_XEN_HVM_CONFIG, config)
+        self.xen_hypercall_msr = msr
 
     def xen_hvm_get_attr(self, attr_type: int):
         """A `struct kvm_xen_hvm_attr *` holding attribute `attr_type`."""

@@ -105,6 +105,7 @@ class Caps:
     tsc_control = False
     xsave_size = 4096
     msrs = [0x10, 0x3B, 0x6E0, 0x2FF, 0x1A0]
+    skipped_msrs = frozenset()
 
 
 def test_a_vcpu_is_saved_as_json_and_restored_in_kvms_order():
@@ -196,3 +197,34 @@ def test_a_runstate_dated_after_the_frozen_clock_is_brought_back_to_it():
     blocked = kvm_state.clamp_runstate({**runstate, "state": 2}, 850)  # RUNSTATE_blocked: its own time first
     assert (blocked["time_blocked"], blocked["time_running"]) == (0, 550)
     assert sum(blocked[name] for name in kvm_state.RUNSTATE_TIMES) == 850
+
+
+class FakeKvm:
+    def msr_index_list(self):
+        return [0x10, 0x40000000, 0x40000001, 0x6E0]
+
+
+class CapsVm:
+    xen_hypercall_msr = 0x40000000
+
+    def check_extension(self, capability):
+        return 1  # every capability (the XSAVE area's size: its 4096-byte least)
+
+
+def test_xens_hypercall_msr_is_neither_saved_nor_restored():
+    """A write to it makes KVM write the hypercall page at the address
+    written: restoring its read-back value (0) would overwrite guest page 0."""
+    caps = kvm_state.VcpuCapabilities(FakeKvm(), CapsVm())
+    assert 0x40000000 not in caps.msrs and {0x10, 0x40000001, 0x6E0} <= set(caps.msrs)
+    vcpu = FakeVcpu()
+    vcpu.msrs[0x40000000] = 0
+    state = kvm_state.save_vcpu(vcpu, caps)
+    assert 0x40000000 not in dict(state["msrs"])
+    # A snapshot taken before it was left out still has it: the restore drops it.
+    state["msrs"].append([0x40000000, 0])
+    restored = FakeVcpu()
+    kvm_state.restore_vcpu(restored, state, caps)
+    assert all(0x40000000 not in call[1] for call in restored.calls if isinstance(call, tuple))
+    no_xen = CapsVm()
+    no_xen.xen_hypercall_msr = 0
+    assert 0x40000000 in kvm_state.VcpuCapabilities(FakeKvm(), no_xen).msrs
