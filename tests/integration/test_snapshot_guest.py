@@ -23,15 +23,20 @@ pytestmark = [pytest.mark.guest, pytest.mark.xen]
 
 BOOT_TIMEOUT = 900
 
-# The guest's shell: it prints its uptime once ready, then runs what the
-# console types, one line at a time, and ticks meanwhile.
+# Guest physical page 0's first bytes, through /dev/mem (x86 lets it read
+# the first megabyte): a restore once wrote Xen's hypercall page there.
+PAGE0 = "page0=$(dd if=/dev/mem bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n')"
+
+# The guest's shell: it prints page 0 and its uptime once ready, then runs
+# what the console types, one line at a time, and ticks meanwhile.
 SHELL = r"""
+echo "{page0}"
 echo "ready uptime=$(cut -d' ' -f1 /proc/uptime)"
 ( i=0; while :; do i=$((i + 1)); echo "tick $i"; sleep 1; done ) &
 while read -r line; do
     eval "$line"
 done
-"""
+""".replace("{page0}", PAGE0)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,10 @@ def test_a_restored_guest_shell_goes_on(assets, tmp_path, fifo):
         restored.send(b"echo after=$(cut -d' ' -f1 /proc/uptime)\n")
         after = float(restored.wait_for(r"after=([\d.]+)", timeout=300).group(1).decode())
         assert saved_uptime <= after < saved_uptime + 20, (saved_uptime, after)
+        # The guest's page 0 is what it was when the snapshot was taken.
+        saved_page0 = re.search(r"page0=([0-9a-f]+)", first.stdout).group(1)
+        restored.send(f'echo "restored-{PAGE0}"\n'.encode())
+        assert restored.wait_for(r"restored-page0=([0-9a-f]+)", timeout=120).group(1).decode() == saved_page0
         restored.wait_for("tick 3", timeout=120)
         restored.send(b"poweroff -f\n")
         assert restored.finish(timeout=300) == 0, str(restored)
